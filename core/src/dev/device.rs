@@ -1,0 +1,217 @@
+//! Opening a block device (or a regular file, for tests and machines without root) with
+//! `O_DIRECT`, and learning its size and logical sector size.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::error::{DevError, Result};
+use super::ioctl;
+
+/// The smallest alignment blocklab ever uses for direct I/O, whatever the device says.
+pub const MIN_ALIGN: usize = 4096;
+
+/// What a [`Device`] is backed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// A block device (`/dev/loopN`, `/dev/nvme0n1`, ...).
+    Block,
+    /// A regular file opened with `O_DIRECT`.
+    File,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Block => "block",
+            DeviceKind::File => "file",
+        })
+    }
+}
+
+/// How to open a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// An open block device or regular file, always with `O_DIRECT`.
+#[derive(Debug)]
+pub struct Device {
+    file: File,
+    path: PathBuf,
+    kind: DeviceKind,
+    size: u64,
+    logical_sector: u32,
+    access: Access,
+}
+
+impl Device {
+    /// Opens `path` for reading and writing with `O_DIRECT`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Device> {
+        Self::open_with(path, Access::ReadWrite)
+    }
+
+    /// Opens `path` read-only with `O_DIRECT`.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Device> {
+        Self::open_with(path, Access::ReadOnly)
+    }
+
+    /// Opens `path` with `O_DIRECT` and the given access.
+    pub fn open_with(path: impl AsRef<Path>, access: Access) -> Result<Device> {
+        let path = path.as_ref().to_path_buf();
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                DevError::NotFound { path: path.clone() }
+            } else {
+                DevError::os(&path, "stat", e)
+            }
+        })?;
+        let ft = meta.file_type();
+        let kind = if ft.is_block_device() {
+            DeviceKind::Block
+        } else if ft.is_file() {
+            DeviceKind::File
+        } else if ft.is_dir() {
+            return Err(DevError::IsDirectory { path });
+        } else {
+            return Err(DevError::UnsupportedKind { path });
+        };
+        let mut opts = OpenOptions::new();
+        opts.read(true)
+            .write(access == Access::ReadWrite)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC);
+        let file = opts.open(&path).map_err(|e| match e.raw_os_error() {
+            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
+                if access == Access::ReadWrite =>
+            {
+                DevError::ReadOnly {
+                    path: path.clone(),
+                    source: e,
+                }
+            }
+            _ => DevError::os(&path, "open(O_DIRECT)", e),
+        })?;
+        if access == Access::ReadWrite && kind == DeviceKind::Block {
+            let ro = ioctl::block_read_only(file.as_raw_fd())
+                .map_err(|e| DevError::os(&path, "ioctl(BLKROGET)", e))?;
+            if ro {
+                return Err(DevError::ReadOnly {
+                    path,
+                    source: std::io::Error::from_raw_os_error(libc::EROFS),
+                });
+            }
+        }
+        let (size, logical_sector) = match kind {
+            DeviceKind::Block => {
+                let fd = file.as_raw_fd();
+                let size = ioctl::block_size_bytes(fd)
+                    .map_err(|e| DevError::os(&path, "ioctl(BLKGETSIZE64)", e))?;
+                let sector = ioctl::block_logical_sector(fd)
+                    .map_err(|e| DevError::os(&path, "ioctl(BLKSSZGET)", e))?;
+                (size, sector)
+            }
+            DeviceKind::File => (meta.len(), 512),
+        };
+        Ok(Device {
+            file,
+            path,
+            kind,
+            size,
+            logical_sector,
+            access,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+    /// Size in bytes (`BLKGETSIZE64` for devices, `stat` for files).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// The logical sector size the kernel reports (`BLKSSZGET`); 512 for files.
+    pub fn logical_sector(&self) -> u32 {
+        self.logical_sector
+    }
+    /// The alignment of every offset, length and buffer address: the logical sector
+    /// size, and never less than [`MIN_ALIGN`].
+    pub fn align(&self) -> usize {
+        (self.logical_sector as usize).max(MIN_ALIGN)
+    }
+    pub fn access(&self) -> Access {
+        self.access
+    }
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Checks that `offset..offset+len` is aligned and inside the device.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let align = self.align() as u64;
+        if offset % align != 0 {
+            return Err(DevError::Misaligned {
+                path: self.path.clone(),
+                what: "offset",
+                value: offset,
+                align,
+            });
+        }
+        if len % align != 0 {
+            return Err(DevError::Misaligned {
+                path: self.path.clone(),
+                what: "length",
+                value: len,
+                align,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(DevError::PastEnd {
+                path: self.path.clone(),
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that a buffer's address is aligned for direct I/O.
+    pub fn check_buffer(&self, addr: usize) -> Result<()> {
+        if addr % self.align() != 0 {
+            return Err(DevError::MisalignedBuffer {
+                path: self.path.clone(),
+                addr,
+                align: self.align(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a device smaller than `needed` bytes.
+    pub fn require_size(&self, needed: u64) -> Result<()> {
+        if self.size < needed {
+            return Err(DevError::TooSmall {
+                path: self.path.clone(),
+                size: self.size,
+                needed,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Device {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}

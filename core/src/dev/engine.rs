@@ -1,0 +1,683 @@
+//! The I/O engine: a trait every consumer programs against, and its io_uring
+//! implementation [`UringEngine`].
+//!
+//! Two ways of driving it:
+//!
+//! * [`IoEngine::execute`] takes a batch of [`IoRequest`]s (reads, writes, flushes on any
+//!   number of devices) and returns once every one has completed. Up to the queue depth are
+//!   in flight at once; a flush request is a barrier (`IOSQE_IO_DRAIN`): it starts after
+//!   every earlier request of the batch completed and later ones start after it. Short
+//!   transfers are resumed, `EAGAIN`/`EINTR` resubmitted, and the first error is returned
+//!   after every request already in flight has completed, so no buffer is ever borrowed by
+//!   the kernel after the call returns.
+//! * [`IoEngine::stream`] keeps `queue_depth` fixed-size reads or writes in flight on one
+//!   device (the shape of a benchmark), optionally with registered buffers and a fixed
+//!   file, reporting each completion's latency.
+
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::buf::AlignedBuf;
+use super::device::Device;
+use super::error::{DevError, Result};
+
+/// What a request does.
+#[derive(Debug)]
+pub enum IoOp<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+    /// `fsync(2)` as a ring operation.
+    Fsync,
+    /// `fdatasync(2)` as a ring operation.
+    Fdatasync,
+}
+
+/// One request of a batch.
+#[derive(Debug)]
+pub struct IoRequest<'a> {
+    pub dev: &'a Device,
+    pub offset: u64,
+    pub op: IoOp<'a>,
+}
+
+impl<'a> IoRequest<'a> {
+    pub fn read(dev: &'a Device, offset: u64, buf: &'a mut [u8]) -> Self {
+        IoRequest {
+            dev,
+            offset,
+            op: IoOp::Read(buf),
+        }
+    }
+    pub fn write(dev: &'a Device, offset: u64, buf: &'a [u8]) -> Self {
+        IoRequest {
+            dev,
+            offset,
+            op: IoOp::Write(buf),
+        }
+    }
+    pub fn fsync(dev: &'a Device) -> Self {
+        IoRequest {
+            dev,
+            offset: 0,
+            op: IoOp::Fsync,
+        }
+    }
+    pub fn fdatasync(dev: &'a Device) -> Self {
+        IoRequest {
+            dev,
+            offset: 0,
+            op: IoOp::Fdatasync,
+        }
+    }
+    fn name(&self) -> &'static str {
+        match self.op {
+            IoOp::Read(_) => "read",
+            IoOp::Write(_) => "write",
+            IoOp::Fsync => "fsync",
+            IoOp::Fdatasync => "fdatasync",
+        }
+    }
+    fn len(&self) -> usize {
+        match &self.op {
+            IoOp::Read(b) => b.len(),
+            IoOp::Write(b) => b.len(),
+            IoOp::Fsync | IoOp::Fdatasync => 0,
+        }
+    }
+    fn validate(&self) -> Result<()> {
+        let (addr, len) = match &self.op {
+            IoOp::Read(b) => (b.as_ptr() as usize, b.len()),
+            IoOp::Write(b) => (b.as_ptr() as usize, b.len()),
+            IoOp::Fsync | IoOp::Fdatasync => return Ok(()),
+        };
+        if len > u32::MAX as usize {
+            return Err(DevError::Config(format!(
+                "a single request is limited to 4 GiB, got {len} bytes"
+            )));
+        }
+        self.dev.check_buffer(addr)?;
+        self.dev.check_range(self.offset, len as u64)
+    }
+}
+
+/// Read or write, for [`StreamSpec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOp {
+    Read,
+    Write,
+}
+
+/// Offsets of a [`StreamSpec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Block after block, wrapping at the end of the region.
+    Sequential,
+    /// Uniformly random block-aligned offsets from a seeded generator.
+    Random { seed: u64 },
+}
+
+/// When a stream stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamLimit {
+    Ops(u64),
+    Time(Duration),
+}
+
+/// A benchmark-shaped stream of I/O on one device.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    pub op: StreamOp,
+    pub pattern: Pattern,
+    pub block_size: usize,
+    pub queue_depth: u32,
+    /// Start of the region the stream stays in.
+    pub region_offset: u64,
+    /// Length of the region (0: to the end of the device).
+    pub region_len: u64,
+    pub limit: StreamLimit,
+    /// Register the stream's buffers with the ring (`READ_FIXED`/`WRITE_FIXED`).
+    pub fixed_buffers: bool,
+    /// Register the device's file descriptor with the ring.
+    pub fixed_file: bool,
+}
+
+/// What a stream did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamStats {
+    pub ops: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl StreamStats {
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    pub fn mib_per_s(&self) -> f64 {
+        self.bytes as f64 / (1024.0 * 1024.0) / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The interface of an I/O engine.
+pub trait IoEngine {
+    /// Runs every request of the batch to completion (see the module docs).
+    fn execute(&mut self, reqs: &mut [IoRequest<'_>]) -> Result<()>;
+
+    /// Runs a benchmark-shaped stream; `on_complete` gets each completion's latency.
+    fn stream(
+        &mut self,
+        dev: &Device,
+        spec: &StreamSpec,
+        on_complete: &mut dyn FnMut(Duration),
+    ) -> Result<StreamStats>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&mut self, dev: &Device, offset: u64, buf: &[u8]) -> Result<()> {
+        self.execute(&mut [IoRequest::write(dev, offset, buf)])
+    }
+    /// Fills all of `buf` from `offset`.
+    fn read_at(&mut self, dev: &Device, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.execute(&mut [IoRequest::read(dev, offset, buf)])
+    }
+    fn fsync(&mut self, dev: &Device) -> Result<()> {
+        self.execute(&mut [IoRequest::fsync(dev)])
+    }
+    fn fdatasync(&mut self, dev: &Device) -> Result<()> {
+        self.execute(&mut [IoRequest::fdatasync(dev)])
+    }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Most requests in flight at once (1..=4096).
+    pub queue_depth: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { queue_depth: 32 }
+    }
+}
+
+/// The io_uring implementation of [`IoEngine`]. One per thread.
+pub struct UringEngine {
+    ring: IoUring,
+    queue_depth: u32,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("queue_depth", &self.queue_depth)
+            .finish()
+    }
+}
+
+/// Progress of one request of a batch.
+#[derive(Clone, Copy, Default)]
+struct Progress {
+    done: usize,
+    finished: bool,
+}
+
+impl UringEngine {
+    pub fn new(config: EngineConfig) -> Result<UringEngine> {
+        if config.queue_depth == 0 || config.queue_depth > 4096 {
+            return Err(DevError::Config(format!(
+                "queue depth must be 1..=4096, got {}",
+                config.queue_depth
+            )));
+        }
+        let entries = config.queue_depth.next_power_of_two();
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .map_err(|source| DevError::Ring {
+                op: "io_uring_setup",
+                source,
+            })?;
+        Ok(UringEngine {
+            ring,
+            queue_depth: config.queue_depth,
+        })
+    }
+
+    /// An engine with queue depth `qd`.
+    pub fn with_queue_depth(qd: u32) -> Result<UringEngine> {
+        Self::new(EngineConfig { queue_depth: qd })
+    }
+
+    pub fn queue_depth(&self) -> u32 {
+        self.queue_depth
+    }
+
+    /// Builds the submission entry for the unfinished part of request `idx`.
+    fn entry(req: &mut IoRequest<'_>, idx: usize, done: usize) -> squeue::Entry {
+        let fd = types::Fd(req.dev.raw_fd());
+        let off = req.offset + done as u64;
+        let e = match &mut req.op {
+            IoOp::Read(b) => {
+                let rest = &mut b[done..];
+                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+                    .offset(off)
+                    .build()
+            }
+            IoOp::Write(b) => {
+                let rest = &b[done..];
+                opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                    .offset(off)
+                    .build()
+            }
+            IoOp::Fsync => opcode::Fsync::new(fd)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+            IoOp::Fdatasync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+        };
+        e.user_data(idx as u64)
+    }
+
+    /// Pushes one entry. The caller keeps what it points at alive until its completion.
+    fn push(&mut self, e: &squeue::Entry) -> Result<()> {
+        loop {
+            // SAFETY: every entry built by this engine points at a buffer borrowed by the
+            // request batch (or owned by the stream) that outlives the request's
+            // completion: `execute`/`stream` reap every in-flight entry before returning,
+            // also on error.
+            let pushed = unsafe { self.ring.submission().push(e) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // Queue full (cannot happen while in-flight <= queue depth <= SQ size, but
+            // harmless): hand what we have to the kernel and try again.
+            self.wait_one(1)?;
+        }
+    }
+
+    fn submit(&mut self, want: usize) -> Result<usize> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && want > 0 => continue,
+                Err(source) => {
+                    return Err(DevError::Ring {
+                        op: "io_uring_enter",
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Submits what is queued and waits for one completion. If the ring itself fails
+    /// while requests are in flight, the kernel may still write into buffers the caller
+    /// is about to free: that cannot be reported as an error safely, so the process aborts.
+    fn wait_one(&mut self, in_flight: usize) -> Result<()> {
+        match self.submit(1) {
+            Ok(_) => Ok(()),
+            Err(e) if in_flight > 0 => {
+                eprintln!("blocklab: fatal: {e} with {in_flight} requests in flight; aborting");
+                std::process::abort()
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
+        out.clear();
+        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+}
+
+impl IoEngine for UringEngine {
+    fn execute(&mut self, reqs: &mut [IoRequest<'_>]) -> Result<()> {
+        for r in reqs.iter() {
+            r.validate()?;
+        }
+        let mut progress = vec![Progress::default(); reqs.len()];
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut first_err: Option<DevError> = None;
+        let mut cqes = Vec::with_capacity(self.queue_depth as usize);
+        let mut retry: Vec<usize> = Vec::new();
+        while in_flight > 0 || (first_err.is_none() && (next < reqs.len() || !retry.is_empty())) {
+            if first_err.is_none() {
+                while in_flight < self.queue_depth as usize {
+                    let idx = if let Some(i) = retry.pop() {
+                        i
+                    } else if next < reqs.len() {
+                        next += 1;
+                        next - 1
+                    } else {
+                        break;
+                    };
+                    let e = Self::entry(&mut reqs[idx], idx, progress[idx].done);
+                    self.push(&e)?;
+                    in_flight += 1;
+                }
+            }
+            self.wait_one(in_flight)?;
+            self.reap(&mut cqes);
+            for &(ud, res) in &cqes {
+                in_flight -= 1;
+                let idx = ud as usize;
+                let req = &reqs[idx];
+                let p = &mut progress[idx];
+                if res < 0 {
+                    let errno = -res;
+                    if errno == libc::EAGAIN || errno == libc::EINTR {
+                        retry.push(idx);
+                        continue;
+                    }
+                    p.finished = true;
+                    first_err.get_or_insert(DevError::Io {
+                        path: req.dev.path().to_path_buf(),
+                        op: req.name(),
+                        offset: req.offset + p.done as u64,
+                        len: (req.len() - p.done) as u64,
+                        source: std::io::Error::from_raw_os_error(errno),
+                    });
+                    continue;
+                }
+                let len = req.len();
+                if len == 0 {
+                    p.finished = true;
+                    continue;
+                }
+                if res == 0 {
+                    p.finished = true;
+                    first_err.get_or_insert(DevError::Short {
+                        path: req.dev.path().to_path_buf(),
+                        op: req.name(),
+                        offset: req.offset,
+                        len: len as u64,
+                        done: p.done as u64,
+                    });
+                    continue;
+                }
+                p.done += res as usize;
+                if p.done < len {
+                    retry.push(idx); // short transfer: resume the rest
+                } else {
+                    p.finished = true;
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn stream(
+        &mut self,
+        dev: &Device,
+        spec: &StreamSpec,
+        on_complete: &mut dyn FnMut(Duration),
+    ) -> Result<StreamStats> {
+        let bs = spec.block_size;
+        if bs == 0 || bs % dev.align() != 0 {
+            return Err(DevError::Misaligned {
+                path: dev.path().to_path_buf(),
+                what: "block size",
+                value: bs as u64,
+                align: dev.align() as u64,
+            });
+        }
+        let region_len = if spec.region_len == 0 {
+            dev.size().saturating_sub(spec.region_offset)
+        } else {
+            spec.region_len
+        };
+        dev.check_range(spec.region_offset, region_len)?;
+        let blocks = region_len / bs as u64;
+        if blocks == 0 {
+            return Err(DevError::TooSmall {
+                path: dev.path().to_path_buf(),
+                size: dev.size(),
+                needed: spec.region_offset + bs as u64,
+            });
+        }
+        let qd = spec.queue_depth.clamp(1, self.queue_depth) as usize;
+        let mut bufs: Vec<AlignedBuf> = (0..qd)
+            .map(|_| AlignedBuf::with_alignment(bs, dev.align()))
+            .collect();
+        if spec.op == StreamOp::Write {
+            let mut rng = SplitMix64(0x5eed_b10c);
+            for b in bufs.iter_mut() {
+                for chunk in b.chunks_mut(8) {
+                    chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
+                }
+            }
+        }
+        let mut registered_bufs = false;
+        let mut registered_file = false;
+        if spec.fixed_buffers {
+            let iovecs: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            // SAFETY: the iovecs describe `bufs`, which stay allocated and unmoved (the
+            // Vec is not resized) until `unregister_buffers` below, on every path.
+            unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
+                DevError::Ring {
+                    op: "register_buffers",
+                    source,
+                }
+            })?;
+            registered_bufs = true;
+        }
+        if spec.fixed_file {
+            if let Err(source) = self.ring.submitter().register_files(&[dev.raw_fd()]) {
+                if registered_bufs {
+                    let _ = self.ring.submitter().unregister_buffers();
+                }
+                return Err(DevError::Ring {
+                    op: "register_files",
+                    source,
+                });
+            }
+            registered_file = true;
+        }
+        let result = self.run_stream(dev, spec, &mut bufs, blocks, qd, on_complete);
+        if registered_file {
+            let _ = self.ring.submitter().unregister_files();
+        }
+        if registered_bufs {
+            let _ = self.ring.submitter().unregister_buffers();
+        }
+        result
+    }
+}
+
+impl UringEngine {
+    fn run_stream(
+        &mut self,
+        dev: &Device,
+        spec: &StreamSpec,
+        bufs: &mut [AlignedBuf],
+        blocks: u64,
+        qd: usize,
+        on_complete: &mut dyn FnMut(Duration),
+    ) -> Result<StreamStats> {
+        let bs = spec.block_size;
+        let mut rng = SplitMix64(match spec.pattern {
+            Pattern::Random { seed } => seed,
+            Pattern::Sequential => 0,
+        });
+        let mut seq = 0u64;
+        let mut next_offset = || -> u64 {
+            let block = match spec.pattern {
+                Pattern::Sequential => {
+                    let b = seq % blocks;
+                    seq += 1;
+                    b
+                }
+                Pattern::Random { .. } => rng.next_u64() % blocks,
+            };
+            spec.region_offset + block * bs as u64
+        };
+        let mut started = vec![Instant::now(); qd];
+        let mut offsets = vec![0u64; qd];
+        let start = Instant::now();
+        let (max_ops, deadline) = match spec.limit {
+            StreamLimit::Ops(n) => (n, None),
+            StreamLimit::Time(d) => (u64::MAX, Some(start + d)),
+        };
+        let mut issued = 0u64;
+        let mut completed = 0u64;
+        let mut in_flight = 0usize;
+        let mut err: Option<DevError> = None;
+        let mut free_slots: Vec<usize> = (0..qd).rev().collect();
+        let mut cqes = Vec::with_capacity(qd);
+        let mut now = start;
+        loop {
+            let stop = err.is_some() || issued >= max_ops || deadline.is_some_and(|d| now >= d);
+            if !stop {
+                while let Some(slot) = free_slots.pop() {
+                    if issued >= max_ops {
+                        free_slots.push(slot);
+                        break;
+                    }
+                    let off = next_offset();
+                    offsets[slot] = off;
+                    let e = self.stream_entry(dev, spec, &mut bufs[slot], slot, off);
+                    started[slot] = now;
+                    self.push(&e)?;
+                    issued += 1;
+                    in_flight += 1;
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            self.wait_one(in_flight)?;
+            self.reap(&mut cqes);
+            now = Instant::now();
+            for &(ud, res) in &cqes {
+                let slot = ud as usize;
+                in_flight -= 1;
+                if res == -libc::EAGAIN || res == -libc::EINTR {
+                    // Resubmit the same block.
+                    let e = self.stream_entry(dev, spec, &mut bufs[slot], slot, offsets[slot]);
+                    self.push(&e)?;
+                    in_flight += 1;
+                    continue;
+                }
+                if res < 0 || (res as usize) < bs {
+                    err.get_or_insert_with(|| {
+                        let op = if spec.op == StreamOp::Read {
+                            "read"
+                        } else {
+                            "write"
+                        };
+                        if res < 0 {
+                            DevError::Io {
+                                path: dev.path().to_path_buf(),
+                                op,
+                                offset: offsets[slot],
+                                len: bs as u64,
+                                source: std::io::Error::from_raw_os_error(-res),
+                            }
+                        } else {
+                            DevError::Short {
+                                path: dev.path().to_path_buf(),
+                                op,
+                                offset: offsets[slot],
+                                len: bs as u64,
+                                done: res as u64,
+                            }
+                        }
+                    });
+                }
+                completed += 1;
+                on_complete(now.duration_since(started[slot]));
+                free_slots.push(slot);
+            }
+        }
+        if let Some(e) = err {
+            return Err(e);
+        }
+        Ok(StreamStats {
+            ops: completed,
+            bytes: completed * bs as u64,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    fn stream_entry(
+        &self,
+        dev: &Device,
+        spec: &StreamSpec,
+        buf: &mut AlignedBuf,
+        slot: usize,
+        off: u64,
+    ) -> squeue::Entry {
+        let len = spec.block_size as u32;
+        let e = match (spec.op, spec.fixed_file, spec.fixed_buffers) {
+            (StreamOp::Read, false, false) => {
+                opcode::Read::new(types::Fd(dev.raw_fd()), buf.as_mut_ptr(), len)
+                    .offset(off)
+                    .build()
+            }
+            (StreamOp::Read, true, false) => {
+                opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), len)
+                    .offset(off)
+                    .build()
+            }
+            (StreamOp::Read, false, true) => {
+                opcode::ReadFixed::new(types::Fd(dev.raw_fd()), buf.as_mut_ptr(), len, slot as u16)
+                    .offset(off)
+                    .build()
+            }
+            (StreamOp::Read, true, true) => {
+                opcode::ReadFixed::new(types::Fixed(0), buf.as_mut_ptr(), len, slot as u16)
+                    .offset(off)
+                    .build()
+            }
+            (StreamOp::Write, false, false) => {
+                opcode::Write::new(types::Fd(dev.raw_fd()), buf.as_ptr(), len)
+                    .offset(off)
+                    .build()
+            }
+            (StreamOp::Write, true, false) => {
+                opcode::Write::new(types::Fixed(0), buf.as_ptr(), len)
+                    .offset(off)
+                    .build()
+            }
+            (StreamOp::Write, false, true) => {
+                opcode::WriteFixed::new(types::Fd(dev.raw_fd()), buf.as_ptr(), len, slot as u16)
+                    .offset(off)
+                    .build()
+            }
+            (StreamOp::Write, true, true) => {
+                opcode::WriteFixed::new(types::Fixed(0), buf.as_ptr(), len, slot as u16)
+                    .offset(off)
+                    .build()
+            }
+        };
+        e.user_data(slot as u64)
+    }
+}
+
+/// A small, fast, seeded generator for benchmark offsets (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,98 @@
+//! The one error type of the device layer. Every variant names the device (and the
+//! offset where there is one), so a failure deep in an experiment is still readable.
+
+use std::path::PathBuf;
+
+/// An error of the block-device layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{path}: {op} failed: {source}")]
+    Os {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no such file or device")]
+    NotFound { path: PathBuf },
+    #[error("{path}: is a directory, not a block device or regular file")]
+    IsDirectory { path: PathBuf },
+    #[error("{path}: is neither a block device nor a regular file")]
+    UnsupportedKind { path: PathBuf },
+    #[error("{path}: is read-only (opened for writing: {source})")]
+    ReadOnly {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {what} {value} is not a multiple of the device alignment {align} bytes")]
+    Misaligned {
+        path: PathBuf,
+        what: &'static str,
+        value: u64,
+        align: u64,
+    },
+    #[error(
+        "{path}: buffer address {addr:#x} is not aligned to {align} bytes (use dev::AlignedBuf)"
+    )]
+    MisalignedBuffer {
+        path: PathBuf,
+        addr: usize,
+        align: usize,
+    },
+    #[error("{path}: I/O of {len} bytes at offset {offset} goes past the end of the device ({size} bytes)")]
+    PastEnd {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{path}: {op} at offset {offset} ({len} bytes) failed: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: short {op} at offset {offset}: {done} of {len} bytes, then end of device")]
+    Short {
+        path: PathBuf,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        done: u64,
+    },
+    #[error("{path}: device is {size} bytes, the run needs at least {needed}")]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        needed: u64,
+    },
+    #[error("io_uring: {op} failed: {source}")]
+    Ring {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+    #[error("provisioning loop devices needs root (running as uid {uid}); use --files DIR to run on regular files instead")]
+    NotRoot { uid: u32 },
+    #[error("provisioning: {0}")]
+    Provision(String),
+}
+
+/// Result of the device layer.
+pub type Result<T, E = DevError> = std::result::Result<T, E>;
+
+impl DevError {
+    pub(crate) fn os(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        DevError::Os {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
+}

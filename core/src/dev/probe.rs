@@ -1,0 +1,143 @@
+//! Recognising someone else's data before a destructive operation.
+//!
+//! Every destructive operation (mkfs, an experiment writing to a device) reads the first
+//! MiB first and refuses when it finds anything: a filesystem superblock, a partition
+//! table, a blocklab label, or plain non-zero bytes.
+
+use super::buf::AlignedBuf;
+use super::device::Device;
+use super::engine::IoEngine;
+use super::error::Result;
+
+/// How much of the device the probe reads.
+pub const PROBE_LEN: u64 = 1 << 20;
+
+/// The magic at the start of a blocklab label (see `format`).
+pub const BLOCKLAB_MAGIC: &[u8; 8] = b"BLKLAB\x00\x01";
+
+/// What the probe found at the start of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// The first MiB is all zeros.
+    Empty,
+    /// A blocklab label (the caller decides whether it is its own).
+    Blocklab,
+    /// An ext2/3/4 filesystem.
+    Ext,
+    Xfs,
+    Btrfs,
+    /// A GPT partition table.
+    Gpt,
+    /// A DOS/MBR partition table (boot signature 0x55AA).
+    Mbr,
+    /// LVM2 physical volume label.
+    Lvm,
+    /// Linux swap.
+    Swap,
+    /// Non-zero bytes of no recognised kind, at this offset.
+    Data {
+        first_nonzero: u64,
+    },
+}
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Found::Empty => f.write_str("nothing (first MiB is zero)"),
+            Found::Blocklab => f.write_str("a blocklab label"),
+            Found::Ext => f.write_str("an ext2/3/4 filesystem"),
+            Found::Xfs => f.write_str("an XFS filesystem"),
+            Found::Btrfs => f.write_str("a btrfs filesystem"),
+            Found::Gpt => f.write_str("a GPT partition table"),
+            Found::Mbr => f.write_str("a DOS/MBR partition table"),
+            Found::Lvm => f.write_str("an LVM2 physical volume"),
+            Found::Swap => f.write_str("a swap area"),
+            Found::Data { first_nonzero } => write!(
+                f,
+                "non-zero data (first non-zero byte at offset {first_nonzero})"
+            ),
+        }
+    }
+}
+
+/// Classifies the first bytes of a device (at most [`PROBE_LEN`] of them).
+pub fn classify(head: &[u8]) -> Found {
+    let at = |off: usize, magic: &[u8]| {
+        head.len() >= off + magic.len() && &head[off..off + magic.len()] == magic
+    };
+    if at(0, BLOCKLAB_MAGIC) {
+        return Found::Blocklab;
+    }
+    if at(1024 + 56, &[0x53, 0xEF]) {
+        return Found::Ext;
+    }
+    if at(0, b"XFSB") {
+        return Found::Xfs;
+    }
+    if at(0x10040, b"_BHRfS_M") {
+        return Found::Btrfs;
+    }
+    if at(512, b"EFI PART") {
+        return Found::Gpt;
+    }
+    if at(512 + 24, b"LVM2 001") || at(24, b"LVM2 001") {
+        return Found::Lvm;
+    }
+    if at(4096 - 10, b"SWAPSPACE2") {
+        return Found::Swap;
+    }
+    if at(510, &[0x55, 0xAA]) {
+        return Found::Mbr;
+    }
+    match head.iter().position(|&b| b != 0) {
+        None => Found::Empty,
+        Some(i) => Found::Data {
+            first_nonzero: i as u64,
+        },
+    }
+}
+
+/// Reads the start of `dev` and classifies it.
+pub fn probe(engine: &mut dyn IoEngine, dev: &Device) -> Result<Found> {
+    let len = PROBE_LEN.min(dev.size() / dev.align() as u64 * dev.align() as u64);
+    if len == 0 {
+        return Ok(Found::Empty);
+    }
+    let mut buf = AlignedBuf::with_alignment(len as usize, dev.align());
+    engine.read_at(dev, 0, &mut buf[..len as usize])?;
+    Ok(classify(&buf[..len as usize]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies() {
+        let mut b = vec![0u8; 1 << 20];
+        assert_eq!(classify(&b), Found::Empty);
+        b[1080] = 0x53;
+        b[1081] = 0xEF;
+        assert_eq!(classify(&b), Found::Ext);
+        let mut b = vec![0u8; 1 << 20];
+        b[..4].copy_from_slice(b"XFSB");
+        assert_eq!(classify(&b), Found::Xfs);
+        let mut b = vec![0u8; 1 << 20];
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        assert_eq!(classify(&b), Found::Mbr);
+        b[512..520].copy_from_slice(b"EFI PART");
+        assert_eq!(classify(&b), Found::Gpt);
+        let mut b = vec![0u8; 1 << 20];
+        b[777_777] = 1;
+        assert_eq!(
+            classify(&b),
+            Found::Data {
+                first_nonzero: 777_777
+            }
+        );
+        let mut b = vec![0u8; 4096];
+        b[..8].copy_from_slice(BLOCKLAB_MAGIC);
+        assert_eq!(classify(&b), Found::Blocklab);
+    }
+}

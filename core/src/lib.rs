@@ -1,0 +1,8 @@
+//! blocklab: a research prototype of five control-plane mechanisms of a distributed
+//! block store, each running against real Linux block devices through io_uring.
+//!
+//! The foundation is [`dev`]: block devices opened with `O_DIRECT`, aligned buffers, an
+//! io_uring engine, and loop-device provisioning. The mechanisms build on it, one module
+//! each (see `DESIGN.md` and the README).
+
+pub mod dev;

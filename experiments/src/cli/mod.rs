@@ -1,0 +1,3 @@
+//! Subcommands of the `blocklab` binary, one module per mechanism.
+
+pub mod devices;
