@@ -1,0 +1,209 @@
+//! The allocator trait and the two shared-memory implementations (`shm`: lock-free
+//! stack; `mutex`: robust-mutex free list). The `central` client is in [`super::central`].
+//!
+//! Every operation runs between `enter` and `leave`: the process sets its busy flag and
+//! checks the node's pause flag (both `SeqCst`, a Dekker-style handshake with
+//! [`super::recovery`]), so recovery can wait until no live process is inside an
+//! operation and then repair the structures without racing anyone.
+//!
+//! Order of stores (what a crash at any point leaves behind):
+//! * alloc: pop → state `InFlight(me)` → current record. Dead before the state store:
+//!   the block is `Free` but not in the free structure; recovery's rebuild puts it back.
+//!   Dead after: `InFlight(me)`; recovery returns it.
+//! * commit: state `Filled(used)` → current cleared.
+//! * free: current record cleared → state CAS to `Free` → push. Dead in between: rebuilt.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::node::Attached;
+use super::segs::{BlockRef, BlockState, DeviceSeg, NodeSeg, ProcSeg};
+use super::{AllocError, Strategy, UNIT};
+
+/// A block allocator of a node process.
+pub trait BlockAllocator: Send {
+    /// Takes a free block of device `dev`; it becomes this process's current (in-flight)
+    /// block.
+    fn alloc(&mut self, dev: u16) -> Result<BlockRef, AllocError>;
+    /// The in-flight block `b` now holds `used_bytes` of acknowledged data.
+    fn commit(&mut self, b: BlockRef, used_bytes: u64) -> Result<(), AllocError>;
+    /// Returns block `b` to the free structure.
+    fn free(&mut self, b: BlockRef) -> Result<(), AllocError>;
+    fn strategy(&self) -> Strategy;
+}
+
+/// Sets the busy flag, waiting while the node is paused.
+#[inline]
+pub(crate) fn enter(node: &NodeSeg, me: &ProcSeg) {
+    loop {
+        me.busy().store(1, Ordering::SeqCst);
+        if node.paused().load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        me.busy().store(0, Ordering::SeqCst);
+        while node.paused().load(Ordering::Acquire) != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+}
+
+#[inline]
+pub(crate) fn leave(me: &ProcSeg) {
+    me.busy().store(0, Ordering::Release);
+}
+
+fn online(at: &Attached, dev: u16) -> Result<&DeviceSeg, AllocError> {
+    let d = at.device(dev)?;
+    if !d.is_online() {
+        return Err(AllocError::DeviceOffline { dev });
+    }
+    Ok(d)
+}
+
+/// Pops a block of `dev` for `owner`; `busy` is the record whose busy flag guards the
+/// operation (the caller's own, or the central server's).
+pub(crate) fn alloc_for(
+    at: &Attached,
+    busy: &ProcSeg,
+    owner: u16,
+    dev: u16,
+) -> Result<BlockRef, AllocError> {
+    let d = online(at, dev)?;
+    enter(&at.node, busy);
+    let r = (|| {
+        if !d.is_online() {
+            return Err(AllocError::DeviceOffline { dev });
+        }
+        match d.pop()? {
+            Some(b) => {
+                d.set_state(
+                    b,
+                    BlockState::InFlight {
+                        owner,
+                        prior_units: 0,
+                    },
+                );
+                Ok(BlockRef { dev, block: b })
+            }
+            None => Err(AllocError::DeviceFull { dev }),
+        }
+    })();
+    leave(busy);
+    r
+}
+
+/// Frees `b` (any non-free state); refuses a block that is already free.
+pub(crate) fn free_with(at: &Attached, busy: &ProcSeg, b: BlockRef) -> Result<(), AllocError> {
+    let d = at.device(b.dev)?;
+    if b.block >= d.block_count() {
+        return Err(AllocError::NotHeld {
+            dev: b.dev,
+            block: b.block,
+        });
+    }
+    enter(&at.node, busy);
+    let r = (|| {
+        let cur = d.state(b.block).load(Ordering::Acquire);
+        if BlockState::decode(cur) == BlockState::Free
+            || d.state(b.block)
+                .compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return Err(AllocError::NotHeld {
+                dev: b.dev,
+                block: b.block,
+            });
+        }
+        d.push(b.block)
+    })();
+    leave(busy);
+    r
+}
+
+/// Marks in-flight block `b` of `owner` as holding `used_bytes`.
+pub(crate) fn commit_for(
+    at: &Attached,
+    me: &ProcSeg,
+    owner: u16,
+    b: BlockRef,
+    used_bytes: u64,
+) -> Result<(), AllocError> {
+    let d = at.device(b.dev)?;
+    if b.block >= d.block_count() || used_bytes > d.block_size() {
+        return Err(AllocError::BadInput(format!(
+            "commit of {used_bytes} bytes to block {b} (block size {})",
+            d.block_size()
+        )));
+    }
+    enter(&at.node, me);
+    let r = (|| {
+        if !d.is_online() {
+            return Err(AllocError::DeviceOffline { dev: b.dev });
+        }
+        match d.load_state(b.block) {
+            BlockState::InFlight { owner: o, .. } if o == owner => {
+                d.set_state(
+                    b.block,
+                    BlockState::Filled {
+                        used_units: used_bytes.div_ceil(UNIT) as u32,
+                    },
+                );
+                let _ =
+                    me.current()
+                        .compare_exchange(b.pack(), 0, Ordering::AcqRel, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(AllocError::NotHeld {
+                dev: b.dev,
+                block: b.block,
+            }),
+        }
+    })();
+    leave(me);
+    r
+}
+
+/// `shm` and `mutex`: allocation straight from the device segments.
+pub struct LocalAllocator {
+    at: Arc<Attached>,
+    me: Arc<ProcSeg>,
+    id: u16,
+    strategy: Strategy,
+}
+
+impl LocalAllocator {
+    pub fn new(at: Arc<Attached>, me: Arc<ProcSeg>, strategy: Strategy) -> LocalAllocator {
+        let id = me.proc_id();
+        LocalAllocator {
+            at,
+            me,
+            id,
+            strategy,
+        }
+    }
+}
+
+impl BlockAllocator for LocalAllocator {
+    #[inline]
+    fn alloc(&mut self, dev: u16) -> Result<BlockRef, AllocError> {
+        let b = alloc_for(&self.at, &self.me, self.id, dev)?;
+        self.me.current().store(b.pack(), Ordering::Release);
+        Ok(b)
+    }
+    fn commit(&mut self, b: BlockRef, used_bytes: u64) -> Result<(), AllocError> {
+        commit_for(&self.at, &self.me, self.id, b, used_bytes)
+    }
+    #[inline]
+    fn free(&mut self, b: BlockRef) -> Result<(), AllocError> {
+        // Clear the record first: dead after this, the block is still `InFlight(me)` and
+        // recovery returns it; the record never names a block that is already free.
+        let _ =
+            self.me
+                .current()
+                .compare_exchange(b.pack(), 0, Ordering::AcqRel, Ordering::Relaxed);
+        free_with(&self.at, &self.me, b)
+    }
+    fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+}

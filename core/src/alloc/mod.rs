@@ -1,0 +1,186 @@
+//! Shared-memory block allocation across the processes of a storage node.
+//!
+//! A node runs several processes. The first to bind the node's internal port is the
+//! leader ([`node`]); it creates the shared-memory segments ([`segs`]): one per device
+//! (the free blocks of the device: a lock-free, ABA-safe stack of block indexes plus one
+//! state word per block), one per process (the block it is currently writing, for crash
+//! recovery), one node segment (pause flag, device epoch) and the unfilled-block table
+//! (partly filled blocks, under a robust process-shared lock). Followers register with
+//! the leader over the internal port and then allocate straight from shared memory.
+//!
+//! Three strategies implement [`BlockAllocator`] ([`allocator`]):
+//! * `shm`: lock-free stack in shared memory (the mechanism);
+//! * `mutex`: one robust process-shared mutex around a free list in shared memory;
+//! * `central`: the leader allocates, followers ask it over a Unix socket ([`central`]).
+//!
+//! Crash recovery ([`recovery`]) pauses the node, waits until no live process is inside
+//! an allocator operation, returns a dead process's in-flight blocks and rebuilds the free
+//! structures from the per-block state words. [`audit`] walks every block of every device.
+//! [`index`] is the index server, [`store`] the process's external port and the client.
+//!
+//! `unsafe` lives only in [`shm`] and [`shm_lock`].
+
+pub mod allocator;
+pub mod audit;
+pub mod central;
+
+pub mod node;
+pub mod recovery;
+pub mod segs;
+pub mod shm;
+pub mod shm_lock;
+
+use std::path::PathBuf;
+
+pub use allocator::{BlockAllocator, LocalAllocator};
+pub use segs::{BlockRef, BlockState, DeviceRegion, FreeMode};
+
+/// Allocation unit inside a block (data is appended in multiples of it; O_DIRECT).
+pub const UNIT: u64 = 4096;
+
+/// The allocation strategy of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Shm,
+    Mutex,
+    Central,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 3] = [Strategy::Shm, Strategy::Mutex, Strategy::Central];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Shm => "shm",
+            Strategy::Mutex => "mutex",
+            Strategy::Central => "central",
+        }
+    }
+
+    /// The free structure the device segments use under this strategy.
+    pub fn free_mode(self) -> FreeMode {
+        match self {
+            Strategy::Shm | Strategy::Central => FreeMode::Stack,
+            Strategy::Mutex => FreeMode::Locked,
+        }
+    }
+
+    pub fn code(self) -> u64 {
+        match self {
+            Strategy::Shm => 1,
+            Strategy::Mutex => 2,
+            Strategy::Central => 3,
+        }
+    }
+
+    pub fn from_code(c: u64) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| s.code() == c)
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = AllocError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                AllocError::BadInput(format!("unknown strategy {s:?} (shm, mutex, central)"))
+            })
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors of the allocation mechanism.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error("{path}: {op} failed: {source}")]
+    Os {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: refusing to attach shared-memory segment: {reason}")]
+    BadSegment { path: PathBuf, reason: String },
+    #[error("{path}: no such shared-memory segment")]
+    NoSegment { path: PathBuf },
+    #[error("{path}: shared-memory segment already exists")]
+    AlreadyExists { path: PathBuf },
+    #[error("robust lock: {op} failed: {source}")]
+    Lock {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device {dev}: no free block (device full)")]
+    DeviceFull { dev: u16 },
+    #[error("no device of this node has a free block (node full)")]
+    NodeFull,
+    #[error("device {dev} is offline")]
+    DeviceOffline { dev: u16 },
+    #[error("device {dev} is not known to this node")]
+    NoDevice { dev: u16 },
+    #[error("request of {len} bytes is larger than a block ({block_size} bytes)")]
+    TooLarge { len: u64, block_size: u64 },
+    #[error("channel {channel} was never stored")]
+    NotFound { channel: u64 },
+    #[error("the cluster is full: no node has room for {len} bytes")]
+    ClusterFull { len: u64 },
+    #[error("block {dev}:{block} is not held by this process")]
+    NotHeld { dev: u16, block: u32 },
+    #[error("{what}: {source}")]
+    Net {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error(transparent)]
+    Dev(#[from] crate::dev::DevError),
+}
+
+impl AllocError {
+    pub(crate) fn net(what: impl Into<String>, source: std::io::Error) -> AllocError {
+        AllocError::Net {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Whether process `pid` is alive (signal 0).
+pub fn pid_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match rustix::process::Pid::from_raw(pid as i32) {
+        Some(p) => match rustix::process::test_kill_process(p) {
+            Ok(()) => !is_zombie(pid),
+            Err(e) => e == rustix::io::Errno::PERM,
+        },
+        None => false,
+    }
+}
+
+/// A zombie (exited, not yet reaped) counts as dead.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}

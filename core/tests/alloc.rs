@@ -1,0 +1,226 @@
+//! In-process tests of core::alloc: segment validation, the lock-free stack under
+//! concurrent threads, the robust lock, recovery and the audit. Multi-process tests
+//! (real OS processes) live in `experiments/tests/alloc*.rs`.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use blocklab::alloc::audit::{audit, Record};
+use blocklab::alloc::node::{proc_path, NodeConfig, NodeProcess};
+use blocklab::alloc::recovery;
+use blocklab::alloc::segs::{DeviceSeg, FreeMode, ProcSeg, UnfilledSeg, DEV_MAGIC};
+use blocklab::alloc::shm::Segment;
+use blocklab::alloc::{AllocError, BlockRef, BlockState, DeviceRegion, Strategy};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn region(path: &str, blocks: u64) -> DeviceRegion {
+    DeviceRegion {
+        path: path.into(),
+        offset: 1 << 20,
+        len: blocks * 65536,
+    }
+}
+
+#[test]
+fn wrong_magic_or_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("dev-0.shm");
+    DeviceSeg::create(&p, 0, &region("/dev/x", 8), 65536, FreeMode::Stack).unwrap();
+    // Attaching as another kind of segment: wrong magic.
+    let e = ProcSeg::attach(&p).unwrap_err();
+    assert!(matches!(e, AllocError::BadSegment { .. }), "{e}");
+    assert!(e.to_string().contains("wrong magic"), "{e}");
+    // Bump the version word: refused with a version message.
+    let seg = Segment::attach(&p, DEV_MAGIC).unwrap();
+    seg.u64_at(8).store(99, Ordering::SeqCst);
+    let e = DeviceSeg::attach(&p).unwrap_err();
+    assert!(e.to_string().contains("version 99"), "{e}");
+    // A truncated file is refused too.
+    let q = dir.path().join("short.shm");
+    std::fs::write(&q, b"short").unwrap();
+    assert!(matches!(
+        DeviceSeg::attach(&q),
+        Err(AllocError::BadSegment { .. })
+    ));
+    // Creating over an existing segment fails instead of clobbering it.
+    let e = UnfilledSeg::create(&p, 4).unwrap_err();
+    assert!(matches!(e, AllocError::AlreadyExists { .. }), "{e}");
+}
+
+#[test]
+fn lock_free_stack_never_hands_out_a_block_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("dev-0.shm");
+    let n = 64u32;
+    let d = Arc::new(
+        DeviceSeg::create(&p, 0, &region("/dev/x", n as u64), 65536, FreeMode::Stack).unwrap(),
+    );
+    let owned: Arc<Vec<AtomicU8>> = Arc::new((0..n).map(|_| AtomicU8::new(0)).collect());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let d = d.clone();
+            let owned = owned.clone();
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for i in 0..50_000u32 {
+                    if (i + t) % 3 != 0 || held.is_empty() {
+                        if let Some(b) = d.pop_stack() {
+                            let prev = owned[b as usize].fetch_add(1, Ordering::SeqCst);
+                            assert_eq!(prev, 0, "block {b} handed out twice");
+                            held.push(b);
+                        }
+                    } else {
+                        let b = held.swap_remove((i as usize * 7) % held.len());
+                        owned[b as usize].fetch_sub(1, Ordering::SeqCst);
+                        d.push_stack(b);
+                    }
+                }
+                for b in held {
+                    owned[b as usize].fetch_sub(1, Ordering::SeqCst);
+                    d.push_stack(b);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut members = d.free_members();
+    members.sort();
+    assert_eq!(
+        members,
+        (0..n).collect::<Vec<_>>(),
+        "every block back exactly once"
+    );
+}
+
+#[test]
+fn robust_lock_survives_a_holder_that_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("unfilled.shm");
+    let t = Arc::new(UnfilledSeg::create(&p, 8).unwrap());
+    let t2 = t.clone();
+    // A thread takes the lock and ends without releasing it (as a killed process would).
+    std::thread::spawn(move || std::mem::forget(t2.lock().unwrap()))
+        .join()
+        .unwrap();
+    let g = t.lock().unwrap();
+    assert!(g.previous_owner_died());
+    drop(g);
+    let g = t.lock().unwrap();
+    assert!(!g.previous_owner_died());
+}
+
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn recovery_returns_a_dead_process_in_flight_block_and_a_popped_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = NodeConfig {
+        dir: dir.path().join("node"),
+        internal_port: free_port(),
+        proc_id: 1,
+        strategy: Strategy::Shm,
+        block_size: 65536,
+        devices: vec![region("/dev/a", 16), region("/dev/b", 16)],
+        unfilled_capacity: 16,
+    };
+    let p = NodeProcess::start(cfg.clone()).unwrap();
+    assert!(p.is_leader());
+    let mut a = p.allocator().unwrap();
+    let kept = a.alloc(0).unwrap();
+    a.commit(kept, 4096).unwrap();
+    // A second process (id 7) that died: one block in flight, one popped but never marked.
+    let rec = ProcSeg::create(&proc_path(&cfg.dir, 7), 7).unwrap();
+    rec.pid().store(dead_pid() as u64, Ordering::SeqCst);
+    let d = p.at.device(1).unwrap();
+    let inflight = d.pop_stack().unwrap();
+    d.set_state(
+        inflight,
+        BlockState::InFlight {
+            owner: 7,
+            prior_units: 0,
+        },
+    );
+    rec.current().store(
+        BlockRef {
+            dev: 1,
+            block: inflight,
+        }
+        .pack(),
+        Ordering::SeqCst,
+    );
+    let popped = d.pop_stack().unwrap();
+    let records = [Record {
+        block: kept,
+        offset: 0,
+        len: 4096,
+    }];
+    let before = audit(&p.at, &records).unwrap();
+    assert_eq!(before.leaked_blocks, 1, "{before:?}"); // the popped-unmarked block
+    assert_eq!(before.double_allocated, 0);
+    let got = recovery::recover_dead(&p.at).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].1.freed,
+        vec![BlockRef {
+            dev: 1,
+            block: inflight
+        }]
+    );
+    assert_eq!(
+        got[0].1.rebuilt_free, 1,
+        "block {popped} put back by the rebuild"
+    );
+    let after = audit(&p.at, &records).unwrap();
+    assert_eq!(after.leaked_blocks, 0, "{after:?}");
+    assert_eq!(after.double_allocated, 0, "{after:?}");
+    assert_eq!(after.free, 31);
+    assert_eq!(after.in_use, 1);
+    // Freeing a block twice is refused.
+    a.free(kept).unwrap();
+    assert!(matches!(a.free(kept), Err(AllocError::NotHeld { .. })));
+}
+
+#[test]
+fn full_device_and_offline_device_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = NodeConfig {
+        dir: dir.path().join("node"),
+        internal_port: free_port(),
+        proc_id: 1,
+        strategy: Strategy::Mutex,
+        block_size: 65536,
+        devices: vec![region("/dev/a", 2), region("/dev/b", 4)],
+        unfilled_capacity: 16,
+    };
+    let p = NodeProcess::start(cfg).unwrap();
+    let mut a = p.allocator().unwrap();
+    a.alloc(0).unwrap();
+    a.alloc(0).unwrap();
+    let e = a.alloc(0).unwrap_err();
+    assert!(matches!(e, AllocError::DeviceFull { dev: 0 }), "{e}");
+    assert!(e.to_string().contains("device full"));
+    p.device_offline(1).unwrap();
+    let e = a.alloc(1).unwrap_err();
+    assert!(matches!(e, AllocError::DeviceOffline { dev: 1 }), "{e}");
+    assert!(matches!(a.alloc(9), Err(AllocError::NoDevice { dev: 9 })));
+    // A device that comes online gets a new segment and can be used at once.
+    let i = p.device_online(&region("/dev/c", 3)).unwrap();
+    assert_eq!(i, 2);
+    a.alloc(i).unwrap();
+    let e: AllocError = "nope".parse::<Strategy>().unwrap_err();
+    assert!(e.to_string().contains("unknown strategy"));
+}
