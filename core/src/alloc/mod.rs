@@ -23,12 +23,14 @@
 pub mod allocator;
 pub mod audit;
 pub mod central;
+pub mod index;
 
 pub mod node;
 pub mod recovery;
 pub mod segs;
 pub mod shm;
 pub mod shm_lock;
+pub mod store;
 
 use std::path::PathBuf;
 

@@ -731,22 +731,27 @@ impl NodeProcess {
     }
 
     fn ask_leader(&self, req: &Request) -> Result<Reply, AllocError> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.cfg.internal_port))
-            .map_err(|e| AllocError::net("connecting to the leader", e))?;
-        send_line(&mut s, req).map_err(|e| AllocError::net("asking the leader", e))?;
-        let mut r = BufReader::new(s);
-        match recv_line::<Reply>(&mut r)? {
-            Some(rep) if rep.ok => Ok(rep),
-            Some(rep) => Err(AllocError::Protocol(
-                rep.error.unwrap_or_else(|| "refused".into()),
-            )),
-            None => Err(AllocError::Protocol("leader closed the connection".into())),
-        }
+        ask_leader(self.cfg.internal_port, req)
     }
 
     /// Stops serving (best effort; the process normally just exits).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Sends one request to the leader on `internal_port` and returns its (successful) reply.
+pub fn ask_leader(internal_port: u16, req: &Request) -> Result<Reply, AllocError> {
+    let mut s = TcpStream::connect(("127.0.0.1", internal_port))
+        .map_err(|e| AllocError::net("connecting to the leader", e))?;
+    send_line(&mut s, req).map_err(|e| AllocError::net("asking the leader", e))?;
+    let mut r = BufReader::new(s);
+    match recv_line::<Reply>(&mut r)? {
+        Some(rep) if rep.ok => Ok(rep),
+        Some(rep) => Err(AllocError::Protocol(
+            rep.error.unwrap_or_else(|| "refused".into()),
+        )),
+        None => Err(AllocError::Protocol("leader closed the connection".into())),
     }
 }
 

@@ -1,0 +1,608 @@
+//! `blocklab alloc ...`: node processes of the shared-memory allocator, and the worker
+//! process exp-alloc and the multi-process tests drive (hidden `alloc worker`).
+//!
+//! The worker speaks JSON lines: on stdout `{"event":"ready",...}` once it is leader or
+//! registered, then `{"event":"done",...}` after its run; on stdin it waits for a `go`
+//! line before running and for end of input before exiting (so a leader outlives its
+//! followers' runs).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use blocklab::alloc::node::{self, NodeConfig, NodeProcess};
+use blocklab::alloc::{AllocError, BlockAllocator, BlockRef, DeviceRegion, Strategy};
+use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::args::parse_size;
+
+/// Parses `OFFSET:LEN:PATH` (sizes with K/M/G suffixes).
+pub fn parse_region(s: &str) -> Result<DeviceRegion, String> {
+    let mut it = s.splitn(3, ':');
+    let (Some(o), Some(l), Some(p)) = (it.next(), it.next(), it.next()) else {
+        return Err(format!("device region {s:?} is not OFFSET:LEN:PATH"));
+    };
+    Ok(DeviceRegion {
+        path: PathBuf::from(p),
+        offset: parse_size(o)?,
+        len: parse_size(l)?,
+    })
+}
+
+pub fn format_region(r: &DeviceRegion) -> String {
+    format!("{}:{}:{}", r.offset, r.len, r.path.display())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AllocCmd {
+    /// One node process of an allocation run, driven over stdin/stdout (internal: used by
+    /// exp-alloc and the tests).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+    /// Take the robust lock of a device segment and hold it until killed (internal: tests
+    /// of a lock holder that dies).
+    #[command(hide = true)]
+    HoldLock {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        dev: u16,
+    },
+    /// Ask the node's leader to take a device offline.
+    DeviceOffline {
+        /// The node's internal port.
+        #[arg(long)]
+        internal_port: u16,
+        /// Device index on the node.
+        #[arg(long)]
+        dev: u16,
+    },
+    /// Ask the node's leader to bring a device online (OFFSET:LEN:PATH); prints its index.
+    DeviceOnline {
+        #[arg(long)]
+        internal_port: u16,
+        #[arg(long, value_parser = parse_region)]
+        device: DeviceRegion,
+    },
+    /// Run a node process: elect/register, scan devices, serve store requests on an
+    /// external port registered with the index server. Prints `ready ENDPOINT ROLE`.
+    Node(NodeServeArgs),
+    /// Audit a node: every block of every device free, in use and recorded, or leaked.
+    Audit {
+        /// Node directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Arguments of a node process.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Node directory for the shared-memory segments (normally under /dev/shm).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// This process's id on the node (1..65535, stable across restarts).
+    #[arg(long)]
+    pub proc_id: u16,
+    /// The node's internal port; the process that binds it is leader.
+    #[arg(long)]
+    pub internal_port: u16,
+    /// shm (lock-free shared memory), mutex (robust-mutex free list) or central (leader over a Unix socket).
+    #[arg(long, default_value = "shm")]
+    pub strategy: Strategy,
+    /// Block size (multiple of 4 KiB).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub block_size: u64,
+    /// A device region blocks are carved from, OFFSET:LEN:PATH; repeat for several devices.
+    #[arg(long = "device", value_parser = parse_region, required = true)]
+    pub devices: Vec<DeviceRegion>,
+    /// Entries of the unfilled-block table.
+    #[arg(long, default_value_t = 256)]
+    pub unfilled_capacity: usize,
+}
+
+impl NodeArgs {
+    pub fn config(&self) -> NodeConfig {
+        NodeConfig {
+            dir: self.dir.clone(),
+            internal_port: self.internal_port,
+            proc_id: self.proc_id,
+            strategy: self.strategy,
+            block_size: self.block_size,
+            devices: self.devices.clone(),
+            unfilled_capacity: self.unfilled_capacity,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeServeArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Name of the storage node (processes of one node share it).
+    #[arg(long)]
+    pub node_name: String,
+    /// The index server, HOST:PORT.
+    #[arg(long)]
+    pub index: String,
+    /// External address to serve store requests on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+}
+
+/// `blocklab index ...`: the index server and its client.
+#[derive(Debug, Subcommand)]
+pub enum IndexCmd {
+    /// Serve the index (channel -> node/device/block; node -> process endpoints). Prints
+    /// `listening HOST:PORT`.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: String,
+    },
+    /// Store a file's contents as one piece of a channel (at most one block).
+    Store {
+        #[arg(long)]
+        index: String,
+        #[arg(long)]
+        channel: u64,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print where a channel's pieces are and write their contents to --out (concatenated).
+    Fetch {
+        #[arg(long)]
+        index: String,
+        #[arg(long)]
+        channel: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Tell a node (through one of its processes) that a device came online (OFFSET:LEN:PATH).
+    DeviceOnline {
+        #[arg(long)]
+        index: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, value_parser = parse_region)]
+        device: DeviceRegion,
+    },
+}
+
+pub fn run_index(cmd: IndexCmd) -> anyhow::Result<()> {
+    use blocklab::alloc::index::{self, IndexRequest, IndexServer};
+    use blocklab::alloc::store;
+    match cmd {
+        IndexCmd::Serve { listen } => {
+            let s = IndexServer::start(&listen)
+                .with_context(|| format!("serving the index on {listen}"))?;
+            println!("listening {}", s.addr);
+            std::io::stdout().flush()?;
+            loop {
+                std::thread::park();
+            }
+        }
+        IndexCmd::Store {
+            index,
+            channel,
+            file,
+        } => {
+            let data =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let loc = store::client_store(&index, channel, &data)
+                .with_context(|| format!("storing channel {channel}"))?;
+            println!("{}", serde_json::to_string(&loc)?);
+            Ok(())
+        }
+        IndexCmd::Fetch {
+            index,
+            channel,
+            out,
+        } => {
+            let pieces = store::client_fetch(&index, channel)
+                .with_context(|| format!("fetching channel {channel}"))?;
+            let all: Vec<u8> = pieces.concat();
+            eprintln!(
+                "channel {channel}: {} pieces, {} bytes",
+                pieces.len(),
+                all.len()
+            );
+            if let Some(o) = out {
+                std::fs::write(&o, &all).with_context(|| format!("writing {}", o.display()))?;
+            }
+            Ok(())
+        }
+        IndexCmd::DeviceOnline {
+            index,
+            node,
+            device,
+        } => {
+            let rep = index::call(
+                &index,
+                &IndexRequest::DeviceOnline {
+                    node: node.clone(),
+                    region: device,
+                },
+            )?;
+            if !rep.ok {
+                bail!("node {node}: {}", rep.error.unwrap_or_default());
+            }
+            println!("device {} online on {node}", rep.dev.unwrap_or(u16::MAX));
+            Ok(())
+        }
+    }
+}
+
+fn node_serve(a: NodeServeArgs) -> anyhow::Result<()> {
+    use blocklab::alloc::store::StoreService;
+    let cfg = a.node.config();
+    let p =
+        std::sync::Arc::new(NodeProcess::start(cfg.clone()).context("starting the node process")?);
+    p.scan(&cfg.devices).context("scanning devices")?;
+    let l =
+        std::net::TcpListener::bind(&a.listen).with_context(|| format!("binding {}", a.listen))?;
+    let svc = std::sync::Arc::new(StoreService::new(p.clone(), &a.node_name, &a.index)?);
+    let ep = svc.serve(l).context("registering with the index server")?;
+    println!(
+        "ready {ep} {}",
+        if p.is_leader() { "leader" } else { "follower" }
+    );
+    std::io::stdout().flush()?;
+    loop {
+        std::thread::park();
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// How long to run after `go`, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Write 4 KiB into each allocated block (io_uring, O_DIRECT) before freeing it.
+    #[arg(long)]
+    pub with_io: bool,
+    /// Blocks to allocate, write and keep (committed) after the run, reported for the audit.
+    #[arg(long, default_value_t = 4)]
+    pub hold: usize,
+}
+
+/// What a worker prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WorkerEvent {
+    Ready {
+        proc_id: u16,
+        pid: u32,
+        leader: bool,
+        recovered: usize,
+    },
+    Done {
+        proc_id: u16,
+        leader: bool,
+        ops: u64,
+        elapsed_ns: u64,
+        /// Allocation latencies: (value in ns, count) pairs of the histogram.
+        alloc_ns: Vec<(u64, u64)>,
+        held: Vec<BlockRef>,
+    },
+}
+
+fn emit(ev: &WorkerEvent) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, ev)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Allocates from the devices in turn, starting at `next`; skips full or offline ones.
+fn alloc_any(
+    a: &mut dyn BlockAllocator,
+    devs: &[u16],
+    next: &mut usize,
+) -> Result<BlockRef, AllocError> {
+    for _ in 0..devs.len() {
+        let d = devs[*next % devs.len()];
+        *next += 1;
+        match a.alloc(d) {
+            Ok(b) => return Ok(b),
+            Err(AllocError::DeviceFull { .. }) | Err(AllocError::DeviceOffline { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(AllocError::NodeFull)
+}
+
+fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let cfg = args.node.config();
+    let p = NodeProcess::start(cfg.clone()).context("starting the node process")?;
+    let devs = p.scan(&cfg.devices).context("scanning devices")?;
+    let mut a = p.allocator()?;
+    emit(&WorkerEvent::Ready {
+        proc_id: cfg.proc_id,
+        pid: std::process::id(),
+        leader: p.is_leader(),
+        recovered: p.recovered_at_start,
+    })?;
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    stdin.read_line(&mut line)?;
+    if line.trim() != "go" {
+        bail!("expected `go` on stdin, got {:?}", line.trim());
+    }
+    // Device index (from the scan) -> the open device.
+    let mut opened: std::collections::HashMap<u16, Device> = std::collections::HashMap::new();
+    if args.with_io {
+        for (r, &i) in cfg.devices.iter().zip(&devs) {
+            let d =
+                Device::open(&r.path).with_context(|| format!("opening {}", r.path.display()))?;
+            opened.insert(i, d);
+        }
+    }
+    let mut eng = UringEngine::with_queue_depth(1)?;
+    let mut buf = AlignedBuf::new(4096);
+    buf.fill(cfg.proc_id as u8);
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    hist.auto(true);
+    let mut next = cfg.proc_id as usize;
+    let mut ops = 0u64;
+    let write = |eng: &mut UringEngine, b: BlockRef, buf: &AlignedBuf| -> anyhow::Result<()> {
+        let d = p.at.device(b.dev)?;
+        let dev = opened
+            .get(&b.dev)
+            .context("block on a device this process did not open")?;
+        eng.write_at(dev, d.block_offset(b.block), buf)?;
+        Ok(())
+    };
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(args.seconds);
+    loop {
+        // Check the clock every 64 operations only.
+        if ops % 64 == 0 && Instant::now() >= until {
+            break;
+        }
+        let t0 = Instant::now();
+        let b = alloc_any(a.as_mut(), &devs, &mut next)?;
+        let dt = t0.elapsed().as_nanos() as u64;
+        let _ = hist.record(dt);
+        if args.with_io {
+            write(&mut eng, b, &buf)?;
+        }
+        a.free(b)?;
+        ops += 1;
+    }
+    let elapsed_ns = start.elapsed().as_nanos() as u64;
+    let mut held = Vec::new();
+    for _ in 0..args.hold {
+        let b = alloc_any(a.as_mut(), &devs, &mut next)?;
+        if args.with_io {
+            write(&mut eng, b, &buf)?;
+        }
+        a.commit(b, 4096)?;
+        held.push(b);
+    }
+    emit(&WorkerEvent::Done {
+        proc_id: cfg.proc_id,
+        leader: p.is_leader(),
+        ops,
+        elapsed_ns,
+        alloc_ns: hist
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect(),
+        held,
+    })?;
+    // Stay up (a leader serves the others) until the driver closes stdin.
+    let mut rest = String::new();
+    while stdin.read_line(&mut rest)? > 0 {
+        rest.clear();
+    }
+    Ok(())
+}
+
+pub fn run(cmd: AllocCmd) -> anyhow::Result<()> {
+    match cmd {
+        AllocCmd::Worker(a) => worker(a),
+        AllocCmd::Node(a) => node_serve(a),
+        AllocCmd::HoldLock { dir, dev } => {
+            let at = blocklab::alloc::node::Attached::open(&dir)?;
+            let d = at.device(dev)?;
+            let g = d.mutex().lock()?;
+            println!("locked");
+            std::io::stdout().flush()?;
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+                let _ = &g;
+            }
+        }
+        AllocCmd::DeviceOffline { internal_port, dev } => {
+            node::ask_leader(internal_port, &node::Request::DeviceOffline { dev })
+                .with_context(|| format!("taking device {dev} offline"))?;
+            println!("device {dev} offline");
+            Ok(())
+        }
+        AllocCmd::DeviceOnline {
+            internal_port,
+            device,
+        } => {
+            let rep = node::ask_leader(
+                internal_port,
+                &node::Request::DeviceOnline {
+                    region: device.clone(),
+                },
+            )
+            .with_context(|| format!("bringing {} online", device.path.display()))?;
+            println!("{}", rep.dev.unwrap_or(u16::MAX));
+            Ok(())
+        }
+        AllocCmd::Audit { dir } => {
+            let at = blocklab::alloc::node::Attached::open(&dir)?;
+            let rep = blocklab::alloc::audit::audit(&at, &[])?;
+            println!("{}", serde_json::to_string_pretty(&rep)?);
+            Ok(())
+        }
+    }
+}
+
+// ------------------------------------------------------------------ driver side
+
+/// A spawned worker process; killed on drop.
+pub struct WorkerProc {
+    pub proc_id: u16,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: mpsc::Receiver<anyhow::Result<WorkerEvent>>,
+}
+
+impl std::fmt::Debug for WorkerProc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerProc")
+            .field("proc_id", &self.proc_id)
+            .field("pid", &self.child.id())
+            .finish()
+    }
+}
+
+/// How to start workers of one node.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The `blocklab` binary.
+    pub exe: PathBuf,
+    pub node: NodeArgs,
+    pub seconds: f64,
+    pub with_io: bool,
+    pub hold: usize,
+}
+
+/// The `blocklab` binary next to the running executable (same target directory).
+pub fn blocklab_exe() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("locating the running executable")?;
+    let dir = me.parent().context("executable has no directory")?;
+    for cand in [dir.join("blocklab"), dir.join("../blocklab")] {
+        if cand.exists() {
+            return Ok(cand);
+        }
+    }
+    bail!(
+        "no `blocklab` binary next to {} (build it: cargo build -p blocklab-experiments --bin blocklab)",
+        me.display()
+    )
+}
+
+impl WorkerProc {
+    pub fn spawn(spec: &WorkerSpec, proc_id: u16) -> anyhow::Result<WorkerProc> {
+        let n = &spec.node;
+        let mut cmd = Command::new(&spec.exe);
+        cmd.args(["alloc", "worker", "--dir"])
+            .arg(&n.dir)
+            .args(["--proc-id", &proc_id.to_string()])
+            .args(["--internal-port", &n.internal_port.to_string()])
+            .args(["--strategy", n.strategy.name()])
+            .args(["--block-size", &n.block_size.to_string()])
+            .args(["--seconds", &spec.seconds.to_string()])
+            .args(["--hold", &spec.hold.to_string()])
+            .args(["--unfilled-capacity", &n.unfilled_capacity.to_string()]);
+        for r in &n.devices {
+            cmd.arg("--device").arg(format_region(r));
+        }
+        if spec.with_io {
+            cmd.arg("--with-io");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawning {}", spec.exe.display()))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let ev = line.map_err(anyhow::Error::from).and_then(|l| {
+                    serde_json::from_str::<WorkerEvent>(&l)
+                        .with_context(|| format!("worker said {l:?}"))
+                });
+                if tx.send(ev).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(WorkerProc {
+            proc_id,
+            child,
+            stdin,
+            events: rx,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next event, within `timeout`.
+    pub fn event(&mut self, timeout: Duration) -> anyhow::Result<WorkerEvent> {
+        match self.events.recv_timeout(timeout) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("worker {} said nothing for {timeout:?}", self.proc_id)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let st = self.child.wait().ok();
+                bail!("worker {} exited ({st:?})", self.proc_id)
+            }
+        }
+    }
+
+    pub fn go(&mut self) -> anyhow::Result<()> {
+        let s = self.stdin.as_mut().context("worker stdin closed")?;
+        s.write_all(b"go\n")?;
+        s.flush()?;
+        Ok(())
+    }
+
+    /// Closes stdin and waits for a clean exit.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.stdin = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    bail!("worker {} exited with {st}", self.proc_id);
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("worker {} did not exit", self.proc_id);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port (bound to port 0 and released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

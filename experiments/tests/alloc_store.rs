@@ -1,0 +1,206 @@
+//! The store path end to end with real processes and sockets: an index server process,
+//! two storage nodes of two processes each (`blocklab alloc node`), the client library
+//! storing and fetching channels, a full cluster, a device coming online through the
+//! index server, and the audit of both nodes against the index's records.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use blocklab::alloc::audit::{audit, Record};
+use blocklab::alloc::index::{call, IndexRequest};
+use blocklab::alloc::node::Attached;
+use blocklab::alloc::store::{client_fetch, client_store};
+use blocklab::alloc::{AllocError, BlockRef, DeviceRegion};
+use blocklab::dev::provision::ProvisionGuard;
+use harness::cli::alloc::{format_region, free_port};
+
+const BLOCK: u64 = 64 << 10;
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blocklab"))
+}
+
+/// Kills the child on drop.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `blocklab ARGS` and returns it with its first stdout line.
+fn spawn(args: &[String]) -> (Guard, String) {
+    let mut c = Command::new(exe())
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = c.stdout.take().unwrap();
+    let g = Guard(c);
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    assert!(
+        !line.is_empty(),
+        "blocklab {args:?} exited before it was ready"
+    );
+    (g, line.trim().to_string())
+}
+
+fn region(p: &Path, blocks: u64) -> DeviceRegion {
+    DeviceRegion {
+        path: p.to_path_buf(),
+        offset: 1 << 20,
+        len: blocks * BLOCK,
+    }
+}
+
+fn node_args(
+    dir: &Path,
+    port: u16,
+    id: u16,
+    name: &str,
+    index: &str,
+    devs: &[DeviceRegion],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "alloc".into(),
+        "node".into(),
+        "--dir".into(),
+        dir.display().to_string(),
+        "--proc-id".into(),
+        id.to_string(),
+        "--internal-port".into(),
+        port.to_string(),
+        "--node-name".into(),
+        name.into(),
+        "--index".into(),
+        index.into(),
+        "--block-size".into(),
+        BLOCK.to_string(),
+    ];
+    for d in devs {
+        a.push("--device".into());
+        a.push(format_region(d));
+    }
+    a
+}
+
+#[test]
+fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: needs root for loop devices");
+        return;
+    }
+    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
+    let g = ProvisionGuard::new(sd.path(), "t-alloc-store", 3, 16 << 20).unwrap();
+    let paths = g.paths();
+    let (_ix, line) = spawn(&[
+        "index".into(),
+        "serve".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let index = line.strip_prefix("listening ").unwrap().to_string();
+
+    let dirs = [
+        tempfile::tempdir_in("/dev/shm").unwrap(),
+        tempfile::tempdir_in("/dev/shm").unwrap(),
+    ];
+    let mut procs = Vec::new();
+    for (n, name) in ["node-a", "node-b"].iter().enumerate() {
+        let port = free_port().unwrap();
+        let devs = [region(&paths[n], 6)];
+        for id in 1..=2u16 {
+            let (c, l) = spawn(&node_args(dirs[n].path(), port, id, name, &index, &devs));
+            assert!(l.starts_with("ready "), "{l}");
+            procs.push(c);
+        }
+    }
+
+    // Bad input: a channel never stored, a request larger than a block.
+    let e = client_fetch(&index, 424242).unwrap_err();
+    assert!(matches!(e, AllocError::NotFound { channel: 424242 }), "{e}");
+    let e = client_store(&index, 1, &vec![7u8; BLOCK as usize + 1]).unwrap_err();
+    assert!(e.to_string().contains("larger than a block"), "{e}");
+
+    // Store pieces of 1..=5 units until the cluster is full.
+    let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut full = None;
+    for ch in 0..200u64 {
+        let len = 1000 + (ch as usize % 5) * 4096;
+        let data: Vec<u8> = (0..len).map(|i| (ch as usize * 31 + i) as u8).collect();
+        match client_store(&index, ch, &data) {
+            Ok(loc) => {
+                assert_eq!(loc.len, len as u64);
+                stored.push((ch, data));
+            }
+            Err(e) => {
+                full = Some(e);
+                break;
+            }
+        }
+    }
+    let e = full.expect("12 blocks of 64 KiB must fill up");
+    assert!(matches!(e, AllocError::ClusterFull { .. }), "{e}");
+    assert!(e.to_string().contains("cluster is full"));
+    assert!(stored.len() > 20, "only {} stored", stored.len());
+    // Every acknowledged piece reads back.
+    for (ch, data) in &stored {
+        let got = client_fetch(&index, *ch).unwrap();
+        assert_eq!(got, vec![data.clone()], "channel {ch}");
+    }
+    // Both nodes took data (the index moved on when one was full).
+    let recs = call(&index, &IndexRequest::Records).unwrap().records;
+    for name in ["node-a", "node-b"] {
+        assert!(
+            recs.iter().any(|(_, l)| l.node == name),
+            "{name} stored nothing"
+        );
+    }
+
+    // A new device on node-a, announced through the index server: room again.
+    let st = Command::new(exe())
+        .args([
+            "index",
+            "device-online",
+            "--index",
+            &index,
+            "--node",
+            "node-a",
+            "--device",
+        ])
+        .arg(format_region(&region(&paths[2], 4)))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // A whole block: no unfilled block has that much room, only the new device does.
+    let big: Vec<u8> = (0..BLOCK as usize).map(|i| (i / 7) as u8).collect();
+    let loc = client_store(&index, 999, &big).unwrap();
+    assert_eq!(loc.node, "node-a");
+    assert_eq!(loc.device, paths[2]);
+    assert_eq!(client_fetch(&index, 999).unwrap(), vec![big]);
+
+    // The audit of each node against the index's records: nothing leaked or doubled.
+    let recs = call(&index, &IndexRequest::Records).unwrap().records;
+    for (n, name) in ["node-a", "node-b"].iter().enumerate() {
+        let at = Attached::open(dirs[n].path()).unwrap();
+        let mine: Vec<Record> = recs
+            .iter()
+            .filter(|(_, l)| l.node == *name)
+            .map(|(_, l)| Record {
+                block: BlockRef {
+                    dev: l.dev,
+                    block: l.block,
+                },
+                offset: l.offset_in_block,
+                len: l.len,
+            })
+            .collect();
+        let rep = audit(&at, &mine).unwrap();
+        assert_eq!(rep.leaked_blocks, 0, "{name}: {rep:?}");
+        assert_eq!(rep.double_allocated, 0, "{name}: {rep:?}");
+    }
+    drop(procs);
+}
