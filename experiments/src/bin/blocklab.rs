@@ -23,11 +23,5 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Devices(c) => cli::devices::run(c),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("blocklab: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    harness::exit_on_error("blocklab", result)
 }
