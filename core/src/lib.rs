@@ -7,3 +7,4 @@
 
 pub mod alloc;
 pub mod dev;
+pub mod format;

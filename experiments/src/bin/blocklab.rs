@@ -31,11 +31,5 @@ fn main() -> std::process::ExitCode {
         Command::Alloc(c) => cli::alloc::run(c),
         Command::Index(c) => cli::alloc::run_index(c),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("blocklab: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    harness::exit_on_error("blocklab", result)
 }
