@@ -224,3 +224,40 @@ fn full_device_and_offline_device_give_clear_errors() {
     let e: AllocError = "nope".parse::<Strategy>().unwrap_err();
     assert!(e.to_string().contains("unknown strategy"));
 }
+
+#[test]
+fn blocks_go_into_the_data_region_of_a_formatted_device_else_after_the_first_mib() {
+    use blocklab::alloc::region::{region_of, RegionSource, RAW_OFFSET};
+    use blocklab::dev::{Device, IoEngine, UringEngine};
+    use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION};
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = dir.path().join("dev.img");
+    let size = 64u64 << 20;
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    let dev = Device::open(&p).unwrap();
+    let mut eng = UringEngine::with_queue_depth(1).unwrap();
+    let (r, src) = region_of(&mut eng, &dev, 65536).unwrap();
+    assert_eq!(src, RegionSource::Raw);
+    assert_eq!(r.offset, RAW_OFFSET);
+    assert_eq!(r.len, size - RAW_OFFSET);
+    // A formatted device (ready label at offset 0): its data region.
+    let layout = Layout::compute(size, LayoutParams::default()).unwrap();
+    let label = Label {
+        version: FORMAT_VERSION,
+        flags: 0,
+        cluster_fsid: uuid::Uuid::from_u128(1),
+        daemon_id: 3,
+        daemon_uuid: uuid::Uuid::from_u128(2),
+        birth_time_unix_ns: 0,
+        layout: layout.clone(),
+    }
+    .with_ready(true);
+    let buf = blocklab::dev::AlignedBuf::from_slice(&label.encode());
+    eng.write_at(&dev, 0, &buf).unwrap();
+    let (r, src) = region_of(&mut eng, &dev, 65536).unwrap();
+    assert_eq!(src, RegionSource::Formatted { daemon_id: 3 });
+    assert!(r.offset >= layout.data_offset);
+    assert!(r.offset + r.len <= layout.data_offset + layout.data_len);
+    assert_eq!(r.len % 65536, 0);
+    assert!(r.len > 0);
+}

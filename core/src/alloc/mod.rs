@@ -27,6 +27,7 @@ pub mod index;
 
 pub mod node;
 pub mod recovery;
+pub mod region;
 pub mod segs;
 pub mod shm;
 pub mod shm_lock;

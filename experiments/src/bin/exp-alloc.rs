@@ -23,7 +23,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use blocklab::alloc::audit::{audit, Record};
 use blocklab::alloc::node::Attached;
+use blocklab::alloc::region::{region_of, RegionSource};
 use blocklab::alloc::{DeviceRegion, Strategy};
+use blocklab::dev::UringEngine;
 use clap::Parser;
 use harness::cli::alloc::{blocklab_exe, free_port, NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
 use harness::progress::Progress;
@@ -71,19 +73,15 @@ struct Row {
     double_allocated: u64,
 }
 
-/// Where the blocks go on each device: after the first MiB (which the device probe
-/// inspects), to the end of the device.
-fn regions(set: &DeviceSet, block_size: u64) -> Vec<DeviceRegion> {
-    set.paths()
-        .iter()
-        .map(|p| {
-            let offset = 1 << 20;
-            let len = (set.size() - offset) / block_size * block_size;
-            DeviceRegion {
-                path: p.clone(),
-                offset,
-                len,
-            }
+/// Where the blocks go on each device: the data region of a formatted daemon device,
+/// else after the first MiB (which the device probe inspects) to the end.
+fn regions(set: &DeviceSet, block_size: u64) -> anyhow::Result<Vec<(DeviceRegion, RegionSource)>> {
+    let mut eng = UringEngine::with_queue_depth(1)?;
+    (0..set.len())
+        .map(|i| {
+            let dev = set.open(i)?;
+            region_of(&mut eng, &dev, block_size)
+                .with_context(|| format!("block region of {}", dev.path().display()))
         })
         .collect()
 }
@@ -252,7 +250,9 @@ fn main() -> anyhow::Result<()> {
     let seconds = args.seconds.unwrap_or(c.pick(0.4, 3.0));
     let exe = blocklab_exe()?;
     let set = DeviceSet::setup(c, 2, 64 << 20, 256 << 20)?;
-    let devices = regions(&set, args.block_size);
+    let with_src = regions(&set, args.block_size)?;
+    let devices: Vec<DeviceRegion> = with_src.iter().map(|r| r.0.clone()).collect();
+    let sources: Vec<String> = with_src.iter().map(|r| format!("{:?}", r.1)).collect();
     let mut meta = RunMeta::start("exp-alloc", c.profile);
     meta.devices = set.describe();
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-alloc.csv", c.overwrite)?;
@@ -319,6 +319,7 @@ fn main() -> anyhow::Result<()> {
         "seconds_per_config": seconds,
         "block_size": args.block_size,
         "regions": devices,
+        "region_sources": sources,
         "crash_restarts": recovered,
         "note": "ops_per_s is the sum of the processes' own rates; alloc latency is the time of one alloc() call, measured with Instant around it",
     });
