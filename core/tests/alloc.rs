@@ -139,6 +139,14 @@ fn recovery_returns_a_dead_process_in_flight_block_and_a_popped_one() {
     };
     let p = NodeProcess::start(cfg.clone()).unwrap();
     assert!(p.is_leader());
+    // The node uses the asymmetric fence exactly when the kernel has the global membarrier
+    // (recovery below then exercises it).
+    use rustix::thread::{membarrier_query, MembarrierCommand};
+    assert_eq!(
+        p.at.asym,
+        membarrier_query().contains_command(MembarrierCommand::Global)
+    );
+    eprintln!("asymmetric fence: {}", p.at.asym);
     let mut a = p.allocator().unwrap();
     let kept = a.alloc(0).unwrap();
     a.commit(kept, 4096).unwrap();

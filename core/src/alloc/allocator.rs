@@ -33,12 +33,27 @@ pub trait BlockAllocator: Send {
 }
 
 /// Sets the busy flag, waiting while the node is paused.
+///
+/// With the asymmetric fence (the node's default when the kernel has
+/// `MEMBARRIER_CMD_GLOBAL`) the store and the load are plain, separated by a compiler
+/// fence only: recovery stores the pause flag and then runs a global membarrier, which
+/// puts a full barrier on every CPU, so either this process's busy store is visible to
+/// recovery or this load sees the pause. Otherwise both are SeqCst.
 #[inline]
-pub(crate) fn enter(node: &NodeSeg, me: &ProcSeg) {
+pub(crate) fn enter(node: &NodeSeg, asym: bool, me: &ProcSeg) {
     loop {
-        me.busy().store(1, Ordering::SeqCst);
-        if node.paused().load(Ordering::SeqCst) == 0 {
-            return;
+        if asym {
+            me.busy().store(1, Ordering::Relaxed);
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+            if node.paused().load(Ordering::Relaxed) == 0 {
+                std::sync::atomic::compiler_fence(Ordering::SeqCst);
+                return;
+            }
+        } else {
+            me.busy().store(1, Ordering::SeqCst);
+            if node.paused().load(Ordering::SeqCst) == 0 {
+                return;
+            }
         }
         me.busy().store(0, Ordering::SeqCst);
         while node.paused().load(Ordering::Acquire) != 0 {
@@ -69,7 +84,7 @@ pub(crate) fn alloc_for(
     dev: u16,
 ) -> Result<BlockRef, AllocError> {
     let d = online(at, dev)?;
-    enter(&at.node, busy);
+    enter(&at.node, at.asym, busy);
     let r = (|| {
         if !d.is_online() {
             return Err(AllocError::DeviceOffline { dev });
@@ -101,7 +116,7 @@ pub(crate) fn free_with(at: &Attached, busy: &ProcSeg, b: BlockRef) -> Result<()
             block: b.block,
         });
     }
-    enter(&at.node, busy);
+    enter(&at.node, at.asym, busy);
     let r = (|| {
         let cur = d.state(b.block).load(Ordering::Acquire);
         if BlockState::decode(cur) == BlockState::Free
@@ -135,7 +150,7 @@ pub(crate) fn commit_for(
             d.block_size()
         )));
     }
-    enter(&at.node, me);
+    enter(&at.node, at.asym, me);
     let r = (|| {
         if !d.is_online() {
             return Err(AllocError::DeviceOffline { dev: b.dev });

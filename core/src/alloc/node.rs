@@ -58,6 +58,8 @@ pub struct NodeConfig {
 pub struct Attached {
     pub dir: PathBuf,
     pub node: NodeSeg,
+    /// The node's fence protocol is asymmetric (read once at attach).
+    pub asym: bool,
     pub unfilled: UnfilledSeg,
     devices: Vec<OnceLock<DeviceSeg>>,
     epoch_seen: AtomicU64,
@@ -91,9 +93,11 @@ fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Al
 impl Attached {
     /// Attaches the node's segments in `dir` (refusing wrong magic/version).
     pub fn open(dir: &Path) -> Result<Attached, AllocError> {
+        let node = NodeSeg::attach(&node_path(dir))?;
         let at = Attached {
             dir: dir.to_path_buf(),
-            node: NodeSeg::attach(&node_path(dir))?,
+            asym: node.asymmetric_fence(),
+            node,
             unfilled: UnfilledSeg::attach(&unfilled_path(dir))?,
             devices: (0..MAX_DEVICES).map(|_| OnceLock::new()).collect(),
             epoch_seen: AtomicU64::new(u64::MAX),

@@ -45,6 +45,15 @@ pub fn quiesce(at: &Attached) -> Result<Quiesced<'_>, AllocError> {
     let table = at.unfilled.lock()?;
     at.node.paused().store(1, Ordering::SeqCst);
     let q = Quiesced { at, _table: table };
+    if at.asym {
+        // The slow half of the asymmetric fence (see `allocator::enter`).
+        rustix::thread::membarrier(rustix::thread::MembarrierCommand::Global).map_err(|e| {
+            AllocError::Lock {
+                op: "membarrier(MEMBARRIER_CMD_GLOBAL)",
+                source: e.into(),
+            }
+        })?;
+    }
     let deadline = Instant::now() + QUIESCE_TIMEOUT;
     for (path, rec) in at.proc_records()? {
         loop {

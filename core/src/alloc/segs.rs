@@ -124,6 +124,13 @@ const N_DEV_EPOCH: usize = 144;
 const N_NEXT_DEV: usize = 152;
 const N_STRATEGY: usize = 160;
 const N_BLOCK_SIZE: usize = 168;
+const N_FENCE: usize = 176;
+
+/// Fence protocol of `enter`: the fast side pays only a compiler fence and recovery pays
+/// a system-wide `membarrier(MEMBARRIER_CMD_GLOBAL)` (the asymmetric Dekker pattern).
+pub const FENCE_ASYMMETRIC: u64 = 1;
+/// Both sides use SeqCst atomics (when the kernel lacks the global membarrier).
+pub const FENCE_SYMMETRIC: u64 = 2;
 
 /// The node segment.
 #[derive(Debug)]
@@ -133,10 +140,17 @@ pub struct NodeSeg {
 
 impl NodeSeg {
     pub fn create(path: &Path, strategy: Strategy, block_size: u64) -> Result<NodeSeg, AllocError> {
+        use rustix::thread::{membarrier_query, MembarrierCommand};
+        let fence = if membarrier_query().contains_command(MembarrierCommand::Global) {
+            FENCE_ASYMMETRIC
+        } else {
+            FENCE_SYMMETRIC
+        };
         let seg = Segment::create(path, NODE_MAGIC, 4096, |s| {
             s.u64_at(N_STRATEGY)
                 .store(strategy.code(), Ordering::Relaxed);
             s.u64_at(N_BLOCK_SIZE).store(block_size, Ordering::Relaxed);
+            s.u64_at(N_FENCE).store(fence, Ordering::Relaxed);
             Ok(())
         })?;
         Ok(NodeSeg { seg })
@@ -167,6 +181,10 @@ impl NodeSeg {
     }
     pub fn block_size(&self) -> u64 {
         self.seg.u64_at(N_BLOCK_SIZE).load(Ordering::Relaxed)
+    }
+    /// True when `enter` may use the asymmetric fence (see [`FENCE_ASYMMETRIC`]).
+    pub fn asymmetric_fence(&self) -> bool {
+        self.seg.u64_at(N_FENCE).load(Ordering::Relaxed) == FENCE_ASYMMETRIC
     }
 }
 
