@@ -45,7 +45,7 @@ struct Args {
     /// Process counts (real OS processes of one node).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     processes: Vec<u16>,
-    /// Seconds each configuration runs (default: quick 0.4, full 3).
+    /// Seconds each configuration runs (default: quick 0.8, full 3).
     #[arg(long)]
     seconds: Option<f64>,
     /// Block size (multiple of 4 KiB).
@@ -275,7 +275,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let c = &args.common;
     let reps = c.repetitions_or(2, 5);
-    let seconds = args.seconds.unwrap_or(c.pick(0.4, 3.0));
+    let seconds = args.seconds.unwrap_or(c.pick(0.8, 3.0));
     let exe = blocklab_exe()?;
     let set = DeviceSet::setup(c, 2, 64 << 20, 256 << 20)?;
     let with_src = regions(&set, args.block_size)?;
