@@ -192,6 +192,14 @@ fn recovery_returns_a_dead_process_in_flight_block_and_a_popped_one() {
         got[0].1.rebuilt_free, 1,
         "block {popped} put back by the rebuild"
     );
+    assert_eq!(rec.recovered().load(Ordering::SeqCst), 1);
+    assert_eq!(
+        BlockRef::unpack(rec.last_recovered().load(Ordering::SeqCst)),
+        Some(BlockRef {
+            dev: 1,
+            block: inflight
+        })
+    );
     let after = audit(&p.at, &records).unwrap();
     assert_eq!(after.leaked_blocks, 0, "{after:?}");
     assert_eq!(after.double_allocated, 0, "{after:?}");

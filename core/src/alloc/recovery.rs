@@ -131,6 +131,13 @@ pub fn recover_process(at: &Attached, dead: &ProcSeg) -> Result<Recovered, Alloc
         let freed_here = out.freed.iter().filter(|r| r.dev == d.index()).count() as u64;
         out.rebuilt_free += after.saturating_sub(before + freed_here);
     }
+    let n = (out.freed.len() + out.returned_unfilled.len()) as u64;
+    if n > 0 {
+        dead.recovered().fetch_add(n, Ordering::AcqRel);
+        if let Some(b) = out.freed.iter().chain(&out.returned_unfilled).last() {
+            dead.last_recovered().store(b.pack(), Ordering::Release);
+        }
+    }
     dead.current().store(0, Ordering::Release);
     dead.busy().store(0, Ordering::Release);
     drop(q);

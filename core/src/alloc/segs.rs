@@ -496,6 +496,8 @@ const P_PID: usize = 24;
 const P_INCARNATION: usize = 32;
 const P_BUSY: usize = 64;
 const P_CURRENT: usize = 128;
+const P_RECOVERED: usize = 192;
+const P_LAST_RECOVERED: usize = 200;
 
 /// A process's segment: the block it is writing, and its busy flag.
 #[derive(Debug)]
@@ -531,6 +533,14 @@ impl ProcSeg {
     /// Packed [`BlockRef`] of the block being written, 0 if none.
     pub fn current(&self) -> &AtomicU64 {
         self.seg.u64_at(P_CURRENT)
+    }
+    /// How many in-flight blocks recovery returned for this process, over its life.
+    pub fn recovered(&self) -> &AtomicU64 {
+        self.seg.u64_at(P_RECOVERED)
+    }
+    /// Packed [`BlockRef`] of the last block recovery returned for it (0 if none).
+    pub fn last_recovered(&self) -> &AtomicU64 {
+        self.seg.u64_at(P_LAST_RECOVERED)
     }
 }
 

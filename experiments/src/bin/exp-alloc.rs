@@ -22,8 +22,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use blocklab::alloc::audit::{audit, Record};
-use blocklab::alloc::node::Attached;
+use blocklab::alloc::node::{proc_path, Attached};
 use blocklab::alloc::region::{region_of, RegionSource};
+use blocklab::alloc::segs::ProcSeg;
+use blocklab::alloc::BlockRef;
 use blocklab::alloc::{DeviceRegion, Strategy};
 use blocklab::dev::UringEngine;
 use clap::Parser;
@@ -95,7 +97,10 @@ enum Crash {
 
 struct Outcome {
     row: Row,
+    /// In-flight blocks recovery returned for the killed process (crash runs).
     recovered_at_restart: Option<usize>,
+    /// The last of them, with its state after the run.
+    returned_block: Option<String>,
 }
 
 struct NodeDir(PathBuf);
@@ -165,14 +170,17 @@ fn run_config(
         Crash::Follower => workers.iter().position(|w| w.proc_id != leader),
         Crash::Leader => workers.iter().position(|w| w.proc_id == leader),
     };
+    let mut victim_id = None;
+    let mut returned_block = None;
     if let Some(v) = victim {
         std::thread::sleep(Duration::from_secs_f64(seconds * 0.4));
         let w = workers.remove(v);
         let id = w.proc_id;
+        victim_id = Some(id);
         w.kill()?;
         let mut again = WorkerProc::spawn(&spec, id)?;
         match again.event(wait)? {
-            WorkerEvent::Ready { recovered, .. } => recovered_at_restart = Some(recovered),
+            WorkerEvent::Ready { .. } => {}
             e => bail!("unexpected {e:?}"),
         }
         again.go()?;
@@ -208,6 +216,15 @@ fn run_config(
     }
     // Audit while every worker is up and idle (quiescent).
     let at = Attached::open(dir).context("attaching the node for the audit")?;
+    if let Some(v) = victim_id {
+        let rec = ProcSeg::attach(&proc_path(dir, v))?;
+        recovered_at_restart =
+            Some(rec.recovered().load(std::sync::atomic::Ordering::Acquire) as usize);
+        returned_block = BlockRef::unpack(
+            rec.last_recovered()
+                .load(std::sync::atomic::Ordering::Acquire),
+        );
+    }
     let rep = audit(&at, &records)?;
     if !rep.problems.is_empty() {
         eprintln!("audit of {strategy} x{procs}: {:?}", rep.problems);
@@ -238,6 +255,15 @@ fn run_config(
                 double_allocated: rep.double_allocated,
             },
             recovered_at_restart,
+            returned_block: returned_block.map(|b| {
+                let state = at
+                    .device(b.dev)
+                    .map(|d| format!("{:?}", d.load_state(b.block)));
+                format!(
+                    "{b} (after the run: {})",
+                    state.unwrap_or_else(|e| e.to_string())
+                )
+            }),
         },
         records,
     ))
@@ -339,7 +365,8 @@ fn main() -> anyhow::Result<()> {
             recovered.push(serde_json::json!({
                 "repetition": rep,
                 "victim": format!("{crash:?}").to_lowercase(),
-                "blocks_returned_at_restart": out.recovered_at_restart,
+                "in_flight_blocks_returned": out.recovered_at_restart,
+                "returned_block": out.returned_block,
             }));
             csv.write(&out.row)?;
         }
