@@ -8,4 +8,5 @@
 pub mod daemon;
 pub mod dev;
 pub mod format;
+pub mod init;
 pub mod monitor;

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::error::{MonitorError, Result};
 use super::map::ClusterMap;
-use super::proto::{Outcome, Request, Response};
+use super::proto::{Outcome, Request, Response, Slot};
 use super::wire;
 
 /// How long [`MonitorClient::connect`] keeps retrying by default.
@@ -123,11 +123,22 @@ impl MonitorClient {
 
     /// Allocates one id per device of `node` in one request (the smallest free ids).
     pub fn alloc(&mut self, node: &str, devices: &[String]) -> Result<Vec<u32>> {
+        let slots: Vec<Slot> = devices
+            .iter()
+            .map(|d| Slot {
+                node: node.into(),
+                device: d.clone(),
+            })
+            .collect();
+        self.alloc_batch(&slots)
+    }
+
+    /// Allocates one id per slot, of any nodes, in one request.
+    pub fn alloc_batch(&mut self, slots: &[Slot]) -> Result<Vec<u32>> {
         match self.call(&Request::Alloc {
-            node: node.into(),
-            devices: devices.to_vec(),
+            slots: slots.to_vec(),
         })? {
-            Response::Ids { ids, .. } if ids.len() == devices.len() => Ok(ids),
+            Response::Ids { ids, .. } if ids.len() == slots.len() => Ok(ids),
             r => Err(Self::unexpected(r)),
         }
     }

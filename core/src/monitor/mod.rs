@@ -20,6 +20,6 @@ pub use client::{MonitorClient, DEFAULT_CONNECT_RETRY};
 pub use error::MonitorError;
 pub use journal::{FileJournal, MapStore};
 pub use map::{Change, ClusterMap, DaemonEntry, DaemonState};
-pub use proto::{Outcome, Request, Response};
+pub use proto::{Outcome, Request, Response, Slot};
 pub use server::Monitor;
 pub use state::{MonitorState, ProposeConfig};

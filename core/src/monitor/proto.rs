@@ -13,15 +13,22 @@ pub enum Request {
     Ping,
     /// Answered at once with the committed map.
     GetMap,
-    /// Allocates one id per device (the smallest free ones) in one request; answered after
-    /// the proposal holding them is committed.
-    Alloc { node: String, devices: Vec<String> },
+    /// Allocates one id per slot (the smallest free ones) in one request, for any number
+    /// of nodes; answered after the proposal holding them is committed.
+    Alloc { slots: Vec<Slot> },
     /// Records the daemon's uuid and key after mkfs: `new → formatted`.
     Register { id: u32, uuid: Uuid, key: String },
     /// The daemon's init report: `formatted → up`, or `failed` with a reason.
     Report { id: u32, outcome: Outcome },
     /// Removes a daemon from the map (its id becomes free again).
     Remove { id: u32 },
+}
+
+/// A device of a node that needs a daemon id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Slot {
+    pub node: String,
+    pub device: String,
 }
 
 /// What a daemon's initialisation came to.

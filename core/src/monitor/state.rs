@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use super::error::MonitorError;
 use super::map::{Change, ClusterMap};
+#[cfg(test)]
+use super::proto::Slot;
 use super::proto::{Outcome, Request, Response};
 
 /// Proposal timing.
@@ -105,28 +107,29 @@ impl<W> MonitorState<W> {
                     map: self.committed.clone(),
                 }))
             }
-            Request::Alloc { node, devices } => {
-                if devices.is_empty() {
+            Request::Alloc { slots } => {
+                if slots.is_empty() {
                     return Err(MonitorError::BadRequest(
                         "alloc needs at least one device".into(),
                     ));
                 }
                 let mut seen = std::collections::HashSet::new();
-                for d in &devices {
-                    if !seen.insert(d) {
+                for s in &slots {
+                    if !seen.insert(s) {
                         return Err(MonitorError::BadRequest(format!(
-                            "device {d} listed twice in one alloc request"
+                            "device {} of node {} listed twice in one alloc request",
+                            s.device, s.node
                         )));
                     }
                 }
-                let ids = self.working.smallest_free(devices.len());
+                let ids = self.working.smallest_free(slots.len());
                 let changes: Vec<Change> = ids
                     .iter()
-                    .zip(devices)
-                    .map(|(&id, device)| Change::Alloc {
+                    .zip(slots)
+                    .map(|(&id, s)| Change::Alloc {
                         id,
-                        node: node.clone(),
-                        device,
+                        node: s.node,
+                        device: s.device,
                     })
                     .collect();
                 (changes, Reply::Ids(ids))
@@ -220,8 +223,13 @@ mod tests {
 
     fn alloc(node: &str, devs: &[&str]) -> Request {
         Request::Alloc {
-            node: node.into(),
-            devices: devs.iter().map(|s| s.to_string()).collect(),
+            slots: devs
+                .iter()
+                .map(|d| Slot {
+                    node: node.into(),
+                    device: d.to_string(),
+                })
+                .collect(),
         }
     }
 
