@@ -16,12 +16,29 @@ enum Command {
     /// Provision, list and tear down loop devices backed by sparse files.
     #[command(subcommand)]
     Devices(cli::devices::DevicesCmd),
+    /// Format a device for a daemon (refuses foreign data unless --force; idempotent).
+    Mkfs(cli::init::MkfsArgs),
+    /// Print a device's blocklab label and whether it mounts.
+    Inspect(cli::init::InspectArgs),
+    /// Run or query the monitor.
+    #[command(subcommand)]
+    Monitor(cli::init::MonitorCmd),
+    /// Run a node agent, or initialise a node's daemons directly.
+    #[command(subcommand)]
+    Node(cli::init::NodeCmd),
+    /// Initialise the daemons of a set of node agents with a strategy.
+    Init(cli::init::InitArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devices(c) => cli::devices::run(c),
+        Command::Mkfs(a) => cli::init::mkfs(a),
+        Command::Inspect(a) => cli::init::inspect(a),
+        Command::Monitor(c) => cli::init::monitor(c),
+        Command::Node(c) => cli::init::node(c),
+        Command::Init(a) => cli::init::orchestrate(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
