@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::monitor::{MonitorClient, Slot};
 
-use super::agent::{DaemonOutcome, NodeAgent, NodeInfo, NodeInitRequest, NodeReport};
+use super::agent::{
+    unix_ns, DaemonOutcome, NodeAgent, NodeInfo, NodeInitRequest, NodeReport, StepTime,
+};
 use super::error::{InitError, Result};
 use super::Strategy;
 
@@ -104,7 +106,10 @@ pub fn run(
     let start = Instant::now();
 
     let mut ids: Vec<Option<Vec<u32>>> = vec![None; nodes.len()];
+    // The batch allocation counts as every daemon's `alloc` step.
+    let mut batch_alloc: Option<(u64, Duration)> = None;
     if strategy == Strategy::Parallel {
+        let (t, t_ns) = (Instant::now(), unix_ns());
         let slots: Vec<Slot> = infos
             .iter()
             .flat_map(|i| {
@@ -115,6 +120,7 @@ pub fn run(
             })
             .collect();
         let all = mon.alloc_batch(&slots)?;
+        batch_alloc = Some((t_ns, t.elapsed()));
         let mut it = all.into_iter();
         for (k, i) in infos.iter().enumerate() {
             ids[k] = Some(it.by_ref().take(i.devices.len()).collect());
@@ -150,6 +156,18 @@ pub fn run(
     let mut daemons = Vec::new();
     for r in reports {
         daemons.extend(r?.daemons);
+    }
+    if let Some((start_ns, d)) = batch_alloc {
+        for o in &mut daemons {
+            o.start_unix_ns = start_ns;
+            o.steps.insert(
+                0,
+                StepTime {
+                    step: "alloc".into(),
+                    ns: d.as_nanos() as u64,
+                },
+            );
+        }
     }
     let epoch1 = mon.ping()?;
     Ok(InitRun {
