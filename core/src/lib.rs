@@ -5,4 +5,5 @@
 //! io_uring engine, and loop-device provisioning. The mechanisms build on it, one module
 //! each (see `DESIGN.md` and the README).
 
+pub mod coord;
 pub mod dev;
