@@ -5,6 +5,7 @@
 //! io_uring engine, and loop-device provisioning. The mechanisms build on it, one module
 //! each (see `DESIGN.md` and the README).
 
+pub mod coord;
 pub mod daemon;
 pub mod dev;
 pub mod format;
