@@ -131,3 +131,77 @@ fn unreachable_monitor_fails_after_a_bounded_retry() {
     assert!(matches!(e, MonitorError::Unreachable { attempts, .. } if attempts >= 2));
     assert!(e.to_string().contains("unreachable"), "{e}");
 }
+
+/// The monitor on the coordination backend: allocate, restart, same map; a second
+/// writer of the same map is detected.
+fn restart_on_coord(spec: &blocklab::coord::CoordSpec, shared: bool) {
+    use blocklab::coord::{connect, ConnectOptions};
+    use blocklab::monitor::CoordStore;
+    let path = format!("/blocklab-test/{}/map", Uuid::new_v4().simple());
+    let open = || {
+        let c = connect(spec, &ConnectOptions::default()).unwrap();
+        Box::new(CoordStore::new(c, &path))
+    };
+    let start = |store| {
+        Monitor::start(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            store,
+            ProposeConfig::with_interval(Duration::from_millis(10)),
+            None,
+        )
+        .unwrap()
+    };
+    let m = start(open());
+    let mut c = client(&m);
+    let ids = c
+        .alloc("n", &["/dev/a".to_string(), "/dev/b".to_string()])
+        .unwrap();
+    c.register(ids[0], Uuid::new_v4(), "k").unwrap();
+    c.report(ids[0], Outcome::Up).unwrap();
+    let before = c.map().unwrap();
+    drop(c);
+    m.stop();
+    let m = start(open());
+    let mut c = client(&m);
+    assert_eq!(c.map().unwrap(), before);
+    assert_eq!(before.daemons[&0].state, DaemonState::Up);
+    if !shared {
+        // The embedded store belongs to one session at a time: a second monitor cannot
+        // even open it while the first runs.
+        let Err(e) = blocklab::coord::connect(spec, &ConnectOptions::default()) else {
+            panic!("a second session opened the embedded store");
+        };
+        assert!(e.to_string().contains("in use"), "{e}");
+        return;
+    }
+    // Someone else rewrites the map behind the monitor's back: its next commit fails
+    // (version check) and the monitor stops instead of overwriting.
+    {
+        use blocklab::monitor::MapStore;
+        let mut other = CoordStore::new(
+            blocklab::coord::connect(spec, &ConnectOptions::default()).unwrap(),
+            &path,
+        );
+        other.load().unwrap();
+        other.commit(before.epoch + 1, &[]).unwrap();
+    }
+    let e = c.alloc("n", &["/dev/c".to_string()]).unwrap_err();
+    assert!(e.to_string().contains("commit failed"), "{e}");
+    let e = c.ping().unwrap_err();
+    assert!(e.to_string().contains("stopped"), "{e}");
+}
+
+#[test]
+fn restart_keeps_the_map_on_the_embedded_coord_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    // Embedded stores are owned by one process at a time; both sessions here live in
+    // this process, one after the other for the restart.
+    let spec = blocklab::coord::CoordSpec::Embedded(dir.path().join("coord.store"));
+    restart_on_coord(&spec, false);
+}
+
+#[test]
+fn restart_keeps_the_map_on_zookeeper() {
+    let zk = blocklab::coord::zk_server::ZkServer::start().unwrap();
+    restart_on_coord(&zk.spec("/"), true);
+}

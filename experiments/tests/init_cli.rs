@@ -245,3 +245,65 @@ fn mkfs_killed_after_each_phase_then_completes() {
     let o = mkfs(last, &fsid, "9", &["--force"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn monitor_on_the_embedded_coord_store_and_node_init() {
+    // Regular files as devices: no root needed.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let devs: Vec<String> = (0..2)
+        .map(|i| {
+            let p = dir.path().join(format!("d{i}.img"));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(32 << 20)
+                .unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    let store = format!("embedded:{}", dir.path().join("coord.store").display());
+    let (mon, addr) = serve(&[
+        "monitor",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+        "--propose-interval-ms",
+        "20",
+    ]);
+    let o = run(&[
+        "node",
+        "init",
+        "--name",
+        "solo",
+        "--monitor",
+        &addr,
+        "--device",
+        &devs[0],
+        "--device",
+        &devs[1],
+        "--parallel",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let map = map_json(&addr);
+    assert_eq!(map["daemons"].as_array().unwrap().len(), 2);
+    assert!(map["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["state"] == "up" && d["node"] == "solo"));
+    drop(mon);
+    let (_mon, addr) = serve(&[
+        "monitor",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+    ]);
+    assert_eq!(map_json(&addr), map);
+    // Neither --journal nor --store: a clear error.
+    let o = run(&["monitor", "serve", "--listen", "127.0.0.1:0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--journal"), "{}", text(&o));
+}

@@ -43,6 +43,8 @@ pub enum MonitorError {
         line: usize,
         reason: String,
     },
+    #[error("map store: {0}")]
+    Store(String),
     #[error("the monitor stopped after a failed commit: {0}")]
     Stopped(String),
 }

@@ -4,10 +4,12 @@
 //! proposal is journaled and fsynced before any client is answered, and gets a new epoch.
 //!
 //! * [`map`]: the map and its changes; [`state`]: the proposal logic without I/O or clocks;
-//! * [`journal`]: the [`journal::MapStore`] trait and the file journal;
+//! * [`journal`]: the [`journal::MapStore`] trait and the file journal; [`coord_store`]: the
+//!   map on a coordination backend (embedded file store or ZooKeeper);
 //! * [`server`]: the TCP server; [`client`]: the client library; [`proto`], [`wire`]: messages.
 
 pub mod client;
+pub mod coord_store;
 pub mod error;
 pub mod journal;
 pub mod map;
@@ -17,6 +19,7 @@ pub mod state;
 pub mod wire;
 
 pub use client::{MonitorClient, DEFAULT_CONNECT_RETRY};
+pub use coord_store::CoordStore;
 pub use error::MonitorError;
 pub use journal::{FileJournal, MapStore};
 pub use map::{Change, ClusterMap, DaemonEntry, DaemonState};

@@ -123,7 +123,9 @@ fn aggregate_bandwidth(paths: &[PathBuf], per_device: u64) -> anyhow::Result<f64
                     let dev = Device::open(p)?;
                     let n = (per_device.min(dev.size()) / BS as u64).max(1);
                     let mut buf = AlignedBuf::new(BS);
-                    buf.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8 | 1);
+                    buf.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, b)| *b = i as u8 | 1);
                     let mut eng = UringEngine::with_queue_depth(8)?;
                     let mut reqs: Vec<IoRequest<'_>> = (0..n)
                         .map(|i| IoRequest::write(&dev, i * BS as u64, &buf))
@@ -210,7 +212,10 @@ fn main() -> anyhow::Result<()> {
         let set = DeviceSet::setup(&args, max_devices, 64 << 20, size.max(64 << 20))?;
         described.push(set.describe());
         let size = set.size();
-        prog.note(&format!("{max_devices} devices of {size} bytes: {}", set.paths()[0].display()));
+        prog.note(&format!(
+            "{max_devices} devices of {size} bytes: {}",
+            set.paths()[0].display()
+        ));
         let mut configs = Vec::new();
         for &n in &nodes {
             for &d in &dpns {
@@ -236,7 +241,15 @@ fn main() -> anyhow::Result<()> {
                     "slowest_lone_mkfs_ms": ms(lone), "mkfs_bytes": per_mkfs,
                 }));
                 for &strategy in &strategies {
-                    let row = run_one(c, strategy, rep, paths, journal_dir.path(), io_bound, &mut phases)?;
+                    let row = run_one(
+                        c,
+                        strategy,
+                        rep,
+                        paths,
+                        journal_dir.path(),
+                        io_bound,
+                        &mut phases,
+                    )?;
                     prog.step(&format!(
                         "{strategy} {}x{} {} B {} ms: {:.1} ms (bound {:.1} ms)",
                         c.nodes, c.dpn, c.size, c.interval_ms, row.total_ms, row.bound_ms
@@ -286,7 +299,13 @@ fn run_one(
     )?;
     let addr = mon.addr().to_string();
     let agents: Vec<NodeAgent> = (0..c.nodes)
-        .map(|k| NodeAgent::new(&format!("node{k}"), &paths[k * c.dpn..(k + 1) * c.dpn], &addr))
+        .map(|k| {
+            NodeAgent::new(
+                &format!("node{k}"),
+                &paths[k * c.dpn..(k + 1) * c.dpn],
+                &addr,
+            )
+        })
         .collect::<Result<_, _>>()?;
     let nodes: Vec<&dyn Node> = agents.iter().map(|a| a as &dyn Node).collect();
     // force: the devices hold the previous run's cluster (the harness checked them).

@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use blocklab::coord::{self, ConnectOptions, CoordSpec};
 use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
 use blocklab::dev::{Device, UringEngine};
 use blocklab::init::{self, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
-use blocklab::monitor::{FileJournal, Monitor, MonitorClient, ProposeConfig};
+use blocklab::monitor::coord_store::DEFAULT_MAP_PATH;
+use blocklab::monitor::{CoordStore, FileJournal, MapStore, Monitor, MonitorClient, ProposeConfig};
 use clap::{Args, Subcommand};
 use uuid::Uuid;
 
@@ -52,8 +54,12 @@ pub enum MonitorCmd {
         #[arg(long, default_value = "127.0.0.1:6789")]
         listen: String,
         /// The journal file (created with a new cluster if missing).
+        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+        journal: Option<PathBuf>,
+        /// Keep the map on a coordination backend instead: embedded:PATH or
+        /// zk://host:port[,host:port...][/chroot] (node /blocklab/monitor/map).
         #[arg(long)]
-        journal: PathBuf,
+        store: Option<String>,
         /// Least time between two proposals, in milliseconds (Ceph's default: 1000).
         #[arg(long, default_value_t = 1000)]
         propose_interval_ms: u64,
@@ -220,17 +226,34 @@ pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
         MonitorCmd::Serve {
             listen,
             journal,
+            store,
             propose_interval_ms,
             fsid,
         } => {
+            let (backend, what): (Box<dyn MapStore>, String) = match (journal, store) {
+                (Some(j), _) => (
+                    Box::new(FileJournal::new(&j)),
+                    format!("journal {}", j.display()),
+                ),
+                (None, Some(s)) => {
+                    let spec = CoordSpec::parse(&s)?;
+                    let c = coord::connect(&spec, &ConnectOptions::default())
+                        .with_context(|| format!("connecting to {spec}"))?;
+                    (
+                        Box::new(CoordStore::new(c, DEFAULT_MAP_PATH)),
+                        format!("store {spec}"),
+                    )
+                }
+                (None, None) => bail!("give --journal or --store"),
+            };
             let l = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
             let m = Monitor::start(
                 l,
-                Box::new(FileJournal::new(&journal)),
+                backend,
                 ProposeConfig::with_interval(Duration::from_millis(propose_interval_ms)),
                 fsid,
             )
-            .with_context(|| format!("starting the monitor on journal {}", journal.display()))?;
+            .with_context(|| format!("starting the monitor on {what}"))?;
             let map = m.map();
             println!(
                 "monitor listening on {} cluster {} epoch {}",
