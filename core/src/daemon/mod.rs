@@ -3,8 +3,8 @@
 //! `mkfs` completes), `mount` (verifies every checksum and the layout) and `inspect`.
 //!
 //! mkfs phases, in order: `probe` (read the first MiB, refuse foreign data) → `label`
-//! (label without `ready`, at 0) → `superblock` → `log` (init record, rest of the log
-//! region zeroed) → `bitmap` → `flush` → `commit` (label copies with `ready`, flush, then
+//! (label without `ready`, at 0) → `superblock` → `log` (the init record in the log
+//! region's first block) → `bitmap` → `flush` → `commit` (label copies with `ready`, flush, then
 //! the primary label with `ready`, flush). The primary label's `ready` flag is the commit
 //! point.
 
