@@ -40,11 +40,5 @@ fn main() -> std::process::ExitCode {
         Command::Node(c) => cli::init::node(c),
         Command::Init(a) => cli::init::orchestrate(a),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("blocklab: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    harness::exit_on_error("blocklab", result)
 }
