@@ -28,7 +28,7 @@ use serde::Serialize;
 /// Deploy time of N daemons with four initialisation strategies, and its physical bound.
 ///
 /// Quick profile: 3 nodes × {1,4,8} daemons per node, 256 MiB devices, 50 ms propose
-/// interval, 3 repetitions (24 loop devices). Full profile: {1,2,4} nodes × {1,4,8,12}
+/// interval, 3 repetitions (24 loop devices). Full profile: {1,2,3,4} nodes × {1,4,8,12}
 /// daemons per node, 1 GiB and 16 GiB (sparse) devices, 50 ms and 1 s propose intervals,
 /// 3 repetitions (48 loop devices). Writes OUT/exp-init.csv (one row per configuration,
 /// strategy and repetition) and OUT/exp-init-phases.csv (one row per daemon and step).
@@ -43,8 +43,8 @@ struct Cli {
     /// Daemons (devices) per node to sweep (default: the profile's).
     #[arg(long, value_delimiter = ',')]
     daemons: Vec<usize>,
-    /// Device sizes to sweep, e.g. 256M,16G (default: the profile's; with --devices only
-    /// the given devices' size is used).
+    /// Device sizes to sweep, e.g. 256M,16G (default: --size, else the profile's; with
+    /// --devices only the given devices' size is used).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     device_sizes: Vec<u64>,
     /// Monitor propose intervals to sweep, in ms (default: the profile's).
@@ -160,7 +160,7 @@ fn main() -> anyhow::Result<()> {
     let a = &cli.common;
     let quick = a.profile == Profile::Quick;
     let nodes = if cli.nodes.is_empty() {
-        a.pick(vec![3], vec![1, 2, 4])
+        a.pick(vec![3], vec![1, 2, 3, 4])
     } else {
         cli.nodes.clone()
     };
@@ -169,7 +169,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         cli.daemons.clone()
     };
-    let sizes = if cli.device_sizes.is_empty() {
+    let sizes = if let (true, Some(s)) = (cli.device_sizes.is_empty(), a.size) {
+        vec![s]
+    } else if cli.device_sizes.is_empty() {
         a.pick(vec![256 << 20], vec![1 << 30, 16 << 30])
     } else {
         cli.device_sizes.clone()
