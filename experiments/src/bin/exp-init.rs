@@ -155,8 +155,11 @@ struct Config {
     interval_ms: u64,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-init", run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let a = &cli.common;
     let quick = a.profile == Profile::Quick;
     let nodes = if cli.nodes.is_empty() {
