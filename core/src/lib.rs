@@ -7,3 +7,4 @@
 
 pub mod coord;
 pub mod dev;
+pub mod lunmap;

@@ -16,12 +16,19 @@ enum Command {
     /// Provision, list and tear down loop devices backed by sparse files.
     #[command(subcommand)]
     Devices(cli::devices::DevicesCmd),
+    /// Serve block I/O of LUNs to the initiators the live LUN map allows.
+    Gateway(Box<cli::lunmap::GatewayArgs>),
+    /// Edit and inspect the LUN map (LUN -> target -> initiators).
+    #[command(subcommand)]
+    Lunmap(cli::lunmap::LunmapCmd),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devices(c) => cli::devices::run(c),
+        Command::Gateway(a) => cli::lunmap::run_gateway(*a),
+        Command::Lunmap(c) => cli::lunmap::run(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
