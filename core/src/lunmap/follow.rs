@@ -122,38 +122,61 @@ pub fn follow_coord(
                     }
                 }
             }
-            let Some(ev) = watch.recv_timeout(Duration::from_millis(100)) else {
+            let Some(first) = watch.recv_timeout(Duration::from_millis(100)) else {
                 continue;
             };
-            let node_ev = match ev {
-                WatchEvent::Created(p) | WatchEvent::DataChanged(p) => {
-                    if p.contains("/initiators/") {
-                        // Initiator nodes carry nothing the gateway needs: no read.
-                        NodeEvent::Upsert {
-                            path: p,
-                            data: Vec::new(),
-                        }
-                    } else {
-                        match map.node_event(&p, false) {
-                            Ok(e) => e,
-                            Err(e) if fatal(&e) => return Err(e),
-                            Err(_) => {
-                                need_reload = true;
-                                continue;
+            // Take everything already queued: under bursts, a node changed several times is
+            // read once (its latest data), and structural events are applied in order.
+            let mut batch = vec![first];
+            while let Some(ev) = watch.try_recv() {
+                batch.push(ev);
+            }
+            if batch.iter().any(|e| matches!(e, WatchEvent::SessionLost)) {
+                return Err(crate::coord::CoordError::SessionExpired.into());
+            }
+            if batch.iter().any(|e| matches!(e, WatchEvent::Resync)) {
+                need_reload = true;
+                continue;
+            }
+            let mut events = Vec::with_capacity(batch.len());
+            for (k, ev) in batch.iter().enumerate() {
+                let node_ev = match ev {
+                    WatchEvent::Created(p) | WatchEvent::DataChanged(p) => {
+                        if p.contains("/initiators/") {
+                            // Initiator nodes carry nothing the gateway needs: no read.
+                            NodeEvent::Upsert {
+                                path: p.clone(),
+                                data: Vec::new(),
+                            }
+                        } else if matches!(ev, WatchEvent::DataChanged(_))
+                            && batch[k + 1..]
+                                .iter()
+                                .any(|later| matches!(later, WatchEvent::DataChanged(q) if q == p))
+                        {
+                            // A later change of the same node in this batch reads it.
+                            continue;
+                        } else {
+                            match map.node_event(p, false) {
+                                Ok(e) => e,
+                                Err(e) if fatal(&e) => return Err(e),
+                                Err(_) => {
+                                    need_reload = true;
+                                    break;
+                                }
                             }
                         }
                     }
-                }
-                WatchEvent::Deleted(p) => NodeEvent::Remove { path: p },
-                WatchEvent::Resync => {
-                    need_reload = true;
-                    continue;
-                }
-                WatchEvent::SessionLost => {
-                    return Err(crate::coord::CoordError::SessionExpired.into());
-                }
-            };
-            emit(&view, &mut on_change, |v| v.apply(&node_ev));
+                    WatchEvent::Deleted(p) => NodeEvent::Remove { path: p.clone() },
+                    WatchEvent::Resync | WatchEvent::SessionLost => continue,
+                };
+                events.push(node_ev);
+            }
+            if need_reload {
+                continue;
+            }
+            emit(&view, &mut on_change, |v| {
+                events.iter().flat_map(|e| v.apply(e)).collect()
+            });
         }
         Ok(())
     }))

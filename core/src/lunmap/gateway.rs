@@ -268,17 +268,19 @@ fn handle(
     }
     let (device, base) = match &lun.backing {
         Backing::Range { device, offset } => (PathBuf::from(device), *offset),
-        Backing::Volume { volume } => return (
-            reply_err(
-                false,
-                g,
-                format!(
+        Backing::Volume { volume } => {
+            return (
+                reply_err(
+                    false,
+                    g,
+                    format!(
                     "LUN {} is backed by volume {volume}; this gateway serves device ranges only",
                     lun.name
                 ),
-            ),
-            None,
-        ),
+                ),
+                None,
+            )
+        }
     };
     if conn.engine.is_none() {
         match UringEngine::with_queue_depth(4) {
