@@ -317,6 +317,44 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
 }
 
 #[test]
+fn a_confirming_gateway_serves_a_mapping_its_view_has_not_seen_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev.img");
+    std::fs::File::create(&dev)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let zk = ZkServer::start().unwrap();
+    let editor = zk_connect(&zk, "/confirm");
+    let m = LunMap::open(&*editor, "c1").unwrap();
+    m.create_lun(1, "db0", 1 << 20, range(&dev.display().to_string()))
+        .unwrap();
+    m.map("db0", &target(T0), H1).unwrap();
+    // A view that is never fed: every decision on it alone would be a refusal.
+    let view = Arc::new(RwLock::new(MapView::new(Layout::new("c1").unwrap())));
+    let gw: Arc<dyn Coord> = Arc::from(zk_connect(&zk, "/confirm"));
+    let server = GatewayServer::start_confirming("127.0.0.1:0".parse().unwrap(), view, gw).unwrap();
+    let mut cl = GatewayClient::connect(server.addr()).unwrap();
+    let data = pattern(4096, 5);
+    let r = cl.write("db0", T0, H1, 0, &data).unwrap();
+    assert!(r.ok, "{r:?}");
+    let (r, back) = cl.read("db0", T0, H1, 0, 4096).unwrap();
+    assert!(r.ok && back[..] == data[..]);
+    // An initiator the backend does not map is still refused, with nothing written.
+    let r = cl.write("db0", T0, H2, 0, &pattern(4096, 6)).unwrap();
+    assert!(!r.ok && r.refused, "{r:?}");
+    let (_, back) = cl.read("db0", T0, H1, 0, 4096).unwrap();
+    assert_eq!(&back[..], &data[..]);
+    assert_eq!(
+        server
+            .stats()
+            .confirmed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+}
+
+#[test]
 fn gateway_follows_the_map_across_a_zookeeper_restart() {
     let mut zk = ZkServer::start().unwrap();
     let opts = ConnectOptions {

@@ -389,6 +389,12 @@ impl Coord for ZkCoord {
         ))
     }
 
+    fn sync(&self, path: &str) -> Result<()> {
+        validate_path(path)?;
+        let c = self.client()?;
+        self.rt.block_on(c.sync(path)).map_err(|e| map_err(e, path))
+    }
+
     fn session_id(&self) -> u64 {
         self.session
     }

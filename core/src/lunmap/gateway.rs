@@ -3,12 +3,18 @@
 //! and no byte is read or written. I/O goes through io_uring ([`crate::dev::UringEngine`],
 //! one engine per connection thread) on the LUN's backing device range.
 //!
+//! Optionally ([`GatewayServer::start_confirming`]) a refusal is confirmed against the
+//! coordination backend before it is returned: `sync`, then read the initiator's node. A
+//! request that races the watch notification of a just-acknowledged mapping is then served
+//! instead of refused, at the cost of round trips on the (rare) refusal path only.
+//!
 //! Wire protocol (one request at a time per connection): a JSON line [`Request`], followed
 //! for writes by `len` payload bytes; the answer is a JSON line [`Reply`], followed for
 //! successful reads by `len` bytes.
 
 use super::view::MapView;
-use super::{Backing, LunMapError};
+use super::{validate_iqn, validate_simple_name, Backing, Layout, Lun, LunMapError};
+use crate::coord::{Coord, CoordError};
 use crate::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -60,6 +66,8 @@ pub struct Stats {
     pub served: AtomicU64,
     pub refused: AtomicU64,
     pub failed: AtomicU64,
+    /// Requests the view refused but the backend confirmed as mapped (then served).
+    pub confirmed: AtomicU64,
 }
 
 /// A running gateway server; stops when dropped.
@@ -81,6 +89,24 @@ impl std::fmt::Debug for GatewayServer {
 impl GatewayServer {
     /// Binds `listen` and serves requests decided on `view`.
     pub fn start(listen: SocketAddr, view: Arc<RwLock<MapView>>) -> std::io::Result<GatewayServer> {
+        Self::start_with(listen, view, None)
+    }
+
+    /// Like [`GatewayServer::start`], but a refusal by the view is confirmed with `coord`
+    /// (sync + read) first; a mapping the view has not caught up with yet is served.
+    pub fn start_confirming(
+        listen: SocketAddr,
+        view: Arc<RwLock<MapView>>,
+        coord: Arc<dyn Coord>,
+    ) -> std::io::Result<GatewayServer> {
+        Self::start_with(listen, view, Some(coord))
+    }
+
+    fn start_with(
+        listen: SocketAddr,
+        view: Arc<RwLock<MapView>>,
+        confirm: Option<Arc<dyn Coord>>,
+    ) -> std::io::Result<GatewayServer> {
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -95,9 +121,10 @@ impl GatewayServer {
                     }
                     let Ok(conn) = conn else { continue };
                     let (v, st, s2) = (Arc::clone(&view), Arc::clone(&st), Arc::clone(&s));
+                    let confirm = confirm.clone();
                     let _ = std::thread::Builder::new()
                         .name("gateway-conn".into())
-                        .spawn(move || serve_conn(conn, v, st, s2));
+                        .spawn(move || serve_conn(conn, v, st, s2, confirm));
                 }
             })?;
         Ok(GatewayServer {
@@ -130,6 +157,8 @@ impl Drop for GatewayServer {
 struct Conn {
     engine: Option<UringEngine>,
     devices: HashMap<PathBuf, Device>,
+    confirm: Option<Arc<dyn Coord>>,
+    stats: Arc<Stats>,
 }
 
 fn reply_err(refused: bool, generation: u64, error: String) -> Reply {
@@ -146,6 +175,7 @@ fn serve_conn(
     view: Arc<RwLock<MapView>>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
+    confirm: Option<Arc<dyn Coord>>,
 ) {
     let _ = stream.set_nodelay(true);
     let Ok(mut out) = stream.try_clone() else {
@@ -155,6 +185,8 @@ fn serve_conn(
     let mut conn = Conn {
         engine: None,
         devices: HashMap::new(),
+        confirm,
+        stats: Arc::clone(&stats),
     };
     let mut line = String::new();
     while !stop.load(Ordering::SeqCst) {
@@ -227,16 +259,40 @@ fn handle(
     payload: Option<&AlignedBuf>,
 ) -> (Reply, Option<AlignedBuf>) {
     // The decision, on the map as it is now.
-    let lun = {
+    let decided = {
         let v = view.read().unwrap_or_else(|e| e.into_inner());
         match v.check(&req.lun, &req.target, &req.initiator) {
-            Ok(l) => l.clone(),
+            Ok(l) => Ok(l.clone()),
             Err(e @ (LunMapError::NotMapped { .. } | LunMapError::NoSuchLun(_))) => {
                 let generation = v.luns.get(&req.lun).map_or(0, |s| s.lun.generation);
-                return (reply_err(true, generation, format!("refused: {e}")), None);
+                Err((e, generation, v.layout.clone()))
             }
             Err(e) => return (reply_err(false, 0, e.to_string()), None),
         }
+    };
+    let lun = match decided {
+        Ok(l) => l,
+        Err((e, generation, layout)) => match conn
+            .confirm
+            .as_deref()
+            .map(|c| confirm_mapped(c, &layout, req))
+        {
+            Some(Ok(Some(l))) => {
+                conn.stats.confirmed.fetch_add(1, Ordering::Relaxed);
+                l
+            }
+            Some(Err(ce)) => {
+                return (
+                    reply_err(
+                        false,
+                        generation,
+                        format!("cannot confirm refusal ({e}): {ce}"),
+                    ),
+                    None,
+                )
+            }
+            _ => return (reply_err(true, generation, format!("refused: {e}")), None),
+        },
     };
     let g = lun.generation;
     if req.len == 0 || req.offset % 4096 != 0 || req.len % 4096 != 0 {
@@ -321,6 +377,33 @@ fn handle(
                 Err(e) => (reply_err(false, g, e.to_string()), None),
             }
         }
+    }
+}
+
+/// Asks the backend whether `req`'s initiator is mapped (after a sync); the LUN if so.
+fn confirm_mapped(
+    coord: &dyn Coord,
+    layout: &Layout,
+    req: &Request,
+) -> Result<Option<Lun>, CoordError> {
+    if validate_simple_name("LUN name", &req.lun).is_err()
+        || validate_iqn("target", &req.target).is_err()
+        || validate_iqn("initiator", &req.initiator).is_err()
+    {
+        return Ok(None);
+    }
+    let lun_path = layout.lun(&req.lun);
+    coord.sync(&lun_path)?;
+    if coord
+        .exists(&layout.initiator(&req.lun, &req.target, &req.initiator))?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    match coord.get(&lun_path) {
+        Ok((d, _)) => Ok(serde_json::from_slice(&d).ok()),
+        Err(CoordError::NoNode(_)) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -38,6 +38,8 @@ use serde::Serialize;
 enum BackendKind {
     /// The map in ZooKeeper: atomic multi, recursive watches, ephemeral gateway nodes.
     Zookeeper,
+    /// As zookeeper, and gateways confirm a refusal with ZooKeeper (sync + read) first.
+    ZookeeperConfirm,
     /// Baseline: JSON file copied to every gateway on an interval, polled; heartbeats.
     Filesync,
 }
@@ -46,6 +48,7 @@ impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             BackendKind::Zookeeper => "zookeeper",
+            BackendKind::ZookeeperConfirm => "zookeeper-confirm",
             BackendKind::Filesync => "filesync",
         })
     }
@@ -63,7 +66,7 @@ struct Args {
     #[arg(long, value_parser = parse_zk)]
     coord: Option<CoordSpec>,
     /// Backends to compare (alternating within the run).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [BackendKind::Zookeeper, BackendKind::Filesync])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [BackendKind::Zookeeper, BackendKind::ZookeeperConfirm, BackendKind::Filesync])]
     backends: Vec<BackendKind>,
     /// Gateway process counts to sweep.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 8])]
@@ -324,8 +327,9 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
     // Backend set-up: the LUN exists before gateways start.
     let (editors, gws, _observer, _syncer): (Editors, Gateways, Follower, Option<Follower>) =
         match cfg.backend {
-            BackendKind::Zookeeper => {
+            BackendKind::Zookeeper | BackendKind::ZookeeperConfirm => {
                 let spec = zk.context("no ZooKeeper")?.clone();
+                let confirm = cfg.backend == BackendKind::ZookeeperConfirm;
                 let c = coord::connect(&spec, &opts)?;
                 LunMap::open(&*c, &cluster)?.create_lun(
                     lun.id,
@@ -340,14 +344,18 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
                     bin,
                     cfg.gateways,
                     &|_| {
-                        vec![
+                        let mut v: Vec<String> = vec![
                             "--coord".into(),
                             spec_s.clone(),
                             "--cluster".into(),
                             cl.clone(),
                             "--session-timeout-ms".into(),
                             st.clone(),
-                        ]
+                        ];
+                        if confirm {
+                            v.push("--confirm-refusals".into());
+                        }
+                        v
                     },
                     tmp.path(),
                     &log,
@@ -621,7 +629,7 @@ fn main() -> anyhow::Result<()> {
     meta.devices = set.describe();
     let mut csv = CsvOut::<Row>::create(&a.common.out, "exp-lunmap.csv", a.common.overwrite)?;
 
-    let needs_zk = a.backends.contains(&BackendKind::Zookeeper);
+    let needs_zk = a.backends.iter().any(|b| *b != BackendKind::Filesync);
     let (_server, zk_spec) = match (&a.coord, needs_zk) {
         (Some(s), _) => (None, Some(s.clone())),
         (None, true) => {

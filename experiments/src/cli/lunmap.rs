@@ -84,6 +84,10 @@ pub struct GatewayArgs {
     /// Baseline mode: how often the copied map file is polled, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub poll_ms: u64,
+    /// Confirm each refusal with the coordination backend (sync + read) before returning
+    /// it, so a mapping acknowledged but not yet delivered by the watch is served.
+    #[arg(long, conflicts_with = "filesync_dir")]
+    pub confirm_refusals: bool,
     /// Print every applied change on stdout with its CLOCK_MONOTONIC time
     /// (`mapped LUN TARGET INITIATOR NS`, `gateway-down NODE NS`, ...).
     #[arg(long)]
@@ -150,8 +154,13 @@ pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
             coord_handle = Some(c);
         }
     }
-    let server = GatewayServer::start(a.listen, Arc::clone(&view))
-        .with_context(|| format!("listening on {}", a.listen))?;
+    let server = match (&coord_handle, a.confirm_refusals) {
+        (Some(c), true) => {
+            GatewayServer::start_confirming(a.listen, Arc::clone(&view), Arc::clone(c))
+        }
+        _ => GatewayServer::start(a.listen, Arc::clone(&view)),
+    }
+    .with_context(|| format!("listening on {}", a.listen))?;
     let info = GatewayInfo {
         node: a.node.clone(),
         addr: server.addr().to_string(),
