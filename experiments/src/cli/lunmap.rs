@@ -22,6 +22,15 @@ use crate::args::parse_size;
 /// Default coordination backend: the embedded store.
 pub const DEFAULT_COORD: &str = "embedded:/var/tmp/blocklab/coord.store";
 
+/// A byte offset: 0, or a size as `parse_size` reads it.
+fn parse_offset(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_size(s)
+    }
+}
+
 fn parse_coord(s: &str) -> Result<CoordSpec, String> {
     CoordSpec::parse(s).map_err(|e| e.to_string())
 }
@@ -232,7 +241,7 @@ pub enum LunmapCmd {
         #[arg(long)]
         device: String,
         /// Byte offset of the LUN on the device, a multiple of 4096.
-        #[arg(long, value_parser = parse_size, default_value = "0")]
+        #[arg(long, value_parser = parse_offset, default_value = "0")]
         offset: u64,
     },
     /// Delete a LUN; refused while initiators are mapped unless --force.
@@ -297,7 +306,7 @@ pub enum LunmapCmd {
         target: String,
         #[arg(long)]
         initiator: String,
-        #[arg(long, value_parser = parse_size, default_value = "0")]
+        #[arg(long, value_parser = parse_offset, default_value = "0")]
         offset: u64,
         #[arg(long, value_parser = parse_size, default_value = "4096")]
         len: u64,
