@@ -57,7 +57,7 @@ impl std::fmt::Display for BackendKind {
 /// LUN-map propagation, lost updates, stale decisions and failure detection: ZooKeeper
 /// against a copied file.
 #[derive(Debug, Parser)]
-#[command(name = "exp-lunmap", about, long_about = None)]
+#[command(name = "exp-lunmap", version)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
