@@ -11,3 +11,4 @@ pub mod dev;
 pub mod format;
 pub mod init;
 pub mod monitor;
+pub mod lunmap;

@@ -132,6 +132,10 @@ fn suite_multi(new: Factory<'_>, base: &str) {
     ]);
     assert!(r1.is_ok());
     assert!(matches!(r2, Err(CoordError::MultiFailed { index: 0, .. })));
+    // After sync, a session reads what another session had acknowledged.
+    d.sync(&p("v")).unwrap();
+    assert_eq!(d.get(&p("v")).unwrap().0, b"c");
+    assert!(d.exists(&p("c")).unwrap().is_some());
     assert_eq!(c.exists(&p("d")).unwrap(), None);
     // Delete inside a multi, then the parent.
     c.multi(&[Op::delete(p("a/b"), Some(0)), Op::delete(p("a"), None)])

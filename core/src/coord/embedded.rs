@@ -524,6 +524,11 @@ impl Coord for EmbeddedCoord {
         Ok(Watch::new(rx, None))
     }
 
+    fn sync(&self, path: &str) -> Result<()> {
+        self.live()?;
+        validate_path(path)
+    }
+
     fn session_id(&self) -> u64 {
         self.id
     }

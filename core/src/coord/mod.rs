@@ -32,6 +32,9 @@
 //!   [`WatchEvent::SessionLost`] means the session expired: ephemerals of this handle are
 //!   gone, open a new handle.
 //!
+//! - [`Coord::sync`]: catch up with every acknowledged change before the next read (reads
+//!   of a ZooKeeper session may otherwise lag behind another session's acknowledged write).
+//!
 //! All methods are synchronous and may be called from any thread (`Coord: Send + Sync`);
 //! the ZooKeeper backend runs its client on an internal tokio runtime.
 //!
@@ -260,6 +263,10 @@ pub trait Coord: Send + Sync {
     fn multi(&self, ops: &[Op]) -> Result<()>;
     /// Persistent recursive watch on `path` and everything below it (the node need not exist).
     fn watch(&self, path: &str) -> Result<Watch>;
+    /// Brings this session up to date with every change acknowledged to any session before
+    /// the call (ZooKeeper `sync`; a no-op for the embedded store), so a following read
+    /// sees them.
+    fn sync(&self, path: &str) -> Result<()>;
     /// Identifier of this session.
     fn session_id(&self) -> u64;
     /// Human-readable description ("embedded:/path", "zk://...").

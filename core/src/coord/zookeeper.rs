@@ -338,7 +338,14 @@ impl Coord for ZkCoord {
                             zk::EventType::NodeCreated => WatchEvent::Created(ev.path),
                             zk::EventType::NodeDeleted => WatchEvent::Deleted(ev.path),
                             zk::EventType::NodeDataChanged => WatchEvent::DataChanged(ev.path),
-                            zk::EventType::NodeChildrenChanged | zk::EventType::Session => continue,
+                            zk::EventType::NodeChildrenChanged => continue,
+                            // After a terminal session event the watcher must not be polled
+                            // again (the crate panics on a closed stream).
+                            zk::EventType::Session if ev.session_state.is_terminated() => {
+                                let _ = tx.send(WatchEvent::SessionLost);
+                                return;
+                            }
+                            zk::EventType::Session => continue,
                         };
                         if tx.send(out).is_err() {
                             return;
@@ -380,6 +387,12 @@ impl Coord for ZkCoord {
             rx,
             Some(Box::new(AbortOnDrop(task.abort_handle()))),
         ))
+    }
+
+    fn sync(&self, path: &str) -> Result<()> {
+        validate_path(path)?;
+        let c = self.client()?;
+        self.rt.block_on(c.sync(path)).map_err(|e| map_err(e, path))
     }
 
     fn session_id(&self) -> u64 {

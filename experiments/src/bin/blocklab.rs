@@ -28,6 +28,11 @@ enum Command {
     Node(cli::init::NodeCmd),
     /// Initialise the daemons of a set of node agents with a strategy.
     Init(cli::init::InitArgs),
+    /// Serve block I/O of LUNs to the initiators the live LUN map allows.
+    Gateway(Box<cli::lunmap::GatewayArgs>),
+    /// Edit and inspect the LUN map (LUN -> target -> initiators).
+    #[command(subcommand)]
+    Lunmap(cli::lunmap::LunmapCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +44,8 @@ fn main() -> std::process::ExitCode {
         Command::Monitor(c) => cli::init::monitor(c),
         Command::Node(c) => cli::init::node(c),
         Command::Init(a) => cli::init::orchestrate(a),
+        Command::Gateway(a) => cli::lunmap::run_gateway(*a),
+        Command::Lunmap(c) => cli::lunmap::run(c),
     };
     harness::exit_on_error("blocklab", result)
 }
