@@ -6,5 +6,10 @@
 //! each (see `DESIGN.md` and the README).
 
 pub mod alloc;
+pub mod coord;
+pub mod daemon;
 pub mod dev;
 pub mod format;
+pub mod init;
+pub mod monitor;
+pub mod lunmap;

@@ -297,8 +297,11 @@ fn prefill(regions: &[DeviceRegion]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-alloc", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let reps = c.repetitions_or(2, 5);
     let seconds = args.seconds.unwrap_or(c.pick(0.8, 3.0));

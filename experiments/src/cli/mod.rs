@@ -2,3 +2,5 @@
 
 pub mod alloc;
 pub mod devices;
+pub mod init;
+pub mod lunmap;
