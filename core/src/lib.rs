@@ -6,3 +6,5 @@
 //! each (see `DESIGN.md` and the README).
 
 pub mod dev;
+pub mod failover;
+pub mod volume;
