@@ -16,12 +16,19 @@ enum Command {
     /// Provision, list and tear down loop devices backed by sparse files.
     #[command(subcommand)]
     Devices(cli::devices::DevicesCmd),
+    /// Management nodes (task dispatcher + VIP) and the block service they act on.
+    #[command(subcommand)]
+    Mgmt(cli::failover::MgmtCmd),
+    /// The management client: create, delete, copy, list volumes through the VIP.
+    Volume(cli::failover::VolumeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devices(c) => cli::devices::run(c),
+        Command::Mgmt(c) => cli::failover::run_mgmt(c),
+        Command::Volume(c) => cli::failover::run_volume(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
