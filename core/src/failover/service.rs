@@ -32,6 +32,9 @@ pub struct ServiceConfig {
     pub force: bool,
     /// How long a result is offered to the VIP before it is left in the journal only.
     pub deliver_for: Duration,
+    /// Caps copy throughput (bytes/s) so a small volume's copy lasts as long as a large
+    /// one's would (the experiment kills nodes in the middle of copies). `None` = full speed.
+    pub copy_rate: Option<u64>,
 }
 
 /// Errors of the block service.
@@ -391,7 +394,7 @@ fn executor(
             Ok(j) => j,
             Err(_) => continue,
         };
-        let (result, bytes, aborted) = execute(&mut store, &job);
+        let (result, bytes, aborted) = execute(&mut store, &job, cfg.copy_rate);
         let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
         sh.aborts.remove(&job.op_id);
         let waiters = sh.waiters.remove(&job.op_id).unwrap_or_default();
@@ -428,7 +431,7 @@ fn executor(
     }
 }
 
-fn execute(store: &mut VolumeStore, job: &Job) -> (OpResult, u64, bool) {
+fn execute(store: &mut VolumeStore, job: &Job, rate: Option<u64>) -> (OpResult, u64, bool) {
     let err = |e: VolumeError| OpResult::Error {
         message: e.to_string(),
     };
@@ -450,7 +453,15 @@ fn execute(store: &mut VolumeStore, job: &Job) -> (OpResult, u64, bool) {
         },
         Op::Copy { src, dst } => {
             let abort = job.abort.clone();
-            match store.copy(src, dst, Some(&job.op_id), &mut |_| {
+            let start = Instant::now();
+            match store.copy(src, dst, Some(&job.op_id), &mut |b| {
+                if let Some(r) = rate.filter(|&r| r > 0) {
+                    let due = Duration::from_secs_f64(b as f64 / r as f64);
+                    let el = start.elapsed();
+                    if due > el {
+                        thread::sleep(due - el);
+                    }
+                }
                 !abort.load(Ordering::Relaxed)
             }) {
                 Ok((v, st)) => (

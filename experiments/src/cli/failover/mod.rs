@@ -18,6 +18,8 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use crate::args::parse_size;
 
+pub mod cluster;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
     VipHandoff,
@@ -108,6 +110,10 @@ pub struct BlockServiceArgs {
     /// Copy chunks in flight.
     #[arg(long, default_value_t = 8)]
     pub copy_depth: usize,
+    /// Cap copy throughput at this many MiB/s (0 = full speed); lets small test volumes copy
+    /// as long as large ones would.
+    #[arg(long, default_value_t = 0)]
+    pub copy_rate_mib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -151,7 +157,8 @@ fn parse_peers(s: &str) -> Result<(u32, SocketAddr), String> {
         .ok_or_else(|| format!("peer {s:?} is not ID=IP:PORT"))?;
     Ok((
         id.parse().map_err(|e| format!("peer id {id:?}: {e}"))?,
-        addr.parse().map_err(|e| format!("peer address {addr:?}: {e}"))?,
+        addr.parse()
+            .map_err(|e| format!("peer address {addr:?}: {e}"))?,
     ))
 }
 
@@ -181,7 +188,10 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
             let vip = match a.vip_backend {
                 VipBackendArg::Loopback => {
                     if !a.vip.is_loopback() {
-                        bail!("--vip {} is not in 127.0.0.0/8 (the loopback backend)", a.vip);
+                        bail!(
+                            "--vip {} is not in 127.0.0.0/8 (the loopback backend)",
+                            a.vip
+                        );
                     }
                     VipBackend::Loopback { vip: a.vip }
                 }
@@ -225,6 +235,7 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
                 },
                 force: a.force,
                 deliver_for: Duration::from_secs(120),
+                copy_rate: (a.copy_rate_mib > 0).then_some(a.copy_rate_mib << 20),
             })
             .context("starting the block service")?;
             println!("event=service_listening addr={}", svc.addr);
@@ -242,9 +253,7 @@ pub fn run_volume(a: VolumeArgs) -> anyhow::Result<()> {
         VolumeCmd::Copy { src, dst } => Op::Copy { src, dst },
         VolumeCmd::List => Op::List,
     };
-    let op_id = a
-        .op_id
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let op_id = a.op_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let mut client = Client::new(vec![a.vip]);
     client.resend_after = Duration::from_millis(a.resend_ms.max(1));
     client.give_up = Duration::from_secs(a.give_up_s);
