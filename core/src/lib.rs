@@ -7,4 +7,5 @@
 
 pub mod dev;
 pub mod failover;
+pub mod format;
 pub mod volume;
