@@ -24,15 +24,18 @@ struct Piece {
     len: u64,
 }
 
-/// Splits two extent lists covering the same logical length into pieces of at most `chunk`.
-fn pieces(src: &[Extent], dst: &[Extent], chunk: u64) -> Vec<Piece> {
+/// Splits the first `limit` logical bytes of two extent lists into pieces of at most
+/// `chunk`.
+fn pieces(src: &[Extent], dst: &[Extent], limit: u64, chunk: u64) -> Vec<Piece> {
     let mut out = Vec::new();
+    let mut total = 0u64;
     let (mut si, mut di) = (0usize, 0usize);
     let (mut so, mut do_) = (0u64, 0u64);
-    while si < src.len() && di < dst.len() {
+    while si < src.len() && di < dst.len() && total < limit {
         let s = &src[si];
         let d = &dst[di];
-        let len = (s.len - so).min(d.len - do_).min(chunk);
+        let len = (s.len - so).min(d.len - do_).min(chunk).min(limit - total);
+        total += len;
         out.push(Piece {
             src_dev: s.device,
             src_off: s.offset + so,
@@ -54,20 +57,22 @@ fn pieces(src: &[Extent], dst: &[Extent], chunk: u64) -> Vec<Piece> {
     out
 }
 
-/// Copies the logical content of `src` extents onto `dst` extents (same total length).
+/// Copies the first `len` logical bytes of `src` extents onto `dst` extents.
 /// `depth` chunks of `chunk` bytes are read per batch. `progress(bytes_done)` is called after
 /// each batch; returning `false` stops the copy early (the stats say how far it got).
+#[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
     engine: &mut dyn IoEngine,
     devices: &[Device],
     src: &[Extent],
     dst: &[Extent],
+    len: u64,
     chunk: u64,
     depth: usize,
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> Result<(CopyStats, bool), DevError> {
     let depth = depth.max(1);
-    let all = pieces(src, dst, chunk);
+    let all = pieces(src, dst, len, chunk);
     let mut stats = CopyStats::default();
     let mut bufs_a: Vec<AlignedBuf> = (0..depth)
         .map(|_| AlignedBuf::new(chunk as usize))

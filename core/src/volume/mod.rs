@@ -2,10 +2,14 @@
 //! pipeline with several requests in flight), with the catalog persisted so it survives a
 //! restart.
 //!
-//! * Each device contributes a data region `[data_offset, size)`, cut into allocation units
-//!   (default 1 MiB). Free space is a bitmap per device, one bit per unit, rebuilt from the
-//!   catalog on open (the catalog is the source of truth; a crash between allocating and
-//!   committing leaves no leaked space).
+//! * Each device contributes the data region of its daemon-format [`Layout`]
+//!   (`core::format`): a formatted device (ready blocklab label) is used through its label's
+//!   layout and its on-device free-space bitmap, which the store updates (touched bitmap
+//!   blocks + the superblock's counters, flushed) before committing the catalog. A blank
+//!   device gets the same layout computed in memory (1 MiB units) and an in-memory bitmap.
+//! * On open every bitmap is rebuilt from the layout and the catalog (the catalog is the
+//!   source of truth) and a formatted device's bitmap is rewritten if it differs, so a crash
+//!   between the bitmap write and the catalog commit leaks nothing.
 //! * The catalog (`volumes.json` in the store's directory) is replaced atomically: written
 //!   to a temporary file, fsynced, renamed, directory fsynced. A volume appears in it only
 //!   once its data is in place (after a copy's flush).
@@ -13,9 +17,7 @@
 //!   data (a filesystem, a partition table, another blocklab cluster's label, non-zero
 //!   bytes) unless `force` is set.
 //!
-//! Deviation from DESIGN.md: the daemon format (`core::format`, with its on-device bitmap)
-//! was built in parallel; until it is merged the data region starts at a fixed 1 MiB offset
-//! and the bitmap lives in memory, derived from the catalog.
+//! [`Layout`]: crate::format::Layout
 
 pub mod copy;
 pub mod store;
