@@ -118,7 +118,16 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError>
             "event=listening node={} addr={}",
             cfg.id, cfg.listen
         ));
-        serve(l, &cfg, cache, epoch, stop.clone());
+        // The node still pings its block service every period (its liveness there).
+        let (c2, s2) = (cfg.clone(), stop.clone());
+        let server = thread::spawn(move || serve(l, &c2, cache, epoch, s2));
+        let mut probe: Option<Conn> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            probe_service(&mut probe, cfg.service, cfg.id, cfg.heartbeat);
+            thread::sleep(cfg.heartbeat.saturating_sub(t.elapsed()));
+        }
+        let _ = server.join();
         return Ok(());
     }
 

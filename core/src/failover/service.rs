@@ -35,6 +35,9 @@ pub struct ServiceConfig {
     /// Caps copy throughput (bytes/s) so a small volume's copy lasts as long as a large
     /// one's would (the experiment kills nodes in the middle of copies). `None` = full speed.
     pub copy_rate: Option<u64>,
+    /// A node whose pings stop for this long is dead: its session-bound operations
+    /// (`client_retry`) are abandoned, as a cluster drops a dead client's work.
+    pub session_timeout: Duration,
 }
 
 /// Errors of the block service.
@@ -61,6 +64,7 @@ struct Job {
 
 struct Shared {
     journal: FileJournal,
+    last_ping: HashMap<u32, Instant>,
     waiters: HashMap<String, Vec<Sender<OpResult>>>,
     aborts: HashMap<String, Arc<AtomicBool>>,
 }
@@ -110,6 +114,7 @@ impl Service {
             .map_err(|source| ServiceError::Listen { addr, source })?;
         let shared = Arc::new(Mutex::new(Shared {
             journal,
+            last_ping: HashMap::new(),
             waiters: HashMap::new(),
             aborts: HashMap::new(),
         }));
@@ -135,8 +140,9 @@ impl Service {
                             let shared = shared.clone();
                             let jobs = jobs_tx.clone();
                             let lists = list_tx.clone();
+                            let st = cfg.session_timeout;
                             thread::spawn(move || {
-                                let _ = handle(s, shared, jobs, lists);
+                                let _ = handle(s, shared, jobs, lists, st);
                             });
                         }
                         Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -177,6 +183,7 @@ fn handle(
     shared: Arc<Mutex<Shared>>,
     jobs: Sender<Job>,
     lists: Sender<Sender<Vec<VolumeInfo>>>,
+    session_timeout: Duration,
 ) -> Result<(), WireError> {
     let mut conn = Conn::new(stream)?;
     loop {
@@ -192,7 +199,14 @@ fn handle(
             Err(e) => return Err(e),
         };
         match m {
-            Msg::Ping { .. } => conn.send(&Msg::Pong)?,
+            Msg::Ping { node } => {
+                shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last_ping
+                    .insert(node, Instant::now());
+                conn.send(&Msg::Pong)?
+            }
             Msg::Claim { epoch, .. } => {
                 let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
                 if epoch > sh.journal.max_epoch() {
@@ -246,7 +260,15 @@ fn handle(
                 conn.send(&Msg::Accepted {
                     op_id: op_id.clone(),
                 })?;
-                match wait_result(&conn, &rx) {
+                let alive = || {
+                    !session_bound || {
+                        let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+                        sh.last_ping
+                            .get(&node)
+                            .is_none_or(|t| t.elapsed() < session_timeout)
+                    }
+                };
+                match wait_result(&conn, &rx, &alive) {
                     Some(result) => conn.send(&Msg::Reply { op_id, result })?,
                     None => {
                         // The submitter went away.
@@ -347,14 +369,18 @@ fn admit(
     Admit::Wait(rx)
 }
 
-/// Waits for the result while watching the connection; `None` if it closed first.
-fn wait_result(conn: &Conn, rx: &Receiver<OpResult>) -> Option<OpResult> {
+/// Waits for the result while watching the connection (and, through `alive`, the
+/// submitting node's pings); `None` if either is gone first.
+fn wait_result(conn: &Conn, rx: &Receiver<OpResult>, alive: &dyn Fn() -> bool) -> Option<OpResult> {
     let _ = conn.stream.set_nonblocking(true);
     let out = loop {
         match rx.recv_timeout(Duration::from_millis(10)) {
             Ok(r) => break Some(r),
             Err(RecvTimeoutError::Disconnected) => break None,
             Err(RecvTimeoutError::Timeout) => {
+                if !alive() {
+                    break None;
+                }
                 let mut b = [0u8; 1];
                 match conn.stream.peek(&mut b) {
                     Ok(0) => break None,

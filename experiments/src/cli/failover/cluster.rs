@@ -330,7 +330,9 @@ impl Cluster {
             .arg("--devices")
             .arg(devices)
             .arg("--copy-rate-mib")
-            .arg(self.spec.copy_rate_mib.to_string());
+            .arg(self.spec.copy_rate_mib.to_string())
+            .arg("--session-timeout-ms")
+            .arg((self.spec.heartbeat_ms * 5).to_string());
         if self.spec.force {
             cmd.arg("--force");
         }
@@ -400,16 +402,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// SIGKILLs node `i` (with `netns`, also takes its link down: the host is gone, not just
+    /// SIGKILLs node `i` (with `netns`, first takes its link down: the host is gone, not just
     /// the process). Returns the kill time in unix µs.
     pub fn kill_node(&mut self, i: usize) -> anyhow::Result<u128> {
         let t = unix_us();
+        // The link goes first, as when a host loses power: nothing (no FIN, no RST from the
+        // dying process's sockets) reaches the others.
+        if let Some(net) = &self.net {
+            run(&["ip", "-n", &net.nodes[i], "link", "set", "eth0", "down"])?;
+        }
         if let Some(mut c) = self.nodes[i].take() {
             c.kill().context("SIGKILL")?;
             let _ = c.wait();
-        }
-        if let Some(net) = &self.net {
-            run(&["ip", "-n", &net.nodes[i], "link", "set", "eth0", "down"])?;
         }
         Ok(t)
     }

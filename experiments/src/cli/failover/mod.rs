@@ -114,6 +114,10 @@ pub struct BlockServiceArgs {
     /// as long as large ones would.
     #[arg(long, default_value_t = 0)]
     pub copy_rate_mib: u64,
+    /// A node whose pings stop for this many ms is dead: its session-bound (client_retry)
+    /// operations are abandoned.
+    #[arg(long, default_value_t = 500)]
+    pub session_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +240,7 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
                 force: a.force,
                 deliver_for: Duration::from_secs(120),
                 copy_rate: (a.copy_rate_mib > 0).then_some(a.copy_rate_mib << 20),
+                session_timeout: Duration::from_millis(a.session_timeout_ms.max(1)),
             })
             .context("starting the block service")?;
             println!("event=service_listening addr={}", svc.addr);
