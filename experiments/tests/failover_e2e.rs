@@ -393,3 +393,76 @@ fn client_retry_baseline_reexecutes_the_interrupted_copy() {
         "the second execution copied everything again"
     );
 }
+
+/// The netns backend's VIP takeover announces itself: a client host whose ARP entry for the
+/// VIP points elsewhere (and which sends nothing) has it pointed at the VIP's virtual MAC
+/// by the gratuitous ARP alone; giving the VIP up removes the address.
+#[test]
+fn netns_vip_acquire_sends_a_gratuitous_arp() {
+    if !is_root() {
+        eprintln!("skipping: the netns VIP backend needs root");
+        return;
+    }
+    use blocklab::failover::vip::VipBackend;
+    use harness::cli::failover::cluster::NetTopo;
+    let tag = format!("bg{}", std::process::id() % 100000);
+    let net = NetTopo::create(&tag, 1).unwrap();
+    let vip = net.addr(100);
+    let mac = "02:00:5e:00:01:07";
+    let neigh = |ns: &str| -> String {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns, "neigh", "show", &vip.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let ok = std::process::Command::new("ip")
+        .args(["-n", &net.client, "neigh", "replace", &vip.to_string()])
+        .args(["lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "stale"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(neigh(&net.client).contains("02:00:00:00:00:99"));
+    let node_ns = net.nodes[0].clone();
+    let vip_dev_addrs = thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(format!("/run/netns/{node_ns}")).unwrap();
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&f),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            let b = VipBackend::Netns {
+                vip: std::net::IpAddr::V4(vip),
+                lower: "eth0".into(),
+                vip_dev: "vip0".into(),
+                mac: mac.into(),
+            };
+            let listener = b.acquire(7200).unwrap();
+            assert_eq!(listener.local_addr().unwrap().ip(), vip);
+            // The client host learns the virtual MAC without sending anything.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !neigh(&net.client).contains(mac) {
+                assert!(
+                    Instant::now() < deadline,
+                    "no gratuitous ARP seen: {}",
+                    neigh(&net.client)
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+            drop(listener);
+            b.release();
+            let out = std::process::Command::new("ip")
+                .args(["-o", "addr", "show"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(
+        !vip_dev_addrs.contains(&vip.to_string()),
+        "the VIP is gone after release: {vip_dev_addrs}"
+    );
+}

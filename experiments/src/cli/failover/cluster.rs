@@ -117,7 +117,7 @@ pub struct NetTopo {
 }
 
 impl NetTopo {
-    fn create(tag: &str, n: usize) -> anyhow::Result<NetTopo> {
+    pub fn create(tag: &str, n: usize) -> anyhow::Result<NetTopo> {
         let pid = std::process::id();
         let mut t = NetTopo {
             switch: format!("{tag}w"),
