@@ -62,9 +62,11 @@ struct Job {
     session_bound: bool,
 }
 
+/// When each node last pinged.
+type Pings = Arc<Mutex<HashMap<u32, Instant>>>;
+
 struct Shared {
     journal: FileJournal,
-    last_ping: HashMap<u32, Instant>,
     waiters: HashMap<String, Vec<Sender<OpResult>>>,
     aborts: HashMap<String, Arc<AtomicBool>>,
 }
@@ -114,11 +116,11 @@ impl Service {
             .map_err(|source| ServiceError::Listen { addr, source })?;
         let shared = Arc::new(Mutex::new(Shared {
             journal,
-            last_ping: HashMap::new(),
             waiters: HashMap::new(),
             aborts: HashMap::new(),
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        let pings: Pings = Arc::new(Mutex::new(HashMap::new()));
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (list_tx, list_rx) = mpsc::channel::<Sender<Vec<VolumeInfo>>>();
         let mut threads = Vec::new();
@@ -141,8 +143,9 @@ impl Service {
                             let jobs = jobs_tx.clone();
                             let lists = list_tx.clone();
                             let st = cfg.session_timeout;
+                            let pings = pings.clone();
                             thread::spawn(move || {
-                                let _ = handle(s, shared, jobs, lists, st);
+                                let _ = handle(s, shared, jobs, lists, pings, st);
                             });
                         }
                         Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -183,6 +186,7 @@ fn handle(
     shared: Arc<Mutex<Shared>>,
     jobs: Sender<Job>,
     lists: Sender<Sender<Vec<VolumeInfo>>>,
+    pings: Pings,
     session_timeout: Duration,
 ) -> Result<(), WireError> {
     let mut conn = Conn::new(stream)?;
@@ -200,10 +204,10 @@ fn handle(
         };
         match m {
             Msg::Ping { node } => {
-                shared
+                // Its own lock: a ping never waits behind a journal fsync.
+                pings
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .last_ping
                     .insert(node, Instant::now());
                 conn.send(&Msg::Pong)?
             }
@@ -262,10 +266,8 @@ fn handle(
                 })?;
                 let alive = || {
                     !session_bound || {
-                        let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
-                        sh.last_ping
-                            .get(&node)
-                            .is_none_or(|t| t.elapsed() < session_timeout)
+                        let p = pings.lock().unwrap_or_else(|p| p.into_inner());
+                        p.get(&node).is_none_or(|t| t.elapsed() < session_timeout)
                     }
                 };
                 match wait_result(&conn, &rx, &alive) {

@@ -18,6 +18,9 @@
 //!   logical operation beyond the first.
 //! * reexecuted_bytes: bytes copied (journal `done` and `aborted` records) beyond one copy
 //!   of each logical copy operation.
+//!
+//! A sidecar `exp-failover-kills.csv` has one row per kill
+//! (`mode,vip_backend,heartbeat_ms,repetition,kill,operation,delivery_ms,vip_move_ms`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -102,6 +105,19 @@ struct Row {
     lost_results: u64,
     duplicate_executions: u64,
     reexecuted_bytes: u64,
+}
+
+/// One kill (sidecar `exp-failover-kills.csv`, for the distributions).
+#[derive(Debug, serde::Serialize)]
+struct KillRow {
+    mode: String,
+    vip_backend: String,
+    heartbeat_ms: u64,
+    repetition: u32,
+    kill: u64,
+    operation: String,
+    delivery_ms: Option<f64>,
+    vip_move_ms: Option<f64>,
 }
 
 /// One logical operation as the client saw it.
@@ -198,6 +214,9 @@ fn client_loop(
                 | (Op::Copy { .. }, Ok(OpResult::Copied { .. }))
                 | (Op::Delete { .. }, Ok(OpResult::Deleted { .. }))
         );
+        if !correct {
+            eprintln!("note: operation {tag} ({op:?}) did not get its result: {res:?}");
+        }
         let end_us = unix_us();
         *sh.in_flight.lock().unwrap() = None;
         sh.done.lock().unwrap().push(Done {
@@ -229,6 +248,7 @@ fn run_config(
     rng: &mut rand::rngs::StdRng,
     prog: &mut Progress,
     csv: &mut CsvOut<Row>,
+    kcsv: &mut CsvOut<KillRow>,
 ) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("exp-failover-")
@@ -366,6 +386,18 @@ fn run_config(
             }
             Record::Epoch { .. } => {}
         }
+    }
+    for (k, r) in recs.iter().enumerate() {
+        kcsv.write(&KillRow {
+            mode: cfg.mode.name().into(),
+            vip_backend: cfg.backend.name().into(),
+            heartbeat_ms: cfg.heartbeat_ms,
+            repetition: rep,
+            kill: k as u64,
+            operation: r.kind.into(),
+            delivery_ms: r.delivery_us.map(|d| d as f64 / 1000.0),
+            vip_move_ms: r.vip_move_us.map(|d| d as f64 / 1000.0),
+        })?;
     }
     let tag_kind: HashMap<&String, &'static str> = op_tag
         .iter()
@@ -531,6 +563,7 @@ fn main() -> anyhow::Result<()> {
         "seed": args.seed,
     });
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-failover.csv", c.overwrite)?;
+    let mut kcsv = CsvOut::<KillRow>::create(&c.out, "exp-failover-kills.csv", c.overwrite)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(args.seed);
     let mut prog = Progress::new(
         "exp-failover",
@@ -551,6 +584,7 @@ fn main() -> anyhow::Result<()> {
                 &mut rng,
                 &mut prog,
                 &mut csv,
+                &mut kcsv,
             )
             .with_context(|| {
                 format!(
