@@ -5,7 +5,9 @@
 //! io_uring engine, and loop-device provisioning. The mechanisms build on it, one module
 //! each (see `DESIGN.md` and the README).
 
+pub mod coord;
 pub mod dev;
 pub mod failover;
 pub mod format;
 pub mod volume;
+pub mod lunmap;

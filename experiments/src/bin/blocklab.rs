@@ -21,6 +21,11 @@ enum Command {
     Mgmt(cli::failover::MgmtCmd),
     /// The management client: create, delete, copy, list volumes through the VIP.
     Volume(cli::failover::VolumeArgs),
+    /// Serve block I/O of LUNs to the initiators the live LUN map allows.
+    Gateway(Box<cli::lunmap::GatewayArgs>),
+    /// Edit and inspect the LUN map (LUN -> target -> initiators).
+    #[command(subcommand)]
+    Lunmap(cli::lunmap::LunmapCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +34,8 @@ fn main() -> std::process::ExitCode {
         Command::Devices(c) => cli::devices::run(c),
         Command::Mgmt(c) => cli::failover::run_mgmt(c),
         Command::Volume(c) => cli::failover::run_volume(c),
+        Command::Gateway(a) => cli::lunmap::run_gateway(*a),
+        Command::Lunmap(c) => cli::lunmap::run(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
