@@ -9,5 +9,5 @@ pub mod coord;
 pub mod dev;
 pub mod failover;
 pub mod format;
-pub mod volume;
 pub mod lunmap;
+pub mod volume;

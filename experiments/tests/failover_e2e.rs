@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use blocklab::coord::zk_server::ZkServer;
+use blocklab::coord::{connect, ConnectOptions, CoordSpec};
 use blocklab::dev::provision::ProvisionGuard;
 use blocklab::failover::client::Client;
+use blocklab::failover::coord_journal::CoordJournal;
 use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::node::Mode;
 use blocklab::failover::wire::{Op, OpResult};
@@ -72,6 +75,22 @@ fn spec(dir: &tempfile::TempDir, devs: &Devs, mode: Mode, backend: Backend) -> C
         heartbeat_ms: 100,
         backend,
         copy_rate_mib: 16,
+        journal: None,
+    }
+}
+
+/// The journal's records, from the file or (with `--journal zk://…`) from ZooKeeper.
+fn records(c: &Cluster) -> Vec<Record> {
+    match c.spec.journal.as_deref() {
+        None => read_records(&c.journal_path()).unwrap(),
+        Some(spec) => {
+            let spec = CoordSpec::parse(spec).unwrap();
+            let coord = connect(&spec, &ConnectOptions::default()).unwrap();
+            CoordJournal::open(coord, "/blocklab/failover")
+                .unwrap()
+                .all_records()
+                .unwrap()
+        }
     }
 }
 
@@ -86,7 +105,7 @@ fn client(c: &Cluster) -> Client {
 fn wait_started(c: &Cluster, op_id: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let recs = read_records(&c.journal_path()).unwrap();
+        let recs = records(c);
         if recs
             .iter()
             .any(|r| matches!(r, Record::Started { op_id: id, .. } if id == op_id))
@@ -99,7 +118,7 @@ fn wait_started(c: &Cluster, op_id: &str) {
 }
 
 fn count(c: &Cluster, op_id: &str) -> (usize, usize, usize) {
-    let recs = read_records(&c.journal_path()).unwrap();
+    let recs = records(c);
     let started = recs
         .iter()
         .filter(|r| matches!(r, Record::Started { op_id: id, .. } if id == op_id))
@@ -150,10 +169,12 @@ fn fill_pattern(c: &mut Cluster, name: &str, size: u64) {
     c.restart_service().unwrap();
 }
 
-fn kill_during_copy(backend: Backend) {
+fn kill_during_copy(backend: Backend, journal: Option<String>) {
     let dir = tmp();
     let devs = devices(&dir, &format!("fo-e2e-{}", backend.name()));
-    let mut c = Cluster::start(spec(&dir, &devs, Mode::VipHandoff, backend)).unwrap();
+    let mut sp = spec(&dir, &devs, Mode::VipHandoff, backend);
+    sp.journal = journal;
+    let mut c = Cluster::start(sp).unwrap();
     c.wait_holder(None, Duration::from_secs(30)).unwrap();
     let net_client = c.net.is_some();
     let size = 32 * MIB;
@@ -246,7 +267,13 @@ fn kill_during_copy(backend: Backend) {
 
 #[test]
 fn loopback_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
-    kill_during_copy(Backend::Loopback);
+    kill_during_copy(Backend::Loopback, None);
+}
+
+#[test]
+fn loopback_with_the_journal_in_zookeeper_holder_killed_during_copy_runs_once() {
+    let zk = ZkServer::start().expect("a private ZooKeeper server");
+    kill_during_copy(Backend::Loopback, Some(zk.spec("/fo").to_string()));
 }
 
 #[test]
@@ -255,7 +282,7 @@ fn netns_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
         eprintln!("skipping: the netns VIP backend needs root");
         return;
     }
-    kill_during_copy(Backend::Netns);
+    kill_during_copy(Backend::Netns, None);
 }
 
 #[test]
@@ -347,6 +374,8 @@ fn client_retry_baseline_reexecutes_the_interrupted_copy() {
     let dir = tmp();
     let devs = devices(&dir, "fo-e2e-retry");
     let mut c = Cluster::start(spec(&dir, &devs, Mode::ClientRetry, Backend::Loopback)).unwrap();
+    c.wait_event_from_all("listening", Duration::from_secs(30))
+        .unwrap();
     let mut cl = Client::new(c.node_addrs.clone());
     cl.resend_after = Duration::from_secs(30);
     let size = 32 * MIB;

@@ -2,10 +2,10 @@
 //! It makes an operation run at most once (a second submission of the same id finds the
 //! first) and its result deliverable later by any node (the result stays in the journal).
 //!
-//! [`OpJournal`] is the small trait; [`FileJournal`] is the implementation used: an
-//! append-only file of JSON lines, each record fsynced before it counts, replayed on open.
-//! The block service owns it (the coordination backend of issue 6 was not available when
-//! this was written; the trait is where a coord-backed journal plugs in).
+//! [`OpJournal`] is the small trait. [`FileJournal`] (the default) is an append-only file of
+//! JSON lines owned by the block service, each record fsynced before it counts, replayed on
+//! open. [`super::coord_journal::CoordJournal`] keeps the same records in the coordination
+//! backend (embedded store or ZooKeeper).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -81,6 +81,8 @@ pub trait OpJournal: Send {
     fn append(&mut self, rec: Record) -> Result<(), JournalError>;
     fn state(&self, op_id: &str) -> Option<&OpState>;
     fn max_epoch(&self) -> Epoch;
+    /// Operation ids whose execution started and neither finished nor was abandoned.
+    fn running(&self) -> Vec<String>;
 }
 
 /// Applies records to an in-memory index.
@@ -115,6 +117,16 @@ impl Index {
             }
             Record::Epoch { epoch } => self.bump(*epoch),
         }
+    }
+    pub fn running(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ops
+            .iter()
+            .filter(|(_, s)| matches!(s, OpState::Running { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
     }
     fn bump(&mut self, e: Epoch) {
         self.max_epoch = Some(self.max_epoch.map_or(e, |m| m.max(e)));
@@ -230,6 +242,9 @@ impl OpJournal for FileJournal {
     }
     fn max_epoch(&self) -> Epoch {
         self.index.max_epoch.unwrap_or(Epoch::ZERO)
+    }
+    fn running(&self) -> Vec<String> {
+        self.index.running()
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! * [`dispatcher`]: the task dispatcher's decisions as a deterministic state machine
 //!   (heartbeats, peer health table, deterministic holder choice, epochs).
-//! * [`journal`]: the operation journal (at most once per operation id; results kept).
+//! * [`journal`]: the operation journal (at most once per operation id; results kept), in a
+//!   file or ([`coord_journal`]) in the coordination backend.
 //! * [`service`]: the block service the nodes act on; executes, fences, delivers to the VIP.
 //! * [`node`]: a node's management service + dispatcher (`blocklab mgmt serve`).
 //! * [`vip`]: the `loopback` and `netns` VIP backends.
@@ -10,6 +11,7 @@
 //! * [`wire`]: the JSON-lines protocol.
 
 pub mod client;
+pub mod coord_journal;
 pub mod dispatcher;
 pub mod journal;
 pub mod node;

@@ -15,10 +15,23 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::coord_journal::CoordJournal;
 use super::dispatcher::Epoch;
 use super::journal::{FileJournal, JournalError, OpJournal, OpState, Record};
 use super::wire::{Conn, Msg, Op, OpResult, VolumeInfo, WireError};
 use crate::volume::{StoreConfig, VolumeError, VolumeStore};
+
+/// Where the operation journal lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalSpec {
+    /// `journal.jsonl` in the state directory.
+    File,
+    /// Under `root` in a coordination backend.
+    Coord {
+        spec: crate::coord::CoordSpec,
+        root: String,
+    },
+}
 
 /// Settings of a block service.
 #[derive(Debug, Clone)]
@@ -38,6 +51,7 @@ pub struct ServiceConfig {
     /// A node whose pings stop for this long is dead: its session-bound operations
     /// (`client_retry`) are abandoned, as a cluster drops a dead client's work.
     pub session_timeout: Duration,
+    pub journal: JournalSpec,
 }
 
 /// Errors of the block service.
@@ -47,6 +61,8 @@ pub enum ServiceError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error("coordination backend: {0}")]
+    Coord(String),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -66,7 +82,7 @@ struct Job {
 type Pings = Arc<Mutex<HashMap<u32, Instant>>>;
 
 struct Shared {
-    journal: FileJournal,
+    journal: Box<dyn OpJournal>,
     waiters: HashMap<String, Vec<Sender<OpResult>>>,
     aborts: HashMap<String, Arc<AtomicBool>>,
 }
@@ -88,17 +104,17 @@ impl Service {
     /// Opens store and journal, binds, and starts serving.
     pub fn start(cfg: ServiceConfig) -> Result<Service, ServiceError> {
         let store = VolumeStore::open(&cfg.state_dir, &cfg.devices, cfg.store, cfg.force)?;
-        let mut journal = FileJournal::open(&cfg.state_dir.join("journal.jsonl"))?;
+        let mut journal: Box<dyn OpJournal> = match &cfg.journal {
+            JournalSpec::File => Box::new(FileJournal::open(&cfg.state_dir.join("journal.jsonl"))?),
+            JournalSpec::Coord { spec, root } => {
+                let c = crate::coord::connect(spec, &crate::coord::ConnectOptions::default())
+                    .map_err(|e| ServiceError::Coord(e.to_string()))?;
+                Box::new(CoordJournal::open(c, root)?)
+            }
+        };
         // Executions cut short by a restart of the service: abandoned (their effects were
         // never committed to the catalog); a resubmission of the id runs them again.
-        let running: Vec<String> = journal
-            .index()
-            .ops
-            .iter()
-            .filter(|(_, s)| matches!(s, OpState::Running { .. }))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for op_id in running {
+        for op_id in journal.running() {
             journal.append(Record::Aborted { op_id, bytes: 0 })?;
         }
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServiceError::Listen {

@@ -265,6 +265,7 @@ fn run_config(
         heartbeat_ms: cfg.heartbeat_ms,
         backend: cfg.backend,
         copy_rate_mib: copy_rate,
+        journal: None,
     };
     let mut cluster = Cluster::start(spec).context("starting the cluster")?;
     // Long enough for the restarted node to be heard by its peers before the next kill.
@@ -272,7 +273,7 @@ fn run_config(
     if cfg.mode == Mode::VipHandoff {
         cluster.wait_holder(None, Duration::from_secs(30))?;
     } else {
-        thread::sleep(Duration::from_millis(300));
+        cluster.wait_event_from_all("listening", Duration::from_secs(30))?;
     }
     let sh = Arc::new(Shared::default());
     let run = format!("r{rep}{}", unix_us() % 100000);

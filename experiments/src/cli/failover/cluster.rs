@@ -48,6 +48,8 @@ pub struct ClusterSpec {
     pub heartbeat_ms: u64,
     pub backend: Backend,
     pub copy_rate_mib: u64,
+    /// The block service's `--journal` (None: `file`).
+    pub journal: Option<String>,
 }
 
 /// An event line of a node.
@@ -332,7 +334,9 @@ impl Cluster {
             .arg("--copy-rate-mib")
             .arg(self.spec.copy_rate_mib.to_string())
             .arg("--session-timeout-ms")
-            .arg((self.spec.heartbeat_ms * 5).to_string());
+            .arg((self.spec.heartbeat_ms * 5).to_string())
+            .arg("--journal")
+            .arg(self.spec.journal.as_deref().unwrap_or("file"));
         if self.spec.force {
             cmd.arg("--force");
         }
@@ -466,6 +470,26 @@ impl Cluster {
                     "no VIP holder after {timeout:?}; events: {:?}",
                     self.events()
                 );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (up to `timeout`) until every running node reported `event` (e.g. `listening`
+    /// in `client_retry`, `started` otherwise) since it was last started.
+    pub fn wait_event_from_all(&self, event: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ev = self.events();
+            let missing: Vec<usize> = (0..self.spec.nodes)
+                .filter(|&i| self.is_running(i))
+                .filter(|&i| !ev.iter().any(|e| e.node == i && e.kind == event))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nodes {missing:?} never reported {event} within {timeout:?}");
             }
             thread::sleep(Duration::from_millis(10));
         }

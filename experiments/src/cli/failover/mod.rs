@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use blocklab::coord::CoordSpec;
 use blocklab::failover::client::Client;
 use blocklab::failover::dispatcher::Timing;
 use blocklab::failover::node::{run_node, Mode, NodeConfig};
-use blocklab::failover::service::{Service, ServiceConfig};
+use blocklab::failover::service::{JournalSpec, Service, ServiceConfig};
 use blocklab::failover::vip::VipBackend;
 use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::StoreConfig;
@@ -118,6 +119,13 @@ pub struct BlockServiceArgs {
     /// operations are abandoned.
     #[arg(long, default_value_t = 500)]
     pub session_timeout_ms: u64,
+    /// Where the operation journal lives: `file` (journal.jsonl in --state-dir),
+    /// `embedded:PATH` or `zk://host:port[,...][/chroot]` (the coordination backend).
+    #[arg(long, default_value = "file")]
+    pub journal: String,
+    /// Path of the journal in the coordination backend.
+    #[arg(long, default_value = "/blocklab/failover")]
+    pub journal_root: String,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +249,14 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
                 deliver_for: Duration::from_secs(120),
                 copy_rate: (a.copy_rate_mib > 0).then_some(a.copy_rate_mib << 20),
                 session_timeout: Duration::from_millis(a.session_timeout_ms.max(1)),
+                journal: if a.journal == "file" {
+                    JournalSpec::File
+                } else {
+                    JournalSpec::Coord {
+                        spec: CoordSpec::parse(&a.journal).context("--journal")?,
+                        root: a.journal_root,
+                    }
+                },
             })
             .context("starting the block service")?;
             println!("event=service_listening addr={}", svc.addr);
