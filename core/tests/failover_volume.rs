@@ -51,7 +51,6 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 fn small_cfg() -> StoreConfig {
     StoreConfig {
         unit: MIB,
-        data_offset: MIB,
         copy_chunk: 256 * 1024,
         copy_depth: 4,
     }

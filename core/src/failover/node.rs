@@ -147,16 +147,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError>
             if let Ok((n, _)) = udp.recv_from(&mut buf) {
                 if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&buf[..n]) {
                     let acts = d.step(Input::Heartbeat(hb));
-                    apply(
-                        &acts,
-                        &cfg,
-                        &udp,
-                        &mut d,
-                        &mut holding,
-                        &cache,
-                        &epoch,
-                        &stop,
-                    );
+                    apply(&acts, &cfg, &udp, &mut d, &mut holding, &cache, &epoch);
                 }
             }
             continue;
@@ -168,16 +159,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError>
         let ok = probe_service(&mut probe, cfg.service, cfg.id, cfg.heartbeat);
         d.step(Input::Probe { ok });
         let acts = d.step(Input::Tick);
-        apply(
-            &acts,
-            &cfg,
-            &udp,
-            &mut d,
-            &mut holding,
-            &cache,
-            &epoch,
-            &stop,
-        );
+        apply(&acts, &cfg, &udp, &mut d, &mut holding, &cache, &epoch);
     }
     if let Some(h) = holding.take() {
         h.stop.store(true, Ordering::Relaxed);
@@ -225,7 +207,6 @@ fn apply(
     holding: &mut Option<Holding>,
     cache: &Cache,
     epoch: &Arc<Mutex<Epoch>>,
-    stop: &Arc<AtomicBool>,
 ) {
     for a in acts {
         match a {
@@ -279,7 +260,6 @@ fn apply(
             }
         }
     }
-    let _ = stop;
 }
 
 /// Accepts clients (and deliveries) on `l` until `stop`.

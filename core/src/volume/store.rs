@@ -93,9 +93,6 @@ pub enum VolumeError {
 pub struct StoreConfig {
     /// Allocation unit for blank (unformatted) devices; formatted ones use their own.
     pub unit: u64,
-    /// Unused since the daemon format: the layout says where data starts. Kept so
-    /// callers' struct literals stay valid.
-    pub data_offset: u64,
     /// Copy chunk size and requests in flight.
     pub copy_chunk: u64,
     pub copy_depth: usize,
@@ -105,7 +102,6 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             unit: 1 << 20,
-            data_offset: 1 << 20,
             copy_chunk: 1 << 20,
             copy_depth: 8,
         }
