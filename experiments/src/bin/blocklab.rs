@@ -37,11 +37,5 @@ fn main() -> std::process::ExitCode {
         Command::Gateway(a) => cli::lunmap::run_gateway(*a),
         Command::Lunmap(c) => cli::lunmap::run(c),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("blocklab: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    harness::exit_on_error("blocklab", result)
 }
