@@ -5,9 +5,10 @@
 //!   `VIP:port`, so the kernel guarantees one holder per machine. No privileges needed.
 //! * [`VipBackend::Netns`]: the node runs inside its own network namespace with a veth
 //!   (`lower`) on a bridge. Taking the VIP creates a macvlan `vip_dev` on the veth with a
-//!   fixed virtual MAC (as VRRP does), turns on `arp_notify` for it, adds `VIP/32`, and
-//!   brings it up: the kernel then sends the gratuitous ARP that moves the clients' ARP
-//!   entries. Giving it up deletes the macvlan. Needs root (run under `ip netns exec`).
+//!   fixed virtual MAC (as VRRP does) and `arp_notify` on (inherited from the namespace's
+//!   `default`), adds `VIP/32`, and brings it up — one `ip -batch` — and the kernel sends
+//!   the gratuitous ARP that moves the clients' ARP entries. Giving it up deletes the
+//!   macvlan. Needs root (run under `ip netns exec`).
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::process::Command;
@@ -62,6 +63,35 @@ fn run(args: &[&str]) -> Result<(), VipError> {
     }
 }
 
+/// Runs `ip -batch -` with `cmds` on its standard input.
+fn run_batch(cmds: &str) -> Result<(), VipError> {
+    use std::io::Write;
+    let fail = |msg: String| VipError::Command {
+        cmd: format!("ip -batch - <<< {cmds:?}"),
+        msg,
+    };
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(cmds.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
 impl VipBackend {
     pub fn vip(&self) -> IpAddr {
         match self {
@@ -98,24 +128,32 @@ impl VipBackend {
                 vip_dev,
                 mac,
             } => {
-                self.clean();
-                run(&[
-                    "ip", "link", "add", vip_dev, "link", lower, "type", "macvlan", "mode",
-                    "bridge",
-                ])?;
-                let setup = || -> Result<(), VipError> {
-                    run(&["ip", "link", "set", vip_dev, "address", mac])?;
-                    let notify = format!("/proc/sys/net/ipv4/conf/{vip_dev}/arp_notify");
-                    std::fs::write(&notify, "1").map_err(|e| VipError::Command {
-                        cmd: format!("write 1 to {notify}"),
-                        msg: e.to_string(),
-                    })?;
-                    run(&["ip", "addr", "add", &format!("{vip}/32"), "dev", vip_dev])?;
-                    run(&["ip", "link", "set", vip_dev, "up"])
-                };
-                if let Err(e) = setup() {
+                // New devices of this namespace inherit arp_notify from `default`, so the
+                // macvlan announces itself when it comes up; one `ip -batch` (one fork)
+                // creates it with the virtual MAC, adds the VIP and brings it up.
+                let notify = "/proc/sys/net/ipv4/conf/default/arp_notify";
+                std::fs::write(notify, "1").map_err(|e| VipError::Command {
+                    cmd: format!("write 1 to {notify}"),
+                    msg: e.to_string(),
+                })?;
+                let batch = format!(
+                    "link add link {lower} name {vip_dev} address {mac} type macvlan mode bridge\n\
+                     addr add {vip}/32 dev {vip_dev}\n\
+                     link set {vip_dev} up\n"
+                );
+                if let Err(first) = run_batch(&batch) {
+                    // A macvlan left by an earlier incarnation: remove it and try once more.
                     self.clean();
-                    return Err(e);
+                    if let Err(e) = run_batch(&batch) {
+                        self.clean();
+                        return Err(match e {
+                            VipError::Command { cmd, msg } => VipError::Command {
+                                cmd,
+                                msg: format!("{msg} (first attempt: {first})"),
+                            },
+                            other => other,
+                        });
+                    }
                 }
             }
         }
