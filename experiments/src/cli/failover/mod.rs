@@ -46,8 +46,8 @@ pub struct ServeArgs {
     /// This node's id (must appear in --peers).
     #[arg(long)]
     pub node: u32,
-    /// Every node's heartbeat (UDP) address: `ID=IP:PORT,ID=IP:PORT,...`.
-    #[arg(long, value_parser = parse_peers)]
+    /// Every node's heartbeat (UDP) address: `ID=IP:PORT,ID=IP:PORT,...` (or repeat the flag).
+    #[arg(long, value_parser = parse_peers, value_delimiter = ',', required = true)]
     pub peers: Vec<(u32, SocketAddr)>,
     /// The block service's address.
     #[arg(long)]
