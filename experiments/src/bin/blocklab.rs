@@ -34,6 +34,11 @@ enum Command {
     Node(cli::init::NodeCmd),
     /// Initialise the daemons of a set of node agents with a strategy.
     Init(cli::init::InitArgs),
+    /// Management nodes (task dispatcher + VIP) and the block service they act on.
+    #[command(subcommand)]
+    Mgmt(cli::failover::MgmtCmd),
+    /// The management client: create, delete, copy, list volumes through the VIP.
+    Volume(cli::failover::VolumeArgs),
     /// Serve block I/O of LUNs to the initiators the live LUN map allows.
     Gateway(Box<cli::lunmap::GatewayArgs>),
     /// Edit and inspect the LUN map (LUN -> target -> initiators).
@@ -52,6 +57,8 @@ fn main() -> std::process::ExitCode {
         Command::Monitor(c) => cli::init::monitor(c),
         Command::Node(c) => cli::init::node(c),
         Command::Init(a) => cli::init::orchestrate(a),
+        Command::Mgmt(c) => cli::failover::run_mgmt(c),
+        Command::Volume(c) => cli::failover::run_volume(c),
         Command::Gateway(a) => cli::lunmap::run_gateway(*a),
         Command::Lunmap(c) => cli::lunmap::run(c),
     };

@@ -3,4 +3,5 @@
 pub mod alloc;
 pub mod devices;
 pub mod init;
+pub mod failover;
 pub mod lunmap;

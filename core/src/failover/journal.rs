@@ -1,0 +1,297 @@
+//! The operation journal: every operation id with its arguments, its state and its result.
+//! It makes an operation run at most once (a second submission of the same id finds the
+//! first) and its result deliverable later by any node (the result stays in the journal).
+//!
+//! [`OpJournal`] is the small trait. [`FileJournal`] (the default) is an append-only file of
+//! JSON lines owned by the block service, each record fsynced before it counts, replayed on
+//! open. [`super::coord_journal::CoordJournal`] keeps the same records in the coordination
+//! backend (embedded store or ZooKeeper).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::dispatcher::Epoch;
+use super::wire::{Op, OpResult};
+
+/// One journal record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "rec", rename_all = "snake_case")]
+pub enum Record {
+    /// An execution started.
+    Started {
+        op_id: String,
+        op: Op,
+        epoch: Epoch,
+        node: u32,
+        tag: Option<String>,
+    },
+    /// It finished with this result (`bytes` = data it wrote).
+    Done {
+        op_id: String,
+        result: OpResult,
+        bytes: u64,
+    },
+    /// It was abandoned (session-bound submission whose submitter went away, or a restart
+    /// of the service); `bytes` = data written before it stopped, wasted.
+    Aborted { op_id: String, bytes: u64 },
+    /// The highest holder epoch seen (fencing survives a restart).
+    Epoch { epoch: Epoch },
+}
+
+/// The state of one operation id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpState {
+    Running { op: Op },
+    Done { op: Op, result: OpResult },
+    Aborted { op: Op },
+}
+
+impl OpState {
+    pub fn op(&self) -> &Op {
+        match self {
+            OpState::Running { op } | OpState::Done { op, .. } | OpState::Aborted { op } => op,
+        }
+    }
+}
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path} line {line}: {msg}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+}
+
+/// What an operation journal offers.
+pub trait OpJournal: Send {
+    /// Appends a record durably and applies it.
+    fn append(&mut self, rec: Record) -> Result<(), JournalError>;
+    fn state(&self, op_id: &str) -> Option<&OpState>;
+    fn max_epoch(&self) -> Epoch;
+    /// Operation ids whose execution started and neither finished nor was abandoned.
+    fn running(&self) -> Vec<String>;
+}
+
+/// Applies records to an in-memory index.
+#[derive(Debug, Default, Clone)]
+pub struct Index {
+    pub ops: HashMap<String, OpState>,
+    pub max_epoch: Option<Epoch>,
+}
+
+impl Index {
+    pub fn apply(&mut self, rec: &Record) {
+        match rec {
+            Record::Started {
+                op_id, op, epoch, ..
+            } => {
+                self.ops
+                    .insert(op_id.clone(), OpState::Running { op: op.clone() });
+                self.bump(*epoch);
+            }
+            Record::Done { op_id, result, .. } => {
+                if let Some(s) = self.ops.get_mut(op_id) {
+                    *s = OpState::Done {
+                        op: s.op().clone(),
+                        result: result.clone(),
+                    };
+                }
+            }
+            Record::Aborted { op_id, .. } => {
+                if let Some(s) = self.ops.get_mut(op_id) {
+                    *s = OpState::Aborted { op: s.op().clone() };
+                }
+            }
+            Record::Epoch { epoch } => self.bump(*epoch),
+        }
+    }
+    pub fn running(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ops
+            .iter()
+            .filter(|(_, s)| matches!(s, OpState::Running { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+    fn bump(&mut self, e: Epoch) {
+        self.max_epoch = Some(self.max_epoch.map_or(e, |m| m.max(e)));
+    }
+}
+
+/// An append-only JSON-lines journal file.
+#[derive(Debug)]
+pub struct FileJournal {
+    path: PathBuf,
+    file: File,
+    index: Index,
+}
+
+impl FileJournal {
+    /// Opens (creating) the journal and replays it. A torn last line (crash during append)
+    /// is ignored; a bad line before the end is corruption.
+    pub fn open(path: &Path) -> Result<FileJournal, JournalError> {
+        let io = |source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let records = read_records(path)?;
+        // Cut a torn tail (crash during an append) so new records start on a fresh line.
+        if let Ok(bytes) = std::fs::read(path) {
+            if bytes.last().is_some_and(|&b| b != b'\n') {
+                let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+                f.set_len(keep as u64).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+        }
+        let mut index = Index::default();
+        for r in &records {
+            index.apply(r);
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        Ok(FileJournal {
+            path: path.to_path_buf(),
+            file,
+            index,
+        })
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+}
+
+/// Reads every record of a journal file (for replay and for the experiment's accounting).
+pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(JournalError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let lines: Vec<String> = BufReader::new(f)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut out = Vec::new();
+    let n = lines.len();
+    for (i, l) in lines.iter().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(l) {
+            Ok(r) => out.push(r),
+            Err(_) if i + 1 == n => break, // torn tail
+            Err(e) => {
+                return Err(JournalError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    msg: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl OpJournal for FileJournal {
+    fn append(&mut self, rec: Record) -> Result<(), JournalError> {
+        let mut line = serde_json::to_vec(&rec).map_err(|e| JournalError::Corrupt {
+            path: self.path.clone(),
+            line: 0,
+            msg: e.to_string(),
+        })?;
+        line.push(b'\n');
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.write_all(&line).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.index.apply(&rec);
+        Ok(())
+    }
+    fn state(&self, op_id: &str) -> Option<&OpState> {
+        self.index.ops.get(op_id)
+    }
+    fn max_epoch(&self) -> Epoch {
+        self.index.max_epoch.unwrap_or(Epoch::ZERO)
+    }
+    fn running(&self) -> Vec<String> {
+        self.index.running()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_restores_states_and_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let e = Epoch {
+            counter: 3,
+            node: 1,
+        };
+        {
+            let mut j = FileJournal::open(&p).unwrap();
+            j.append(Record::Started {
+                op_id: "a".into(),
+                op: Op::Delete { name: "x".into() },
+                epoch: e,
+                node: 1,
+                tag: None,
+            })
+            .unwrap();
+            j.append(Record::Done {
+                op_id: "a".into(),
+                result: OpResult::Deleted { name: "x".into() },
+                bytes: 0,
+            })
+            .unwrap();
+            j.append(Record::Started {
+                op_id: "b".into(),
+                op: Op::List,
+                epoch: e,
+                node: 1,
+                tag: None,
+            })
+            .unwrap();
+        }
+        // A torn tail from a crash mid-append is ignored.
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"rec\":\"done\",\"op_").unwrap();
+        let j = FileJournal::open(&p).unwrap();
+        assert_eq!(j.max_epoch(), e);
+        assert!(matches!(j.state("a"), Some(OpState::Done { .. })));
+        assert!(matches!(j.state("b"), Some(OpState::Running { .. })));
+        assert!(j.state("c").is_none());
+    }
+}

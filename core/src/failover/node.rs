@@ -1,0 +1,380 @@
+//! A storage node's management service and task dispatcher (`blocklab mgmt serve`).
+//!
+//! One thread runs the [`Dispatcher`]: every heartbeat period it probes the node's own
+//! block-service connection (a `Ping`), ticks, and sends its heartbeat to the peers over
+//! UDP; in between it receives the peers' heartbeats. `Acquire` announces the epoch to the
+//! block service (`Claim`) and takes the VIP through the [`VipBackend`]; `Release` drops it.
+//!
+//! While holding, a listener thread accepts clients on `VIP:port`: each request is looked up
+//! in the node's cache of delivered results, else submitted to the block service with the
+//! holder's epoch and answered when the result comes back. Results the service delivers to
+//! the VIP (their submitter died) are cached and acknowledged.
+//!
+//! In the `client_retry` baseline there is no VIP: each node listens on its own address and
+//! submits session-bound (the service drops the work if this node dies).
+//!
+//! Events (VIP acquired/released) go to stdout as lines `event=vip_acquired node=N
+//! epoch=C.N unix_us=T`, which the experiment reads.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::dispatcher::{Action, Dispatcher, Epoch, Heartbeat, Input, NodeId, Timing};
+use super::vip::{VipBackend, VipError};
+use super::wire::{Conn, Msg, OpResult, WireError};
+
+/// How management requests survive a node failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The VIP moves to a healthy node; results are delivered through it.
+    VipHandoff,
+    /// The baseline: no VIP; a node's death abandons its work; the client re-issues.
+    ClientRetry,
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::VipHandoff => "vip_handoff",
+            Mode::ClientRetry => "client_retry",
+        }
+    }
+}
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Every node's heartbeat (UDP) address, this node's included.
+    pub peers: Vec<(NodeId, SocketAddr)>,
+    pub service: SocketAddr,
+    pub vip: VipBackend,
+    /// The management port (on the VIP; on `listen` in `client_retry`).
+    pub port: u16,
+    /// This node's own address for `client_retry` requests.
+    pub listen: SocketAddr,
+    pub mode: Mode,
+    pub heartbeat: Duration,
+    pub timing: Timing,
+}
+
+/// Errors of a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node {0} is not in the peer list")]
+    NotInPeers(NodeId),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vip(#[from] VipError),
+}
+
+fn unix_us() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
+}
+
+fn event(line: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line} unix_us={}", unix_us());
+    let _ = o.flush();
+}
+
+type Cache = Arc<Mutex<HashMap<String, OpResult>>>;
+
+struct Holding {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+/// Runs the node until `stop` is set.
+pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError> {
+    let me = cfg
+        .peers
+        .iter()
+        .find(|(id, _)| *id == cfg.id)
+        .map(|(_, a)| *a)
+        .ok_or(NodeError::NotInPeers(cfg.id))?;
+    let cache: Cache = Arc::new(Mutex::new(HashMap::new()));
+    let epoch = Arc::new(Mutex::new(Epoch::ZERO));
+
+    if cfg.mode == Mode::ClientRetry {
+        let l = TcpListener::bind(cfg.listen).map_err(|source| NodeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        event(&format!(
+            "event=listening node={} addr={}",
+            cfg.id, cfg.listen
+        ));
+        // The node still pings its block service every period (its liveness there).
+        let (c2, s2) = (cfg.clone(), stop.clone());
+        let server = thread::spawn(move || serve(l, &c2, cache, epoch, s2));
+        let mut probe: Option<Conn> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            probe_service(&mut probe, cfg.service, cfg.id, cfg.heartbeat);
+            thread::sleep(cfg.heartbeat.saturating_sub(t.elapsed()));
+        }
+        let _ = server.join();
+        return Ok(());
+    }
+
+    cfg.vip.clean();
+    let udp = UdpSocket::bind(me).map_err(|source| NodeError::Bind { addr: me, source })?;
+    let ids: Vec<NodeId> = cfg.peers.iter().map(|(id, _)| *id).collect();
+    let mut d = Dispatcher::new(cfg.id, &ids, cfg.timing);
+    let mut probe: Option<Conn> = None;
+    let mut holding: Option<Holding> = None;
+    let mut next_tick = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    event(&format!("event=started node={}", cfg.id));
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next_tick {
+            let _ = udp.set_read_timeout(Some(next_tick - now));
+            if let Ok((n, _)) = udp.recv_from(&mut buf) {
+                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&buf[..n]) {
+                    let acts = d.step(Input::Heartbeat(hb));
+                    apply(&acts, &cfg, &udp, &mut d, &mut holding, &cache, &epoch);
+                }
+            }
+            continue;
+        }
+        next_tick += cfg.heartbeat;
+        if next_tick < Instant::now() {
+            next_tick = Instant::now() + cfg.heartbeat;
+        }
+        let ok = probe_service(&mut probe, cfg.service, cfg.id, cfg.heartbeat);
+        d.step(Input::Probe { ok });
+        let acts = d.step(Input::Tick);
+        apply(&acts, &cfg, &udp, &mut d, &mut holding, &cache, &epoch);
+    }
+    if let Some(h) = holding.take() {
+        h.stop.store(true, Ordering::Relaxed);
+        let _ = h.thread.join();
+        cfg.vip.release();
+    }
+    Ok(())
+}
+
+fn probe_service(probe: &mut Option<Conn>, service: SocketAddr, id: NodeId, t: Duration) -> bool {
+    let t = t.max(Duration::from_millis(20));
+    if probe.is_none() {
+        *probe = TcpStream::connect_timeout(&service, t).ok().and_then(|s| {
+            s.set_read_timeout(Some(t)).ok()?;
+            Conn::new(s).ok()
+        });
+    }
+    let ok = match probe.as_mut() {
+        Some(c) => c.send(&Msg::Ping { node: id }).is_ok() && matches!(c.recv(), Ok(Msg::Pong)),
+        None => false,
+    };
+    if !ok {
+        *probe = None;
+    }
+    ok
+}
+
+fn claim(service: SocketAddr, epoch: Epoch, node: NodeId) -> bool {
+    let attempt = || -> Result<bool, WireError> {
+        let s = TcpStream::connect_timeout(&service, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut c = Conn::new(s)?;
+        c.send(&Msg::Claim { epoch, node })?;
+        Ok(matches!(c.recv()?, Msg::Ack { .. }))
+    };
+    attempt().unwrap_or(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    acts: &[Action],
+    cfg: &NodeConfig,
+    udp: &UdpSocket,
+    d: &mut Dispatcher,
+    holding: &mut Option<Holding>,
+    cache: &Cache,
+    epoch: &Arc<Mutex<Epoch>>,
+) {
+    for a in acts {
+        match a {
+            Action::Broadcast(hb) => {
+                if let Ok(bytes) = serde_json::to_vec(hb) {
+                    for (id, addr) in &cfg.peers {
+                        if *id != cfg.id {
+                            let _ = udp.send_to(&bytes, addr);
+                        }
+                    }
+                }
+            }
+            Action::Acquire(e) => {
+                if !claim(cfg.service, *e, cfg.id) {
+                    d.acquire_failed();
+                    continue;
+                }
+                match cfg.vip.acquire(cfg.port) {
+                    Ok(l) => {
+                        *epoch.lock().unwrap_or_else(|p| p.into_inner()) = *e;
+                        event(&format!(
+                            "event=vip_acquired node={} epoch={}.{}",
+                            cfg.id, e.counter, e.node
+                        ));
+                        let hstop = Arc::new(AtomicBool::new(false));
+                        let (c2, cache2, ep2, s2) =
+                            (cfg.clone(), cache.clone(), epoch.clone(), hstop.clone());
+                        let t = thread::spawn(move || serve(l, &c2, cache2, ep2, s2));
+                        *holding = Some(Holding {
+                            stop: hstop,
+                            thread: t,
+                        });
+                    }
+                    Err(err) => {
+                        event(&format!(
+                            "event=vip_acquire_failed node={} error={:?}",
+                            cfg.id,
+                            err.to_string()
+                        ));
+                        d.acquire_failed();
+                    }
+                }
+            }
+            Action::Release => {
+                if let Some(h) = holding.take() {
+                    h.stop.store(true, Ordering::Relaxed);
+                    let _ = h.thread.join();
+                }
+                cfg.vip.release();
+                event(&format!("event=vip_released node={}", cfg.id));
+            }
+        }
+    }
+}
+
+/// Accepts clients (and deliveries) on `l` until `stop`.
+fn serve(
+    l: TcpListener,
+    cfg: &NodeConfig,
+    cache: Cache,
+    epoch: Arc<Mutex<Epoch>>,
+    stop: Arc<AtomicBool>,
+) {
+    let _ = l.set_nonblocking(true);
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let (cfg, cache, epoch, stop) =
+                    (cfg.clone(), cache.clone(), epoch.clone(), stop.clone());
+                thread::spawn(move || {
+                    let _ = handle_client(s, &cfg, &cache, &epoch, &stop);
+                });
+            }
+            Err(_) => thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+fn handle_client(
+    s: TcpStream,
+    cfg: &NodeConfig,
+    cache: &Cache,
+    epoch: &Mutex<Epoch>,
+    stop: &AtomicBool,
+) -> Result<(), WireError> {
+    let mut conn = Conn::new(s)?;
+    loop {
+        let m = match conn.recv() {
+            Ok(m) => m,
+            Err(WireError::Malformed(e)) => {
+                conn.send(&Msg::Reply {
+                    op_id: String::new(),
+                    result: OpResult::Error {
+                        message: format!("malformed request: {e}"),
+                    },
+                })?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match m {
+            Msg::Deliver { op_id, result } => {
+                cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(op_id.clone(), result);
+                conn.send(&Msg::Ack { op_id })?;
+            }
+            Msg::Request { op_id, op, tag } => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let cached = cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&op_id)
+                    .cloned();
+                let result = match cached {
+                    Some(r) => r,
+                    None => {
+                        let e = *epoch.lock().unwrap_or_else(|p| p.into_inner());
+                        match submit(cfg, &op_id, op, tag, e)? {
+                            Some(r) => r,
+                            // Fenced or the service went away: not authoritative; let
+                            // the client resend (to whoever holds the VIP then).
+                            None => return Ok(()),
+                        }
+                    }
+                };
+                conn.send(&Msg::Reply { op_id, result })?;
+            }
+            other => {
+                conn.send(&Msg::Reply {
+                    op_id: String::new(),
+                    result: OpResult::Error {
+                        message: format!("unexpected message {other:?}"),
+                    },
+                })?;
+            }
+        }
+    }
+}
+
+fn submit(
+    cfg: &NodeConfig,
+    op_id: &str,
+    op: super::wire::Op,
+    tag: Option<String>,
+    epoch: Epoch,
+) -> Result<Option<OpResult>, WireError> {
+    let s = TcpStream::connect_timeout(&cfg.service, Duration::from_secs(2))?;
+    let mut c = Conn::new(s)?;
+    c.send(&Msg::Submit {
+        op_id: op_id.to_string(),
+        op,
+        epoch,
+        node: cfg.id,
+        session_bound: cfg.mode == Mode::ClientRetry,
+        tag,
+    })?;
+    loop {
+        match c.recv() {
+            Ok(Msg::Accepted { .. }) => continue,
+            Ok(Msg::Reply { result, .. }) => return Ok(Some(result)),
+            Ok(Msg::Fenced { .. }) => return Ok(None),
+            Ok(_) => continue,
+            Err(_) => return Ok(None),
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The wire protocol: one JSON object per line over TCP (client ↔ VIP holder, holder ↔
+//! block service, block service → VIP), and one JSON datagram per heartbeat over UDP
+//! between dispatchers. Lines are limited to [`MAX_LINE`] bytes; anything that does not
+//! parse is a [`WireError::Malformed`] naming what was wrong.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+
+use serde::{Deserialize, Serialize};
+
+use super::dispatcher::Epoch;
+
+/// Longest accepted line.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A management operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Op {
+    Create { name: String, size: u64 },
+    Delete { name: String },
+    Copy { src: String, dst: String },
+    List,
+}
+
+impl Op {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Create { .. } => "create",
+            Op::Delete { .. } => "delete",
+            Op::Copy { .. } => "copy",
+            Op::List => "list",
+        }
+    }
+}
+
+/// A volume as reported to clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size: u64,
+}
+
+/// What an operation produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum OpResult {
+    Created {
+        name: String,
+        size: u64,
+    },
+    Deleted {
+        name: String,
+    },
+    Copied {
+        src: String,
+        dst: String,
+        bytes: u64,
+    },
+    Listed {
+        volumes: Vec<VolumeInfo>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl OpResult {
+    pub fn is_ok(&self) -> bool {
+        !matches!(self, OpResult::Error { .. })
+    }
+}
+
+/// Every TCP message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum Msg {
+    /// Client → VIP holder (or a node, in `client_retry`). `tag` groups the attempts of one
+    /// logical operation for accounting (the experiment); it changes nothing.
+    Request {
+        op_id: String,
+        op: Op,
+        #[serde(default)]
+        tag: Option<String>,
+    },
+    /// The answer to a request, with the operation id it belongs to.
+    Reply {
+        op_id: String,
+        result: OpResult,
+    },
+    /// Holder → block service: run this operation (at most once per op id). With
+    /// `session_bound` (the `client_retry` baseline) the service abandons the operation if
+    /// this connection closes before it finished.
+    Submit {
+        op_id: String,
+        op: Op,
+        epoch: Epoch,
+        node: u32,
+        session_bound: bool,
+        #[serde(default)]
+        tag: Option<String>,
+    },
+    /// Service → holder: the operation is running; the result comes later on this
+    /// connection, or, if it is gone, as a `Deliver` to the VIP.
+    Accepted {
+        op_id: String,
+    },
+    /// Service → holder: refused without running (stale epoch); the holder must not answer
+    /// the client (it is no longer authoritative).
+    Fenced {
+        op_id: String,
+        current: Epoch,
+    },
+    /// Service → VIP: the result of an operation whose submitter went away.
+    Deliver {
+        op_id: String,
+        result: OpResult,
+    },
+    Ack {
+        op_id: String,
+    },
+    /// Holder → service on takeover.
+    Claim {
+        epoch: Epoch,
+        node: u32,
+    },
+    /// Node → its block service: liveness probe (as an rbd client's watch would).
+    Ping {
+        node: u32,
+    },
+    Pong,
+}
+
+/// Errors of the wire layer.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("message longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one message; `Closed` at a clean end of stream.
+pub fn read_msg<R: BufRead>(r: &mut R) -> Result<Msg, WireError> {
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Err(WireError::Closed);
+    }
+    if line.last() != Some(&b'\n') {
+        if line.len() > MAX_LINE {
+            return Err(WireError::TooLong);
+        }
+        return Err(WireError::Malformed("truncated line".into()));
+    }
+    parse_msg(&line)
+}
+
+/// Parses one line.
+pub fn parse_msg(line: &[u8]) -> Result<Msg, WireError> {
+    serde_json::from_slice(line).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Writes one message (one line) and flushes.
+pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> Result<(), WireError> {
+    let mut v = serde_json::to_vec(m).map_err(|e| WireError::Malformed(e.to_string()))?;
+    v.push(b'\n');
+    w.write_all(&v)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// A connection with a buffered reader over a clone of the stream.
+#[derive(Debug)]
+pub struct Conn {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> std::io::Result<Conn> {
+        stream.set_nodelay(true)?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Conn { stream, reader })
+    }
+    pub fn send(&mut self, m: &Msg) -> Result<(), WireError> {
+        write_msg(&mut self.stream, m)
+    }
+    pub fn recv(&mut self) -> Result<Msg, WireError> {
+        read_msg(&mut self.reader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_malformed() {
+        let m = Msg::Request {
+            op_id: "a1".into(),
+            op: Op::Copy {
+                src: "v".into(),
+                dst: "w".into(),
+            },
+            tag: None,
+        };
+        let mut buf = Vec::new();
+        write_msg(&mut buf, &m).unwrap();
+        assert_eq!(read_msg(&mut &buf[..]).unwrap(), m);
+        for bad in [
+            &b"not json\n"[..],
+            b"{\"msg\":\"request\"}\n",
+            b"{\"msg\":\"request\",\"op_id\":\"x\",\"op\":{\"kind\":\"explode\"}}\n",
+        ] {
+            assert!(matches!(
+                read_msg(&mut &bad[..]),
+                Err(WireError::Malformed(_))
+            ));
+        }
+        assert!(matches!(read_msg(&mut &b""[..]), Err(WireError::Closed)));
+        assert!(matches!(
+            read_msg(&mut &b"{\"msg\":"[..]),
+            Err(WireError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,604 @@
+//! exp-failover: a client runs a stream of create/copy/delete operations against a
+//! three-node management cluster while the harness SIGKILLs the node serving it (the VIP
+//! holder; in `client_retry`, the node the client talks to) at random points — in the
+//! middle of copies too — restarts it, and repeats.
+//!
+//! Per (mode, vip backend, heartbeat, repetition) and per operation in flight at the kill
+//! (`create`, `copy`, `delete`, and `all`), one CSV row:
+//! `mode,vip_backend,heartbeat_ms,operation,repetition,kills,ops,
+//! delivery_after_kill_p50_ms,delivery_after_kill_p99_ms,vip_move_p50_ms,lost_results,
+//! duplicate_executions,reexecuted_bytes`.
+//!
+//! * delivery_after_kill: from the kill to the next result the client receives.
+//! * vip_move: from the kill to the next node's `vip_acquired` event (vip_handoff only).
+//! * lost_results: logical operations whose result the client never got right (gave up, or
+//!   got an error for an operation that should have succeeded — e.g. "already exists" from
+//!   a re-issued create whose first execution had succeeded).
+//! * duplicate_executions: from the block service's journal: successful executions of one
+//!   logical operation beyond the first.
+//! * reexecuted_bytes: bytes copied (journal `done` and `aborted` records) beyond one copy
+//!   of each logical copy operation.
+//!
+//! A sidecar `exp-failover-kills.csv` has one row per kill
+//! (`mode,vip_backend,heartbeat_ms,repetition,kill,operation,delivery_ms,vip_move_ms`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blocklab::failover::client::Client;
+use blocklab::failover::journal::{read_records, Record};
+use blocklab::failover::node::Mode;
+use blocklab::failover::wire::{Op, OpResult};
+use clap::Parser;
+use harness::cli::failover::cluster::{unix_us, Backend, Cluster, ClusterSpec};
+use harness::progress::Progress;
+use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
+use rand::Rng;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "exp-failover",
+    about = "VIP failover of the management service vs. client retry: delivery after a SIGKILL of the serving node, VIP move time, lost results, duplicate executions, re-executed bytes"
+)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Modes to compare (alternating within the run): vip_handoff, client_retry.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "vip_handoff,client_retry"
+    )]
+    modes: Vec<String>,
+    /// VIP backends: loopback, netns (netns needs root; skipped with a note otherwise).
+    /// Default: loopback,netns as root, loopback otherwise.
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<String>,
+    /// Heartbeat periods in ms (default: quick 100; full 50,100,200).
+    #[arg(long, value_delimiter = ',')]
+    heartbeats_ms: Vec<u64>,
+    /// Kills per configuration and repetition (default: quick 20, full 100).
+    #[arg(long)]
+    kills: Option<usize>,
+    /// Size of each volume in MiB (default: quick 16, full 64).
+    #[arg(long)]
+    volume_mib: Option<u64>,
+    /// Copy throughput cap of the block service in MiB/s, so copies last long enough to be
+    /// killed in the middle of (default: quick 64, full 128; 0 = device speed).
+    #[arg(long)]
+    copy_rate_mib: Option<u64>,
+    /// vip_handoff client: re-send the same operation id after this many ms without an
+    /// answer (cheap: the journal makes re-sends idempotent).
+    #[arg(long, default_value_t = 500)]
+    resend_ms: u64,
+    /// client_retry client: give up on a request after this many ms without an answer and
+    /// issue a new one (must exceed the longest operation, or copies re-run needlessly).
+    #[arg(long, default_value_t = 2000)]
+    retry_timeout_ms: u64,
+    /// The `blocklab` binary (default: next to this one).
+    #[arg(long)]
+    blocklab_bin: Option<PathBuf>,
+    /// Seed of the random kill points.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    mode: String,
+    vip_backend: String,
+    heartbeat_ms: u64,
+    operation: String,
+    repetition: u32,
+    kills: u64,
+    ops: u64,
+    delivery_after_kill_p50_ms: f64,
+    delivery_after_kill_p99_ms: f64,
+    vip_move_p50_ms: Option<f64>,
+    lost_results: u64,
+    duplicate_executions: u64,
+    reexecuted_bytes: u64,
+}
+
+/// One kill (sidecar `exp-failover-kills.csv`, for the distributions).
+#[derive(Debug, serde::Serialize)]
+struct KillRow {
+    mode: String,
+    vip_backend: String,
+    heartbeat_ms: u64,
+    repetition: u32,
+    kill: u64,
+    operation: String,
+    delivery_ms: Option<f64>,
+    vip_move_ms: Option<f64>,
+}
+
+/// One logical operation as the client saw it.
+#[derive(Debug, Clone)]
+struct Done {
+    kind: &'static str,
+    end_us: u128,
+    correct: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    mode: Mode,
+    backend: Backend,
+    heartbeat_ms: u64,
+}
+
+/// What the client thread shares with the killer.
+#[derive(Default)]
+struct Shared {
+    /// Kind of the operation in flight (None between operations).
+    in_flight: Mutex<Option<&'static str>>,
+    done: Mutex<Vec<Done>>,
+    stop: AtomicBool,
+    /// client_retry: index of the node the client currently talks to.
+    target: AtomicUsize,
+}
+
+fn workload(i: u64, size: u64) -> Op {
+    let k = i / 4;
+    match i % 4 {
+        0 => Op::Create {
+            name: format!("a{k}"),
+            size,
+        },
+        1 => Op::Copy {
+            src: format!("a{k}"),
+            dst: format!("b{k}"),
+        },
+        2 => Op::Delete {
+            name: format!("a{k}"),
+        },
+        _ => Op::Delete {
+            name: format!("b{k}"),
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn client_loop(
+    sh: Arc<Shared>,
+    mode: Mode,
+    vip: std::net::SocketAddr,
+    nodes: Vec<std::net::SocketAddr>,
+    netns: Option<String>,
+    run: String,
+    size: u64,
+    resend_ms: u64,
+    retry_timeout_ms: u64,
+) -> anyhow::Result<()> {
+    if let Some(ns) = netns {
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&f),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .context("entering the client namespace")?;
+    }
+    let mut vip_client = Client::new(vec![vip]);
+    vip_client.resend_after = Duration::from_millis(resend_ms);
+    vip_client.give_up = Duration::from_secs(30);
+    let mut retry_client = Client::new(nodes);
+    retry_client.resend_after = Duration::from_millis(retry_timeout_ms);
+    retry_client.give_up = Duration::from_secs(30);
+    let mut i = 0u64;
+    while !sh.stop.load(Ordering::Relaxed) {
+        let op = workload(i, size);
+        let tag = format!("{run}-{i}");
+        *sh.in_flight.lock().unwrap() = Some(op.kind());
+        let res = match mode {
+            Mode::VipHandoff => vip_client
+                .call(&tag, &op, Some(tag.clone()))
+                .map(|(r, _)| r),
+            Mode::ClientRetry => {
+                let mut next = sh.target.load(Ordering::Relaxed);
+                let r = retry_client.call_retry(&tag, &op, &mut next);
+                sh.target.store(next, Ordering::Relaxed);
+                r.map(|(r, _)| r)
+            }
+        };
+        let correct = matches!(
+            (&op, &res),
+            (Op::Create { .. }, Ok(OpResult::Created { .. }))
+                | (Op::Copy { .. }, Ok(OpResult::Copied { .. }))
+                | (Op::Delete { .. }, Ok(OpResult::Deleted { .. }))
+        );
+        if !correct {
+            eprintln!("note: operation {tag} ({op:?}) did not get its result: {res:?}");
+        }
+        let end_us = unix_us();
+        *sh.in_flight.lock().unwrap() = None;
+        sh.done.lock().unwrap().push(Done {
+            kind: op.kind(),
+            end_us,
+            correct,
+        });
+        i += 1;
+    }
+    Ok(())
+}
+
+struct KillRec {
+    kind: &'static str,
+    delivery_us: Option<u128>,
+    vip_move_us: Option<u128>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_config(
+    set: &DeviceSet,
+    bin: &std::path::Path,
+    cfg: Config,
+    rep: u32,
+    kills: usize,
+    size: u64,
+    copy_rate: u64,
+    timeouts: (u64, u64),
+    rng: &mut rand::rngs::StdRng,
+    prog: &mut Progress,
+    csv: &mut CsvOut<Row>,
+    kcsv: &mut CsvOut<KillRow>,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("exp-failover-")
+        .tempdir_in("/var/tmp")?;
+    let spec = ClusterSpec {
+        bin: bin.to_path_buf(),
+        dir: dir.path().join("cluster"),
+        devices: set.paths().to_vec(),
+        // The devices were provisioned for this run (or given with --force): earlier
+        // configurations' volumes are ours to overwrite.
+        force: true,
+        nodes: 3,
+        mode: cfg.mode,
+        heartbeat_ms: cfg.heartbeat_ms,
+        backend: cfg.backend,
+        copy_rate_mib: copy_rate,
+        journal: None,
+    };
+    let mut cluster = Cluster::start(spec).context("starting the cluster")?;
+    // Long enough for the restarted node to be heard by its peers before the next kill.
+    let settle = Duration::from_millis(cfg.heartbeat_ms * 3 + 200);
+    if cfg.mode == Mode::VipHandoff {
+        cluster.wait_holder(None, Duration::from_secs(30))?;
+    } else {
+        cluster.wait_event_from_all("listening", Duration::from_secs(30))?;
+    }
+    let sh = Arc::new(Shared::default());
+    let run = format!("r{rep}{}", unix_us() % 100000);
+    let client = {
+        let sh = sh.clone();
+        let (vip, nodes) = (cluster.vip, cluster.node_addrs.clone());
+        let ns = cluster.net.as_ref().map(|n| n.client.clone());
+        let mode = cfg.mode;
+        let run = run.clone();
+        let (rs, rt) = (timeouts.0, timeouts.1);
+        thread::spawn(move || client_loop(sh, mode, vip, nodes, ns, run, size, rs, rt))
+    };
+    let mut recs: Vec<KillRec> = Vec::new();
+    for k in 0..kills {
+        // A random point: 50..(copy time + 400) ms into the stream.
+        let copy_ms = if copy_rate > 0 {
+            size * 1000 / (copy_rate * MIB)
+        } else {
+            50
+        };
+        let wait = rng.random_range(50..(copy_ms + 400));
+        thread::sleep(Duration::from_millis(wait));
+        let victim = match cfg.mode {
+            Mode::VipHandoff => cluster.wait_holder(None, Duration::from_secs(30))?,
+            Mode::ClientRetry => sh.target.load(Ordering::Relaxed) % 3,
+        };
+        let kind = sh.in_flight.lock().unwrap().unwrap_or("idle");
+        let t_kill = cluster.kill_node(victim)?;
+        // Delivery: the first result the client receives after the kill.
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        let (delivery, next_kind) = loop {
+            let d = sh.done.lock().unwrap();
+            if let Some(x) = d.iter().find(|x| x.end_us >= t_kill) {
+                break (Some(x.end_us - t_kill), x.kind);
+            }
+            drop(d);
+            if std::time::Instant::now() > deadline {
+                break (None, kind);
+            }
+            thread::sleep(Duration::from_millis(2));
+        };
+        let kind = if kind == "idle" { next_kind } else { kind };
+        let vip_move = match cfg.mode {
+            Mode::VipHandoff => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    if let Some(e) = cluster.acquisition_after(t_kill) {
+                        break Some(e.unix_us - t_kill);
+                    }
+                    if std::time::Instant::now() > deadline {
+                        break None;
+                    }
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+            Mode::ClientRetry => None,
+        };
+        recs.push(KillRec {
+            kind,
+            delivery_us: delivery,
+            vip_move_us: vip_move,
+        });
+        cluster.start_node(victim)?;
+        thread::sleep(settle);
+        prog.step(&format!(
+            "{} {} hb={}ms rep {rep}: kill {}/{kills} during {kind}: delivered after {}",
+            cfg.mode.name(),
+            cfg.backend.name(),
+            cfg.heartbeat_ms,
+            k + 1,
+            delivery.map_or("never".into(), |d| format!("{:.0} ms", d as f64 / 1000.0))
+        ));
+    }
+    sh.stop.store(true, Ordering::Relaxed);
+    match client.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the client thread panicked"),
+    }
+    let done = sh.done.lock().unwrap().clone();
+    cluster.stop_service()?;
+    let journal = read_records(&cluster.journal_path())?;
+
+    // Journal accounting per logical operation (tag).
+    let mut op_tag: HashMap<String, String> = HashMap::new();
+    let mut op_kind: HashMap<String, &'static str> = HashMap::new();
+    let mut ok_execs: HashMap<String, u64> = HashMap::new();
+    let mut bytes_by_tag: HashMap<String, u64> = HashMap::new();
+    for r in &journal {
+        match r {
+            Record::Started { op_id, op, tag, .. } => {
+                let t = tag.clone().unwrap_or_else(|| op_id.clone());
+                op_tag.insert(op_id.clone(), t);
+                op_kind.insert(op_id.clone(), op.kind());
+            }
+            Record::Done {
+                op_id,
+                result,
+                bytes,
+            } => {
+                if let Some(t) = op_tag.get(op_id) {
+                    if result.is_ok() {
+                        *ok_execs.entry(t.clone()).or_default() += 1;
+                    }
+                    *bytes_by_tag.entry(t.clone()).or_default() += bytes;
+                }
+            }
+            Record::Aborted { op_id, bytes } => {
+                if let Some(t) = op_tag.get(op_id) {
+                    *bytes_by_tag.entry(t.clone()).or_default() += bytes;
+                }
+            }
+            Record::Epoch { .. } => {}
+        }
+    }
+    for (k, r) in recs.iter().enumerate() {
+        kcsv.write(&KillRow {
+            mode: cfg.mode.name().into(),
+            vip_backend: cfg.backend.name().into(),
+            heartbeat_ms: cfg.heartbeat_ms,
+            repetition: rep,
+            kill: k as u64,
+            operation: r.kind.into(),
+            delivery_ms: r.delivery_us.map(|d| d as f64 / 1000.0),
+            vip_move_ms: r.vip_move_us.map(|d| d as f64 / 1000.0),
+        })?;
+    }
+    let tag_kind: HashMap<&String, &'static str> = op_tag
+        .iter()
+        .map(|(id, t)| (t, op_kind.get(id).copied().unwrap_or("list")))
+        .collect();
+
+    for operation in ["create", "copy", "delete", "all"] {
+        let sel = |k: &str| operation == "all" || k == operation;
+        let mut delivery = LatencyHist::new();
+        let mut moves = LatencyHist::new();
+        let mut nk = 0u64;
+        let mut undelivered = 0u64;
+        for r in recs.iter().filter(|r| sel(r.kind)) {
+            nk += 1;
+            match r.delivery_us {
+                Some(d) => delivery.record(d as u64),
+                None => undelivered += 1,
+            }
+            if let Some(m) = r.vip_move_us {
+                moves.record(m as u64);
+            }
+        }
+        let ops = done.iter().filter(|d| sel(d.kind)).count() as u64;
+        let lost = done.iter().filter(|d| sel(d.kind) && !d.correct).count() as u64;
+        let dups: u64 = ok_execs
+            .iter()
+            .filter(|(t, _)| tag_kind.get(t).is_some_and(|k| sel(k)))
+            .map(|(_, n)| n.saturating_sub(1))
+            .sum();
+        let mut reexec = 0u64;
+        for (t, b) in &bytes_by_tag {
+            if tag_kind.get(t).is_some_and(|k| *k == "copy" && sel(k)) {
+                let once = if ok_execs.get(t).copied().unwrap_or(0) > 0 {
+                    size
+                } else {
+                    0
+                };
+                reexec += b.saturating_sub(once);
+            }
+        }
+        let p = delivery.percentiles();
+        csv.write(&Row {
+            mode: cfg.mode.name().into(),
+            vip_backend: cfg.backend.name().into(),
+            heartbeat_ms: cfg.heartbeat_ms,
+            operation: operation.into(),
+            repetition: rep,
+            kills: nk,
+            ops,
+            delivery_after_kill_p50_ms: p.p50 as f64 / 1000.0,
+            delivery_after_kill_p99_ms: p.p99 as f64 / 1000.0,
+            vip_move_p50_ms: (!moves.is_empty()).then(|| moves.percentiles().p50 as f64 / 1000.0),
+            lost_results: lost + undelivered,
+            duplicate_executions: dups,
+            reexecuted_bytes: reexec,
+        })?;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let c = &args.common;
+    let root = rustix::process::geteuid().is_root();
+    let modes: Vec<Mode> = args
+        .modes
+        .iter()
+        .map(|m| match m.as_str() {
+            "vip_handoff" => Ok(Mode::VipHandoff),
+            "client_retry" => Ok(Mode::ClientRetry),
+            other => bail!("unknown mode {other:?} (vip_handoff, client_retry)"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let backend_names = if args.backends.is_empty() {
+        if root {
+            vec!["loopback".to_string(), "netns".to_string()]
+        } else {
+            vec!["loopback".to_string()]
+        }
+    } else {
+        args.backends.clone()
+    };
+    let mut backends = Vec::new();
+    for b in &backend_names {
+        match b.as_str() {
+            "loopback" => backends.push(Backend::Loopback),
+            "netns" if root => backends.push(Backend::Netns),
+            "netns" => eprintln!("note: skipping the netns backend: it needs root"),
+            other => bail!("unknown VIP backend {other:?} (loopback, netns)"),
+        }
+    }
+    let heartbeats = if args.heartbeats_ms.is_empty() {
+        c.pick(vec![100], vec![50, 100, 200])
+    } else {
+        args.heartbeats_ms.clone()
+    };
+    if heartbeats.contains(&0) {
+        bail!("--heartbeats-ms: a heartbeat period must be at least 1 ms");
+    }
+    let kills = args.kills.unwrap_or(c.pick(20, 100));
+    if kills == 0 {
+        bail!("--kills must be at least 1");
+    }
+    let size = args.volume_mib.unwrap_or(c.pick(16, 64)) * MIB;
+    let copy_rate = args.copy_rate_mib.unwrap_or(c.pick(64, 128));
+    let reps = c.repetitions_or(1, 3);
+    let bin = match &args.blocklab_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the binary's directory")?
+            .join("blocklab"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{}: the blocklab binary is missing (build it with `cargo build --bins`, or pass --blocklab-bin)",
+            bin.display()
+        );
+    }
+
+    // The configurations: every mode × heartbeat × backend.
+    let mut configs = Vec::new();
+    for &hb in &heartbeats {
+        for &m in &modes {
+            match m {
+                Mode::VipHandoff => {
+                    for &b in &backends {
+                        configs.push(Config {
+                            mode: m,
+                            backend: b,
+                            heartbeat_ms: hb,
+                        })
+                    }
+                }
+                // No VIP, but the same network: on netns a dead node's link is down, so the
+                // baseline's client waits for its timeout as it would on real hosts.
+                Mode::ClientRetry => {
+                    for &b in &backends {
+                        configs.push(Config {
+                            mode: m,
+                            backend: b,
+                            heartbeat_ms: hb,
+                        })
+                    }
+                }
+            }
+        }
+    }
+    // A live volume set needs at most two volumes of `size` at once; leave room.
+    let dev_size = (size * 4 + 64 * MIB).max(128 * MIB);
+    let set = DeviceSet::setup(c, 2, dev_size / 2, dev_size).context("setting up devices")?;
+    let mut meta = RunMeta::start("exp-failover", c.profile);
+    meta.devices = set.describe();
+    meta.extra = serde_json::json!({
+        "kills_per_config": kills,
+        "volume_bytes": size,
+        "copy_rate_mib_s": copy_rate,
+        "nodes": 3,
+        "dead_after_periods": 3,
+        "takeover_after_periods": 4,
+        "vip_client_resend_ms": args.resend_ms,
+        "retry_client_timeout_ms": args.retry_timeout_ms,
+        "seed": args.seed,
+    });
+    let mut csv = CsvOut::<Row>::create(&c.out, "exp-failover.csv", c.overwrite)?;
+    let mut kcsv = CsvOut::<KillRow>::create(&c.out, "exp-failover-kills.csv", c.overwrite)?;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(args.seed);
+    let mut prog = Progress::new(
+        "exp-failover",
+        (configs.len() * reps as usize * kills) as u64,
+    );
+    // Repetitions outermost so configurations alternate within the run.
+    for rep in 0..reps {
+        for cfg in &configs {
+            run_config(
+                &set,
+                &bin,
+                *cfg,
+                rep,
+                kills,
+                size,
+                copy_rate,
+                (args.resend_ms, args.retry_timeout_ms),
+                &mut rng,
+                &mut prog,
+                &mut csv,
+                &mut kcsv,
+            )
+            .with_context(|| {
+                format!(
+                    "{} {} hb={} ms rep {rep}",
+                    cfg.mode.name(),
+                    cfg.backend.name(),
+                    cfg.heartbeat_ms
+                )
+            })?;
+        }
+    }
+    prog.finish();
+    meta.finish(&c.out, c.overwrite)?;
+    eprintln!("wrote {}", csv.path().display());
+    Ok(())
+}
