@@ -12,6 +12,6 @@ pub mod dev;
 pub mod failover;
 pub mod format;
 pub mod init;
-pub mod monitor;
 pub mod lunmap;
+pub mod monitor;
 pub mod volume;

@@ -2,6 +2,6 @@
 
 pub mod alloc;
 pub mod devices;
-pub mod init;
 pub mod failover;
+pub mod init;
 pub mod lunmap;
