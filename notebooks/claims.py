@@ -65,6 +65,50 @@ def init_over_bound(df):
     return (p.total_ms / p.bound_ms).mean() if len(p) else math.nan
 
 
+def alloc_sel(df, strategy, processes):
+    return (df.strategy == strategy) & (df.processes == processes) & (~df.with_io.astype(str).str.lower().eq("true"))
+
+
+def alloc_ratio(other):
+    def f(df):
+        return mean_ratio(df, lambda d: alloc_sel(d, "shm", 2), lambda d: alloc_sel(d, other, 2), "ops_per_s")
+    return f
+
+
+def lunmap_p99_8gw(df):
+    """Median over repetitions of propagation p99, 8 gateways; the worse editor count."""
+    sel = df.loc[(df.backend == "zookeeper") & (df.gateways == 8)]
+    return sel.groupby("editors")["propagation_p99_ms"].median().max()
+
+
+def lunmap_lost_4_editors(df):
+    return df.loc[df.backend.str.startswith("zookeeper") & (df.editors == 4), "lost_updates"].sum()
+
+
+def lunmap_detect_excess(df):
+    """Worst detect_dead_ms of the ZooKeeper backends minus the session timeout (2000 ms
+    unless the run's meta says otherwise), in ms."""
+    return df.loc[df.backend.str.startswith("zookeeper"), "detect_dead_ms"].max() - 2000.0
+
+
+def failover_sel(df):
+    return (df["mode"] == "vip_handoff") & (df.heartbeat_ms == 100) & (df.operation == "all")
+
+
+def failover_p99(df):
+    return df.loc[failover_sel(df), "delivery_after_kill_p99_ms"].max()
+
+
+def failover_kills(df):
+    """Kills per VIP backend (the smaller)."""
+    return df.loc[failover_sel(df)].groupby("vip_backend")["kills"].sum().min()
+
+
+def failover_bad(df):
+    sel = df["mode"] == "vip_handoff"
+    return df.loc[sel, "lost_results"].sum() + df.loc[sel, "duplicate_executions"].sum()
+
+
 CLAIMS = [
     Claim("ioRandWriteRatio", "blocklab/fio IOPS, 4 KiB random write QD 32", "exp-io.csv", "iops", "exp-io.pdf",
           "x", ">= 0.95", io_ratio("randwrite", 4096, 32, "iops"), lambda v: v >= 0.95),
@@ -74,6 +118,26 @@ CLAIMS = [
           "exp-init-speedup.pdf", "x", ">= 10", init_speedup, lambda v: v >= 10),
     Claim("initOverBound", "parallel init total / physical bound, 3 nodes x 8 daemons", "exp-init.csv", "bound_ms",
           "exp-init.pdf", "x", "<= 1.5", init_over_bound, lambda v: v <= 1.5),
+    Claim("allocShmPfifty", "shm allocation p50, 1 process", "exp-alloc.csv", "alloc_p50_ns", "exp-alloc-p50.pdf",
+          "ns", "<= 100", lambda df: df.loc[alloc_sel(df, "shm", 1), "alloc_p50_ns"].median(), lambda v: v <= 100),
+    Claim("allocShmOverMutex", "shm / mutex allocations per second, 2 processes", "exp-alloc.csv", "ops_per_s", "exp-alloc.pdf",
+          "x", ">= 3", alloc_ratio("mutex"), lambda v: v >= 3),
+    Claim("allocShmOverCentral", "shm / central allocations per second, 2 processes", "exp-alloc.csv", "ops_per_s", "exp-alloc.pdf",
+          "x", ">= 20", alloc_ratio("central"), lambda v: v >= 20),
+    Claim("allocLost", "leaked + double-allocated blocks, all runs", "exp-alloc.csv", "leaked_blocks,double_allocated", "exp-alloc.pdf",
+          "", "= 0", lambda df: df.leaked_blocks.sum() + df.double_allocated.sum(), lambda v: v == 0),
+    Claim("lunmapPropagation", "ZooKeeper map propagation p99, 8 gateways (median run, worse editor count)", "exp-lunmap.csv", "propagation_p99_ms",
+          "exp-lunmap.pdf", "ms", "<= 20", lunmap_p99_8gw, lambda v: v <= 20),
+    Claim("lunmapLost", "lost updates with 4 editors on ZooKeeper", "exp-lunmap.csv", "lost_updates", "exp-lunmap.pdf",
+          "", "= 0", lunmap_lost_4_editors, lambda v: v == 0),
+    Claim("lunmapDetect", "dead-gateway detection beyond the session timeout (worst)", "exp-lunmap.csv", "detect_dead_ms",
+          "exp-lunmap.pdf", "ms", "<= 1000", lunmap_detect_excess, lambda v: v <= 1000),
+    Claim("failoverDelivery", "result delivery after a kill, p99, VIP handoff, 100 ms heartbeat (worst backend)", "exp-failover.csv",
+          "delivery_after_kill_p99_ms", "exp-failover.pdf", "ms", "<= 1000", failover_p99, lambda v: v <= 1000),
+    Claim("failoverKills", "holder kills per VIP backend in the VIP-handoff runs", "exp-failover.csv", "kills", "exp-failover.pdf",
+          "", ">= 20", failover_kills, lambda v: v >= 20),
+    Claim("failoverLostDup", "lost results + duplicate executions with VIP handoff", "exp-failover.csv",
+          "lost_results,duplicate_executions", "exp-failover.pdf", "", "= 0", failover_bad, lambda v: v == 0),
 ]
 
 
