@@ -6,3 +6,4 @@
 //! each (see `DESIGN.md` and the README).
 
 pub mod dev;
+pub mod repl;
