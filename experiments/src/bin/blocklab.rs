@@ -16,12 +16,16 @@ enum Command {
     /// Provision, list and tear down loop devices backed by sparse files.
     #[command(subcommand)]
     Devices(cli::devices::DevicesCmd),
+    /// Log replication: run a replica, write through the primary, query status.
+    #[command(subcommand)]
+    Repl(cli::repl::ReplCmd),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devices(c) => cli::devices::run(c),
+        Command::Repl(c) => cli::repl::run(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,4 @@
 //! Subcommands of the `blocklab` binary, one module per mechanism.
 
 pub mod devices;
+pub mod repl;
