@@ -4,7 +4,7 @@
 //! (checked by reading the devices). Also: an unreachable secondary, a full log region,
 //! and bad frames sent to a replica.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +20,9 @@ use blocklab::repl::log::LogStore;
 use blocklab::repl::replica::Regions;
 use blocklab::repl::wire::{encode_to_vec, Frame, Status};
 use blocklab::repl::Entry;
+
+/// (index, key, value) of a write.
+type Write = (u64, u64, Vec<u8>);
 
 const BIN: &str = env!("CARGO_BIN_EXE_blocklab");
 const LOG_SIZE: u64 = 8 << 20;
@@ -104,7 +107,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn read_device(path: &Path) -> (Vec<Entry>, Vec<(u64, u64, Vec<u8>)>) {
+fn read_device(path: &Path) -> (Vec<Entry>, Vec<Write>) {
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
     let r = Regions::plain(LOG_SIZE, DATA_SIZE);
     let (_, log) = LogStore::open(
@@ -156,7 +159,7 @@ fn kill_9_the_primary_mid_stream_and_recover() {
 
     // Four writers, each write a distinct key; acknowledged (index, key, value) recorded.
     let primary = Arc::new(Mutex::new(a0));
-    let acked: Arc<Mutex<Vec<(u64, u64, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Write>>> = Arc::default();
     let next_key = Arc::new(AtomicU64::new(1));
     let phase2 = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -256,7 +259,7 @@ fn kill_9_the_primary_mid_stream_and_recover() {
     let (log0, _) = &on_disk[0];
     for (i, (log, kv)) in on_disk.iter().enumerate() {
         assert_eq!(log, log0, "replica {i}'s log differs");
-        let mut want: Vec<(u64, u64, Vec<u8>)> = log
+        let mut want: Vec<Write> = log
             .iter()
             .map(|e| {
                 let (k, v) = split_payload(e.index, &e.payload).unwrap();
