@@ -591,6 +591,21 @@ impl Node {
         let c = m[quorum - 1].min(self.durable);
         if c > self.commit {
             self.commit = c;
+            if self.cfg.policy == Policy::Eager {
+                // etcd's bcastAppend at the commit advance: a peer with entries still to
+                // send gets them (carrying the commit) from `ready`; every other peer gets
+                // an empty append now, before any later write arrives.
+                let last = self.last_index();
+                let ids: Vec<NodeId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.next_index > last && p.sent_commit < c)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in ids {
+                    self.send_notification(id, false);
+                }
+            }
         }
     }
 

@@ -188,10 +188,13 @@ pub trait Hooks: Send {
     }
     /// Primary: a proposal was appended at `index`.
     fn proposed(&mut self, _index: u64, _now: Instant) {}
-    /// Primary: the commit index advanced to `commit`.
+    /// The commit index advanced to `commit` (on a secondary: the commit it learned).
     fn committed(&mut self, _commit: u64, _now: Instant) {}
     /// Entries were applied to the storage engine.
     fn applied(&mut self, _entries: &[Entry], _now: Instant) {}
+    /// The loop handled everything pending: the node's counters, the log flushes since
+    /// start, and the durable index.
+    fn loop_done(&mut self, _stats: &Stats, _log_flushes: u64, _durable: u64) {}
 }
 
 /// No hooks.
@@ -564,11 +567,13 @@ pub fn run(
             }
             loop {
                 let now = Instant::now();
-                if node.commit() > seen_commit {
+                let advanced = node.commit() > seen_commit;
+                if advanced {
                     seen_commit = node.commit();
                     hooks.committed(seen_commit, now);
                 }
-                if node.is_primary() && next_poll.is_some_and(|p| p <= now) {
+                // The workload reacts to commits before the primary decides it is idle.
+                if node.is_primary() && (advanced || next_poll.is_some_and(|p| p <= now)) {
                     next_poll = hooks.poll(now, &mut props);
                     for p in props.drain(..) {
                         let need = record_size(p.len());
@@ -586,6 +591,7 @@ pub fn run(
                     }
                 }
                 if !node.has_ready() {
+                    hooks.loop_done(&node.stats(), st.log.flushes() - flushes_at_start, node.durable_index());
                     break;
                 }
                 let rd = node.ready();
