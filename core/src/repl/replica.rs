@@ -591,7 +591,11 @@ pub fn run(
                     }
                 }
                 if !node.has_ready() {
-                    hooks.loop_done(&node.stats(), st.log.flushes() - flushes_at_start, node.durable_index());
+                    hooks.loop_done(
+                        &node.stats(),
+                        st.log.flushes() - flushes_at_start,
+                        node.durable_index(),
+                    );
                     break;
                 }
                 let rd = node.ready();
