@@ -1,1 +1,88 @@
-fn main() {}
+//! The engine's submit/complete path: a batch of 32 4 KiB writes through `execute`, and
+//! 4 KiB random reads at QD 1 and 32 through `stream` with and without registered
+//! buffers and file. Runs on an O_DIRECT file in /var/tmp (set BLOCKLAB_BENCH_DEVICE to a
+//! block device to bench that instead; it is overwritten).
+
+use std::time::Duration;
+
+use blocklab::dev::{
+    AlignedBuf, Device, IoEngine, IoRequest, Pattern, StreamLimit, StreamOp, StreamSpec,
+    UringEngine,
+};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const SIZE: u64 = 64 << 20;
+
+fn device() -> (Device, Option<tempfile::TempDir>) {
+    if let Ok(p) = std::env::var("BLOCKLAB_BENCH_DEVICE") {
+        return (
+            Device::open(&p).expect("BLOCKLAB_BENCH_DEVICE must be a writable device"),
+            None,
+        );
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").expect("a temp dir in /var/tmp");
+    let p = dir.path().join("bench.img");
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(SIZE))
+        .expect("create bench file");
+    let dev = Device::open(&p).expect("O_DIRECT on /var/tmp");
+    // Fill it so reads hit allocated blocks.
+    let buf = AlignedBuf::new(1 << 20);
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    let mut reqs: Vec<IoRequest<'_>> = (0..SIZE >> 20)
+        .map(|i| IoRequest::write(&dev, i << 20, &buf))
+        .collect();
+    eng.execute(&mut reqs).unwrap();
+    (dev, Some(dir))
+}
+
+fn bench(c: &mut Criterion) {
+    let (dev, _dir) = device();
+    let mut g = c.benchmark_group("execute");
+    g.measurement_time(Duration::from_secs(3)).sample_size(20);
+    let bufs: Vec<AlignedBuf> = (0..32).map(|_| AlignedBuf::new(4096)).collect();
+    let mut eng = UringEngine::with_queue_depth(32).unwrap();
+    g.throughput(Throughput::Elements(32));
+    g.bench_function("write_batch_32x4k", |b| {
+        b.iter(|| {
+            let mut reqs: Vec<IoRequest<'_>> = bufs
+                .iter()
+                .enumerate()
+                .map(|(i, buf)| IoRequest::write(&dev, i as u64 * 8192, buf))
+                .collect();
+            eng.execute(&mut reqs).unwrap();
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("stream_randread_4k");
+    g.measurement_time(Duration::from_secs(3)).sample_size(10);
+    for qd in [1u32, 32] {
+        for fixed in [false, true] {
+            let ops = 2000u64;
+            g.throughput(Throughput::Elements(ops));
+            let id = BenchmarkId::new(if fixed { "fixed" } else { "plain" }, format!("qd{qd}"));
+            let mut eng = UringEngine::with_queue_depth(qd).unwrap();
+            g.bench_function(id, |b| {
+                b.iter(|| {
+                    let spec = StreamSpec {
+                        op: StreamOp::Read,
+                        pattern: Pattern::Random { seed: 1 },
+                        block_size: 4096,
+                        queue_depth: qd,
+                        region_offset: 0,
+                        region_len: 0,
+                        limit: StreamLimit::Ops(ops),
+                        fixed_buffers: fixed,
+                        fixed_file: fixed,
+                    };
+                    eng.stream(&dev, &spec, &mut |_| {}).unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

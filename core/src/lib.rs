@@ -6,4 +6,5 @@
 //! each (see `DESIGN.md` and the README).
 
 pub mod dev;
+pub mod format;
 pub mod repl;

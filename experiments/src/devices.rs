@@ -70,12 +70,19 @@ impl DeviceSet {
         if count == 0 {
             bail!("an experiment needs at least one device");
         }
+        if !args.devices.is_empty() {
+            return Self::given(args, count, min_size);
+        }
+        if let Some(dir) = &args.files {
+            let meta = std::fs::metadata(dir)
+                .with_context(|| format!("--files {}: no such directory", dir.display()))?;
+            if !meta.is_dir() {
+                bail!("--files {}: not a directory", dir.display());
+            }
+        }
         let size = args.size.unwrap_or(default_size.max(min_size));
         if size < min_size {
             bail!("--size {size} is smaller than this run needs ({min_size} bytes per device)");
-        }
-        if !args.devices.is_empty() {
-            return Self::given(args, count, min_size);
         }
         if let Some(n) = args.provision {
             if n < count {
@@ -115,7 +122,6 @@ impl DeviceSet {
         let mut size = u64::MAX;
         for p in &paths {
             let d = Device::open(p).with_context(|| format!("opening {}", p.display()))?;
-            d.require_size(min_size)?;
             let found = dev::probe(&mut eng, &d)?;
             if found != Found::Empty && !args.force {
                 bail!(
@@ -123,6 +129,7 @@ impl DeviceSet {
                     p.display()
                 );
             }
+            d.require_size(min_size)?;
             kind = d.kind();
             size = size.min(d.size());
         }

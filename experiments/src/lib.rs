@@ -17,6 +17,18 @@ pub mod progress;
 pub mod stats;
 
 pub use args::{CommonArgs, Profile};
+
+/// Runs a binary's real main and turns an error into one line on stderr (the whole
+/// context chain, no backtrace) and exit status 1.
+pub fn exit_on_error(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 pub use devices::DeviceSet;
 pub use output::{CsvOut, RunMeta};
 pub use stats::{LatencyHist, Percentiles};

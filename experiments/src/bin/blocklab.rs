@@ -27,11 +27,5 @@ fn main() -> std::process::ExitCode {
         Command::Devices(c) => cli::devices::run(c),
         Command::Repl(c) => cli::repl::run(c),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("blocklab: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    harness::exit_on_error("blocklab", result)
 }

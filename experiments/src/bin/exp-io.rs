@@ -1,0 +1,361 @@
+//! exp-io: blocklab's io_uring engine against fio's io_uring engine on the same device,
+//! with the same block size and queue depth, alternating tool by tool per repetition.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blocklab::dev::{Device, IoEngine, Pattern, StreamLimit, StreamOp, StreamSpec, UringEngine};
+use clap::Parser;
+use harness::progress::Progress;
+use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "exp-io",
+    about = "blocklab's io_uring engine vs fio (io_uring engine) on one device: 4 KiB random \
+             write/read at QD 1 and 32, 1 MiB sequential write/read at QD 8",
+    long_about = None
+)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Seconds each tool runs each pattern (default: 2 quick, 10 full).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Bytes of the device the patterns cover (default: 256M quick, 1G full; at most the device).
+    #[arg(long, value_parser = harness::args::parse_size)]
+    region: Option<u64>,
+    /// Register buffers and the file with the ring, in both tools (fio --fixedbufs --registerfiles).
+    #[arg(long)]
+    fixed: bool,
+    /// Path of the fio binary.
+    #[arg(long, default_value = "fio")]
+    fio: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    op: StreamOp,
+    random: bool,
+    block_size: usize,
+    queue_depth: u32,
+}
+
+const WORKLOADS: [Workload; 6] = [
+    Workload {
+        name: "randwrite",
+        op: StreamOp::Write,
+        random: true,
+        block_size: 4096,
+        queue_depth: 1,
+    },
+    Workload {
+        name: "randwrite",
+        op: StreamOp::Write,
+        random: true,
+        block_size: 4096,
+        queue_depth: 32,
+    },
+    Workload {
+        name: "randread",
+        op: StreamOp::Read,
+        random: true,
+        block_size: 4096,
+        queue_depth: 1,
+    },
+    Workload {
+        name: "randread",
+        op: StreamOp::Read,
+        random: true,
+        block_size: 4096,
+        queue_depth: 32,
+    },
+    Workload {
+        name: "write",
+        op: StreamOp::Write,
+        random: false,
+        block_size: 1 << 20,
+        queue_depth: 8,
+    },
+    Workload {
+        name: "read",
+        op: StreamOp::Read,
+        random: false,
+        block_size: 1 << 20,
+        queue_depth: 8,
+    },
+];
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    tool: &'static str,
+    pattern: &'static str,
+    block_size_bytes: usize,
+    queue_depth: u32,
+    repetition: u32,
+    iops: f64,
+    bandwidth_mib_s: f64,
+    lat_p50_us: f64,
+    lat_p99_us: f64,
+    device: String,
+}
+
+struct Measured {
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn run_blocklab(
+    dev: &Device,
+    w: &Workload,
+    region: u64,
+    secs: f64,
+    fixed: bool,
+    seed: u64,
+) -> anyhow::Result<Measured> {
+    let mut eng = UringEngine::with_queue_depth(w.queue_depth)?;
+    let spec = StreamSpec {
+        op: w.op,
+        pattern: if w.random {
+            Pattern::Random { seed }
+        } else {
+            Pattern::Sequential
+        },
+        block_size: w.block_size,
+        queue_depth: w.queue_depth,
+        region_offset: 0,
+        region_len: region,
+        limit: StreamLimit::Time(Duration::from_secs_f64(secs)),
+        fixed_buffers: fixed,
+        fixed_file: fixed,
+    };
+    let mut hist = LatencyHist::new();
+    let stats = eng.stream(dev, &spec, &mut |lat| hist.record_ns(lat))?;
+    let p = hist.percentiles();
+    Ok(Measured {
+        iops: stats.iops(),
+        mib_s: stats.mib_per_s(),
+        p50_us: p.p50 as f64 / 1000.0,
+        p99_us: p.p99 as f64 / 1000.0,
+    })
+}
+
+fn run_fio(
+    fio: &str,
+    path: &Path,
+    w: &Workload,
+    region: u64,
+    secs: f64,
+    fixed: bool,
+) -> anyhow::Result<Measured> {
+    let mut cmd = Command::new(fio);
+    cmd.arg("--name=exp-io")
+        .arg(format!("--filename={}", path.display()))
+        .arg("--ioengine=io_uring")
+        .arg("--direct=1")
+        .arg(format!("--rw={}", w.name))
+        .arg(format!("--bs={}", w.block_size))
+        .arg(format!("--iodepth={}", w.queue_depth))
+        .arg(format!("--size={region}"))
+        .arg("--time_based")
+        .arg(format!("--runtime={}ms", (secs * 1000.0) as u64))
+        .arg("--norandommap")
+        .arg("--randrepeat=0")
+        .arg("--output-format=json");
+    if fixed {
+        cmd.arg("--fixedbufs").arg("--registerfiles");
+    }
+    let out = cmd.output().with_context(|| {
+        format!("running {fio} (install Debian's fio package; scripts/test does)")
+    })?;
+    if !out.status.success() {
+        bail!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_fio(&out.stdout, w.op)
+}
+
+/// Extracts IOPS, bandwidth and completion-latency percentiles from fio's JSON output.
+fn parse_fio(json: &[u8], op: StreamOp) -> anyhow::Result<Measured> {
+    // fio may print warnings before the JSON document.
+    let start = json
+        .iter()
+        .position(|&b| b == b'{')
+        .context("fio printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&json[start..]).context("parsing fio's JSON output")?;
+    let side = if op == StreamOp::Read {
+        "read"
+    } else {
+        "write"
+    };
+    let job = &v["jobs"][0][side];
+    let num = |p: &serde_json::Value, what: &str| {
+        p.as_f64()
+            .with_context(|| format!("fio JSON lacks {side}.{what}"))
+    };
+    let iops = num(&job["iops"], "iops")?;
+    let bw_kib = num(&job["bw"], "bw")?;
+    let pct = &job["clat_ns"]["percentile"];
+    Ok(Measured {
+        iops,
+        mib_s: bw_kib / 1024.0,
+        p50_us: num(&pct["50.000000"], "clat_ns.percentile.50")? / 1000.0,
+        p99_us: num(&pct["99.000000"], "clat_ns.percentile.99")? / 1000.0,
+    })
+}
+
+/// Writes the region once, sequentially, so neither tool pays for filling a sparse file.
+fn precondition(dev: &Device, region: u64) -> anyhow::Result<()> {
+    let mut eng = UringEngine::with_queue_depth(8)?;
+    let spec = StreamSpec {
+        op: StreamOp::Write,
+        pattern: Pattern::Sequential,
+        block_size: 1 << 20,
+        queue_depth: 8,
+        region_offset: 0,
+        region_len: region,
+        limit: StreamLimit::Ops(region / (1 << 20)),
+        fixed_buffers: false,
+        fixed_file: false,
+    };
+    eng.stream(dev, &spec, &mut |_| {})?;
+    eng.fsync(dev)?;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-io", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let c = &args.common;
+    let secs = args.seconds.unwrap_or(c.pick(2.0, 10.0));
+    if !(secs > 0.0 && secs.is_finite()) {
+        bail!("--seconds must be positive");
+    }
+    let region = args.region.unwrap_or(c.pick(256 << 20, 1 << 30));
+    if region < (8 << 20) {
+        bail!("--region must be at least 8 MiB (1 MiB blocks at QD 8)");
+    }
+    let reps = c.repetitions_or(2, 5);
+    let which = Command::new(&args.fio).arg("--version").output();
+    let fio_version = match which {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => bail!(
+            "{} not found: install Debian's fio package (scripts/test does)",
+            args.fio
+        ),
+    };
+
+    let set = DeviceSet::setup(c, 1, region, region)?;
+    let dev = set.open(0)?;
+    if dev.size() < region {
+        bail!(
+            "{}: {} bytes, --region needs {region}",
+            dev.path().display(),
+            dev.size()
+        );
+    }
+    let mut csv = CsvOut::<Row>::create(&c.out, "exp-io.csv", c.overwrite)?;
+    let mut meta = RunMeta::start("exp-io", c.profile);
+    meta.devices = set.describe();
+    precondition(&dev, region)?;
+
+    let mut progress = Progress::new("exp-io", (reps as usize * WORKLOADS.len() * 2) as u64);
+    let mut ratios: Vec<(String, f64, f64)> = Vec::new();
+    for w in &WORKLOADS {
+        let (mut sum_b, mut sum_f) = (0.0, 0.0);
+        for rep in 0..reps {
+            // Alternate which tool goes first, so drift affects both alike.
+            let order: [&str; 2] = if rep % 2 == 0 {
+                ["blocklab", "fio"]
+            } else {
+                ["fio", "blocklab"]
+            };
+            for tool in order {
+                let m = if tool == "blocklab" {
+                    run_blocklab(&dev, w, region, secs, args.fixed, 0x1000 + rep as u64)?
+                } else {
+                    run_fio(&args.fio, dev.path(), w, region, secs, args.fixed)?
+                };
+                let figure = if w.block_size >= 1 << 20 {
+                    m.mib_s
+                } else {
+                    m.iops
+                };
+                if tool == "blocklab" {
+                    sum_b += figure;
+                } else {
+                    sum_f += figure;
+                }
+                csv.write(&Row {
+                    tool,
+                    pattern: w.name,
+                    block_size_bytes: w.block_size,
+                    queue_depth: w.queue_depth,
+                    repetition: rep,
+                    iops: m.iops,
+                    bandwidth_mib_s: m.mib_s,
+                    lat_p50_us: m.p50_us,
+                    lat_p99_us: m.p99_us,
+                    device: dev.path().display().to_string(),
+                })?;
+                progress.step(&format!(
+                    "{tool} {} bs={} qd={} rep {rep}: {:.0} IOPS {:.0} MiB/s",
+                    w.name, w.block_size, w.queue_depth, m.iops, m.mib_s
+                ));
+            }
+        }
+        ratios.push((
+            format!("{} bs={} qd={}", w.name, w.block_size, w.queue_depth),
+            sum_b,
+            sum_f,
+        ));
+    }
+    progress.finish();
+    println!("blocklab / fio (IOPS for 4 KiB, MiB/s for 1 MiB; mean over {reps} repetitions):");
+    let mut summary = serde_json::Map::new();
+    for (name, b, f) in &ratios {
+        let r = if *f > 0.0 { b / f } else { f64::NAN };
+        println!("  {name:<28} {r:.3}");
+        summary.insert(name.clone(), serde_json::json!(r));
+    }
+    meta.extra = serde_json::json!({
+        "seconds_per_run": secs, "region_bytes": region, "fixed": args.fixed,
+        "fio_version": fio_version, "ratio_blocklab_over_fio": summary,
+    });
+    meta.finish(&c.out, c.overwrite)?;
+    set.teardown()?;
+    eprintln!("wrote {}", csv.path().display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fio_json() {
+        let json = br#"note: something
+{"jobs":[{"write":{"iops":1000.5,"bw":4002,"clat_ns":{"percentile":{"50.000000":12000,"99.000000":50000}}},
+          "read":{"iops":0,"bw":0}}]}"#;
+        let m = parse_fio(json, StreamOp::Write).unwrap();
+        assert_eq!(m.iops, 1000.5);
+        assert!((m.mib_s - 4002.0 / 1024.0).abs() < 1e-9);
+        assert_eq!(m.p50_us, 12.0);
+        assert_eq!(m.p99_us, 50.0);
+        assert!(parse_fio(b"no json here", StreamOp::Read).is_err());
+        assert!(
+            parse_fio(json, StreamOp::Read).is_err(),
+            "missing percentiles is an error"
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! exp-io end to end (tiny settings) and the bad inputs every experiment shares.
+
+use std::process::Command;
+
+use blocklab::dev::provision::ProvisionGuard;
+
+const COLUMNS: &str = "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device";
+
+fn exp_io() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_exp-io"))
+}
+
+fn have_fio() -> bool {
+    Command::new("fio")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs and returns (success, stderr).
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("spawn exp-io");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn writes_the_documented_csv_and_meta() {
+    if !have_fio() {
+        eprintln!("skipping: fio is not installed (scripts/test installs it)");
+        return;
+    }
+    let files = tempfile::tempdir_in("/var/tmp").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (ok, err) = run(exp_io()
+        .args(["--files"])
+        .arg(files.path())
+        .args([
+            "--size",
+            "16M",
+            "--region",
+            "8M",
+            "--seconds",
+            "0.2",
+            "--repetitions",
+            "1",
+            "--out",
+        ])
+        .arg(out.path()));
+    assert!(ok, "exp-io failed: {err}");
+    let text = std::fs::read_to_string(out.path().join("exp-io.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(COLUMNS));
+    let rows: Vec<Vec<String>> = lines
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    assert_eq!(rows.len(), 12, "6 workloads x 2 tools x 1 repetition");
+    for tool in ["blocklab", "fio"] {
+        for (pattern, bs, qd) in [
+            ("randwrite", "4096", "1"),
+            ("randwrite", "4096", "32"),
+            ("randread", "4096", "1"),
+            ("randread", "4096", "32"),
+            ("write", "1048576", "8"),
+            ("read", "1048576", "8"),
+        ] {
+            let row = rows
+                .iter()
+                .find(|r| r[0] == tool && r[1] == pattern && r[2] == bs && r[3] == qd)
+                .unwrap_or_else(|| panic!("no row for {tool} {pattern} {bs} {qd}"));
+            let iops: f64 = row[5].parse().unwrap();
+            assert!(iops > 0.0, "{tool} {pattern} did no I/O");
+        }
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("exp-io.meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["experiment"], "exp-io");
+    assert_eq!(meta["devices"]["kind"], "file");
+    // A second run into the same directory refuses to overwrite.
+    let (ok, err) = run(exp_io()
+        .args(["--files"])
+        .arg(files.path())
+        .args([
+            "--size",
+            "16M",
+            "--region",
+            "8M",
+            "--seconds",
+            "0.1",
+            "--repetitions",
+            "1",
+            "--out",
+        ])
+        .arg(out.path()));
+    assert!(!ok && err.contains("already exists"), "{err}");
+    // Its files were cleaned up.
+    assert_eq!(std::fs::read_dir(files.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn bad_device_arguments_are_one_line_errors() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let out = dir.path().join("out");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--devices".into(), "/nonexistent/dev".into()],
+            "no such device",
+        ),
+        (
+            vec!["--devices".into(), dir.path().display().to_string()],
+            "is a directory",
+        ),
+        (
+            vec![
+                "--files".into(),
+                "/nonexistent".into(),
+                "--size".into(),
+                "16M".into(),
+            ],
+            "no such directory",
+        ),
+        (
+            vec!["--size".into(), "1000".into()],
+            "not a multiple of 4096",
+        ),
+        (
+            vec![
+                "--files".into(),
+                dir.path().display().to_string(),
+                "--size".into(),
+                "4M".into(),
+            ],
+            "smaller than this run needs",
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, err) = run(exp_io().args(&args).arg("--out").arg(&out));
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err}");
+    }
+    assert!(!out.join("exp-io.csv").exists(), "nothing written");
+}
+
+#[test]
+fn refuses_devices_with_data_and_read_only_devices() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: loop devices need root");
+        return;
+    }
+    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
+    let g = ProvisionGuard::new(sd.path(), "t-expio", 2, 64 << 20).unwrap();
+    let paths = g.paths();
+    let out = sd.path().join("out");
+    // An ext4 filesystem on the first device: refused, and still intact afterwards.
+    let mk = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&paths[0])
+        .output()
+        .unwrap();
+    assert!(mk.status.success());
+    let (ok, err) = run(exp_io()
+        .arg("--devices")
+        .arg(&paths[0])
+        .args(["--region", "8M"])
+        .arg("--out")
+        .arg(&out));
+    assert!(
+        !ok && err.contains("ext2/3/4 filesystem") && err.contains("--force"),
+        "{err}"
+    );
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(&paths[0])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "filesystem damaged: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    // A read-only device.
+    assert!(Command::new("blockdev")
+        .arg("--setro")
+        .arg(&paths[1])
+        .status()
+        .unwrap()
+        .success());
+    let (ok, err) = run(exp_io()
+        .arg("--devices")
+        .arg(&paths[1])
+        .args(["--region", "8M"])
+        .arg("--out")
+        .arg(&out));
+    assert!(!ok && err.contains("read-only"), "{err}");
+    let _ = Command::new("blockdev")
+        .arg("--setrw")
+        .arg(&paths[1])
+        .status();
+    // Too small for the run.
+    let (ok, err) = run(exp_io()
+        .arg("--devices")
+        .arg(&paths[1])
+        .args(["--region", "128M"])
+        .arg("--out")
+        .arg(&out));
+    assert!(!ok && err.contains("needs at least"), "{err}");
+    // The same device twice.
+    let (ok, err) = run(exp_io()
+        .arg("--devices")
+        .arg(format!("{},{}", paths[1].display(), paths[1].display()))
+        .arg("--out")
+        .arg(&out));
+    assert!(!ok && err.contains("listed twice"), "{err}");
+}
