@@ -167,3 +167,44 @@ fn store_on_a_regular_file() {
     let p = file_dev(&dir, 16 << 20);
     kv_round_trip(&p);
 }
+
+#[test]
+fn a_formatted_daemon_device_holds_the_log_in_its_log_region() {
+    use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION, LABEL_FLAG_READY};
+    use blocklab::repl::replica::Regions;
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = file_dev(&dir, 64 << 20);
+    let layout = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
+    // Not formatted: the plain regions.
+    let (r, formatted) = Regions::detect(&p, 8 << 20, 1 << 20).unwrap();
+    assert!(!formatted);
+    assert_eq!(r, Regions::plain(8 << 20, 1 << 20));
+    // A ready label (as mkfs leaves it): the log region after its init record, and the
+    // start of the data region.
+    let label = Label {
+        version: FORMAT_VERSION,
+        flags: LABEL_FLAG_READY,
+        cluster_fsid: uuid::Uuid::new_v4(),
+        daemon_id: 3,
+        daemon_uuid: uuid::Uuid::new_v4(),
+        birth_time_unix_ns: 1,
+        layout: layout.clone(),
+    };
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    let dev = Device::open(&p).unwrap();
+    let mut b = blocklab::dev::AlignedBuf::new(4096);
+    b.copy_from_slice(&label.encode());
+    blocklab::dev::IoEngine::write_at(&mut eng, &dev, 0, &b).unwrap();
+    let (r, formatted) = Regions::detect(&p, 8 << 20, 1 << 20).unwrap();
+    assert!(formatted);
+    assert_eq!(r.log_offset, layout.log_offset + 4096);
+    assert_eq!(r.log_len, layout.log_len - 4096);
+    assert_eq!((r.data_offset, r.data_len), (layout.data_offset, 1 << 20));
+    let mut log =
+        LogStore::create(&mut eng, Device::open(&p).unwrap(), r.log_offset, r.log_len).unwrap();
+    log.append(&mut eng, &[e(1, 1, 100)]).unwrap();
+    // The label and the log's init-record block are untouched.
+    let mut back = blocklab::dev::AlignedBuf::new(4096);
+    blocklab::dev::IoEngine::read_at(&mut eng, &dev, 0, &mut back).unwrap();
+    assert!(Label::decode(&back).unwrap().is_ready());
+}

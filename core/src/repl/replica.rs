@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::dev::{probe, DevError, Device, Found, UringEngine};
+use crate::format::{Label, Layout};
 
 use super::kv::{KvError, KvStore};
 use super::log::{record_size, LogError, LogStore};
@@ -68,6 +69,36 @@ impl Regions {
     }
     pub fn end(&self) -> u64 {
         (self.log_offset + self.log_len).max(self.data_offset + self.data_len)
+    }
+
+    /// The regions of a formatted daemon device (`core::format`): the log region after its
+    /// init record block, and the first `data_len` bytes of the data region (all of it
+    /// when smaller).
+    pub fn formatted(layout: &Layout, data_len: u64) -> Regions {
+        let block = crate::format::BLOCK as u64;
+        Regions {
+            log_offset: layout.log_offset + block,
+            log_len: layout.log_len.saturating_sub(block),
+            data_offset: layout.data_offset,
+            data_len: data_len.min(layout.data_len) / block * block,
+        }
+    }
+
+    /// Formatted regions when `path` carries a ready blocklab label, else
+    /// [`Regions::plain`]`(log_len, data_len)`. Returns whether the device was formatted.
+    pub fn detect(
+        path: &std::path::Path,
+        log_len: u64,
+        data_len: u64,
+    ) -> Result<(Regions, bool), ReplicaError> {
+        let dev = Device::open_read_only(path)?;
+        let mut eng = UringEngine::with_queue_depth(1)?;
+        let mut b = crate::dev::AlignedBuf::new(crate::format::BLOCK);
+        crate::dev::IoEngine::read_at(&mut eng, &dev, 0, &mut b)?;
+        match Label::decode(&b) {
+            Ok(l) if l.is_ready() => Ok((Regions::formatted(&l.layout, data_len), true)),
+            _ => Ok((Regions::plain(log_len, data_len), false)),
+        }
     }
 }
 
@@ -329,7 +360,11 @@ fn open_storage(opts: &ReplicaOptions) -> Result<(Storage, Vec<Entry>), ReplicaE
             r.log_len,
         )
         .is_ok();
-        if found != Found::Empty && !ours {
+        // A formatted daemon device (ready label) is ours to use: its log region holds
+        // the replication log, its data region the storage engine.
+        let formatted =
+            found == Found::Blocklab && Regions::detect(&opts.device, r.log_len, r.data_len)?.1;
+        if found != Found::Empty && !ours && !formatted {
             return Err(ReplicaError::Foreign {
                 path: opts.device.clone(),
                 found: format!("{found:?}"),

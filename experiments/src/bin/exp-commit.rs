@@ -76,16 +76,16 @@ struct Args {
     /// Writes per burst in bursty.
     #[arg(long, default_value_t = 10)]
     burst: usize,
-    /// Measured writes per run of single (default quick: 5; full: 20).
+    /// Measured writes per run of single (default quick: 4; full: 20).
     #[arg(long)]
     single_writes: Option<u64>,
     /// Bursts per run of bursty (default quick: 3; full: 10).
     #[arg(long)]
     bursts: Option<u64>,
-    /// Seconds of Poisson arrivals per run (default quick: 1; full: 10).
+    /// Seconds of Poisson arrivals per run (default quick: 0.6; full: 10).
     #[arg(long)]
     poisson_secs: Option<f64>,
-    /// Measured writes per run of closed (default quick: 2000; full: 20000).
+    /// Measured writes per run of closed (default quick: 1000; full: 20000).
     #[arg(long)]
     closed_writes: Option<u64>,
     /// Writes outstanding in closed.
@@ -364,7 +364,7 @@ fn run_one(
                 peers,
                 listener: std::net::TcpListener::bind("127.0.0.1:0").context("binding a port")?,
                 device: set.paths()[id as usize].clone(),
-                regions: Regions::plain(LOG_LEN, DATA_LEN),
+                regions: Regions::detect(&set.paths()[id as usize], LOG_LEN, DATA_LEN)?.0,
                 policy: spec.policy,
                 tick,
                 retransmit: Duration::from_millis(1000),
@@ -562,10 +562,10 @@ fn main() -> anyhow::Result<()> {
     }
     let gap = Duration::from_millis(args.gap_ms.unwrap_or(c.pick(300, 1000)));
     let sizes = (
-        args.single_writes.unwrap_or(c.pick(5, 20)),
+        args.single_writes.unwrap_or(c.pick(4, 20)),
         args.bursts.unwrap_or(c.pick(3, 10)),
-        args.poisson_secs.unwrap_or(c.pick(1.0, 10.0)),
-        args.closed_writes.unwrap_or(c.pick(2000, 20000)),
+        args.poisson_secs.unwrap_or(c.pick(0.6, 10.0)),
+        args.closed_writes.unwrap_or(c.pick(1000, 20000)),
     );
     if sizes.0 == 0 || sizes.1 == 0 || sizes.3 == 0 || sizes.2 <= 0.0 {
         bail!("--single-writes, --bursts, --poisson-secs and --closed-writes must be > 0");

@@ -53,7 +53,8 @@ pub enum ReplCmd {
         /// Injected one-way delay on every frame this replica sends, in milliseconds.
         #[arg(long, default_value_t = 0.0)]
         delay_ms: f64,
-        /// Size of the log region (K/M/G).
+        /// Size of the log region (K/M/G) on a device that is not formatted; on a formatted
+        /// daemon device the log lives in its log region.
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         log_size: u64,
         /// Size of the storage engine's data region (K/M/G).
@@ -127,6 +128,16 @@ pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
             if !(delay_ms.is_finite() && delay_ms >= 0.0) {
                 bail!("--delay-ms must be ≥ 0");
             }
+            let (regions, formatted) = Regions::detect(&device, log_size, data_size)
+                .with_context(|| format!("reading {}", device.display()))?;
+            if formatted {
+                eprintln!(
+                    "{}: formatted daemon device: log in its log region ({} bytes at {}), storage engine in its data region",
+                    device.display(),
+                    regions.log_len,
+                    regions.log_offset
+                );
+            }
             let listener =
                 TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
@@ -137,7 +148,7 @@ pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
                 peers,
                 listener,
                 device: device.clone(),
-                regions: Regions::plain(log_size, data_size),
+                regions,
                 policy,
                 tick: Duration::from_micros(tick_us.max(1)),
                 retransmit: Duration::from_millis(retransmit_ms.max(1)),
