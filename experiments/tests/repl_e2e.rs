@@ -424,3 +424,49 @@ fn a_device_with_other_data_is_refused_without_force() {
         "{err}"
     );
 }
+
+#[test]
+fn a_formatted_daemon_device_is_used_through_its_layout() {
+    use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION, LABEL_FLAG_READY};
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = dir.path().join("daemon.img");
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let layout = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
+    let label = Label {
+        version: FORMAT_VERSION,
+        flags: LABEL_FLAG_READY,
+        cluster_fsid: uuid::Uuid::new_v4(),
+        daemon_id: 0,
+        daemon_uuid: uuid::Uuid::new_v4(),
+        birth_time_unix_ns: 1,
+        layout,
+    };
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    let mut b = blocklab::dev::AlignedBuf::new(4096);
+    b.copy_from_slice(&label.encode());
+    blocklab::dev::IoEngine::write_at(&mut eng, &Device::open(&p).unwrap(), 0, &b).unwrap();
+    // A one-member cluster: no --force needed on a formatted device.
+    let mut procs = Procs::default();
+    let args: Vec<String> = ["--id", "0", "--members", "0", "--device"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([p.display().to_string()])
+        .collect();
+    let (_, a0) = serve(&mut procs, &args);
+    let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
+    for k in 1..=5u64 {
+        assert_eq!(c.write(put_payload(k, b"v")).unwrap(), k);
+    }
+    drop(procs);
+    let (r, formatted) = Regions::detect(&p, LOG_SIZE, DATA_SIZE).unwrap();
+    assert!(formatted);
+    let (_, log) =
+        LogStore::open(&mut eng, Device::open(&p).unwrap(), r.log_offset, r.log_len).unwrap();
+    assert_eq!(log.len(), 5);
+    // The label is intact.
+    blocklab::dev::IoEngine::read_at(&mut eng, &Device::open(&p).unwrap(), 0, &mut b).unwrap();
+    assert!(Label::decode(&b).unwrap().is_ready());
+}
