@@ -537,3 +537,28 @@ fn restarted_primary_keeps_every_committed_entry() {
         }
     }
 }
+
+#[test]
+fn no_timer_stays_due_while_waiting() {
+    // A driver sleeps ticks_to_next_timer(); a timer that stays due would make it spin.
+    for policy in all_policies() {
+        let mut s = Sim::new(3, policy, 21);
+        s.deliver_all();
+        s.propose(b"x");
+        s.deliver_all();
+        // Whatever is armed now, ticking up to it disarms or re-arms it in the future.
+        for _ in 0..50 {
+            let Some(t) = s.nodes[&PRIMARY].node.ticks_to_next_timer() else {
+                break;
+            };
+            s.tick(t as u32);
+            s.deliver_all();
+            if let Some(next) = s.nodes[&PRIMARY].node.ticks_to_next_timer() {
+                assert!(
+                    next > 1 || matches!(policy, Policy::Periodic { every: 1 }),
+                    "{policy:?}: a timer stays due"
+                );
+            }
+        }
+    }
+}

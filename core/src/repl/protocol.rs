@@ -434,7 +434,10 @@ impl Node {
                 consider(p.last_heard.max(p.last_resend) + rt);
             } else if self.cfg.policy != Policy::Piggyback
                 && p.known_commit < self.commit.min(p.match_index)
+                && p.sent_commit >= self.commit.min(p.match_index)
             {
+                // Only a notification that was sent can be due for a resend (as in `tick`);
+                // otherwise this timer would stay due and the driver would spin.
                 consider(p.notify_tick.max(p.last_heard) + rt);
             }
         }
