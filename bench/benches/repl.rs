@@ -56,7 +56,8 @@ fn ack(from: u32, term: u64, index: u64) -> Message {
 
 fn primary_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("repl_primary_step");
-    g.throughput(Throughput::Elements(1));
+    // One iteration = 64 write rounds.
+    g.throughput(Throughput::Elements(64));
     for policy in [Policy::Piggyback, Policy::Eager, Policy::Idle] {
         g.bench_function(format!("write_round_{}", policy.name()), |b| {
             b.iter_batched_ref(
