@@ -727,3 +727,37 @@ fn serve_conn(
         })
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_specs_parse_and_bad_ones_say_why() {
+        assert_eq!(PolicySpec::parse("idle"), Ok(PolicySpec::Idle));
+        assert_eq!(
+            PolicySpec::parse("periodic:50"),
+            Ok(PolicySpec::Periodic(Duration::from_millis(50)))
+        );
+        assert_eq!(
+            PolicySpec::parse("idle_delayed:1ms"),
+            Ok(PolicySpec::IdleDelayed(Duration::from_millis(1)))
+        );
+        let tick = Duration::from_micros(100);
+        assert_eq!(
+            PolicySpec::parse("periodic:200").unwrap().to_policy(tick),
+            Policy::Periodic { every: 2000 }
+        );
+        assert!(PolicySpec::parse("periodic")
+            .unwrap_err()
+            .contains("needs a duration"));
+        assert!(PolicySpec::parse("eager:5")
+            .unwrap_err()
+            .contains("takes no parameter"));
+        assert!(PolicySpec::parse("sometimes")
+            .unwrap_err()
+            .contains("unknown policy"));
+        assert!(PolicySpec::parse("periodic:-1").is_err());
+        assert!(PolicySpec::parse("periodic:abc").is_err());
+    }
+}
