@@ -46,11 +46,34 @@ def io_ratio(pattern, bs, qd, col):
     return f
 
 
+def init_at(df, nodes=3, dpn=8):
+    """exp-init rows of one configuration: nodes x dpn, the smallest propose interval and
+    device size present."""
+    sel = df[(df.nodes == nodes) & (df.daemons_per_node == dpn)]
+    sel = sel[sel.propose_interval_ms == sel.propose_interval_ms.min()]
+    return sel[sel.device_size_bytes == sel.device_size_bytes.min()]
+
+
+def init_speedup(df):
+    d = init_at(df)
+    return mean_ratio(d, lambda x: x.strategy == "sequential", lambda x: x.strategy == "parallel", "total_ms")
+
+
+def init_over_bound(df):
+    d = init_at(df)
+    p = d[d.strategy == "parallel"]
+    return (p.total_ms / p.bound_ms).mean() if len(p) else math.nan
+
+
 CLAIMS = [
     Claim("ioRandWriteRatio", "blocklab/fio IOPS, 4 KiB random write QD 32", "exp-io.csv", "iops", "exp-io.pdf",
           "x", ">= 0.95", io_ratio("randwrite", 4096, 32, "iops"), lambda v: v >= 0.95),
     Claim("ioSeqWriteRatio", "blocklab/fio bandwidth, 1 MiB sequential write QD 8", "exp-io.csv", "bandwidth_mib_s", "exp-io.pdf",
           "x", ">= 0.95", io_ratio("write", 1 << 20, 8, "bandwidth_mib_s"), lambda v: v >= 0.95),
+    Claim("initSpeedup", "parallel init vs sequential, 3 nodes x 8 daemons (total time ratio)", "exp-init.csv", "total_ms",
+          "exp-init-speedup.pdf", "x", ">= 10", init_speedup, lambda v: v >= 10),
+    Claim("initOverBound", "parallel init total / physical bound, 3 nodes x 8 daemons", "exp-init.csv", "bound_ms",
+          "exp-init.pdf", "x", "<= 1.5", init_over_bound, lambda v: v <= 1.5),
 ]
 
 

@@ -5,6 +5,11 @@
 //! io_uring engine, and loop-device provisioning. The mechanisms build on it, one module
 //! each (see `DESIGN.md` and the README).
 
+pub mod coord;
+pub mod daemon;
 pub mod dev;
 pub mod format;
 pub mod repl;
+pub mod init;
+pub mod monitor;
+pub mod lunmap;

@@ -19,6 +19,23 @@ enum Command {
     /// Log replication: run a replica, write through the primary, query status.
     #[command(subcommand)]
     Repl(cli::repl::ReplCmd),
+    /// Format a device for a daemon (refuses foreign data unless --force; idempotent).
+    Mkfs(cli::init::MkfsArgs),
+    /// Print a device's blocklab label and whether it mounts.
+    Inspect(cli::init::InspectArgs),
+    /// Run or query the monitor.
+    #[command(subcommand)]
+    Monitor(cli::init::MonitorCmd),
+    /// Run a node agent, or initialise a node's daemons directly.
+    #[command(subcommand)]
+    Node(cli::init::NodeCmd),
+    /// Initialise the daemons of a set of node agents with a strategy.
+    Init(cli::init::InitArgs),
+    /// Serve block I/O of LUNs to the initiators the live LUN map allows.
+    Gateway(Box<cli::lunmap::GatewayArgs>),
+    /// Edit and inspect the LUN map (LUN -> target -> initiators).
+    #[command(subcommand)]
+    Lunmap(cli::lunmap::LunmapCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +43,13 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Devices(c) => cli::devices::run(c),
         Command::Repl(c) => cli::repl::run(c),
+        Command::Mkfs(a) => cli::init::mkfs(a),
+        Command::Inspect(a) => cli::init::inspect(a),
+        Command::Monitor(c) => cli::init::monitor(c),
+        Command::Node(c) => cli::init::node(c),
+        Command::Init(a) => cli::init::orchestrate(a),
+        Command::Gateway(a) => cli::lunmap::run_gateway(*a),
+        Command::Lunmap(c) => cli::lunmap::run(c),
     };
     harness::exit_on_error("blocklab", result)
 }

@@ -2,3 +2,5 @@
 
 pub mod devices;
 pub mod repl;
+pub mod init;
+pub mod lunmap;

@@ -1,0 +1,75 @@
+//! The data daemon's device side: `mkfs` in phases through the io_uring engine (each
+//! phase timed, a crash between any two phases leaves a device that `mount` rejects and
+//! `mkfs` completes), `mount` (verifies every checksum and the layout) and `inspect`.
+//!
+//! mkfs phases, in order: `probe` (read the first MiB, refuse foreign data) → `label`
+//! (label without `ready`, at 0) → `superblock` → `log` (the init record in the log
+//! region's first block) → `bitmap` → `flush` → `commit` (label copies with `ready`, flush, then
+//! the primary label with `ready`, flush). The primary label's `ready` flag is the commit
+//! point.
+
+mod error;
+mod mkfs;
+mod mount;
+
+pub use error::{DaemonError, Result};
+pub use mkfs::{mkfs, MkfsReport, MkfsRequest};
+pub use mount::{inspect, mount, Inspection, Mounted};
+
+/// The phases of mkfs, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Probe,
+    Label,
+    Superblock,
+    Log,
+    Bitmap,
+    Flush,
+    Commit,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Probe,
+        Phase::Label,
+        Phase::Superblock,
+        Phase::Log,
+        Phase::Bitmap,
+        Phase::Flush,
+        Phase::Commit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Probe => "probe",
+            Phase::Label => "label",
+            Phase::Superblock => "superblock",
+            Phase::Log => "log",
+            Phase::Bitmap => "bitmap",
+            Phase::Flush => "flush",
+            Phase::Commit => "commit",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Phase, String> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown phase {s:?} (one of: {})",
+                    Phase::ALL.map(|p| p.name()).join(", ")
+                )
+            })
+    }
+}

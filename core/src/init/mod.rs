@@ -1,0 +1,93 @@
+//! Daemon initialisation: node agents that format their devices and register the daemons
+//! with the monitor, and the four orchestration strategies compared by `exp-init`.
+//!
+//! * `sequential`: per daemon, one id request, mkfs, register, report, then the next
+//!   (`ceph-volume lvm batch` / `ceph osd new` one at a time);
+//! * `parallel_nodes`: nodes in parallel, each node's daemons one by one (Rook, cephadm);
+//! * `parallel_daemons`: nodes one by one, each node's daemons in parallel;
+//! * `parallel`: the mechanism: one batch id request for every daemon of every node, then
+//!   all nodes and all daemons in parallel, each result reported to the monitor.
+//!
+//! Every daemon in flight has its own thread, its own io_uring engine and its own monitor
+//! connection, so all of them are in flight at once however few cores there are.
+
+mod agent;
+mod error;
+mod orchestrate;
+mod remote;
+
+pub use agent::{DaemonOutcome, NodeAgent, NodeInfo, NodeInitRequest, NodeReport, StepTime};
+pub use error::{InitError, Result};
+pub use orchestrate::{max_in_flight, run, InitRun, Node};
+pub use remote::{serve_node, NodeServer, RemoteNode};
+
+/// How daemons are initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    Sequential,
+    ParallelNodes,
+    ParallelDaemons,
+    Parallel,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 4] = [
+        Strategy::Sequential,
+        Strategy::ParallelNodes,
+        Strategy::ParallelDaemons,
+        Strategy::Parallel,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Sequential => "sequential",
+            Strategy::ParallelNodes => "parallel_nodes",
+            Strategy::ParallelDaemons => "parallel_daemons",
+            Strategy::Parallel => "parallel",
+        }
+    }
+
+    /// Are a node's daemons initialised in parallel?
+    pub fn parallel_daemons(self) -> bool {
+        matches!(self, Strategy::ParallelDaemons | Strategy::Parallel)
+    }
+
+    /// Are nodes initialised in parallel?
+    pub fn parallel_nodes(self) -> bool {
+        matches!(self, Strategy::ParallelNodes | Strategy::Parallel)
+    }
+
+    /// The least number of monitor proposals the strategy needs: every daemon needs three
+    /// committed changes (id, registration, report) and changes only share a proposal
+    /// when they are in flight together.
+    pub fn min_proposals(self, nodes: u64, daemons_per_node: u64) -> u64 {
+        3 * match self {
+            Strategy::Sequential => nodes * daemons_per_node,
+            Strategy::ParallelNodes => daemons_per_node,
+            Strategy::ParallelDaemons => nodes,
+            Strategy::Parallel => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Strategy, String> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown strategy {s:?} (one of: {})",
+                    Strategy::ALL.map(|x| x.name()).join(", ")
+                )
+            })
+    }
+}

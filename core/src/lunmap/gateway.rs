@@ -1,0 +1,501 @@
+//! A gateway: serves block reads and writes of LUNs over TCP, each request decided on the
+//! gateway's in-memory [`MapView`]: an initiator the map does not allow gets a clear error
+//! and no byte is read or written. I/O goes through io_uring ([`crate::dev::UringEngine`],
+//! one engine per connection thread) on the LUN's backing device range.
+//!
+//! Optionally ([`GatewayServer::start_confirming`]) a refusal is confirmed against the
+//! coordination backend before it is returned: `sync`, then read the initiator's node. A
+//! request that races the watch notification of a just-acknowledged mapping is then served
+//! instead of refused, at the cost of round trips on the (rare) refusal path only.
+//!
+//! Wire protocol (one request at a time per connection): a JSON line [`Request`], followed
+//! for writes by `len` payload bytes; the answer is a JSON line [`Reply`], followed for
+//! successful reads by `len` bytes.
+
+use super::view::MapView;
+use super::{validate_iqn, validate_simple_name, Backing, Layout, Lun, LunMapError};
+use crate::coord::{Coord, CoordError};
+use crate::dev::{AlignedBuf, Device, IoEngine, UringEngine};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+
+/// Largest single request.
+pub const MAX_IO: u64 = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoKind {
+    Read,
+    Write,
+}
+
+/// One I/O request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub op: IoKind,
+    pub lun: String,
+    pub target: String,
+    pub initiator: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    /// The LUN generation the decision was made on.
+    #[serde(default)]
+    pub generation: u64,
+    /// True when the map refused the initiator (as opposed to an I/O or request error).
+    #[serde(default)]
+    pub refused: bool,
+    #[serde(default)]
+    pub error: String,
+}
+
+/// Counters of a running gateway.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub served: AtomicU64,
+    pub refused: AtomicU64,
+    pub failed: AtomicU64,
+    /// Requests the view refused but the backend confirmed as mapped (then served).
+    pub confirmed: AtomicU64,
+}
+
+/// A running gateway server; stops when dropped.
+pub struct GatewayServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for GatewayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl GatewayServer {
+    /// Binds `listen` and serves requests decided on `view`.
+    pub fn start(listen: SocketAddr, view: Arc<RwLock<MapView>>) -> std::io::Result<GatewayServer> {
+        Self::start_with(listen, view, None)
+    }
+
+    /// Like [`GatewayServer::start`], but a refusal by the view is confirmed with `coord`
+    /// (sync + read) first; a mapping the view has not caught up with yet is served.
+    pub fn start_confirming(
+        listen: SocketAddr,
+        view: Arc<RwLock<MapView>>,
+        coord: Arc<dyn Coord>,
+    ) -> std::io::Result<GatewayServer> {
+        Self::start_with(listen, view, Some(coord))
+    }
+
+    fn start_with(
+        listen: SocketAddr,
+        view: Arc<RwLock<MapView>>,
+        confirm: Option<Arc<dyn Coord>>,
+    ) -> std::io::Result<GatewayServer> {
+        let listener = TcpListener::bind(listen)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let (s, st) = (Arc::clone(&stop), Arc::clone(&stats));
+        let accept = std::thread::Builder::new()
+            .name("gateway-accept".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if s.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let (v, st, s2) = (Arc::clone(&view), Arc::clone(&st), Arc::clone(&s));
+                    let confirm = confirm.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("gateway-conn".into())
+                        .spawn(move || serve_conn(conn, v, st, s2, confirm));
+                }
+            })?;
+        Ok(GatewayServer {
+            addr,
+            stop,
+            accept: Some(accept),
+            stats,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+impl Drop for GatewayServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Conn {
+    engine: Option<UringEngine>,
+    devices: HashMap<PathBuf, Device>,
+    confirm: Option<Arc<dyn Coord>>,
+    stats: Arc<Stats>,
+}
+
+fn reply_err(refused: bool, generation: u64, error: String) -> Reply {
+    Reply {
+        ok: false,
+        generation,
+        refused,
+        error,
+    }
+}
+
+fn serve_conn(
+    stream: TcpStream,
+    view: Arc<RwLock<MapView>>,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    confirm: Option<Arc<dyn Coord>>,
+) {
+    let _ = stream.set_nodelay(true);
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut input = BufReader::new(stream);
+    let mut conn = Conn {
+        engine: None,
+        devices: HashMap::new(),
+        confirm,
+        stats: Arc::clone(&stats),
+    };
+    let mut line = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        line.clear();
+        match input.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let req: Request = match serde_json::from_str(line.trim_end()) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = send(
+                    &mut out,
+                    &reply_err(false, 0, format!("bad request: {e}")),
+                    None,
+                );
+                return;
+            }
+        };
+        if req.len > MAX_IO {
+            let _ = send(
+                &mut out,
+                &reply_err(
+                    false,
+                    0,
+                    format!("request of {} bytes exceeds {MAX_IO}", req.len),
+                ),
+                None,
+            );
+            return;
+        }
+        // The payload of a write is consumed in every case, so the stream stays in step.
+        let payload = if req.op == IoKind::Write {
+            let mut b = AlignedBuf::new(req.len as usize);
+            if input.read_exact(&mut b).is_err() {
+                return;
+            }
+            Some(b)
+        } else {
+            None
+        };
+        let (reply, data) = handle(&mut conn, &view, &req, payload.as_ref());
+        let counter = if reply.ok {
+            &stats.served
+        } else if reply.refused {
+            &stats.refused
+        } else {
+            &stats.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if send(&mut out, &reply, data.as_deref()).is_err() {
+            return;
+        }
+    }
+}
+
+fn send(out: &mut TcpStream, reply: &Reply, data: Option<&[u8]>) -> std::io::Result<()> {
+    let mut buf = serde_json::to_vec(reply).expect("plain data");
+    buf.push(b'\n');
+    if let Some(d) = data {
+        buf.extend_from_slice(d);
+    }
+    out.write_all(&buf)
+}
+
+fn handle(
+    conn: &mut Conn,
+    view: &RwLock<MapView>,
+    req: &Request,
+    payload: Option<&AlignedBuf>,
+) -> (Reply, Option<AlignedBuf>) {
+    // The decision, on the map as it is now.
+    let decided = {
+        let v = view.read().unwrap_or_else(|e| e.into_inner());
+        match v.check(&req.lun, &req.target, &req.initiator) {
+            Ok(l) => Ok(l.clone()),
+            Err(e @ (LunMapError::NotMapped { .. } | LunMapError::NoSuchLun(_))) => {
+                let generation = v.luns.get(&req.lun).map_or(0, |s| s.lun.generation);
+                Err((e, generation, v.layout.clone()))
+            }
+            Err(e) => return (reply_err(false, 0, e.to_string()), None),
+        }
+    };
+    let lun = match decided {
+        Ok(l) => l,
+        Err((e, generation, layout)) => match conn
+            .confirm
+            .as_deref()
+            .map(|c| confirm_mapped(c, &layout, req))
+        {
+            Some(Ok(Some(l))) => {
+                conn.stats.confirmed.fetch_add(1, Ordering::Relaxed);
+                l
+            }
+            Some(Err(ce)) => {
+                return (
+                    reply_err(
+                        false,
+                        generation,
+                        format!("cannot confirm refusal ({e}): {ce}"),
+                    ),
+                    None,
+                )
+            }
+            _ => return (reply_err(true, generation, format!("refused: {e}")), None),
+        },
+    };
+    let g = lun.generation;
+    if req.len == 0 || req.offset % 4096 != 0 || req.len % 4096 != 0 {
+        return (
+            reply_err(
+                false,
+                g,
+                "offset and length must be positive multiples of 4096".into(),
+            ),
+            None,
+        );
+    }
+    if req
+        .offset
+        .checked_add(req.len)
+        .is_none_or(|end| end > lun.size_bytes)
+    {
+        return (
+            reply_err(
+                false,
+                g,
+                format!(
+                    "range {}+{} is beyond LUN {} of {} bytes",
+                    req.offset, req.len, lun.name, lun.size_bytes
+                ),
+            ),
+            None,
+        );
+    }
+    let (device, base) = match &lun.backing {
+        Backing::Range { device, offset } => (PathBuf::from(device), *offset),
+        Backing::Volume { volume } => {
+            return (
+                reply_err(
+                    false,
+                    g,
+                    format!(
+                    "LUN {} is backed by volume {volume}; this gateway serves device ranges only",
+                    lun.name
+                ),
+                ),
+                None,
+            )
+        }
+    };
+    if conn.engine.is_none() {
+        match UringEngine::with_queue_depth(4) {
+            Ok(e) => conn.engine = Some(e),
+            Err(e) => return (reply_err(false, g, format!("io_uring: {e}")), None),
+        }
+    }
+    if !conn.devices.contains_key(&device) {
+        match Device::open(&device) {
+            Ok(d) => {
+                conn.devices.insert(device.clone(), d);
+            }
+            Err(e) => return (reply_err(false, g, e.to_string()), None),
+        }
+    }
+    let (Some(engine), Some(dev)) = (conn.engine.as_mut(), conn.devices.get(&device)) else {
+        return (reply_err(false, g, "internal: no engine".into()), None);
+    };
+    let off = base + req.offset;
+    if let Err(e) = dev.check_range(off, req.len) {
+        return (reply_err(false, g, e.to_string()), None);
+    }
+    let ok = Reply {
+        ok: true,
+        generation: g,
+        refused: false,
+        error: String::new(),
+    };
+    match payload {
+        Some(p) => match engine.write_at(dev, off, p) {
+            Ok(()) => (ok, None),
+            Err(e) => (reply_err(false, g, e.to_string()), None),
+        },
+        None => {
+            let mut b = AlignedBuf::new(req.len as usize);
+            match engine.read_at(dev, off, &mut b) {
+                Ok(()) => (ok, Some(b)),
+                Err(e) => (reply_err(false, g, e.to_string()), None),
+            }
+        }
+    }
+}
+
+/// Asks the backend whether `req`'s initiator is mapped (after a sync); the LUN if so.
+fn confirm_mapped(
+    coord: &dyn Coord,
+    layout: &Layout,
+    req: &Request,
+) -> Result<Option<Lun>, CoordError> {
+    if validate_simple_name("LUN name", &req.lun).is_err()
+        || validate_iqn("target", &req.target).is_err()
+        || validate_iqn("initiator", &req.initiator).is_err()
+    {
+        return Ok(None);
+    }
+    let lun_path = layout.lun(&req.lun);
+    coord.sync(&lun_path)?;
+    if coord
+        .exists(&layout.initiator(&req.lun, &req.target, &req.initiator))?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    match coord.get(&lun_path) {
+        Ok((d, _)) => Ok(serde_json::from_slice(&d).ok()),
+        Err(CoordError::NoNode(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A client of a gateway (one connection).
+pub struct GatewayClient {
+    out: TcpStream,
+    input: BufReader<TcpStream>,
+}
+
+impl std::fmt::Debug for GatewayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayClient").finish()
+    }
+}
+
+impl GatewayClient {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<GatewayClient> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+        Ok(GatewayClient {
+            out: s.try_clone()?,
+            input: BufReader::new(s),
+        })
+    }
+
+    fn call(&mut self, req: &Request, payload: Option<&[u8]>) -> std::io::Result<(Reply, Vec<u8>)> {
+        let mut buf = serde_json::to_vec(req).expect("plain data");
+        buf.push(b'\n');
+        if let Some(p) = payload {
+            buf.extend_from_slice(p);
+        }
+        self.out.write_all(&buf)?;
+        let mut line = String::new();
+        if self.input.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "gateway closed the connection",
+            ));
+        }
+        let reply: Reply = serde_json::from_str(line.trim_end())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let mut data = Vec::new();
+        if reply.ok && req.op == IoKind::Read {
+            data.resize(req.len as usize, 0);
+            self.input.read_exact(&mut data)?;
+        }
+        Ok((reply, data))
+    }
+
+    /// Reads `len` bytes at `offset` of `lun` as `initiator` through `target`.
+    pub fn read(
+        &mut self,
+        lun: &str,
+        target: &str,
+        initiator: &str,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<(Reply, Vec<u8>)> {
+        self.call(
+            &Request {
+                op: IoKind::Read,
+                lun: lun.into(),
+                target: target.into(),
+                initiator: initiator.into(),
+                offset,
+                len,
+            },
+            None,
+        )
+    }
+
+    /// Writes `data` at `offset` of `lun` as `initiator` through `target`.
+    pub fn write(
+        &mut self,
+        lun: &str,
+        target: &str,
+        initiator: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<Reply> {
+        self.call(
+            &Request {
+                op: IoKind::Write,
+                lun: lun.into(),
+                target: target.into(),
+                initiator: initiator.into(),
+                offset,
+                len: data.len() as u64,
+            },
+            Some(data),
+        )
+        .map(|(r, _)| r)
+    }
+}

@@ -1,0 +1,52 @@
+//! Errors of the monitor, its journal and its client.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("unknown daemon id {id}: the monitor's map has no such daemon")]
+    UnknownDaemon { id: u32 },
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("monitor at {addr} unreachable after {attempts} attempts over {waited:?}: {source}")]
+    Unreachable {
+        addr: String,
+        attempts: u32,
+        waited: Duration,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("monitor connection ({addr}): {what}: {source}")]
+    Io {
+        addr: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("monitor protocol: {0}")]
+    Protocol(String),
+    #[error("the monitor refused: {0}")]
+    Remote(String),
+    #[error("journal {path}: {what}: {source}")]
+    Journal {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path}: line {line} is corrupt: {reason}")]
+    JournalCorrupt {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("map store: {0}")]
+    Store(String),
+    #[error("the monitor stopped after a failed commit: {0}")]
+    Stopped(String),
+}
+
+pub type Result<T, E = MonitorError> = std::result::Result<T, E>;

@@ -1,0 +1,411 @@
+//! The monitor's logic apart from I/O and clocks: requests are validated against the
+//! working map (committed map plus pending changes) and staged; [`MonitorState::take_proposal`]
+//! batches every staged change into one proposal once the propose interval allows; after
+//! the caller has made the proposal durable, [`MonitorState::committed`] makes it the
+//! committed map and the waiting clients get their answers.
+//!
+//! Timing follows Ceph's `PaxosService::should_propose`: a proposal happens no earlier
+//! than `propose_interval` after the previous commit, and no earlier than `min_wait`
+//! after the first staged change (to gather a batch when the monitor was idle).
+
+use std::time::{Duration, Instant};
+
+use super::error::MonitorError;
+use super::map::{Change, ClusterMap};
+#[cfg(test)]
+use super::proto::Slot;
+use super::proto::{Outcome, Request, Response};
+
+/// Proposal timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProposeConfig {
+    /// Least time between two commits (Ceph: `paxos_propose_interval`, 1 s).
+    pub propose_interval: Duration,
+    /// Least time a change waits for company when the monitor was idle (Ceph:
+    /// `paxos_min_wait`, 50 ms). Capped at `propose_interval`.
+    pub min_wait: Duration,
+}
+
+impl ProposeConfig {
+    /// `min_wait` = 0: an idle monitor proposes a lone change at once.
+    pub fn with_interval(propose_interval: Duration) -> ProposeConfig {
+        ProposeConfig {
+            propose_interval,
+            min_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// The answer a staged request gets once its proposal is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Ids(Vec<u32>),
+    Committed,
+}
+
+/// A batch of changes to make durable, with the clients waiting for it.
+#[derive(Debug)]
+pub struct Proposal<W> {
+    pub epoch: u64,
+    pub changes: Vec<Change>,
+    /// Each waiting client and its answer (sent after the commit).
+    pub replies: Vec<(W, Response)>,
+}
+
+/// The monitor's state. `W` identifies a waiting client (a channel in the server, a
+/// number in tests).
+#[derive(Debug)]
+pub struct MonitorState<W> {
+    config: ProposeConfig,
+    committed: ClusterMap,
+    working: ClusterMap,
+    pending: Vec<Change>,
+    waiting: Vec<(W, Reply)>,
+    first_pending: Option<Instant>,
+    last_commit: Option<Instant>,
+    in_flight: Option<ClusterMap>,
+}
+
+impl<W> MonitorState<W> {
+    pub fn new(map: ClusterMap, config: ProposeConfig) -> MonitorState<W> {
+        MonitorState {
+            config,
+            working: map.clone(),
+            committed: map,
+            pending: Vec::new(),
+            waiting: Vec::new(),
+            first_pending: None,
+            last_commit: None,
+            in_flight: None,
+        }
+    }
+
+    pub fn committed_map(&self) -> &ClusterMap {
+        &self.committed
+    }
+
+    pub fn config(&self) -> ProposeConfig {
+        self.config
+    }
+
+    /// Handles a request. Reads are answered at once (`Ok(Some)`); valid changes are
+    /// staged and `waiter` waits for the proposal (`Ok(None)`); invalid ones are refused.
+    pub fn submit(
+        &mut self,
+        req: Request,
+        waiter: W,
+        now: Instant,
+    ) -> Result<Option<Response>, MonitorError> {
+        let (changes, reply) = match req {
+            Request::Ping => {
+                return Ok(Some(Response::Pong {
+                    epoch: self.committed.epoch,
+                }))
+            }
+            Request::GetMap => {
+                return Ok(Some(Response::Map {
+                    map: self.committed.clone(),
+                }))
+            }
+            Request::Alloc { slots } => {
+                if slots.is_empty() {
+                    return Err(MonitorError::BadRequest(
+                        "alloc needs at least one device".into(),
+                    ));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for s in &slots {
+                    if !seen.insert(s) {
+                        return Err(MonitorError::BadRequest(format!(
+                            "device {} of node {} listed twice in one alloc request",
+                            s.device, s.node
+                        )));
+                    }
+                }
+                let ids = self.working.smallest_free(slots.len());
+                let changes: Vec<Change> = ids
+                    .iter()
+                    .zip(slots)
+                    .map(|(&id, s)| Change::Alloc {
+                        id,
+                        node: s.node,
+                        device: s.device,
+                    })
+                    .collect();
+                (changes, Reply::Ids(ids))
+            }
+            Request::Register { id, uuid, key } => {
+                (vec![Change::Register { id, uuid, key }], Reply::Committed)
+            }
+            Request::Report { id, outcome } => {
+                let c = match outcome {
+                    Outcome::Up => Change::Up { id },
+                    Outcome::Failed { reason } => Change::Failed { id, reason },
+                };
+                (vec![c], Reply::Committed)
+            }
+            Request::Remove { id } => (vec![Change::Remove { id }], Reply::Committed),
+        };
+        // All or nothing: check on a scratch copy when there are several changes.
+        if changes.len() == 1 {
+            self.working.apply(&changes[0])?;
+        } else {
+            let mut scratch = self.working.clone();
+            for c in &changes {
+                scratch.apply(c)?;
+            }
+            self.working = scratch;
+        }
+        self.pending.extend(changes);
+        self.waiting.push((waiter, reply));
+        self.first_pending.get_or_insert(now);
+        Ok(None)
+    }
+
+    /// When the next proposal may happen (`None`: nothing staged, or one in flight).
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let first = self.first_pending?;
+        let gathered = first + self.config.min_wait.min(self.config.propose_interval);
+        Some(match self.last_commit {
+            Some(t) => gathered.max(t + self.config.propose_interval),
+            None => gathered,
+        })
+    }
+
+    /// Takes every staged change as the next proposal if its time has come.
+    pub fn take_proposal(&mut self, now: Instant) -> Option<Proposal<W>> {
+        if now < self.deadline()? {
+            return None;
+        }
+        let epoch = self.committed.epoch + 1;
+        let mut next = self.working.clone();
+        next.epoch = epoch;
+        self.in_flight = Some(next);
+        self.first_pending = None;
+        let replies = self
+            .waiting
+            .drain(..)
+            .map(|(w, r)| {
+                let resp = match r {
+                    Reply::Ids(ids) => Response::Ids { ids, epoch },
+                    Reply::Committed => Response::Committed { epoch },
+                };
+                (w, resp)
+            })
+            .collect();
+        Some(Proposal {
+            epoch,
+            changes: std::mem::take(&mut self.pending),
+            replies,
+        })
+    }
+
+    /// The proposal taken last is durable: it becomes the committed map.
+    pub fn committed(&mut self, now: Instant) {
+        if let Some(m) = self.in_flight.take() {
+            self.working.epoch = m.epoch;
+            self.committed = m;
+            self.last_commit = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::map::DaemonState;
+    use uuid::Uuid;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn alloc(node: &str, devs: &[&str]) -> Request {
+        Request::Alloc {
+            slots: devs
+                .iter()
+                .map(|d| Slot {
+                    node: node.into(),
+                    device: d.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    fn state(interval_ms: u64) -> MonitorState<u32> {
+        MonitorState::new(
+            ClusterMap::new(Uuid::new_v4()),
+            ProposeConfig::with_interval(Duration::from_millis(interval_ms)),
+        )
+    }
+
+    #[test]
+    fn changes_batch_into_one_proposal_per_interval() {
+        let t0 = Instant::now();
+        let mut s = state(50);
+        assert!(s.submit(alloc("a", &["/d0"]), 1, t0).unwrap().is_none());
+        // Idle monitor, min_wait 0: propose at once.
+        let p = s.take_proposal(t0).unwrap();
+        assert_eq!(p.epoch, 1);
+        assert_eq!(
+            p.replies,
+            vec![(
+                1,
+                Response::Ids {
+                    ids: vec![0],
+                    epoch: 1
+                }
+            )]
+        );
+        s.committed(t0 + MS);
+        // Three more requests within the interval: one proposal, not before t0+1+50 ms.
+        s.submit(alloc("a", &["/d1", "/d2"]), 2, t0 + 2 * MS)
+            .unwrap();
+        s.submit(alloc("b", &["/d0"]), 3, t0 + 3 * MS).unwrap();
+        s.submit(Request::Remove { id: 0 }, 4, t0 + 4 * MS).unwrap();
+        assert!(s.take_proposal(t0 + 50 * MS).is_none());
+        assert_eq!(s.deadline(), Some(t0 + 51 * MS));
+        let p = s.take_proposal(t0 + 51 * MS).unwrap();
+        assert_eq!(p.epoch, 2);
+        assert_eq!(p.changes.len(), 4);
+        assert_eq!(
+            p.replies,
+            vec![
+                (
+                    2,
+                    Response::Ids {
+                        ids: vec![1, 2],
+                        epoch: 2
+                    }
+                ),
+                (
+                    3,
+                    Response::Ids {
+                        ids: vec![3],
+                        epoch: 2
+                    }
+                ),
+                (4, Response::Committed { epoch: 2 }),
+            ]
+        );
+        // Until committed, reads see epoch 1.
+        assert_eq!(s.committed_map().epoch, 1);
+        s.committed(t0 + 52 * MS);
+        assert_eq!(s.committed_map().epoch, 2);
+        assert_eq!(
+            s.committed_map()
+                .daemons
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        // Id 0 is free again: smallest-free allocation reuses it.
+        s.submit(alloc("c", &["/x", "/y"]), 5, t0 + 60 * MS)
+            .unwrap();
+        let p = s.take_proposal(t0 + 200 * MS).unwrap();
+        assert_eq!(
+            p.replies[0].1,
+            Response::Ids {
+                ids: vec![0, 4],
+                epoch: 3
+            }
+        );
+    }
+
+    #[test]
+    fn no_second_proposal_while_one_is_in_flight() {
+        let t0 = Instant::now();
+        let mut s = state(0);
+        s.submit(alloc("a", &["/d0"]), 1, t0).unwrap();
+        let _p = s.take_proposal(t0).unwrap();
+        s.submit(alloc("a", &["/d1"]), 2, t0).unwrap();
+        assert!(s.take_proposal(t0 + 10 * MS).is_none());
+        s.committed(t0 + 10 * MS);
+        let p = s.take_proposal(t0 + 10 * MS).unwrap();
+        assert_eq!(
+            p.replies,
+            vec![(
+                2,
+                Response::Ids {
+                    ids: vec![1],
+                    epoch: 2
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn invalid_requests_are_refused_and_stage_nothing() {
+        let t0 = Instant::now();
+        let mut s = state(10);
+        let e = s
+            .submit(
+                Request::Register {
+                    id: 9,
+                    uuid: Uuid::new_v4(),
+                    key: "k".into(),
+                },
+                1,
+                t0,
+            )
+            .unwrap_err();
+        assert!(matches!(e, MonitorError::UnknownDaemon { id: 9 }));
+        assert!(s.submit(alloc("a", &["/d", "/d"]), 2, t0).is_err());
+        assert!(s.submit(alloc("a", &[]), 2, t0).is_err());
+        assert_eq!(s.deadline(), None);
+        // A batch whose second device is taken allocates nothing.
+        s.submit(alloc("a", &["/d"]), 3, t0).unwrap();
+        assert!(s.submit(alloc("a", &["/e", "/d"]), 4, t0).is_err());
+        let p = s.take_proposal(t0).unwrap();
+        assert_eq!(p.changes.len(), 1);
+    }
+
+    #[test]
+    fn lifecycle_through_proposals() {
+        let t0 = Instant::now();
+        let mut s = state(0);
+        s.submit(alloc("a", &["/d0", "/d1"]), 1, t0).unwrap();
+        s.take_proposal(t0).unwrap();
+        s.committed(t0);
+        let u = Uuid::new_v4();
+        s.submit(
+            Request::Register {
+                id: 0,
+                uuid: u,
+                key: "k0".into(),
+            },
+            2,
+            t0,
+        )
+        .unwrap();
+        s.submit(
+            Request::Report {
+                id: 0,
+                outcome: Outcome::Up,
+            },
+            3,
+            t0,
+        )
+        .unwrap();
+        s.submit(
+            Request::Report {
+                id: 1,
+                outcome: Outcome::Failed {
+                    reason: "refused".into(),
+                },
+            },
+            4,
+            t0,
+        )
+        .unwrap();
+        s.take_proposal(t0).unwrap();
+        s.committed(t0);
+        let m = s.committed_map();
+        assert_eq!(m.daemons[&0].state, DaemonState::Up);
+        assert_eq!(m.daemons[&0].uuid, Some(u));
+        assert_eq!(m.daemons[&1].state, DaemonState::Failed);
+        assert_eq!(m.daemons[&1].reason.as_deref(), Some("refused"));
+    }
+}

@@ -1,0 +1,405 @@
+//! One conformance suite for every coordination backend: the embedded store and a real
+//! ZooKeeper server started by the test (Debian's `zookeeper` package).
+
+use blocklab::coord::embedded::EmbeddedStore;
+use blocklab::coord::zk_server::ZkServer;
+use blocklab::coord::zookeeper::ZkCoord;
+use blocklab::coord::{
+    connect, ensure_path, ConnectOptions, Coord, CoordError, CoordSpec, NodeKind, Op, WatchEvent,
+};
+use std::time::{Duration, Instant};
+
+type Factory<'a> = &'a dyn Fn() -> Box<dyn Coord>;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Collects `n` node events (skipping Resync) or panics after the deadline.
+fn collect(w: &blocklab::coord::Watch, n: usize) -> Vec<WatchEvent> {
+    let deadline = Instant::now() + WAIT;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(Instant::now() < deadline, "got only {out:?}");
+        if let Some(ev) = w.recv_timeout(Duration::from_millis(200)) {
+            if ev != WatchEvent::Resync {
+                out.push(ev);
+            }
+        }
+    }
+    out
+}
+
+fn suite_versions(new: Factory<'_>, base: &str) {
+    let c = new();
+    ensure_path(&*c, base).unwrap();
+    let a = format!("{base}/a");
+    let s = c.create(&a, b"one", NodeKind::Persistent).unwrap();
+    assert_eq!(s.version, 0);
+    assert_eq!(s.ephemeral_owner, None);
+    assert_eq!(c.get(&a).unwrap().0, b"one");
+    assert!(matches!(
+        c.create(&a, b"x", NodeKind::Persistent),
+        Err(CoordError::NodeExists(_))
+    ));
+    assert!(matches!(
+        c.create(&format!("{base}/missing/child"), b"", NodeKind::Persistent),
+        Err(CoordError::NoNode(_))
+    ));
+    assert_eq!(c.set(&a, b"two", Some(0)).unwrap().version, 1);
+    assert!(matches!(
+        c.set(&a, b"lost", Some(0)),
+        Err(CoordError::BadVersion { .. })
+    ));
+    assert_eq!(c.get(&a).unwrap().0, b"two", "a failed set changed nothing");
+    assert_eq!(c.set(&a, b"three", None).unwrap().version, 2);
+    c.create(&format!("{a}/z"), b"", NodeKind::Persistent)
+        .unwrap();
+    c.create(&format!("{a}/m"), b"", NodeKind::Persistent)
+        .unwrap();
+    assert_eq!(c.children(&a).unwrap(), vec!["m", "z"]);
+    assert_eq!(c.get(&a).unwrap().1.num_children, 2);
+    assert!(matches!(c.delete(&a, None), Err(CoordError::NotEmpty(_))));
+    c.delete(&format!("{a}/z"), None).unwrap();
+    c.delete(&format!("{a}/m"), Some(0)).unwrap();
+    assert!(matches!(
+        c.delete(&a, Some(1)),
+        Err(CoordError::BadVersion { .. })
+    ));
+    c.delete(&a, Some(2)).unwrap();
+    assert!(matches!(c.get(&a), Err(CoordError::NoNode(_))));
+    assert_eq!(c.exists(&a).unwrap(), None);
+    assert!(matches!(c.children(&a), Err(CoordError::NoNode(_))));
+    for bad in ["relative", "/trailing/", "/a//b", "/a/../b"] {
+        assert!(
+            matches!(c.get(bad), Err(CoordError::InvalidPath { .. })),
+            "{bad}"
+        );
+    }
+}
+
+fn suite_multi(new: Factory<'_>, base: &str) {
+    let c = new();
+    ensure_path(&*c, base).unwrap();
+    let p = |n: &str| format!("{base}/{n}");
+    c.create(&p("v"), b"v0", NodeKind::Persistent).unwrap();
+    // A failing op at the end: nothing of the earlier ops may be visible.
+    let err = c
+        .multi(&[
+            Op::create(p("a"), b"a".to_vec()),
+            Op::set(p("v"), b"v1".to_vec(), Some(0)),
+            Op::check(p("v"), 7),
+        ])
+        .unwrap_err();
+    match err {
+        CoordError::MultiFailed { index, source } => {
+            assert_eq!(index, 2);
+            assert!(matches!(*source, CoordError::BadVersion { .. }), "{source}");
+        }
+        e => panic!("expected MultiFailed, got {e}"),
+    }
+    assert_eq!(c.exists(&p("a")).unwrap(), None);
+    assert_eq!(
+        c.get(&p("v")).unwrap(),
+        (b"v0".to_vec(), c.exists(&p("v")).unwrap().unwrap())
+    );
+    assert_eq!(c.get(&p("v")).unwrap().1.version, 0);
+    // Creating a node and its child in one multi works (ops see earlier ops).
+    c.multi(&[
+        Op::check(p("v"), 0),
+        Op::create(p("a"), b"a".to_vec()),
+        Op::create(p("a/b"), b"b".to_vec()),
+        Op::set(p("v"), b"v1".to_vec(), Some(0)),
+    ])
+    .unwrap();
+    assert_eq!(c.get(&p("a/b")).unwrap().0, b"b");
+    assert_eq!(c.get(&p("v")).unwrap().1.version, 1);
+    // Two editors racing on the same version: exactly one wins.
+    let d = new();
+    let r1 = c.multi(&[
+        Op::set(p("v"), b"c".to_vec(), Some(1)),
+        Op::create(p("c"), b"".to_vec()),
+    ]);
+    let r2 = d.multi(&[
+        Op::set(p("v"), b"d".to_vec(), Some(1)),
+        Op::create(p("d"), b"".to_vec()),
+    ]);
+    assert!(r1.is_ok());
+    assert!(matches!(r2, Err(CoordError::MultiFailed { index: 0, .. })));
+    // After sync, a session reads what another session had acknowledged.
+    d.sync(&p("v")).unwrap();
+    assert_eq!(d.get(&p("v")).unwrap().0, b"c");
+    assert!(d.exists(&p("c")).unwrap().is_some());
+    assert_eq!(c.exists(&p("d")).unwrap(), None);
+    // Delete inside a multi, then the parent.
+    c.multi(&[Op::delete(p("a/b"), Some(0)), Op::delete(p("a"), None)])
+        .unwrap();
+    assert_eq!(c.exists(&p("a")).unwrap(), None);
+    // An invalid path in a multi is refused before anything is applied.
+    assert!(c
+        .multi(&[
+            Op::create(p("x"), b"".to_vec()),
+            Op::create("bad", b"".to_vec())
+        ])
+        .is_err());
+    assert_eq!(c.exists(&p("x")).unwrap(), None);
+}
+
+fn suite_ephemeral(new: Factory<'_>, base: &str) {
+    let a = new();
+    let b = new();
+    ensure_path(&*a, base).unwrap();
+    let e = format!("{base}/gw1");
+    let w = b.watch(base).unwrap();
+    let s = a.create(&e, b"alive", NodeKind::Ephemeral).unwrap();
+    assert_eq!(s.ephemeral_owner, Some(a.session_id()));
+    assert_ne!(a.session_id(), b.session_id());
+    assert_eq!(b.get(&e).unwrap().1.ephemeral_owner, Some(a.session_id()));
+    assert!(matches!(
+        a.create(&format!("{e}/child"), b"", NodeKind::Persistent),
+        Err(CoordError::NoChildrenForEphemerals(_))
+    ));
+    a.create(&format!("{base}/keep"), b"", NodeKind::Persistent)
+        .unwrap();
+    // Session loss: the ephemeral goes, the persistent node stays, watchers learn it.
+    drop(a);
+    wait_for("ephemeral removal", || b.exists(&e).unwrap().is_none());
+    assert!(b.exists(&format!("{base}/keep")).unwrap().is_some());
+    let evs = collect(&w, 3);
+    assert_eq!(
+        evs,
+        vec![
+            WatchEvent::Created(e.clone()),
+            WatchEvent::Created(format!("{base}/keep")),
+            WatchEvent::Deleted(e.clone()),
+        ]
+    );
+    // A closed session refuses further work.
+    let c = new();
+    c.close();
+    assert!(c.get(base).is_err());
+}
+
+fn suite_watch_order(new: Factory<'_>, base: &str) {
+    let writer = new();
+    let reader = new();
+    ensure_path(&*writer, base).unwrap();
+    let w = reader.watch(base).unwrap();
+    let other = new();
+    ensure_path(&*other, &format!("{base}-sibling")).unwrap();
+    let mut expect = Vec::new();
+    for i in 0..20 {
+        let p = format!("{base}/n{i:02}");
+        writer.create(&p, b"", NodeKind::Persistent).unwrap();
+        expect.push(WatchEvent::Created(p.clone()));
+        // A change outside the subtree is not delivered.
+        other
+            .set(&format!("{base}-sibling"), format!("{i}").as_bytes(), None)
+            .unwrap();
+        writer.set(&p, b"x", Some(0)).unwrap();
+        expect.push(WatchEvent::DataChanged(p.clone()));
+        let q = format!("{p}/deep");
+        writer
+            .multi(&[
+                Op::create(q.clone(), b"".to_vec()),
+                Op::set(p.clone(), b"y".to_vec(), Some(1)),
+            ])
+            .unwrap();
+        expect.push(WatchEvent::Created(q.clone()));
+        expect.push(WatchEvent::DataChanged(p.clone()));
+        writer.delete(&q, None).unwrap();
+        expect.push(WatchEvent::Deleted(q));
+    }
+    let got = collect(&w, expect.len());
+    assert_eq!(got, expect);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(w.try_recv(), None, "no extra events");
+    // Concurrent writers: every change is delivered exactly once.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let c = new();
+            let base = base.to_string();
+            std::thread::spawn(move || {
+                for i in 0..10 {
+                    c.create(&format!("{base}/t{t}-{i}"), b"", NodeKind::Persistent)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut got = collect(&w, 40);
+    got.sort_by(|a, b| a.path().cmp(&b.path()));
+    got.dedup();
+    assert_eq!(got.len(), 40);
+    assert!(got.iter().all(|e| matches!(e, WatchEvent::Created(_))));
+}
+
+fn run_suite(new: Factory<'_>) {
+    suite_versions(new, "/conf/versions");
+    suite_multi(new, "/conf/multi");
+    suite_ephemeral(new, "/conf/ephemeral");
+    suite_watch_order(new, "/conf/watch");
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("blocklab-coord-")
+        .tempdir()
+        .unwrap()
+}
+
+#[test]
+fn embedded_conformance() {
+    let dir = tempdir();
+    let store = EmbeddedStore::open(dir.path().join("coord.store")).unwrap();
+    run_suite(&|| Box::new(store.session()));
+}
+
+#[test]
+fn zookeeper_conformance() {
+    let zk = ZkServer::start().unwrap();
+    let spec = zk.spec("/suite");
+    let opts = ConnectOptions::default();
+    run_suite(&|| connect(&spec, &opts).unwrap());
+}
+
+#[test]
+fn embedded_store_persists_and_refuses_corruption() {
+    let dir = tempdir();
+    let path = dir.path().join("coord.store");
+    {
+        let store = EmbeddedStore::open(&path).unwrap();
+        let c = store.session();
+        ensure_path(&c, "/a/b").unwrap();
+        c.set("/a/b", b"kept", None).unwrap();
+        c.create("/a/eph", b"", NodeKind::Ephemeral).unwrap();
+        // The store is owned by one holder at a time.
+        assert!(matches!(
+            EmbeddedStore::open(&path),
+            Err(CoordError::StoreLocked { .. })
+        ));
+    }
+    {
+        let c = connect(
+            &CoordSpec::Embedded(path.clone()),
+            &ConnectOptions::default(),
+        )
+        .unwrap();
+        let (d, s) = c.get("/a/b").unwrap();
+        assert_eq!(d, b"kept");
+        assert_eq!(s.version, 1);
+        assert_eq!(
+            c.exists("/a/eph").unwrap(),
+            None,
+            "ephemerals do not survive"
+        );
+    }
+    // Flip one byte of the body: refused, and the file is left exactly as it was.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = EmbeddedStore::open(&path).unwrap_err();
+    assert!(matches!(err, CoordError::CorruptStore { .. }), "{err}");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    // Garbage and an empty file are refused too.
+    for junk in [&b"hello world"[..], &b""[..]] {
+        std::fs::write(&path, junk).unwrap();
+        assert!(matches!(
+            EmbeddedStore::open(&path),
+            Err(CoordError::CorruptStore { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), junk);
+    }
+}
+
+#[test]
+fn missing_zookeeper_install_is_a_clear_error() {
+    let opts = blocklab::coord::zk_server::ZkServerOptions {
+        script: "/nonexistent/zkServer.sh".into(),
+        ..Default::default()
+    };
+    let err = ZkServer::start_with(opts).unwrap_err();
+    assert!(err.to_string().contains("not installed"), "{err}");
+}
+
+#[test]
+fn zookeeper_unreachable_is_a_clear_error() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let opts = ConnectOptions {
+        connect_deadline: Duration::from_secs(2),
+        ..ConnectOptions::default()
+    };
+    let err = ZkCoord::connect(&format!("127.0.0.1:{port}"), "/", &opts).unwrap_err();
+    match &err {
+        CoordError::Unreachable { attempts, .. } => assert!(*attempts >= 1),
+        e => panic!("expected Unreachable, got {e}"),
+    }
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    assert!(CoordSpec::parse("zk://nohostport").is_err());
+}
+
+#[test]
+fn zookeeper_restart_keeps_data_and_sessions_reconnect() {
+    let mut zk = ZkServer::start().unwrap();
+    let opts = ConnectOptions {
+        session_timeout: Duration::from_secs(10),
+        ..ConnectOptions::default()
+    };
+    let c = ZkCoord::connect(&zk.connect_string(), "/restart", &opts).unwrap();
+    ensure_path(&c, "/map/l0").unwrap();
+    c.set("/map/l0", b"before", None).unwrap();
+    c.create("/gw", b"", NodeKind::Ephemeral).unwrap();
+    let w = c.watch("/map").unwrap();
+    zk.restart().unwrap();
+    c.wait_connected(WAIT).unwrap();
+    // Requests work again (retry through the reconnect window).
+    let deadline = Instant::now() + WAIT;
+    let data = loop {
+        match c.get("/map/l0") {
+            Ok((d, _)) => break d,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying after restart: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(data, b"before");
+    assert!(
+        c.exists("/gw").unwrap().is_some(),
+        "session survived a restart shorter than its timeout"
+    );
+    c.set("/map/l0", b"after", None).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut saw_resync = false;
+    loop {
+        match w.recv_timeout(Duration::from_millis(200)) {
+            Some(WatchEvent::Resync) => saw_resync = true,
+            Some(WatchEvent::DataChanged(p)) if p == "/map/l0" => break,
+            other => {
+                eprintln!("event: {other:?}");
+                assert!(Instant::now() < deadline, "no event after restart")
+            }
+        }
+    }
+    assert!(saw_resync, "a reconnect is reported as Resync");
+    // A fresh client sees the same map.
+    let d = ZkCoord::connect(&zk.connect_string(), "/restart", &opts).unwrap();
+    assert_eq!(d.get("/map/l0").unwrap().0, b"after");
+}

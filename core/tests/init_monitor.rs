@@ -1,0 +1,207 @@
+//! The monitor end to end over real TCP sockets: restart keeps the map, concurrent batch
+//! allocation returns distinct smallest-free ids, bad input gets clear errors.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use blocklab::monitor::{
+    DaemonState, FileJournal, Monitor, MonitorClient, MonitorError, Outcome, ProposeConfig,
+};
+use uuid::Uuid;
+
+fn start(journal: &std::path::Path, interval_ms: u64) -> Monitor {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    Monitor::start(
+        l,
+        Box::new(FileJournal::new(journal)),
+        ProposeConfig::with_interval(Duration::from_millis(interval_ms)),
+        None,
+    )
+    .unwrap()
+}
+
+fn client(m: &Monitor) -> MonitorClient {
+    MonitorClient::connect(&m.addr().to_string(), Duration::from_secs(30)).unwrap()
+}
+
+#[test]
+fn restart_keeps_the_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("mon.journal");
+    let m = start(&j, 20);
+    let mut c = client(&m);
+    let devs: Vec<String> = (0..3).map(|i| format!("/dev/fake{i}")).collect();
+    let ids = c.alloc("node-a", &devs).unwrap();
+    assert_eq!(ids, vec![0, 1, 2]);
+    let u = Uuid::new_v4();
+    c.register(0, u, "key0").unwrap();
+    c.report(0, Outcome::Up).unwrap();
+    c.report(
+        1,
+        Outcome::Failed {
+            reason: "device refused".into(),
+        },
+    )
+    .unwrap();
+    let before = c.map().unwrap();
+    assert_eq!(before.epoch, 4);
+    drop(c);
+    m.stop();
+
+    let m = start(&j, 20);
+    let mut c = client(&m);
+    let after = c.map().unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after.daemons[&0].state, DaemonState::Up);
+    assert_eq!(after.daemons[&0].uuid, Some(u));
+    assert_eq!(after.daemons[&0].key.as_deref(), Some("key0"));
+    assert_eq!(after.daemons[&1].state, DaemonState::Failed);
+    assert_eq!(after.daemons[&2].state, DaemonState::New);
+    // New proposals continue from the restored epoch.
+    assert_eq!(c.alloc("node-b", &["/dev/x".into()]).unwrap(), vec![3]);
+    assert_eq!(c.ping().unwrap(), 5);
+}
+
+#[test]
+fn concurrent_batch_allocation_gives_distinct_smallest_free_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(&dir.path().join("j"), 30);
+    let addr = m.addr().to_string();
+    // Make holes: allocate 0..6, remove 1 and 4.
+    let mut c = client(&m);
+    let pre: Vec<String> = (0..6).map(|i| format!("/pre{i}")).collect();
+    c.alloc("pre", &pre).unwrap();
+    c.remove(1).unwrap();
+    c.remove(4).unwrap();
+    let epoch0 = c.ping().unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = MonitorClient::connect(&addr, Duration::from_secs(30)).unwrap();
+                let devs: Vec<String> = (0..3).map(|i| format!("/dev/n{t}d{i}")).collect();
+                c.alloc(&format!("node{t}"), &devs).unwrap()
+            })
+        })
+        .collect();
+    let mut all: Vec<u32> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    all.sort_unstable();
+    let mut expected = vec![1, 4];
+    expected.extend(6..28);
+    assert_eq!(all, expected);
+    let map = c.map().unwrap();
+    assert_eq!(map.daemons.len(), 4 + 24);
+    // 24 allocations in 8 requests were batched into fewer proposals than requests.
+    assert!(map.epoch - epoch0 <= 8);
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start(&dir.path().join("j"), 0);
+    let mut c = client(&m);
+    let e = c.register(42, Uuid::new_v4(), "k").unwrap_err();
+    assert!(e.to_string().contains("unknown daemon id 42"), "{e}");
+    let e = c.report(7, Outcome::Up).unwrap_err();
+    assert!(e.to_string().contains("unknown daemon id 7"), "{e}");
+    c.alloc("a", &["/d".into()]).unwrap();
+    let e = c.alloc("a", &["/d".into()]).unwrap_err();
+    assert!(e.to_string().contains("already belongs to daemon 0"), "{e}");
+    let e = c.report(0, Outcome::Up).unwrap_err();
+    assert!(e.to_string().contains("must be formatted"), "{e}");
+    // Nothing of the refused requests reached the map.
+    let map = c.map().unwrap();
+    assert_eq!(map.daemons.len(), 1);
+    assert_eq!(map.daemons[&0].state, DaemonState::New);
+}
+
+#[test]
+fn unreachable_monitor_fails_after_a_bounded_retry() {
+    // A port nobody listens on: bind, note it, close.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = MonitorClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(300))
+        .unwrap_err();
+    assert!(matches!(e, MonitorError::Unreachable { attempts, .. } if attempts >= 2));
+    assert!(e.to_string().contains("unreachable"), "{e}");
+}
+
+/// The monitor on the coordination backend: allocate, restart, same map; a second
+/// writer of the same map is detected.
+fn restart_on_coord(spec: &blocklab::coord::CoordSpec, shared: bool) {
+    use blocklab::coord::{connect, ConnectOptions};
+    use blocklab::monitor::CoordStore;
+    let path = format!("/blocklab-test/{}/map", Uuid::new_v4().simple());
+    let open = || {
+        let c = connect(spec, &ConnectOptions::default()).unwrap();
+        Box::new(CoordStore::new(c, &path))
+    };
+    let start = |store| {
+        Monitor::start(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            store,
+            ProposeConfig::with_interval(Duration::from_millis(10)),
+            None,
+        )
+        .unwrap()
+    };
+    let m = start(open());
+    let mut c = client(&m);
+    let ids = c
+        .alloc("n", &["/dev/a".to_string(), "/dev/b".to_string()])
+        .unwrap();
+    c.register(ids[0], Uuid::new_v4(), "k").unwrap();
+    c.report(ids[0], Outcome::Up).unwrap();
+    let before = c.map().unwrap();
+    drop(c);
+    m.stop();
+    let m = start(open());
+    let mut c = client(&m);
+    assert_eq!(c.map().unwrap(), before);
+    assert_eq!(before.daemons[&0].state, DaemonState::Up);
+    if !shared {
+        // The embedded store belongs to one session at a time: a second monitor cannot
+        // even open it while the first runs.
+        let Err(e) = blocklab::coord::connect(spec, &ConnectOptions::default()) else {
+            panic!("a second session opened the embedded store");
+        };
+        assert!(e.to_string().contains("in use"), "{e}");
+        return;
+    }
+    // Someone else rewrites the map behind the monitor's back: its next commit fails
+    // (version check) and the monitor stops instead of overwriting.
+    {
+        use blocklab::monitor::MapStore;
+        let mut other = CoordStore::new(
+            blocklab::coord::connect(spec, &ConnectOptions::default()).unwrap(),
+            &path,
+        );
+        other.load().unwrap();
+        other.commit(before.epoch + 1, &[]).unwrap();
+    }
+    let e = c.alloc("n", &["/dev/c".to_string()]).unwrap_err();
+    assert!(e.to_string().contains("commit failed"), "{e}");
+    let e = c.ping().unwrap_err();
+    assert!(e.to_string().contains("stopped"), "{e}");
+}
+
+#[test]
+fn restart_keeps_the_map_on_the_embedded_coord_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    // Embedded stores are owned by one process at a time; both sessions here live in
+    // this process, one after the other for the restart.
+    let spec = blocklab::coord::CoordSpec::Embedded(dir.path().join("coord.store"));
+    restart_on_coord(&spec, false);
+}
+
+#[test]
+fn restart_keeps_the_map_on_zookeeper() {
+    let zk = blocklab::coord::zk_server::ZkServer::start().unwrap();
+    restart_on_coord(&zk.spec("/"), true);
+}

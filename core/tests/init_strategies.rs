@@ -1,0 +1,271 @@
+//! The four init strategies end to end: a monitor over TCP, node agents (in this process
+//! and behind their own TCP servers), loop devices (root). Every daemon must end `up` in
+//! the monitor's map and every device must mount with the label the map describes.
+//! Plus the bad inputs: duplicate devices, a device of another node, unknown ids, an
+//! unreachable monitor, a refused device among good ones.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use blocklab::daemon;
+use blocklab::dev::provision::ProvisionGuard;
+use blocklab::dev::{Device, UringEngine};
+use blocklab::init::{self, InitError, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
+use blocklab::monitor::{DaemonState, FileJournal, Monitor, MonitorClient, ProposeConfig};
+
+const RETRY: Duration = Duration::from_secs(30);
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn monitor(dir: &Path, interval_ms: u64) -> Monitor {
+    Monitor::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Box::new(FileJournal::new(
+            dir.join(format!("mon-{}.journal", uuid::Uuid::new_v4())),
+        )),
+        ProposeConfig::with_interval(Duration::from_millis(interval_ms)),
+        None,
+    )
+    .unwrap()
+}
+
+fn agents(paths: &[PathBuf], nodes: usize, mon: &Monitor) -> Vec<NodeAgent> {
+    let per = paths.len() / nodes;
+    (0..nodes)
+        .map(|n| {
+            NodeAgent::new(
+                &format!("node{n}"),
+                &paths[n * per..(n + 1) * per],
+                &mon.addr().to_string(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Every daemon up in the map, every device mounts with the map's fsid, id and uuid.
+fn check_all_up(mon: &Monitor, run: &init::InitRun, expected: usize) {
+    assert_eq!(run.daemons.len(), expected);
+    let failed: Vec<_> = run.failed().collect();
+    assert!(failed.is_empty(), "failed daemons: {failed:?}");
+    let map = mon.map();
+    assert_eq!(map.daemons.len(), expected);
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    for d in map.daemons.values() {
+        assert_eq!(d.state, DaemonState::Up, "daemon {}", d.id);
+        let dev = Device::open(&d.device).unwrap();
+        let m = daemon::mount(&mut eng, &dev).unwrap();
+        assert_eq!(m.label.cluster_fsid, map.fsid);
+        assert_eq!(m.label.daemon_id, d.id);
+        assert_eq!(Some(m.label.daemon_uuid), d.uuid);
+        assert!(d.key.is_some());
+    }
+}
+
+#[test]
+fn all_four_strategies_leave_every_daemon_up_and_mountable() {
+    if !is_root() {
+        eprintln!("skipping: needs root for loop devices");
+        return;
+    }
+    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
+    let g = ProvisionGuard::new(sd.path(), "init-strat", 6, 64 << 20).unwrap();
+    let paths = g.paths();
+    for strategy in Strategy::ALL {
+        // A longer interval for `parallel` so that "all in flight at once" does not
+        // depend on how fast six threads start on a loaded machine.
+        let interval = if strategy == Strategy::Parallel {
+            200
+        } else {
+            20
+        };
+        let mon = monitor(sd.path(), interval);
+        let ag = agents(&paths, 3, &mon);
+        let nodes: Vec<&dyn Node> = ag.iter().map(|a| a as &dyn Node).collect();
+        // force: the devices hold the previous strategy's cluster.
+        let run = init::run(strategy, &mon.addr().to_string(), &nodes, true, RETRY).unwrap();
+        check_all_up(&mon, &run, 6);
+        // Never fewer proposals than the strategy's critical path of committed changes.
+        assert!(run.monitor_proposals >= strategy.min_proposals(3, 2));
+        if strategy == Strategy::Parallel {
+            // All six in flight together; ids 0..6 in one batch.
+            assert_eq!(run.max_in_flight, 6);
+            let ids: Vec<u32> = run.daemons.iter().map(|d| d.id.unwrap()).collect();
+            assert_eq!(ids, (0..6).collect::<Vec<_>>());
+        }
+        if strategy == Strategy::Sequential {
+            assert_eq!(run.max_in_flight, 1);
+            assert_eq!(run.monitor_proposals, 18);
+        }
+    }
+}
+
+#[test]
+fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
+    if !is_root() {
+        eprintln!("skipping: needs root for loop devices");
+        return;
+    }
+    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
+    let g = ProvisionGuard::new(sd.path(), "init-remote", 4, 64 << 20).unwrap();
+    let paths = g.paths();
+    // An ext4 filesystem on one device: that daemon fails, the others come up.
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&paths[1])
+        .status()
+        .unwrap()
+        .success());
+    let mon = monitor(sd.path(), 20);
+    let servers: Vec<_> = agents(&paths, 2, &mon)
+        .into_iter()
+        .map(|a| init::serve_node(a, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap())
+        .collect();
+    let remotes: Vec<RemoteNode> = servers
+        .iter()
+        .map(|s| RemoteNode::connect(&s.addr().to_string()).unwrap())
+        .collect();
+    let nodes: Vec<&dyn Node> = remotes.iter().map(|r| r as &dyn Node).collect();
+    let run = init::run(
+        Strategy::Parallel,
+        &mon.addr().to_string(),
+        &nodes,
+        false,
+        RETRY,
+    )
+    .unwrap();
+    let failed: Vec<_> = run.failed().collect();
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].error.as_ref().unwrap().contains("ext2/3/4"));
+    let map = mon.map();
+    let bad = map
+        .daemons
+        .values()
+        .find(|d| d.device == failed[0].device)
+        .unwrap();
+    assert_eq!(bad.state, DaemonState::Failed);
+    assert!(bad.reason.as_ref().unwrap().contains("ext2/3/4"));
+    let up = map
+        .daemons
+        .values()
+        .filter(|d| d.state == DaemonState::Up)
+        .count();
+    assert_eq!(up, 3);
+    // The ext4 filesystem is intact.
+    assert!(Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(&paths[1])
+        .output()
+        .unwrap()
+        .status
+        .success());
+}
+
+/// Regular files as devices: these checks need no root.
+fn files(dir: &Path, n: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("dev{i}.img"));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(32 << 20)
+                .unwrap();
+            p
+        })
+        .collect()
+}
+
+fn all_zero(paths: &[PathBuf]) -> bool {
+    paths
+        .iter()
+        .all(|p| std::fs::read(p).unwrap().iter().all(|&b| b == 0))
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_is_formatted() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let paths = files(dir.path(), 3);
+    let mon = monitor(dir.path(), 10);
+    let addr = mon.addr().to_string();
+
+    // Duplicate device in one node's list (also through a symlink).
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&paths[0], &link).unwrap();
+    let e = NodeAgent::new("a", &[paths[0].clone(), link], &addr).unwrap_err();
+    assert!(matches!(e, InitError::DuplicateDevice { .. }), "{e}");
+    assert!(e.to_string().contains("listed twice"), "{e}");
+
+    // A node that lists another node's device.
+    let a = NodeAgent::new("a", &paths[0..2], &addr).unwrap();
+    let b = NodeAgent::new("b", &paths[1..3], &addr).unwrap();
+    let e = init::run(Strategy::Parallel, &addr, &[&a, &b], false, RETRY).unwrap_err();
+    assert!(matches!(e, InitError::SharedDevice { .. }), "{e}");
+    assert!(
+        e.to_string().contains("listed by node a and by node b"),
+        "{e}"
+    );
+
+    // Unknown daemon id handed to a node.
+    let e = a
+        .init(&NodeInitRequest {
+            ids: Some(vec![40, 41]),
+            parallel: true,
+            force: false,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown daemon id 40"), "{e}");
+    assert!(all_zero(&paths));
+    assert!(mon.map().daemons.is_empty());
+
+    // A missing device.
+    let e = NodeAgent::new("c", &[dir.path().join("nope")], &addr).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+
+    // An unreachable monitor: clear error after a bounded retry, nothing formatted.
+    drop(mon);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let a = NodeAgent::new("a", &paths[0..2], &format!("127.0.0.1:{port}"))
+        .unwrap()
+        .with_connect_retry(Duration::from_millis(300));
+    let e = a
+        .init(&NodeInitRequest {
+            ids: None,
+            parallel: true,
+            force: false,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("unreachable"), "{e}");
+    assert!(all_zero(&paths));
+    let e = MonitorClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(100))
+        .unwrap_err();
+    assert!(e.to_string().contains("unreachable"), "{e}");
+}
+
+#[test]
+fn strategies_on_files_without_root() {
+    // The orchestration on regular files (O_DIRECT), so it is exercised without root too.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let paths = files(dir.path(), 4);
+    let mon = monitor(dir.path(), 5);
+    let ag = agents(&paths, 2, &mon);
+    let nodes: Vec<&dyn Node> = ag.iter().map(|a| a as &dyn Node).collect();
+    let run = init::run(
+        Strategy::ParallelNodes,
+        &mon.addr().to_string(),
+        &nodes,
+        false,
+        RETRY,
+    )
+    .unwrap();
+    check_all_up(&mon, &run, 4);
+    // Nodes in parallel, each node's daemons one by one.
+    assert!(run.max_in_flight <= 2);
+}

@@ -1,0 +1,374 @@
+//! `blocklab mkfs|inspect|monitor|node|init`: the daemon's device side, the monitor, the
+//! node agents and the orchestrator of daemon initialisation.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blocklab::coord::{self, ConnectOptions, CoordSpec};
+use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
+use blocklab::dev::{Device, UringEngine};
+use blocklab::init::{self, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
+use blocklab::monitor::coord_store::DEFAULT_MAP_PATH;
+use blocklab::monitor::{CoordStore, FileJournal, MapStore, Monitor, MonitorClient, ProposeConfig};
+use clap::{Args, Subcommand};
+use uuid::Uuid;
+
+/// `blocklab mkfs`.
+#[derive(Debug, Args)]
+pub struct MkfsArgs {
+    /// The block device (or regular file) to format.
+    pub device: PathBuf,
+    /// The cluster's fsid (the monitor's map has it: `blocklab monitor map`).
+    #[arg(long)]
+    pub cluster_fsid: Uuid,
+    /// The daemon id this device is formatted for.
+    #[arg(long)]
+    pub id: u32,
+    /// Overwrite whatever the device holds (another label, a filesystem, data).
+    #[arg(long)]
+    pub force: bool,
+    /// Testing: die by SIGKILL right after this mkfs phase (probe, label, superblock, log,
+    /// bitmap, flush, commit).
+    #[arg(long, hide = true)]
+    pub crash_after: Option<Phase>,
+}
+
+/// `blocklab inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The device to read.
+    pub device: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MonitorCmd {
+    /// Run a monitor: TCP server, map journaled (fsync) to a file, proposals batched.
+    Serve {
+        /// Address to listen on (port 0: any free port; the chosen address is printed).
+        #[arg(long, default_value = "127.0.0.1:6789")]
+        listen: String,
+        /// The journal file (created with a new cluster if missing).
+        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+        journal: Option<PathBuf>,
+        /// Keep the map on a coordination backend instead: embedded:PATH or
+        /// zk://host:port[,host:port...][/chroot] (node /blocklab/monitor/map).
+        #[arg(long)]
+        store: Option<String>,
+        /// Least time between two proposals, in milliseconds (Ceph's default: 1000).
+        #[arg(long, default_value_t = 1000)]
+        propose_interval_ms: u64,
+        /// fsid of a new cluster (default: random); must match an existing journal.
+        #[arg(long)]
+        fsid: Option<Uuid>,
+    },
+    /// Print the monitor's committed map.
+    Map {
+        /// The monitor's address.
+        #[arg(long)]
+        monitor: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A node agent's identity and devices.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The node's name (unique in the cluster).
+    #[arg(long)]
+    pub name: String,
+    /// The monitor's address.
+    #[arg(long)]
+    pub monitor: String,
+    /// The devices this node owns (repeat, or comma-separated).
+    #[arg(long = "device", required = true, num_args = 1.., value_delimiter = ',')]
+    pub devices: Vec<PathBuf>,
+    /// How long to keep retrying an unreachable monitor, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub connect_retry_s: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Run a node agent that the orchestrator (`blocklab init`) drives over TCP.
+    Serve {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Address to listen on (port 0: any free port; the chosen address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Initialise this node's daemons now: each daemon requests its own id, formats its
+    /// device, registers and reports.
+    Init {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Initialise the daemons in parallel (else one by one).
+        #[arg(long)]
+        parallel: bool,
+        /// Overwrite foreign data on the devices.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `blocklab init`: the orchestrator.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The monitor's address.
+    #[arg(long)]
+    pub monitor: String,
+    /// Node agents' addresses (`blocklab node serve`), repeat or comma-separated.
+    #[arg(long = "node", required = true, num_args = 1.., value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// sequential, parallel_nodes, parallel_daemons or parallel.
+    #[arg(long, default_value = "parallel")]
+    pub strategy: Strategy,
+    /// Overwrite foreign data on the devices.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn mkfs(a: MkfsArgs) -> anyhow::Result<()> {
+    let dev = Device::open(&a.device).with_context(|| format!("opening {}", a.device.display()))?;
+    let mut eng = UringEngine::with_queue_depth(16)?;
+    let mut req = MkfsRequest::new(a.cluster_fsid, a.id);
+    req.force = a.force;
+    req.stop_after = a.crash_after;
+    match daemon::mkfs(&mut eng, &dev, &req) {
+        Ok(rep) if rep.already_formatted => {
+            println!(
+                "{}: already formatted for cluster {} daemon {} (uuid {}): nothing to do",
+                a.device.display(),
+                a.cluster_fsid,
+                a.id,
+                rep.label.daemon_uuid
+            );
+            Ok(())
+        }
+        Ok(rep) => {
+            let phases: Vec<String> = rep
+                .phases
+                .iter()
+                .map(|(p, d)| format!("{p} {:.2} ms", d.as_secs_f64() * 1e3))
+                .collect();
+            println!(
+                "{}: formatted for cluster {} daemon {} (uuid {}), {} bytes written in {:.2} ms [{}]",
+                a.device.display(),
+                a.cluster_fsid,
+                a.id,
+                rep.label.daemon_uuid,
+                rep.bytes_written,
+                rep.total().as_secs_f64() * 1e3,
+                phases.join(", ")
+            );
+            Ok(())
+        }
+        Err(DaemonError::InjectedStop { .. }) => {
+            let _ = std::io::stdout().flush();
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL)
+                .context("killing myself for --crash-after")?;
+            unreachable!("SIGKILL returned")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    let dev = Device::open_read_only(&a.device)
+        .with_context(|| format!("opening {}", a.device.display()))?;
+    let mut eng = UringEngine::with_queue_depth(4)?;
+    let ins = daemon::inspect(&mut eng, &dev)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ins)?);
+    } else {
+        let l = &ins.label;
+        println!("device        {}", ins.device);
+        println!("size          {} bytes", ins.size_bytes);
+        println!("cluster fsid  {}", l.cluster_fsid);
+        println!("daemon id     {}", l.daemon_id);
+        println!("daemon uuid   {}", l.daemon_uuid);
+        println!("version       {}", l.version);
+        println!("ready         {}", ins.ready);
+        println!("birth (ns)    {}", l.birth_time_unix_ns);
+        let y = &l.layout;
+        println!("alloc unit    {}", y.alloc_unit);
+        println!("superblock    @{}", y.superblock_offset);
+        println!("log           @{} len {}", y.log_offset, y.log_len);
+        println!("bitmap        @{} len {}", y.bitmap_offset, y.bitmap_len);
+        println!("data          @{} len {}", y.data_offset, y.data_len);
+        println!("label copies  {:?}", y.label_copies);
+        match (&ins.mount_error, &ins.superblock) {
+            (None, Some(sb)) => println!(
+                "mountable     yes ({} of {} units free)",
+                sb.free_units(),
+                sb.total_units
+            ),
+            (Some(e), _) => println!("mountable     no: {e}"),
+            _ => {}
+        }
+    }
+    if let Some(e) = &ins.mount_error {
+        bail!("{} does not mount: {e}", ins.device);
+    }
+    Ok(())
+}
+
+pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
+    match cmd {
+        MonitorCmd::Serve {
+            listen,
+            journal,
+            store,
+            propose_interval_ms,
+            fsid,
+        } => {
+            let (backend, what): (Box<dyn MapStore>, String) = match (journal, store) {
+                (Some(j), _) => (
+                    Box::new(FileJournal::new(&j)),
+                    format!("journal {}", j.display()),
+                ),
+                (None, Some(s)) => {
+                    let spec = CoordSpec::parse(&s)?;
+                    let c = coord::connect(&spec, &ConnectOptions::default())
+                        .with_context(|| format!("connecting to {spec}"))?;
+                    (
+                        Box::new(CoordStore::new(c, DEFAULT_MAP_PATH)),
+                        format!("store {spec}"),
+                    )
+                }
+                (None, None) => bail!("give --journal or --store"),
+            };
+            let l = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
+            let m = Monitor::start(
+                l,
+                backend,
+                ProposeConfig::with_interval(Duration::from_millis(propose_interval_ms)),
+                fsid,
+            )
+            .with_context(|| format!("starting the monitor on {what}"))?;
+            let map = m.map();
+            println!(
+                "monitor listening on {} cluster {} epoch {}",
+                m.addr(),
+                map.fsid,
+                map.epoch
+            );
+            std::io::stdout().flush()?;
+            loop {
+                std::thread::park();
+            }
+        }
+        MonitorCmd::Map { monitor, json } => {
+            let mut c = MonitorClient::connect(&monitor, blocklab::monitor::DEFAULT_CONNECT_RETRY)?;
+            let map = c.map()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&map)?);
+            } else {
+                println!("cluster {} epoch {}", map.fsid, map.epoch);
+                for d in map.daemons.values() {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        d.id,
+                        d.state,
+                        d.node,
+                        d.device,
+                        d.reason.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn agent(n: &NodeArgs) -> anyhow::Result<NodeAgent> {
+    Ok(NodeAgent::new(&n.name, &n.devices, &n.monitor)?
+        .with_connect_retry(Duration::from_secs(n.connect_retry_s)))
+}
+
+fn print_outcomes(daemons: &[init::DaemonOutcome]) -> usize {
+    let mut failed = 0;
+    for d in daemons {
+        let id = d.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+        match &d.error {
+            None => println!(
+                "{}\t{}\t{id}\tup\t{:.1} ms",
+                d.node,
+                d.device,
+                d.duration().as_secs_f64() * 1e3
+            ),
+            Some(e) => {
+                failed += 1;
+                println!("{}\t{}\t{id}\tfailed\t{e}", d.node, d.device)
+            }
+        }
+    }
+    failed
+}
+
+pub fn node(cmd: NodeCmd) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::Serve { node, listen } => {
+            let a = agent(&node)?;
+            let l = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
+            let s = init::serve_node(a, l)?;
+            println!("node {} listening on {}", node.name, s.addr());
+            std::io::stdout().flush()?;
+            s.wait();
+            Ok(())
+        }
+        NodeCmd::Init {
+            node,
+            parallel,
+            force,
+        } => {
+            let rep = agent(&node)?.init(&NodeInitRequest {
+                ids: None,
+                parallel,
+                force,
+            })?;
+            let failed = print_outcomes(&rep.daemons);
+            if failed > 0 {
+                bail!("{failed} of {} daemons failed", rep.daemons.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn orchestrate(a: InitArgs) -> anyhow::Result<()> {
+    let remotes: Vec<RemoteNode> = a
+        .nodes
+        .iter()
+        .map(|n| RemoteNode::connect(n).with_context(|| format!("node agent {n}")))
+        .collect::<anyhow::Result<_>>()?;
+    let nodes: Vec<&dyn Node> = remotes.iter().map(|r| r as &dyn Node).collect();
+    let run = init::run(
+        a.strategy,
+        &a.monitor,
+        &nodes,
+        a.force,
+        blocklab::monitor::DEFAULT_CONNECT_RETRY,
+    )?;
+    let failed = print_outcomes(&run.daemons);
+    println!(
+        "{}: {} daemons in {:.1} ms, {} in flight at most, {} monitor proposals",
+        run.strategy,
+        run.daemons.len(),
+        run.total.as_secs_f64() * 1e3,
+        run.max_in_flight,
+        run.monitor_proposals
+    );
+    if failed > 0 {
+        bail!("{failed} of {} daemons failed", run.daemons.len());
+    }
+    Ok(())
+}

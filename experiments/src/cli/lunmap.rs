@@ -1,0 +1,428 @@
+//! `blocklab gateway` (serve LUN I/O decided on the live map) and
+//! `blocklab lunmap create-lun|delete-lun|map|unmap|list|query|gateways|io`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blocklab::coord::{self, ConnectOptions, Coord, CoordSpec};
+use blocklab::lunmap::editor::LunMap;
+use blocklab::lunmap::filesync;
+use blocklab::lunmap::follow::{follow_coord, Follower, OnChange};
+use blocklab::lunmap::gateway::{GatewayClient, GatewayServer};
+use blocklab::lunmap::view::{Change, MapView};
+use blocklab::lunmap::{validate_simple_name, Backing, GatewayInfo, Layout, Target};
+use clap::{Args, Subcommand};
+
+use crate::args::parse_size;
+
+/// Default coordination backend: the embedded store.
+pub const DEFAULT_COORD: &str = "embedded:/var/tmp/blocklab/coord.store";
+
+/// A byte offset: 0, or a size as `parse_size` reads it.
+fn parse_offset(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_size(s)
+    }
+}
+
+fn parse_coord(s: &str) -> Result<CoordSpec, String> {
+    CoordSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// Where the map lives and which cluster.
+#[derive(Debug, Clone, Args)]
+pub struct MapArgs {
+    /// Coordination backend: `embedded:PATH` or `zk://host:port[,host:port...][/chroot]`.
+    #[arg(long, default_value = DEFAULT_COORD, value_parser = parse_coord)]
+    pub coord: CoordSpec,
+    /// Cluster name (the map lives under /blocklab/<cluster>).
+    #[arg(long, default_value = "default")]
+    pub cluster: String,
+    /// ZooKeeper session timeout in milliseconds.
+    #[arg(long, default_value_t = 6000)]
+    pub session_timeout_ms: u64,
+    /// How long to retry an unreachable ZooKeeper before giving up, in milliseconds.
+    #[arg(long, default_value_t = 10000)]
+    pub connect_timeout_ms: u64,
+}
+
+impl MapArgs {
+    fn connect(&self) -> anyhow::Result<Box<dyn Coord>> {
+        if let CoordSpec::Embedded(p) = &self.coord {
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            }
+        }
+        coord::connect(
+            &self.coord,
+            &ConnectOptions {
+                session_timeout: Duration::from_millis(self.session_timeout_ms),
+                connect_deadline: Duration::from_millis(self.connect_timeout_ms),
+            },
+        )
+        .with_context(|| format!("connecting to {}", self.coord))
+    }
+}
+
+/// `blocklab gateway`.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub map: MapArgs,
+    /// This gateway's node name (its ephemeral node is /blocklab/<cluster>/gateways/<node>).
+    #[arg(long)]
+    pub node: String,
+    /// Address to serve block I/O on (port 0: any free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Baseline mode: follow the map file copied into this directory instead of --coord.
+    #[arg(long)]
+    pub filesync_dir: Option<PathBuf>,
+    /// Baseline mode: directory of heartbeat files shared by all gateways.
+    #[arg(long, requires = "filesync_dir")]
+    pub heartbeat_dir: Option<PathBuf>,
+    /// Baseline mode: heartbeat advert interval in milliseconds (keepalived's default: 1000).
+    #[arg(long, default_value_t = 1000)]
+    pub advert_ms: u64,
+    /// Baseline mode: how often the copied map file is polled, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub poll_ms: u64,
+    /// Confirm each refusal with the coordination backend (sync + read) before returning
+    /// it, so a mapping acknowledged but not yet delivered by the watch is served.
+    #[arg(long, conflicts_with = "filesync_dir")]
+    pub confirm_refusals: bool,
+    /// Print every applied change on stdout with its CLOCK_MONOTONIC time
+    /// (`mapped LUN TARGET INITIATOR NS`, `gateway-down NODE NS`, ...).
+    #[arg(long)]
+    pub events: bool,
+}
+
+fn printer(events: bool) -> OnChange {
+    Box::new(move |c: &Change, ns: u64| {
+        if !events {
+            return;
+        }
+        let line = match c {
+            Change::Mapped {
+                lun,
+                target,
+                initiator,
+            } => format!("mapped {lun} {target} {initiator} {ns}"),
+            Change::Unmapped {
+                lun,
+                target,
+                initiator,
+            } => format!("unmapped {lun} {target} {initiator} {ns}"),
+            Change::LunUpdated { lun, generation } => format!("lun {lun} {generation} {ns}"),
+            Change::LunRemoved { lun } => format!("lun-removed {lun} {ns}"),
+            Change::GatewayUp { node } => format!("gateway-up {node} {ns}"),
+            Change::GatewayDown { node } => format!("gateway-down {node} {ns}"),
+        };
+        println!("{line}");
+    })
+}
+
+pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
+    validate_simple_name("node name", &a.node)?;
+    let layout = Layout::new(&a.map.cluster)?;
+    let view = Arc::new(RwLock::new(MapView::new(layout.clone())));
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let s = Arc::clone(&stop);
+        ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+            .context("installing the signal handler")?;
+    }
+    let mut followers: Vec<Follower> = Vec::new();
+    let mut coord_handle: Option<Arc<dyn Coord>> = None;
+    match &a.filesync_dir {
+        Some(dir) => {
+            followers.push(filesync::follow_file(
+                dir.clone(),
+                Arc::clone(&view),
+                printer(a.events),
+                Duration::from_millis(a.poll_ms),
+            ));
+        }
+        None => {
+            let c: Arc<dyn Coord> = Arc::from(a.map.connect()?);
+            followers.push(
+                follow_coord(
+                    Arc::clone(&c),
+                    layout.clone(),
+                    Arc::clone(&view),
+                    printer(a.events),
+                )
+                .context("following the map")?,
+            );
+            coord_handle = Some(c);
+        }
+    }
+    let server = match (&coord_handle, a.confirm_refusals) {
+        (Some(c), true) => {
+            GatewayServer::start_confirming(a.listen, Arc::clone(&view), Arc::clone(c))
+        }
+        _ => GatewayServer::start(a.listen, Arc::clone(&view)),
+    }
+    .with_context(|| format!("listening on {}", a.listen))?;
+    let info = GatewayInfo {
+        node: a.node.clone(),
+        addr: server.addr().to_string(),
+        pid: std::process::id(),
+    };
+    if let Some(c) = &coord_handle {
+        LunMap::open(&**c, &a.map.cluster)?
+            .register_gateway(&info)
+            .with_context(|| format!("registering gateway {}", a.node))?;
+    }
+    if let (Some(_), Some(hb)) = (&a.filesync_dir, &a.heartbeat_dir) {
+        std::fs::create_dir_all(hb).with_context(|| format!("creating {}", hb.display()))?;
+        let advert = Duration::from_millis(a.advert_ms);
+        followers.push(filesync::start_heartbeat(
+            hb.clone(),
+            a.node.clone(),
+            advert,
+        ));
+        followers.push(filesync::follow_heartbeats(
+            hb.clone(),
+            Arc::clone(&view),
+            printer(a.events),
+            advert,
+        ));
+    }
+    println!("ready {}", server.addr());
+    eprintln!(
+        "gateway {} serving on {} ({})",
+        a.node,
+        server.addr(),
+        coord_handle
+            .as_ref()
+            .map_or_else(|| "filesync baseline".to_string(), |c| c.describe())
+    );
+    while !stop.load(Ordering::SeqCst) {
+        if followers.iter().any(|f| f.finished()) {
+            for f in followers {
+                f.stop().context("following the map")?;
+            }
+            bail!("the map follower stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+    for f in followers {
+        let _ = f.stop();
+    }
+    if let Some(c) = coord_handle {
+        c.close();
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LunmapCmd {
+    /// Create a LUN backed by a byte range of a device.
+    CreateLun {
+        #[command(flatten)]
+        map: MapArgs,
+        /// LUN name: 1-64 of [a-z0-9._-].
+        name: String,
+        /// LUN number.
+        #[arg(long, default_value_t = 0)]
+        id: u32,
+        /// Size in bytes (K/M/G suffixes), a multiple of 4096.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Backing block device (or file).
+        #[arg(long)]
+        device: String,
+        /// Byte offset of the LUN on the device, a multiple of 4096.
+        #[arg(long, value_parser = parse_offset, default_value = "0")]
+        offset: u64,
+    },
+    /// Delete a LUN; refused while initiators are mapped unless --force.
+    DeleteLun {
+        #[command(flatten)]
+        map: MapArgs,
+        name: String,
+        /// Delete even though initiators are still mapped.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Allow an initiator to reach a LUN through a target (atomic).
+    Map {
+        #[command(flatten)]
+        map: MapArgs,
+        lun: String,
+        /// Target IQN (created under the LUN if new).
+        #[arg(long)]
+        target: String,
+        /// Target portal address.
+        #[arg(long, default_value = "0.0.0.0:3260")]
+        portal: String,
+        /// Initiator IQN.
+        #[arg(long)]
+        initiator: String,
+    },
+    /// Remove an initiator's mapping (atomic).
+    Unmap {
+        #[command(flatten)]
+        map: MapArgs,
+        lun: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        initiator: String,
+    },
+    /// Print the whole map (JSON).
+    List {
+        #[command(flatten)]
+        map: MapArgs,
+    },
+    /// Which LUNs (through which targets) an initiator may reach.
+    Query {
+        #[command(flatten)]
+        map: MapArgs,
+        #[arg(long)]
+        initiator: String,
+    },
+    /// Live gateways.
+    Gateways {
+        #[command(flatten)]
+        map: MapArgs,
+    },
+    /// Read (or write a repeated byte) through a gateway, as an initiator.
+    Io {
+        /// Gateway address (printed by `blocklab gateway`).
+        #[arg(long)]
+        gateway: SocketAddr,
+        #[arg(long)]
+        lun: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        initiator: String,
+        #[arg(long, value_parser = parse_offset, default_value = "0")]
+        offset: u64,
+        #[arg(long, value_parser = parse_size, default_value = "4096")]
+        len: u64,
+        /// Write this byte value instead of reading.
+        #[arg(long)]
+        write_byte: Option<u8>,
+    },
+}
+
+pub fn run(cmd: LunmapCmd) -> anyhow::Result<()> {
+    match cmd {
+        LunmapCmd::CreateLun {
+            map,
+            name,
+            id,
+            size,
+            device,
+            offset,
+        } => {
+            let c = map.connect()?;
+            let m = LunMap::open(&*c, &map.cluster)?;
+            let lun = m.create_lun(id, &name, size, Backing::Range { device, offset })?;
+            println!("{}", serde_json::to_string(&lun)?);
+        }
+        LunmapCmd::DeleteLun { map, name, force } => {
+            let c = map.connect()?;
+            LunMap::open(&*c, &map.cluster)?.delete_lun(&name, force)?;
+            println!("deleted LUN {name}");
+        }
+        LunmapCmd::Map {
+            map,
+            lun,
+            target,
+            portal,
+            initiator,
+        } => {
+            let c = map.connect()?;
+            let ack = LunMap::open(&*c, &map.cluster)?.map(
+                &lun,
+                &Target {
+                    iqn: target.clone(),
+                    portal,
+                },
+                &initiator,
+            )?;
+            println!(
+                "mapped {initiator} to {lun} via {target} (generation {}{})",
+                ack.generation,
+                if ack.changed { "" } else { ", already mapped" }
+            );
+        }
+        LunmapCmd::Unmap {
+            map,
+            lun,
+            target,
+            initiator,
+        } => {
+            let c = map.connect()?;
+            let ack = LunMap::open(&*c, &map.cluster)?.unmap(&lun, &target, &initiator)?;
+            println!(
+                "unmapped {initiator} from {lun} via {target} (generation {})",
+                ack.generation
+            );
+        }
+        LunmapCmd::List { map } => {
+            let c = map.connect()?;
+            let v = LunMap::open(&*c, &map.cluster)?.load()?;
+            println!("{}", serde_json::to_string_pretty(&v.to_doc())?);
+        }
+        LunmapCmd::Query { map, initiator } => {
+            let c = map.connect()?;
+            for (l, t) in LunMap::open(&*c, &map.cluster)?.query_initiator(&initiator)? {
+                println!("{l}\t{t}");
+            }
+        }
+        LunmapCmd::Gateways { map } => {
+            let c = map.connect()?;
+            let v = LunMap::open(&*c, &map.cluster)?.load()?;
+            for (n, info) in &v.gateways {
+                match info {
+                    Some(i) => println!("{n}\t{}\tpid {}", i.addr, i.pid),
+                    None => println!("{n}"),
+                }
+            }
+        }
+        LunmapCmd::Io {
+            gateway,
+            lun,
+            target,
+            initiator,
+            offset,
+            len,
+            write_byte,
+        } => {
+            let mut cl = GatewayClient::connect(gateway)
+                .with_context(|| format!("connecting to gateway {gateway}"))?;
+            let reply = match write_byte {
+                Some(b) => cl.write(&lun, &target, &initiator, offset, &vec![b; len as usize])?,
+                None => {
+                    let (r, data) = cl.read(&lun, &target, &initiator, offset, len)?;
+                    if r.ok {
+                        let nz = data.iter().filter(|&&x| x != 0).count();
+                        println!(
+                            "read {} bytes ({nz} non-zero), first byte {:#04x}",
+                            data.len(),
+                            data.first().copied().unwrap_or(0)
+                        );
+                    }
+                    r
+                }
+            };
+            if !reply.ok {
+                bail!("{}", reply.error);
+            }
+            println!("ok (LUN generation {})", reply.generation);
+        }
+    }
+    Ok(())
+}

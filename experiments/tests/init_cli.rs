@@ -1,0 +1,309 @@
+//! `blocklab mkfs|inspect|monitor|node|init` as real processes: a monitor process, two
+//! node agent processes and the orchestrator over TCP on loop devices; a monitor killed
+//! with SIGKILL and restarted keeps its map; `mkfs` killed (SIGKILL) after each phase
+//! leaves a device that does not mount and that a second `mkfs` completes.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Output, Stdio};
+
+use blocklab::dev::provision::ProvisionGuard;
+
+const BIN: &str = env!("CARGO_BIN_EXE_blocklab");
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Kills the child on drop.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a server subcommand and returns it with the address it printed.
+fn serve(args: &[&str]) -> (Proc, String) {
+    let mut c = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = c.stdout.take().unwrap();
+    let p = Proc(c);
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .skip_while(|w| *w != "on")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (p, addr)
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn map_json(mon: &str) -> serde_json::Value {
+    let o = run(&["monitor", "map", "--monitor", mon, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn monitor_nodes_and_orchestrator_as_processes() {
+    if !is_root() {
+        eprintln!("skipping: needs root for loop devices");
+        return;
+    }
+    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
+    let g = ProvisionGuard::new(sd.path(), "init-cli", 4, 64 << 20).unwrap();
+    let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
+    let journal = sd.path().join("mon.journal");
+    let j = journal.to_str().unwrap();
+    let (mon, addr) = serve(&[
+        "monitor",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--journal",
+        j,
+        "--propose-interval-ms",
+        "50",
+    ]);
+    let (_n0, a0) = serve(&[
+        "node",
+        "serve",
+        "--name",
+        "n0",
+        "--monitor",
+        &addr,
+        "--device",
+        &paths[0],
+        "--device",
+        &paths[1],
+    ]);
+    let (_n1, a1) = serve(&[
+        "node",
+        "serve",
+        "--name",
+        "n1",
+        "--monitor",
+        &addr,
+        "--device",
+        &format!("{},{}", paths[2], paths[3]),
+    ]);
+    let o = run(&[
+        "init",
+        "--monitor",
+        &addr,
+        "--node",
+        &a0,
+        "--node",
+        &a1,
+        "--strategy",
+        "parallel",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let map = map_json(&addr);
+    let daemons = map["daemons"].as_array().unwrap();
+    assert_eq!(daemons.len(), 4);
+    for d in daemons {
+        assert_eq!(d["state"], "up", "{d}");
+        let o = run(&["inspect", d["device"].as_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let ins: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(ins["label"]["daemon_id"], d["id"]);
+        assert_eq!(ins["label"]["cluster_fsid"], map["fsid"]);
+        assert_eq!(ins["ready"], true);
+    }
+
+    // SIGKILL the monitor, restart it on the same journal: same map.
+    drop(mon);
+    let (_mon, addr2) = serve(&[
+        "monitor",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--journal",
+        j,
+    ]);
+    assert_eq!(map_json(&addr2), map);
+
+    // A node listing another node's device is refused before anything happens.
+    let (_n2, a2) = serve(&[
+        "node",
+        "serve",
+        "--name",
+        "n2",
+        "--monitor",
+        &addr2,
+        "--device",
+        &paths[0],
+    ]);
+    let o = run(&["init", "--monitor", &addr2, "--node", &a0, "--node", &a2]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("listed by node n0 and by node n2"),
+        "{}",
+        text(&o)
+    );
+
+    // Unreachable monitor: clear error, non-zero exit.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = run(&[
+        "node",
+        "init",
+        "--name",
+        "x",
+        "--monitor",
+        &format!("127.0.0.1:{port}"),
+        "--device",
+        &paths[0],
+        "--connect-retry-s",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("unreachable"), "{}", text(&o));
+    assert_eq!(map_json(&addr2), map);
+}
+
+fn mkfs(dev: &str, fsid: &str, id: &str, extra: &[&str]) -> Output {
+    let mut a = vec!["mkfs", dev, "--cluster-fsid", fsid, "--id", id];
+    a.extend_from_slice(extra);
+    run(&a)
+}
+
+#[test]
+fn mkfs_killed_after_each_phase_then_completes() {
+    if !is_root() {
+        eprintln!("skipping: needs root for loop devices");
+        return;
+    }
+    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
+    let phases = ["probe", "label", "superblock", "log", "bitmap", "flush"];
+    let g = ProvisionGuard::new(sd.path(), "init-cli-crash", phases.len() + 1, 64 << 20).unwrap();
+    let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
+    let fsid = uuid::Uuid::new_v4().to_string();
+    for (i, phase) in phases.iter().enumerate() {
+        let dev = &paths[i];
+        let o = mkfs(dev, &fsid, "3", &["--crash-after", phase]);
+        assert_eq!(o.status.signal(), Some(9), "{phase}: {}", text(&o));
+        let o = run(&["inspect", dev]);
+        assert!(
+            !o.status.success(),
+            "{phase}: inspect accepted: {}",
+            text(&o)
+        );
+        let o = mkfs(dev, &fsid, "3", &[]);
+        assert!(o.status.success(), "{phase}: {}", text(&o));
+        assert!(text(&o).contains("formatted for cluster"), "{}", text(&o));
+        let o = run(&["inspect", dev]);
+        assert!(o.status.success(), "{phase}: {}", text(&o));
+        assert!(text(&o).contains("mountable     yes"), "{}", text(&o));
+        // Idempotent.
+        let o = mkfs(dev, &fsid, "3", &[]);
+        assert!(text(&o).contains("nothing to do"), "{}", text(&o));
+    }
+    // Refusals: another cluster's label, an ext4 filesystem; --force overrides.
+    let o = mkfs(&paths[0], &uuid::Uuid::new_v4().to_string(), "3", &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("blocklab label of cluster"),
+        "{}",
+        text(&o)
+    );
+    let last = &paths[phases.len()];
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F", last])
+        .status()
+        .unwrap()
+        .success());
+    let o = mkfs(last, &fsid, "9", &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("ext2/3/4"), "{}", text(&o));
+    let o = run(&["inspect", last]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no blocklab label"), "{}", text(&o));
+    let o = mkfs(last, &fsid, "9", &["--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn monitor_on_the_embedded_coord_store_and_node_init() {
+    // Regular files as devices: no root needed.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let devs: Vec<String> = (0..2)
+        .map(|i| {
+            let p = dir.path().join(format!("d{i}.img"));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(32 << 20)
+                .unwrap();
+            p.display().to_string()
+        })
+        .collect();
+    let store = format!("embedded:{}", dir.path().join("coord.store").display());
+    let (mon, addr) = serve(&[
+        "monitor",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+        "--propose-interval-ms",
+        "20",
+    ]);
+    let o = run(&[
+        "node",
+        "init",
+        "--name",
+        "solo",
+        "--monitor",
+        &addr,
+        "--device",
+        &devs[0],
+        "--device",
+        &devs[1],
+        "--parallel",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let map = map_json(&addr);
+    assert_eq!(map["daemons"].as_array().unwrap().len(), 2);
+    assert!(map["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["state"] == "up" && d["node"] == "solo"));
+    drop(mon);
+    let (_mon, addr) = serve(&[
+        "monitor",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+    ]);
+    assert_eq!(map_json(&addr), map);
+    // Neither --journal nor --store: a clear error.
+    let o = run(&["monitor", "serve", "--listen", "127.0.0.1:0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--journal"), "{}", text(&o));
+}

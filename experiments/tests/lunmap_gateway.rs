@@ -1,0 +1,197 @@
+//! `blocklab gateway` and `blocklab lunmap` as real processes against a private ZooKeeper:
+//! a SIGKILLed gateway's ephemeral node disappears after its session timeout and watchers
+//! learn it; CLI errors are one clear line.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blocklab::coord::zk_server::ZkServer;
+use blocklab::coord::{connect, ConnectOptions, WatchEvent};
+use blocklab::lunmap::gateway::GatewayClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_blocklab");
+const T0: &str = "iqn.2026-11.lab.blocklab:t0";
+const H1: &str = "iqn.2026-11.lab.host:h1";
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+#[test]
+fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
+    let zk = ZkServer::start().unwrap();
+    let spec = zk.spec("/cli").to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev.img");
+    std::fs::File::create(&dev)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let dev_s = dev.display().to_string();
+    let common = ["--coord", spec.as_str(), "--cluster", "c1"];
+    let out = cli(&[
+        &["lunmap", "create-lun"][..],
+        &common,
+        &["db0", "--size", "1M", "--device", &dev_s],
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = Command::new(BIN)
+        .args([
+            "gateway",
+            "--node",
+            "gw1",
+            "--events",
+            "--session-timeout-ms",
+            "2000",
+        ])
+        .args(common)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut gw = Kill(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let l = lines.next().expect("gateway exited").unwrap();
+        if let Some(a) = l.strip_prefix("ready ") {
+            break a.parse().unwrap();
+        }
+    };
+    let mut client = GatewayClient::connect(addr).unwrap();
+    assert!(client.read("db0", T0, H1, 0, 4096).unwrap().0.refused);
+    let out = cli(&[
+        &["lunmap", "map"][..],
+        &common,
+        &["db0", "--target", T0, "--initiator", H1],
+    ]
+    .concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The gateway reports the change it applied; then it serves the initiator.
+    loop {
+        let l = lines.next().expect("gateway exited").unwrap();
+        if l.starts_with(&format!("mapped db0 {T0} {H1} ")) {
+            break;
+        }
+    }
+    let (r, _) = client.read("db0", T0, H1, 0, 4096).unwrap();
+    assert!(r.ok, "{r:?}");
+    let out = cli(&[&["lunmap", "gateways"][..], &common].concat());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gw1"));
+
+    // SIGKILL: no clean close, the session expires, the ephemeral node goes.
+    let observer = connect(&zk.spec("/cli"), &ConnectOptions::default()).unwrap();
+    let w = observer.watch("/blocklab/c1/gateways").unwrap();
+    assert!(observer
+        .exists("/blocklab/c1/gateways/gw1")
+        .unwrap()
+        .is_some());
+    gw.0.kill().unwrap();
+    let _ = gw.0.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match w.recv_timeout(Duration::from_millis(100)) {
+            Some(WatchEvent::Deleted(p)) if p == "/blocklab/c1/gateways/gw1" => break,
+            _ => assert!(
+                Instant::now() < deadline,
+                "the dead gateway was never removed"
+            ),
+        }
+    }
+    assert!(observer
+        .exists("/blocklab/c1/gateways/gw1")
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn cli_errors_are_one_clear_line() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let zk = format!("zk://127.0.0.1:{free}/x");
+    let dir = tempfile::tempdir().unwrap();
+    let bad_store = dir.path().join("bad.store");
+    std::fs::write(&bad_store, b"not a store").unwrap();
+    let bad_store_spec = format!("embedded:{}", bad_store.display());
+    let store_spec = format!("embedded:{}", dir.path().join("ok.store").display());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "lunmap",
+                "list",
+                "--coord",
+                &zk,
+                "--connect-timeout-ms",
+                "1000",
+            ],
+            "unreachable",
+        ),
+        (
+            vec!["lunmap", "list", "--coord", &bad_store_spec],
+            "corrupt",
+        ),
+        (
+            vec!["lunmap", "list", "--coord", "etcd://x"],
+            "expected embedded:PATH",
+        ),
+        (
+            vec![
+                "lunmap",
+                "map",
+                "--coord",
+                &store_spec,
+                "nolun",
+                "--target",
+                T0,
+                "--initiator",
+                H1,
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "lunmap",
+                "map",
+                "--coord",
+                &store_spec,
+                "nolun",
+                "--target",
+                T0,
+                "--initiator",
+                "bogus",
+            ],
+            "invalid initiator",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = cli(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // The first line says what is wrong (clap adds a hint line for argument errors).
+        let first = err.lines().next().unwrap_or("");
+        assert!(first.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read(&bad_store).unwrap(), b"not a store");
+}
