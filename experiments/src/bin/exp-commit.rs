@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use blocklab::daemon::{self, MkfsRequest};
+use blocklab::dev::{Device, UringEngine};
 use blocklab::repl::kv::put_payload;
 use blocklab::repl::replica::{self, Hooks, PolicySpec, Regions, ReplicaOptions, ReplicaReport};
 use blocklab::repl::{Entry, Stats};
@@ -357,6 +359,11 @@ fn run_one(
     }));
     let opts =
         |id: u32, peers: Vec<(u32, std::net::SocketAddr)>| -> anyhow::Result<ReplicaOptions> {
+            let path = &set.paths()[id as usize];
+            let (regions, formatted) = Regions::detect(path, LOG_LEN, DATA_LEN)?;
+            if !formatted {
+                bail!("{} is not a formatted daemon device", path.display());
+            }
             Ok(ReplicaOptions {
                 id,
                 members: members.clone(),
@@ -364,7 +371,7 @@ fn run_one(
                 peers,
                 listener: std::net::TcpListener::bind("127.0.0.1:0").context("binding a port")?,
                 device: set.paths()[id as usize].clone(),
-                regions: Regions::detect(&set.paths()[id as usize], LOG_LEN, DATA_LEN)?.0,
+                regions,
                 policy: spec.policy,
                 tick,
                 retransmit: Duration::from_millis(1000),
@@ -572,12 +579,20 @@ fn main() -> anyhow::Result<()> {
     }
     let reps = c.repetitions_or(1, 3);
     let max_replicas = *replicas.iter().max().expect("non-empty");
-    let set = DeviceSet::setup(
-        c,
-        max_replicas,
-        Regions::plain(LOG_LEN, DATA_LEN).end(),
-        128 << 20,
-    )?;
+    let set = DeviceSet::setup(c, max_replicas, 96 << 20, 128 << 20)?;
+    // Format every device as a daemon device (core::daemon::mkfs): the replication log
+    // lives in its log region, the storage engine at the start of its data region.
+    let fsid = uuid::Uuid::new_v4();
+    for (i, p) in set.paths().iter().enumerate() {
+        let dev = Device::open(p).with_context(|| format!("opening {}", p.display()))?;
+        let mut eng = UringEngine::with_queue_depth(8)?;
+        let mut req = MkfsRequest::new(fsid, i as u32);
+        // The device set already refused foreign data on given devices without --force.
+        req.force = true;
+        req.params.log_len = LOG_LEN;
+        daemon::mkfs(&mut eng, &dev, &req)
+            .with_context(|| format!("formatting {}", p.display()))?;
+    }
     let mut meta = RunMeta::start("exp-commit", c.profile);
     meta.devices = set.describe();
     meta.extra = serde_json::json!({
@@ -589,6 +604,7 @@ fn main() -> anyhow::Result<()> {
         "single_writes": sizes.0, "bursts": sizes.1, "poisson_secs": sizes.2, "closed_writes": sizes.3,
         "replicas_in_one_process": "replicas are threads of this process talking over loopback TCP, so commit and apply times share one monotonic clock",
         "log_region_bytes": LOG_LEN, "data_region_bytes": DATA_LEN,
+        "devices_formatted": "core::daemon::mkfs; log in the format's log region, storage engine at the start of its data region",
     });
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-commit.csv", c.overwrite)?;
     let mut specs = Vec::new();

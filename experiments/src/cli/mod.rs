@@ -1,6 +1,6 @@
 //! Subcommands of the `blocklab` binary, one module per mechanism.
 
 pub mod devices;
-pub mod repl;
 pub mod init;
 pub mod lunmap;
+pub mod repl;
