@@ -514,8 +514,11 @@ fn run_one(
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-commit", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let policies = if args.policies.is_empty() {
         [
