@@ -15,3 +15,4 @@ pub mod init;
 pub mod lunmap;
 pub mod monitor;
 pub mod volume;
+pub mod repl;

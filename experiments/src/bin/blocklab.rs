@@ -22,6 +22,9 @@ enum Command {
     /// The index server of the block-allocation mechanism, and its client.
     #[command(subcommand)]
     Index(cli::alloc::IndexCmd),
+    /// Log replication: run a replica, write through the primary, query status.
+    #[command(subcommand)]
+    Repl(cli::repl::ReplCmd),
     /// Format a device for a daemon (refuses foreign data unless --force; idempotent).
     Mkfs(cli::init::MkfsArgs),
     /// Print a device's blocklab label and whether it mounts.
@@ -52,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Devices(c) => cli::devices::run(c),
         Command::Alloc(c) => cli::alloc::run(c),
         Command::Index(c) => cli::alloc::run_index(c),
+        Command::Repl(c) => cli::repl::run(c),
         Command::Mkfs(a) => cli::init::mkfs(a),
         Command::Inspect(a) => cli::init::inspect(a),
         Command::Monitor(c) => cli::init::monitor(c),

@@ -5,3 +5,4 @@ pub mod devices;
 pub mod failover;
 pub mod init;
 pub mod lunmap;
+pub mod repl;

@@ -1,0 +1,210 @@
+//! The replication log and the storage engine on real devices (a regular file with
+//! O_DIRECT, and as root a loop device): append/flush/recover, truncation, a full log
+//! region, in-order apply.
+
+use blocklab::dev::provision::ProvisionGuard;
+use blocklab::dev::{Device, UringEngine};
+use blocklab::repl::kv::{put_payload, KvError, KvStore};
+use blocklab::repl::log::{record_size, LogError, LogStore};
+use blocklab::repl::Entry;
+
+fn file_dev(dir: &tempfile::TempDir, size: u64) -> std::path::PathBuf {
+    let p = dir.path().join("dev.img");
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+fn e(term: u64, index: u64, n: usize) -> Entry {
+    Entry {
+        term,
+        index,
+        payload: (0..n).map(|i| (i as u64 * 7 + index) as u8).collect(),
+    }
+}
+
+fn log_round_trip(path: &std::path::Path) {
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    let (off, len) = (1 << 20, 256 << 10);
+    let mut log = LogStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    let mut all = Vec::new();
+    // Entries of many sizes, some spanning blocks, appended in batches.
+    let mut idx = 1;
+    for batch in 0..20 {
+        let b: Vec<Entry> = (0..(batch % 4 + 1))
+            .map(|k| e(1, idx + k as u64, (batch * 397 + k * 1013) % 6000))
+            .collect();
+        idx += b.len() as u64;
+        log.append(&mut eng, &b).unwrap();
+        all.extend(b);
+    }
+    assert_eq!(log.flushes(), 20, "one flush per append");
+    log.set_term(&mut eng, 7).unwrap();
+    assert_eq!(log.flushes(), 20, "header writes are not log flushes");
+    drop(log);
+    let (mut log, got) = LogStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    assert_eq!(got, all);
+    assert_eq!(log.term(), 7);
+    // Truncate the suffix and append entries of a newer term: recovery sees the new ones,
+    // never the stale records behind them.
+    log.truncate(&mut eng, 10).unwrap();
+    let newer: Vec<Entry> = (10..13).map(|i| e(2, i, 10)).collect();
+    log.append(&mut eng, &newer).unwrap();
+    drop(log);
+    let (mut log, got) = LogStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    assert_eq!(&got[..9], &all[..9]);
+    assert_eq!(&got[9..], &newer[..]);
+    // Non-contiguous appends are refused.
+    assert!(matches!(
+        log.append(&mut eng, &[e(2, 20, 1)]),
+        Err(LogError::NotContiguous { .. })
+    ));
+    // Fill the region: the append that does not fit is refused and nothing changes.
+    let mut next = 13;
+    loop {
+        let x = e(2, next, 3000);
+        if record_size(3000) > log.space_left() {
+            let err = log.append(&mut eng, &[x]).unwrap_err();
+            assert!(matches!(err, LogError::Full { .. }));
+            assert!(err.to_string().starts_with("log region full"), "{err}");
+            break;
+        }
+        log.append(&mut eng, &[x]).unwrap();
+        next += 1;
+    }
+    drop(log);
+    let (_, got) = LogStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    assert_eq!(
+        got.len() as u64,
+        next - 1,
+        "the refused append left the log intact"
+    );
+    // A new incarnation ignores the old records.
+    let log = LogStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    drop(log);
+    let (_, got) = LogStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    assert!(got.is_empty());
+}
+
+#[test]
+fn log_on_a_regular_file() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = file_dev(&dir, 4 << 20);
+    log_round_trip(&p);
+    // Not a log / bad region: clear errors.
+    let mut eng = UringEngine::with_queue_depth(1).unwrap();
+    let err = LogStore::open(&mut eng, Device::open(&p).unwrap(), 2 << 20, 64 << 10).unwrap_err();
+    assert!(matches!(err, LogError::NotALog { .. }), "{err}");
+    let err = LogStore::create(&mut eng, Device::open(&p).unwrap(), 100, 64 << 10).unwrap_err();
+    assert!(matches!(err, LogError::BadRegion { .. }), "{err}");
+    assert!(LogStore::create(&mut eng, Device::open(&p).unwrap(), 4 << 20, 64 << 10).is_err());
+}
+
+#[test]
+fn log_and_store_on_a_loop_device() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: loop devices need root");
+        return;
+    }
+    let state = tempfile::tempdir_in("/var/tmp").unwrap();
+    let g = ProvisionGuard::new(state.path(), "repl-storage", 1, 16 << 20).unwrap();
+    log_round_trip(&g.paths()[0]);
+    kv_round_trip(&g.paths()[0]);
+}
+
+fn kv_round_trip(path: &std::path::Path) {
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    let (off, len) = (8 << 20, 1 << 20);
+    let mut kv = KvStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    let slots = kv.slots();
+    let put = |i: u64, k: u64| Entry {
+        term: 1,
+        index: i,
+        payload: put_payload(k, format!("v{i}").as_bytes()),
+    };
+    kv.apply(&mut eng, &[put(1, 1), put(2, 2), put(3, 1)])
+        .unwrap();
+    assert_eq!(kv.get(1).unwrap().value, b"v3");
+    // Out of order and repeats are refused.
+    assert!(matches!(
+        kv.apply(&mut eng, &[put(5, 3)]),
+        Err(KvError::OutOfOrder { got: 5, applied: 3 })
+    ));
+    assert!(matches!(
+        kv.apply(&mut eng, &[put(3, 3)]),
+        Err(KvError::OutOfOrder { .. })
+    ));
+    // Two keys in one slot: refused, nothing applied.
+    assert!(matches!(
+        kv.apply(&mut eng, &[put(4, 1 + slots)]),
+        Err(KvError::SlotTaken { .. })
+    ));
+    assert_eq!(kv.applied(), 3);
+    kv.apply(&mut eng, &[put(4, 4)]).unwrap();
+    drop(kv);
+    let kv = KvStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    let got: Vec<(u64, u64, Vec<u8>)> = kv
+        .entries()
+        .map(|(k, v)| (k, v.index, v.value.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, 3, b"v3".to_vec()),
+            (2, 2, b"v2".to_vec()),
+            (4, 4, b"v4".to_vec())
+        ]
+    );
+    assert_eq!(
+        kv.applied(),
+        0,
+        "a reopened store is re-applied from the log"
+    );
+}
+
+#[test]
+fn store_on_a_regular_file() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = file_dev(&dir, 16 << 20);
+    kv_round_trip(&p);
+}
+
+#[test]
+fn a_formatted_daemon_device_holds_the_log_in_its_log_region() {
+    use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION, LABEL_FLAG_READY};
+    use blocklab::repl::replica::Regions;
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = file_dev(&dir, 64 << 20);
+    let layout = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
+    // Not formatted: the plain regions.
+    let (r, formatted) = Regions::detect(&p, 8 << 20, 1 << 20).unwrap();
+    assert!(!formatted);
+    assert_eq!(r, Regions::plain(8 << 20, 1 << 20));
+    // A ready label (as mkfs leaves it): the log region after its init record, and the
+    // start of the data region.
+    let label = Label {
+        version: FORMAT_VERSION,
+        flags: LABEL_FLAG_READY,
+        cluster_fsid: uuid::Uuid::new_v4(),
+        daemon_id: 3,
+        daemon_uuid: uuid::Uuid::new_v4(),
+        birth_time_unix_ns: 1,
+        layout: layout.clone(),
+    };
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    let dev = Device::open(&p).unwrap();
+    let mut b = blocklab::dev::AlignedBuf::new(4096);
+    b.copy_from_slice(&label.encode());
+    blocklab::dev::IoEngine::write_at(&mut eng, &dev, 0, &b).unwrap();
+    let (r, formatted) = Regions::detect(&p, 8 << 20, 1 << 20).unwrap();
+    assert!(formatted);
+    assert_eq!(r.log_offset, layout.log_offset + 4096);
+    assert_eq!(r.log_len, layout.log_len - 4096);
+    assert_eq!((r.data_offset, r.data_len), (layout.data_offset, 1 << 20));
+    let mut log =
+        LogStore::create(&mut eng, Device::open(&p).unwrap(), r.log_offset, r.log_len).unwrap();
+    log.append(&mut eng, &[e(1, 1, 100)]).unwrap();
+    // The label and the log's init-record block are untouched.
+    let mut back = blocklab::dev::AlignedBuf::new(4096);
+    blocklab::dev::IoEngine::read_at(&mut eng, &dev, 0, &mut back).unwrap();
+    assert!(Label::decode(&back).unwrap().is_ready());
+}

@@ -1,0 +1,667 @@
+//! exp-commit: how long secondaries wait to apply committed entries, and what each commit
+//! notification policy costs in messages, under four workloads.
+//!
+//! Every (policy, workload, replicas, RTT, repetition) runs a fresh cluster: one primary
+//! and N-1 secondaries, each a replica loop on its own thread with its own device (log and
+//! storage engine through io_uring), talking over real TCP sockets on loopback with the
+//! injected one-way delay RTT/2 on every frame. The replicas share one process so that
+//! commit and apply times come from one monotonic clock. The workload runs inside the
+//! primary's loop (an in-process client with zero think time).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use blocklab::daemon::{self, MkfsRequest};
+use blocklab::dev::{Device, UringEngine};
+use blocklab::repl::kv::put_payload;
+use blocklab::repl::replica::{self, Hooks, PolicySpec, Regions, ReplicaOptions, ReplicaReport};
+use blocklab::repl::{Entry, Stats};
+use clap::{Parser, ValueEnum};
+use harness::progress::Progress;
+use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const LOG_LEN: u64 = 64 << 20;
+const DATA_LEN: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Workload {
+    /// One write, then an idle gap G, repeated.
+    Single,
+    /// A burst of N writes, then an idle gap G, repeated.
+    Bursty,
+    /// Open-loop Poisson arrivals at each rate of --rates.
+    Poisson,
+    /// Closed loop at saturation: --depth writes outstanding, a new one as each commits.
+    Closed,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Single => "single",
+            Workload::Bursty => "bursty",
+            Workload::Poisson => "poisson",
+            Workload::Closed => "closed",
+        }
+    }
+}
+
+/// Apply lag of commit-notification policies (see the README, "Idle-commit notification").
+#[derive(Debug, Parser)]
+#[command(name = "exp-commit", version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Policies to compare: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms
+    /// (default: all, with H ∈ {50, 200} ms and d ∈ {1, 10} ms).
+    #[arg(long, value_delimiter = ',', value_parser = PolicySpec::parse)]
+    policies: Vec<PolicySpec>,
+    /// Workloads (default: all four).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    workloads: Vec<Workload>,
+    /// Cluster sizes (default quick: 3; full: 3,5).
+    #[arg(long, value_delimiter = ',')]
+    replicas: Vec<usize>,
+    /// Injected round-trip times in ms, applied as RTT/2 one-way on every frame
+    /// (default quick: 0,1; full: 0,1,10).
+    #[arg(long, value_delimiter = ',')]
+    rtt_ms: Vec<f64>,
+    /// Poisson arrival rates per second (default quick: 200; full: 50,200,1000).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// Idle gap G of single and bursty, in ms (default quick: 300; full: 1000).
+    #[arg(long)]
+    gap_ms: Option<u64>,
+    /// Writes per burst in bursty.
+    #[arg(long, default_value_t = 10)]
+    burst: usize,
+    /// Measured writes per run of single (default quick: 4; full: 20).
+    #[arg(long)]
+    single_writes: Option<u64>,
+    /// Bursts per run of bursty (default quick: 3; full: 10).
+    #[arg(long)]
+    bursts: Option<u64>,
+    /// Seconds of Poisson arrivals per run (default quick: 0.6; full: 10).
+    #[arg(long)]
+    poisson_secs: Option<f64>,
+    /// Measured writes per run of closed (default quick: 1000; full: 20000).
+    #[arg(long)]
+    closed_writes: Option<u64>,
+    /// Writes outstanding in closed.
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    /// Bytes of value per write (key is 8 more).
+    #[arg(long, default_value_t = 56)]
+    value_bytes: usize,
+    /// Protocol tick in microseconds.
+    #[arg(long, default_value_t = 100)]
+    tick_us: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    policy: &'static str,
+    param_ms: f64,
+    workload: &'static str,
+    rate_per_s: f64,
+    replicas: usize,
+    rtt_ms: f64,
+    repetition: u32,
+    writes: u64,
+    apply_lag_p50_us: u64,
+    apply_lag_p99_us: u64,
+    apply_lag_max_us: u64,
+    commit_lag_p99_us: u64,
+    extra_messages: u64,
+    extra_messages_per_write: f64,
+    log_flushes: u64,
+    write_p50_us: u64,
+    write_p99_us: u64,
+}
+
+/// What the replicas' hooks record during one run.
+#[derive(Debug, Default)]
+struct Rec {
+    secondaries: usize,
+    /// Per index (1-based, slot 0 unused): arrival of the write at the primary.
+    arrival: Vec<Option<Instant>>,
+    commit: Vec<Option<Instant>>,
+    /// Per secondary, per index: when it learned the entry is committed / applied it.
+    learned: Vec<Vec<Option<Instant>>>,
+    applied: Vec<Vec<Option<Instant>>>,
+    /// Last measured index, once the workload issued its last measured write.
+    measured: Option<u64>,
+    first_arrival: Option<Instant>,
+    last_arrival: Option<Instant>,
+    /// Index of the final (unmeasured) carrier write.
+    carrier: Option<u64>,
+    empties_at_carrier: Option<u64>,
+    /// Per replica (0 = primary): log flushes once its log was durable up to `measured`.
+    flushes: Vec<Option<u64>>,
+}
+
+fn set(v: &mut Vec<Option<Instant>>, i: u64, t: Instant) {
+    let i = i as usize;
+    if v.len() <= i {
+        v.resize(i + 1, None);
+    }
+    if v[i].is_none() {
+        v[i] = Some(t);
+    }
+}
+
+impl Rec {
+    fn snapshot_flushes(&mut self, replica: usize, flushes: u64, durable: u64) {
+        if let Some(m) = self.measured {
+            if durable >= m && self.flushes[replica].is_none() {
+                self.flushes[replica] = Some(flushes);
+            }
+        }
+    }
+}
+
+struct Secondary {
+    slot: usize,
+    rec: Arc<Mutex<Rec>>,
+    learned: u64,
+}
+
+impl Hooks for Secondary {
+    fn committed(&mut self, commit: u64, now: Instant) {
+        let mut r = self.rec.lock().expect("lock");
+        for i in self.learned + 1..=commit {
+            set(&mut r.learned[self.slot], i, now);
+        }
+        self.learned = commit;
+    }
+    fn applied(&mut self, entries: &[Entry], now: Instant) {
+        let mut r = self.rec.lock().expect("lock");
+        for e in entries {
+            set(&mut r.applied[self.slot], e.index, now);
+        }
+    }
+    fn loop_done(&mut self, _stats: &Stats, log_flushes: u64, durable: u64) {
+        self.rec
+            .lock()
+            .expect("lock")
+            .snapshot_flushes(self.slot + 1, log_flushes, durable);
+    }
+}
+
+/// The workload, inside the primary's loop.
+struct Primary {
+    rec: Arc<Mutex<Rec>>,
+    kind: Workload,
+    gap: Duration,
+    burst: usize,
+    rate: f64,
+    depth: usize,
+    total: u64,
+    duration: Duration,
+    value: Vec<u8>,
+    rng: StdRng,
+    peers: u64,
+    connected: bool,
+    t0: Option<Instant>,
+    issued: u64,
+    next_arrival: Option<Instant>,
+    /// Scheduled arrival times of proposals not yet given an index.
+    queue: std::collections::VecDeque<Instant>,
+    committed: u64,
+    carrier_proposed: bool,
+}
+
+impl Primary {
+    fn payload(&self, n: u64) -> Vec<u8> {
+        put_payload(n % 4000, &self.value)
+    }
+    fn finished_issuing(&self) -> bool {
+        match self.kind {
+            Workload::Poisson => self.issued > 0 && self.next_arrival.is_none(),
+            _ => self.issued >= self.total,
+        }
+    }
+}
+
+impl Hooks for Primary {
+    fn poll(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) -> Option<Instant> {
+        if !self.connected {
+            return Some(now + Duration::from_millis(1));
+        }
+        let t0 = *self.t0.get_or_insert(now + Duration::from_millis(10));
+        if self.next_arrival.is_none() && self.issued == 0 {
+            self.next_arrival = Some(t0);
+        }
+        if !self.finished_issuing() {
+            match self.kind {
+                Workload::Closed => {
+                    if now >= t0 {
+                        while self.issued < self.total
+                            && self.issued - self.committed.min(self.issued) < self.depth as u64
+                        {
+                            self.issued += 1;
+                            out.push(self.payload(self.issued));
+                            self.queue.push_back(now);
+                        }
+                    }
+                }
+                _ => {
+                    while let Some(at) = self.next_arrival {
+                        if at > now {
+                            break;
+                        }
+                        let n = if self.kind == Workload::Bursty {
+                            self.burst as u64
+                        } else {
+                            1
+                        };
+                        for _ in 0..n {
+                            self.issued += 1;
+                            out.push(self.payload(self.issued));
+                            self.queue.push_back(at);
+                        }
+                        self.next_arrival = match self.kind {
+                            Workload::Poisson => {
+                                let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+                                let next = at + Duration::from_secs_f64(-u.ln() / self.rate);
+                                (next < t0 + self.duration).then_some(next)
+                            }
+                            _ => (self.issued < self.total).then_some(at + self.gap),
+                        };
+                    }
+                }
+            }
+            if self.finished_issuing() {
+                let mut r = self.rec.lock().expect("lock");
+                r.measured = Some(self.issued);
+            }
+        }
+        if self.finished_issuing() && !self.carrier_proposed {
+            let last = self.rec.lock().expect("lock").last_arrival;
+            let carrier_at = last.map(|t| t + self.gap).unwrap_or(now);
+            if self.committed >= self.issued && now >= carrier_at {
+                self.carrier_proposed = true;
+                out.push(self.payload(self.issued + 1));
+                self.queue.push_back(now);
+                return None;
+            }
+            return Some(carrier_at.max(now + Duration::from_millis(1)));
+        }
+        if self.carrier_proposed {
+            return None;
+        }
+        match self.kind {
+            Workload::Closed => Some(now + Duration::from_millis(5)),
+            _ => self.next_arrival,
+        }
+    }
+    fn proposed(&mut self, index: u64, _now: Instant) {
+        let at = self.queue.pop_front().expect("one arrival per proposal");
+        let mut r = self.rec.lock().expect("lock");
+        set(&mut r.arrival, index, at);
+        if self.carrier_proposed && self.queue.is_empty() {
+            r.carrier = Some(index);
+        } else {
+            r.first_arrival.get_or_insert(at);
+            r.last_arrival = Some(at);
+        }
+    }
+    fn committed(&mut self, commit: u64, now: Instant) {
+        let mut r = self.rec.lock().expect("lock");
+        for i in self.committed + 1..=commit {
+            set(&mut r.commit, i, now);
+        }
+        self.committed = commit;
+    }
+    fn loop_done(&mut self, stats: &Stats, log_flushes: u64, durable: u64) {
+        if !self.connected && stats.probes >= 2 * self.peers {
+            // A probe at start (lost: no connection yet) and one per connection made.
+            self.connected = true;
+        }
+        let mut r = self.rec.lock().expect("lock");
+        r.snapshot_flushes(0, log_flushes, durable);
+        if self.carrier_proposed && r.empties_at_carrier.is_none() {
+            r.empties_at_carrier = Some(stats.empty_appends);
+        }
+    }
+}
+
+struct RunSpec {
+    policy: PolicySpec,
+    workload: Workload,
+    rate: f64,
+    replicas: usize,
+    rtt_ms: f64,
+    repetition: u32,
+}
+
+fn run_one(
+    args: &Args,
+    set: &DeviceSet,
+    spec: &RunSpec,
+    gap: Duration,
+    sizes: (u64, u64, f64, u64),
+) -> anyhow::Result<Row> {
+    let (single_writes, bursts, poisson_secs, closed_writes) = sizes;
+    let n = spec.replicas;
+    let members: Vec<u32> = (0..n as u32).collect();
+    let delay = Duration::from_secs_f64(spec.rtt_ms / 2.0 / 1000.0);
+    let tick = Duration::from_micros(args.tick_us.max(1));
+    let rec = Arc::new(Mutex::new(Rec {
+        secondaries: n - 1,
+        learned: vec![Vec::new(); n - 1],
+        applied: vec![Vec::new(); n - 1],
+        flushes: vec![None; n],
+        ..Rec::default()
+    }));
+    let opts =
+        |id: u32, peers: Vec<(u32, std::net::SocketAddr)>| -> anyhow::Result<ReplicaOptions> {
+            let path = &set.paths()[id as usize];
+            let (regions, formatted) = Regions::detect(path, LOG_LEN, DATA_LEN)?;
+            if !formatted {
+                bail!("{} is not a formatted daemon device", path.display());
+            }
+            Ok(ReplicaOptions {
+                id,
+                members: members.clone(),
+                primary: 0,
+                peers,
+                listener: std::net::TcpListener::bind("127.0.0.1:0").context("binding a port")?,
+                device: set.paths()[id as usize].clone(),
+                regions,
+                policy: spec.policy,
+                tick,
+                retransmit: Duration::from_millis(1000),
+                delay,
+                fresh: true,
+                force: true,
+            })
+        };
+    let mut secondaries = Vec::new();
+    let mut peers = Vec::new();
+    for id in 1..n as u32 {
+        let h = replica::spawn(
+            opts(id, Vec::new())?,
+            Box::new(Secondary {
+                slot: id as usize - 1,
+                rec: rec.clone(),
+                learned: 0,
+            }),
+        )
+        .with_context(|| format!("starting secondary {id}"))?;
+        peers.push((id, h.addr()));
+        secondaries.push(h);
+    }
+    let (total, duration) = match spec.workload {
+        Workload::Single => (single_writes, Duration::ZERO),
+        Workload::Bursty => (bursts * args.burst as u64, Duration::ZERO),
+        Workload::Poisson => (u64::MAX, Duration::from_secs_f64(poisson_secs)),
+        Workload::Closed => (closed_writes, Duration::ZERO),
+    };
+    let hook = Primary {
+        rec: rec.clone(),
+        kind: spec.workload,
+        gap,
+        burst: args.burst.max(1),
+        rate: spec.rate,
+        depth: args.depth.max(1),
+        total,
+        duration,
+        value: vec![0x5a; args.value_bytes],
+        rng: StdRng::seed_from_u64(spec.repetition as u64 * 7919 + 1),
+        peers: (n - 1) as u64,
+        connected: false,
+        t0: None,
+        issued: 0,
+        next_arrival: None,
+        queue: Default::default(),
+        committed: 0,
+        carrier_proposed: false,
+    };
+    let primary =
+        replica::spawn(opts(0, peers)?, Box::new(hook)).context("starting the primary")?;
+    // Wait until every secondary applied the carrier (everything measured is then applied).
+    let expected = match spec.workload {
+        Workload::Single => gap * (single_writes as u32 + 1),
+        Workload::Bursty => gap * (bursts as u32 + 1),
+        Workload::Poisson => Duration::from_secs_f64(poisson_secs) + gap,
+        Workload::Closed => gap,
+    };
+    let deadline = Instant::now() + expected + Duration::from_secs(120);
+    loop {
+        {
+            let r = rec.lock().expect("lock");
+            // The carrier's own commit may never reach the secondaries (piggyback); it
+            // carries the commit of every measured write.
+            if let (Some(_), Some(m)) = (r.carrier, r.measured) {
+                if r.applied
+                    .iter()
+                    .all(|a| a.get(m as usize).is_some_and(|t| t.is_some()))
+                    && r.empties_at_carrier.is_some()
+                    && r.flushes.iter().all(|f| f.is_some())
+                {
+                    break;
+                }
+            }
+        }
+        if primary.is_finished() || secondaries.iter().any(|s| s.is_finished()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "run did not finish within {:?}",
+                expected + Duration::from_secs(120)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let preport: ReplicaReport = primary.stop().context("primary")?;
+    for (i, s) in secondaries.into_iter().enumerate() {
+        s.stop().with_context(|| format!("secondary {}", i + 1))?;
+    }
+    let r = rec.lock().expect("lock");
+    let measured = r.measured.context("workload never finished")?;
+    let mut apply = LatencyHist::new();
+    let mut learn = LatencyHist::new();
+    let mut write = LatencyHist::new();
+    for i in 1..=measured as usize {
+        let c = r.commit[i].context("measured write never committed")?;
+        write.record_us(c.saturating_duration_since(r.arrival[i].context("no arrival")?));
+        for s in 0..r.secondaries {
+            let a = r.applied[s][i].context("measured write never applied")?;
+            apply.record_us(a.saturating_duration_since(c));
+            let l = r.learned[s][i].context("commit never learned")?;
+            learn.record_us(l.saturating_duration_since(c));
+        }
+    }
+    let extra = r.empties_at_carrier.unwrap_or(preport.stats.empty_appends);
+    let active = match (r.first_arrival, r.last_arrival) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let rate = match spec.workload {
+        Workload::Poisson => spec.rate,
+        Workload::Closed => {
+            let end = r.commit[measured as usize].expect("checked");
+            measured as f64 / (end - r.first_arrival.expect("set")).as_secs_f64()
+        }
+        _ if active > 0.0 => measured as f64 / (active + gap.as_secs_f64()),
+        _ => 0.0,
+    };
+    let a = apply.percentiles();
+    let w = write.percentiles();
+    Ok(Row {
+        policy: spec.policy.name(),
+        param_ms: spec.policy.param_ms(),
+        workload: spec.workload.name(),
+        rate_per_s: (rate * 100.0).round() / 100.0,
+        replicas: n,
+        rtt_ms: spec.rtt_ms,
+        repetition: spec.repetition,
+        writes: measured,
+        apply_lag_p50_us: a.p50,
+        apply_lag_p99_us: a.p99,
+        apply_lag_max_us: a.max,
+        commit_lag_p99_us: learn.percentiles().p99,
+        extra_messages: extra,
+        extra_messages_per_write: (extra as f64 / measured as f64 * 10_000.0).round() / 10_000.0,
+        log_flushes: r.flushes.iter().map(|f| f.unwrap_or(0)).sum(),
+        write_p50_us: w.p50,
+        write_p99_us: w.p99,
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-commit", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let c = &args.common;
+    let policies = if args.policies.is_empty() {
+        [
+            "piggyback",
+            "periodic:50",
+            "periodic:200",
+            "eager",
+            "idle",
+            "idle_delayed:1",
+            "idle_delayed:10",
+        ]
+        .iter()
+        .map(|s| PolicySpec::parse(s).expect("valid"))
+        .collect()
+    } else {
+        args.policies.clone()
+    };
+    let workloads = if args.workloads.is_empty() {
+        vec![
+            Workload::Single,
+            Workload::Bursty,
+            Workload::Poisson,
+            Workload::Closed,
+        ]
+    } else {
+        args.workloads.clone()
+    };
+    let replicas = if args.replicas.is_empty() {
+        c.pick(vec![3], vec![3, 5])
+    } else {
+        args.replicas.clone()
+    };
+    if let Some(&r) = replicas.iter().find(|&&r| r < 2) {
+        bail!("--replicas {r}: a cluster needs a primary and at least one secondary");
+    }
+    let rtts = if args.rtt_ms.is_empty() {
+        c.pick(vec![0.0, 1.0], vec![0.0, 1.0, 10.0])
+    } else {
+        args.rtt_ms.clone()
+    };
+    if rtts.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
+        bail!("--rtt-ms values must be ≥ 0");
+    }
+    let rates = if args.rates.is_empty() {
+        c.pick(vec![200.0], vec![50.0, 200.0, 1000.0])
+    } else {
+        args.rates.clone()
+    };
+    if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+        bail!("--rates values must be > 0");
+    }
+    let gap = Duration::from_millis(args.gap_ms.unwrap_or(c.pick(300, 1000)));
+    let sizes = (
+        args.single_writes.unwrap_or(c.pick(4, 20)),
+        args.bursts.unwrap_or(c.pick(3, 10)),
+        args.poisson_secs.unwrap_or(c.pick(0.6, 10.0)),
+        args.closed_writes.unwrap_or(c.pick(1000, 20000)),
+    );
+    if sizes.0 == 0 || sizes.1 == 0 || sizes.3 == 0 || sizes.2 <= 0.0 {
+        bail!("--single-writes, --bursts, --poisson-secs and --closed-writes must be > 0");
+    }
+    let reps = c.repetitions_or(1, 3);
+    let max_replicas = *replicas.iter().max().expect("non-empty");
+    let set = DeviceSet::setup(c, max_replicas, 96 << 20, 128 << 20)?;
+    // Format every device as a daemon device (core::daemon::mkfs): the replication log
+    // lives in its log region, the storage engine at the start of its data region.
+    let fsid = uuid::Uuid::new_v4();
+    for (i, p) in set.paths().iter().enumerate() {
+        let dev = Device::open(p).with_context(|| format!("opening {}", p.display()))?;
+        let mut eng = UringEngine::with_queue_depth(8)?;
+        let mut req = MkfsRequest::new(fsid, i as u32);
+        // The device set already refused foreign data on given devices without --force.
+        req.force = true;
+        req.params.log_len = LOG_LEN;
+        daemon::mkfs(&mut eng, &dev, &req)
+            .with_context(|| format!("formatting {}", p.display()))?;
+    }
+    let mut meta = RunMeta::start("exp-commit", c.profile);
+    meta.devices = set.describe();
+    meta.extra = serde_json::json!({
+        "gap_ms": gap.as_millis() as u64,
+        "burst": args.burst,
+        "depth": args.depth,
+        "value_bytes": args.value_bytes,
+        "tick_us": args.tick_us,
+        "single_writes": sizes.0, "bursts": sizes.1, "poisson_secs": sizes.2, "closed_writes": sizes.3,
+        "replicas_in_one_process": "replicas are threads of this process talking over loopback TCP, so commit and apply times share one monotonic clock",
+        "log_region_bytes": LOG_LEN, "data_region_bytes": DATA_LEN,
+        "devices_formatted": "core::daemon::mkfs; log in the format's log region, storage engine at the start of its data region",
+    });
+    let mut csv = CsvOut::<Row>::create(&c.out, "exp-commit.csv", c.overwrite)?;
+    let mut specs = Vec::new();
+    for repetition in 0..reps {
+        for &workload in &workloads {
+            let wrates = if workload == Workload::Poisson {
+                rates.clone()
+            } else {
+                vec![0.0]
+            };
+            for &rate in &wrates {
+                for &replicas in &replicas {
+                    for &rtt_ms in &rtts {
+                        // Policies alternate innermost, so a noisy moment hits all alike.
+                        for &policy in &policies {
+                            specs.push(RunSpec {
+                                policy,
+                                workload,
+                                rate,
+                                replicas,
+                                rtt_ms,
+                                repetition,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut progress = Progress::new("exp-commit", specs.len() as u64);
+    for spec in &specs {
+        let row = run_one(&args, &set, spec, gap, sizes).with_context(|| {
+            format!(
+                "{} / {} / {} replicas / rtt {} ms / repetition {}",
+                spec.policy,
+                spec.workload.name(),
+                spec.replicas,
+                spec.rtt_ms,
+                spec.repetition
+            )
+        })?;
+        progress.step(&format!(
+            "{} {} rtt={} apply_p99={}us extra/write={}",
+            spec.policy,
+            spec.workload.name(),
+            spec.rtt_ms,
+            row.apply_lag_p99_us,
+            row.extra_messages_per_write
+        ));
+        csv.write(&row)?;
+    }
+    progress.finish();
+    meta.finish(&c.out, c.overwrite)?;
+    eprintln!("wrote {}", csv.path().display());
+    set.teardown()?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! `blocklab repl serve|write|status`: a replica process, and a client of one.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blocklab::repl::client::Client;
+use blocklab::repl::kv::put_payload;
+use blocklab::repl::replica::{self, NoHooks, PolicySpec, Regions, ReplicaOptions};
+use blocklab::repl::NodeId;
+use clap::Subcommand;
+
+use crate::args::parse_size;
+
+#[derive(Debug, Subcommand)]
+pub enum ReplCmd {
+    /// Run one replica (primary or secondary) on a device until SIGTERM/SIGINT.
+    ///
+    /// Prints `listening on ADDR` once the device is open. A device holding a replication
+    /// log is recovered (restart); an empty device gets a new log; anything else is refused
+    /// unless --force.
+    Serve {
+        /// This replica's id.
+        #[arg(long)]
+        id: NodeId,
+        /// Every member's id, comma separated (this one included).
+        #[arg(long, value_delimiter = ',', required = true)]
+        members: Vec<NodeId>,
+        /// The primary's id.
+        #[arg(long, default_value_t = 0)]
+        primary: NodeId,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Primary only: a secondary's address, as ID=HOST:PORT (repeat for each).
+        #[arg(long = "peer", value_parser = parse_peer)]
+        peers: Vec<(NodeId, SocketAddr)>,
+        /// Block device (or regular file) holding the log and the storage engine.
+        #[arg(long)]
+        device: PathBuf,
+        /// Commit notification: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms.
+        #[arg(long, default_value = "idle", value_parser = PolicySpec::parse)]
+        policy: PolicySpec,
+        /// Length of a protocol tick in microseconds.
+        #[arg(long, default_value_t = 100)]
+        tick_us: u64,
+        /// Resend unacknowledged entries or notifications after this many milliseconds.
+        #[arg(long, default_value_t = 200)]
+        retransmit_ms: u64,
+        /// Injected one-way delay on every frame this replica sends, in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        delay_ms: f64,
+        /// Size of the log region (K/M/G) on a device that is not formatted; on a formatted
+        /// daemon device the log lives in its log region.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        log_size: u64,
+        /// Size of the storage engine's data region (K/M/G).
+        #[arg(long, default_value = "16M", value_parser = parse_size)]
+        data_size: u64,
+        /// Start a new, empty log even if the device holds one.
+        #[arg(long)]
+        fresh: bool,
+        /// Overwrite a device that holds other data.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write KEY=VALUE through the primary; prints the committed index.
+    Write {
+        /// The primary's address.
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        key: u64,
+        #[arg(long)]
+        value: String,
+    },
+    /// Print a replica's status.
+    Status {
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT"))?;
+    let id: NodeId = id
+        .parse()
+        .map_err(|_| format!("{s:?}: {id:?} is not a replica id"))?;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("{s:?}: {addr:?} is not HOST:PORT"))?;
+    Ok((id, addr))
+}
+
+pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
+    match cmd {
+        ReplCmd::Serve {
+            id,
+            members,
+            primary,
+            listen,
+            peers,
+            device,
+            policy,
+            tick_us,
+            retransmit_ms,
+            delay_ms,
+            log_size,
+            data_size,
+            fresh,
+            force,
+        } => {
+            if !members.contains(&id) {
+                bail!("--id {id} is not among --members {members:?}");
+            }
+            if id == primary {
+                for m in &members {
+                    if *m != id && !peers.iter().any(|(p, _)| p == m) {
+                        bail!("the primary needs --peer {m}=HOST:PORT for every secondary");
+                    }
+                }
+            }
+            if !(delay_ms.is_finite() && delay_ms >= 0.0) {
+                bail!("--delay-ms must be ≥ 0");
+            }
+            let (regions, formatted) = Regions::detect(&device, log_size, data_size)
+                .with_context(|| format!("reading {}", device.display()))?;
+            if formatted {
+                eprintln!(
+                    "{}: formatted daemon device: log in its log region ({} bytes at {}), storage engine in its data region",
+                    device.display(),
+                    regions.log_len,
+                    regions.log_offset
+                );
+            }
+            let listener =
+                TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+            let addr = listener.local_addr()?;
+            let opts = ReplicaOptions {
+                id,
+                members,
+                primary,
+                peers,
+                listener,
+                device: device.clone(),
+                regions,
+                policy,
+                tick: Duration::from_micros(tick_us.max(1)),
+                retransmit: Duration::from_millis(retransmit_ms.max(1)),
+                delay: Duration::from_secs_f64(delay_ms / 1000.0),
+                fresh,
+                force,
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let s2 = stop.clone();
+            ctrlc::set_handler(move || s2.store(true, Ordering::SeqCst))
+                .context("installing the SIGTERM/SIGINT handler")?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t =
+                std::thread::spawn(move || replica::run(opts, Box::new(NoHooks), stop, Some(tx)));
+            if rx.recv().is_ok() {
+                use std::io::Write;
+                println!("listening on {addr}");
+                std::io::stdout().flush()?;
+            }
+            let report = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("replica thread panicked"))?
+                .with_context(|| format!("replica {id} on {}", device.display()))?;
+            eprintln!(
+                "replica {id} stopped: term {} last_index {} commit {} applied {} log_flushes {}",
+                report.term, report.last_index, report.commit, report.applied, report.log_flushes
+            );
+        }
+        ReplCmd::Write { to, key, value } => {
+            let mut c = Client::connect(to, Duration::from_secs(10))?;
+            let index = c.write(put_payload(key, value.as_bytes()))?;
+            println!("{index}");
+        }
+        ReplCmd::Status { to } => {
+            let mut c = Client::connect(to, Duration::from_secs(10))?;
+            let s = c.status()?;
+            println!(
+                "id {} primary {} term {} last_index {} durable {} commit {} applied {}",
+                s.id, s.primary, s.term, s.last_index, s.durable_index, s.commit, s.applied
+            );
+        }
+    }
+    Ok(())
+}
