@@ -109,6 +109,37 @@ def failover_bad(df):
     return df.loc[sel, "lost_results"].sum() + df.loc[sel, "duplicate_executions"].sum()
 
 
+def commit_lag_ratio(other, workloads=("single", "bursty")):
+    """Worst (over workloads and RTTs) ratio of idle's apply-lag p99 to another policy's,
+    each the mean over repetitions."""
+    def f(df):
+        worst = 0.0
+        for (w, rtt), g in df[df.workload.isin(workloads)].groupby(["workload", "rtt_ms"]):
+            idle = g.loc[g.policy == "idle", "apply_lag_p99_us"].mean()
+            base = g.loc[g.policy == other, "apply_lag_p99_us"].mean()
+            if base:
+                worst = max(worst, idle / base)
+        return worst
+    return f
+
+
+def commit_extra(policy):
+    def f(df):
+        return df.loc[(df.policy == policy) & (df.workload == "closed"), "extra_messages_per_write"].max()
+    return f
+
+
+def commit_flush_spread(df):
+    """Largest relative spread of log_flushes across policies for the same workload, RTT and
+    repetition (0 = equal)."""
+    worst = 0.0
+    for _, g in df.groupby(["workload", "rtt_ms", "repetition", "replicas"]):
+        lo, hi = g.log_flushes.min(), g.log_flushes.max()
+        if hi:
+            worst = max(worst, (hi - lo) / hi)
+    return worst
+
+
 CLAIMS = [
     Claim("ioRandWriteRatio", "blocklab/fio IOPS, 4 KiB random write QD 32", "exp-io.csv", "iops", "exp-io.pdf",
           "x", ">= 0.95", io_ratio("randwrite", 4096, 32, "iops"), lambda v: v >= 0.95),
@@ -138,6 +169,16 @@ CLAIMS = [
           "", ">= 20", failover_kills, lambda v: v >= 20),
     Claim("failoverLostDup", "lost results + duplicate executions with VIP handoff", "exp-failover.csv",
           "lost_results,duplicate_executions", "exp-failover.pdf", "", "= 0", failover_bad, lambda v: v == 0),
+    Claim("commitIdleOverEager", "idle / eager apply-lag p99, single and bursty (worst case)", "exp-commit.csv",
+          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 1.5", commit_lag_ratio("eager"), lambda v: v <= 1.5),
+    Claim("commitIdleOverPiggyback", "idle / piggyback apply-lag p99, single and bursty (worst case)", "exp-commit.csv",
+          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 0.1", commit_lag_ratio("piggyback"), lambda v: v <= 0.1),
+    Claim("commitIdleExtra", "idle extra messages per write, closed loop", "exp-commit.csv", "extra_messages_per_write",
+          "exp-commit-overhead.pdf", "", "<= 0.05", commit_extra("idle"), lambda v: v <= 0.05),
+    Claim("commitEagerExtra", "eager extra messages per write, closed loop", "exp-commit.csv", "extra_messages_per_write",
+          "exp-commit-overhead.pdf", "", ">= 0.5", commit_extra("eager"), lambda v: v >= 0.5),
+    Claim("commitFlushSpread", "spread of log flushes across policies (same workload)", "exp-commit.csv", "log_flushes",
+          "exp-commit.pdf", "", "= 0", commit_flush_spread, lambda v: v == 0),
 ]
 
 

@@ -14,5 +14,5 @@ pub mod format;
 pub mod init;
 pub mod lunmap;
 pub mod monitor;
-pub mod volume;
 pub mod repl;
+pub mod volume;
