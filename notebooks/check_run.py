@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Checks one quick-profile run: python notebooks/check_run.py RESULTS FIGURES
+
+Every CSV has exactly its documented columns and at least one row per configuration the
+quick profile runs; every figure the paper cites exists; claims.json parses and names
+every claim. Exits non-zero with one line per problem.
+"""
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import claims  # noqa: E402
+
+COLUMNS = {
+    "exp-io.csv": "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device",
+    "exp-init.csv": "strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition,total_ms,bound_ms,"
+                    "daemon_p50_ms,daemon_p99_ms,daemon_max_ms,max_in_flight,monitor_proposals,bytes_written",
+    "exp-init-phases.csv": "strategy,nodes,daemons_per_node,repetition,daemon_id,phase,ms",
+    "exp-commit.csv": "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,writes,apply_lag_p50_us,"
+                      "apply_lag_p99_us,apply_lag_max_us,commit_lag_p99_us,extra_messages,extra_messages_per_write,"
+                      "log_flushes,write_p50_us,write_p99_us",
+    "exp-alloc.csv": "strategy,processes,with_io,repetition,ops,ops_per_s,alloc_p50_ns,alloc_p99_ns,leaked_blocks,double_allocated",
+    "exp-lunmap.csv": "backend,gateways,editors,changes,repetition,propagation_p50_ms,propagation_p99_ms,propagation_max_ms,"
+                      "lost_updates,stale_reads,detect_dead_ms",
+    "exp-failover.csv": "mode,vip_backend,heartbeat_ms,operation,repetition,kills,ops,delivery_after_kill_p50_ms,"
+                        "delivery_after_kill_p99_ms,vip_move_p50_ms,lost_results,duplicate_executions,reexecuted_bytes",
+}
+
+# The configurations of the quick profile: column -> values; every combination must have a row.
+CONFIGS = {
+    "exp-io.csv": [{"tool": ["blocklab", "fio"], "pattern": ["randwrite", "randread"], "queue_depth": [1, 32]},
+                   {"tool": ["blocklab", "fio"], "pattern": ["write", "read"], "queue_depth": [8]}],
+    "exp-init.csv": [{"strategy": ["sequential", "parallel_nodes", "parallel_daemons", "parallel"], "nodes": [3],
+                      "daemons_per_node": [1, 4, 8]}],
+    "exp-commit.csv": [{"policy": ["piggyback", "periodic", "eager", "idle", "idle_delayed"],
+                        "workload": ["single", "bursty", "poisson", "closed"], "rtt_ms": [0.0, 1.0]}],
+    "exp-alloc.csv": [{"strategy": ["shm", "mutex", "central"], "processes": [1, 2, 4, 8], "with_io": [False, True]}],
+    "exp-lunmap.csv": [{"backend": ["zookeeper", "filesync"], "gateways": [1, 4, 8], "editors": [1, 4]}],
+    "exp-failover.csv": [{"mode": ["vip_handoff", "client_retry"], "operation": ["create", "delete", "copy", "all"]}],
+}
+
+FIGURES = ["exp-io.pdf", "exp-init.pdf", "exp-init-speedup.pdf", "exp-init-phases.pdf", "exp-commit.pdf",
+           "exp-commit-overhead.pdf", "exp-alloc.pdf", "exp-alloc-p50.pdf", "exp-lunmap.pdf", "exp-failover.pdf"]
+
+
+def norm(v):
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def check(results: Path, figures: Path):
+    problems = []
+    for name, cols in COLUMNS.items():
+        path = results / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+            continue
+        df = pd.read_csv(path)
+        if list(df.columns) != cols.split(","):
+            problems.append(f"{name}: columns {','.join(df.columns)} != documented {cols}")
+            continue
+        if df.empty:
+            problems.append(f"{name}: no rows")
+        for spec in CONFIGS.get(name, []):
+            keys = list(spec)
+            have = {tuple(norm(r[k]) for k in keys) for _, r in df[keys].iterrows()}
+            for combo in itertools.product(*spec.values()):
+                if tuple(norm(c) for c in combo) not in have:
+                    problems.append(f"{name}: no row for {dict(zip(keys, combo))}")
+        meta = results / name.replace(".csv", ".meta.json").replace("-phases", "")
+        if not meta.exists():
+            problems.append(f"{meta.name}: missing")
+        else:
+            json.loads(meta.read_text())
+    for f in sorted(set(FIGURES) | {c.figure for c in claims.CLAIMS}):
+        if not (figures / f).exists():
+            problems.append(f"figure {f}: missing in {figures}")
+    cj = results / "claims.json"
+    try:
+        rows = json.loads(cj.read_text())
+        keys = {r["key"] for r in rows}
+        missing = {c.key for c in claims.CLAIMS} - keys
+        if missing:
+            problems.append(f"claims.json lacks {sorted(missing)}")
+        for r in rows:
+            if r["status"] == "not run" or r["status"].startswith("error"):
+                problems.append(f"claim {r['key']}: {r['status']}")
+    except (OSError, ValueError, KeyError) as e:
+        problems.append(f"claims.json: {e}")
+    return problems
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    problems = check(Path(sys.argv[1]), Path(sys.argv[2]))
+    for p in problems:
+        print(p)
+    print(f"check_run: {len(problems)} problems")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
