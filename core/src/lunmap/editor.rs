@@ -206,16 +206,8 @@ impl<'c> LunMap<'c> {
                 })
                 .expect("plain data"),
             ));
-            match self.coord.multi(&ops) {
-                Ok(()) => {
-                    return Ok(Ack {
-                        generation: l.generation,
-                        attempts: attempt,
-                        changed: true,
-                    })
-                }
-                Err(e) if is_conflict(&e) => continue,
-                Err(e) => return Err(e.into()),
+            if let Some(ack) = self.try_commit(&ops, l.generation, attempt)? {
+                return Ok(ack);
             }
         }
         Err(LunMapError::Contention(lun.into(), MAX_ATTEMPTS))
@@ -245,19 +237,25 @@ impl<'c> LunMap<'c> {
                 ),
                 Op::delete(ipath.clone(), None),
             ];
-            match self.coord.multi(&ops) {
-                Ok(()) => {
-                    return Ok(Ack {
-                        generation: l.generation,
-                        attempts: attempt,
-                        changed: true,
-                    })
-                }
-                Err(e) if is_conflict(&e) => continue,
-                Err(e) => return Err(e.into()),
+            if let Some(ack) = self.try_commit(&ops, l.generation, attempt)? {
+                return Ok(ack);
             }
         }
         Err(LunMapError::Contention(lun.into(), MAX_ATTEMPTS))
+    }
+
+    /// Applies one optimistic attempt's operations atomically: `Some(ack)` when they
+    /// committed, `None` when another editor changed the LUN first (read again and retry).
+    fn try_commit(&self, ops: &[Op], generation: u64, attempt: u32) -> Result<Option<Ack>> {
+        match self.coord.multi(ops) {
+            Ok(()) => Ok(Some(Ack {
+                generation,
+                attempts: attempt,
+                changed: true,
+            })),
+            Err(e) if is_conflict(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads the whole map (and the live gateways) into a view.
