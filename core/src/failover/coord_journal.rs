@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::dispatcher::Epoch;
-use super::journal::{Index, JournalError, OpJournal, OpState, Record};
+use super::journal::{Index, JournalError, OpJournal, Record};
 use crate::coord::{ensure_path, Coord, CoordError, NodeKind};
 
 /// What is stored per operation id.
@@ -177,13 +177,7 @@ impl OpJournal for CoordJournal {
             }
         }
     }
-    fn state(&self, op_id: &str) -> Option<&OpState> {
-        self.index.ops.get(op_id)
-    }
-    fn max_epoch(&self) -> Epoch {
-        self.index.max_epoch.unwrap_or(Epoch::ZERO)
-    }
-    fn running(&self) -> Vec<String> {
-        self.index.running()
+    fn index(&self) -> &Index {
+        &self.index
     }
 }

@@ -79,10 +79,18 @@ pub enum JournalError {
 pub trait OpJournal: Send {
     /// Appends a record durably and applies it.
     fn append(&mut self, rec: Record) -> Result<(), JournalError>;
-    fn state(&self, op_id: &str) -> Option<&OpState>;
-    fn max_epoch(&self) -> Epoch;
+    /// The in-memory index of every record appended or recovered so far.
+    fn index(&self) -> &Index;
+    fn state(&self, op_id: &str) -> Option<&OpState> {
+        self.index().ops.get(op_id)
+    }
+    fn max_epoch(&self) -> Epoch {
+        self.index().max_epoch.unwrap_or(Epoch::ZERO)
+    }
     /// Operation ids whose execution started and neither finished nor was abandoned.
-    fn running(&self) -> Vec<String>;
+    fn running(&self) -> Vec<String> {
+        self.index().running()
+    }
 }
 
 /// Applies records to an in-memory index.
@@ -237,14 +245,8 @@ impl OpJournal for FileJournal {
         self.index.apply(&rec);
         Ok(())
     }
-    fn state(&self, op_id: &str) -> Option<&OpState> {
-        self.index.ops.get(op_id)
-    }
-    fn max_epoch(&self) -> Epoch {
-        self.index.max_epoch.unwrap_or(Epoch::ZERO)
-    }
-    fn running(&self) -> Vec<String> {
-        self.index.running()
+    fn index(&self) -> &Index {
+        &self.index
     }
 }
 
