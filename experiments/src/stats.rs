@@ -45,6 +45,18 @@ impl LatencyHist {
     pub fn record_ns(&mut self, d: Duration) {
         self.record(d.as_nanos() as u64);
     }
+    /// Records `value` `count` times (for histograms shipped between processes).
+    pub fn record_n(&mut self, value: u64, count: u64) {
+        let _ = self.h.record_n(value, count);
+    }
+    /// The recorded (value, count) pairs: with [`LatencyHist::record_n`], a histogram
+    /// crosses a process boundary as plain numbers.
+    pub fn recorded(&self) -> Vec<(u64, u64)> {
+        self.h
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect()
+    }
     pub fn merge(&mut self, other: &LatencyHist) {
         let _ = self.h.add(&other.h);
     }
@@ -86,5 +98,10 @@ mod tests {
         assert_eq!(p.p99, 990);
         assert_eq!(p.max, 1000);
         assert_eq!(LatencyHist::new().percentiles(), Percentiles::default());
+        let mut copy = LatencyHist::new();
+        for (v, c) in h.recorded() {
+            copy.record_n(v, c);
+        }
+        assert_eq!(copy.percentiles(), p);
     }
 }

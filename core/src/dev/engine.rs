@@ -205,6 +205,7 @@ impl Default for EngineConfig {
 pub struct UringEngine {
     ring: IoUring,
     queue_depth: u32,
+    scratch: Scratch,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -213,6 +214,14 @@ impl std::fmt::Debug for UringEngine {
             .field("queue_depth", &self.queue_depth)
             .finish()
     }
+}
+
+/// Buffers `execute` reuses from call to call.
+#[derive(Default)]
+struct Scratch {
+    progress: Vec<Progress>,
+    cqes: Vec<(u64, i32)>,
+    retry: Vec<usize>,
 }
 
 /// Progress of one request of a batch.
@@ -245,6 +254,7 @@ impl UringEngine {
         Ok(UringEngine {
             ring,
             queue_depth: config.queue_depth,
+            scratch: Scratch::default(),
         })
     }
 
@@ -343,12 +353,19 @@ impl IoEngine for UringEngine {
         for r in reqs.iter() {
             r.validate()?;
         }
-        let mut progress = vec![Progress::default(); reqs.len()];
+        // Reused across calls: a log append is two small batches per write, and should not
+        // cost three allocations each.
+        let Scratch {
+            mut progress,
+            mut cqes,
+            mut retry,
+        } = std::mem::take(&mut self.scratch);
+        progress.clear();
+        progress.resize(reqs.len(), Progress::default());
+        retry.clear();
         let mut next = 0usize;
         let mut in_flight = 0usize;
         let mut first_err: Option<DevError> = None;
-        let mut cqes = Vec::with_capacity(self.queue_depth as usize);
-        let mut retry: Vec<usize> = Vec::new();
         while in_flight > 0 || (first_err.is_none() && (next < reqs.len() || !retry.is_empty())) {
             if first_err.is_none() {
                 while in_flight < self.queue_depth as usize {
@@ -412,6 +429,11 @@ impl IoEngine for UringEngine {
                 }
             }
         }
+        self.scratch = Scratch {
+            progress,
+            cqes,
+            retry,
+        };
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),

@@ -186,8 +186,7 @@ fn run_config(
         again.go()?;
         workers.push(again);
     }
-    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
-    hist.auto(true);
+    let mut hist = harness::LatencyHist::new();
     let (mut ops, mut max_elapsed, mut records) = (0u64, 0u64, Vec::new());
     let mut rate = 0.0;
     for w in &mut workers {
@@ -203,7 +202,7 @@ fn run_config(
                 max_elapsed = max_elapsed.max(elapsed_ns);
                 rate += o as f64 / (elapsed_ns.max(1) as f64 / 1e9);
                 for (v, c) in alloc_ns {
-                    hist.record_n(v, c)?;
+                    hist.record_n(v, c);
                 }
                 records.extend(held.into_iter().map(|b| Record {
                     block: b,
@@ -249,8 +248,8 @@ fn run_config(
                 ops,
                 // Sum of each process's own rate (each ran the same wall time).
                 ops_per_s: rate,
-                alloc_p50_ns: hist.value_at_quantile(0.5),
-                alloc_p99_ns: hist.value_at_quantile(0.99),
+                alloc_p50_ns: hist.percentiles().p50,
+                alloc_p99_ns: hist.percentiles().p99,
                 leaked_blocks: rep.leaked_blocks,
                 double_allocated: rep.double_allocated,
             },
