@@ -12,7 +12,10 @@ use std::sync::{Mutex, Once};
 
 use anyhow::{bail, Context};
 use blocklab::dev::provision::{self, ProvisionGuard};
-use blocklab::dev::{self, Device, DeviceKind, Found, UringEngine};
+use blocklab::dev::{
+    self, Device, DeviceKind, Found, IoEngine, Pattern, StreamLimit, StreamOp, StreamSpec,
+    UringEngine,
+};
 
 use crate::args::CommonArgs;
 
@@ -260,4 +263,32 @@ impl Drop for DeviceSet {
             }
         }
     }
+}
+
+/// Writes `[offset, offset + len)` of `dev` once, sequentially in 1 MiB writes (a tail
+/// under 1 MiB is left alone), then flushes, so that measurements do not pay for the first
+/// write into a sparse backing file (block allocation in the host file system, whose
+/// journal commits then stall flushes). The bytes written are meaningless: use it only on
+/// a range the experiment is about to overwrite or own.
+pub fn precondition(dev: &Device, offset: u64, len: u64) -> anyhow::Result<()> {
+    const MIB: u64 = 1 << 20;
+    if len < MIB {
+        return Ok(());
+    }
+    let mut eng = UringEngine::with_queue_depth(8)?;
+    let spec = StreamSpec {
+        op: StreamOp::Write,
+        pattern: Pattern::Sequential,
+        block_size: MIB as usize,
+        queue_depth: 8,
+        region_offset: offset,
+        region_len: len / MIB * MIB,
+        limit: StreamLimit::Ops(len / MIB),
+        fixed_buffers: false,
+        fixed_file: false,
+    };
+    eng.stream(dev, &spec, &mut |_| {})
+        .with_context(|| format!("preconditioning {} bytes at {offset}", len / MIB * MIB))?;
+    eng.fsync(dev).context("flushing after preconditioning")?;
+    Ok(())
 }

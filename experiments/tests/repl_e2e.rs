@@ -470,3 +470,69 @@ fn a_formatted_daemon_device_is_used_through_its_layout() {
     blocklab::dev::IoEngine::read_at(&mut eng, &Device::open(&p).unwrap(), 0, &mut b).unwrap();
     assert!(Label::decode(&b).unwrap().is_ready());
 }
+
+/// In-process replicas (so their reports can be read): with group commit off every entry
+/// costs exactly one flush on every replica, whatever the policy sends besides; an idle
+/// replica sleeps in its loop instead of spinning (a secondary once spun on a poll
+/// deadline that only the primary ever moves); every secondary applies every write.
+#[test]
+fn per_entry_flushes_and_idle_replicas_sleep() {
+    use blocklab::repl::replica::{self, NoHooks, PolicySpec, ReplicaOptions};
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let devs = file_devs(&dir);
+    let regions = Regions::plain(LOG_SIZE, DATA_SIZE);
+    let opts = |id: u32, peers: Vec<(u32, SocketAddr)>| ReplicaOptions {
+        id,
+        members: vec![0, 1, 2],
+        primary: 0,
+        peers,
+        listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        device: devs[id as usize].clone(),
+        regions,
+        policy: PolicySpec::parse("eager").unwrap(),
+        tick: Duration::from_micros(100),
+        retransmit: Duration::from_millis(200),
+        delay: Duration::ZERO,
+        fresh: true,
+        force: true,
+        group_commit: false,
+    };
+    let s1 = replica::spawn(opts(1, vec![]), Box::new(NoHooks)).unwrap();
+    let s2 = replica::spawn(opts(2, vec![]), Box::new(NoHooks)).unwrap();
+    let p = replica::spawn(
+        opts(0, vec![(1, s1.addr()), (2, s2.addr())]),
+        Box::new(NoHooks),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut c = Client::connect(p.addr(), Duration::from_secs(10)).unwrap();
+    const N: u64 = 12;
+    for k in 1..=N {
+        assert_eq!(c.write(put_payload(k, b"v")).unwrap(), k);
+    }
+    wait_for("both secondaries applied everything", || {
+        [s1.addr(), s2.addr()]
+            .iter()
+            .all(|a| status(*a).is_some_and(|s| s.applied == N))
+    });
+    // Idle for a while: a sleeping loop wakes at most every 20 ms.
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = started.elapsed().as_secs_f64();
+    let reports = [p.stop().unwrap(), s1.stop().unwrap(), s2.stop().unwrap()];
+    for (id, r) in reports.iter().enumerate() {
+        assert_eq!(r.log_flushes, N, "replica {id}: one flush per entry");
+        assert_eq!(r.applied, N, "replica {id}");
+        // 50 ceiling wake-ups a second plus one per frame and timer, with a wide margin;
+        // a spinning loop makes hundreds of thousands.
+        let bound = (secs * 50.0) as u64 + 40 * N + 200;
+        assert!(
+            r.wakeups <= bound,
+            "replica {id} woke {} times in {secs:.2} s (bound {bound}): its loop spins",
+            r.wakeups
+        );
+    }
+    assert!(
+        reports[0].stats.empty_appends > 0,
+        "eager sent notifications"
+    );
+}

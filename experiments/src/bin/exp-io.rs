@@ -212,25 +212,6 @@ fn parse_fio(json: &[u8], op: StreamOp) -> anyhow::Result<Measured> {
     })
 }
 
-/// Writes the region once, sequentially, so neither tool pays for filling a sparse file.
-fn precondition(dev: &Device, region: u64) -> anyhow::Result<()> {
-    let mut eng = UringEngine::with_queue_depth(8)?;
-    let spec = StreamSpec {
-        op: StreamOp::Write,
-        pattern: Pattern::Sequential,
-        block_size: 1 << 20,
-        queue_depth: 8,
-        region_offset: 0,
-        region_len: region,
-        limit: StreamLimit::Ops(region / (1 << 20)),
-        fixed_buffers: false,
-        fixed_file: false,
-    };
-    eng.stream(dev, &spec, &mut |_| {})?;
-    eng.fsync(dev)?;
-    Ok(())
-}
-
 fn main() -> std::process::ExitCode {
     harness::exit_on_error("exp-io", run(Args::parse()))
 }
@@ -267,7 +248,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-io.csv", c.overwrite)?;
     let mut meta = RunMeta::start("exp-io", c.profile);
     meta.devices = set.describe();
-    precondition(&dev, region)?;
+    harness::devices::precondition(&dev, 0, region)?;
 
     let mut progress = Progress::new("exp-io", (reps as usize * WORKLOADS.len() * 2) as u64);
     let mut ratios: Vec<(String, f64, f64)> = Vec::new();

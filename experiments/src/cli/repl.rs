@@ -155,6 +155,7 @@ pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
                 delay: Duration::from_secs_f64(delay_ms / 1000.0),
                 fresh,
                 force,
+                group_commit: true,
             };
             let stop = Arc::new(AtomicBool::new(false));
             let s2 = stop.clone();
