@@ -1,4 +1,4 @@
-//! Single-process alloc + free of one block, per strategy (shm: lock-free stack in
+//! Single-process alloc + free of one block, per strategy (shm: lock-free bitmap in
 //! shared memory; mutex: robust process-shared mutex; central: Unix-socket round trip
 //! to the leader, here a thread of the same process).
 

@@ -1,4 +1,4 @@
-//! In-process tests of core::alloc: segment validation, the lock-free stack under
+//! In-process tests of core::alloc: segment validation, the lock-free bitmap under
 //! concurrent threads, the robust lock, recovery and the audit. Multi-process tests
 //! (real OS processes) live in `experiments/tests/alloc*.rs`.
 
@@ -32,7 +32,7 @@ fn region(path: &str, blocks: u64) -> DeviceRegion {
 fn wrong_magic_or_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("dev-0.shm");
-    DeviceSeg::create(&p, 0, &region("/dev/x", 8), 65536, FreeMode::Stack).unwrap();
+    DeviceSeg::create(&p, 0, &region("/dev/x", 8), 65536, FreeMode::Bitmap).unwrap();
     // Attaching as another kind of segment: wrong magic.
     let e = ProcSeg::attach(&p).unwrap_err();
     assert!(matches!(e, AllocError::BadSegment { .. }), "{e}");
@@ -55,12 +55,12 @@ fn wrong_magic_or_version_is_refused() {
 }
 
 #[test]
-fn lock_free_stack_never_hands_out_a_block_twice() {
+fn lock_free_bitmap_never_hands_out_a_block_twice() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("dev-0.shm");
     let n = 64u32;
     let d = Arc::new(
-        DeviceSeg::create(&p, 0, &region("/dev/x", n as u64), 65536, FreeMode::Stack).unwrap(),
+        DeviceSeg::create(&p, 0, &region("/dev/x", n as u64), 65536, FreeMode::Bitmap).unwrap(),
     );
     let owned: Arc<Vec<AtomicU8>> = Arc::new((0..n).map(|_| AtomicU8::new(0)).collect());
     let threads: Vec<_> = (0..4)
@@ -69,9 +69,11 @@ fn lock_free_stack_never_hands_out_a_block_twice() {
             let owned = owned.clone();
             std::thread::spawn(move || {
                 let mut held = Vec::new();
+                // All threads start on the same word, so they contend for its bits.
+                let mut hint = 0u32;
                 for i in 0..50_000u32 {
                     if (i + t) % 3 != 0 || held.is_empty() {
-                        if let Some(b) = d.pop_stack() {
+                        if let Some(b) = d.pop_bitmap(&mut hint) {
                             let prev = owned[b as usize].fetch_add(1, Ordering::SeqCst);
                             assert_eq!(prev, 0, "block {b} handed out twice");
                             held.push(b);
@@ -79,12 +81,12 @@ fn lock_free_stack_never_hands_out_a_block_twice() {
                     } else {
                         let b = held.swap_remove((i as usize * 7) % held.len());
                         owned[b as usize].fetch_sub(1, Ordering::SeqCst);
-                        d.push_stack(b);
+                        d.push_bitmap(b);
                     }
                 }
                 for b in held {
                     owned[b as usize].fetch_sub(1, Ordering::SeqCst);
-                    d.push_stack(b);
+                    d.push_bitmap(b);
                 }
             })
         })
@@ -154,7 +156,7 @@ fn recovery_returns_a_dead_process_in_flight_block_and_a_popped_one() {
     let rec = ProcSeg::create(&proc_path(&cfg.dir, 7), 7).unwrap();
     rec.pid().store(dead_pid() as u64, Ordering::SeqCst);
     let d = p.at.device(1).unwrap();
-    let inflight = d.pop_stack().unwrap();
+    let inflight = d.pop_bitmap(&mut 0).unwrap();
     d.set_state(
         inflight,
         BlockState::InFlight {
@@ -170,7 +172,7 @@ fn recovery_returns_a_dead_process_in_flight_block_and_a_popped_one() {
         .pack(),
         Ordering::SeqCst,
     );
-    let popped = d.pop_stack().unwrap();
+    let popped = d.pop_bitmap(&mut 0).unwrap();
     let records = [Record {
         block: kept,
         offset: 0,
@@ -276,4 +278,43 @@ fn blocks_go_into_the_data_region_of_a_formatted_device_else_after_the_first_mib
     assert!(r.offset + r.len <= layout.data_offset + layout.data_len);
     assert_eq!(r.len % 65536, 0);
     assert!(r.len > 0);
+}
+
+#[test]
+fn bitmap_hands_out_each_block_once_then_reports_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("dev-0.shm");
+    // 100 blocks: two words, the second with 28 bits past the end that must never count.
+    let d = DeviceSeg::create(&p, 0, &region("/dev/x", 100), 65536, FreeMode::Bitmap).unwrap();
+    assert_eq!(d.words(), 2);
+    let mut hint = 1; // start in the second word: the search wraps to the first
+    let mut got: Vec<u32> = (0..100).map(|_| d.pop_bitmap(&mut hint).unwrap()).collect();
+    assert_eq!(d.pop_bitmap(&mut hint), None, "all 100 taken: full");
+    assert_eq!(
+        &got[..36],
+        &(64..100).collect::<Vec<_>>()[..],
+        "hint word first"
+    );
+    got.sort();
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+    assert!(d.free_members().is_empty());
+    d.push_bitmap(42);
+    assert_eq!(d.free_members(), vec![42]);
+    assert_eq!(d.pop_bitmap(&mut hint), Some(42));
+    assert_eq!(hint, 0, "the hint follows the word of the last claim");
+    // An out-of-range hint is treated as word 0, not an error.
+    d.push_bitmap(7);
+    assert_eq!(d.pop_bitmap(&mut 1000), Some(7));
+}
+
+#[test]
+fn processes_start_their_bitmap_search_on_different_words() {
+    use blocklab::alloc::segs::spread_hint;
+    for words in [8u32, 64, 1024] {
+        let starts: std::collections::HashSet<u32> =
+            (0..8u16).map(|p| spread_hint(p, words)).collect();
+        assert_eq!(starts.len(), 8, "{words} words: {starts:?}");
+        assert!(starts.iter().all(|&w| w < words));
+    }
+    assert_eq!(spread_hint(5, 1), 0);
 }

@@ -1,5 +1,5 @@
 //! The allocator trait and the two shared-memory implementations (`shm`: lock-free
-//! stack; `mutex`: robust-mutex free list). The `central` client is in [`super::central`].
+//! bitmap; `mutex`: robust-mutex free list). The `central` client is in [`super::central`].
 //!
 //! Every operation runs between `enter` and `leave`: the process sets its busy flag and
 //! checks the node's pause flag (both `SeqCst`, a Dekker-style handshake with
@@ -7,17 +7,18 @@
 //! operation and then repair the structures without racing anyone.
 //!
 //! Order of stores (what a crash at any point leaves behind):
-//! * alloc: pop → state `InFlight(me)` → current record. Dead before the state store:
+//! * alloc: claim → state `InFlight(me)` → current record. Dead before the state store:
 //!   the block is `Free` but not in the free structure; recovery's rebuild puts it back.
 //!   Dead after: `InFlight(me)`; recovery returns it.
 //! * commit: state `Filled(used)` → current cleared.
-//! * free: current record cleared → state CAS to `Free` → push. Dead in between: rebuilt.
+//! * free: current record cleared → state CAS to `Free` → release. Dead in between:
+//!   rebuilt.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::node::Attached;
-use super::segs::{BlockRef, BlockState, DeviceSeg, NodeSeg, ProcSeg};
+use super::segs::{spread_hint, BlockRef, BlockState, DeviceSeg, NodeSeg, ProcSeg};
 use super::{AllocError, Strategy, UNIT};
 
 /// A block allocator of a node process.
@@ -75,13 +76,45 @@ fn online(at: &Attached, dev: u16) -> Result<&DeviceSeg, AllocError> {
     Ok(d)
 }
 
-/// Pops a block of `dev` for `owner`; `busy` is the record whose busy flag guards the
+/// Where a process (or the central server) starts searching each device's bitmap:
+/// process-local, one per device, set to [`spread_hint`] on first use and then left at
+/// the word the last claim came from.
+#[derive(Debug, Clone)]
+pub struct Hints {
+    proc_id: u16,
+    by_dev: Vec<u32>,
+}
+
+impl Hints {
+    const UNSET: u32 = u32::MAX;
+    pub fn new(proc_id: u16) -> Hints {
+        Hints {
+            proc_id,
+            by_dev: Vec::new(),
+        }
+    }
+    #[inline]
+    fn slot(&mut self, dev: u16, d: &DeviceSeg) -> &mut u32 {
+        let i = dev as usize;
+        if i >= self.by_dev.len() {
+            self.by_dev.resize(i + 1, Self::UNSET);
+        }
+        let h = &mut self.by_dev[i];
+        if *h == Self::UNSET {
+            *h = spread_hint(self.proc_id, d.words());
+        }
+        h
+    }
+}
+
+/// Takes a block of `dev` for `owner`; `busy` is the record whose busy flag guards the
 /// operation (the caller's own, or the central server's).
 pub(crate) fn alloc_for(
     at: &Attached,
     busy: &ProcSeg,
     owner: u16,
     dev: u16,
+    hints: &mut Hints,
 ) -> Result<BlockRef, AllocError> {
     let d = online(at, dev)?;
     enter(&at.node, at.asym, busy);
@@ -89,7 +122,7 @@ pub(crate) fn alloc_for(
         if !d.is_online() {
             return Err(AllocError::DeviceOffline { dev });
         }
-        match d.pop()? {
+        match d.pop(hints.slot(dev, d))? {
             Some(b) => {
                 d.set_state(
                     b,
@@ -163,9 +196,7 @@ pub(crate) fn commit_for(
                         used_units: used_bytes.div_ceil(UNIT) as u32,
                     },
                 );
-                let _ =
-                    me.current()
-                        .compare_exchange(b.pack(), 0, Ordering::AcqRel, Ordering::Relaxed);
+                me.clear_current_if(b);
                 Ok(())
             }
             _ => Err(AllocError::NotHeld {
@@ -184,6 +215,7 @@ pub struct LocalAllocator {
     me: Arc<ProcSeg>,
     id: u16,
     strategy: Strategy,
+    hints: Hints,
 }
 
 impl LocalAllocator {
@@ -194,6 +226,7 @@ impl LocalAllocator {
             me,
             id,
             strategy,
+            hints: Hints::new(id),
         }
     }
 }
@@ -201,7 +234,7 @@ impl LocalAllocator {
 impl BlockAllocator for LocalAllocator {
     #[inline]
     fn alloc(&mut self, dev: u16) -> Result<BlockRef, AllocError> {
-        let b = alloc_for(&self.at, &self.me, self.id, dev)?;
+        let b = alloc_for(&self.at, &self.me, self.id, dev, &mut self.hints)?;
         self.me.current().store(b.pack(), Ordering::Release);
         Ok(b)
     }
@@ -212,10 +245,7 @@ impl BlockAllocator for LocalAllocator {
     fn free(&mut self, b: BlockRef) -> Result<(), AllocError> {
         // Clear the record first: dead after this, the block is still `InFlight(me)` and
         // recovery returns it; the record never names a block that is already free.
-        let _ =
-            self.me
-                .current()
-                .compare_exchange(b.pack(), 0, Ordering::AcqRel, Ordering::Relaxed);
+        self.me.clear_current_if(b);
         free_with(&self.at, &self.me, b)
     }
     fn strategy(&self) -> Strategy {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::allocator::{alloc_for, commit_for, free_with, BlockAllocator};
+use super::allocator::{alloc_for, commit_for, free_with, BlockAllocator, Hints};
 use super::node::Attached;
 use super::segs::{BlockRef, ProcSeg};
 use super::{AllocError, Strategy};
@@ -85,6 +85,7 @@ pub fn serve(at: Arc<Attached>, rec: Arc<ProcSeg>, path: &Path) -> Result<(), Al
 fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receiver<UnixStream>) {
     use std::os::fd::AsFd;
     let mut conns: Vec<(UnixStream, Option<u16>)> = Vec::new();
+    let mut hints = Hints::new(rec.proc_id());
     loop {
         loop {
             match rx.try_recv() {
@@ -141,7 +142,7 @@ fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receive
             }
             let (op, dev, block) = decode(&m);
             let reply = match op {
-                OP_ALLOC => match alloc_for(&at, &rec, owner, dev) {
+                OP_ALLOC => match alloc_for(&at, &rec, owner, dev, &mut hints) {
                     Ok(b) => encode(ST_OK, b.dev, b.block),
                     Err(e) => encode(status_of(&e), dev, 0),
                 },
@@ -227,10 +228,7 @@ impl BlockAllocator for CentralClient {
         commit_for(&self.at, &self.me, self.id, b, used_bytes)
     }
     fn free(&mut self, b: BlockRef) -> Result<(), AllocError> {
-        let _ =
-            self.me
-                .current()
-                .compare_exchange(b.pack(), 0, Ordering::AcqRel, Ordering::Relaxed);
+        self.me.clear_current_if(b);
         self.call(OP_FREE, b.dev, b.block).map(|_| ())
     }
     fn strategy(&self) -> Strategy {

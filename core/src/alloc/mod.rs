@@ -2,14 +2,15 @@
 //!
 //! A node runs several processes. The first to bind the node's internal port is the
 //! leader ([`node`]); it creates the shared-memory segments ([`segs`]): one per device
-//! (the free blocks of the device: a lock-free, ABA-safe stack of block indexes plus one
-//! state word per block), one per process (the block it is currently writing, for crash
+//! (the free blocks of the device: a lock-free bitmap, one bit per block claimed with a
+//! CAS on its word, plus one state word per block), one per process (the block it is currently writing, for crash
 //! recovery), one node segment (pause flag, device epoch) and the unfilled-block table
 //! (partly filled blocks, under a robust process-shared lock). Followers register with
 //! the leader over the internal port and then allocate straight from shared memory.
 //!
 //! Three strategies implement [`BlockAllocator`] ([`allocator`]):
-//! * `shm`: lock-free stack in shared memory (the mechanism);
+//! * `shm`: lock-free bitmap in shared memory, each process searching from its own word
+//!   (the mechanism);
 //! * `mutex`: one robust process-shared mutex around a free list in shared memory;
 //! * `central`: the leader allocates, followers ask it over a Unix socket ([`central`]).
 //!
@@ -35,7 +36,7 @@ pub mod store;
 
 use std::path::PathBuf;
 
-pub use allocator::{BlockAllocator, LocalAllocator};
+pub use allocator::{BlockAllocator, Hints, LocalAllocator};
 pub use segs::{BlockRef, BlockState, DeviceRegion, FreeMode};
 
 /// Allocation unit inside a block (data is appended in multiples of it; O_DIRECT).
@@ -64,7 +65,7 @@ impl Strategy {
     /// The free structure the device segments use under this strategy.
     pub fn free_mode(self) -> FreeMode {
         match self {
-            Strategy::Shm | Strategy::Central => FreeMode::Stack,
+            Strategy::Shm | Strategy::Central => FreeMode::Bitmap,
             Strategy::Mutex => FreeMode::Locked,
         }
     }

@@ -2,10 +2,10 @@
 //! operation, return a dead process's in-flight blocks and rebuild every device's free
 //! structure from the per-block state words.
 //!
-//! Rebuilding from the state words (rather than patching the stack) also repairs the
-//! narrow windows inside an operation: a block popped by a process that died before
-//! marking it is `Free` but off the stack; a block freed by a process that died before
-//! pushing it likewise. Both are put back by the rebuild.
+//! Rebuilding from the state words (rather than patching the free structure) also repairs
+//! the narrow windows inside an operation: a block claimed by a process that died before
+//! marking it is `Free` but taken in the bitmap; a block freed by a process that died
+//! before releasing it likewise. Both are put back by the rebuild.
 //!
 //! Lock order: the unfilled-table lock first, then the pause flag. Processes never take
 //! the table lock while inside an operation, so this cannot deadlock.

@@ -2,8 +2,8 @@
 //!
 //! * node segment (`node.shm`): pause flag, device epoch, leader pid, strategy;
 //! * device segment (`dev-<i>.shm`): geometry, status, the free structure (a lock-free
-//!   stack whose head packs a 32-bit tag with a 32-bit index, or a locked array for the
-//!   `mutex` baseline) and one state word per block;
+//!   bitmap, one bit per block, or a locked array for the `mutex` baseline) and one state
+//!   word per block;
 //! * process segment (`proc-<id>.shm`): pid, busy flag, the block being written;
 //! * unfilled-block table (`unfilled.shm`): robust mutex + packed entries.
 
@@ -19,7 +19,7 @@ pub const DEV_MAGIC: u64 = u64::from_le_bytes(*b"BLALDEVS");
 pub const PROC_MAGIC: u64 = u64::from_le_bytes(*b"BLALPROC");
 pub const UNFILLED_MAGIC: u64 = u64::from_le_bytes(*b"BLALUNFL");
 
-/// No block (end of the stack).
+/// No block (the locked list's and the index's "none").
 pub const NIL: u32 = u32::MAX;
 /// Most devices per node.
 pub const MAX_DEVICES: usize = 64;
@@ -100,17 +100,28 @@ impl BlockState {
 /// Which free structure a device segment uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FreeMode {
-    /// Lock-free stack (tagged head, CAS).
-    Stack,
+    /// Lock-free bitmap: one bit per block (set = taken), claimed with a CAS on its 64-bit
+    /// word, released with an atomic AND. Each process starts searching at its own word
+    /// (see [`spread_hint`]), so processes of a node work on different cache lines.
+    Bitmap,
     /// Array + count under a robust process-shared mutex.
     Locked,
+}
+
+/// Where process `proc_id` starts searching a bitmap of `words` words: the van der Corput
+/// sequence (process ids with their bits reversed, read as a fraction: 0, ½, ¼, ¾, ⅛, …)
+/// puts processes 0..2^k on distinct words, as far apart as possible, whenever there are
+/// at least 2^k words, so processes of a node claim blocks on different cache lines.
+pub fn spread_hint(proc_id: u16, words: u32) -> u32 {
+    let frac = (proc_id as u32).reverse_bits() as u64;
+    ((frac * words as u64) >> 32) as u32
 }
 
 impl FreeMode {
     fn code(self) -> u64 {
         match self {
-            FreeMode::Stack => 1,
             FreeMode::Locked => 2,
+            FreeMode::Bitmap => 3,
         }
     }
 }
@@ -197,7 +208,6 @@ const D_REGION_LEN: usize = 40;
 const D_STATUS: usize = 48;
 const D_MODE: usize = 56;
 const D_INDEX: usize = 64;
-const D_HEAD: usize = 128;
 const D_COUNT: usize = 192;
 const D_MUTEX: usize = 256;
 const D_PATH: usize = 512;
@@ -258,7 +268,7 @@ impl DeviceSeg {
             Ok(())
         })?;
         let d = Self::from_seg(seg)?;
-        // Every block free, in index order (block 0 on top).
+        // Every block free (block 0 first out of the locked list).
         d.rebuild_free();
         Ok(d)
     }
@@ -281,8 +291,8 @@ impl DeviceSeg {
             return Err(bad(format!("{} bytes too small for {n} blocks", seg.len())));
         }
         let mode = match seg.u64_at(D_MODE).load(Ordering::Relaxed) {
-            1 => FreeMode::Stack,
             2 => FreeMode::Locked,
+            3 => FreeMode::Bitmap,
             m => return Err(bad(format!("unknown free-structure mode {m}"))),
         };
         Ok(DeviceSeg {
@@ -339,8 +349,15 @@ impl DeviceSeg {
     fn link(&self, block: u32) -> &AtomicU32 {
         self.seg.u32_at(D_ARRAYS + 4 * block as usize)
     }
-    fn head(&self) -> &AtomicU64 {
-        self.seg.u64_at(D_HEAD)
+    /// Number of 64-bit bitmap words (the bitmap lives where the locked list's array
+    /// does: `8 × ⌈n/64⌉ ≤ 4n` rounded up to 8 bytes, so the layout is the same).
+    #[inline]
+    pub fn words(&self) -> u32 {
+        self.n.div_ceil(64)
+    }
+    #[inline]
+    fn word(&self, w: u32) -> &AtomicU64 {
+        self.seg.u64_at(D_ARRAYS + 8 * w as usize)
     }
     fn count(&self) -> &AtomicU64 {
         self.seg.u64_at(D_COUNT)
@@ -356,43 +373,46 @@ impl DeviceSeg {
         self.state(block).store(s.encode(), Ordering::Release);
     }
 
-    // ---- lock-free stack: head = tag (high 32 bits) | index (low 32 bits, NIL = empty).
-    // Every successful CAS bumps the tag, so a head value is never seen twice within 2^32
-    // operations: a pop that read `next` of a block that was popped and pushed again in
-    // the meantime fails its CAS (the ABA problem).
+    // ---- lock-free bitmap: bit b of word b/64 is set while block b is taken. A claim is a
+    // CAS that sets one clear bit of a word it has just read, a release an atomic AND: no
+    // pointers and no links, so there is nothing for the ABA problem to corrupt (a word
+    // that changed and changed back still means exactly what it says). Bits past the last
+    // block are set for good.
 
-    /// Pops a free block (lock-free).
+    /// Claims a free block (lock-free), searching from word `*hint` on and leaving `*hint`
+    /// at the word it found one in. The hint is the caller's own (process-local).
     #[inline]
-    pub fn pop_stack(&self) -> Option<u32> {
-        let head = self.head();
-        let mut h = head.load(Ordering::Acquire);
-        loop {
-            let idx = h as u32;
-            if idx == NIL {
-                return None;
+    pub fn pop_bitmap(&self, hint: &mut u32) -> Option<u32> {
+        let nw = self.words();
+        let mut w = if *hint < nw { *hint } else { 0 };
+        for _ in 0..nw {
+            let word = self.word(w);
+            let mut v = word.load(Ordering::Relaxed);
+            while v != u64::MAX {
+                let bit = (!v).trailing_zeros();
+                match word.compare_exchange_weak(
+                    v,
+                    v | (1 << bit),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        *hint = w;
+                        return Some(w * 64 + bit);
+                    }
+                    Err(cur) => v = cur,
+                }
             }
-            let next = self.link(idx).load(Ordering::Relaxed);
-            let new = ((h >> 32).wrapping_add(1) << 32) | next as u64;
-            match head.compare_exchange_weak(h, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(idx),
-                Err(cur) => h = cur,
-            }
+            w = if w + 1 == nw { 0 } else { w + 1 };
         }
+        None
     }
 
-    /// Pushes a block (lock-free).
+    /// Releases a block (lock-free).
     #[inline]
-    pub fn push_stack(&self, block: u32) {
-        let head = self.head();
-        let mut h = head.load(Ordering::Relaxed);
-        loop {
-            self.link(block).store(h as u32, Ordering::Relaxed);
-            let new = ((h >> 32).wrapping_add(1) << 32) | block as u64;
-            match head.compare_exchange_weak(h, new, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(cur) => h = cur,
-            }
-        }
+    pub fn push_bitmap(&self, block: u32) {
+        self.word(block / 64)
+            .fetch_and(!(1u64 << (block % 64)), Ordering::Release);
     }
 
     // ---- locked list (the `mutex` baseline): link[0..count] holds the free blocks. Each
@@ -418,17 +438,19 @@ impl DeviceSeg {
         Ok(())
     }
 
-    pub fn pop(&self) -> Result<Option<u32>, AllocError> {
+    /// Takes a free block; `hint` is the caller's search start for the bitmap (see
+    /// [`pop_bitmap`](Self::pop_bitmap)), unused by the locked list.
+    pub fn pop(&self, hint: &mut u32) -> Result<Option<u32>, AllocError> {
         match self.mode {
-            FreeMode::Stack => Ok(self.pop_stack()),
+            FreeMode::Bitmap => Ok(self.pop_bitmap(hint)),
             FreeMode::Locked => self.pop_locked(),
         }
     }
 
     pub fn push(&self, block: u32) -> Result<(), AllocError> {
         match self.mode {
-            FreeMode::Stack => {
-                self.push_stack(block);
+            FreeMode::Bitmap => {
+                self.push_bitmap(block);
                 Ok(())
             }
             FreeMode::Locked => self.push_locked(block),
@@ -444,15 +466,14 @@ impl DeviceSeg {
             .filter(|&b| self.load_state(b) == BlockState::Free)
             .collect();
         match self.mode {
-            FreeMode::Stack => {
-                let mut next = NIL;
+            FreeMode::Bitmap => {
+                let mut words = vec![u64::MAX; self.words() as usize];
                 for &b in &free {
-                    self.link(b).store(next, Ordering::Relaxed);
-                    next = b;
+                    words[(b / 64) as usize] &= !(1u64 << (b % 64));
                 }
-                let tag = (self.head().load(Ordering::Relaxed) >> 32).wrapping_add(1);
-                self.head()
-                    .store((tag << 32) | next as u64, Ordering::Release);
+                for (w, v) in words.into_iter().enumerate() {
+                    self.word(w as u32).store(v, Ordering::Release);
+                }
             }
             FreeMode::Locked => {
                 for (i, &b) in free.iter().enumerate() {
@@ -463,19 +484,20 @@ impl DeviceSeg {
         }
     }
 
-    /// The blocks in the free structure, in order, with duplicates as found. Walks at most
-    /// `2 × block_count` links (a cycle shows up as duplicates). Only while quiescent.
+    /// The blocks in the free structure, in order, with duplicates as found (the locked
+    /// list can hold one twice; the bitmap cannot). Only while quiescent.
     pub fn free_members(&self) -> Vec<u32> {
         let mut out = Vec::new();
         match self.mode {
-            FreeMode::Stack => {
-                let mut cur = self.head().load(Ordering::Acquire) as u32;
-                while cur != NIL && out.len() < 2 * self.n as usize {
-                    if cur >= self.n {
-                        break;
+            FreeMode::Bitmap => {
+                for w in 0..self.words() {
+                    let v = self.word(w).load(Ordering::Acquire);
+                    for bit in 0..64 {
+                        let b = w * 64 + bit;
+                        if b < self.n && v & (1 << bit) == 0 {
+                            out.push(b);
+                        }
                     }
-                    out.push(cur);
-                    cur = self.link(cur).load(Ordering::Relaxed);
                 }
             }
             FreeMode::Locked => {
@@ -533,6 +555,15 @@ impl ProcSeg {
     /// Packed [`BlockRef`] of the block being written, 0 if none.
     pub fn current(&self) -> &AtomicU64 {
         self.seg.u64_at(P_CURRENT)
+    }
+    /// Clears the current-block record if it names `b`. Only the owning process writes its
+    /// record (recovery does too, but only for a dead process), so a load and a store do:
+    /// no read-modify-write is needed.
+    #[inline]
+    pub fn clear_current_if(&self, b: BlockRef) {
+        if self.current().load(Ordering::Relaxed) == b.pack() {
+            self.current().store(0, Ordering::Release);
+        }
     }
     /// How many in-flight blocks recovery returned for this process, over its life.
     pub fn recovered(&self) -> &AtomicU64 {

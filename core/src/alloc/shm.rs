@@ -19,7 +19,7 @@ use memmap2::MmapMut;
 use super::AllocError;
 
 /// Version of every segment layout in this module tree.
-pub const SEG_VERSION: u64 = 1;
+pub const SEG_VERSION: u64 = 2;
 /// Byte offset of the magic.
 const OFF_MAGIC: usize = 0;
 /// Byte offset of the version.
