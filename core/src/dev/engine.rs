@@ -313,9 +313,36 @@ impl UringEngine {
     }
 
     fn submit(&mut self, want: usize) -> Result<usize> {
+        // Waits are sliced into WAIT_SLICE timeouts (when the kernel has EXT_ARG), so that a
+        // completion that never comes turns into an error after LOST_COMPLETION instead of
+        // a silent hang. We saw it once on 6.18: a 4 KiB read on a loop device consumed from
+        // the SQ, nothing in flight on any device, no CQE, no overflow.
+        const WAIT_SLICE: Duration = Duration::from_secs(5);
+        const LOST_COMPLETION: Duration = Duration::from_secs(120);
+        let ext_arg = want > 0 && self.ring.params().is_feature_ext_arg();
+        let started = Instant::now();
         loop {
-            match self.ring.submit_and_wait(want) {
+            let r = if ext_arg {
+                let ts = types::Timespec::from(WAIT_SLICE);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            } else {
+                self.ring.submit_and_wait(want)
+            };
+            match r {
                 Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                    if !self.ring.completion().is_empty() {
+                        return Ok(0);
+                    }
+                    if started.elapsed() >= LOST_COMPLETION {
+                        return Err(DevError::Ring {
+                            op: "io_uring_enter (no completion within 120 s)",
+                            source: e,
+                        });
+                    }
+                    continue;
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && want > 0 => continue,
                 Err(source) => {
@@ -328,7 +355,8 @@ impl UringEngine {
         }
     }
 
-    /// Submits what is queued and waits for one completion. If the ring itself fails
+    /// Submits what is queued and waits for a completion (or one wait slice: callers loop
+    /// while requests are in flight). If the ring itself fails
     /// while requests are in flight, the kernel may still write into buffers the caller
     /// is about to free: that cannot be reported as an error safely, so the process aborts.
     fn wait_one(&mut self, in_flight: usize) -> Result<()> {
