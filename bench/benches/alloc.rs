@@ -4,15 +4,8 @@
 
 use blocklab::alloc::node::{NodeConfig, NodeProcess};
 use blocklab::alloc::{DeviceRegion, Strategy};
+use blocklab::testing::free_port;
 use criterion::{criterion_group, criterion_main, Criterion};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn alloc_free(c: &mut Criterion) {
     let mut g = c.benchmark_group("alloc_free");

@@ -5,6 +5,7 @@
 use std::hint::black_box;
 
 use blocklab::failover::dispatcher::{Action, Dispatcher, Input, Timing};
+use blocklab::testing::sparse_files;
 use blocklab::volume::{StoreConfig, VolumeStore};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -53,16 +54,7 @@ fn volume_copy(c: &mut Criterion) {
         .prefix("bench-failover-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let devs: Vec<_> = (0..2)
-        .map(|i| {
-            let p = dir.path().join(format!("d{i}.img"));
-            std::fs::File::create(&p)
-                .unwrap()
-                .set_len(128 << 20)
-                .unwrap();
-            p
-        })
-        .collect();
+    let devs = sparse_files(dir.path(), 2, 128 << 20);
     let mut st = VolumeStore::open(
         &dir.path().join("meta"),
         &devs,

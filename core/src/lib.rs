@@ -15,4 +15,6 @@ pub mod init;
 pub mod lunmap;
 pub mod monitor;
 pub mod repl;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod volume;

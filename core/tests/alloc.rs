@@ -11,14 +11,7 @@ use blocklab::alloc::recovery;
 use blocklab::alloc::segs::{DeviceSeg, FreeMode, ProcSeg, UnfilledSeg, DEV_MAGIC};
 use blocklab::alloc::shm::Segment;
 use blocklab::alloc::{AllocError, BlockRef, BlockState, DeviceRegion, Strategy};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use blocklab::testing::{free_port, sparse_file};
 
 fn region(path: &str, blocks: u64) -> DeviceRegion {
     DeviceRegion {
@@ -251,7 +244,7 @@ fn blocks_go_into_the_data_region_of_a_formatted_device_else_after_the_first_mib
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let p = dir.path().join("dev.img");
     let size = 64u64 << 20;
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    sparse_file(&p, size);
     let dev = Device::open(&p).unwrap();
     let mut eng = UringEngine::with_queue_depth(1).unwrap();
     let (r, src) = region_of(&mut eng, &dev, 65536).unwrap();

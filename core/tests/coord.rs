@@ -7,19 +7,12 @@ use blocklab::coord::zookeeper::ZkCoord;
 use blocklab::coord::{
     connect, ensure_path, ConnectOptions, Coord, CoordError, CoordSpec, NodeKind, Op, WatchEvent,
 };
+use blocklab::testing::wait_for;
 use std::time::{Duration, Instant};
 
 type Factory<'a> = &'a dyn Fn() -> Box<dyn Coord>;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Collects `n` node events (skipping Resync) or panics after the deadline.
 fn collect(w: &blocklab::coord::Watch, n: usize) -> Vec<WatchEvent> {
@@ -169,7 +162,9 @@ fn suite_ephemeral(new: Factory<'_>, base: &str) {
         .unwrap();
     // Session loss: the ephemeral goes, the persistent node stays, watchers learn it.
     drop(a);
-    wait_for("ephemeral removal", || b.exists(&e).unwrap().is_none());
+    wait_for("ephemeral removal", WAIT, || {
+        b.exists(&e).unwrap().is_none()
+    });
     assert!(b.exists(&format!("{base}/keep")).unwrap().is_some());
     let evs = collect(&w, 3);
     assert_eq!(

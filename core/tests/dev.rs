@@ -6,18 +6,11 @@ use blocklab::dev::{
     AlignedBuf, DevError, Device, DeviceKind, IoEngine, IoRequest, Pattern, StreamLimit, StreamOp,
     StreamSpec, UringEngine,
 };
+use blocklab::testing::{is_root, scratch_dir};
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
+/// These tests exercise provisioning itself, so they hold the `ProvisionGuard` directly.
 fn state_dir() -> tempfile::TempDir {
-    // The backing files must live on a filesystem that supports O_DIRECT (not tmpfs on
-    // every kernel), so use /var/tmp.
-    tempfile::Builder::new()
-        .prefix("blocklab-test-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
+    scratch_dir("blocklab-test-")
 }
 
 fn file_device(dir: &tempfile::TempDir, size: u64) -> Device {

@@ -11,6 +11,7 @@ use blocklab::failover::dispatcher::Epoch;
 use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::service::{JournalSpec, Service, ServiceConfig};
 use blocklab::failover::wire::{Conn, Msg, Op, OpResult};
+use blocklab::testing::sparse_file;
 use blocklab::volume::StoreConfig;
 
 const MIB: u64 = 1 << 20;
@@ -28,10 +29,7 @@ fn start() -> Setup {
         .tempdir_in("/var/tmp")
         .unwrap();
     let dev = dir.path().join("d0.img");
-    std::fs::File::create(&dev)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
+    sparse_file(&dev, 64 * MIB);
     let vip = TcpListener::bind("127.0.0.1:0").unwrap();
     let svc = Service::start(ServiceConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

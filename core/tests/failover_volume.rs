@@ -5,19 +5,15 @@
 
 use std::path::PathBuf;
 
-use blocklab::dev::provision::ProvisionGuard;
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::format::{
     Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock, FORMAT_VERSION,
     LABEL_FLAG_READY,
 };
+use blocklab::testing::{scratch_dir, sparse_files, LoopDevices};
 use blocklab::volume::{StoreConfig, VolumeError, VolumeStore};
 
 const MIB: u64 = 1 << 20;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
 
 fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -27,13 +23,7 @@ fn tmp() -> tempfile::TempDir {
 }
 
 fn files(dir: &tempfile::TempDir, n: usize, size: u64) -> Vec<PathBuf> {
-    (0..n)
-        .map(|i| {
-            let p = dir.path().join(format!("dev{i}.img"));
-            std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-            p
-        })
-        .collect()
+    sparse_files(dir.path(), n, size)
 }
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -118,12 +108,10 @@ fn copy_is_byte_exact_and_catalog_survives_restart_on_files() {
 
 #[test]
 fn copy_is_byte_exact_and_catalog_survives_restart_on_loop_devices() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("fo-vol", 2, 24 * MIB) else {
         return;
-    }
-    let dir = tmp();
-    let g = ProvisionGuard::new(dir.path(), "fo-vol", 2, 24 * MIB).unwrap();
+    };
+    let dir = scratch_dir("blocklab-test-");
     copy_and_restart(&g.paths(), &dir.path().join("meta"));
 }
 

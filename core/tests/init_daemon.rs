@@ -6,24 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
-use blocklab::dev::provision::ProvisionGuard;
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
+use blocklab::testing::{sparse_file, LoopDevices};
 use uuid::Uuid;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-fn state_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("blocklab-init-test-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
-
-fn devices(dir: &Path, prefix: &str, n: usize, size: u64) -> ProvisionGuard {
-    ProvisionGuard::new(dir, prefix, n, size).unwrap()
-}
 
 fn eng() -> UringEngine {
     UringEngine::with_queue_depth(16).unwrap()
@@ -41,13 +26,10 @@ fn flip_byte(dev: &Device, off: u64) {
 
 #[test]
 fn mkfs_mount_inspect_idempotent_and_corruption() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
-        return;
-    }
-    let sd = state_dir();
     // 2 GiB (sparse): big enough for a label copy at 1 GiB.
-    let g = devices(sd.path(), "init-rt", 1, 2 << 30);
+    let Some(g) = LoopDevices::provision("init-rt", 1, 2 << 30) else {
+        return;
+    };
     let dev = Device::open(&g.paths()[0]).unwrap();
     let mut e = eng();
     let fsid = Uuid::new_v4();
@@ -131,13 +113,10 @@ fn mkfs_mount_inspect_idempotent_and_corruption() {
 
 #[test]
 fn crash_after_each_phase_then_mount_rejects_and_mkfs_completes() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
-        return;
-    }
-    let sd = state_dir();
     let phases = &Phase::ALL[..Phase::ALL.len() - 1];
-    let g = devices(sd.path(), "init-crash", phases.len(), 64 << 20);
+    let Some(g) = LoopDevices::provision("init-crash", phases.len(), 64 << 20) else {
+        return;
+    };
     let fsid = Uuid::new_v4();
     let mut e = eng();
     for (i, (&phase, path)) in phases.iter().zip(g.paths()).enumerate() {
@@ -172,12 +151,9 @@ fn ext4_intact(path: &Path) -> bool {
 
 #[test]
 fn refuses_ext4_and_data_and_too_small_devices() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("init-foreign", 2, 64 << 20) else {
         return;
-    }
-    let sd = state_dir();
-    let g = devices(sd.path(), "init-foreign", 2, 64 << 20);
+    };
     let paths = g.paths();
     let st = Command::new("mkfs.ext4")
         .args(["-q", "-F"])
@@ -218,7 +194,7 @@ fn refuses_ext4_and_data_and_too_small_devices() {
     // Too small for the layout: a clear error, nothing written.
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let p = dir.path().join("tiny.img");
-    std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+    sparse_file(&p, 1 << 20);
     let tiny = Device::open(&p).unwrap();
     let err = daemon::mkfs(&mut e, &tiny, &MkfsRequest::new(fsid, 2)).unwrap_err();
     assert!(

@@ -10,16 +10,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use blocklab::daemon;
-use blocklab::dev::provision::ProvisionGuard;
 use blocklab::dev::{Device, UringEngine};
 use blocklab::init::{self, InitError, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
 use blocklab::monitor::{DaemonState, FileJournal, Monitor, MonitorClient, ProposeConfig};
+use blocklab::testing::{scratch_dir, sparse_files, LoopDevices};
 
 const RETRY: Duration = Duration::from_secs(30);
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
 
 fn monitor(dir: &Path, interval_ms: u64) -> Monitor {
     Monitor::start(
@@ -68,12 +64,10 @@ fn check_all_up(mon: &Monitor, run: &init::InitRun, expected: usize) {
 
 #[test]
 fn all_four_strategies_leave_every_daemon_up_and_mountable() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("init-strat", 6, 64 << 20) else {
         return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(sd.path(), "init-strat", 6, 64 << 20).unwrap();
+    };
+    let sd = scratch_dir("blocklab-test-");
     let paths = g.paths();
     for strategy in Strategy::ALL {
         // A longer interval for `parallel` so that "all in flight at once" does not
@@ -106,12 +100,10 @@ fn all_four_strategies_leave_every_daemon_up_and_mountable() {
 
 #[test]
 fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("init-remote", 4, 64 << 20) else {
         return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(sd.path(), "init-remote", 4, 64 << 20).unwrap();
+    };
+    let sd = scratch_dir("blocklab-test-");
     let paths = g.paths();
     // An ext4 filesystem on one device: that daemon fails, the others come up.
     assert!(Command::new("mkfs.ext4")
@@ -167,16 +159,7 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
 
 /// Regular files as devices: these checks need no root.
 fn files(dir: &Path, n: usize) -> Vec<PathBuf> {
-    (0..n)
-        .map(|i| {
-            let p = dir.join(format!("dev{i}.img"));
-            std::fs::File::create(&p)
-                .unwrap()
-                .set_len(32 << 20)
-                .unwrap();
-            p
-        })
-        .collect()
+    sparse_files(dir, n, 32 << 20)
 }
 
 fn all_zero(paths: &[PathBuf]) -> bool {

@@ -5,15 +5,18 @@
 use blocklab::coord::embedded::EmbeddedStore;
 use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::{connect, ConnectOptions, Coord, CoordSpec};
-use blocklab::dev::provision::ProvisionGuard;
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::lunmap::editor::LunMap;
 use blocklab::lunmap::follow::follow_coord;
 use blocklab::lunmap::gateway::{GatewayClient, GatewayServer};
 use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{filesync, Backing, Layout, Lun, LunMapError, Target};
+use blocklab::testing::{is_root, scratch_dir, sparse_file, wait_for, LoopDevices};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+/// How long a test waits for a condition before failing.
+const WAIT: Duration = Duration::from_secs(30);
 
 const T0: &str = "iqn.2026-11.lab.blocklab:t0";
 const H1: &str = "iqn.2026-11.lab.host:h1";
@@ -30,14 +33,6 @@ fn range(dev: &str) -> Backing {
     Backing::Range {
         device: dev.into(),
         offset: 1 << 20,
-    }
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -204,22 +199,16 @@ fn pattern(len: usize, seed: u8) -> AlignedBuf {
 
 #[test]
 fn gateway_refuses_unmapped_initiator_on_a_real_device() {
-    let state = tempfile::Builder::new()
-        .prefix("blocklab-lunmap-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let state = scratch_dir("blocklab-lunmap-");
     // A loop device when root, else a regular file.
-    let (_guard, dev_path) = if rustix::process::geteuid().is_root() {
-        let g = ProvisionGuard::new(state.path(), "lunmap-gw", 1, 64 << 20).unwrap();
+    let (_guard, dev_path) = if is_root() {
+        let g = LoopDevices::provision("lunmap-gw", 1, 64 << 20).unwrap();
         let p = g.paths()[0].clone();
         (Some(g), p)
     } else {
         eprintln!("not root: using a regular file instead of a loop device");
         let p = state.path().join("dev.img");
-        std::fs::File::create(&p)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
+        sparse_file(&p, 64 << 20);
         (None, p)
     };
     let zk = ZkServer::start().unwrap();
@@ -283,7 +272,7 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
 
     // Map H2: the gateway learns it through the watch, then serves it.
     let ack = m.map("db0", &target(T0), H2).unwrap();
-    wait_for("mapping reaches the gateway", || {
+    wait_for("mapping reaches the gateway", WAIT, || {
         view.read().unwrap().check("db0", T0, H2).is_ok()
     });
     let r = cl.write("db0", T0, H2, 4096, &b).unwrap();
@@ -292,7 +281,7 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
     assert_eq!(&on_disk[..], &b[..]);
     // Unmap H1: refused again afterwards.
     m.unmap("db0", T0, H1).unwrap();
-    wait_for("unmapping reaches the gateway", || {
+    wait_for("unmapping reaches the gateway", WAIT, || {
         view.read().unwrap().check("db0", T0, H1).is_err()
     });
     assert!(cl.read("db0", T0, H1, 0, 4096).unwrap().0.refused);
@@ -320,10 +309,7 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
 fn a_confirming_gateway_serves_a_mapping_its_view_has_not_seen_yet() {
     let dir = tempfile::tempdir().unwrap();
     let dev = dir.path().join("dev.img");
-    std::fs::File::create(&dev)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    sparse_file(&dev, 4 << 20);
     let zk = ZkServer::start().unwrap();
     let editor = zk_connect(&zk, "/confirm");
     let m = LunMap::open(&*editor, "c1").unwrap();
@@ -389,7 +375,7 @@ fn gateway_follows_the_map_across_a_zookeeper_restart() {
         }
     }
 
-    wait_for("change after restart reaches the gateway", || {
+    wait_for("change after restart reaches the gateway", WAIT, || {
         view.read().unwrap().check("db0", T0, H2).is_ok()
     });
     let v = m.load().unwrap();
@@ -432,7 +418,7 @@ fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
         Duration::from_millis(20),
     );
     assert_eq!(ed.map("db0", &target(T0), H1).unwrap(), 1);
-    wait_for("copy reaches the gateway", || {
+    wait_for("copy reaches the gateway", WAIT, || {
         view.read().unwrap().check("db0", T0, H1).is_ok()
     });
     // Heartbeats: gw2 beats, then stops; the watcher declares it down.
@@ -444,11 +430,11 @@ fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
         Box::new(move |c: &Change, _| d.lock().unwrap().push(c.clone())),
         Duration::from_millis(50),
     );
-    wait_for("gw2 up", || {
+    wait_for("gw2 up", WAIT, || {
         view.read().unwrap().gateways.contains_key("gw2")
     });
     beat.stop().unwrap();
-    wait_for("gw2 declared down", || {
+    wait_for("gw2 declared down", WAIT, || {
         downs
             .lock()
             .unwrap()

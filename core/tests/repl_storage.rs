@@ -2,15 +2,15 @@
 //! O_DIRECT, and as root a loop device): append/flush/recover, truncation, a full log
 //! region, in-order apply.
 
-use blocklab::dev::provision::ProvisionGuard;
 use blocklab::dev::{Device, UringEngine};
 use blocklab::repl::kv::{put_payload, KvError, KvStore};
 use blocklab::repl::log::{record_size, LogError, LogStore};
 use blocklab::repl::Entry;
+use blocklab::testing::{sparse_file, LoopDevices};
 
 fn file_dev(dir: &tempfile::TempDir, size: u64) -> std::path::PathBuf {
     let p = dir.path().join("dev.img");
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    sparse_file(&p, size);
     p
 }
 
@@ -101,12 +101,9 @@ fn log_on_a_regular_file() {
 
 #[test]
 fn log_and_store_on_a_loop_device() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: loop devices need root");
+    let Some(g) = LoopDevices::provision("repl-storage", 1, 16 << 20) else {
         return;
-    }
-    let state = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(state.path(), "repl-storage", 1, 16 << 20).unwrap();
+    };
     log_round_trip(&g.paths()[0]);
     kv_round_trip(&g.paths()[0]);
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 use blocklab::alloc::audit::{audit, AuditReport, Record};
 use blocklab::alloc::node::Attached;
 use blocklab::alloc::{BlockRef, DeviceRegion, Strategy};
-use blocklab::dev::provision::ProvisionGuard;
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
-use harness::cli::alloc::{free_port, NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
+use blocklab::testing::{free_port, sparse_files, LoopDevices};
+use harness::cli::alloc::{NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
 
 const WAIT: Duration = Duration::from_secs(60);
 const BLOCK: u64 = 64 << 10;
@@ -20,35 +20,25 @@ fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blocklab"))
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// Sparse regular files as devices (O_DIRECT works on them).
-fn file_devices(dir: &Path, n: usize, size: u64) -> Vec<DeviceRegion> {
-    (0..n)
-        .map(|i| {
-            let p = dir.join(format!("dev{i}.img"));
-            let f = std::fs::File::create(&p).unwrap();
-            f.set_len(size).unwrap();
-            DeviceRegion {
-                path: p,
-                offset: 1 << 20,
-                len: (size - (1 << 20)) / BLOCK * BLOCK,
-            }
-        })
-        .collect()
-}
-
-fn loop_regions(g: &ProvisionGuard, size: u64) -> Vec<DeviceRegion> {
-    g.paths()
+/// Block regions (after the first MiB) of devices of `size` bytes.
+fn regions(paths: Vec<PathBuf>, size: u64) -> Vec<DeviceRegion> {
+    paths
         .into_iter()
-        .map(|p| DeviceRegion {
-            path: p,
+        .map(|path| DeviceRegion {
+            path,
             offset: 1 << 20,
             len: (size - (1 << 20)) / BLOCK * BLOCK,
         })
         .collect()
+}
+
+/// Sparse regular files as devices (O_DIRECT works on them).
+fn file_devices(dir: &Path, n: usize, size: u64) -> Vec<DeviceRegion> {
+    regions(sparse_files(dir, n, size), size)
+}
+
+fn loop_regions(g: &LoopDevices, size: u64) -> Vec<DeviceRegion> {
+    regions(g.paths(), size)
 }
 
 fn spec(
@@ -64,7 +54,7 @@ fn spec(
         node: NodeArgs {
             dir: node_dir.to_path_buf(),
             proc_id: 0,
-            internal_port: free_port().unwrap(),
+            internal_port: free_port(),
             strategy,
             block_size: BLOCK,
             devices,
@@ -269,12 +259,9 @@ fn leader_death_a_follower_takes_over_and_reclaims() {
 
 #[test]
 fn killed_writer_restarts_and_its_in_flight_block_is_recovered() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("t-alloc-crash", 2, 32 << 20) else {
         return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(sd.path(), "t-alloc-crash", 2, 32 << 20).unwrap();
+    };
     let node = shm_dir();
     let s = spec(
         node.path(),
@@ -355,12 +342,9 @@ fn a_lock_holder_that_is_killed_does_not_wedge_the_others() {
 
 #[test]
 fn device_offline_while_writing_processes_switch_and_nothing_acknowledged_is_lost() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("t-alloc-offline", 2, 32 << 20) else {
         return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(sd.path(), "t-alloc-offline", 2, 32 << 20).unwrap();
+    };
     let node = shm_dir();
     let regions = loop_regions(&g, 32 << 20);
     let s = spec(node.path(), Strategy::Shm, regions.clone(), 1.0, true, 3);

@@ -3,17 +3,16 @@
 //! storing and fetching channels, a full cluster, a device coming online through the
 //! index server, and the audit of both nodes against the index's records.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use blocklab::alloc::audit::{audit, Record};
 use blocklab::alloc::index::{call, IndexRequest};
 use blocklab::alloc::node::Attached;
 use blocklab::alloc::store::{client_fetch, client_store};
 use blocklab::alloc::{AllocError, BlockRef, DeviceRegion};
-use blocklab::dev::provision::ProvisionGuard;
-use harness::cli::alloc::{format_region, free_port};
+use blocklab::testing::{free_port, spawn_announcing, KillOnDrop, LoopDevices};
+use harness::cli::alloc::format_region;
 
 const BLOCK: u64 = 64 << 10;
 
@@ -21,31 +20,9 @@ fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blocklab"))
 }
 
-/// Kills the child on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Spawns `blocklab ARGS` and returns it with its first stdout line.
-fn spawn(args: &[String]) -> (Guard, String) {
-    let mut c = Command::new(exe())
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
-    let g = Guard(c);
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).unwrap();
-    assert!(
-        !line.is_empty(),
-        "blocklab {args:?} exited before it was ready"
-    );
-    (g, line.trim().to_string())
+fn spawn(args: &[String]) -> (KillOnDrop, String) {
+    spawn_announcing(Command::new(exe()).args(args))
 }
 
 fn region(p: &Path, blocks: u64) -> DeviceRegion {
@@ -89,12 +66,9 @@ fn node_args(
 
 #[test]
 fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("t-alloc-store", 3, 16 << 20) else {
         return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(sd.path(), "t-alloc-store", 3, 16 << 20).unwrap();
+    };
     let paths = g.paths();
     let (_ix, line) = spawn(&[
         "index".into(),
@@ -110,7 +84,7 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
     ];
     let mut procs = Vec::new();
     for (n, name) in ["node-a", "node-b"].iter().enumerate() {
-        let port = free_port().unwrap();
+        let port = free_port();
         let devs = [region(&paths[n], 6)];
         for id in 1..=2u16 {
             let (c, l) = spawn(&node_args(dirs[n].path(), port, id, name, &index, &devs));

@@ -1,8 +1,7 @@
 //! exp-io end to end (tiny settings) and the bad inputs every experiment shares.
 
+use blocklab::testing::{scratch_dir, LoopDevices};
 use std::process::Command;
-
-use blocklab::dev::provision::ProvisionGuard;
 
 const COLUMNS: &str = "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device";
 
@@ -146,12 +145,10 @@ fn bad_device_arguments_are_one_line_errors() {
 
 #[test]
 fn refuses_devices_with_data_and_read_only_devices() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: loop devices need root");
+    let Some(g) = LoopDevices::provision("t-expio", 2, 64 << 20) else {
         return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(sd.path(), "t-expio", 2, 64 << 20).unwrap();
+    };
+    let sd = scratch_dir("blocklab-test-");
     let paths = g.paths();
     let out = sd.path().join("out");
     // An ext4 filesystem on the first device: refused, and still intact afterwards.

@@ -17,14 +17,11 @@ use blocklab::failover::coord_journal::CoordJournal;
 use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::node::Mode;
 use blocklab::failover::wire::{Op, OpResult};
+use blocklab::testing::{is_root, sparse_files};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use harness::cli::failover::cluster::{Backend, Cluster, ClusterSpec};
 
 const MIB: u64 = 1 << 20;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
 
 struct Devs {
     _guard: Option<ProvisionGuard>,
@@ -40,16 +37,7 @@ fn devices(dir: &tempfile::TempDir, name: &str) -> Devs {
             _guard: Some(g),
         }
     } else {
-        let paths = (0..2)
-            .map(|i| {
-                let p = dir.path().join(format!("dev{i}.img"));
-                std::fs::File::create(&p)
-                    .unwrap()
-                    .set_len(96 * MIB)
-                    .unwrap();
-                p
-            })
-            .collect();
+        let paths = sparse_files(dir.path(), 2, 96 * MIB);
         Devs {
             _guard: None,
             paths,

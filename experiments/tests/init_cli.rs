@@ -3,39 +3,15 @@
 //! with SIGKILL and restarted keeps its map; `mkfs` killed (SIGKILL) after each phase
 //! leaves a device that does not mount and that a second `mkfs` completes.
 
-use std::io::{BufRead, BufReader};
+use blocklab::testing::{scratch_dir, sparse_files, spawn_announcing, KillOnDrop, LoopDevices};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, Output, Stdio};
-
-use blocklab::dev::provision::ProvisionGuard;
+use std::process::{Command, Output, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_blocklab");
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// Kills the child on drop.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts a server subcommand and returns it with the address it printed.
-fn serve(args: &[&str]) -> (Proc, String) {
-    let mut c = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
-    let p = Proc(c);
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).unwrap();
+fn serve(args: &[&str]) -> (KillOnDrop, String) {
+    let (p, line) = spawn_announcing(Command::new(BIN).args(args).stderr(Stdio::inherit()));
     let addr = line
         .split_whitespace()
         .skip_while(|w| *w != "on")
@@ -65,12 +41,10 @@ fn map_json(mon: &str) -> serde_json::Value {
 
 #[test]
 fn monitor_nodes_and_orchestrator_as_processes() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
+    let Some(g) = LoopDevices::provision("init-cli", 4, 64 << 20) else {
         return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(sd.path(), "init-cli", 4, 64 << 20).unwrap();
+    };
+    let sd = scratch_dir("blocklab-test-");
     let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
     let journal = sd.path().join("mon.journal");
     let j = journal.to_str().unwrap();
@@ -193,13 +167,10 @@ fn mkfs(dev: &str, fsid: &str, id: &str, extra: &[&str]) -> Output {
 
 #[test]
 fn mkfs_killed_after_each_phase_then_completes() {
-    if !is_root() {
-        eprintln!("skipping: needs root for loop devices");
-        return;
-    }
-    let sd = tempfile::tempdir_in("/var/tmp").unwrap();
     let phases = ["probe", "label", "superblock", "log", "bitmap", "flush"];
-    let g = ProvisionGuard::new(sd.path(), "init-cli-crash", phases.len() + 1, 64 << 20).unwrap();
+    let Some(g) = LoopDevices::provision("init-cli-crash", phases.len() + 1, 64 << 20) else {
+        return;
+    };
     let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
     let fsid = uuid::Uuid::new_v4().to_string();
     for (i, phase) in phases.iter().enumerate() {
@@ -250,15 +221,9 @@ fn mkfs_killed_after_each_phase_then_completes() {
 fn monitor_on_the_embedded_coord_store_and_node_init() {
     // Regular files as devices: no root needed.
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let devs: Vec<String> = (0..2)
-        .map(|i| {
-            let p = dir.path().join(format!("d{i}.img"));
-            std::fs::File::create(&p)
-                .unwrap()
-                .set_len(32 << 20)
-                .unwrap();
-            p.display().to_string()
-        })
+    let devs: Vec<String> = sparse_files(dir.path(), 2, 32 << 20)
+        .iter()
+        .map(|p| p.display().to_string())
         .collect();
     let store = format!("embedded:{}", dir.path().join("coord.store").display());
     let (mon, addr) = serve(&[

@@ -3,24 +3,17 @@
 //! learn it; CLI errors are one clear line.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::{connect, ConnectOptions, WatchEvent};
 use blocklab::lunmap::gateway::GatewayClient;
+use blocklab::testing::{sparse_file, KillOnDrop};
 
 const BIN: &str = env!("CARGO_BIN_EXE_blocklab");
 const T0: &str = "iqn.2026-11.lab.blocklab:t0";
 const H1: &str = "iqn.2026-11.lab.host:h1";
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn cli(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
@@ -32,10 +25,7 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
     let spec = zk.spec("/cli").to_string();
     let dir = tempfile::tempdir().unwrap();
     let dev = dir.path().join("dev.img");
-    std::fs::File::create(&dev)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    sparse_file(&dev, 8 << 20);
     let dev_s = dev.display().to_string();
     let common = ["--coord", spec.as_str(), "--cluster", "c1"];
     let out = cli(&[
@@ -65,7 +55,7 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut gw = Kill(child);
+    let mut gw = KillOnDrop(child);
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {
         let l = lines.next().expect("gateway exited").unwrap();

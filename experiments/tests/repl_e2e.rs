@@ -4,15 +4,14 @@
 //! (checked by reading the devices). Also: an unreachable secondary, a full log region,
 //! and bad frames sent to a replica.
 
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blocklab::dev::provision::ProvisionGuard;
 use blocklab::dev::{Device, UringEngine};
 use blocklab::repl::client::{Client, ClientError};
 use blocklab::repl::kv::{put_payload, split_payload, KvStore};
@@ -20,6 +19,12 @@ use blocklab::repl::log::LogStore;
 use blocklab::repl::replica::Regions;
 use blocklab::repl::wire::{encode_to_vec, Frame, Status};
 use blocklab::repl::Entry;
+use blocklab::testing::{
+    sparse_file, sparse_files, spawn_announcing, wait_for, KillOnDrop, LoopDevices,
+};
+
+/// How long a test waits for a condition before failing.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// (index, key, value) of a write.
 type Write = (u64, u64, Vec<u8>);
@@ -29,38 +34,24 @@ const LOG_SIZE: u64 = 8 << 20;
 const DATA_SIZE: u64 = 8 << 20;
 
 /// Child processes, killed on drop (every exit path of the test).
-#[derive(Default)]
-struct Procs(Vec<Child>);
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+type Procs = Vec<KillOnDrop>;
 
 /// Starts `blocklab repl serve` and waits for its `listening on ADDR` line.
 fn serve(procs: &mut Procs, args: &[String]) -> (usize, SocketAddr) {
-    let mut c = Command::new(BIN)
-        .arg("repl")
-        .arg("serve")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = c.stdout.take().unwrap();
-    procs.0.push(c);
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).unwrap();
+    let (child, line) = spawn_announcing(
+        Command::new(BIN)
+            .arg("repl")
+            .arg("serve")
+            .args(args)
+            .stderr(Stdio::inherit()),
+    );
+    procs.push(child);
     let addr = line
-        .trim()
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("replica did not start: {line:?}"))
         .parse()
         .unwrap();
-    (procs.0.len() - 1, addr)
+    (procs.len() - 1, addr)
 }
 
 fn common(id: u32, dev: &Path, policy: &str) -> Vec<String> {
@@ -99,14 +90,6 @@ fn status(addr: SocketAddr) -> Option<Status> {
 }
 
 /// Polls until `f` holds, with a generous deadline.
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn read_device(path: &Path) -> (Vec<Entry>, Vec<Write>) {
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
     let r = Regions::plain(LOG_SIZE, DATA_SIZE);
@@ -131,26 +114,14 @@ fn read_device(path: &Path) -> (Vec<Entry>, Vec<Write>) {
     (log, kvs)
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
 #[test]
 fn kill_9_the_primary_mid_stream_and_recover() {
-    if !is_root() {
-        eprintln!("skipping: loop devices need root");
+    let Some(g) = LoopDevices::provision(&format!("repl-e2e-{}", std::process::id()), 3, 64 << 20)
+    else {
         return;
-    }
-    let state = tempfile::tempdir_in("/var/tmp").unwrap();
-    let g = ProvisionGuard::new(
-        state.path(),
-        &format!("repl-e2e-{}", std::process::id()),
-        3,
-        64 << 20,
-    )
-    .unwrap();
+    };
     let devs: Vec<PathBuf> = g.paths();
-    let mut procs = Procs::default();
+    let mut procs = Procs::new();
     let (_, a1) = serve(&mut procs, &common(1, &devs[1], "idle"));
     let (_, a2) = serve(&mut procs, &common(2, &devs[2], "idle"));
     let mut pargs = common(0, &devs[0], "idle");
@@ -207,18 +178,18 @@ fn kill_9_the_primary_mid_stream_and_recover() {
         })
         .collect();
 
-    wait_for("150 acknowledged writes", || {
+    wait_for("150 acknowledged writes", WAIT, || {
         acked.lock().unwrap().len() >= 150
     });
     // SIGKILL mid-stream.
-    procs.0[p0].kill().unwrap();
-    procs.0[p0].wait().unwrap();
+    procs[p0].0.kill().unwrap();
+    procs[p0].0.wait().unwrap();
     let before_kill = acked.lock().unwrap().len();
     // Restart on the same device: it recovers its log with a new term.
     let (_, a0) = serve(&mut procs, &pargs);
     *primary.lock().unwrap() = a0;
     phase2.store(true, Ordering::SeqCst);
-    wait_for("300 acknowledged writes", || {
+    wait_for("300 acknowledged writes", WAIT, || {
         acked.lock().unwrap().len() >= 300
     });
     stop.store(true, Ordering::SeqCst);
@@ -228,7 +199,7 @@ fn kill_9_the_primary_mid_stream_and_recover() {
     let st0 = status(a0).unwrap();
     assert_eq!(st0.term, 2, "the restarted primary runs in a new term");
     // Everything converges: every replica applied the whole log.
-    wait_for("all replicas applied everything", || {
+    wait_for("all replicas applied everything", WAIT, || {
         let p = status(a0).unwrap();
         p.commit == p.last_index
             && [a0, a1, a2].iter().all(|a| {
@@ -273,23 +244,14 @@ fn kill_9_the_primary_mid_stream_and_recover() {
 }
 
 fn file_devs(dir: &tempfile::TempDir) -> Vec<PathBuf> {
-    (0..3)
-        .map(|i| {
-            let p = dir.path().join(format!("d{i}.img"));
-            std::fs::File::create(&p)
-                .unwrap()
-                .set_len(32 << 20)
-                .unwrap();
-            p
-        })
-        .collect()
+    sparse_files(dir.path(), 3, 32 << 20)
 }
 
 #[test]
 fn the_primary_keeps_committing_with_a_secondary_unreachable() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let devs = file_devs(&dir);
-    let mut procs = Procs::default();
+    let mut procs = Procs::new();
     let (_, a1) = serve(&mut procs, &common(1, &devs[1], "idle"));
     // Secondary 2's address: a port nobody listens on.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -305,7 +267,7 @@ fn the_primary_keeps_committing_with_a_secondary_unreachable() {
     let s = status(a0).unwrap();
     assert_eq!((s.commit, s.applied), (20, 20));
     // The reachable secondary has durably stored everything; it applies what it learned.
-    wait_for("secondary 1 durable", || {
+    wait_for("secondary 1 durable", WAIT, || {
         status(a1).unwrap().durable_index == 20
     });
 }
@@ -314,7 +276,7 @@ fn the_primary_keeps_committing_with_a_secondary_unreachable() {
 fn a_full_log_region_refuses_writes_with_a_clear_error() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let devs = file_devs(&dir);
-    let mut procs = Procs::default();
+    let mut procs = Procs::new();
     let small = |id: u32| {
         let mut a = common(id, &devs[id as usize], "eager");
         let i = a.iter().position(|x| x == "--log-size").unwrap();
@@ -343,7 +305,7 @@ fn a_full_log_region_refuses_writes_with_a_clear_error() {
         "unexpected error: {err}"
     );
     // Nothing was corrupted: the replicas keep serving and hold every accepted write.
-    wait_for("all applied", || {
+    wait_for("all applied", WAIT, || {
         [a0, a1, a2]
             .iter()
             .all(|a| status(*a).is_some_and(|s| s.applied == ok))
@@ -362,7 +324,7 @@ fn a_full_log_region_refuses_writes_with_a_clear_error() {
 fn bad_frames_close_the_connection_and_the_replica_keeps_serving() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let devs = file_devs(&dir);
-    let mut procs = Procs::default();
+    let mut procs = Procs::new();
     let (_, a1) = serve(&mut procs, &common(1, &devs[1], "idle"));
     let bad: Vec<Vec<u8>> = vec![
         // Another wire version.
@@ -430,10 +392,7 @@ fn a_formatted_daemon_device_is_used_through_its_layout() {
     use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION, LABEL_FLAG_READY};
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let p = dir.path().join("daemon.img");
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    sparse_file(&p, 64 << 20);
     let layout = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
     let label = Label {
         version: FORMAT_VERSION,
@@ -449,7 +408,7 @@ fn a_formatted_daemon_device_is_used_through_its_layout() {
     b.copy_from_slice(&label.encode());
     blocklab::dev::IoEngine::write_at(&mut eng, &Device::open(&p).unwrap(), 0, &b).unwrap();
     // A one-member cluster: no --force needed on a formatted device.
-    let mut procs = Procs::default();
+    let mut procs = Procs::new();
     let args: Vec<String> = ["--id", "0", "--members", "0", "--device"]
         .iter()
         .map(|s| s.to_string())
@@ -510,7 +469,7 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
     for k in 1..=N {
         assert_eq!(c.write(put_payload(k, b"v")).unwrap(), k);
     }
-    wait_for("both secondaries applied everything", || {
+    wait_for("both secondaries applied everything", WAIT, || {
         [s1.addr(), s2.addr()]
             .iter()
             .all(|a| status(*a).is_some_and(|s| s.applied == N))
