@@ -18,6 +18,28 @@ pub mod stats;
 
 pub use args::{CommonArgs, Profile};
 
+/// The `blocklab` binary the experiments run as child processes: `given` if set, else the
+/// one next to the running executable (the same target directory and profile; `../` for
+/// test executables in `deps/`).
+pub fn blocklab_bin(given: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    if let Some(p) = given {
+        anyhow::ensure!(p.exists(), "{}: no such blocklab binary", p.display());
+        return Ok(p.to_path_buf());
+    }
+    let me = std::env::current_exe().context("locating the running executable")?;
+    let dir = me.parent().context("executable has no directory")?;
+    [dir.join("blocklab"), dir.join("../blocklab")]
+        .into_iter()
+        .find(|c| c.exists())
+        .with_context(|| {
+            format!(
+                "no `blocklab` binary next to {} (build it: cargo build --release -p blocklab-experiments --bins, the same profile as this binary)",
+                me.display()
+            )
+        })
+}
+
 /// Runs a binary's real main and turns an error into one line on stderr (the whole
 /// context chain, no backtrace) and exit status 1.
 pub fn exit_on_error(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {

@@ -16,7 +16,7 @@
 //!   releases its in-flight and unfilled entries and unlinks it. Both bump the node's
 //!   device epoch, which processes check to attach new segments.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -229,26 +229,16 @@ impl Reply {
     }
 }
 
-pub(crate) fn send_line<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result<()> {
-    let mut s = serde_json::to_string(msg).map_err(std::io::Error::other)?;
-    s.push('\n');
-    w.write_all(s.as_bytes())?;
-    w.flush()
-}
+pub(crate) use crate::jsonl::send as send_line;
 
-pub(crate) fn recv_line<T: for<'de> Deserialize<'de>>(
+/// One JSON-line message (`None` at a clean end of stream), as an allocation error.
+pub(crate) fn recv_line<T: serde::de::DeserializeOwned>(
     r: &mut impl BufRead,
 ) -> Result<Option<T>, AllocError> {
-    let mut line = String::new();
-    let n = r
-        .read_line(&mut line)
-        .map_err(|e| AllocError::net("reading a message", e))?;
-    if n == 0 {
-        return Ok(None);
-    }
-    serde_json::from_str(&line)
-        .map(Some)
-        .map_err(|e| AllocError::Protocol(format!("bad message {:?}: {e}", line.trim_end())))
+    crate::jsonl::recv(r).map_err(|e| match e {
+        crate::jsonl::LineError::Io(e) => AllocError::net("reading a message", e),
+        e => AllocError::Protocol(e.to_string()),
+    })
 }
 
 // ------------------------------------------------------------------ leader side

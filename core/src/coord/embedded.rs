@@ -16,7 +16,6 @@ use super::{children_prefix, Coord, CoordError, NodeKind, Op, Result, Stat, Watc
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -176,21 +175,9 @@ impl EmbeddedStore {
             crc32c::crc32c(&body),
             body.len()
         );
-        let tmp = PathBuf::from(format!("{}.tmp", self.path.display()));
-        let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        f.write_all(header.as_bytes())
-            .and_then(|_| f.write_all(&body))
-            .and_then(|_| f.sync_all())
-            .map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| io_err(&self.path, e))?;
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(&dir, e))?;
-        Ok(())
+        let mut bytes = header.into_bytes();
+        bytes.extend_from_slice(&body);
+        crate::fsutil::write_atomic(&self.path, &bytes).map_err(|e| io_err(&self.path, e))
     }
 
     /// Applies `ops` atomically for session `session`; returns the watch events.

@@ -8,7 +8,6 @@
 //! device this tool did not attach is never touched.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -130,18 +129,9 @@ pub fn list_sets(state_dir: &Path) -> Result<Vec<ProvisionState>> {
 }
 
 fn save_state(state_dir: &Path, state: &ProvisionState) -> Result<()> {
-    let dir = set_dir(state_dir, &state.set);
-    let tmp = dir.join(".state.json.tmp");
-    let path = dir.join(STATE_FILE);
+    let path = set_dir(state_dir, &state.set).join(STATE_FILE);
     let bytes = serde_json::to_vec_pretty(state).map_err(|e| DevError::Provision(e.to_string()))?;
-    let mut f = File::create(&tmp).map_err(|e| DevError::os(&tmp, "create", e))?;
-    f.write_all(&bytes)
-        .map_err(|e| DevError::os(&tmp, "write", e))?;
-    f.sync_all().map_err(|e| DevError::os(&tmp, "fsync", e))?;
-    fs::rename(&tmp, &path).map_err(|e| DevError::os(&path, "rename", e))?;
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| DevError::os(&dir, "fsync", e))
+    crate::fsutil::write_atomic(&path, &bytes).map_err(|e| DevError::os(&path, "write", e))
 }
 
 fn c_name(path: &Path) -> [u8; 64] {

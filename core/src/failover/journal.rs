@@ -2,20 +2,19 @@
 //! It makes an operation run at most once (a second submission of the same id finds the
 //! first) and its result deliverable later by any node (the result stays in the journal).
 //!
-//! [`OpJournal`] is the small trait. [`FileJournal`] (the default) is an append-only file of
-//! JSON lines owned by the block service, each record fsynced before it counts, replayed on
-//! open. [`super::coord_journal::CoordJournal`] keeps the same records in the coordination
+//! [`OpJournal`] is the small trait. [`FileJournal`] (the default) is a
+//! [`crate::linelog::LineLog`] owned by the block service, each record fsynced before it
+//! counts, replayed on open. [`super::coord_journal::CoordJournal`] keeps the same records in the coordination
 //! backend (embedded store or ZooKeeper).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::dispatcher::Epoch;
 use super::wire::{Op, OpResult};
+use crate::linelog::{self, LineLog, LineLogError};
 
 /// One journal record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,107 +140,55 @@ impl Index {
     }
 }
 
-/// An append-only JSON-lines journal file.
+/// The operation journal in a file: a [`LineLog`] (CRC-checked JSON lines, each
+/// fdatasynced before it counts, a torn tail cut, any other bad line refused, one writer).
 #[derive(Debug)]
 pub struct FileJournal {
-    path: PathBuf,
-    file: File,
+    log: LineLog<Record>,
     index: Index,
 }
 
-impl FileJournal {
-    /// Opens (creating) the journal and replays it. A torn last line (crash during append)
-    /// is ignored; a bad line before the end is corruption.
-    pub fn open(path: &Path) -> Result<FileJournal, JournalError> {
-        let io = |source| JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let records = read_records(path)?;
-        // Cut a torn tail (crash during an append) so new records start on a fresh line.
-        if let Ok(bytes) = std::fs::read(path) {
-            if bytes.last().is_some_and(|&b| b != b'\n') {
-                let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-                let f = OpenOptions::new().write(true).open(path).map_err(io)?;
-                f.set_len(keep as u64).map_err(io)?;
-                f.sync_all().map_err(io)?;
-            }
+impl From<LineLogError> for JournalError {
+    fn from(e: LineLogError) -> JournalError {
+        match e {
+            LineLogError::Io { path, source, .. } => JournalError::Io { path, source },
+            LineLogError::Corrupt { path, line, reason } => JournalError::Corrupt {
+                path,
+                line,
+                msg: reason,
+            },
+            LineLogError::Locked { path } => JournalError::Io {
+                path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ResourceBusy,
+                    "in use by another block service (locked)",
+                ),
+            },
         }
+    }
+}
+
+impl FileJournal {
+    /// Opens (creating and locking) the journal and replays it.
+    pub fn open(path: &Path) -> Result<FileJournal, JournalError> {
+        let (log, records) = LineLog::open(path)?;
         let mut index = Index::default();
         for r in &records {
             index.apply(r);
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
-        Ok(FileJournal {
-            path: path.to_path_buf(),
-            file,
-            index,
-        })
-    }
-
-    pub fn index(&self) -> &Index {
-        &self.index
+        Ok(FileJournal { log, index })
     }
 }
 
-/// Reads every record of a journal file (for replay and for the experiment's accounting).
+/// Reads every record of a journal file without opening it for writing (for the
+/// experiment's accounting while the service runs).
 pub fn read_records(path: &Path) -> Result<Vec<Record>, JournalError> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(JournalError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let lines: Vec<String> = BufReader::new(f)
-        .lines()
-        .collect::<Result<_, _>>()
-        .map_err(|source| JournalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let mut out = Vec::new();
-    let n = lines.len();
-    for (i, l) in lines.iter().enumerate() {
-        if l.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Record>(l) {
-            Ok(r) => out.push(r),
-            Err(_) if i + 1 == n => break, // torn tail
-            Err(e) => {
-                return Err(JournalError::Corrupt {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    msg: e.to_string(),
-                })
-            }
-        }
-    }
-    Ok(out)
+    Ok(linelog::read_records(path)?)
 }
 
 impl OpJournal for FileJournal {
     fn append(&mut self, rec: Record) -> Result<(), JournalError> {
-        let mut line = serde_json::to_vec(&rec).map_err(|e| JournalError::Corrupt {
-            path: self.path.clone(),
-            line: 0,
-            msg: e.to_string(),
-        })?;
-        line.push(b'\n');
-        let io = |source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        self.file.write_all(&line).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        self.log.append(&rec)?;
         self.index.apply(&rec);
         Ok(())
     }
@@ -288,8 +235,9 @@ mod tests {
             .unwrap();
         }
         // A torn tail from a crash mid-append is ignored.
-        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
-        f.write_all(b"{\"rec\":\"done\",\"op_").unwrap();
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"0123abcd {\"rec\":\"done\",\"op_").unwrap();
         let j = FileJournal::open(&p).unwrap();
         assert_eq!(j.max_epoch(), e);
         assert!(matches!(j.state("a"), Some(OpState::Done { .. })));

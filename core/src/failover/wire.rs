@@ -3,12 +3,13 @@
 //! between dispatchers. Lines are limited to [`MAX_LINE`] bytes; anything that does not
 //! parse is a [`WireError::Malformed`] naming what was wrong.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 
 use serde::{Deserialize, Serialize};
 
 use super::dispatcher::Epoch;
+use crate::jsonl::{self, LineError};
 
 /// Longest accepted line.
 pub const MAX_LINE: usize = 1 << 20;
@@ -146,35 +147,27 @@ pub enum WireError {
 
 /// Reads one message; `Closed` at a clean end of stream.
 pub fn read_msg<R: BufRead>(r: &mut R) -> Result<Msg, WireError> {
-    let mut line = Vec::new();
-    let n = r
-        .by_ref()
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', &mut line)?;
-    if n == 0 {
-        return Err(WireError::Closed);
+    match jsonl::recv_limited(r, MAX_LINE) {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(WireError::Closed),
+        Err(LineError::TooLong(_)) => Err(WireError::TooLong),
+        Err(LineError::Truncated) => Err(WireError::Malformed("truncated line".into())),
+        Err(LineError::Malformed(e)) => Err(WireError::Malformed(e)),
+        Err(LineError::Io(e)) => Err(WireError::Io(e)),
     }
-    if line.last() != Some(&b'\n') {
-        if line.len() > MAX_LINE {
-            return Err(WireError::TooLong);
-        }
-        return Err(WireError::Malformed("truncated line".into()));
-    }
-    parse_msg(&line)
 }
 
 /// Parses one line.
 pub fn parse_msg(line: &[u8]) -> Result<Msg, WireError> {
-    serde_json::from_slice(line).map_err(|e| WireError::Malformed(e.to_string()))
+    jsonl::parse(line).map_err(|e| match e {
+        LineError::Malformed(m) => WireError::Malformed(m),
+        e => WireError::Malformed(e.to_string()),
+    })
 }
 
 /// Writes one message (one line) and flushes.
 pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> Result<(), WireError> {
-    let mut v = serde_json::to_vec(m).map_err(|e| WireError::Malformed(e.to_string()))?;
-    v.push(b'\n');
-    w.write_all(&v)?;
-    w.flush()?;
-    Ok(())
+    Ok(jsonl::send(w, m)?)
 }
 
 /// A connection with a buffered reader over a clone of the stream.

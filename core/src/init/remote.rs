@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::monitor::wire;
+use crate::jsonl as wire;
 
 use super::agent::{NodeAgent, NodeInfo, NodeInitRequest, NodeReport};
 use super::error::{InitError, Result};
@@ -169,7 +169,7 @@ impl RemoteNode {
         let mut w = s.try_clone().map_err(io("clone socket"))?;
         wire::send(&mut w, req).map_err(io("send"))?;
         let mut r = BufReader::new(s);
-        match wire::recv::<NodeResponse>(&mut r).map_err(io("receive"))? {
+        match wire::recv::<NodeResponse>(&mut r).map_err(|e| io("receive")(e.into()))? {
             Some(NodeResponse::Error { message }) => Err(InitError::Node {
                 node: if self.name.is_empty() {
                     self.addr.clone()

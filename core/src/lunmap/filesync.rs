@@ -10,7 +10,6 @@ use super::follow::{Follower, OnChange};
 use super::view::{luns_from_doc, Change, MapDoc, MapView, TargetDoc};
 use super::{mono_ns, validate_iqn, validate_simple_name, Lun, LunMapError, Result, Target};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -26,21 +25,9 @@ fn io(path: &Path, source: std::io::Error) -> LunMapError {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+/// Writes `bytes` to `path` atomically ([`crate::fsutil::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(
-        format!(
-            "tmp.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        )
-        .replace(['(', ')'], ""),
-    );
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+    crate::fsutil::write_atomic(path, bytes).map_err(|e| io(path, e))
 }
 
 /// Reads a map file; a missing file is an empty map.
@@ -213,7 +200,7 @@ pub fn follow_heartbeats(
             if let Ok(rd) = std::fs::read_dir(&dir) {
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().to_string();
-                    if name.contains(".tmp") {
+                    if name.contains(crate::fsutil::TEMP_MARKER) {
                         continue;
                     }
                     let beat = std::fs::read_to_string(e.path())

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::error::{MonitorError, Result};
 use super::map::ClusterMap;
 use super::proto::{Outcome, Request, Response, Slot};
-use super::wire;
+use crate::jsonl as wire;
 
 /// How long [`MonitorClient::connect`] keeps retrying by default.
 pub const DEFAULT_CONNECT_RETRY: Duration = Duration::from_secs(5);
@@ -97,7 +97,7 @@ impl MonitorClient {
             Err(source) => Err(MonitorError::Io {
                 addr,
                 what: "receive",
-                source,
+                source: source.into(),
             }),
         }
     }

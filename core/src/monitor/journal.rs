@@ -1,14 +1,11 @@
 //! Durable storage of the monitor's map: the [`MapStore`] trait and its file journal.
 //!
-//! The journal is a file of lines `CRC32C-HEX SPACE JSON`: first a `create` record with the
-//! fsid, then one `proposal` record per committed proposal with its epoch and changes.
-//! Each commit appends one line and `fdatasync`s it before the monitor answers anyone.
-//! Loading replays the records; a torn last line (a crash in the middle of an append) is
-//! cut off, since nobody was answered for it; a bad line anywhere else is corruption.
-//! (The coordination backend of a later issue can implement [`MapStore`] too.)
+//! The journal is a [`LineLog`] (CRC-checked JSON lines, each fdatasynced before it
+//! counts, a torn tail cut, any other bad line refused, one writer at a time): first a
+//! `create` record with the fsid, then one `proposal` record per committed proposal with
+//! its epoch and changes. The coordination backend ([`super::coord_store`]) implements
+//! [`MapStore`] too.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +13,7 @@ use uuid::Uuid;
 
 use super::error::{MonitorError, Result};
 use super::map::{Change, ClusterMap};
+use crate::linelog::{LineLog, LineLogError};
 
 /// Where the monitor keeps its map.
 pub trait MapStore: Send {
@@ -38,27 +36,31 @@ enum Record {
 #[derive(Debug)]
 pub struct FileJournal {
     path: PathBuf,
-    file: Option<File>,
+    log: Option<LineLog<Record>>,
+}
+
+impl From<LineLogError> for MonitorError {
+    fn from(e: LineLogError) -> MonitorError {
+        match e {
+            LineLogError::Io { path, what, source } => MonitorError::Journal { path, what, source },
+            LineLogError::Corrupt { path, line, reason } => {
+                MonitorError::JournalCorrupt { path, line, reason }
+            }
+            e @ LineLogError::Locked { .. } => MonitorError::Store(e.to_string()),
+        }
+    }
 }
 
 impl FileJournal {
     pub fn new(path: impl Into<PathBuf>) -> FileJournal {
         FileJournal {
             path: path.into(),
-            file: None,
+            log: None,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    fn err(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> MonitorError + '_ {
-        move |source| MonitorError::Journal {
-            path: self.path.clone(),
-            what,
-            source,
-        }
     }
 
     fn corrupt(&self, line: usize, reason: impl Into<String>) -> MonitorError {
@@ -69,85 +71,28 @@ impl FileJournal {
         }
     }
 
-    fn append(&mut self, rec: &Record) -> Result<()> {
-        if self.file.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(self.err("open for append"))?;
-            self.file = Some(f);
+    /// Opens (and locks) the log; returns its records the first time.
+    fn open(&mut self) -> Result<Vec<Record>> {
+        if self.log.is_some() {
+            return Ok(Vec::new());
         }
-        let json = serde_json::to_string(rec).expect("records serialize");
-        let line = format!("{:08x} {json}\n", crc32c::crc32c(json.as_bytes()));
-        let path = self.path.clone();
-        let f = self.file.as_mut().expect("opened above");
-        let io = |what| {
-            let path = path.clone();
-            move |source| MonitorError::Journal { path, what, source }
-        };
-        f.write_all(line.as_bytes()).map_err(io("append"))?;
-        f.sync_data().map_err(io("fdatasync"))?;
-        Ok(())
+        let (log, records) = LineLog::open(&self.path)?;
+        self.log = Some(log);
+        Ok(records)
     }
 
-    fn parse(&self, lineno: usize, line: &str) -> Result<Record> {
-        let (crc, json) = line
-            .split_once(' ')
-            .ok_or_else(|| self.corrupt(lineno, "no checksum"))?;
-        let crc =
-            u32::from_str_radix(crc, 16).map_err(|_| self.corrupt(lineno, "bad checksum field"))?;
-        if crc32c::crc32c(json.as_bytes()) != crc {
-            return Err(self.corrupt(lineno, "checksum mismatch"));
-        }
-        serde_json::from_str(json).map_err(|e| self.corrupt(lineno, e.to_string()))
+    fn append(&mut self, rec: &Record) -> Result<()> {
+        self.open()?;
+        Ok(self.log.as_mut().expect("opened above").append(rec)?)
     }
 }
 
 impl MapStore for FileJournal {
     fn load(&mut self) -> Result<Option<ClusterMap>> {
-        let f = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.err("open")(e)),
-        };
-        let mut lines = Vec::new();
-        let mut reader = BufReader::new(f);
-        loop {
-            let mut buf = Vec::new();
-            let n = reader
-                .read_until(b'\n', &mut buf)
-                .map_err(self.err("read"))?;
-            if n == 0 {
-                break;
-            }
-            lines.push(buf);
-        }
+        let records = self.open()?;
         let mut map: Option<ClusterMap> = None;
-        let mut good_len = 0u64;
-        let count = lines.len();
-        for (i, raw) in lines.iter().enumerate() {
+        for (i, rec) in records.into_iter().enumerate() {
             let lineno = i + 1;
-            let last = i + 1 == count;
-            let complete = raw.last() == Some(&b'\n');
-            let parsed = std::str::from_utf8(raw)
-                .map_err(|_| self.corrupt(lineno, "not UTF-8"))
-                .and_then(|s| self.parse(lineno, s.trim_end_matches('\n')));
-            let rec = match parsed {
-                Ok(r) if complete => r,
-                Ok(_) | Err(_) if last => {
-                    // Torn tail of an append that never completed: nobody was answered.
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&self.path)
-                        .map_err(self.err("open to cut a torn tail"))?;
-                    f.set_len(good_len).map_err(self.err("cut a torn tail"))?;
-                    f.sync_all().map_err(self.err("fsync"))?;
-                    break;
-                }
-                Ok(_) => unreachable!("only the last line can lack a newline"),
-                Err(e) => return Err(e),
-            };
             match (rec, map.as_mut()) {
                 (Record::Create { fsid }, None) => map = Some(ClusterMap::new(fsid)),
                 (Record::Create { .. }, Some(_)) => {
@@ -169,20 +114,12 @@ impl MapStore for FileJournal {
                     m.epoch = epoch;
                 }
             }
-            good_len += raw.len() as u64;
         }
         Ok(map)
     }
 
     fn create(&mut self, fsid: Uuid) -> Result<()> {
-        self.append(&Record::Create { fsid })?;
-        // Make the new file's directory entry durable too.
-        if let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(self.err("fsync of the directory"))?;
-        }
-        Ok(())
+        self.append(&Record::Create { fsid })
     }
 
     fn commit(&mut self, epoch: u64, changes: &[Change]) -> Result<()> {
@@ -196,6 +133,7 @@ impl MapStore for FileJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn replays_and_cuts_a_torn_tail() {
@@ -214,25 +152,32 @@ mod tests {
             }],
         )
         .unwrap();
+        // A second monitor on the same journal is refused while this one holds it.
+        let e = FileJournal::new(&path).load().unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(j);
         // A torn append.
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(b"deadbeef {\"record\":\"propos").unwrap();
         drop(f);
-        let m = FileJournal::new(&path).load().unwrap().unwrap();
+        // The tail is cut, so appending continues cleanly.
+        let mut j = FileJournal::new(&path);
+        let m = j.load().unwrap().unwrap();
         assert_eq!(m.fsid, fsid);
         assert_eq!(m.epoch, 1);
         assert_eq!(m.daemons.len(), 1);
-        // The tail was cut, so appending continues cleanly.
-        let mut j = FileJournal::new(&path);
-        j.load().unwrap();
         j.commit(2, &[Change::Remove { id: 0 }]).unwrap();
+        drop(j);
         let m = FileJournal::new(&path).load().unwrap().unwrap();
         assert_eq!(m.epoch, 2);
         assert!(m.daemons.is_empty());
     }
 
     #[test]
-    fn corruption_in_the_middle_is_an_error() {
+    fn a_line_that_does_not_replay_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mon.journal");
         let mut j = FileJournal::new(&path);
@@ -247,6 +192,7 @@ mod tests {
         )
         .unwrap();
         j.commit(2, &[Change::Remove { id: 0 }]).unwrap();
+        drop(j);
         let mut text = std::fs::read_to_string(&path).unwrap();
         text = text.replacen("\"epoch\":1", "\"epoch\":7", 1);
         std::fs::write(&path, text).unwrap();

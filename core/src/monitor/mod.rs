@@ -6,7 +6,7 @@
 //! * [`map`]: the map and its changes; [`state`]: the proposal logic without I/O or clocks;
 //! * [`journal`]: the [`journal::MapStore`] trait and the file journal; [`coord_store`]: the
 //!   map on a coordination backend (embedded file store or ZooKeeper);
-//! * [`server`]: the TCP server; [`client`]: the client library; [`proto`], [`wire`]: messages.
+//! * [`server`]: the TCP server; [`client`]: the client library; [`proto`]: messages (over [`crate::jsonl`]).
 
 pub mod client;
 pub mod coord_store;
@@ -16,7 +16,6 @@ pub mod map;
 pub mod proto;
 pub mod server;
 pub mod state;
-pub mod wire;
 
 pub use client::{MonitorClient, DEFAULT_CONNECT_RETRY};
 pub use coord_store::CoordStore;

@@ -17,7 +17,7 @@ use super::journal::MapStore;
 use super::map::ClusterMap;
 use super::proto::{Request, Response};
 use super::state::{MonitorState, ProposeConfig};
-use super::wire;
+use crate::jsonl as wire;
 
 type Waiter = mpsc::Sender<Response>;
 

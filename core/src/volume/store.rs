@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -633,21 +632,9 @@ impl VolumeStore {
 
 fn write_catalog(dir: &Path, c: &Catalog) -> Result<(), VolumeError> {
     let path = catalog_path(dir);
-    let tmp = dir.join("volumes.json.tmp");
-    let io = |p: &Path, source| VolumeError::Io {
-        path: p.to_path_buf(),
-        source,
-    };
     let bytes = serde_json::to_vec_pretty(c).map_err(|e| VolumeError::Catalog {
         path: path.clone(),
         msg: e.to_string(),
     })?;
-    let mut f = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(&bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))?;
-    Ok(())
+    crate::fsutil::write_atomic(&path, &bytes).map_err(|source| VolumeError::Io { path, source })
 }

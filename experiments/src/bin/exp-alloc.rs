@@ -29,7 +29,7 @@ use blocklab::alloc::BlockRef;
 use blocklab::alloc::{DeviceRegion, Strategy};
 use blocklab::dev::UringEngine;
 use clap::Parser;
-use harness::cli::alloc::{blocklab_exe, free_port, NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
+use harness::cli::alloc::{free_port, NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, RunMeta};
 use serde::Serialize;
@@ -304,7 +304,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let reps = c.repetitions_or(2, 5);
     let seconds = args.seconds.unwrap_or(c.pick(0.8, 3.0));
-    let exe = blocklab_exe()?;
+    let exe = harness::blocklab_bin(None)?;
     let set = DeviceSet::setup(c, 2, 64 << 20, 256 << 20)?;
     let with_src = regions(&set, args.block_size)?;
     let devices: Vec<DeviceRegion> = with_src.iter().map(|r| r.0.clone()).collect();

@@ -505,19 +505,7 @@ fn main() -> anyhow::Result<()> {
     let size = args.volume_mib.unwrap_or(c.pick(16, 64)) * MIB;
     let copy_rate = args.copy_rate_mib.unwrap_or(c.pick(64, 128));
     let reps = c.repetitions_or(1, 3);
-    let bin = match &args.blocklab_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("the binary's directory")?
-            .join("blocklab"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{}: the blocklab binary is missing (build it with `cargo build --bins`, or pass --blocklab-bin)",
-            bin.display()
-        );
-    }
+    let bin = harness::blocklab_bin(args.blocklab_bin.as_deref())?;
 
     // The configurations: every mode × heartbeat × backend.
     let mut configs = Vec::new();

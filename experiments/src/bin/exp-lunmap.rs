@@ -164,21 +164,6 @@ impl Drop for Gateways {
     }
 }
 
-fn blocklab_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let p = exe
-        .parent()
-        .map(|d| d.join("blocklab"))
-        .context("executable has no directory")?;
-    if !p.exists() {
-        bail!(
-            "{} not found: exp-lunmap runs gateways as `blocklab gateway` processes; build it with `cargo build -p blocklab-experiments --bins` (same profile)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 fn spawn_gateways(
     bin: &Path,
     count: usize,
@@ -617,7 +602,7 @@ fn main() -> anyhow::Result<()> {
     if a.gateways.contains(&0) || a.editors.contains(&0) {
         bail!("--gateways and --editors must be at least 1");
     }
-    let bin = blocklab_bin()?;
+    let bin = harness::blocklab_bin(None)?;
     let changes = a.changes.unwrap_or(a.common.pick(24, 200));
     if changes == 0 {
         bail!("--changes must be at least 1");

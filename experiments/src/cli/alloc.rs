@@ -487,21 +487,6 @@ pub struct WorkerSpec {
     pub hold: usize,
 }
 
-/// The `blocklab` binary next to the running executable (same target directory).
-pub fn blocklab_exe() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe().context("locating the running executable")?;
-    let dir = me.parent().context("executable has no directory")?;
-    for cand in [dir.join("blocklab"), dir.join("../blocklab")] {
-        if cand.exists() {
-            return Ok(cand);
-        }
-    }
-    bail!(
-        "no `blocklab` binary next to {} (build it: cargo build -p blocklab-experiments --bin blocklab)",
-        me.display()
-    )
-}
-
 impl WorkerProc {
     pub fn spawn(spec: &WorkerSpec, proc_id: u16) -> anyhow::Result<WorkerProc> {
         let n = &spec.node;
