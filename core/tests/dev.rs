@@ -1,12 +1,15 @@
 //! The device layer end to end: the io_uring engine on a regular file and (as root) on
 //! provisioned loop devices; provisioning and teardown, including after a crash.
 
-use blocklab::dev::provision::{self, ProvisionGuard, TeardownOutcome};
+use std::process::Command;
+use std::time::Duration;
+
+use blocklab::dev::provision::{self, ProvisionGuard, ProvisionState, TeardownOutcome};
 use blocklab::dev::{
     AlignedBuf, DevError, Device, DeviceKind, IoEngine, IoRequest, Pattern, StreamLimit, StreamOp,
     StreamSpec, UringEngine,
 };
-use blocklab::testing::{is_root, scratch_dir};
+use blocklab::testing::{is_root, scratch_dir, wait_for, LoopDevices};
 
 /// These tests exercise provisioning itself, so they hold the `ProvisionGuard` directly.
 fn state_dir() -> tempfile::TempDir {
@@ -176,12 +179,12 @@ fn loop_devices_round_trip_and_teardown() {
         assert!(
             d.direct_io,
             "{} should have direct I/O on",
-            d.device.display()
+            d.backing_file.display()
         );
-        let dev = Device::open(&d.device).unwrap();
+        let dev = Device::open(d.device.as_ref().unwrap()).unwrap();
         assert_eq!(dev.kind(), DeviceKind::Block);
         assert_eq!(dev.size(), 64 << 20);
-        assert!(provision::is_attached(d));
+        assert!(provision::is_attached(d).unwrap());
         for qd in [1, 8, 32] {
             write_read_back(&dev, qd);
         }
@@ -191,9 +194,9 @@ fn loop_devices_round_trip_and_teardown() {
     assert!(out.iter().all(|(_, o)| *o == TeardownOutcome::Detached));
     for d in &devices {
         assert!(
-            !provision::is_attached(d),
-            "{} still attached",
-            d.device.display()
+            !provision::is_attached(d).unwrap(),
+            "{:?} still attached",
+            d.device
         );
         assert!(
             !d.backing_file.exists(),
@@ -215,13 +218,16 @@ fn teardown_after_a_crash_cleans_up() {
     let state = ProvisionGuard::new(sd.path(), "t-crash", 2, 16 << 20)
         .unwrap()
         .forget();
-    assert!(state.devices.iter().all(provision::is_attached));
+    assert!(state
+        .devices
+        .iter()
+        .all(|d| provision::is_attached(d).unwrap()));
     let listed = provision::list_sets(sd.path()).unwrap();
     assert_eq!(listed, vec![state.clone()]);
     let out = provision::teardown(sd.path(), &state.set).unwrap();
     assert_eq!(out.len(), 2);
     for d in &state.devices {
-        assert!(!provision::is_attached(d));
+        assert!(!provision::is_attached(d).unwrap());
         assert!(!d.backing_file.exists());
     }
     // A second teardown of the same set is a clear error, not a silent success.
@@ -235,4 +241,202 @@ fn provision_refuses_bad_sizes_and_names() {
     assert!(provision::provision(sd.path(), "x", 1, 0).is_err());
     assert!(provision::provision(sd.path(), "../evil", 1, 4096).is_err());
     assert!(provision::provision(sd.path(), "x", 0, 4096).is_err());
+}
+
+/// A crash after the attach but before the state recorded the loop device (or before the
+/// backing file was recorded at all): teardown finds the attachment by the backing file's
+/// inode, detaches it, and removes the unrecorded file too.
+#[test]
+fn teardown_finds_attachments_the_state_did_not_record() {
+    if !is_root() {
+        eprintln!("skipping: loop devices need root");
+        return;
+    }
+    let sd = state_dir();
+    let state = ProvisionGuard::new(sd.path(), "t-norec", 2, 16 << 20)
+        .unwrap()
+        .forget();
+    let attached: Vec<_> = state.devices.iter().map(|d| d.device.clone()).collect();
+    // What the state file holds when the process dies right after LOOP_CONFIGURE.
+    let mut crashed = state.clone();
+    for d in &mut crashed.devices {
+        d.device = None;
+        d.direct_io = false;
+    }
+    let set_dir = sd.path().join(&state.set);
+    std::fs::write(
+        set_dir.join("state.json"),
+        serde_json::to_vec(&crashed).unwrap(),
+    )
+    .unwrap();
+    // And a backing file created but not recorded yet (a crash before its record).
+    std::fs::write(set_dir.join("disk-2.img"), b"").unwrap();
+    let listed: Vec<ProvisionState> = provision::list_sets(sd.path()).unwrap();
+    assert_eq!(listed, vec![crashed.clone()]);
+    assert!(crashed
+        .devices
+        .iter()
+        .all(|d| provision::is_attached(d).unwrap()));
+    let out = provision::teardown(sd.path(), &state.set).unwrap();
+    assert_eq!(out.len(), 2);
+    for ((d, outcome), dev) in out.iter().zip(&attached) {
+        assert_eq!(*outcome, TeardownOutcome::Detached);
+        assert_eq!(&d.device, dev, "the record names the loop device found");
+    }
+    for d in &state.devices {
+        assert!(!provision::is_attached(d).unwrap());
+        assert!(!d.backing_file.exists());
+    }
+    assert!(!set_dir.exists(), "set directory left behind");
+}
+
+/// A loop device still open elsewhere is not detached at once: teardown says so instead of
+/// claiming it detached, and the kernel detaches it when the last user closes it.
+#[test]
+fn teardown_of_a_device_still_open_is_pending() {
+    if !is_root() {
+        eprintln!("skipping: loop devices need root");
+        return;
+    }
+    let sd = state_dir();
+    let guard = ProvisionGuard::new(sd.path(), "t-busy", 1, 16 << 20).unwrap();
+    let d = guard.state().devices[0].clone();
+    let held = Device::open(d.device.as_ref().unwrap()).unwrap();
+    let out = guard.teardown().unwrap();
+    assert_eq!(out[0].1, TeardownOutcome::DetachPending);
+    drop(held);
+    wait_for(
+        "the kernel to detach the closed loop device",
+        Duration::from_secs(10),
+        || !provision::is_attached(&d).unwrap(),
+    );
+}
+
+/// `open_exclusive` on a block device someone holds exclusively (here: ourselves) is a
+/// clear "in use" error; a shared open still works, and a regular file has no such claim.
+#[test]
+fn open_exclusive_refuses_a_held_device() {
+    let Some(g) = LoopDevices::provision("t-excl", 1, 16 << 20) else {
+        return;
+    };
+    let paths = g.paths();
+    let p = &paths[0];
+    let first = Device::open_exclusive(p).unwrap();
+    let err = Device::open_exclusive(p).unwrap_err();
+    assert!(matches!(err, DevError::InUse { .. }), "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+    Device::open(p).unwrap();
+    drop(first);
+    Device::open_exclusive(p).unwrap();
+
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let f = file_device(&dir, 1 << 20);
+    let _a = Device::open_exclusive(f.path()).unwrap();
+    Device::open_exclusive(f.path()).unwrap();
+}
+
+/// EPERM/EACCES is a permission error, not "read-only"; EROFS (or BLKROGET) is read-only.
+#[test]
+fn permission_errors_are_not_read_only() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = file_device(&dir, 1 << 20).path().to_path_buf();
+    let immutable = Command::new("chattr").arg("+i").arg(&p).status();
+    if !immutable.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: chattr +i is not available here (needs root and ext4/xfs)");
+        return;
+    }
+    // Opening an immutable file for writing fails with EPERM, even for root.
+    let err = Device::open(&p).unwrap_err();
+    let _ = Command::new("chattr").arg("-i").arg(&p).status();
+    assert!(matches!(err, DevError::PermissionDenied { .. }), "{err}");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    assert!(!err.to_string().contains("read-only"), "{err}");
+
+    let Some(g) = LoopDevices::provision("t-ro", 1, 16 << 20) else {
+        return;
+    };
+    let paths = g.paths();
+    let dev = &paths[0];
+    assert!(Command::new("blockdev")
+        .arg("--setro")
+        .arg(dev)
+        .status()
+        .unwrap()
+        .success());
+    let err = Device::open(dev).unwrap_err();
+    let _ = Command::new("blockdev").arg("--setrw").arg(dev).status();
+    assert!(matches!(err, DevError::ReadOnly { .. }), "{err}");
+}
+
+/// A stream may not ask for more in flight than the engine allows (nor for nothing).
+#[test]
+fn stream_refuses_a_queue_depth_beyond_the_engine() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dev = file_device(&dir, 1 << 20);
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    for qd in [0, 5, 64] {
+        let spec = StreamSpec {
+            op: StreamOp::Read,
+            pattern: Pattern::Sequential,
+            block_size: 4096,
+            queue_depth: qd,
+            region_offset: 0,
+            region_len: 0,
+            limit: StreamLimit::Ops(10),
+            fixed_buffers: false,
+            fixed_file: false,
+        };
+        let err = eng.stream(&dev, &spec, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, DevError::Config(_)), "qd {qd}: {err}");
+        assert!(err.to_string().contains("queue depth"), "{err}");
+    }
+}
+
+/// The stream's buffers are kept from call to call: a write stream after a read stream
+/// (which overwrote them with zeros) still writes non-zero data, and a change of block
+/// size or of registration works.
+#[test]
+fn stream_buffers_survive_calls_of_other_shapes() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dev = file_device(&dir, 8 << 20);
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    let spec = |op, bs: usize, fixed, off: u64| StreamSpec {
+        op,
+        pattern: Pattern::Sequential,
+        block_size: bs,
+        queue_depth: 8,
+        region_offset: off,
+        region_len: 2 << 20,
+        limit: StreamLimit::Ops((2 << 20) / bs as u64),
+        fixed_buffers: fixed,
+        fixed_file: fixed,
+    };
+    let runs = [
+        (StreamOp::Read, 4096, true, 0),
+        (StreamOp::Write, 4096, true, 2 << 20),
+        (StreamOp::Read, 65536, false, 0),
+        (StreamOp::Write, 65536, false, 4 << 20),
+        (StreamOp::Read, 4096, false, 0),
+        (StreamOp::Write, 4096, true, 6 << 20),
+    ];
+    for (op, bs, fixed, off) in runs {
+        let st = eng
+            .stream(&dev, &spec(op, bs, fixed, off), &mut |_| {})
+            .unwrap();
+        assert_eq!(st.bytes, 2 << 20);
+    }
+    // Every written block holds data (a read in between must not turn writes into zeros).
+    let mut back = AlignedBuf::new(8 << 20);
+    eng.read_at(&dev, 0, &mut back).unwrap();
+    assert!(
+        back[..2 << 20].iter().all(|&b| b == 0),
+        "reads wrote nothing"
+    );
+    for block in back[2 << 20..].chunks(4096) {
+        assert!(
+            block.iter().any(|&b| b != 0),
+            "a written block is all zeros"
+        );
+    }
 }

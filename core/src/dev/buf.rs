@@ -1,4 +1,4 @@
-//! Buffers aligned for direct I/O, and a pool of them.
+//! Buffers aligned for direct I/O.
 
 use std::alloc::{self, Layout};
 use std::ops::{Deref, DerefMut};
@@ -63,10 +63,6 @@ impl AlignedBuf {
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
-    /// Fills the buffer with zeros.
-    pub fn zero(&mut self) {
-        self.fill(0);
-    }
 }
 
 impl Deref for AlignedBuf {
@@ -109,47 +105,6 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// A pool of equally sized aligned buffers, so hot loops do not allocate.
-#[derive(Debug)]
-pub struct BufPool {
-    buf_len: usize,
-    align: usize,
-    free: Vec<AlignedBuf>,
-}
-
-impl BufPool {
-    /// A pool that hands out buffers of `buf_len` bytes, pre-allocating `count`.
-    pub fn new(buf_len: usize, align: usize, count: usize) -> BufPool {
-        let free = (0..count)
-            .map(|_| AlignedBuf::with_alignment(buf_len, align))
-            .collect();
-        BufPool {
-            buf_len,
-            align,
-            free,
-        }
-    }
-    /// A buffer from the pool, or a new one when the pool is empty. Its contents are
-    /// whatever the last user left.
-    pub fn take(&mut self) -> AlignedBuf {
-        self.free
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::with_alignment(self.buf_len, self.align))
-    }
-    /// Returns a buffer to the pool; a buffer of another size is dropped.
-    pub fn give(&mut self, buf: AlignedBuf) {
-        if buf.len() == self.buf_len.div_ceil(buf.alignment()) * buf.alignment() {
-            self.free.push(buf);
-        }
-    }
-    pub fn available(&self) -> usize {
-        self.free.len()
-    }
-    pub fn buf_len(&self) -> usize {
-        self.buf_len
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,17 +117,5 @@ mod tests {
         assert!(b.iter().all(|&x| x == 0));
         let b = AlignedBuf::with_alignment(8192, 8192);
         assert_eq!(b.as_ptr() as usize % 8192, 0);
-    }
-
-    #[test]
-    fn pool_reuses() {
-        let mut p = BufPool::new(4096, 4096, 2);
-        let mut a = p.take();
-        a[0] = 7;
-        let addr = a.as_ptr();
-        p.give(a);
-        let b = p.take();
-        assert_eq!(b.as_ptr(), addr);
-        assert_eq!(p.available(), 1);
     }
 }

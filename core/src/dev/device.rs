@@ -31,11 +31,13 @@ impl std::fmt::Display for DeviceKind {
     }
 }
 
-/// How to open a device.
+/// How a device is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+enum Mode {
     ReadOnly,
     ReadWrite,
+    /// Read-write, and `O_EXCL` for a block device.
+    Exclusive,
 }
 
 /// An open block device or regular file, always with `O_DIRECT`.
@@ -46,23 +48,31 @@ pub struct Device {
     kind: DeviceKind,
     size: u64,
     logical_sector: u32,
-    access: Access,
 }
 
 impl Device {
     /// Opens `path` for reading and writing with `O_DIRECT`.
     pub fn open(path: impl AsRef<Path>) -> Result<Device> {
-        Self::open_with(path, Access::ReadWrite)
+        Self::open_mode(path.as_ref(), Mode::ReadWrite)
     }
 
     /// Opens `path` read-only with `O_DIRECT`.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Device> {
-        Self::open_with(path, Access::ReadOnly)
+        Self::open_mode(path.as_ref(), Mode::ReadOnly)
     }
 
-    /// Opens `path` with `O_DIRECT` and the given access.
-    pub fn open_with(path: impl AsRef<Path>, access: Access) -> Result<Device> {
-        let path = path.as_ref().to_path_buf();
+    /// Opens `path` for reading and writing with `O_DIRECT` and, for a block device,
+    /// `O_EXCL`: the kernel refuses the open ([`DevError::InUse`]) while the device is
+    /// mounted, held by device-mapper, md or LVM, or opened exclusively by another
+    /// process; and while this `Device` is open, none of them can claim it. Use it before
+    /// overwriting a device. A regular file has no such claim and opens as with
+    /// [`Device::open`].
+    pub fn open_exclusive(path: impl AsRef<Path>) -> Result<Device> {
+        Self::open_mode(path.as_ref(), Mode::Exclusive)
+    }
+
+    fn open_mode(path: &Path, mode: Mode) -> Result<Device> {
+        let path = path.to_path_buf();
         let meta = std::fs::metadata(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 DevError::NotFound { path: path.clone() }
@@ -80,23 +90,31 @@ impl Device {
         } else {
             return Err(DevError::UnsupportedKind { path });
         };
-        let mut opts = OpenOptions::new();
-        opts.read(true)
-            .write(access == Access::ReadWrite)
-            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC);
-        let file = opts.open(&path).map_err(|e| match e.raw_os_error() {
-            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
-                if access == Access::ReadWrite =>
-            {
-                DevError::ReadOnly {
+        let write = mode != Mode::ReadOnly;
+        let exclusive = mode == Mode::Exclusive && kind == DeviceKind::Block;
+        let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
+        if exclusive {
+            flags |= libc::O_EXCL;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(flags)
+            .open(&path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EROFS) if write => DevError::ReadOnly {
                     path: path.clone(),
                     source: e,
-                }
-            }
-            _ => DevError::os(&path, "open(O_DIRECT)", e),
-        })?;
-        if access == Access::ReadWrite && kind == DeviceKind::Block {
-            let ro = ioctl::block_read_only(file.as_raw_fd())
+                },
+                Some(libc::EACCES) | Some(libc::EPERM) => DevError::PermissionDenied {
+                    path: path.clone(),
+                    source: e,
+                },
+                Some(libc::EBUSY) if exclusive => DevError::InUse { path: path.clone() },
+                _ => DevError::os(&path, "open(O_DIRECT)", e),
+            })?;
+        if write && kind == DeviceKind::Block {
+            let ro = ioctl::block_read_only(&file)
                 .map_err(|e| DevError::os(&path, "ioctl(BLKROGET)", e))?;
             if ro {
                 return Err(DevError::ReadOnly {
@@ -107,10 +125,9 @@ impl Device {
         }
         let (size, logical_sector) = match kind {
             DeviceKind::Block => {
-                let fd = file.as_raw_fd();
-                let size = ioctl::block_size_bytes(fd)
+                let size = ioctl::block_size_bytes(&file)
                     .map_err(|e| DevError::os(&path, "ioctl(BLKGETSIZE64)", e))?;
-                let sector = ioctl::block_logical_sector(fd)
+                let sector = ioctl::block_logical_sector(&file)
                     .map_err(|e| DevError::os(&path, "ioctl(BLKSSZGET)", e))?;
                 (size, sector)
             }
@@ -122,7 +139,6 @@ impl Device {
             kind,
             size,
             logical_sector,
-            access,
         })
     }
 
@@ -144,12 +160,6 @@ impl Device {
     /// size, and never less than [`MIN_ALIGN`].
     pub fn align(&self) -> usize {
         (self.logical_sector as usize).max(MIN_ALIGN)
-    }
-    pub fn access(&self) -> Access {
-        self.access
-    }
-    pub fn file(&self) -> &File {
-        &self.file
     }
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -5,14 +5,19 @@
 //!
 //! * [`IoEngine::execute`] takes a batch of [`IoRequest`]s (reads, writes, flushes on any
 //!   number of devices) and returns once every one has completed. Up to the queue depth are
-//!   in flight at once; a flush request is a barrier (`IOSQE_IO_DRAIN`): it starts after
-//!   every earlier request of the batch completed and later ones start after it. Short
-//!   transfers are resumed, `EAGAIN`/`EINTR` resubmitted, and the first error is returned
-//!   after every request already in flight has completed, so no buffer is ever borrowed by
-//!   the kernel after the call returns.
+//!   in flight at once. A flush request is a barrier: the batch is cut at each flush, every
+//!   request before it runs to completion (short transfers resumed, `EAGAIN`/`EINTR`
+//!   resubmitted), then the flush runs alone, then the requests after it. So `[write,
+//!   fdatasync]` returns `Ok` only once the whole write was done before the flush started.
+//!   (`IOSQE_IO_DRAIN` is not enough: it orders a request against those submitted before
+//!   it, and the resumed part of a short write is submitted after the flush.) The first
+//!   error is returned after every request already in flight has completed, and nothing
+//!   after it is started, so no buffer is ever borrowed by the kernel after the call
+//!   returns.
 //! * [`IoEngine::stream`] keeps `queue_depth` fixed-size reads or writes in flight on one
 //!   device (the shape of a benchmark), optionally with registered buffers and a fixed
-//!   file, reporting each completion's latency.
+//!   file, reporting each completion's latency. Its buffers (and their registration) are
+//!   kept in the engine from call to call while the block size stays the same.
 
 use std::time::{Duration, Instant};
 
@@ -77,6 +82,9 @@ impl<'a> IoRequest<'a> {
             IoOp::Fsync => "fsync",
             IoOp::Fdatasync => "fdatasync",
         }
+    }
+    fn is_flush(&self) -> bool {
+        matches!(self.op, IoOp::Fsync | IoOp::Fdatasync)
     }
     fn len(&self) -> usize {
         match &self.op {
@@ -188,24 +196,14 @@ pub trait IoEngine {
     }
 }
 
-/// Engine settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EngineConfig {
-    /// Most requests in flight at once (1..=4096).
-    pub queue_depth: u32,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig { queue_depth: 32 }
-    }
-}
-
 /// The io_uring implementation of [`IoEngine`]. One per thread.
 pub struct UringEngine {
     ring: IoUring,
     queue_depth: u32,
     scratch: Scratch,
+    stream_bufs: StreamBufs,
+    #[cfg(test)]
+    hooks: tests::Hooks,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -219,27 +217,34 @@ impl std::fmt::Debug for UringEngine {
 /// Buffers `execute` reuses from call to call.
 #[derive(Default)]
 struct Scratch {
-    progress: Vec<Progress>,
+    /// Bytes done of each request of the batch.
+    done: Vec<usize>,
     cqes: Vec<(u64, i32)>,
     retry: Vec<usize>,
 }
 
-/// Progress of one request of a batch.
-#[derive(Clone, Copy, Default)]
-struct Progress {
-    done: usize,
-    finished: bool,
+/// The buffers of `stream`, kept from call to call: allocating, filling and registering
+/// them costs more than a short stream.
+#[derive(Default)]
+struct StreamBufs {
+    bufs: Vec<AlignedBuf>,
+    /// Block size and alignment of `bufs`.
+    shape: (usize, usize),
+    /// `bufs` are registered with the ring (their indexes are the buffer indexes).
+    registered: bool,
+    /// `bufs` hold the pseudo-random bytes writes send (a read overwrites them).
+    write_pattern: bool,
 }
 
 impl UringEngine {
-    pub fn new(config: EngineConfig) -> Result<UringEngine> {
-        if config.queue_depth == 0 || config.queue_depth > 4096 {
+    /// An engine with queue depth `qd` (1..=4096): at most `qd` requests in flight.
+    pub fn with_queue_depth(qd: u32) -> Result<UringEngine> {
+        if qd == 0 || qd > 4096 {
             return Err(DevError::Config(format!(
-                "queue depth must be 1..=4096, got {}",
-                config.queue_depth
+                "queue depth must be 1..=4096, got {qd}"
             )));
         }
-        let entries = config.queue_depth.next_power_of_two();
+        let entries = qd.next_power_of_two();
         // COOP_TASKRUN (Linux 5.19+) spares an interrupt per completion, as fio's io_uring
         // engine does; older kernels refuse the flag, so fall back to a plain ring.
         let ring = IoUring::builder()
@@ -253,44 +258,40 @@ impl UringEngine {
             })?;
         Ok(UringEngine {
             ring,
-            queue_depth: config.queue_depth,
+            queue_depth: qd,
             scratch: Scratch::default(),
+            stream_bufs: StreamBufs::default(),
+            #[cfg(test)]
+            hooks: tests::Hooks::default(),
         })
-    }
-
-    /// An engine with queue depth `qd`.
-    pub fn with_queue_depth(qd: u32) -> Result<UringEngine> {
-        Self::new(EngineConfig { queue_depth: qd })
     }
 
     pub fn queue_depth(&self) -> u32 {
         self.queue_depth
     }
 
-    /// Builds the submission entry for the unfinished part of request `idx`.
-    fn entry(req: &mut IoRequest<'_>, idx: usize, done: usize) -> squeue::Entry {
+    /// Builds the submission entry for `len` bytes of request `idx` from byte `done` on
+    /// (the whole rest, or less under a test hook).
+    fn entry(req: &mut IoRequest<'_>, idx: usize, done: usize, len: usize) -> squeue::Entry {
         let fd = types::Fd(req.dev.raw_fd());
         let off = req.offset + done as u64;
         let e = match &mut req.op {
             IoOp::Read(b) => {
-                let rest = &mut b[done..];
+                let rest = &mut b[done..done + len];
                 opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
                     .offset(off)
                     .build()
             }
             IoOp::Write(b) => {
-                let rest = &b[done..];
+                let rest = &b[done..done + len];
                 opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
                     .offset(off)
                     .build()
             }
-            IoOp::Fsync => opcode::Fsync::new(fd)
-                .build()
-                .flags(squeue::Flags::IO_DRAIN),
+            IoOp::Fsync => opcode::Fsync::new(fd).build(),
             IoOp::Fdatasync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .flags(squeue::Flags::IO_DRAIN),
+                .build(),
         };
         e.user_data(idx as u64)
     }
@@ -374,6 +375,153 @@ impl UringEngine {
         out.clear();
         out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
     }
+
+    /// Runs `reqs[range]` to completion: up to the queue depth in flight, short transfers
+    /// resumed, `EAGAIN`/`EINTR` resubmitted. Returns the first error once nothing of the
+    /// range is in flight any more; after an error nothing new is submitted.
+    fn run_segment(
+        &mut self,
+        reqs: &mut [IoRequest<'_>],
+        range: std::ops::Range<usize>,
+        s: &mut Scratch,
+    ) -> Result<()> {
+        s.retry.clear();
+        let mut next = range.start;
+        let mut in_flight = 0usize;
+        let mut first_err: Option<DevError> = None;
+        while in_flight > 0 || (first_err.is_none() && (next < range.end || !s.retry.is_empty())) {
+            if first_err.is_none() {
+                while in_flight < self.queue_depth as usize {
+                    let idx = if let Some(i) = s.retry.pop() {
+                        i
+                    } else if next < range.end {
+                        next += 1;
+                        next - 1
+                    } else {
+                        break;
+                    };
+                    let done = s.done[idx];
+                    #[allow(unused_mut)]
+                    let mut len = reqs[idx].len() - done;
+                    #[cfg(test)]
+                    {
+                        len = self.hooks.submit(idx, done, len, reqs[idx].dev.align());
+                    }
+                    let e = Self::entry(&mut reqs[idx], idx, done, len);
+                    self.push(&e)?;
+                    in_flight += 1;
+                }
+            }
+            self.wait_one(in_flight)?;
+            let mut cqes = std::mem::take(&mut s.cqes);
+            self.reap(&mut cqes);
+            for &(ud, res) in &cqes {
+                in_flight -= 1;
+                let idx = ud as usize;
+                #[cfg(test)]
+                self.hooks.complete(idx);
+                let req = &reqs[idx];
+                let done = &mut s.done[idx];
+                if res < 0 {
+                    let errno = -res;
+                    if errno == libc::EAGAIN || errno == libc::EINTR {
+                        s.retry.push(idx);
+                        continue;
+                    }
+                    first_err.get_or_insert(DevError::Io {
+                        path: req.dev.path().to_path_buf(),
+                        op: req.name(),
+                        offset: req.offset + *done as u64,
+                        len: (req.len() - *done) as u64,
+                        source: std::io::Error::from_raw_os_error(errno),
+                    });
+                    continue;
+                }
+                let len = req.len();
+                if len == 0 {
+                    continue;
+                }
+                if res == 0 {
+                    first_err.get_or_insert(DevError::Short {
+                        path: req.dev.path().to_path_buf(),
+                        op: req.name(),
+                        offset: req.offset,
+                        len: len as u64,
+                        done: *done as u64,
+                    });
+                    continue;
+                }
+                *done += res as usize;
+                if *done < len {
+                    s.retry.push(idx); // short transfer: resume the rest
+                }
+            }
+            s.cqes = cqes;
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `self.stream_bufs` hold `qd` buffers of `bs` bytes aligned to `align`,
+    /// registered when `register`, filled with the write pattern when `write`.
+    fn prepare_stream_bufs(
+        &mut self,
+        bs: usize,
+        align: usize,
+        qd: usize,
+        register: bool,
+        write: bool,
+    ) -> Result<()> {
+        let sb = &mut self.stream_bufs;
+        if sb.shape != (bs, align) || sb.bufs.len() < qd {
+            if sb.registered {
+                // Nothing is in flight between calls, so the old buffers can go.
+                let _ = self.ring.submitter().unregister_buffers();
+                sb.registered = false;
+            }
+            sb.bufs = (0..qd)
+                .map(|_| AlignedBuf::with_alignment(bs, align))
+                .collect();
+            sb.shape = (bs, align);
+            sb.write_pattern = false;
+        }
+        if write && !sb.write_pattern {
+            let mut rng = SplitMix64(0x5eed_b10c);
+            for b in sb.bufs.iter_mut() {
+                for chunk in b.chunks_mut(8) {
+                    chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
+                }
+            }
+            sb.write_pattern = true;
+        }
+        if !write {
+            sb.write_pattern = false;
+        }
+        if register && !sb.registered {
+            let iovecs: Vec<libc::iovec> = sb
+                .bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            // SAFETY: the iovecs describe `sb.bufs`, whose allocations stay put (moving
+            // an AlignedBuf or the Vec does not move the heap buffer) until they are
+            // unregistered above, or the ring is dropped: `ring` is the engine's first
+            // field, so it is closed before the buffers are freed.
+            unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
+                DevError::Ring {
+                    op: "register_buffers",
+                    source,
+                }
+            })?;
+            sb.registered = true;
+        }
+        Ok(())
+    }
 }
 
 impl IoEngine for UringEngine {
@@ -383,89 +531,30 @@ impl IoEngine for UringEngine {
         }
         // Reused across calls: a log append is two small batches per write, and should not
         // cost three allocations each.
-        let Scratch {
-            mut progress,
-            mut cqes,
-            mut retry,
-        } = std::mem::take(&mut self.scratch);
-        progress.clear();
-        progress.resize(reqs.len(), Progress::default());
-        retry.clear();
-        let mut next = 0usize;
-        let mut in_flight = 0usize;
-        let mut first_err: Option<DevError> = None;
-        while in_flight > 0 || (first_err.is_none() && (next < reqs.len() || !retry.is_empty())) {
-            if first_err.is_none() {
-                while in_flight < self.queue_depth as usize {
-                    let idx = if let Some(i) = retry.pop() {
-                        i
-                    } else if next < reqs.len() {
-                        next += 1;
-                        next - 1
-                    } else {
-                        break;
-                    };
-                    let e = Self::entry(&mut reqs[idx], idx, progress[idx].done);
-                    self.push(&e)?;
-                    in_flight += 1;
-                }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.done.clear();
+        scratch.done.resize(reqs.len(), 0);
+        let mut result = Ok(());
+        let mut start = 0;
+        while start < reqs.len() {
+            // The barrier: a flush is a segment of its own, and `run_segment` returns only
+            // once everything of the previous segment has completed.
+            let end = if reqs[start].is_flush() {
+                start + 1
+            } else {
+                reqs[start..]
+                    .iter()
+                    .position(IoRequest::is_flush)
+                    .map_or(reqs.len(), |p| start + p)
+            };
+            result = self.run_segment(reqs, start..end, &mut scratch);
+            if result.is_err() {
+                break;
             }
-            self.wait_one(in_flight)?;
-            self.reap(&mut cqes);
-            for &(ud, res) in &cqes {
-                in_flight -= 1;
-                let idx = ud as usize;
-                let req = &reqs[idx];
-                let p = &mut progress[idx];
-                if res < 0 {
-                    let errno = -res;
-                    if errno == libc::EAGAIN || errno == libc::EINTR {
-                        retry.push(idx);
-                        continue;
-                    }
-                    p.finished = true;
-                    first_err.get_or_insert(DevError::Io {
-                        path: req.dev.path().to_path_buf(),
-                        op: req.name(),
-                        offset: req.offset + p.done as u64,
-                        len: (req.len() - p.done) as u64,
-                        source: std::io::Error::from_raw_os_error(errno),
-                    });
-                    continue;
-                }
-                let len = req.len();
-                if len == 0 {
-                    p.finished = true;
-                    continue;
-                }
-                if res == 0 {
-                    p.finished = true;
-                    first_err.get_or_insert(DevError::Short {
-                        path: req.dev.path().to_path_buf(),
-                        op: req.name(),
-                        offset: req.offset,
-                        len: len as u64,
-                        done: p.done as u64,
-                    });
-                    continue;
-                }
-                p.done += res as usize;
-                if p.done < len {
-                    retry.push(idx); // short transfer: resume the rest
-                } else {
-                    p.finished = true;
-                }
-            }
+            start = end;
         }
-        self.scratch = Scratch {
-            progress,
-            cqes,
-            retry,
-        };
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.scratch = scratch;
+        result
     }
 
     fn stream(
@@ -483,6 +572,17 @@ impl IoEngine for UringEngine {
                 align: dev.align() as u64,
             });
         }
+        if spec.queue_depth == 0 || spec.queue_depth > self.queue_depth {
+            return Err(DevError::Config(format!(
+                "stream queue depth {} must be 1..={} (the engine's queue depth)",
+                spec.queue_depth, self.queue_depth
+            )));
+        }
+        if bs > u32::MAX as usize {
+            return Err(DevError::Config(format!(
+                "a single request is limited to 4 GiB, got a block size of {bs} bytes"
+            )));
+        }
         let region_len = if spec.region_len == 0 {
             dev.size().saturating_sub(spec.region_offset)
         } else {
@@ -497,56 +597,30 @@ impl IoEngine for UringEngine {
                 needed: spec.region_offset + bs as u64,
             });
         }
-        let qd = spec.queue_depth.clamp(1, self.queue_depth) as usize;
-        let mut bufs: Vec<AlignedBuf> = (0..qd)
-            .map(|_| AlignedBuf::with_alignment(bs, dev.align()))
-            .collect();
-        if spec.op == StreamOp::Write {
-            let mut rng = SplitMix64(0x5eed_b10c);
-            for b in bufs.iter_mut() {
-                for chunk in b.chunks_mut(8) {
-                    chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
-                }
-            }
-        }
-        let mut registered_bufs = false;
-        let mut registered_file = false;
-        if spec.fixed_buffers {
-            let iovecs: Vec<libc::iovec> = bufs
-                .iter_mut()
-                .map(|b| libc::iovec {
-                    iov_base: b.as_mut_ptr().cast(),
-                    iov_len: b.len(),
-                })
-                .collect();
-            // SAFETY: the iovecs describe `bufs`, which stay allocated and unmoved (the
-            // Vec is not resized) until `unregister_buffers` below, on every path.
-            unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
-                DevError::Ring {
-                    op: "register_buffers",
-                    source,
-                }
-            })?;
-            registered_bufs = true;
-        }
+        let qd = spec.queue_depth as usize;
+        self.prepare_stream_bufs(
+            bs,
+            dev.align(),
+            qd,
+            spec.fixed_buffers,
+            spec.op == StreamOp::Write,
+        )?;
+        // The file is registered for this call only: a registered file keeps the device
+        // open (a loop device would not detach) until it is unregistered.
         if spec.fixed_file {
-            if let Err(source) = self.ring.submitter().register_files(&[dev.raw_fd()]) {
-                if registered_bufs {
-                    let _ = self.ring.submitter().unregister_buffers();
-                }
-                return Err(DevError::Ring {
+            self.ring
+                .submitter()
+                .register_files(&[dev.raw_fd()])
+                .map_err(|source| DevError::Ring {
                     op: "register_files",
                     source,
-                });
-            }
-            registered_file = true;
+                })?;
         }
-        let result = self.run_stream(dev, spec, &mut bufs, blocks, qd, on_complete);
-        if registered_file {
+        let mut sb = std::mem::take(&mut self.stream_bufs);
+        let result = self.run_stream(dev, spec, &mut sb.bufs[..qd], blocks, on_complete);
+        self.stream_bufs = sb;
+        if spec.fixed_file {
             let _ = self.ring.submitter().unregister_files();
-        }
-        if registered_bufs {
-            let _ = self.ring.submitter().unregister_buffers();
         }
         result
     }
@@ -559,10 +633,10 @@ impl UringEngine {
         spec: &StreamSpec,
         bufs: &mut [AlignedBuf],
         blocks: u64,
-        qd: usize,
         on_complete: &mut dyn FnMut(Duration),
     ) -> Result<StreamStats> {
         let bs = spec.block_size;
+        let qd = bufs.len();
         let mut rng = SplitMix64(match spec.pattern {
             Pattern::Random { seed } => seed,
             Pattern::Sequential => 0,
@@ -607,7 +681,7 @@ impl UringEngine {
                     let off = next_offset();
                     offsets[slot] = off;
                     let e = Self::stream_entry(dev, spec, &mut bufs[slot], slot, off);
-                    // SAFETY: the entry points at `bufs[slot]`, owned by `stream` and not
+                    // SAFETY: the entry points at `bufs[slot]`, owned by the engine and not
                     // touched again until this slot's completion is reaped; `run_stream`
                     // reaps every in-flight request before returning. The queue has room:
                     // at most `qd` <= SQ size requests are in flight, and everything queued
@@ -686,62 +760,196 @@ impl UringEngine {
         off: u64,
     ) -> squeue::Entry {
         let len = spec.block_size as u32;
-        let e = match (spec.op, spec.fixed_file, spec.fixed_buffers) {
-            (StreamOp::Read, false, false) => {
-                opcode::Read::new(types::Fd(dev.raw_fd()), buf.as_mut_ptr(), len)
+        // A fixed file is index 0 of the registered table, flagged FIXED_FILE.
+        let fd = types::Fd(if spec.fixed_file { 0 } else { dev.raw_fd() });
+        let e = match (spec.op, spec.fixed_buffers) {
+            (StreamOp::Read, false) => opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                .offset(off)
+                .build(),
+            (StreamOp::Read, true) => {
+                opcode::ReadFixed::new(fd, buf.as_mut_ptr(), len, slot as u16)
                     .offset(off)
                     .build()
             }
-            (StreamOp::Read, true, false) => {
-                opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), len)
-                    .offset(off)
-                    .build()
-            }
-            (StreamOp::Read, false, true) => {
-                opcode::ReadFixed::new(types::Fd(dev.raw_fd()), buf.as_mut_ptr(), len, slot as u16)
-                    .offset(off)
-                    .build()
-            }
-            (StreamOp::Read, true, true) => {
-                opcode::ReadFixed::new(types::Fixed(0), buf.as_mut_ptr(), len, slot as u16)
-                    .offset(off)
-                    .build()
-            }
-            (StreamOp::Write, false, false) => {
-                opcode::Write::new(types::Fd(dev.raw_fd()), buf.as_ptr(), len)
-                    .offset(off)
-                    .build()
-            }
-            (StreamOp::Write, true, false) => {
-                opcode::Write::new(types::Fixed(0), buf.as_ptr(), len)
-                    .offset(off)
-                    .build()
-            }
-            (StreamOp::Write, false, true) => {
-                opcode::WriteFixed::new(types::Fd(dev.raw_fd()), buf.as_ptr(), len, slot as u16)
-                    .offset(off)
-                    .build()
-            }
-            (StreamOp::Write, true, true) => {
-                opcode::WriteFixed::new(types::Fixed(0), buf.as_ptr(), len, slot as u16)
-                    .offset(off)
-                    .build()
-            }
+            (StreamOp::Write, false) => opcode::Write::new(fd, buf.as_ptr(), len)
+                .offset(off)
+                .build(),
+            (StreamOp::Write, true) => opcode::WriteFixed::new(fd, buf.as_ptr(), len, slot as u16)
+                .offset(off)
+                .build(),
+        };
+        let e = if spec.fixed_file {
+            e.flags(squeue::Flags::FIXED_FILE)
+        } else {
+            e
         };
         e.user_data(slot as u64)
     }
 }
 
-/// A small, fast, seeded generator for benchmark offsets (SplitMix64).
+/// A small, fast, seeded generator for benchmark offsets and write contents (SplitMix64).
 #[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
+struct SplitMix64(u64);
 
 impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `execute` submitted and reaped, in order (request indexes).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Event {
+        Submit(usize),
+        Complete(usize),
+    }
+
+    /// Test hooks of `execute`.
+    #[derive(Debug, Default)]
+    pub(super) struct Hooks {
+        /// Submit only the first half (aligned) of every request of at least two alignment
+        /// units the first time, so that each is a short transfer `execute` must resume.
+        split_first: bool,
+        trace: Vec<Event>,
+    }
+
+    impl Hooks {
+        /// Records a submission; returns how many of the `len` remaining bytes to submit.
+        pub(super) fn submit(
+            &mut self,
+            idx: usize,
+            done: usize,
+            len: usize,
+            align: usize,
+        ) -> usize {
+            self.trace.push(Event::Submit(idx));
+            if self.split_first && done == 0 && len >= 2 * align {
+                len / 2 / align * align
+            } else {
+                len
+            }
+        }
+        pub(super) fn complete(&mut self, idx: usize) {
+            self.trace.push(Event::Complete(idx));
+        }
+    }
+
+    fn file_device(dir: &tempfile::TempDir, size: u64) -> Device {
+        let p = dir.path().join("dev.img");
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        Device::open(&p).unwrap()
+    }
+
+    fn filled(len: usize, seed: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::new(len);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(7).wrapping_add(seed);
+        }
+        b
+    }
+
+    /// Position of the first / last event matching `e` in the trace.
+    fn first(trace: &[Event], e: Event) -> usize {
+        trace.iter().position(|&x| x == e).unwrap()
+    }
+    fn last(trace: &[Event], e: Event) -> usize {
+        trace.iter().rposition(|&x| x == e).unwrap()
+    }
+
+    /// `[writes..., flush, writes..., flush]` with every write resumed after a short first
+    /// transfer: each flush is submitted only after every earlier request completed (the
+    /// resumed parts included), later requests only after the flush completed, and every
+    /// byte lands.
+    #[test]
+    fn a_flush_is_a_barrier_even_for_resumed_writes() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dev = file_device(&dir, 4 << 20);
+        for split in [false, true] {
+            let mut eng = UringEngine::with_queue_depth(8).unwrap();
+            eng.hooks.split_first = split;
+            let bufs: Vec<AlignedBuf> = (0..40).map(|i| filled(16 << 10, i as u8 + 1)).collect();
+            let mut reqs: Vec<IoRequest<'_>> = Vec::new();
+            for (i, b) in bufs.iter().enumerate() {
+                if i == 20 {
+                    reqs.push(IoRequest::fdatasync(&dev));
+                }
+                reqs.push(IoRequest::write(&dev, i as u64 * (32 << 10), b));
+            }
+            reqs.push(IoRequest::fsync(&dev));
+            eng.execute(&mut reqs).unwrap();
+            let trace = std::mem::take(&mut eng.hooks.trace);
+            let flushes: Vec<usize> = (0..reqs.len()).filter(|&i| reqs[i].is_flush()).collect();
+            assert_eq!(flushes, vec![20, 41]);
+            for &f in &flushes {
+                let f_submit = first(&trace, Event::Submit(f));
+                let f_done = last(&trace, Event::Complete(f));
+                for i in 0..reqs.len() {
+                    if i < f {
+                        assert!(
+                            last(&trace, Event::Complete(i)) < f_submit,
+                            "request {i} completed after flush {f} started (split {split})"
+                        );
+                    } else if i > f {
+                        assert!(
+                            first(&trace, Event::Submit(i)) > f_done,
+                            "request {i} started before flush {f} completed (split {split})"
+                        );
+                    }
+                }
+            }
+            let submits = |i: usize| trace.iter().filter(|&&e| e == Event::Submit(i)).count();
+            for i in (0..reqs.len()).filter(|i| !flushes.contains(i)) {
+                assert_eq!(submits(i), if split { 2 } else { 1 }, "request {i}");
+            }
+            // Every byte landed.
+            let mut back = AlignedBuf::new(16 << 10);
+            for (i, b) in bufs.iter().enumerate() {
+                eng.read_at(&dev, i as u64 * (32 << 10), &mut back).unwrap();
+                assert_eq!(&back[..], &b[..], "write {i} (split {split})");
+            }
+        }
+    }
+
+    /// Reads are resumed as well, and the queue depth bounds what is in flight.
+    #[test]
+    fn resumed_reads_and_queue_depth() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dev = file_device(&dir, 1 << 20);
+        let data = filled(1 << 20, 3);
+        let mut eng = UringEngine::with_queue_depth(4).unwrap();
+        eng.write_at(&dev, 0, &data).unwrap();
+        eng.hooks.split_first = true;
+        eng.hooks.trace.clear();
+        let mut back: Vec<AlignedBuf> = (0..16).map(|_| AlignedBuf::new(64 << 10)).collect();
+        let mut reqs: Vec<IoRequest<'_>> = back
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| IoRequest::read(&dev, i as u64 * (64 << 10), b))
+            .collect();
+        eng.execute(&mut reqs).unwrap();
+        drop(reqs);
+        for (i, b) in back.iter().enumerate() {
+            assert_eq!(
+                &b[..],
+                &data[i * (64 << 10)..(i + 1) * (64 << 10)],
+                "read {i}"
+            );
+        }
+        let mut in_flight = 0i32;
+        for e in &eng.hooks.trace {
+            in_flight += if matches!(e, Event::Submit(_)) { 1 } else { -1 };
+            assert!(
+                (0..=4).contains(&in_flight),
+                "{in_flight} in flight at QD 4"
+            );
+        }
     }
 }

@@ -25,6 +25,14 @@ pub enum DevError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: permission denied (root needed for block devices?): {source}")]
+    PermissionDenied {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: in use (mounted, held by another driver such as device-mapper, md or LVM, or opened exclusively by another process)")]
+    InUse { path: PathBuf },
     #[error("{path}: {what} {value} is not a multiple of the device alignment {align} bytes")]
     Misaligned {
         path: PathBuf,
@@ -78,7 +86,8 @@ pub enum DevError {
     },
     #[error("invalid engine configuration: {0}")]
     Config(String),
-    #[error("provisioning loop devices needs root (running as uid {uid}); use --files DIR to run on regular files instead")]
+    /// Callers add what to do instead (the experiments: `--files DIR`; the CLI: run as root).
+    #[error("provisioning loop devices needs root (running as uid {uid})")]
     NotRoot { uid: u32 },
     #[error("provisioning: {0}")]
     Provision(String),

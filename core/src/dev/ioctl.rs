@@ -1,13 +1,19 @@
 //! The few ioctls blocklab needs: block-device geometry and loop-device control.
-//! All `unsafe` of the device layer outside the ring lives here.
+//! All `unsafe` of the device layer outside the ring and the buffers lives here.
+//!
+//! The block-device request numbers are `_IO`/`_IOR` encodings, which differ between
+//! architectures (direction bits and the size of `size_t`), so they are composed with
+//! `rustix::ioctl::opcode` (or taken from rustix's safe wrapper) rather than written out.
+//! The loop-device numbers are plain constants in `<linux/loop.h>`, the same everywhere.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, RawFd};
+
+use rustix::ioctl::{opcode, Getter, Opcode};
 
 // From <linux/fs.h>.
-const BLKROGET: libc::c_ulong = 0x125e; // _IO(0x12, 94)
-const BLKSSZGET: libc::c_ulong = 0x1268; // _IO(0x12, 104)
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272; // _IOR(0x12, 114, size_t)
+const BLKROGET: Opcode = opcode::none(0x12, 94); // _IO(0x12, 94)
+const BLKGETSIZE64: Opcode = opcode::read::<libc::size_t>(0x12, 114); // _IOR(0x12, 114, size_t)
 
 // From <linux/loop.h>.
 pub(crate) const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
@@ -74,25 +80,20 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-pub(crate) fn block_size_bytes(fd: RawFd) -> io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live,
-    // properly aligned u64 on this stack frame.
-    check(unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) })?;
+pub(crate) fn block_size_bytes(fd: impl AsFd) -> io::Result<u64> {
+    // SAFETY: BLKGETSIZE64 is a getter that writes one u64 (the size in bytes), whatever
+    // the width of `size_t` in its encoding.
+    let size = unsafe { rustix::ioctl::ioctl(fd, Getter::<BLKGETSIZE64, u64>::new()) }?;
     Ok(size)
 }
 
-pub(crate) fn block_logical_sector(fd: RawFd) -> io::Result<u32> {
-    let mut sector: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer, which points at a live int.
-    check(unsafe { libc::ioctl(fd, BLKSSZGET, &mut sector as *mut libc::c_int) })?;
-    Ok(sector as u32)
+pub(crate) fn block_logical_sector(fd: impl AsFd) -> io::Result<u32> {
+    Ok(rustix::fs::ioctl_blksszget(fd)?)
 }
 
-pub(crate) fn block_read_only(fd: RawFd) -> io::Result<bool> {
-    let mut ro: libc::c_int = 0;
-    // SAFETY: BLKROGET writes one int through the pointer, which points at a live int.
-    check(unsafe { libc::ioctl(fd, BLKROGET, &mut ro as *mut libc::c_int) })?;
+pub(crate) fn block_read_only(fd: impl AsFd) -> io::Result<bool> {
+    // SAFETY: BLKROGET is a getter that writes one int (non-zero: read-only).
+    let ro = unsafe { rustix::ioctl::ioctl(fd, Getter::<BLKROGET, libc::c_int>::new()) }?;
     Ok(ro != 0)
 }
 

@@ -13,11 +13,10 @@ mod ioctl;
 pub mod probe;
 pub mod provision;
 
-pub use buf::{AlignedBuf, BufPool};
-pub use device::{Access, Device, DeviceKind, MIN_ALIGN};
+pub use buf::AlignedBuf;
+pub use device::{Device, DeviceKind, MIN_ALIGN};
 pub use engine::{
-    EngineConfig, IoEngine, IoOp, IoRequest, Pattern, SplitMix64, StreamLimit, StreamOp,
-    StreamSpec, StreamStats, UringEngine,
+    IoEngine, IoOp, IoRequest, Pattern, StreamLimit, StreamOp, StreamSpec, StreamStats, UringEngine,
 };
 pub use error::{DevError, Result};
-pub use probe::{probe, Found};
+pub use probe::{probe, probe_head, Found, Probed};

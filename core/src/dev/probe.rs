@@ -28,7 +28,13 @@ pub enum Found {
     Btrfs,
     /// A GPT partition table.
     Gpt,
-    /// A DOS/MBR partition table (boot signature 0x55AA).
+    /// A FAT12/16/32 filesystem.
+    Fat,
+    /// An exFAT filesystem.
+    Exfat,
+    /// An NTFS filesystem.
+    Ntfs,
+    /// A DOS/MBR partition table (boot signature 0x55AA and none of the above).
     Mbr,
     /// LVM2 physical volume label.
     Lvm,
@@ -49,6 +55,9 @@ impl std::fmt::Display for Found {
             Found::Xfs => f.write_str("an XFS filesystem"),
             Found::Btrfs => f.write_str("a btrfs filesystem"),
             Found::Gpt => f.write_str("a GPT partition table"),
+            Found::Fat => f.write_str("a FAT filesystem"),
+            Found::Exfat => f.write_str("an exFAT filesystem"),
+            Found::Ntfs => f.write_str("an NTFS filesystem"),
             Found::Mbr => f.write_str("a DOS/MBR partition table"),
             Found::Lvm => f.write_str("an LVM2 physical volume"),
             Found::Swap => f.write_str("a swap area"),
@@ -87,6 +96,18 @@ pub fn classify(head: &[u8]) -> Found {
         return Found::Swap;
     }
     if at(510, &[0x55, 0xAA]) {
+        // FAT, exFAT and NTFS boot sectors end with the same signature as an MBR: tell
+        // them apart by their OEM name or file-system type string.
+        if at(3, b"NTFS    ") {
+            return Found::Ntfs;
+        }
+        if at(3, b"EXFAT   ") {
+            return Found::Exfat;
+        }
+        if at(82, b"FAT32   ") || at(54, b"FAT12   ") || at(54, b"FAT16   ") || at(54, b"FAT     ")
+        {
+            return Found::Fat;
+        }
         return Found::Mbr;
     }
     match head.iter().position(|&b| b != 0) {
@@ -97,15 +118,46 @@ pub fn classify(head: &[u8]) -> Found {
     }
 }
 
+/// The start of a device as [`probe_head`] read it, and what it holds.
+#[derive(Debug)]
+pub struct Probed {
+    pub found: Found,
+    head: AlignedBuf,
+    len: usize,
+}
+
+impl Probed {
+    /// The bytes read: the first [`PROBE_LEN`] bytes of the device, or all of a smaller
+    /// one (in whole alignment units). A caller that finds a label decodes it from here
+    /// instead of reading block 0 again.
+    pub fn head(&self) -> &[u8] {
+        &self.head[..self.len]
+    }
+}
+
 /// Reads the start of `dev` and classifies it.
 pub fn probe(engine: &mut dyn IoEngine, dev: &Device) -> Result<Found> {
-    let len = PROBE_LEN.min(dev.size() / dev.align() as u64 * dev.align() as u64);
+    Ok(probe_head(engine, dev)?.found)
+}
+
+/// Reads the start of `dev`, classifies it and keeps the bytes.
+pub fn probe_head(engine: &mut dyn IoEngine, dev: &Device) -> Result<Probed> {
+    let align = dev.align() as u64;
+    let len = PROBE_LEN.min(dev.size() / align * align) as usize;
+    let mut head = AlignedBuf::with_alignment(len, dev.align());
     if len == 0 {
-        return Ok(Found::Empty);
+        return Ok(Probed {
+            found: Found::Empty,
+            head,
+            len,
+        });
     }
-    let mut buf = AlignedBuf::with_alignment(len as usize, dev.align());
-    engine.read_at(dev, 0, &mut buf[..len as usize])?;
-    Ok(classify(&buf[..len as usize]))
+    engine.read_at(dev, 0, &mut head[..len])?;
+    Ok(Probed {
+        found: classify(&head[..len]),
+        head,
+        len,
+    })
 }
 
 #[cfg(test)]
@@ -139,5 +191,25 @@ mod tests {
         let mut b = vec![0u8; 4096];
         b[..8].copy_from_slice(BLOCKLAB_MAGIC);
         assert_eq!(classify(&b), Found::Blocklab);
+    }
+
+    /// FAT, exFAT and NTFS boot sectors carry the MBR's 0x55AA too; they are named as
+    /// what they are.
+    #[test]
+    fn boot_sectors_are_not_partition_tables() {
+        let boot = |at: usize, text: &[u8]| {
+            let mut b = vec![0u8; 1 << 20];
+            b[510] = 0x55;
+            b[511] = 0xAA;
+            b[at..at + text.len()].copy_from_slice(text);
+            classify(&b)
+        };
+        assert_eq!(boot(3, b"NTFS    "), Found::Ntfs);
+        assert_eq!(boot(3, b"EXFAT   "), Found::Exfat);
+        assert_eq!(boot(82, b"FAT32   "), Found::Fat);
+        assert_eq!(boot(54, b"FAT16   "), Found::Fat);
+        assert_eq!(boot(54, b"FAT12   "), Found::Fat);
+        assert_eq!(boot(3, b"MSDOS5.0"), Found::Mbr);
+        assert!(Found::Ntfs.to_string().contains("NTFS"));
     }
 }

@@ -1,11 +1,13 @@
 //! Loop devices provisioned from sparse files, with direct I/O on, and torn down again.
 //!
 //! A *set* of devices lives in `<state_dir>/<set>/`: the sparse backing files
-//! (`disk-<i>.img`) and `state.json`, which records each loop device together with the
-//! device and inode numbers of its backing file. The state is written (atomically) after
-//! every attach, so a crash in the middle still leaves a record. Teardown detaches a loop
-//! device only when the kernel says it is still backed by the recorded file: a loop
-//! device this tool did not attach is never touched.
+//! (`disk-<i>.img`) and `state.json`, which records each backing file with its device and
+//! inode numbers, and the loop device it is attached to. The state is written
+//! (atomically) before every attach, with no loop device yet, and again after it, so a
+//! crash (or Ctrl-C) at any point leaves a record: teardown finds the attachments of a
+//! backing file recorded without a loop device by its inode, among the attached loop
+//! devices. Teardown detaches a loop device only when the kernel says it is backed by the
+//! recorded file: a loop device this tool did not attach is never touched.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -24,8 +26,9 @@ const STATE_FILE: &str = "state.json";
 /// One provisioned loop device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoopDevice {
-    /// `/dev/loopN`.
-    pub device: PathBuf,
+    /// `/dev/loopN`; `None` while the backing file is recorded but its attach has not
+    /// finished (teardown then looks the attachment up by inode).
+    pub device: Option<PathBuf>,
     pub backing_file: PathBuf,
     /// `st_dev` and `st_ino` of the backing file, to recognise our attachment.
     pub backing_dev: u64,
@@ -46,6 +49,9 @@ pub struct ProvisionState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TeardownOutcome {
     Detached,
+    /// Detach requested, but the loop device is still open elsewhere (a process, a mount):
+    /// the kernel detaches it when the last opener closes it.
+    DetachPending,
     /// The loop device was no longer attached (e.g. detached by hand, or the host rebooted).
     WasNotAttached,
     /// The loop device is now attached to something else: left alone.
@@ -235,21 +241,21 @@ pub fn provision(state_dir: &Path, set: &str, count: usize, size: u64) -> Result
                 .metadata()
                 .map_err(|e| DevError::os(&backing, "stat", e))?;
             drop(f);
-            let (device, direct_io) = match attach(&backing) {
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = fs::remove_file(&backing);
-                    return Err(e);
-                }
-            };
+            // Recorded before the attach: from here on a crash leaves a record teardown
+            // can act on (it finds the attachment by inode).
             state.devices.push(LoopDevice {
-                device,
-                backing_file: backing,
+                device: None,
+                backing_file: backing.clone(),
                 backing_dev: meta.dev(),
                 backing_ino: meta.ino(),
                 size_bytes: size,
-                direct_io,
+                direct_io: false,
             });
+            save_state(state_dir, &state)?;
+            let (device, direct_io) = attach(&backing)?;
+            let d = state.devices.last_mut().expect("pushed above");
+            d.device = Some(device);
+            d.direct_io = direct_io;
             save_state(state_dir, &state)?;
         }
         Ok(())
@@ -264,76 +270,156 @@ pub fn provision(state_dir: &Path, set: &str, count: usize, size: u64) -> Result
 }
 
 /// Detaches and deletes everything recorded for `set`. Returns what happened to each
-/// device; a set that does not exist is an error.
+/// device (for one recorded without a loop device, the record names the loop device found
+/// attached to its file, if any); a set that does not exist is an error.
 pub fn teardown(state_dir: &Path, set: &str) -> Result<Vec<(LoopDevice, TeardownOutcome)>> {
     let state = load_state(state_dir, set)?.ok_or_else(|| {
         DevError::Provision(format!("no set {set:?} under {}", state_dir.display()))
     })?;
     let mut out = Vec::new();
     for d in &state.devices {
-        let outcome = detach_if_ours(d)?;
+        let (found, outcome) = detach_if_ours(d)?;
         match fs::remove_file(&d.backing_file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(DevError::os(&d.backing_file, "unlink", e)),
         }
-        out.push((d.clone(), outcome));
+        let mut d = d.clone();
+        if d.device.is_none() {
+            d.device = found;
+        }
+        out.push((d, outcome));
     }
     let dir = set_dir(state_dir, set);
+    // A backing file created but not yet recorded (a crash in between) was never attached.
+    if let Ok(entries) = fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("disk-") && name.ends_with(".img") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
     let _ = fs::remove_file(dir.join(STATE_FILE));
     let _ = fs::remove_file(dir.join(".state.json.tmp"));
     fs::remove_dir(&dir).map_err(|e| DevError::os(&dir, "rmdir", e))?;
     Ok(out)
 }
 
-/// Whether `/dev/loopN` is currently backed by the file recorded in `d`.
-pub fn is_attached(d: &LoopDevice) -> bool {
-    matches!(ours(d), Ok(Some(true)))
+/// Whether a loop device is currently backed by the file recorded in `d`. Needs root (to
+/// ask the loop device); without it, a permission error.
+pub fn is_attached(d: &LoopDevice) -> Result<bool> {
+    Ok(match &d.device {
+        Some(p) => attachment(p, d)? == Attachment::Ours,
+        None => !find_attachments(d)?.is_empty(),
+    })
 }
 
-/// `Some(true)`: attached to our file; `Some(false)`: attached to something else;
-/// `None`: not attached.
-fn ours(d: &LoopDevice) -> Result<Option<bool>> {
-    let dev = match open_loop(&d.device) {
+/// What a loop device is attached to, as far as `d` is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attachment {
+    Ours,
+    Other,
+    Nothing,
+}
+
+fn attachment(dev_path: &Path, d: &LoopDevice) -> Result<Attachment> {
+    let dev = match open_loop(dev_path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(DevError::os(&d.device, "open", e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Attachment::Nothing),
+        Err(e) => return Err(DevError::os(dev_path, "open", e)),
     };
     match ioctl::loop_status(dev.as_raw_fd()) {
-        Ok(info) => Ok(Some(
-            info.lo_inode == d.backing_ino && info.lo_device == d.backing_dev,
-        )),
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-        Err(e) => Err(DevError::os(&d.device, "ioctl(LOOP_GET_STATUS64)", e)),
+        Ok(info) if info.lo_inode == d.backing_ino && info.lo_device == d.backing_dev => {
+            Ok(Attachment::Ours)
+        }
+        Ok(_) => Ok(Attachment::Other),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(Attachment::Nothing),
+        Err(e) => Err(DevError::os(dev_path, "ioctl(LOOP_GET_STATUS64)", e)),
     }
 }
 
-fn detach_if_ours(d: &LoopDevice) -> Result<TeardownOutcome> {
-    match ours(d)? {
-        None => Ok(TeardownOutcome::WasNotAttached),
-        Some(false) => Ok(TeardownOutcome::LeftAlone {
-            reason: format!("{} is attached to another file now", d.device.display()),
-        }),
-        Some(true) => {
-            let dev = open_loop(&d.device).map_err(|e| DevError::os(&d.device, "open", e))?;
-            match ioctl::loop_clear(dev.as_raw_fd()) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    return Ok(TeardownOutcome::WasNotAttached)
-                }
-                Err(e) => return Err(DevError::os(&d.device, "ioctl(LOOP_CLR_FD)", e)),
-            }
-            drop(dev);
-            // The kernel detaches when the last opener closes; wait briefly for it.
-            for _ in 0..100 {
-                if ours(d)?.is_none() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Ok(TeardownOutcome::Detached)
+/// Every loop device attached to `d`'s backing file: the attached ones are those with a
+/// `/sys/block/loopN/loop` directory; each is asked for its backing device and inode.
+fn find_attachments(d: &LoopDevice) -> Result<Vec<PathBuf>> {
+    let sys = Path::new("/sys/block");
+    let entries = fs::read_dir(sys).map_err(|e| DevError::os(sys, "read_dir", e))?;
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") || !entry.path().join("loop").exists() {
+            continue;
+        }
+        let dev = PathBuf::from("/dev").join(&name);
+        if attachment(&dev, d)? == Attachment::Ours {
+            out.push(dev);
         }
     }
+    out.sort();
+    Ok(out)
+}
+
+/// Detaches the loop devices backed by `d`'s file; returns the (first) one found.
+fn detach_if_ours(d: &LoopDevice) -> Result<(Option<PathBuf>, TeardownOutcome)> {
+    let devices = match &d.device {
+        Some(p) => match attachment(p, d)? {
+            Attachment::Nothing => return Ok((None, TeardownOutcome::WasNotAttached)),
+            Attachment::Other => {
+                return Ok((
+                    None,
+                    TeardownOutcome::LeftAlone {
+                        reason: format!("{} is attached to another file now", p.display()),
+                    },
+                ))
+            }
+            Attachment::Ours => vec![p.clone()],
+        },
+        None => find_attachments(d)?,
+    };
+    let mut outcome = TeardownOutcome::WasNotAttached;
+    for p in &devices {
+        match detach(p, d)? {
+            TeardownOutcome::WasNotAttached => {}
+            TeardownOutcome::Detached if outcome != TeardownOutcome::DetachPending => {
+                outcome = TeardownOutcome::Detached
+            }
+            o => outcome = o,
+        }
+    }
+    Ok((devices.into_iter().next(), outcome))
+}
+
+/// `LOOP_CLR_FD` on `p` (backed by `d`'s file), then waits up to a second for the kernel
+/// to detach it (it does when the last opener closes it).
+fn detach(p: &Path, d: &LoopDevice) -> Result<TeardownOutcome> {
+    let dev = open_loop(p).map_err(|e| DevError::os(p, "open", e))?;
+    match ioctl::loop_clear(dev.as_raw_fd()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Ok(TeardownOutcome::WasNotAttached)
+        }
+        Err(e) => return Err(DevError::os(p, "ioctl(LOOP_CLR_FD)", e)),
+    }
+    drop(dev);
+    for _ in 0..100 {
+        if attachment(p, d)? != Attachment::Ours {
+            return Ok(TeardownOutcome::Detached);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(TeardownOutcome::DetachPending)
+}
+
+/// A set name made from `prefix`, the process id and a counter: unique on this host among
+/// live processes.
+pub fn unique_set_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A provisioned set that is torn down when dropped (tests, experiments).
@@ -348,14 +434,14 @@ impl ProvisionGuard {
     /// Provisions `count` devices of `size` bytes as a fresh set named after `prefix`, the
     /// process id and a counter.
     pub fn new(state_dir: &Path, prefix: &str, count: usize, size: u64) -> Result<ProvisionGuard> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let set = format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let state = provision(state_dir, &set, count, size)?;
+        Self::named(state_dir, &unique_set_name(prefix), count, size)
+    }
+
+    /// Provisions `count` devices of `size` bytes as set `set` (see [`unique_set_name`]),
+    /// for a caller that must know the name before provisioning starts (to tear it down
+    /// from a signal handler).
+    pub fn named(state_dir: &Path, set: &str, count: usize, size: u64) -> Result<ProvisionGuard> {
+        let state = provision(state_dir, set, count, size)?;
         Ok(ProvisionGuard {
             state_dir: state_dir.to_path_buf(),
             state,
@@ -376,7 +462,7 @@ impl ProvisionGuard {
         self.state
             .devices
             .iter()
-            .map(|d| d.device.clone())
+            .filter_map(|d| d.device.clone())
             .collect()
     }
     /// Tears down now, reporting errors (drop does it silently otherwise).
