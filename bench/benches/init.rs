@@ -1,14 +1,11 @@
 //! Format encode/decode and bitmap initialisation: the CPU part of mkfs and mount.
 
-use blocklab::format::{
-    Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock, FORMAT_VERSION,
-};
+use blocklab::format::{Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 
 fn label(size: u64) -> Label {
     Label {
-        version: FORMAT_VERSION,
         flags: 1,
         cluster_fsid: uuid::Uuid::from_u128(1),
         daemon_id: 7,

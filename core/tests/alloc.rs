@@ -240,7 +240,7 @@ fn full_device_and_offline_device_give_clear_errors() {
 fn blocks_go_into_the_data_region_of_a_formatted_device_else_after_the_first_mib() {
     use blocklab::alloc::region::{region_of, RegionSource, RAW_OFFSET};
     use blocklab::dev::{Device, IoEngine, UringEngine};
-    use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION};
+    use blocklab::format::{Label, Layout, LayoutParams};
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let p = dir.path().join("dev.img");
     let size = 64u64 << 20;
@@ -254,7 +254,6 @@ fn blocks_go_into_the_data_region_of_a_formatted_device_else_after_the_first_mib
     // A formatted device (ready label at offset 0): its data region.
     let layout = Layout::compute(size, LayoutParams::default()).unwrap();
     let label = Label {
-        version: FORMAT_VERSION,
         flags: 0,
         cluster_fsid: uuid::Uuid::from_u128(1),
         daemon_id: 3,

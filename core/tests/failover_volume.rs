@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::format::{
-    Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock, FORMAT_VERSION,
-    LABEL_FLAG_READY,
+    Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock, LABEL_FLAG_READY,
 };
 use blocklab::testing::{scratch_dir, sparse_files, LoopDevices};
 use blocklab::volume::{StoreConfig, VolumeError, VolumeStore};
@@ -202,7 +201,6 @@ fn format_device(path: &std::path::Path, daemon_id: u32) -> Layout {
         birth_time_unix_ns: 1,
     };
     let label = Label {
-        version: FORMAT_VERSION,
         flags: LABEL_FLAG_READY,
         cluster_fsid: fsid,
         daemon_id,

@@ -1,12 +1,13 @@
 //! mkfs / mount / inspect on loop devices (root): round trip, idempotence, refusals of
-//! foreign data (another cluster's label, ext4) and `force`, crash after each phase,
-//! corruption of each region.
+//! foreign data (another cluster's label, ext4), of a damaged or different format of the
+//! same daemon, and `force`, crash after each phase, corruption of each region.
 
 use std::path::Path;
 use std::process::Command;
 
 use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
+use blocklab::format::LayoutParams;
 use blocklab::testing::{sparse_file, LoopDevices};
 use uuid::Uuid;
 
@@ -72,7 +73,38 @@ fn mkfs_mount_inspect_idempotent_and_corruption() {
     }
     assert_eq!(daemon::mount(&mut e, &dev).unwrap().label, rep.label);
 
-    // Corruption of each region makes mount fail; mkfs of the same daemon repairs it.
+    // The same daemon asked with other layout parameters or another uuid: refused unless
+    // forced (a no-op would hand back a format other than the one asked for).
+    let mut other_log = MkfsRequest::new(fsid, 5);
+    other_log.params = LayoutParams {
+        log_len: 8 << 20,
+        ..LayoutParams::default()
+    };
+    let mut other_au = MkfsRequest::new(fsid, 5);
+    other_au.params.alloc_unit = 8192;
+    let mut other_uuid = MkfsRequest::new(fsid, 5);
+    other_uuid.daemon_uuid = Some(Uuid::new_v4());
+    for (req, what) in [
+        (&other_log, "a log of 4194304 bytes (requested 8388608)"),
+        (&other_au, "allocation unit 4096 (requested 8192)"),
+        (&other_uuid, "daemon uuid"),
+    ] {
+        let err = daemon::mkfs(&mut e, &dev, req).unwrap_err();
+        assert!(matches!(err, DaemonError::Refused { .. }), "{err}");
+        assert!(err.to_string().contains(what), "{what}: {err}");
+    }
+    assert_eq!(daemon::mount(&mut e, &dev).unwrap().label, rep.label);
+    let mut same_uuid = MkfsRequest::new(fsid, 5);
+    same_uuid.daemon_uuid = Some(rep.label.daemon_uuid);
+    assert!(
+        daemon::mkfs(&mut e, &dev, &same_uuid)
+            .unwrap()
+            .already_formatted
+    );
+
+    // Corruption of each region makes mount fail. mkfs of the same daemon refuses a
+    // finished format that does not mount (it is not a crash between phases) and, forced,
+    // formats it again with the same uuid.
     let targets = [
         ("label", 100),
         ("superblock", l.superblock_offset + 17),
@@ -93,12 +125,31 @@ fn mkfs_mount_inspect_idempotent_and_corruption() {
             assert!(err.to_string().contains("damaged blocklab label"), "{err}");
             flip_byte(&dev, off);
         } else {
-            let r = daemon::mkfs(&mut e, &dev, &MkfsRequest::new(fsid, 5)).unwrap();
+            let err = daemon::mkfs(&mut e, &dev, &MkfsRequest::new(fsid, 5)).unwrap_err();
+            assert!(matches!(err, DaemonError::Refused { .. }), "{what}: {err}");
+            assert!(
+                err.to_string()
+                    .contains("a blocklab format of this daemon that does not mount"),
+                "{what}: {err}"
+            );
+            assert!(err.to_string().contains("--force"), "{what}: {err}");
+            // Nothing was written: still the same damage.
+            assert!(daemon::mount(&mut e, &dev).is_err(), "{what}");
+            let mut forced = MkfsRequest::new(fsid, 5);
+            forced.force = true;
+            let r = daemon::mkfs(&mut e, &dev, &forced).unwrap();
             assert!(!r.already_formatted, "{what}");
             assert_eq!(r.label.daemon_uuid, rep.label.daemon_uuid);
         }
         daemon::mount(&mut e, &dev).unwrap();
     }
+    // Forced with other parameters: formatted as asked, same uuid.
+    other_log.force = true;
+    let r = daemon::mkfs(&mut e, &dev, &other_log).unwrap();
+    assert!(!r.already_formatted);
+    assert_eq!(r.label.layout.log_len, 8 << 20);
+    assert_eq!(r.label.daemon_uuid, rep.label.daemon_uuid);
+    assert_eq!(daemon::mount(&mut e, &dev).unwrap().label, r.label);
 
     // --force overrides another cluster's label.
     let other = Uuid::new_v4();

@@ -167,7 +167,7 @@ fn store_on_a_regular_file() {
 
 #[test]
 fn a_formatted_daemon_device_holds_the_log_in_its_log_region() {
-    use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION, LABEL_FLAG_READY};
+    use blocklab::format::{Label, Layout, LayoutParams, LABEL_FLAG_READY};
     use blocklab::repl::replica::Regions;
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let p = file_dev(&dir, 64 << 20);
@@ -179,7 +179,6 @@ fn a_formatted_daemon_device_holds_the_log_in_its_log_region() {
     // A ready label (as mkfs leaves it): the log region after its init record, and the
     // start of the data region.
     let label = Label {
-        version: FORMAT_VERSION,
         flags: LABEL_FLAG_READY,
         cluster_fsid: uuid::Uuid::new_v4(),
         daemon_id: 3,

@@ -389,13 +389,12 @@ fn a_device_with_other_data_is_refused_without_force() {
 
 #[test]
 fn a_formatted_daemon_device_is_used_through_its_layout() {
-    use blocklab::format::{Label, Layout, LayoutParams, FORMAT_VERSION, LABEL_FLAG_READY};
+    use blocklab::format::{Label, Layout, LayoutParams, LABEL_FLAG_READY};
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let p = dir.path().join("daemon.img");
     sparse_file(&p, 64 << 20);
     let layout = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
     let label = Label {
-        version: FORMAT_VERSION,
         flags: LABEL_FLAG_READY,
         cluster_fsid: uuid::Uuid::new_v4(),
         daemon_id: 0,

@@ -5,12 +5,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::dev::{self, AlignedBuf, Device, Found, IoEngine, IoRequest};
-use crate::format::{
-    Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock, BLOCK, FORMAT_VERSION,
-};
+use crate::format::{Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock, BLOCK};
 
 use super::error::{DaemonError, Result};
-use super::mount::{mount, read_label};
+use super::mount::mount;
 use super::Phase;
 
 /// Largest single write mkfs issues (the log and bitmap go out in chunks of this size).
@@ -21,10 +19,12 @@ const CHUNK: usize = 1 << 20;
 pub struct MkfsRequest {
     pub cluster_fsid: Uuid,
     pub daemon_id: u32,
-    /// The daemon's uuid; `None`: keep the one of an unfinished format of the same daemon,
-    /// else a new random one.
+    /// The daemon's uuid; `None`: keep the one already on the device for this daemon
+    /// (finished or not), else a new random one. A finished format with another uuid is
+    /// refused unless `force`.
     pub daemon_uuid: Option<Uuid>,
-    /// Overwrite foreign data.
+    /// Overwrite foreign data, and a finished format of this daemon that does not mount
+    /// or differs from the request.
     pub force: bool,
     pub params: LayoutParams,
     /// Crash injection: stop (return [`DaemonError::InjectedStop`]) right after this phase.
@@ -48,7 +48,8 @@ impl MkfsRequest {
 #[derive(Debug, Clone)]
 pub struct MkfsReport {
     pub label: Label,
-    /// The device was already formatted for this cluster and daemon: nothing written.
+    /// The device was already formatted (and mounts) for this cluster and daemon, as
+    /// requested: nothing written.
     pub already_formatted: bool,
     /// Each phase that ran and how long it took.
     pub phases: Vec<(Phase, Duration)>,
@@ -98,12 +99,40 @@ fn block_of(dev: &Device, bytes: &[u8]) -> AlignedBuf {
     b
 }
 
+/// How a finished, mountable format of this daemon differs from the request (empty: it
+/// is what was asked for).
+fn differences(label: &Label, req: &MkfsRequest) -> Vec<String> {
+    let mut out = Vec::new();
+    let l = &label.layout;
+    if l.alloc_unit != req.params.alloc_unit {
+        out.push(format!(
+            "allocation unit {} (requested {})",
+            l.alloc_unit, req.params.alloc_unit
+        ));
+    }
+    if l.log_len != req.params.log_len {
+        out.push(format!(
+            "a log of {} bytes (requested {})",
+            l.log_len, req.params.log_len
+        ));
+    }
+    if let Some(u) = req.daemon_uuid.filter(|&u| u != label.daemon_uuid) {
+        out.push(format!("daemon uuid {} (requested {u})", label.daemon_uuid));
+    }
+    out
+}
+
 /// Formats `dev` for daemon `req.daemon_id` of cluster `req.cluster_fsid`.
 ///
 /// Refuses (unless `force`) a device holding another cluster's or daemon's label, a
-/// filesystem, a partition table, or non-zero bytes in its first MiB. A device already
-/// formatted (and mountable) for the same cluster and daemon is left alone; one whose
-/// format for the same daemon did not finish is formatted again.
+/// filesystem, a partition table, or non-zero bytes in its first MiB. For a label of the
+/// same cluster and daemon:
+/// * not ready (a format interrupted before its commit point): formatted again, keeping
+///   its daemon uuid unless the request names one;
+/// * ready and mountable, with the requested layout parameters and uuid: left alone
+///   ([`MkfsReport::already_formatted`]);
+/// * ready but not mountable (damaged), or with other parameters or another uuid than
+///   requested: refused unless `force`, which formats it again.
 pub fn mkfs(eng: &mut dyn IoEngine, dev: &Device, req: &MkfsRequest) -> Result<MkfsReport> {
     let path = dev.path().to_path_buf();
     let layout = Layout::compute(dev.size(), req.params).map_err(|source| DaemonError::Format {
@@ -118,55 +147,69 @@ pub fn mkfs(eng: &mut dyn IoEngine, dev: &Device, req: &MkfsRequest) -> Result<M
         bytes: 0,
     };
 
-    // Phase probe.
+    // Phase probe. The label, if any, is decoded from the bytes the probe read.
     let mut keep_uuid = None;
-    match dev::probe(eng, dev)? {
+    let probed = dev::probe_head(eng, dev)?;
+    let refused = |found: String| DaemonError::Refused {
+        path: path.clone(),
+        found,
+    };
+    match probed.found {
         Found::Empty => {}
-        Found::Blocklab => match read_label(eng, dev) {
+        Found::Blocklab => match Label::decode(probed.head()) {
             Ok(l) if l.cluster_fsid == req.cluster_fsid && l.daemon_id == req.daemon_id => {
-                if let Ok(m) = mount(eng, dev) {
-                    run.end(Phase::Probe)?;
-                    return Ok(MkfsReport {
-                        label: m.label,
-                        already_formatted: true,
-                        phases: run.phases,
-                        bytes_written: 0,
-                    });
+                if l.is_ready() {
+                    match mount(eng, dev) {
+                        Ok(m) => {
+                            let diff = differences(&m.label, req);
+                            if diff.is_empty() {
+                                run.end(Phase::Probe)?;
+                                return Ok(MkfsReport {
+                                    label: m.label,
+                                    already_formatted: true,
+                                    phases: run.phases,
+                                    bytes_written: 0,
+                                });
+                            }
+                            if !req.force {
+                                return Err(refused(format!(
+                                    "a blocklab format of this daemon with {}",
+                                    diff.join(", ")
+                                )));
+                            }
+                        }
+                        Err(DaemonError::NotMountable { reason, .. }) if !req.force => {
+                            return Err(refused(format!(
+                                "a blocklab format of this daemon that does not mount: {reason}"
+                            )));
+                        }
+                        Err(DaemonError::NotMountable { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-                // Our own unfinished (or damaged) format: do it again.
+                // Not ready: our own unfinished format, done again. Ready: `force`.
                 keep_uuid = Some(l.daemon_uuid);
             }
             Ok(l) if !req.force => {
-                return Err(DaemonError::Refused {
-                    path,
-                    found: format!(
-                        "a blocklab label of cluster {} daemon {}",
-                        l.cluster_fsid, l.daemon_id
-                    ),
-                })
+                return Err(refused(format!(
+                    "a blocklab label of cluster {} daemon {}",
+                    l.cluster_fsid, l.daemon_id
+                )))
             }
             Err(e) if !req.force => {
-                return Err(DaemonError::Refused {
-                    path,
-                    found: format!("a damaged blocklab label ({e})"),
-                })
+                return Err(refused(format!("a damaged blocklab label ({e})")));
             }
             _ => {}
         },
-        found if !req.force => {
-            return Err(DaemonError::Refused {
-                path,
-                found: found.to_string(),
-            })
-        }
+        found if !req.force => return Err(refused(found.to_string())),
         _ => {}
     }
+    drop(probed);
     run.end(Phase::Probe)?;
 
     let daemon_uuid = req.daemon_uuid.or(keep_uuid).unwrap_or_else(Uuid::new_v4);
     let birth = now_ns();
     let label = Label {
-        version: FORMAT_VERSION,
         flags: 0,
         cluster_fsid: req.cluster_fsid,
         daemon_id: req.daemon_id,
@@ -209,10 +252,9 @@ pub fn mkfs(eng: &mut dyn IoEngine, dev: &Device, req: &MkfsRequest) -> Result<M
     run.bytes += BLOCK as u64;
     run.end(Phase::Log)?;
 
-    // Phase bitmap.
-    let mut bits = AlignedBuf::with_alignment(layout.bitmap_len as usize, dev.align());
-    bits.copy_from_slice(bitmap.as_bytes());
-    let mut reqs: Vec<IoRequest<'_>> = bits
+    // Phase bitmap, written straight from the bitmap's own (4 KiB aligned) bytes.
+    let mut reqs: Vec<IoRequest<'_>> = bitmap
+        .as_bytes()
         .chunks(CHUNK)
         .enumerate()
         .map(|(i, c)| IoRequest::write(dev, layout.bitmap_offset + (i * CHUNK) as u64, c))

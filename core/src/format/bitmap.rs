@@ -3,21 +3,35 @@
 use std::ops::Range;
 
 use super::{FormatError, Layout, Result, BLOCK};
+use crate::dev::AlignedBuf;
 
 /// The in-memory bitmap. Its on-disk form is [`Bitmap::as_bytes`], exactly
-/// `layout.bitmap_len` bytes; bits past `units` are zero.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `layout.bitmap_len` bytes; bits past `units` are zero. The bytes live in an
+/// [`AlignedBuf`] (4 KiB aligned), so they can be written with `O_DIRECT` as they are.
+#[derive(Debug, Clone)]
 pub struct Bitmap {
-    bits: Vec<u8>,
+    bits: AlignedBuf,
+    /// Bytes of the on-disk form (`bits` may be longer, rounded up to its alignment).
+    len: usize,
     units: u64,
     used: u64,
 }
 
+impl PartialEq for Bitmap {
+    fn eq(&self, other: &Self) -> bool {
+        self.units == other.units && self.used == other.used && self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Bitmap {}
+
 impl Bitmap {
     /// The bitmap of a freshly formatted device: metadata units used, the rest free.
     pub fn initial(layout: &Layout) -> Bitmap {
+        let len = layout.bitmap_len as usize;
         let mut b = Bitmap {
-            bits: vec![0; layout.bitmap_len as usize],
+            bits: AlignedBuf::new(len),
+            len,
             units: layout.total_units(),
             used: 0,
         };
@@ -37,21 +51,25 @@ impl Bitmap {
                 bytes.len()
             )));
         }
-        let b = Bitmap {
-            bits: bytes.to_vec(),
-            units,
-            used: 0,
-        };
-        // Bits past the last unit must be clear.
-        let tail_start = units;
-        let tail_end = bytes.len() as u64 * 8;
-        if (tail_start..tail_end).any(|u| b.bit(u)) {
+        // Bits past the last unit must be clear: the rest of the last unit's byte, and
+        // every byte after it.
+        let partial = (units % 8) as u32;
+        let tail_dirty = (partial != 0 && bytes[need - 1] >> partial != 0)
+            || bytes[need..].iter().any(|&x| x != 0);
+        if tail_dirty {
             return Err(FormatError::Bitmap(
                 "bits set past the last allocation unit".into(),
             ));
         }
-        let used = b.bits.iter().map(|x| x.count_ones() as u64).sum();
-        Ok(Bitmap { used, ..b })
+        let mut bits = AlignedBuf::new(bytes.len());
+        bits[..bytes.len()].copy_from_slice(bytes);
+        let used = bytes.iter().map(|x| x.count_ones() as u64).sum();
+        Ok(Bitmap {
+            bits,
+            len: bytes.len(),
+            units,
+            used,
+        })
     }
 
     fn bit(&self, unit: u64) -> bool {
@@ -103,14 +121,29 @@ impl Bitmap {
         Ok(())
     }
 
+    /// Marks `r` used (units already used stay used). Whole bytes are set at once: the
+    /// initial bitmap of a large device is mostly one long metadata run.
     fn set_range(&mut self, r: Range<u64>) -> Result<()> {
         self.check(&r)?;
-        for u in r {
+        let (mut u, end) = (r.start, r.end);
+        while u < end {
+            if u % 8 == 0 && end - u >= 8 {
+                // A whole byte: the count of units newly used is its zero bits.
+                let whole = ((end - u) / 8) as usize;
+                let first = (u / 8) as usize;
+                for b in &mut self.bits[first..first + whole] {
+                    self.used += b.count_zeros() as u64;
+                    *b = 0xFF;
+                }
+                u += whole as u64 * 8;
+                continue;
+            }
             let byte = &mut self.bits[(u / 8) as usize];
             if *byte & (1 << (u % 8)) == 0 {
                 *byte |= 1 << (u % 8);
                 self.used += 1;
             }
+            u += 1;
         }
         Ok(())
     }
@@ -133,9 +166,9 @@ impl Bitmap {
         None
     }
 
-    /// The on-disk bytes.
+    /// The on-disk bytes (4 KiB aligned).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bits
+        &self.bits[..self.len]
     }
 
     /// Indexes of the 4 KiB bitmap blocks that hold the bits of `r` (to write only those).
@@ -194,6 +227,47 @@ mod tests {
         bytes[4095] = 0x80;
         assert!(Bitmap::decode(&bytes, 100).is_err());
         assert!(Bitmap::decode(&bytes[..4], 100).is_err());
+        // Unit 99 is the last one: bit 3 of byte 12 may be set, bit 4 may not.
+        let mut bytes = vec![0u8; 4096];
+        bytes[12] = 0x08;
+        assert_eq!(Bitmap::decode(&bytes, 100).unwrap().used(), 1);
+        bytes[12] = 0x10;
+        assert!(Bitmap::decode(&bytes, 100).is_err());
+    }
+
+    /// Whole-byte setting counts exactly the units it newly marks, whatever the range's
+    /// alignment and whatever was already used.
+    #[test]
+    fn set_range_matches_bit_by_bit() {
+        let l = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
+        for (pre, r) in [
+            (0..0, 0..64),
+            (3..5, 1..70),
+            (0..9, 5..13),
+            (8..16, 0..24),
+            (17..18, 16..17),
+        ] {
+            let mut b = Bitmap::initial(&l);
+            let base = l.first_data_unit().div_ceil(8) * 8;
+            let shift = |x: &Range<u64>| base + x.start..base + x.end;
+            b.allocate(shift(&pre)).unwrap();
+            b.set_range(shift(&r)).unwrap();
+            let expect = (l.first_data_unit()..b.units())
+                .filter(|&u| shift(&pre).contains(&u) || shift(&r).contains(&u))
+                .count() as u64
+                + l.first_data_unit();
+            assert_eq!(b.used(), expect, "pre {pre:?} range {r:?}");
+            for u in 0..b.units() {
+                let want =
+                    u < l.first_data_unit() || shift(&pre).contains(&u) || shift(&r).contains(&u);
+                assert_eq!(b.is_used(u), want, "unit {u}, pre {pre:?} range {r:?}");
+            }
+        }
+        assert_eq!(b_aligned(&l), 0);
+    }
+
+    fn b_aligned(l: &Layout) -> usize {
+        Bitmap::initial(l).as_bytes().as_ptr() as usize % 4096
     }
 
     #[test]

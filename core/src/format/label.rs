@@ -7,10 +7,10 @@ use super::{Layout, Result, FORMAT_VERSION, LABEL_MAGIC};
 /// Set once mkfs completed: the commit point of the format.
 pub const LABEL_FLAG_READY: u32 = 1;
 
-/// The device label.
+/// The device label. Its on-disk form carries [`FORMAT_VERSION`], the only version
+/// [`Label::decode`] accepts.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Label {
-    pub version: u32,
     pub flags: u32,
     pub cluster_fsid: uuid::Uuid,
     pub daemon_id: u32,
@@ -40,7 +40,7 @@ impl Label {
         let l = &self.layout;
         let mut w = Writer::new();
         w.bytes(&LABEL_MAGIC)
-            .u32(self.version)
+            .u32(FORMAT_VERSION)
             .u32(self.flags)
             .bytes(self.cluster_fsid.as_bytes())
             .u32(self.daemon_id)
@@ -82,7 +82,6 @@ impl Label {
         let ncopies = (r.u32() as usize).min(3);
         let copies: Vec<u64> = (0..3).map(|_| r.u64()).collect();
         Ok(Label {
-            version: FORMAT_VERSION,
             flags,
             cluster_fsid,
             daemon_id,

@@ -104,11 +104,6 @@ impl Layout {
         self.data_offset / self.alloc_unit as u64
     }
 
-    /// Byte offset of allocation unit `unit`.
-    pub fn unit_offset(&self, unit: u64) -> u64 {
-        unit * self.alloc_unit as u64
-    }
-
     /// Units that metadata occupies: everything before the data region, and the units
     /// holding label copies.
     pub fn metadata_units(&self) -> Vec<std::ops::Range<u64>> {

@@ -4,7 +4,6 @@ use super::*;
 
 fn label() -> Label {
     Label {
-        version: FORMAT_VERSION,
         flags: 0,
         cluster_fsid: uuid::Uuid::from_u128(0x1234),
         daemon_id: 7,
@@ -91,6 +90,16 @@ fn other_version_and_short_buffers_are_refused() {
             supported: 1,
             ..
         })
+    ));
+    // The label is written with FORMAT_VERSION, and a label of another version refused.
+    let mut b = label().encode();
+    assert_eq!(b[8..12], FORMAT_VERSION.to_le_bytes());
+    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..BLOCK - 4]);
+    b[BLOCK - 4..].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        Label::decode(&b),
+        Err(FormatError::BadVersion { found: 2, .. })
     ));
     assert!(matches!(
         Label::decode(&[0u8; 100]),
