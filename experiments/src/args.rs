@@ -32,10 +32,12 @@ pub struct CommonArgs {
     /// Directory the CSV and meta.json go to (created if missing).
     #[arg(long, default_value = "results")]
     pub out: PathBuf,
-    /// Block devices to use (they will be overwritten; each must look unused, see --force).
-    #[arg(long, num_args = 1.., value_delimiter = ',', conflicts_with_all = ["provision", "files"])]
+    /// Block devices to use (they will be overwritten; each must look unused, see --force,
+    /// and must not be mounted or held by another driver).
+    #[arg(long, num_args = 1.., value_delimiter = ',', conflicts_with_all = ["provision", "files", "size"])]
     pub devices: Vec<PathBuf>,
-    /// Provision this many loop devices from sparse files (root), torn down at exit.
+    /// Provision loop devices from sparse files (root), torn down at exit: as many as the
+    /// run uses, which must be at most this many.
     #[arg(long, requires = "size", conflicts_with = "files")]
     pub provision: Option<usize>,
     /// Size of each provisioned device or file: bytes or K/M/G/T (powers of 1024), 4 KiB aligned.
@@ -50,7 +52,8 @@ pub struct CommonArgs {
     /// Replace an existing CSV / meta.json in --out.
     #[arg(long)]
     pub overwrite: bool,
-    /// Overwrite devices given with --devices even if they hold data.
+    /// Overwrite devices given with --devices even if they hold data (never a mounted
+    /// device or one held by another driver).
     #[arg(long)]
     pub force: bool,
     /// Where provisioned loop devices' backing files and state live.

@@ -2,43 +2,90 @@
 //!
 //! An experiment asks for `count` devices of at least `min_size` bytes and gets them from
 //! exactly one source: `--devices` (given block devices, which must look unused unless
-//! `--force`), `--provision N --size S` (loop devices from sparse files, torn down at
-//! exit, also on error and on Ctrl-C), `--files DIR` (regular files in a fresh directory
-//! under DIR, deleted at exit), or by default loop devices when root and regular files in
-//! a temporary directory otherwise (with a warning).
+//! `--force`, and must not be mounted or held by another driver whatever `--force` says),
+//! `--provision N --size S` (loop devices from sparse files, torn down at exit, also on
+//! error and on Ctrl-C), `--files DIR` (regular files in a fresh directory under DIR,
+//! deleted at exit, also on Ctrl-C), or by default loop devices when root and regular files
+//! in a temporary directory otherwise (with a warning).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, MutexGuard, Once};
 
 use anyhow::{bail, Context};
 use blocklab::dev::provision::{self, ProvisionGuard};
 use blocklab::dev::{
-    self, Device, DeviceKind, Found, IoEngine, Pattern, StreamLimit, StreamOp, StreamSpec,
-    UringEngine,
+    self, DevError, Device, DeviceKind, Found, IoEngine, Pattern, StreamLimit, StreamOp,
+    StreamSpec, UringEngine,
 };
 
 use crate::args::CommonArgs;
 
-/// Sets the Ctrl-C handler tears down before exiting.
-static ACTIVE: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+/// What the Ctrl-C handler cleans up before exiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cleanup {
+    /// A set of loop devices: torn down.
+    Set { state_dir: PathBuf, set: String },
+    /// A directory of `--files` devices: removed.
+    Dir(PathBuf),
+}
+
+static ACTIVE: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
+/// Held while loop devices are being provisioned. The Ctrl-C handler takes it first, so it
+/// tears a set down only once its provisioning has finished (or failed and cleaned up
+/// after itself), never in the middle of an attach.
+static PROVISIONING: Mutex<()> = Mutex::new(());
 static HANDLER: Once = Once::new();
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn install_interrupt_handler() {
     HANDLER.call_once(|| {
         let r = ctrlc::set_handler(|| {
-            let sets = ACTIVE.lock().map(|v| v.clone()).unwrap_or_default();
-            for (dir, set) in sets {
-                eprintln!("interrupted: tearing down loop devices of set {set}");
-                if let Err(e) = provision::teardown(&dir, &set) {
-                    eprintln!("teardown of {set} failed: {e}; run `blocklab devices teardown --set {set} --state-dir {}`", dir.display());
+            let _provisioning = lock(&PROVISIONING);
+            let items = lock(&ACTIVE).clone();
+            for item in items {
+                match item {
+                    Cleanup::Set { state_dir, set } => {
+                        if !matches!(provision::load_state(&state_dir, &set), Ok(Some(_))) {
+                            continue; // its provisioning failed and cleaned up already
+                        }
+                        eprintln!("interrupted: tearing down loop devices of set {set}");
+                        if let Err(e) = provision::teardown(&state_dir, &set) {
+                            eprintln!("teardown of {set} failed: {e}; run `blocklab devices teardown --set {set} --state-dir {}`", state_dir.display());
+                        }
+                    }
+                    Cleanup::Dir(dir) => {
+                        eprintln!("interrupted: removing {}", dir.display());
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
                 }
             }
             std::process::exit(130);
         });
         if let Err(e) = r {
-            eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupted run may leave loop devices behind");
+            eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupted run may leave loop devices or files behind");
         }
     });
+}
+
+/// An entry of [`ACTIVE`], removed again on drop.
+#[derive(Debug)]
+struct Registration(Cleanup);
+
+impl Registration {
+    fn new(c: Cleanup) -> Registration {
+        install_interrupt_handler();
+        lock(&ACTIVE).push(c.clone());
+        Registration(c)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&ACTIVE).retain(|c| *c != self.0);
+    }
 }
 
 /// Where the devices of a run came from.
@@ -50,7 +97,8 @@ pub enum Source {
     Files,
 }
 
-/// The devices of one experiment run.
+/// The devices of one experiment run. Dropping it tears provisioned devices down and
+/// removes `--files` devices (the fields drop in this order).
 #[derive(Debug)]
 pub struct DeviceSet {
     paths: Vec<PathBuf>,
@@ -59,6 +107,17 @@ pub struct DeviceSet {
     size: u64,
     guard: Option<ProvisionGuard>,
     _files_dir: Option<tempfile::TempDir>,
+    _registration: Option<Registration>,
+}
+
+/// Checks a `--files` directory.
+fn check_files_dir(dir: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("--files {}: no such directory", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("--files {}: not a directory", dir.display());
+    }
+    Ok(())
 }
 
 impl DeviceSet {
@@ -74,14 +133,14 @@ impl DeviceSet {
             bail!("an experiment needs at least one device");
         }
         if !args.devices.is_empty() {
+            if args.size.is_some() {
+                // clap refuses the combination too; this guards library callers.
+                bail!("--size applies to --provision and --files, not to --devices");
+            }
             return Self::given(args, count, min_size);
         }
         if let Some(dir) = &args.files {
-            let meta = std::fs::metadata(dir)
-                .with_context(|| format!("--files {}: no such directory", dir.display()))?;
-            if !meta.is_dir() {
-                bail!("--files {}: not a directory", dir.display());
-            }
+            check_files_dir(dir)?;
         }
         let size = args.size.unwrap_or(default_size.max(min_size));
         if size < min_size {
@@ -90,6 +149,9 @@ impl DeviceSet {
         if let Some(n) = args.provision {
             if n < count {
                 bail!("--provision {n}: this run needs {count} devices");
+            }
+            if n > count {
+                eprintln!("note: --provision {n}: this run uses {count} devices, so it provisions {count}");
             }
             return Self::provisioned(args, count, size);
         }
@@ -119,12 +181,25 @@ impl DeviceSet {
                 args.devices.len()
             );
         }
+        if args.devices.len() > count {
+            eprintln!(
+                "note: this run uses {count} devices: {} of --devices are not touched",
+                args.devices[count..]
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let paths: Vec<PathBuf> = args.devices[..count].to_vec();
         let mut eng = UringEngine::with_queue_depth(1)?;
-        let mut kind = DeviceKind::Block;
+        let mut kinds = Vec::new();
         let mut size = u64::MAX;
         for p in &paths {
-            let d = Device::open(p).with_context(|| format!("opening {}", p.display()))?;
+            // Exclusive for the check: a mounted device, or one held by device-mapper, md
+            // or LVM, is refused even with --force.
+            let d =
+                Device::open_exclusive(p).with_context(|| format!("opening {}", p.display()))?;
             let found = dev::probe(&mut eng, &d)?;
             if found != Found::Empty && !args.force {
                 bail!(
@@ -133,8 +208,16 @@ impl DeviceSet {
                 );
             }
             d.require_size(min_size)?;
-            kind = d.kind();
+            kinds.push((d.kind(), p));
             size = size.min(d.size());
+        }
+        let kind = kinds[0].0;
+        if let Some((k, p)) = kinds.iter().find(|(k, _)| *k != kind) {
+            bail!(
+                "--devices mixes block devices and regular files ({} is a {k}, {} a {kind}); the figures would mix both",
+                p.display(),
+                kinds[0].1.display()
+            );
         }
         Ok(DeviceSet {
             paths,
@@ -143,21 +226,34 @@ impl DeviceSet {
             size,
             guard: None,
             _files_dir: None,
+            _registration: None,
         })
     }
 
     fn provisioned(args: &CommonArgs, count: usize, size: u64) -> anyhow::Result<DeviceSet> {
-        install_interrupt_handler();
         std::fs::create_dir_all(&args.state_dir)
             .with_context(|| format!("creating {}", args.state_dir.display()))?;
-        let guard = ProvisionGuard::new(&args.state_dir, "exp", count, size)?;
-        if let Ok(mut v) = ACTIVE.lock() {
-            v.push((args.state_dir.clone(), guard.set().to_string()));
+        // Registered before provisioning starts, so that Ctrl-C during it tears down what
+        // was attached (the handler waits for PROVISIONING).
+        let set = provision::unique_set_name("exp");
+        let registration = Registration::new(Cleanup::Set {
+            state_dir: args.state_dir.clone(),
+            set: set.clone(),
+        });
+        let guard = {
+            let _provisioning = lock(&PROVISIONING);
+            ProvisionGuard::named(&args.state_dir, &set, count, size)
         }
+        .map_err(|e| match e {
+            DevError::NotRoot { .. } => {
+                anyhow::anyhow!("{e}; use --files DIR to run on regular files instead")
+            }
+            e => e.into(),
+        })?;
         if let Some(d) = guard.state().devices.iter().find(|d| !d.direct_io) {
             eprintln!(
                 "warning: the kernel refused direct I/O on {}; figures include the page cache",
-                d.device.display()
+                d.device.as_deref().unwrap_or(&d.backing_file).display()
             );
         }
         Ok(DeviceSet {
@@ -167,19 +263,25 @@ impl DeviceSet {
             size,
             guard: Some(guard),
             _files_dir: None,
+            _registration: Some(registration),
         })
     }
 
     fn files(dir: &Path, count: usize, size: u64) -> anyhow::Result<DeviceSet> {
-        let meta = std::fs::metadata(dir)
-            .with_context(|| format!("--files {}: no such directory", dir.display()))?;
-        if !meta.is_dir() {
-            bail!("--files {}: not a directory", dir.display());
-        }
-        let tmp = tempfile::Builder::new()
-            .prefix("blocklab-files-")
-            .tempdir_in(dir)
-            .with_context(|| format!("creating a directory under {}", dir.display()))?;
+        // Ctrl-C exits the process without running TempDir's drop: the handler removes the
+        // directory. It is created under the registry's lock, so a Ctrl-C right after its
+        // creation waits for its registration.
+        install_interrupt_handler();
+        let (tmp, registration) = {
+            let mut active = lock(&ACTIVE);
+            let tmp = tempfile::Builder::new()
+                .prefix("blocklab-files-")
+                .tempdir_in(dir)
+                .with_context(|| format!("creating a directory under {}", dir.display()))?;
+            let c = Cleanup::Dir(tmp.path().to_path_buf());
+            active.push(c.clone());
+            (tmp, Registration(c))
+        };
         let mut paths = Vec::new();
         for i in 0..count {
             let p = tmp.path().join(format!("dev-{i}.img"));
@@ -199,6 +301,7 @@ impl DeviceSet {
             size,
             guard: None,
             _files_dir: Some(tmp),
+            _registration: Some(registration),
         })
     }
 
@@ -239,29 +342,24 @@ impl DeviceSet {
             "paths": self.paths,
         })
     }
-    /// Tears down now (drop does it too), reporting errors.
+    /// Tears down now (drop does it too), reporting errors. Close the set's devices
+    /// first: a loop device still open is only detached when its last user closes it.
     pub fn teardown(mut self) -> anyhow::Result<()> {
         if let Some(g) = self.guard.take() {
             let set = g.set().to_string();
-            g.teardown()
-                .with_context(|| format!("tearing down set {set}"))?;
-            if let Ok(mut v) = ACTIVE.lock() {
-                v.retain(|(_, s)| *s != set);
+            for (d, outcome) in g
+                .teardown()
+                .with_context(|| format!("tearing down set {set}"))?
+            {
+                if outcome == provision::TeardownOutcome::DetachPending {
+                    eprintln!(
+                        "warning: {} is still open elsewhere; the kernel detaches it when it is closed",
+                        d.device.as_deref().unwrap_or(&d.backing_file).display()
+                    );
+                }
             }
         }
         Ok(())
-    }
-}
-
-impl Drop for DeviceSet {
-    fn drop(&mut self) {
-        if let Some(g) = self.guard.take() {
-            let set = g.set().to_string();
-            drop(g);
-            if let Ok(mut v) = ACTIVE.lock() {
-                v.retain(|(_, s)| *s != set);
-            }
-        }
     }
 }
 
@@ -291,4 +389,53 @@ pub fn precondition(dev: &Device, offset: u64, len: u64) -> anyhow::Result<()> {
         .with_context(|| format!("preconditioning {} bytes at {offset}", len / MIB * MIB))?;
     eng.fsync(dev).context("flushing after preconditioning")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Profile;
+    use blocklab::testing::{scratch_dir, sparse_file, LoopDevices};
+
+    fn args(devices: Vec<PathBuf>) -> CommonArgs {
+        CommonArgs {
+            profile: Profile::Quick,
+            out: PathBuf::from("unused"),
+            devices,
+            provision: None,
+            size: None,
+            files: None,
+            repetitions: None,
+            overwrite: false,
+            force: false,
+            state_dir: PathBuf::from("unused"),
+        }
+    }
+
+    #[test]
+    fn given_devices_of_mixed_kinds_are_refused() {
+        let Some(g) = LoopDevices::provision("t-mixed", 1, 16 << 20) else {
+            return;
+        };
+        let dir = scratch_dir("blocklab-test-");
+        let file = sparse_file(&dir.path().join("f.img"), 16 << 20);
+        let err = DeviceSet::setup(&args(vec![g.paths()[0].clone(), file]), 2, 1 << 20, 1 << 20)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("mixes block devices and regular files"),
+            "{err}"
+        );
+        // One kind: fine, and the set says which.
+        let set = DeviceSet::setup(&args(g.paths()), 1, 1 << 20, 1 << 20).unwrap();
+        assert_eq!(set.kind(), DeviceKind::Block);
+    }
+
+    #[test]
+    fn size_with_given_devices_is_refused() {
+        let mut a = args(vec![PathBuf::from("/dev/null")]);
+        a.size = Some(1 << 20);
+        let err = DeviceSet::setup(&a, 1, 1 << 20, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("not to --devices"), "{err}");
+    }
 }

@@ -1,10 +1,10 @@
 //! One CSV per experiment run and its `meta.json` sidecar.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::Serialize;
 
 /// Creates `dir` and refuses to replace an existing file there unless `overwrite`.
@@ -12,14 +12,23 @@ fn new_file(dir: &Path, name: &str, overwrite: bool) -> anyhow::Result<(PathBuf,
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating output directory {}", dir.display()))?;
     let path = dir.join(name);
-    if path.exists() && !overwrite {
-        bail!(
+    // create_new: the check and the creation are one step, so a file that appears in
+    // between is not replaced.
+    let mut opts = OpenOptions::new();
+    opts.write(true);
+    if overwrite {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    match opts.open(&path) {
+        Ok(f) => Ok((path, f)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(anyhow::anyhow!(
             "{} already exists; choose another --out or pass --overwrite",
             path.display()
-        );
+        )),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
     }
-    let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    Ok((path, f))
 }
 
 /// A CSV file whose columns are the fields of `T` (snake_case, units in the names).
@@ -187,7 +196,15 @@ mod tests {
         assert_eq!(text, "tool,iops\nfio,1.5\n");
         let err = CsvOut::<Row>::create(dir.path(), "x.csv", false).unwrap_err();
         assert!(err.to_string().contains("already exists"));
-        assert!(CsvOut::<Row>::create(dir.path(), "x.csv", true).is_ok());
+        // --overwrite replaces the file (truncated, not appended to).
+        let mut out = CsvOut::<Row>::create(dir.path(), "x.csv", true).unwrap();
+        out.write(&Row {
+            tool: "blocklab",
+            iops: 2.0,
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("x.csv")).unwrap();
+        assert_eq!(text, "tool,iops\nblocklab,2.0\n");
     }
 
     #[test]

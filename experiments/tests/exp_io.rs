@@ -1,7 +1,12 @@
 //! exp-io end to end (tiny settings) and the bad inputs every experiment shares.
 
-use blocklab::testing::{scratch_dir, LoopDevices};
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use blocklab::dev::provision;
+use blocklab::dev::Device;
+use blocklab::testing::{scratch_dir, wait_for, KillOnDrop, LoopDevices};
 
 const COLUMNS: &str = "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device";
 
@@ -127,6 +132,15 @@ fn bad_device_arguments_are_one_line_errors() {
         ),
         (
             vec![
+                "--devices".into(),
+                "/dev/null".into(),
+                "--size".into(),
+                "16M".into(),
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec![
                 "--files".into(),
                 dir.path().display().to_string(),
                 "--size".into(),
@@ -204,6 +218,34 @@ fn refuses_devices_with_data_and_read_only_devices() {
         .arg("--out")
         .arg(&out));
     assert!(!ok && err.contains("needs at least"), "{err}");
+    // A device someone holds exclusively (as a mount or device-mapper would): refused by
+    // the experiments and by `blocklab mkfs`, --force or not.
+    let held = Device::open_exclusive(&paths[1]).unwrap();
+    let (ok, err) = run(exp_io()
+        .arg("--devices")
+        .arg(&paths[1])
+        .args(["--region", "8M", "--force"])
+        .arg("--out")
+        .arg(&out));
+    assert!(!ok && err.contains("in use"), "{err}");
+    let mkfs = Command::new(env!("CARGO_BIN_EXE_blocklab"))
+        .arg("mkfs")
+        .arg(&paths[1])
+        .args([
+            "--cluster-fsid",
+            &uuid::Uuid::new_v4().to_string(),
+            "--id",
+            "0",
+        ])
+        .arg("--force")
+        .output()
+        .unwrap();
+    let mkfs_err = String::from_utf8_lossy(&mkfs.stderr);
+    assert!(
+        !mkfs.status.success() && mkfs_err.contains("in use"),
+        "{mkfs_err}"
+    );
+    drop(held);
     // The same device twice.
     let (ok, err) = run(exp_io()
         .arg("--devices")
@@ -211,4 +253,98 @@ fn refuses_devices_with_data_and_read_only_devices() {
         .arg("--out")
         .arg(&out));
     assert!(!ok && err.contains("listed twice"), "{err}");
+}
+
+/// Sends SIGINT to the child (as Ctrl-C would) and waits for it to exit.
+fn interrupt(child: &mut KillOnDrop) -> std::process::ExitStatus {
+    let pid = rustix::process::Pid::from_child(&child.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    child.0.wait().unwrap()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ctrl-C as soon as the `--files` directory exists: the handler removes it (the process
+/// exits without running destructors).
+#[test]
+fn ctrl_c_removes_the_files_directory() {
+    if !have_fio() {
+        eprintln!("skipping: fio is not installed (scripts/test installs it)");
+        return;
+    }
+    let files = tempfile::tempdir_in("/var/tmp").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut child = KillOnDrop(
+        exp_io()
+            .arg("--files")
+            .arg(files.path())
+            .args(["--size", "16M", "--region", "8M", "--seconds", "30"])
+            .arg("--out")
+            .arg(out.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the files directory", Duration::from_secs(60), || {
+        !entries(files.path()).is_empty()
+    });
+    let status = interrupt(&mut child);
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert_eq!(entries(files.path()), Vec::<String>::new(), "left behind");
+}
+
+/// Ctrl-C while loop devices are being provisioned (or just after): the set is torn down,
+/// nothing stays attached, nothing stays recorded.
+#[test]
+fn ctrl_c_during_provisioning_tears_the_set_down() {
+    if !have_fio() {
+        eprintln!("skipping: fio is not installed (scripts/test installs it)");
+        return;
+    }
+    let Some(_g) = LoopDevices::provision("t-expio-int", 1, 16 << 20) else {
+        return; // not root (the devices are not used: only the root check)
+    };
+    let sd = scratch_dir("blocklab-test-");
+    let out = tempfile::tempdir().unwrap();
+    let mut child = KillOnDrop(
+        exp_io()
+            .args(["--provision", "1", "--size", "16M", "--region", "8M"])
+            .args(["--seconds", "30"])
+            .arg("--state-dir")
+            .arg(sd.path())
+            .arg("--out")
+            .arg(out.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the set directory", Duration::from_secs(60), || {
+        !entries(sd.path()).is_empty()
+    });
+    let status = interrupt(&mut child);
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(provision::list_sets(sd.path()).unwrap().is_empty());
+    assert_eq!(entries(sd.path()), Vec::<String>::new(), "left behind");
+    // A loop device the run still had open is detached by the kernel as the process
+    // exits (teardown asked for it): poll until it is gone.
+    let ours = || {
+        let losetup = Command::new("losetup")
+            .args(["--list", "--noheadings", "--output", "BACK-FILE"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&losetup.stdout).contains(&sd.path().display().to_string())
+    };
+    wait_for(
+        "the loop devices to be detached",
+        Duration::from_secs(30),
+        || !ours(),
+    );
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use blocklab::dev::provision::{self, TeardownOutcome, DEFAULT_STATE_DIR};
+use blocklab::dev::DevError;
 use clap::Subcommand;
 
 use crate::args::parse_size;
@@ -48,11 +49,15 @@ pub fn run(cmd: DevicesCmd) -> anyhow::Result<()> {
             state_dir,
         } => {
             let st = provision::provision(&state_dir, &set, count, size)
+                .map_err(|e| match e {
+                    DevError::NotRoot { .. } => anyhow::anyhow!("{e}: run it as root"),
+                    e => e.into(),
+                })
                 .with_context(|| format!("provisioning set {set:?}"))?;
             for d in &st.devices {
                 println!(
                     "{}\t{}\t{} bytes\tdirect_io={}",
-                    d.device.display(),
+                    device_name(d),
                     d.backing_file.display(),
                     d.size_bytes,
                     d.direct_io
@@ -66,15 +71,20 @@ pub fn run(cmd: DevicesCmd) -> anyhow::Result<()> {
             }
             for s in sets {
                 for d in &s.devices {
-                    let state = if provision::is_attached(d) {
-                        "attached"
-                    } else {
-                        "not attached"
+                    let state = match provision::is_attached(d) {
+                        Ok(true) => "attached".to_string(),
+                        Ok(false) => "not attached".to_string(),
+                        Err(DevError::Os { source, .. })
+                            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                        {
+                            "unknown (needs root)".to_string()
+                        }
+                        Err(e) => format!("unknown ({e})"),
                     };
                     println!(
                         "{}\t{}\t{}\t{} bytes\t{state}",
                         s.set,
-                        d.device.display(),
+                        device_name(d),
                         d.backing_file.display(),
                         d.size_bytes
                     );
@@ -85,25 +95,27 @@ pub fn run(cmd: DevicesCmd) -> anyhow::Result<()> {
             for (d, outcome) in provision::teardown(&state_dir, &set)
                 .with_context(|| format!("tearing down set {set:?}"))?
             {
-                match outcome {
-                    TeardownOutcome::Detached => println!(
-                        "{}: detached, {} deleted",
-                        d.device.display(),
-                        d.backing_file.display()
-                    ),
-                    TeardownOutcome::WasNotAttached => println!(
-                        "{}: was not attached; {} deleted",
-                        d.device.display(),
-                        d.backing_file.display()
-                    ),
-                    TeardownOutcome::LeftAlone { reason } => println!(
-                        "{}: left alone ({reason}); {} deleted",
-                        d.device.display(),
-                        d.backing_file.display()
-                    ),
-                }
+                let what = match outcome {
+                    TeardownOutcome::Detached => "detached".to_string(),
+                    TeardownOutcome::DetachPending => "detach pending (still open elsewhere; the kernel detaches it when the last user closes it)".to_string(),
+                    TeardownOutcome::WasNotAttached => "was not attached".to_string(),
+                    TeardownOutcome::LeftAlone { reason } => format!("left alone ({reason})"),
+                };
+                println!(
+                    "{}: {what}; {} deleted",
+                    device_name(&d),
+                    d.backing_file.display()
+                );
             }
         }
     }
     Ok(())
+}
+
+/// `/dev/loopN`, or a note for a backing file recorded before its attach finished.
+fn device_name(d: &provision::LoopDevice) -> String {
+    match &d.device {
+        Some(p) => p.display().to_string(),
+        None => "(no loop device recorded)".to_string(),
+    }
 }

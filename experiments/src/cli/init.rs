@@ -137,7 +137,10 @@ pub struct InitArgs {
 }
 
 pub fn mkfs(a: MkfsArgs) -> anyhow::Result<()> {
-    let dev = Device::open(&a.device).with_context(|| format!("opening {}", a.device.display()))?;
+    // Exclusive: refused while the device is mounted or held by device-mapper, md or LVM
+    // (--force does not override that), and nothing can claim it while mkfs writes.
+    let dev = Device::open_exclusive(&a.device)
+        .with_context(|| format!("opening {}", a.device.display()))?;
     let mut eng = UringEngine::with_queue_depth(16)?;
     let mut req = MkfsRequest::new(a.cluster_fsid, a.id);
     req.force = a.force;
@@ -195,7 +198,7 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         println!("cluster fsid  {}", l.cluster_fsid);
         println!("daemon id     {}", l.daemon_id);
         println!("daemon uuid   {}", l.daemon_uuid);
-        println!("version       {}", l.version);
+        println!("version       {}", blocklab::format::FORMAT_VERSION);
         println!("ready         {}", ins.ready);
         println!("birth (ns)    {}", l.birth_time_unix_ns);
         let y = &l.layout;
