@@ -295,8 +295,19 @@ fn a_newer_claim_orphans_a_silent_submitter_and_the_result_goes_to_the_vip() {
     assert!(matches!(dead_host.recv().unwrap(), Msg::Accepted { .. }));
     // `dead_host` is neither read nor closed from now on.
     assert!(matches!(claim(&s, e2), Msg::Ack { .. }));
-    s.vip.set_nonblocking(false).unwrap();
-    let (v, _) = s.vip.accept().unwrap();
+    // Fail (not hang) if nothing is delivered.
+    s.vip.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        match s.vip.accept() {
+            Ok((v, _)) => break v,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("no delivery to the VIP: {e}"),
+        }
+    };
+    v.set_nonblocking(false).unwrap();
     v.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut vc = Conn::new(v).unwrap();
     match vc.recv().unwrap() {
