@@ -39,6 +39,10 @@ fn start() -> Setup {
 }
 
 fn start_in(dir: tempfile::TempDir) -> Setup {
+    start_with(dir, JournalSpec::File)
+}
+
+fn start_with(dir: tempfile::TempDir, journal: JournalSpec) -> Setup {
     let dev = dir.path().join("d0.img");
     let vip = TcpListener::bind("127.0.0.1:0").unwrap();
     let svc = Service::start(ServiceConfig {
@@ -51,7 +55,8 @@ fn start_in(dir: tempfile::TempDir) -> Setup {
         deliver_for: Duration::from_secs(60),
         copy_rate: Some(8 * MIB),
         session_timeout: Duration::from_secs(5),
-        journal: JournalSpec::File,
+        journal,
+        crash_after_commit: None,
     })
     .unwrap();
     Setup {
@@ -440,4 +445,51 @@ fn an_over_long_request_gets_one_refusal_line() {
     BufReader::new(&raw).read_line(&mut line).unwrap();
     assert!(line.contains("malformed request"), "{line}");
     assert!(line.contains("longer than"), "{line}");
+}
+
+/// The journal becomes unwritable (its ZooKeeper server stops) while a copy runs: the copy's
+/// outcome cannot be recorded, so the submitter gets an error (not the unrecorded result)
+/// and the service stops with an error instead of leaving the operation running forever.
+#[test]
+fn a_journal_write_failure_after_execution_stops_the_service_with_an_error() {
+    use blocklab::coord::zk_server::ZkServer;
+    let mut zk = ZkServer::start().expect("a private ZooKeeper server");
+    let mut s = start_with(
+        scratch(),
+        JournalSpec::Coord {
+            spec: zk.spec("/svc"),
+            root: "/fo".into(),
+        },
+    );
+    let e = epoch(1, 0);
+    assert!(matches!(claim(&s, e), Msg::Ack { .. }));
+    submit(
+        &s,
+        "c1",
+        Op::Create {
+            name: "src".into(),
+            size: 8 * MIB,
+        },
+        e,
+    );
+    let mut c = s.conn();
+    submit_on(&mut c, "cp", copy("src", "dst"), e);
+    assert!(matches!(c.recv().unwrap(), Msg::Accepted { .. }));
+    zk.stop();
+    let result = loop {
+        match c.recv().unwrap() {
+            Msg::Accepted { .. } => continue,
+            Msg::Reply { result, .. } => break result,
+            other => panic!("{other:?}"),
+        }
+    };
+    match result {
+        OpResult::Error { message } => assert!(message.contains("journal"), "{message}"),
+        other => panic!("an unrecorded result was handed out: {other:?}"),
+    }
+    let svc = s.svc.take().unwrap();
+    let err = svc
+        .wait(&std::sync::atomic::AtomicBool::new(false))
+        .unwrap_err();
+    assert!(err.to_string().contains("journal"), "{err}");
 }

@@ -61,6 +61,7 @@ fn spec(dir: &tempfile::TempDir, devs: &Devs, mode: Mode, backend: VipKind) -> C
         backend,
         copy_rate_mib: 16,
         journal: None,
+        service_args: Vec::new(),
     }
 }
 
@@ -417,6 +418,60 @@ fn client_retry_baseline_reexecutes_the_interrupted_copy() {
         Record::Done { op_id, bytes, .. } if op_id == "copy-a2" && *bytes == size)),
         "the second execution copied everything again"
     );
+}
+
+/// The block service dies (a real process exit at a chosen point) after a copy's catalog
+/// commit and before the journal's `Done`. Restarted, it finds the outcome in the catalog:
+/// the client's re-send gets the result, and the copy ran once (no second execution, no
+/// `Aborted`).
+#[test]
+fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
+    let dir = tmp();
+    let devs = devices(&dir, "fo-e2e-crash");
+    let mut sp = spec(&dir, &devs, Mode::VipHandoff, VipKind::Loopback);
+    sp.service_args = vec!["--crash-after-commit".into(), "copy-c".into()];
+    let mut c = Cluster::start(sp).unwrap();
+    c.wait_holder(None, Duration::from_secs(30)).unwrap();
+    let size = 8 * MIB;
+    let cl = client(&c);
+    let r = cl
+        .call(
+            "create-c",
+            &Op::Create {
+                name: "src".into(),
+                size,
+            },
+            None,
+        )
+        .unwrap()
+        .0;
+    assert!(r.is_ok(), "{r:?}");
+    let copy = Op::Copy {
+        src: "src".into(),
+        dst: "dst".into(),
+    };
+    let h = thread::spawn(move || cl.call("copy-c", &copy, None).unwrap());
+    let status = c.wait_service_exit(Duration::from_secs(60)).unwrap();
+    assert!(!status.success(), "the injected crash stops the service");
+    let recs = read_records(&c.journal_path()).unwrap();
+    assert!(
+        !recs
+            .iter()
+            .any(|r| matches!(r, Record::Done { op_id, .. } if op_id == "copy-c")),
+        "the crash came before the Done record"
+    );
+    c.spec.service_args.clear();
+    c.start_service().unwrap();
+    let (result, _) = h.join().unwrap();
+    assert_eq!(
+        result,
+        OpResult::Copied {
+            src: "src".into(),
+            dst: "dst".into(),
+            bytes: size
+        }
+    );
+    assert_eq!(count(&c, "copy-c"), (1, 1, 0), "delivered, not re-run");
 }
 
 /// The netns backend's VIP takeover announces itself: a client host whose ARP entry for the

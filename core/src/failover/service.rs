@@ -65,6 +65,11 @@ pub struct ServiceConfig {
     /// (`client_retry`) are abandoned, as a cluster drops a dead client's work.
     pub session_timeout: Duration,
     pub journal: JournalSpec,
+    /// Crash injection for tests: right after the operation with this id committed its
+    /// change to the catalog, and before the journal records it `Done`, the service stops
+    /// dead (nothing more is journaled or answered; [`Service::wait`] returns an error).
+    #[doc(hidden)]
+    pub crash_after_commit: Option<String>,
 }
 
 /// Errors of the block service.
@@ -528,6 +533,14 @@ fn executor(
 ) {
     while let Ok(Work::Run(job)) = work.recv() {
         let (result, bytes, aborted) = execute(&mut store, &job, cfg.copy_rate);
+        if cfg.crash_after_commit.as_deref() == Some(job.op_id.as_str()) {
+            lock(&shared).fatal = Some(format!(
+                "injected crash after the catalog commit of operation {:?}",
+                job.op_id
+            ));
+            stop.store(true, Ordering::Relaxed);
+            return;
+        }
         *volumes.write().unwrap_or_else(|p| p.into_inner()) = snapshot(&store);
         let mut sh = lock(&shared);
         sh.aborts.remove(&job.op_id);

@@ -291,6 +291,7 @@ fn run_config(
         backend: cfg.backend,
         copy_rate_mib: copy_rate,
         journal: None,
+        service_args: Vec::new(),
     };
     let mut cluster = Cluster::start(spec).context("starting the cluster")?;
     // Long enough for the restarted node to be heard by its peers before the next kill.

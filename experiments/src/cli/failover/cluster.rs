@@ -36,6 +36,8 @@ pub struct ClusterSpec {
     pub copy_rate_mib: u64,
     /// The block service's `--journal` (None: `file`).
     pub journal: Option<String>,
+    /// More arguments for the block service (e.g. the hidden crash injection).
+    pub service_args: Vec<String>,
 }
 
 /// An event line of a node.
@@ -300,6 +302,7 @@ impl Cluster {
         if self.spec.force {
             cmd.arg("--force");
         }
+        cmd.args(&self.spec.service_args);
         cmd.stdout(Stdio::piped()).stderr(self.log("service.log")?);
         let mut child = cmd.spawn().context("starting the block service")?;
         let out = child.stdout.take().context("service stdout")?;
@@ -458,6 +461,28 @@ impl Cluster {
             .into_iter()
             .filter(|e| e.kind == "vip_acquired" && e.unix_us >= since_us)
             .min_by_key(|e| e.unix_us)
+    }
+
+    /// Waits (up to `timeout`) for the block service to exit by itself; its exit status.
+    pub fn wait_service_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self
+            .svc
+            .as_mut()
+            .context("the block service is not running")?;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                self.svc = None;
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("the block service is still running after {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stops the block service gracefully (SIGTERM) so its store can be opened by others.

@@ -114,6 +114,10 @@ pub struct BlockServiceArgs {
     /// Path of the journal in the coordination backend.
     #[arg(long, default_value = "/blocklab/failover")]
     pub journal_root: String,
+    /// Crash injection (tests): stop dead after this operation's catalog commit, before
+    /// its journal `Done` record.
+    #[arg(long, hide = true)]
+    pub crash_after_commit: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -244,6 +248,7 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
                         root: a.journal_root,
                     }
                 },
+                crash_after_commit: a.crash_after_commit,
             })
             .context("starting the block service")?;
             println!("event=service_listening addr={}", svc.addr);
