@@ -26,7 +26,7 @@ fn ticks_with_failover() -> usize {
             d.step(Input::Probe { ok: true });
             for a in d.step(Input::Tick) {
                 match a {
-                    Action::Broadcast(hb) => mail.push(hb),
+                    Action::Broadcast => mail.push(d.heartbeat()),
                     Action::Acquire(_) => acquisitions += 1,
                     Action::Release => {}
                 }
@@ -71,7 +71,7 @@ fn volume_copy(c: &mut Criterion) {
     g.bench_function("copy 32 MiB (8 x 1 MiB in flight)", |b| {
         b.iter(|| {
             st.copy("src", "dst", None, &mut |_| true).unwrap();
-            st.delete("dst").unwrap();
+            st.delete("dst", None).unwrap();
         })
     });
     g.finish();

@@ -1,18 +1,20 @@
 //! The block service over real sockets and files: epoch fencing (a holder with an older
 //! epoch is refused without anything running — never two holders acting on one
 //! operation), at-most-once per operation id, delivery to the VIP when the submitter is
-//! gone, and clear errors for bad input.
+//! gone or superseded by a newer holder, recovery of an execution cut short between the
+//! catalog commit and the journal's `Done`, lists that do not wait behind copies, and
+//! clear errors for bad input.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use blocklab::failover::dispatcher::Epoch;
-use blocklab::failover::journal::{read_records, Record};
+use blocklab::failover::journal::{read_records, FileJournal, OpJournal, Record};
 use blocklab::failover::service::{JournalSpec, Service, ServiceConfig};
 use blocklab::failover::wire::{Conn, Msg, Op, OpResult};
 use blocklab::testing::sparse_file;
-use blocklab::volume::StoreConfig;
+use blocklab::volume::{StoreConfig, VolumeStore};
 
 const MIB: u64 = 1 << 20;
 
@@ -23,13 +25,25 @@ struct Setup {
     vip: TcpListener,
 }
 
-fn start() -> Setup {
+fn scratch() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("blocklab-svc-")
         .tempdir_in("/var/tmp")
         .unwrap();
+    sparse_file(&dir.path().join("d0.img"), 64 * MIB);
+    dir
+}
+
+fn start() -> Setup {
+    start_in(scratch())
+}
+
+fn start_in(dir: tempfile::TempDir) -> Setup {
+    start_with(dir, JournalSpec::File)
+}
+
+fn start_with(dir: tempfile::TempDir, journal: JournalSpec) -> Setup {
     let dev = dir.path().join("d0.img");
-    sparse_file(&dev, 64 * MIB);
     let vip = TcpListener::bind("127.0.0.1:0").unwrap();
     let svc = Service::start(ServiceConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -41,7 +55,8 @@ fn start() -> Setup {
         deliver_for: Duration::from_secs(60),
         copy_rate: Some(8 * MIB),
         session_timeout: Duration::from_secs(5),
-        journal: JournalSpec::File,
+        journal,
+        crash_after_commit: None,
     })
     .unwrap();
     Setup {
@@ -190,8 +205,9 @@ fn a_result_whose_submitter_died_is_delivered_to_the_vip_and_kept() {
     v.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut vc = Conn::new(v).unwrap();
     match vc.recv().unwrap() {
-        Msg::Deliver { op_id, result } => {
+        Msg::Deliver { op_id, op, result } => {
             assert_eq!(op_id, "cp");
+            assert!(matches!(op, Op::Copy { .. }));
             assert!(matches!(result, OpResult::Copied { bytes, .. } if bytes == 4 * MIB));
             vc.send(&Msg::Ack { op_id }).unwrap();
         }
@@ -248,4 +264,232 @@ fn bad_input_gets_one_line_errors() {
     BufReader::new(&raw).read_line(&mut line).unwrap();
     assert!(line.contains("malformed request"), "{line}");
     assert_eq!(s.journal().len(), before, "nothing was recorded");
+}
+
+fn copy(src: &str, dst: &str) -> Op {
+    Op::Copy {
+        src: src.into(),
+        dst: dst.into(),
+    }
+}
+
+fn submit_on(c: &mut Conn, op_id: &str, op: Op, e: Epoch) {
+    c.send(&Msg::Submit {
+        op_id: op_id.into(),
+        op,
+        epoch: e,
+        node: e.node,
+        session_bound: false,
+        tag: None,
+    })
+    .unwrap();
+}
+
+/// The holder's host dies mid-copy without closing its connection (no FIN, no RST: the
+/// connection stays open and silent). When a newer holder claims the VIP, the service
+/// orphans the old submission and delivers the result to the VIP by itself — nobody
+/// re-sends the operation here, so the `Deliver` can only come from that orphaning.
+#[test]
+fn a_newer_claim_orphans_a_silent_submitter_and_the_result_goes_to_the_vip() {
+    let s = start();
+    let (e1, e2) = (epoch(1, 0), epoch(2, 1));
+    claim(&s, e1);
+    submit(&s, "c1", create("src"), e1);
+    let mut dead_host = s.conn();
+    submit_on(&mut dead_host, "cp", copy("src", "dst"), e1);
+    assert!(matches!(dead_host.recv().unwrap(), Msg::Accepted { .. }));
+    // `dead_host` is neither read nor closed from now on.
+    assert!(matches!(claim(&s, e2), Msg::Ack { .. }));
+    // Fail (not hang) if nothing is delivered.
+    s.vip.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        match s.vip.accept() {
+            Ok((v, _)) => break v,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("no delivery to the VIP: {e}"),
+        }
+    };
+    v.set_nonblocking(false).unwrap();
+    v.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut vc = Conn::new(v).unwrap();
+    match vc.recv().unwrap() {
+        Msg::Deliver { op_id, op, result } => {
+            assert_eq!(op_id, "cp");
+            assert_eq!(op, copy("src", "dst"));
+            assert!(matches!(result, OpResult::Copied { bytes, .. } if bytes == 4 * MIB));
+            vc.send(&Msg::Ack { op_id }).unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
+    let started = s
+        .journal()
+        .iter()
+        .filter(|r| matches!(r, Record::Started { op_id, .. } if op_id == "cp"))
+        .count();
+    assert_eq!(started, 1, "delivered, not re-run");
+    drop(dead_host);
+}
+
+/// The service dies after the catalog commit of an operation and before the journal's
+/// `Done` (the state such a crash leaves is built here directly: the store commits the
+/// volume with its operation id, the journal has only `Started`). On restart the result
+/// comes from the catalog: delivered, not re-run, and not reported as a failure.
+#[test]
+fn an_execution_cut_short_after_the_catalog_commit_is_done_not_rerun() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let e = epoch(3, 1);
+    {
+        let mut st = VolumeStore::open(
+            &state,
+            &[dir.path().join("d0.img")],
+            StoreConfig::default(),
+            false,
+        )
+        .unwrap();
+        let mut j = FileJournal::open(&state.join("journal.jsonl")).unwrap();
+        j.append(Record::Epoch { epoch: e }).unwrap();
+        j.append(Record::Started {
+            op_id: "mk".into(),
+            op: create("v"),
+            epoch: e,
+            node: 1,
+            tag: None,
+        })
+        .unwrap();
+        st.create("v", 4 * MIB, Some("mk")).unwrap();
+        // (crash: no Done record)
+    }
+    let s = start_in(dir);
+    assert_eq!(
+        submit(&s, "mk", create("v"), e),
+        Msg::Reply {
+            op_id: "mk".into(),
+            result: OpResult::Created {
+                name: "v".into(),
+                size: 4 * MIB
+            }
+        }
+    );
+    let recs = s.journal();
+    let n = |f: &dyn Fn(&Record) -> bool| recs.iter().filter(|r| f(r)).count();
+    assert_eq!(
+        n(&|r| matches!(r, Record::Started { op_id, .. } if op_id == "mk")),
+        1
+    );
+    assert_eq!(
+        n(&|r| matches!(r, Record::Done { op_id, .. } if op_id == "mk")),
+        1
+    );
+    assert_eq!(n(&|r| matches!(r, Record::Aborted { .. })), 0);
+}
+
+/// A list is answered from the service's snapshot while a copy runs (it does not wait for
+/// the copy), and the submitter of the copy hears `Accepted` again while it runs.
+#[test]
+fn list_does_not_wait_behind_a_copy_and_the_copy_sends_keepalives() {
+    let s = start();
+    let e = epoch(1, 0);
+    claim(&s, e);
+    let size = 16 * MIB; // 2 s at the test's 8 MiB/s copy cap
+    submit(
+        &s,
+        "c1",
+        Op::Create {
+            name: "src".into(),
+            size,
+        },
+        e,
+    );
+    let mut c = s.conn();
+    submit_on(&mut c, "cp", copy("src", "dst"), e);
+    assert!(matches!(c.recv().unwrap(), Msg::Accepted { .. }));
+    let mut l = s.conn();
+    l.send(&Msg::List).unwrap();
+    match l.recv().unwrap() {
+        Msg::Listed { volumes } => {
+            let names: Vec<_> = volumes.iter().map(|v| v.name.as_str()).collect();
+            assert_eq!(names, vec!["src"], "the copy has not finished");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !s.journal()
+            .iter()
+            .any(|r| matches!(r, Record::Done { op_id, .. } if op_id == "cp")),
+        "the list was answered while the copy was still running"
+    );
+    let mut keepalives = 0;
+    let result = loop {
+        match c.recv().unwrap() {
+            Msg::Accepted { .. } => keepalives += 1,
+            Msg::Reply { result, .. } => break result,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(matches!(result, OpResult::Copied { .. }), "{result:?}");
+    assert!(keepalives >= 1, "Accepted repeated while the copy ran");
+}
+
+#[test]
+fn an_over_long_request_gets_one_refusal_line() {
+    let s = start();
+    let mut raw = TcpStream::connect(s.addr()).unwrap();
+    let mut big = vec![b' '; blocklab::failover::wire::MAX_LINE + 100];
+    big.push(b'\n');
+    let _ = raw.write_all(&big);
+    let mut line = String::new();
+    BufReader::new(&raw).read_line(&mut line).unwrap();
+    assert!(line.contains("malformed request"), "{line}");
+    assert!(line.contains("longer than"), "{line}");
+}
+
+/// The journal becomes unwritable (its ZooKeeper server stops) while a copy runs: the copy's
+/// outcome cannot be recorded, so the submitter gets an error (not the unrecorded result)
+/// and the service stops with an error instead of leaving the operation running forever.
+#[test]
+fn a_journal_write_failure_after_execution_stops_the_service_with_an_error() {
+    use blocklab::coord::zk_server::ZkServer;
+    let mut zk = ZkServer::start().expect("a private ZooKeeper server");
+    let mut s = start_with(
+        scratch(),
+        JournalSpec::Coord {
+            spec: zk.spec("/svc"),
+            root: "/fo".into(),
+        },
+    );
+    let e = epoch(1, 0);
+    assert!(matches!(claim(&s, e), Msg::Ack { .. }));
+    submit(
+        &s,
+        "c1",
+        Op::Create {
+            name: "src".into(),
+            size: 8 * MIB,
+        },
+        e,
+    );
+    let mut c = s.conn();
+    submit_on(&mut c, "cp", copy("src", "dst"), e);
+    assert!(matches!(c.recv().unwrap(), Msg::Accepted { .. }));
+    zk.stop();
+    let result = loop {
+        match c.recv().unwrap() {
+            Msg::Accepted { .. } => continue,
+            Msg::Reply { result, .. } => break result,
+            other => panic!("{other:?}"),
+        }
+    };
+    match result {
+        OpResult::Error { message } => assert!(message.contains("journal"), "{message}"),
+        other => panic!("an unrecorded result was handed out: {other:?}"),
+    }
+    let svc = s.svc.take().unwrap();
+    let err = svc
+        .wait(&std::sync::atomic::AtomicBool::new(false))
+        .unwrap_err();
+    assert!(err.to_string().contains("journal"), "{err}");
 }

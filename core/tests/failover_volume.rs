@@ -1,16 +1,17 @@
 //! Volumes end to end: on regular files always, and on loop devices (direct I/O through
 //! io_uring) as root: byte-for-byte copies across fragmented extents on several devices,
 //! the catalog surviving a restart, bad input refused with the store unchanged, foreign data
-//! refused without force.
+//! refused without force, formatted daemon devices (formatted with `daemon::mkfs`) that
+//! `daemon::mount` still accepts after volume operations and after a crash between the
+//! bitmap and superblock writes, one store per directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use blocklab::daemon::{mkfs, mount, MkfsRequest, Mounted};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
-use blocklab::format::{
-    Bitmap, Label, Layout, LayoutParams, LogInitRecord, Superblock, LABEL_FLAG_READY,
-};
+use blocklab::format::Layout;
 use blocklab::testing::{scratch_dir, sparse_files, LoopDevices};
-use blocklab::volume::{StoreConfig, VolumeError, VolumeStore};
+use blocklab::volume::{Applied, StoreConfig, VolumeError, VolumeStore, APPLIED_KEEP};
 
 const MIB: u64 = 1 << 20;
 
@@ -55,10 +56,17 @@ fn copy_and_restart(devs: &[PathBuf], meta: &std::path::Path) {
         st.create("a", 3 * MIB, None).unwrap();
         st.create("b", 2 * MIB, None).unwrap();
         st.create("c", 3 * MIB, None).unwrap();
-        st.delete("b").unwrap();
+        st.delete("b", None).unwrap();
         // `src` spans the hole left by b, then the rest of device 0, then device 1.
         let size = 15 * MIB;
         let v = st.create("src", size, Some("op-1")).unwrap();
+        assert_eq!(
+            st.applied("op-1"),
+            Some(&Applied::Created {
+                name: "src".into(),
+                size
+            })
+        );
         assert!(v.extents.len() >= 2, "fragmented: {:?}", v.extents);
         src_data = pattern(size as usize, 7);
         st.write("src", 0, &src_data).unwrap();
@@ -89,13 +97,25 @@ fn copy_and_restart(devs: &[PathBuf], meta: &std::path::Path) {
         .map(|v| (v.name.clone(), v.extents.clone()))
         .collect::<Vec<_>>();
     assert_eq!(names_before, names_after);
-    assert_eq!(st.get("dst").unwrap().created_by.as_deref(), Some("op-2"));
+    assert_eq!(
+        st.applied("op-2"),
+        Some(&Applied::Copied {
+            src: "src".into(),
+            dst: "dst".into(),
+            bytes: size_of_src(&st)
+        }),
+        "the catalog remembers what op-2 did"
+    );
     let size = src_data.len();
     assert_eq!(st.read("dst", 0, size).unwrap(), src_data);
     assert_eq!(st.read("src", 0, size).unwrap(), src_data);
     // Allocation after restart does not overlap existing volumes.
     st.create("e", 2 * MIB, None).unwrap();
     assert_eq!(st.read("dst", 0, size).unwrap(), src_data);
+}
+
+fn size_of_src(st: &VolumeStore) -> u64 {
+    st.get("src").unwrap().size
 }
 
 #[test]
@@ -132,7 +152,7 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
     assert!(e.to_string().contains("exceeds the free space"));
     let e = st.copy("nope", "x", None, &mut |_| true).unwrap_err().0;
     assert!(matches!(e, VolumeError::Unknown(_)), "{e}");
-    let e = st.delete("nope").unwrap_err();
+    let e = st.delete("nope", None).unwrap_err();
     assert_eq!(e.to_string(), "no volume named \"nope\"");
     let e = st.create("v", MIB, None).unwrap_err();
     assert!(matches!(e, VolumeError::Exists(_)));
@@ -146,7 +166,7 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
     let e = st.copy("fill", "fill2", None, &mut |_| true).unwrap_err().0;
     assert!(matches!(e, VolumeError::NoSpace { .. }), "{e}");
     assert_eq!((st.list(), st.free_bytes()), before2);
-    st.delete("fill").unwrap();
+    st.delete("fill", None).unwrap();
     assert_eq!((st.list(), st.free_bytes()), before);
     assert_eq!(
         std::fs::read(meta.join("volumes.json")).unwrap(),
@@ -154,9 +174,121 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
         "the catalog on disk is unchanged"
     );
     // A stopped copy frees its destination and records nothing.
-    let e = st.copy("v", "v2", None, &mut |_| false).unwrap_err().0;
+    let e = st
+        .copy("v", "v2", Some("op-stop"), &mut |_| false)
+        .unwrap_err()
+        .0;
     assert!(matches!(e, VolumeError::Stopped(_)));
     assert_eq!((st.list(), st.free_bytes()), before);
+    assert_eq!(st.applied("op-stop"), None);
+    // Reads and writes outside a volume or unaligned are refused, not truncated.
+    for (off, len) in [(2 * MIB, 4096), (2 * MIB - 4096, 8192), (1, 4096), (0, 100)] {
+        let e = st.read("v", off, len).unwrap_err();
+        assert!(matches!(e, VolumeError::BadRange { .. }), "{e}");
+        let e = st.write("v", off, &vec![1; len]).unwrap_err();
+        assert!(matches!(e, VolumeError::BadRange { .. }), "{e}");
+    }
+    assert_eq!(
+        std::fs::read(meta.join("volumes.json")).unwrap(),
+        catalog,
+        "the catalog on disk is still unchanged"
+    );
+}
+
+#[test]
+fn bad_settings_are_refused_with_one_line() {
+    let dir = tmp();
+    let devs = files(&dir, 1, 24 * MIB);
+    let meta = dir.path().join("meta");
+    for (chunk, depth, what) in [
+        (0, 8, "copy chunk 0"),
+        (1000, 8, "copy chunk 1000"),
+        (MIB, 0, "copy depth 0"),
+        (MIB, 4096, "copy depth 4096"),
+    ] {
+        let cfg = StoreConfig {
+            copy_chunk: chunk,
+            copy_depth: depth,
+            ..small_cfg()
+        };
+        let e = VolumeStore::open(&meta, &devs, cfg, false).unwrap_err();
+        assert!(matches!(e, VolumeError::Config(_)), "{e}");
+        let m = e.to_string();
+        assert!(m.contains(what) && !m.contains('\n'), "{m}");
+    }
+    assert!(!meta.join("volumes.json").exists(), "nothing was created");
+}
+
+#[test]
+fn a_second_store_on_the_same_directory_is_refused() {
+    let dir = tmp();
+    let devs = files(&dir, 1, 24 * MIB);
+    let meta = dir.path().join("meta");
+    let st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
+    let e = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap_err();
+    assert!(matches!(e, VolumeError::Locked(_)), "{e}");
+    drop(st);
+    VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
+}
+
+#[test]
+fn a_copy_goes_to_another_device_than_its_source() {
+    let dir = tmp();
+    let devs = files(&dir, 2, 24 * MIB);
+    let mut st = VolumeStore::open(&dir.path().join("meta"), &devs, small_cfg(), false).unwrap();
+    st.create("a", 4 * MIB, None).unwrap();
+    let src_devs: Vec<usize> = st
+        .get("a")
+        .unwrap()
+        .extents
+        .iter()
+        .map(|e| e.device)
+        .collect();
+    assert_eq!(src_devs, vec![0], "first fit on an empty store");
+    let (v, _) = st.copy("a", "b", None, &mut |_| true).unwrap();
+    assert!(v.extents.iter().all(|e| e.device == 1), "{:?}", v.extents);
+}
+
+#[test]
+fn the_applied_window_is_bounded() {
+    let dir = tmp();
+    let devs = files(&dir, 1, 24 * MIB);
+    let meta = dir.path().join("meta");
+    let mut st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
+    for i in 0..APPLIED_KEEP + 5 {
+        st.create("v", MIB, Some(&format!("c{i}"))).unwrap();
+        st.delete("v", Some(&format!("d{i}"))).unwrap();
+    }
+    assert_eq!(st.applied("c0"), None, "the oldest were pruned");
+    let last = format!("d{}", APPLIED_KEEP + 4);
+    assert!(st.applied(&last).is_some());
+    drop(st);
+    let st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
+    assert!(st.applied(&last).is_some(), "kept across a reopen");
+}
+
+#[test]
+fn a_catalog_naming_a_missing_device_or_a_newer_version_is_an_error() {
+    let dir = tmp();
+    let devs = files(&dir, 1, 24 * MIB);
+    let meta = dir.path().join("meta");
+    {
+        let mut st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
+        st.create("v", MIB, None).unwrap();
+    }
+    let path = meta.join("volumes.json");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let mut cat: serde_json::Value = serde_json::from_str(&good).unwrap();
+    cat["volumes"]["v"]["extents"][0]["device"] = 7.into();
+    std::fs::write(&path, serde_json::to_vec(&cat).unwrap()).unwrap();
+    let e = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap_err();
+    assert!(matches!(e, VolumeError::Catalog { .. }), "{e}");
+    assert!(e.to_string().contains("device 7"), "{e}");
+    let mut cat: serde_json::Value = serde_json::from_str(&good).unwrap();
+    cat["version"] = 99.into();
+    std::fs::write(&path, serde_json::to_vec(&cat).unwrap()).unwrap();
+    let e = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap_err();
+    assert!(e.to_string().contains("version 99"), "{e}");
 }
 
 #[test]
@@ -177,114 +309,178 @@ fn foreign_data_is_refused_without_force() {
     VolumeStore::open(&dir.path().join("m2"), &devs, small_cfg(), true).unwrap();
 }
 
-/// Writes the daemon format (label with `ready`, superblock, log init record, initial
-/// bitmap) with `core::format`'s encoders — standing in for `daemon::mkfs`, which is built
-/// on another branch and not yet on main.
-fn format_device(path: &std::path::Path, daemon_id: u32) -> Layout {
+/// Formats a device for daemon `daemon_id` with `daemon::mkfs`.
+fn format_device(path: &Path, daemon_id: u32) -> Layout {
     let dev = Device::open(path).unwrap();
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
-    let layout = Layout::compute(dev.size(), LayoutParams::default()).unwrap();
-    let fsid = uuid::Uuid::new_v4();
-    let daemon_uuid = uuid::Uuid::new_v4();
-    let bitmap = Bitmap::initial(&layout);
-    let sb = Superblock {
-        cluster_fsid: fsid,
-        daemon_id,
-        alloc_unit: layout.alloc_unit,
-        total_units: layout.total_units(),
-        used_units: bitmap.used(),
-        generation: 1,
-    };
-    let log = LogInitRecord {
-        daemon_uuid,
-        log_len: layout.log_len,
-        birth_time_unix_ns: 1,
-    };
-    let label = Label {
-        flags: LABEL_FLAG_READY,
-        cluster_fsid: fsid,
-        daemon_id,
-        daemon_uuid,
-        birth_time_unix_ns: 1,
-        layout: layout.clone(),
-    };
-    for (off, bytes) in [
-        (layout.superblock_offset, sb.encode()),
-        (layout.log_offset, log.encode()),
-        (layout.bitmap_offset, bitmap.as_bytes().to_vec()),
-        (0, label.encode()),
-    ] {
-        eng.write_at(&dev, off, &AlignedBuf::from_slice(&bytes))
-            .unwrap();
-    }
-    eng.fsync(&dev).unwrap();
-    layout
+    let req = MkfsRequest::new(uuid::Uuid::new_v4(), daemon_id);
+    mkfs(&mut eng, &dev, &req).unwrap().label.layout
 }
 
-fn on_device_bitmap(path: &std::path::Path, l: &Layout) -> (Bitmap, Superblock) {
+/// `daemon::mount` of the device: every checksum, the layout, the metadata units.
+fn mounted(path: &Path) -> Mounted {
     let dev = Device::open(path).unwrap();
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
-    let mut b = AlignedBuf::new(l.bitmap_len as usize);
-    eng.read_at(&dev, l.bitmap_offset, &mut b).unwrap();
-    let mut s = AlignedBuf::new(4096);
-    eng.read_at(&dev, l.superblock_offset, &mut s).unwrap();
-    (
-        Bitmap::decode(&b, l.total_units()).unwrap(),
-        Superblock::decode(&s).unwrap(),
-    )
+    mount(&mut eng, &dev).unwrap_or_else(|e| panic!("daemon::mount refuses the device: {e}"))
 }
 
-#[test]
-fn formatted_devices_use_the_on_device_bitmap_and_reconcile_after_a_crash() {
-    let dir = tmp();
-    let devs = files(&dir, 2, 32 * MIB);
+fn formatted_devices_use_the_on_device_bitmap_and_stay_mountable(devs: &[PathBuf], meta: &Path) {
     let layouts: Vec<Layout> = devs
         .iter()
         .enumerate()
         .map(|(i, p)| format_device(p, i as u32))
         .collect();
-    let initial_used = Bitmap::initial(&layouts[0]).used();
-    let meta = dir.path().join("meta");
+    let initial_used = mounted(&devs[0]).bitmap.used();
     let size = 20 * MIB;
     let data = pattern(size as usize, 3);
     {
-        let mut st = VolumeStore::open(&meta, &devs, StoreConfig::default(), false).unwrap();
+        let mut st = VolumeStore::open(meta, devs, StoreConfig::default(), false).unwrap();
         assert!(st.is_formatted(0) && st.is_formatted(1));
         st.create("src", size, None).unwrap();
         st.write("src", 0, &data).unwrap();
         st.copy("src", "dst", None, &mut |_| true).unwrap();
         assert_eq!(st.read("dst", 0, size as usize).unwrap(), data);
+        // daemon::mount accepts the devices while the store has them open, too.
+        for d in devs {
+            let m = mounted(d);
+            assert!(!m.used_units_stale());
+        }
     }
-    // The bitmaps on the devices hold exactly metadata + both volumes (4 KiB units).
+    // The bitmaps on the devices hold exactly metadata + both volumes (4 KiB units), and
+    // the superblock counters follow them.
     let units = |i: usize| {
-        let (b, sb) = on_device_bitmap(&devs[i], &layouts[i]);
-        assert_eq!(
-            sb.used_units,
-            b.used(),
+        let m = mounted(&devs[i]);
+        assert!(
+            !m.used_units_stale(),
             "superblock counter follows the bitmap"
         );
-        b.used() - initial_used
+        m.bitmap.used() - initial_used
     };
     assert_eq!(units(0) + units(1), 2 * size / 4096);
-    // Crash between the bitmap write and the catalog commit: units marked used on the
-    // device that no volume owns. The next open gives them back.
-    let before = units(1);
-    {
-        let (mut b, _) = on_device_bitmap(&devs[1], &layouts[1]);
-        let last = layouts[1].total_units() - 10;
-        b.allocate(last..last + 5).unwrap();
-        let dev = Device::open(&devs[1]).unwrap();
+    let write_bitmap = |i: usize, b: &blocklab::format::Bitmap| {
+        let dev = Device::open(&devs[i]).unwrap();
         let mut eng = UringEngine::with_queue_depth(4).unwrap();
         eng.write_at(
             &dev,
-            layouts[1].bitmap_offset,
+            layouts[i].bitmap_offset,
             &AlignedBuf::from_slice(b.as_bytes()),
         )
         .unwrap();
+        eng.fsync(&dev).unwrap();
+    };
+    // A crash after the bitmap write, before the superblock write and the catalog commit:
+    // units marked used on the device that no volume owns, the counter stale. The device
+    // still mounts (the counter is a hint); the next open gives the units back and
+    // rewrites the counter.
+    let before = units(1);
+    {
+        let mut b = mounted(&devs[1]).bitmap;
+        let last = layouts[1].total_units() - 10;
+        b.allocate(last..last + 5).unwrap();
+        write_bitmap(1, &b);
     }
-    let mut st = VolumeStore::open(&meta, &devs, StoreConfig::default(), false).unwrap();
-    assert_eq!(units(1), before, "leaked units reclaimed");
+    let m = mounted(&devs[1]);
+    assert!(
+        m.used_units_stale(),
+        "the simulated crash left the counter stale"
+    );
+    assert_eq!(m.bitmap.used() - initial_used, before + 5);
+    let mut st = VolumeStore::open(meta, devs, StoreConfig::default(), false).unwrap();
+    assert_eq!(
+        units(1),
+        before,
+        "leaked units reclaimed, counter rewritten"
+    );
     assert_eq!(st.read("dst", 0, size as usize).unwrap(), data);
-    st.delete("src").unwrap();
+    st.delete("src", None).unwrap();
     assert_eq!(units(0) + units(1), size / 4096);
+    drop(st);
+    // The same crash during a delete (bitmap freed, counter and catalog not yet): the
+    // catalog still has the volume, so its units are marked used again.
+    let before = units(0) + units(1);
+    let dst_dev = {
+        let st = VolumeStore::open(meta, devs, StoreConfig::default(), false).unwrap();
+        st.get("dst").unwrap().extents[0].device
+    };
+    {
+        let m = mounted(&devs[dst_dev]);
+        let mut b = m.bitmap;
+        let first = layouts[dst_dev].first_data_unit();
+        let used: Vec<u64> = (first..layouts[dst_dev].total_units())
+            .filter(|&u| b.is_used(u))
+            .take(3)
+            .collect();
+        for u in used {
+            b.release(u..u + 1).unwrap();
+        }
+        write_bitmap(dst_dev, &b);
+    }
+    assert!(mounted(&devs[dst_dev]).used_units_stale());
+    let mut st = VolumeStore::open(meta, devs, StoreConfig::default(), false).unwrap();
+    assert_eq!(units(0) + units(1), before);
+    assert_eq!(st.read("dst", 0, size as usize).unwrap(), data);
+}
+
+#[test]
+fn formatted_devices_use_the_on_device_bitmap_and_stay_mountable_on_files() {
+    let dir = tmp();
+    let devs = files(&dir, 2, 32 * MIB);
+    formatted_devices_use_the_on_device_bitmap_and_stay_mountable(&devs, &dir.path().join("meta"));
+}
+
+#[test]
+fn formatted_devices_use_the_on_device_bitmap_and_stay_mountable_on_loop_devices() {
+    let Some(g) = LoopDevices::provision("fo-volfmt", 2, 32 * MIB) else {
+        return;
+    };
+    let dir = scratch_dir("blocklab-test-");
+    formatted_devices_use_the_on_device_bitmap_and_stay_mountable(
+        &g.paths(),
+        &dir.path().join("meta"),
+    );
+}
+
+#[test]
+fn a_formatted_device_that_now_reads_blank_is_named_not_used_raw() {
+    let dir = tmp();
+    let devs = files(&dir, 1, 32 * MIB);
+    format_device(&devs[0], 0);
+    let uuid = mounted(&devs[0]).label.daemon_uuid;
+    let meta = dir.path().join("meta");
+    VolumeStore::open(&meta, &devs, StoreConfig::default(), false).unwrap();
+    // The device is wiped (or another one is at that path now).
+    std::fs::File::create(&devs[0])
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    for force in [false, true] {
+        let e = VolumeStore::open(&meta, &devs, StoreConfig::default(), force).unwrap_err();
+        assert!(matches!(e, VolumeError::DeviceMismatch(_)), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains(&uuid.to_string()) && !m.contains("--force"),
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_superblock_is_noticed() {
+    let dir = tmp();
+    let devs = files(&dir, 1, 32 * MIB);
+    let l = format_device(&devs[0], 0);
+    let meta = dir.path().join("meta");
+    VolumeStore::open(&meta, &devs, StoreConfig::default(), false).unwrap();
+    {
+        let dev = Device::open(&devs[0]).unwrap();
+        let mut eng = UringEngine::with_queue_depth(4).unwrap();
+        let mut b = AlignedBuf::new(4096);
+        eng.read_at(&dev, l.superblock_offset, &mut b).unwrap();
+        b[40] ^= 0xff;
+        eng.write_at(&dev, l.superblock_offset, &b).unwrap();
+        eng.fsync(&dev).unwrap();
+    }
+    let e = VolumeStore::open(&meta, &devs, StoreConfig::default(), false).unwrap_err();
+    assert!(matches!(e, VolumeError::Daemon(_)), "{e}");
+    assert!(e.to_string().contains("not mountable"), "{e}");
 }

@@ -2,7 +2,8 @@
 //! `blocklab mgmt serve`), real sockets, and loop devices (as root; regular files
 //! otherwise): the VIP holder is SIGKILLed in the middle of a copy, the copy runs once and
 //! the client gets its result; bad input is refused over the wire with the cluster
-//! unchanged; the `client_retry` baseline re-runs the interrupted copy; and (as root) the
+//! unchanged (on devices formatted with `daemon::mkfs`, which `daemon::mount` still accepts
+//! afterwards); the `client_retry` baseline re-runs the interrupted copy; and (as root) the
 //! same kill with the `netns` backend.
 
 use std::path::PathBuf;
@@ -11,48 +12,44 @@ use std::time::{Duration, Instant};
 
 use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::{connect, ConnectOptions, CoordSpec};
-use blocklab::dev::provision::ProvisionGuard;
+use blocklab::daemon::{mkfs, mount, MkfsRequest};
+use blocklab::dev::{Device, UringEngine};
 use blocklab::failover::client::Client;
 use blocklab::failover::coord_journal::CoordJournal;
 use blocklab::failover::journal::{read_records, Record};
-use blocklab::failover::node::Mode;
 use blocklab::failover::wire::{Op, OpResult};
-use blocklab::testing::{is_root, sparse_files};
+use blocklab::testing::{is_root, scratch_dir, sparse_files, LoopDevices};
 use blocklab::volume::{StoreConfig, VolumeStore};
-use harness::cli::failover::cluster::{Backend, Cluster, ClusterSpec};
+use harness::cli::failover::cluster::{enter_netns, Cluster, ClusterSpec, Mode, VipKind};
 
 const MIB: u64 = 1 << 20;
 
 struct Devs {
-    _guard: Option<ProvisionGuard>,
+    _loops: Option<LoopDevices>,
     paths: Vec<PathBuf>,
 }
 
-/// Two 96 MiB devices: loop devices as root, sparse files otherwise.
+/// Two 96 MiB devices: loop devices as root, sparse files in `dir` otherwise.
 fn devices(dir: &tempfile::TempDir, name: &str) -> Devs {
     if is_root() {
-        let g = ProvisionGuard::new(dir.path(), name, 2, 96 * MIB).unwrap();
+        let g = LoopDevices::provision(name, 2, 96 * MIB).expect("root");
         Devs {
             paths: g.paths(),
-            _guard: Some(g),
+            _loops: Some(g),
         }
     } else {
-        let paths = sparse_files(dir.path(), 2, 96 * MIB);
         Devs {
-            _guard: None,
-            paths,
+            paths: sparse_files(dir.path(), 2, 96 * MIB),
+            _loops: None,
         }
     }
 }
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("blocklab-fo-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
+    scratch_dir("blocklab-fo-")
 }
 
-fn spec(dir: &tempfile::TempDir, devs: &Devs, mode: Mode, backend: Backend) -> ClusterSpec {
+fn spec(dir: &tempfile::TempDir, devs: &Devs, mode: Mode, backend: VipKind) -> ClusterSpec {
     ClusterSpec {
         bin: PathBuf::from(env!("CARGO_BIN_EXE_blocklab")),
         dir: dir.path().join("cluster"),
@@ -64,6 +61,7 @@ fn spec(dir: &tempfile::TempDir, devs: &Devs, mode: Mode, backend: Backend) -> C
         backend,
         copy_rate_mib: 16,
         journal: None,
+        service_args: Vec::new(),
     }
 }
 
@@ -154,12 +152,12 @@ fn fill_pattern(c: &mut Cluster, name: &str, size: u64) {
             .collect();
         st.write(name, 0, &data).unwrap();
     }
-    c.restart_service().unwrap();
+    c.start_service().unwrap();
 }
 
-fn kill_during_copy(backend: Backend, journal: Option<String>) {
+fn kill_during_copy(backend: VipKind, journal: Option<String>) {
     let dir = tmp();
-    let devs = devices(&dir, &format!("fo-e2e-{}", backend.name()));
+    let devs = devices(&dir, &format!("fo-e2e-{backend}"));
     let mut sp = spec(&dir, &devs, Mode::VipHandoff, backend);
     sp.journal = journal;
     let mut c = Cluster::start(sp).unwrap();
@@ -174,12 +172,7 @@ fn kill_during_copy(backend: Backend, journal: Option<String>) {
         thread::scope(|s| {
             s.spawn(|| {
                 if let Some(ns) = enter {
-                    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-                    rustix::thread::move_into_link_name_space(
-                        std::os::fd::AsFd::as_fd(&f),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )
-                    .unwrap();
+                    enter_netns(&ns).unwrap();
                 }
                 cl.call(&op_id, &op, None).unwrap().0
             })
@@ -209,12 +202,7 @@ fn kill_during_copy(backend: Backend, journal: Option<String>) {
     let copy2 = copy.clone();
     let h = thread::spawn(move || {
         if let Some(ns) = enter {
-            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&f),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
+            enter_netns(&ns).unwrap();
         }
         cl.call("copy-1", &copy2, None).unwrap()
     });
@@ -242,26 +230,30 @@ fn kill_during_copy(backend: Backend, journal: Option<String>) {
     // Re-sending the same id again returns the same result without running anything.
     assert_eq!(call(&c, "copy-1", copy), result);
     assert_eq!(count(&c, "copy-1"), (1, 1, 0));
-    let list = call(&c, "list-1", Op::List);
-    match list {
-        OpResult::Listed { volumes } => {
-            let names: Vec<_> = volumes.iter().map(|v| v.name.as_str()).collect();
-            assert_eq!(names, vec!["dst", "src"]);
+    let enter = c.net.as_ref().map(|n| n.client.clone());
+    let cl = client(&c);
+    let volumes = thread::spawn(move || {
+        if let Some(ns) = enter {
+            enter_netns(&ns).unwrap();
         }
-        other => panic!("{other:?}"),
-    }
+        cl.list().unwrap()
+    })
+    .join()
+    .unwrap();
+    let names: Vec<_> = volumes.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, vec!["dst", "src"]);
     check_copy_bytes(&mut c, "src", "dst", size);
 }
 
 #[test]
 fn loopback_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
-    kill_during_copy(Backend::Loopback, None);
+    kill_during_copy(VipKind::Loopback, None);
 }
 
 #[test]
 fn loopback_with_the_journal_in_zookeeper_holder_killed_during_copy_runs_once() {
     let zk = ZkServer::start().expect("a private ZooKeeper server");
-    kill_during_copy(Backend::Loopback, Some(zk.spec("/fo").to_string()));
+    kill_during_copy(VipKind::Loopback, Some(zk.spec("/fo").to_string()));
 }
 
 #[test]
@@ -270,14 +262,21 @@ fn netns_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
         eprintln!("skipping: the netns VIP backend needs root");
         return;
     }
-    kill_during_copy(Backend::Netns, None);
+    kill_during_copy(VipKind::Netns, None);
 }
 
 #[test]
 fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
     let dir = tmp();
     let devs = devices(&dir, "fo-e2e-bad");
-    let c = Cluster::start(spec(&dir, &devs, Mode::VipHandoff, Backend::Loopback)).unwrap();
+    // This cluster's devices are formatted daemon devices (`daemon::mkfs`).
+    let fsid = uuid::Uuid::new_v4();
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    for (i, p) in devs.paths.iter().enumerate() {
+        let dev = Device::open(p).unwrap();
+        mkfs(&mut eng, &dev, &MkfsRequest::new(fsid, i as u32)).unwrap();
+    }
+    let c = Cluster::start(spec(&dir, &devs, Mode::VipHandoff, VipKind::Loopback)).unwrap();
     c.wait_holder(None, Duration::from_secs(30)).unwrap();
     let cl = client(&c);
     let call = |id: &str, op: Op| cl.call(id, &op, None).unwrap().0;
@@ -301,8 +300,8 @@ fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
         }
     )
     .is_ok());
-    let listed = |cl: &Client| cl.call(&uuid::Uuid::new_v4().to_string(), &Op::List, None);
-    let before = listed(&cl).unwrap().0;
+    let listed = |cl: &Client| cl.list().unwrap();
+    let before = listed(&cl);
     let journal_before = read_records(&c.journal_path()).unwrap().len();
 
     let m = err(call(
@@ -347,7 +346,7 @@ fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
         BufReader::new(&s).read_line(&mut line).unwrap();
         assert!(line.contains("malformed request"), "{line}");
     }
-    assert_eq!(listed(&cl).unwrap().0, before, "the cluster is unchanged");
+    assert_eq!(listed(&cl), before, "the cluster is unchanged");
     // Refused duplicates and the malformed request left no execution behind; the three
     // failed operations ran (and failed) once each.
     let recs = read_records(&c.journal_path()).unwrap();
@@ -355,13 +354,23 @@ fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
     assert!(!recs
         .iter()
         .any(|r| matches!(r, Record::Started { op_id, .. } if op_id == "x")));
+    // After the volume operations the formatted devices still mount, with the volumes'
+    // units (8 MiB in 4 KiB units) marked used in their on-device bitmaps.
+    let mut used = 0;
+    for p in &devs.paths {
+        let dev = Device::open(p).unwrap();
+        let m = mount(&mut eng, &dev).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!m.used_units_stale());
+        used += m.bitmap.used() - blocklab::format::Bitmap::initial(&m.label.layout).used();
+    }
+    assert_eq!(used, 8 * MIB / 4096);
 }
 
 #[test]
 fn client_retry_baseline_reexecutes_the_interrupted_copy() {
     let dir = tmp();
     let devs = devices(&dir, "fo-e2e-retry");
-    let mut c = Cluster::start(spec(&dir, &devs, Mode::ClientRetry, Backend::Loopback)).unwrap();
+    let mut c = Cluster::start(spec(&dir, &devs, Mode::ClientRetry, VipKind::Loopback)).unwrap();
     c.wait_event_from_all("listening", Duration::from_secs(30))
         .unwrap();
     let mut cl = Client::new(c.node_addrs.clone());
@@ -411,6 +420,60 @@ fn client_retry_baseline_reexecutes_the_interrupted_copy() {
     );
 }
 
+/// The block service dies (a real process exit at a chosen point) after a copy's catalog
+/// commit and before the journal's `Done`. Restarted, it finds the outcome in the catalog:
+/// the client's re-send gets the result, and the copy ran once (no second execution, no
+/// `Aborted`).
+#[test]
+fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
+    let dir = tmp();
+    let devs = devices(&dir, "fo-e2e-crash");
+    let mut sp = spec(&dir, &devs, Mode::VipHandoff, VipKind::Loopback);
+    sp.service_args = vec!["--crash-after-commit".into(), "copy-c".into()];
+    let mut c = Cluster::start(sp).unwrap();
+    c.wait_holder(None, Duration::from_secs(30)).unwrap();
+    let size = 8 * MIB;
+    let cl = client(&c);
+    let r = cl
+        .call(
+            "create-c",
+            &Op::Create {
+                name: "src".into(),
+                size,
+            },
+            None,
+        )
+        .unwrap()
+        .0;
+    assert!(r.is_ok(), "{r:?}");
+    let copy = Op::Copy {
+        src: "src".into(),
+        dst: "dst".into(),
+    };
+    let h = thread::spawn(move || cl.call("copy-c", &copy, None).unwrap());
+    let status = c.wait_service_exit(Duration::from_secs(60)).unwrap();
+    assert!(!status.success(), "the injected crash stops the service");
+    let recs = read_records(&c.journal_path()).unwrap();
+    assert!(
+        !recs
+            .iter()
+            .any(|r| matches!(r, Record::Done { op_id, .. } if op_id == "copy-c")),
+        "the crash came before the Done record"
+    );
+    c.spec.service_args.clear();
+    c.start_service().unwrap();
+    let (result, _) = h.join().unwrap();
+    assert_eq!(
+        result,
+        OpResult::Copied {
+            src: "src".into(),
+            dst: "dst".into(),
+            bytes: size
+        }
+    );
+    assert_eq!(count(&c, "copy-c"), (1, 1, 0), "delivered, not re-run");
+}
+
 /// The netns backend's VIP takeover announces itself: a client host whose ARP entry for the
 /// VIP points elsewhere (and which sends nothing) has it pointed at the VIP's virtual MAC
 /// by the gratuitous ARP alone; giving the VIP up removes the address.
@@ -443,12 +506,7 @@ fn netns_vip_acquire_sends_a_gratuitous_arp() {
     let node_ns = net.nodes[0].clone();
     let vip_dev_addrs = thread::scope(|s| {
         s.spawn(|| {
-            let f = std::fs::File::open(format!("/run/netns/{node_ns}")).unwrap();
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&f),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
+            enter_netns(&node_ns).unwrap();
             let b = VipBackend::Netns {
                 vip: std::net::IpAddr::V4(vip),
                 lower: "eth0".into(),

@@ -9,8 +9,23 @@ use super::error::{DaemonError, Result};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Mounted {
     pub label: Label,
+    /// The superblock as read. Its `used_units` is a hint: the count is derived from the
+    /// bitmap (`free_units`, `bitmap.used()`), and a stale counter (a crash between a
+    /// bitmap write and the superblock write) is tolerated.
     pub superblock: Superblock,
+    /// Free allocation units, counted in the bitmap.
     pub free_units: u64,
+    /// The decoded free-space bitmap.
+    #[serde(skip)]
+    pub bitmap: Bitmap,
+}
+
+impl Mounted {
+    /// Whether the superblock's `used_units` counter disagrees with the bitmap (to be
+    /// rewritten by whoever next writes the superblock).
+    pub fn used_units_stale(&self) -> bool {
+        self.superblock.used_units != self.bitmap.used()
+    }
 }
 
 fn not_mountable(dev: &Device, reason: impl Into<String>) -> DaemonError {
@@ -36,8 +51,9 @@ pub(super) fn read_label(eng: &mut dyn IoEngine, dev: &Device) -> Result<Label> 
 }
 
 /// Verifies every checksum (label, its copies, superblock, log init record), the layout
-/// against the device, the bitmap against the superblock's counters and the metadata
-/// regions, and the commit point (`ready`).
+/// against the device, the bitmap against the superblock's geometry and the metadata
+/// regions, and the commit point (`ready`). The superblock's `used_units` counter is not
+/// checked against the bitmap (see [`Mounted::superblock`]).
 pub fn mount(eng: &mut dyn IoEngine, dev: &Device) -> Result<Mounted> {
     let label = read_label(eng, dev)?;
     if !label.is_ready() {
@@ -75,13 +91,12 @@ pub fn mount(eng: &mut dyn IoEngine, dev: &Device) -> Result<Mounted> {
     eng.read_at(dev, l.bitmap_offset, &mut bits)?;
     let bitmap =
         Bitmap::decode(&bits, l.total_units()).map_err(|e| not_mountable(dev, e.to_string()))?;
-    if bitmap.used() != sb.used_units {
+    if sb.used_units > sb.total_units {
         return Err(not_mountable(
             dev,
             format!(
-                "bitmap: {} units used, the superblock says {}",
-                bitmap.used(),
-                sb.used_units
+                "superblock: {} units used of {}",
+                sb.used_units, sb.total_units
             ),
         ));
     }
@@ -107,6 +122,7 @@ pub fn mount(eng: &mut dyn IoEngine, dev: &Device) -> Result<Mounted> {
         free_units: bitmap.free(),
         label,
         superblock: sb,
+        bitmap,
     })
 }
 

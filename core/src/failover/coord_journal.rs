@@ -44,10 +44,17 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-fn err(root: &str, e: impl std::fmt::Display) -> JournalError {
-    JournalError::Corrupt {
-        path: root.into(),
-        line: 0,
+fn err(root: &str, source: CoordError) -> JournalError {
+    JournalError::Coord {
+        root: root.to_string(),
+        source,
+    }
+}
+
+fn bad(root: &str, path: &str, e: impl std::fmt::Display) -> JournalError {
+    JournalError::BadEntry {
+        root: root.to_string(),
+        path: path.to_string(),
         msg: e.to_string(),
     }
 }
@@ -62,7 +69,8 @@ impl CoordJournal {
         let epoch_version = match coord.get(&epoch_path) {
             Ok((data, stat)) => {
                 if !data.is_empty() {
-                    let e: Epoch = serde_json::from_slice(&data).map_err(|e| err(root, e))?;
+                    let e: Epoch =
+                        serde_json::from_slice(&data).map_err(|e| bad(root, &epoch_path, e))?;
                     index.apply(&Record::Epoch { epoch: e });
                 }
                 stat.version
@@ -80,10 +88,9 @@ impl CoordJournal {
         };
         let mut versions = HashMap::new();
         for child in coord.children(&ops).map_err(|e| err(root, e))? {
-            let (data, stat) = coord
-                .get(&format!("{ops}/{child}"))
-                .map_err(|e| err(root, e))?;
-            let entry: Entry = serde_json::from_slice(&data).map_err(|e| err(root, e))?;
+            let path = format!("{ops}/{child}");
+            let (data, stat) = coord.get(&path).map_err(|e| err(root, e))?;
+            let entry: Entry = serde_json::from_slice(&data).map_err(|e| bad(root, &path, e))?;
             let mut op_id = None;
             for r in &entry.records {
                 if let Record::Started { op_id: id, .. } = r {
@@ -113,11 +120,10 @@ impl CoordJournal {
         let ops = format!("{}/ops", self.root);
         let mut out = Vec::new();
         for child in self.coord.children(&ops).map_err(|e| err(&self.root, e))? {
-            let (data, _) = self
-                .coord
-                .get(&format!("{ops}/{child}"))
-                .map_err(|e| err(&self.root, e))?;
-            let entry: Entry = serde_json::from_slice(&data).map_err(|e| err(&self.root, e))?;
+            let path = format!("{ops}/{child}");
+            let (data, _) = self.coord.get(&path).map_err(|e| err(&self.root, e))?;
+            let entry: Entry =
+                serde_json::from_slice(&data).map_err(|e| bad(&self.root, &path, e))?;
             out.extend(entry.records);
         }
         Ok(out)
@@ -130,7 +136,7 @@ impl CoordJournal {
                 let data = serde_json::to_vec(&Entry {
                     records: vec![rec.clone()],
                 })
-                .map_err(|e| err(&self.root, e))?;
+                .map_err(|e| bad(&self.root, &path, e))?;
                 let stat = self
                     .coord
                     .create(&path, &data, NodeKind::Persistent)
@@ -140,9 +146,9 @@ impl CoordJournal {
             Some(v) => {
                 let (data, _) = self.coord.get(&path).map_err(|e| err(&self.root, e))?;
                 let mut entry: Entry =
-                    serde_json::from_slice(&data).map_err(|e| err(&self.root, e))?;
+                    serde_json::from_slice(&data).map_err(|e| bad(&self.root, &path, e))?;
                 entry.records.push(rec.clone());
-                let data = serde_json::to_vec(&entry).map_err(|e| err(&self.root, e))?;
+                let data = serde_json::to_vec(&entry).map_err(|e| bad(&self.root, &path, e))?;
                 let stat = self
                     .coord
                     .set(&path, &data, Some(v))
@@ -166,7 +172,7 @@ impl OpJournal for CoordJournal {
             }
             Record::Epoch { epoch } => {
                 let path = format!("{}/epoch", self.root);
-                let data = serde_json::to_vec(epoch).map_err(|e| err(&self.root, e))?;
+                let data = serde_json::to_vec(epoch).map_err(|e| bad(&self.root, &path, e))?;
                 let stat = self
                     .coord
                     .set(&path, &data, Some(self.epoch_version))

@@ -72,6 +72,20 @@ pub enum JournalError {
         line: usize,
         msg: String,
     },
+    /// The coordination backend failed (a [`super::coord_journal::CoordJournal`]).
+    #[error("journal {root} in the coordination backend: {source}")]
+    Coord {
+        root: String,
+        #[source]
+        source: crate::coord::CoordError,
+    },
+    /// A record in the coordination backend does not decode.
+    #[error("journal {root}: {path}: {msg}")]
+    BadEntry {
+        root: String,
+        path: String,
+        msg: String,
+    },
 }
 
 /// What an operation journal offers.
@@ -227,7 +241,7 @@ mod tests {
             .unwrap();
             j.append(Record::Started {
                 op_id: "b".into(),
-                op: Op::List,
+                op: Op::Delete { name: "y".into() },
                 epoch: e,
                 node: 1,
                 tag: None,

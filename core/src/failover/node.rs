@@ -6,9 +6,11 @@
 //! block service (`Claim`) and takes the VIP through the [`VipBackend`]; `Release` drops it.
 //!
 //! While holding, a listener thread accepts clients on `VIP:port`: each request is looked up
-//! in the node's cache of delivered results, else submitted to the block service with the
-//! holder's epoch and answered when the result comes back. Results the service delivers to
-//! the VIP (their submitter died) are cached and acknowledged.
+//! in the node's cache of delivered results (answered from it only if the cached operation
+//! has the same arguments), else submitted to the block service with the holder's epoch;
+//! the service's `Accepted` keepalives are forwarded to the client while the operation
+//! runs, and the result when it comes back. Results the service delivers to the VIP (their
+//! submitter died or was superseded) are cached and acknowledged. `List` is forwarded.
 //!
 //! In the `client_retry` baseline there is no VIP: each node listens on its own address and
 //! submits session-bound (the service drops the work if this node dies).
@@ -25,8 +27,9 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::dispatcher::{Action, Dispatcher, Epoch, Heartbeat, Input, NodeId, Timing};
+use super::service::CONN_IDLE_TIMEOUT;
 use super::vip::{VipBackend, VipError};
-use super::wire::{Conn, Msg, OpResult, WireError};
+use super::wire::{Conn, Msg, Op, OpResult, WireError};
 
 /// How management requests survive a node failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,11 +41,32 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::VipHandoff, Mode::ClientRetry];
+
+    /// The name used on the command line and in the CSV (`vip_handoff`, `client_retry`).
     pub fn name(&self) -> &'static str {
         match self {
             Mode::VipHandoff => "vip_handoff",
             Mode::ClientRetry => "client_retry",
         }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    /// Takes the names (`vip_handoff`); `-` for `_` is accepted too (`vip-handoff`).
+    fn from_str(s: &str) -> Result<Mode, String> {
+        let s = s.replace('-', "_");
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown mode {s:?} (one of: vip_handoff, client_retry)"))
     }
 }
 
@@ -78,7 +102,8 @@ pub enum NodeError {
     Vip(#[from] VipError),
 }
 
-fn unix_us() -> u128 {
+/// Microseconds since the Unix epoch (the clock of the event lines).
+pub fn unix_us() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros())
@@ -91,7 +116,8 @@ fn event(line: &str) {
     let _ = o.flush();
 }
 
-type Cache = Arc<Mutex<HashMap<String, OpResult>>>;
+/// Results delivered to the VIP, by operation id, with the operation they belong to.
+type Cache = Arc<Mutex<HashMap<String, (Op, OpResult)>>>;
 
 struct Holding {
     stop: Arc<AtomicBool>,
@@ -187,15 +213,21 @@ fn probe_service(probe: &mut Option<Conn>, service: SocketAddr, id: NodeId, t: D
     ok
 }
 
-fn claim(service: SocketAddr, epoch: Epoch, node: NodeId) -> bool {
-    let attempt = || -> Result<bool, WireError> {
+/// Announces `epoch` to the block service. `Err(Some(current))`: fenced by the service's
+/// newer epoch; `Err(None)`: the service could not be asked or refused otherwise.
+fn claim(service: SocketAddr, epoch: Epoch, node: NodeId) -> Result<(), Option<Epoch>> {
+    let attempt = || -> Result<Msg, WireError> {
         let s = TcpStream::connect_timeout(&service, Duration::from_millis(500))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut c = Conn::new(s)?;
         c.send(&Msg::Claim { epoch, node })?;
-        Ok(matches!(c.recv()?, Msg::Ack { .. }))
+        c.recv()
     };
-    attempt().unwrap_or(false)
+    match attempt() {
+        Ok(Msg::Ack { .. }) => Ok(()),
+        Ok(Msg::Fenced { current, .. }) => Err(Some(current)),
+        _ => Err(None),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -210,8 +242,9 @@ fn apply(
 ) {
     for a in acts {
         match a {
-            Action::Broadcast(hb) => {
-                if let Ok(bytes) = serde_json::to_vec(hb) {
+            Action::Broadcast => {
+                // Built now, after the actions before it (a failed Acquire is not announced).
+                if let Ok(bytes) = serde_json::to_vec(&d.heartbeat()) {
                     for (id, addr) in &cfg.peers {
                         if *id != cfg.id {
                             let _ = udp.send_to(&bytes, addr);
@@ -220,8 +253,12 @@ fn apply(
                 }
             }
             Action::Acquire(e) => {
-                if !claim(cfg.service, *e, cfg.id) {
-                    d.acquire_failed();
+                if let Err(seen) = claim(cfg.service, *e, cfg.id) {
+                    event(&format!(
+                        "event=vip_claim_fenced node={} epoch={}.{}",
+                        cfg.id, e.counter, e.node
+                    ));
+                    d.acquire_failed(seen);
                     continue;
                 }
                 match cfg.vip.acquire(cfg.port) {
@@ -246,7 +283,7 @@ fn apply(
                             cfg.id,
                             err.to_string()
                         ));
-                        d.acquire_failed();
+                        d.acquire_failed(None);
                     }
                 }
             }
@@ -293,27 +330,15 @@ fn handle_client(
     epoch: &Mutex<Epoch>,
     stop: &AtomicBool,
 ) -> Result<(), WireError> {
+    s.set_read_timeout(Some(CONN_IDLE_TIMEOUT))?;
     let mut conn = Conn::new(s)?;
-    loop {
-        let m = match conn.recv() {
-            Ok(m) => m,
-            Err(WireError::Malformed(e)) => {
-                conn.send(&Msg::Reply {
-                    op_id: String::new(),
-                    result: OpResult::Error {
-                        message: format!("malformed request: {e}"),
-                    },
-                })?;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
+    while let Some(m) = conn.recv_or_refuse()? {
         match m {
-            Msg::Deliver { op_id, result } => {
+            Msg::Deliver { op_id, op, result } => {
                 cache
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(op_id.clone(), result);
+                    .insert(op_id.clone(), (op, result));
                 conn.send(&Msg::Ack { op_id })?;
             }
             Msg::Request { op_id, op, tag } => {
@@ -326,40 +351,60 @@ fn handle_client(
                     .get(&op_id)
                     .cloned();
                 let result = match cached {
-                    Some(r) => r,
+                    Some((first, r)) if first == op => r,
+                    Some((first, _)) => OpResult::error(format!(
+                        "operation id {op_id:?} was already used with different arguments ({first:?})"
+                    )),
                     None => {
                         let e = *epoch.lock().unwrap_or_else(|p| p.into_inner());
-                        match submit(cfg, &op_id, op, tag, e)? {
+                        match submit(cfg, &mut conn, &op_id, op, tag, e)? {
                             Some(r) => r,
-                            // Fenced or the service went away: not authoritative; let
-                            // the client resend (to whoever holds the VIP then).
+                            // Fenced, the service went away, or the client did: not
+                            // authoritative; the client resends (to whoever holds the VIP).
                             None => return Ok(()),
                         }
                     }
                 };
                 conn.send(&Msg::Reply { op_id, result })?;
             }
-            other => {
-                conn.send(&Msg::Reply {
-                    op_id: String::new(),
-                    result: OpResult::Error {
-                        message: format!("unexpected message {other:?}"),
-                    },
-                })?;
-            }
+            Msg::List => match list(cfg) {
+                Ok(volumes) => conn.send(&Msg::Listed { volumes })?,
+                Err(e) => conn.send(&Msg::refusal("", format!("listing volumes: {e}")))?,
+            },
+            other => conn.send(&other.unexpected())?,
         }
+    }
+    Ok(())
+}
+
+fn service_conn(cfg: &NodeConfig) -> Result<Conn, WireError> {
+    let s = TcpStream::connect_timeout(&cfg.service, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(CONN_IDLE_TIMEOUT))?;
+    Ok(Conn::new(s)?)
+}
+
+fn list(cfg: &NodeConfig) -> Result<Vec<super::wire::VolumeInfo>, WireError> {
+    let mut c = service_conn(cfg)?;
+    c.send(&Msg::List)?;
+    match c.recv()? {
+        Msg::Listed { volumes } => Ok(volumes),
+        other => Err(WireError::Malformed(format!(
+            "expected listed, got {other:?}"
+        ))),
     }
 }
 
+/// Submits to the block service and waits for the result, forwarding the service's
+/// `Accepted` keepalives to the client; `None` if fenced or either side went away.
 fn submit(
     cfg: &NodeConfig,
+    client: &mut Conn,
     op_id: &str,
-    op: super::wire::Op,
+    op: Op,
     tag: Option<String>,
     epoch: Epoch,
 ) -> Result<Option<OpResult>, WireError> {
-    let s = TcpStream::connect_timeout(&cfg.service, Duration::from_secs(2))?;
-    let mut c = Conn::new(s)?;
+    let mut c = service_conn(cfg)?;
     c.send(&Msg::Submit {
         op_id: op_id.to_string(),
         op,
@@ -370,11 +415,16 @@ fn submit(
     })?;
     loop {
         match c.recv() {
-            Ok(Msg::Accepted { .. }) => continue,
+            Ok(m @ Msg::Accepted { .. }) => {
+                if client.send(&m).is_err() {
+                    // The client is gone; dropping the service connection tells the
+                    // service (it delivers the result to the VIP when it is done).
+                    return Ok(None);
+                }
+            }
             Ok(Msg::Reply { result, .. }) => return Ok(Some(result)),
-            Ok(Msg::Fenced { .. }) => return Ok(None),
+            Ok(Msg::Fenced { .. }) | Err(_) => return Ok(None),
             Ok(_) => continue,
-            Err(_) => return Ok(None),
         }
     }
 }

@@ -4,22 +4,35 @@
 //! delivers the result to the VIP, wherever it now is.
 //!
 //! Fencing: a submission carries its holder's epoch; one older than the highest epoch the
-//! journal has seen is refused (`Fenced`) without running anything.
+//! journal has seen is refused (`Fenced`) without running anything. When a newer holder
+//! claims the VIP, every submission waiting under an older epoch is orphaned: its result
+//! goes to the VIP (the new holder) rather than to a connection whose far end may be a dead
+//! host that never resets it.
+//!
+//! Crash safety: the volume store records each operation's outcome under its id in the
+//! same catalog write as the change, so an execution cut short by a restart of the service
+//! after that commit becomes `Done` from the catalog (not run again); one cut short before
+//! it becomes `Aborted` (nothing was committed; a re-send runs it). A journal write that
+//! fails after an execution stops the service with an error (waiters get the error).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::coord_journal::CoordJournal;
 use super::dispatcher::Epoch;
 use super::journal::{FileJournal, JournalError, OpJournal, OpState, Record};
-use super::wire::{Conn, Msg, Op, OpResult, VolumeInfo, WireError};
-use crate::volume::{StoreConfig, VolumeError, VolumeStore};
+use super::wire::{Conn, Msg, Op, OpResult, VolumeInfo, WireError, KEEPALIVE};
+use crate::volume::{Applied, StoreConfig, VolumeError, VolumeStore};
+
+/// A service connection silent for this long is closed (a peer whose host died never
+/// closes it).
+pub const CONN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the operation journal lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +65,11 @@ pub struct ServiceConfig {
     /// (`client_retry`) are abandoned, as a cluster drops a dead client's work.
     pub session_timeout: Duration,
     pub journal: JournalSpec,
+    /// Crash injection for tests: right after the operation with this id committed its
+    /// change to the catalog, and before the journal records it `Done`, the service stops
+    /// dead (nothing more is journaled or answered; [`Service::wait`] returns an error).
+    #[doc(hidden)]
+    pub crash_after_commit: Option<String>,
 }
 
 /// Errors of the block service.
@@ -63,6 +81,8 @@ pub enum ServiceError {
     Journal(#[from] JournalError),
     #[error("coordination backend: {0}")]
     Coord(String),
+    #[error("the block service stopped: {0}")]
+    Fatal(String),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -78,13 +98,36 @@ struct Job {
     session_bound: bool,
 }
 
+/// What the executor thread takes, in order.
+enum Work {
+    Run(Job),
+    Stop,
+}
+
 /// When each node last pinged.
 type Pings = Arc<Mutex<HashMap<u32, Instant>>>;
 
+/// The volumes as of the last finished operation (`List` is answered from it, never
+/// waiting behind a running copy).
+type Snapshot = Arc<RwLock<Vec<VolumeInfo>>>;
+
+/// A submitter waiting for a result, with the epoch it submitted under.
+struct Waiter {
+    epoch: Epoch,
+    tx: Sender<OpResult>,
+}
+
 struct Shared {
     journal: Box<dyn OpJournal>,
-    waiters: HashMap<String, Vec<Sender<OpResult>>>,
+    waiters: HashMap<String, Vec<Waiter>>,
     aborts: HashMap<String, Arc<AtomicBool>>,
+    /// Set when the journal could not record an outcome: nothing more is admitted and the
+    /// service stops.
+    fatal: Option<String>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A running block service (threads stop when `stop` is set).
@@ -92,6 +135,8 @@ pub struct Service {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
+    work: Sender<Work>,
+    shared: Arc<Mutex<Shared>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -112,11 +157,24 @@ impl Service {
                 Box::new(CoordJournal::open(c, root)?)
             }
         };
-        // Executions cut short by a restart of the service: abandoned (their effects were
-        // never committed to the catalog); a resubmission of the id runs them again.
+        // Executions cut short by a restart of the service: done if the catalog holds their
+        // committed outcome (the crash fell between the catalog commit and the journal's
+        // `Done`), else abandoned (nothing was committed; a resubmission runs them again).
         for op_id in journal.running() {
-            journal.append(Record::Aborted { op_id, bytes: 0 })?;
+            let rec = match store.applied(&op_id) {
+                Some(a) => {
+                    let (result, bytes) = applied_result(a);
+                    Record::Done {
+                        op_id,
+                        result,
+                        bytes,
+                    }
+                }
+                None => Record::Aborted { op_id, bytes: 0 },
+            };
+            journal.append(rec)?;
         }
+        let volumes: Snapshot = Arc::new(RwLock::new(snapshot(&store)));
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServiceError::Listen {
             addr: cfg.listen,
             source,
@@ -134,34 +192,34 @@ impl Service {
             journal,
             waiters: HashMap::new(),
             aborts: HashMap::new(),
+            fatal: None,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let pings: Pings = Arc::new(Mutex::new(HashMap::new()));
-        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
-        let (list_tx, list_rx) = mpsc::channel::<Sender<Vec<VolumeInfo>>>();
+        let (work_tx, work_rx) = mpsc::channel::<Work>();
         let mut threads = Vec::new();
         {
-            let shared = shared.clone();
-            let stop = stop.clone();
-            let cfg = cfg.clone();
+            let (shared, stop, cfg, volumes) =
+                (shared.clone(), stop.clone(), cfg.clone(), volumes.clone());
             threads.push(thread::spawn(move || {
-                executor(store, jobs_rx, list_rx, shared, stop, cfg)
+                executor(store, work_rx, shared, volumes, stop, cfg)
             }));
         }
         {
-            let stop = stop.clone();
+            let (stop, shared, work) = (stop.clone(), shared.clone(), work_tx.clone());
             threads.push(thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((s, _)) => {
-                            let _ = s.set_nonblocking(false);
-                            let shared = shared.clone();
-                            let jobs = jobs_tx.clone();
-                            let lists = list_tx.clone();
-                            let st = cfg.session_timeout;
-                            let pings = pings.clone();
+                            let h = Handler {
+                                shared: shared.clone(),
+                                work: work.clone(),
+                                volumes: volumes.clone(),
+                                pings: pings.clone(),
+                                session_timeout: cfg.session_timeout,
+                            };
                             thread::spawn(move || {
-                                let _ = handle(s, shared, jobs, lists, pings, st);
+                                let _ = h.handle(s);
                             });
                         }
                         Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -173,146 +231,172 @@ impl Service {
             addr,
             stop,
             threads,
+            work: work_tx,
+            shared,
         })
     }
 
     /// Stops accepting and joins the service threads.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = self.work.send(Work::Stop);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 
-    /// Runs until `stop` is set from outside (for the `blocklab mgmt block-service` binary).
-    pub fn wait(self, stop: &AtomicBool) {
-        while !stop.load(Ordering::Relaxed) {
+    /// Runs until `stop` is set from outside (for the `blocklab mgmt block-service` binary)
+    /// or the service stops itself on a journal failure ([`ServiceError::Fatal`]).
+    pub fn wait(self, stop: &AtomicBool) -> Result<(), ServiceError> {
+        while !stop.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
             thread::sleep(Duration::from_millis(50));
         }
+        let fatal = lock(&self.shared).fatal.clone();
         self.stop();
+        match fatal {
+            Some(msg) => Err(ServiceError::Fatal(msg)),
+            None => Ok(()),
+        }
     }
 }
 
-fn refuse(msg: String) -> OpResult {
-    OpResult::Error { message: msg }
+fn snapshot(store: &VolumeStore) -> Vec<VolumeInfo> {
+    store
+        .list()
+        .into_iter()
+        .map(|v| VolumeInfo {
+            name: v.name,
+            size: v.size,
+        })
+        .collect()
 }
 
-fn handle(
-    stream: TcpStream,
+/// The result (and bytes written) of an operation whose change the catalog holds.
+fn applied_result(a: &Applied) -> (OpResult, u64) {
+    match a.clone() {
+        Applied::Created { name, size } => (OpResult::Created { name, size }, 0),
+        Applied::Deleted { name } => (OpResult::Deleted { name }, 0),
+        Applied::Copied { src, dst, bytes } => (OpResult::Copied { src, dst, bytes }, bytes),
+    }
+}
+
+/// One connection's view of the service.
+struct Handler {
     shared: Arc<Mutex<Shared>>,
-    jobs: Sender<Job>,
-    lists: Sender<Sender<Vec<VolumeInfo>>>,
+    work: Sender<Work>,
+    volumes: Snapshot,
     pings: Pings,
     session_timeout: Duration,
-) -> Result<(), WireError> {
-    let mut conn = Conn::new(stream)?;
-    loop {
-        let m = match conn.recv() {
-            Ok(m) => m,
-            Err(WireError::Malformed(e)) => {
-                conn.send(&Msg::Reply {
-                    op_id: String::new(),
-                    result: refuse(format!("malformed request: {e}")),
-                })?;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        match m {
-            Msg::Ping { node } => {
-                // Its own lock: a ping never waits behind a journal fsync.
-                pings
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(node, Instant::now());
-                conn.send(&Msg::Pong)?
-            }
-            Msg::Claim { epoch, .. } => {
-                let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
-                if epoch > sh.journal.max_epoch() {
-                    if let Err(e) = sh.journal.append(Record::Epoch { epoch }) {
-                        drop(sh);
-                        conn.send(&Msg::Reply {
-                            op_id: String::new(),
-                            result: refuse(e.to_string()),
-                        })?;
-                        continue;
-                    }
+}
+
+impl Handler {
+    fn handle(&self, stream: TcpStream) -> Result<(), WireError> {
+        let (shared, pings, session_timeout) = (&self.shared, &self.pings, self.session_timeout);
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(CONN_IDLE_TIMEOUT))?;
+        let mut conn = Conn::new(stream)?;
+        while let Some(m) = conn.recv_or_refuse()? {
+            match m {
+                Msg::Ping { node } => {
+                    // Its own lock: a ping never waits behind a journal fsync.
+                    pings
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(node, Instant::now());
+                    conn.send(&Msg::Pong)?
                 }
-                let current = sh.journal.max_epoch();
-                drop(sh);
-                if current == epoch {
-                    conn.send(&Msg::Ack {
-                        op_id: String::new(),
-                    })?;
-                } else {
-                    conn.send(&Msg::Fenced {
-                        op_id: String::new(),
-                        current,
-                    })?;
-                }
-            }
-            Msg::Submit {
-                op_id,
-                op,
-                epoch,
-                node,
-                session_bound,
-                tag,
-            } => {
-                if op == Op::List {
-                    let (tx, rx) = mpsc::channel();
-                    let _ = lists.send(tx);
-                    let volumes = rx.recv().unwrap_or_default();
-                    conn.send(&Msg::Reply {
-                        op_id,
-                        result: OpResult::Listed { volumes },
-                    })?;
-                    continue;
-                }
-                let rx = match admit(&shared, &jobs, &op_id, op, epoch, node, session_bound, tag) {
-                    Admit::Answer(m) => {
-                        conn.send(&m)?;
-                        continue;
-                    }
-                    Admit::Wait(rx) => rx,
-                };
-                conn.send(&Msg::Accepted {
-                    op_id: op_id.clone(),
-                })?;
-                let alive = || {
-                    !session_bound || {
-                        let p = pings.lock().unwrap_or_else(|p| p.into_inner());
-                        p.get(&node).is_none_or(|t| t.elapsed() < session_timeout)
-                    }
-                };
-                match wait_result(&conn, &rx, &alive) {
-                    Some(result) => conn.send(&Msg::Reply { op_id, result })?,
-                    None => {
-                        // The submitter went away.
-                        if session_bound {
-                            let sh = shared.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some(a) = sh.aborts.get(&op_id) {
-                                a.store(true, Ordering::Relaxed);
-                            }
+                Msg::Claim { epoch, .. } => {
+                    let mut sh = lock(shared);
+                    if epoch > sh.journal.max_epoch() {
+                        if let Err(e) = sh.journal.append(Record::Epoch { epoch }) {
+                            drop(sh);
+                            conn.send(&Msg::refusal("", e.to_string()))?;
+                            continue;
                         }
-                        return Ok(());
+                    }
+                    let current = sh.journal.max_epoch();
+                    if current == epoch {
+                        // Submitters of older epochs are orphaned: their results go to the VIP.
+                        for ws in sh.waiters.values_mut() {
+                            ws.retain(|w| w.epoch >= epoch);
+                        }
+                    }
+                    drop(sh);
+                    if current == epoch {
+                        conn.send(&Msg::Ack {
+                            op_id: String::new(),
+                        })?;
+                    } else {
+                        conn.send(&Msg::Fenced {
+                            op_id: String::new(),
+                            current,
+                        })?;
                     }
                 }
-            }
-            Msg::Request { op_id, .. } => {
-                conn.send(&Msg::Reply {
+                Msg::Submit {
                     op_id,
-                    result: refuse("this is the block service; send requests to the VIP".into()),
-                })?;
-            }
-            other => {
-                conn.send(&Msg::Reply {
-                    op_id: String::new(),
-                    result: refuse(format!("unexpected message {other:?}")),
-                })?;
+                    op,
+                    epoch,
+                    node,
+                    session_bound,
+                    tag,
+                } => {
+                    let rx = match admit(
+                        shared,
+                        &self.work,
+                        &op_id,
+                        op,
+                        epoch,
+                        node,
+                        session_bound,
+                        tag,
+                    ) {
+                        Admit::Answer(m) => {
+                            conn.send(&m)?;
+                            continue;
+                        }
+                        Admit::Wait(rx) => rx,
+                    };
+                    conn.send(&Msg::Accepted {
+                        op_id: op_id.clone(),
+                    })?;
+                    let alive = || {
+                        !session_bound || {
+                            let p = pings.lock().unwrap_or_else(|p| p.into_inner());
+                            p.get(&node).is_none_or(|t| t.elapsed() < session_timeout)
+                        }
+                    };
+                    match wait_result(&mut conn, &op_id, &rx, &alive) {
+                        Some(result) => conn.send(&Msg::Reply { op_id, result })?,
+                        None => {
+                            // The submitter went away (or was orphaned by a newer holder).
+                            if session_bound {
+                                if let Some(a) = lock(shared).aborts.get(&op_id) {
+                                    a.store(true, Ordering::Relaxed);
+                                }
+                            }
+                            return Ok(());
+                        }
+                    }
+                }
+                Msg::List => {
+                    let volumes = self
+                        .volumes
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    conn.send(&Msg::Listed { volumes })?;
+                }
+                Msg::Request { op_id, .. } => {
+                    conn.send(&Msg::refusal(
+                        op_id,
+                        "this is the block service; send requests to the VIP",
+                    ))?;
+                }
+                other => conn.send(&other.unexpected())?,
             }
         }
+        Ok(())
     }
 }
 
@@ -324,7 +408,7 @@ enum Admit {
 #[allow(clippy::too_many_arguments)]
 fn admit(
     shared: &Mutex<Shared>,
-    jobs: &Sender<Job>,
+    work: &Sender<Work>,
     op_id: &str,
     op: Op,
     epoch: Epoch,
@@ -339,9 +423,14 @@ fn admit(
         })
     };
     if op_id.is_empty() || op_id.len() > 128 {
-        return reply(refuse("operation id must be 1-128 characters".into()));
+        return reply(OpResult::error("operation id must be 1-128 characters"));
     }
-    let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let mut sh = lock(shared);
+    if let Some(msg) = &sh.fatal {
+        return reply(OpResult::error(format!(
+            "the block service is stopping: {msg}"
+        )));
+    }
     let current = sh.journal.max_epoch();
     if epoch < current {
         return Admit::Answer(Msg::Fenced {
@@ -351,7 +440,7 @@ fn admit(
     }
     match sh.journal.state(op_id).cloned() {
         Some(s) if *s.op() != op => {
-            return reply(refuse(format!(
+            return reply(OpResult::error(format!(
                 "operation id {op_id:?} was already used with different arguments ({:?})",
                 s.op()
             )))
@@ -359,7 +448,10 @@ fn admit(
         Some(OpState::Done { result, .. }) => return reply(result),
         Some(OpState::Running { .. }) => {
             let (tx, rx) = mpsc::channel();
-            sh.waiters.entry(op_id.to_string()).or_default().push(tx);
+            sh.waiters
+                .entry(op_id.to_string())
+                .or_default()
+                .push(Waiter { epoch, tx });
             return Admit::Wait(rx);
         }
         Some(OpState::Aborted { .. }) | None => {}
@@ -371,75 +463,86 @@ fn admit(
         node,
         tag,
     }) {
-        return reply(refuse(e.to_string()));
+        return reply(OpResult::error(e.to_string()));
     }
     let (tx, rx) = mpsc::channel();
-    sh.waiters.insert(op_id.to_string(), vec![tx]);
+    sh.waiters
+        .insert(op_id.to_string(), vec![Waiter { epoch, tx }]);
     let abort = Arc::new(AtomicBool::new(false));
     sh.aborts.insert(op_id.to_string(), abort.clone());
     drop(sh);
-    let _ = jobs.send(Job {
+    let _ = work.send(Work::Run(Job {
         op_id: op_id.to_string(),
         op,
         abort,
         session_bound,
-    });
+    }));
     Admit::Wait(rx)
 }
 
 /// Waits for the result while watching the connection (and, through `alive`, the
-/// submitting node's pings); `None` if either is gone first.
-fn wait_result(conn: &Conn, rx: &Receiver<OpResult>, alive: &dyn Fn() -> bool) -> Option<OpResult> {
-    let _ = conn.stream.set_nonblocking(true);
-    let out = loop {
+/// submitting node's pings), repeating `Accepted` every [`KEEPALIVE`]; `None` if the
+/// connection or the node is gone first, or the waiter was orphaned by a newer holder.
+fn wait_result(
+    conn: &mut Conn,
+    op_id: &str,
+    rx: &Receiver<OpResult>,
+    alive: &dyn Fn() -> bool,
+) -> Option<OpResult> {
+    let mut last_sent = Instant::now();
+    loop {
         match rx.recv_timeout(Duration::from_millis(10)) {
-            Ok(r) => break Some(r),
-            Err(RecvTimeoutError::Disconnected) => break None,
+            Ok(r) => return Some(r),
+            Err(RecvTimeoutError::Disconnected) => return None,
             Err(RecvTimeoutError::Timeout) => {
                 if !alive() {
-                    break None;
+                    return None;
                 }
+                let _ = conn.stream.set_nonblocking(true);
                 let mut b = [0u8; 1];
-                match conn.stream.peek(&mut b) {
-                    Ok(0) => break None,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break None,
+                let gone = match conn.stream.peek(&mut b) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                };
+                let _ = conn.stream.set_nonblocking(false);
+                if gone {
+                    return None;
+                }
+                if last_sent.elapsed() >= KEEPALIVE {
+                    last_sent = Instant::now();
+                    let still = Msg::Accepted {
+                        op_id: op_id.to_string(),
+                    };
+                    if conn.send(&still).is_err() {
+                        return None;
+                    }
                 }
             }
         }
-    };
-    let _ = conn.stream.set_nonblocking(false);
-    out
+    }
 }
 
 fn executor(
     mut store: VolumeStore,
-    jobs: Receiver<Job>,
-    lists: Receiver<Sender<Vec<VolumeInfo>>>,
+    work: Receiver<Work>,
     shared: Arc<Mutex<Shared>>,
+    volumes: Snapshot,
     stop: Arc<AtomicBool>,
     cfg: ServiceConfig,
 ) {
-    while !stop.load(Ordering::Relaxed) {
-        while let Ok(tx) = lists.try_recv() {
-            let _ = tx.send(
-                store
-                    .list()
-                    .into_iter()
-                    .map(|v| VolumeInfo {
-                        name: v.name,
-                        size: v.size,
-                    })
-                    .collect(),
-            );
-        }
-        let job = match jobs.recv_timeout(Duration::from_millis(5)) {
-            Ok(j) => j,
-            Err(_) => continue,
-        };
+    while let Ok(Work::Run(job)) = work.recv() {
         let (result, bytes, aborted) = execute(&mut store, &job, cfg.copy_rate);
-        let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+        if cfg.crash_after_commit.as_deref() == Some(job.op_id.as_str()) {
+            lock(&shared).fatal = Some(format!(
+                "injected crash after the catalog commit of operation {:?}",
+                job.op_id
+            ));
+            stop.store(true, Ordering::Relaxed);
+            return;
+        }
+        *volumes.write().unwrap_or_else(|p| p.into_inner()) = snapshot(&store);
+        let mut sh = lock(&shared);
         sh.aborts.remove(&job.op_id);
         let waiters = sh.waiters.remove(&job.op_id).unwrap_or_default();
         let rec = if aborted {
@@ -454,9 +557,23 @@ fn executor(
                 bytes,
             }
         };
-        if sh.journal.append(rec).is_err() {
-            // Without a durable record the result must not be handed out.
-            continue;
+        if let Err(e) = sh.journal.append(rec) {
+            // Without a durable record the result must not be handed out, and the journal
+            // can no longer keep operations at most once: stop, answering every waiter.
+            let msg = format!(
+                "recording the outcome of operation {:?} in the journal failed: {e}",
+                job.op_id
+            );
+            sh.fatal = Some(msg.clone());
+            let others: Vec<Waiter> = sh.waiters.drain().flat_map(|(_, w)| w).collect();
+            drop(sh);
+            for w in waiters.into_iter().chain(others) {
+                let _ = w.tx.send(OpResult::error(format!(
+                    "the block service is stopping: {msg}"
+                )));
+            }
+            stop.store(true, Ordering::Relaxed);
+            return;
         }
         drop(sh);
         if aborted {
@@ -464,21 +581,18 @@ fn executor(
         }
         let mut delivered = false;
         for w in waiters {
-            delivered |= w.send(result.clone()).is_ok();
+            delivered |= w.tx.send(result.clone()).is_ok();
         }
         if !delivered && !job.session_bound {
-            let vip = cfg.vip;
-            let deliver_for = cfg.deliver_for;
-            let op_id = job.op_id.clone();
-            thread::spawn(move || deliver(vip, op_id, result, deliver_for));
+            let (vip, deliver_for) = (cfg.vip, cfg.deliver_for);
+            let (op_id, op) = (job.op_id.clone(), job.op.clone());
+            thread::spawn(move || deliver(vip, op_id, op, result, deliver_for));
         }
     }
 }
 
 fn execute(store: &mut VolumeStore, job: &Job, rate: Option<u64>) -> (OpResult, u64, bool) {
-    let err = |e: VolumeError| OpResult::Error {
-        message: e.to_string(),
-    };
+    let err = |e: VolumeError| OpResult::error(e.to_string());
     match &job.op {
         Op::Create { name, size } => match store.create(name, *size, Some(&job.op_id)) {
             Ok(v) => (
@@ -491,7 +605,7 @@ fn execute(store: &mut VolumeStore, job: &Job, rate: Option<u64>) -> (OpResult, 
             ),
             Err(e) => (err(e), 0, false),
         },
-        Op::Delete { name } => match store.delete(name) {
+        Op::Delete { name } => match store.delete(name, Some(&job.op_id)) {
             Ok(v) => (OpResult::Deleted { name: v.name }, 0, false),
             Err(e) => (err(e), 0, false),
         },
@@ -517,22 +631,17 @@ fn execute(store: &mut VolumeStore, job: &Job, rate: Option<u64>) -> (OpResult, 
                     st.bytes,
                     false,
                 ),
-                Err((VolumeError::Stopped(_), bytes)) => (
-                    OpResult::Error {
-                        message: "abandoned".into(),
-                    },
-                    bytes,
-                    true,
-                ),
+                Err((VolumeError::Stopped(_), bytes)) => {
+                    (OpResult::error("abandoned"), bytes, true)
+                }
                 Err((e, bytes)) => (err(e), bytes, false),
             }
         }
-        Op::List => (OpResult::Listed { volumes: vec![] }, 0, false),
     }
 }
 
 /// Offers a result to the VIP until someone there acknowledges it or time runs out.
-fn deliver(vip: SocketAddr, op_id: String, result: OpResult, deliver_for: Duration) {
+fn deliver(vip: SocketAddr, op_id: String, op: Op, result: OpResult, deliver_for: Duration) {
     let deadline = Instant::now() + deliver_for;
     while Instant::now() < deadline {
         let attempt = || -> Result<(), WireError> {
@@ -541,6 +650,7 @@ fn deliver(vip: SocketAddr, op_id: String, result: OpResult, deliver_for: Durati
             let mut c = Conn::new(s)?;
             c.send(&Msg::Deliver {
                 op_id: op_id.clone(),
+                op: op.clone(),
                 result: result.clone(),
             })?;
             match c.recv()? {

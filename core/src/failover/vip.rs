@@ -28,6 +28,40 @@ pub enum VipError {
     NotLoopback(IpAddr),
 }
 
+/// Which kind of VIP backend (the name on the command line and in the CSV).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VipKind {
+    Loopback,
+    Netns,
+}
+
+impl VipKind {
+    pub const ALL: [VipKind; 2] = [VipKind::Loopback, VipKind::Netns];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            VipKind::Loopback => "loopback",
+            VipKind::Netns => "netns",
+        }
+    }
+}
+
+impl std::fmt::Display for VipKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for VipKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<VipKind, String> {
+        VipKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown VIP backend {s:?} (one of: loopback, netns)"))
+    }
+}
+
 /// Which backend, with its settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VipBackend {
@@ -45,9 +79,16 @@ pub enum VipBackend {
     },
 }
 
-fn run(args: &[&str]) -> Result<(), VipError> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+/// Runs a command (e.g. `ip …`) and fails with its standard error if it fails.
+pub fn run(args: &[&str]) -> Result<(), VipError> {
+    let Some((prog, rest)) = args.split_first() else {
+        return Err(VipError::Command {
+            cmd: String::new(),
+            msg: "empty command".into(),
+        });
+    };
+    let out = Command::new(prog)
+        .args(rest)
         .output()
         .map_err(|e| VipError::Command {
             cmd: args.join(" "),
@@ -99,10 +140,10 @@ impl VipBackend {
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> VipKind {
         match self {
-            VipBackend::Loopback { .. } => "loopback",
-            VipBackend::Netns { .. } => "netns",
+            VipBackend::Loopback { .. } => VipKind::Loopback,
+            VipBackend::Netns { .. } => VipKind::Netns,
         }
     }
 

@@ -1,7 +1,9 @@
 //! The wire protocol: one JSON object per line over TCP (client ↔ VIP holder, holder ↔
 //! block service, block service → VIP), and one JSON datagram per heartbeat over UDP
 //! between dispatchers. Lines are limited to [`MAX_LINE`] bytes; anything that does not
-//! parse is a [`WireError::Malformed`] naming what was wrong.
+//! parse is a [`WireError::Malformed`] naming what was wrong. A server reads with
+//! [`Conn::recv_or_refuse`], which answers a malformed or over-long line with one refusal
+//! ([`Msg::refusal`]) and ends the conversation; the client takes a refusal as final.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -14,14 +16,14 @@ use crate::jsonl::{self, LineError};
 /// Longest accepted line.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// A management operation.
+/// A management operation that changes volumes (journaled, at most once per operation id).
+/// Listing is not an operation: see [`Msg::List`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Op {
     Create { name: String, size: u64 },
     Delete { name: String },
     Copy { src: String, dst: String },
-    List,
 }
 
 impl Op {
@@ -30,7 +32,6 @@ impl Op {
             Op::Create { .. } => "create",
             Op::Delete { .. } => "delete",
             Op::Copy { .. } => "copy",
-            Op::List => "list",
         }
     }
 }
@@ -58,9 +59,6 @@ pub enum OpResult {
         dst: String,
         bytes: u64,
     },
-    Listed {
-        volumes: Vec<VolumeInfo>,
-    },
     Error {
         message: String,
     },
@@ -69,6 +67,12 @@ pub enum OpResult {
 impl OpResult {
     pub fn is_ok(&self) -> bool {
         !matches!(self, OpResult::Error { .. })
+    }
+    /// An error result with this message.
+    pub fn error(message: impl Into<String>) -> OpResult {
+        OpResult::Error {
+            message: message.into(),
+        }
     }
 }
 
@@ -101,8 +105,10 @@ pub enum Msg {
         #[serde(default)]
         tag: Option<String>,
     },
-    /// Service → holder: the operation is running; the result comes later on this
-    /// connection, or, if it is gone, as a `Deliver` to the VIP.
+    /// Service → holder → client: the operation is running; the result comes later on
+    /// this connection, or, if it is gone, as a `Deliver` to the VIP. Repeated every
+    /// [`KEEPALIVE`] while the operation runs, so a silent connection means a dead peer,
+    /// not a long copy.
     Accepted {
         op_id: String,
     },
@@ -112,9 +118,11 @@ pub enum Msg {
         op_id: String,
         current: Epoch,
     },
-    /// Service → VIP: the result of an operation whose submitter went away.
+    /// Service → VIP: the result of an operation whose submitter went away (with the
+    /// operation, so the holder answers a re-send only if its arguments match).
     Deliver {
         op_id: String,
+        op: Op,
         result: OpResult,
     },
     Ack {
@@ -130,6 +138,29 @@ pub enum Msg {
         node: u32,
     },
     Pong,
+    /// Client → holder → service: the volumes now (not journaled, no operation id).
+    List,
+    /// The answer to `List`.
+    Listed {
+        volumes: Vec<VolumeInfo>,
+    },
+}
+
+/// How often the service repeats `Accepted` while an operation runs.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Msg {
+    /// The reply that refuses a request (`op_id` may be empty when it could not be read).
+    pub fn refusal(op_id: impl Into<String>, message: impl Into<String>) -> Msg {
+        Msg::Reply {
+            op_id: op_id.into(),
+            result: OpResult::error(message),
+        }
+    }
+    /// The refusal of a message this end does not take.
+    pub fn unexpected(&self) -> Msg {
+        Msg::refusal("", format!("unexpected message {self:?}"))
+    }
 }
 
 /// Errors of the wire layer.
@@ -189,6 +220,20 @@ impl Conn {
     pub fn recv(&mut self) -> Result<Msg, WireError> {
         read_msg(&mut self.reader)
     }
+    /// Reads the next message of a conversation this end serves. A malformed or over-long
+    /// line is answered with one refusal and ends the conversation (`Ok(None)`), as does a
+    /// clean close; other errors (time-outs, resets) are returned.
+    pub fn recv_or_refuse(&mut self) -> Result<Option<Msg>, WireError> {
+        match self.recv() {
+            Ok(m) => Ok(Some(m)),
+            Err(WireError::Closed) => Ok(None),
+            Err(e @ (WireError::Malformed(_) | WireError::TooLong)) => {
+                self.send(&Msg::refusal("", format!("malformed request: {e}")))?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -223,5 +268,48 @@ mod tests {
             read_msg(&mut &b"{\"msg\":"[..]),
             Err(WireError::Malformed(_))
         ));
+        // `list` is no longer an operation kind.
+        assert!(matches!(
+            read_msg(
+                &mut &b"{\"msg\":\"request\",\"op_id\":\"x\",\"op\":{\"kind\":\"list\"}}\n"[..]
+            ),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn over_long_and_malformed_lines_get_one_refusal_and_end_the_conversation() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                let (s, _) = l.accept().unwrap();
+                let mut c = Conn::new(s).unwrap();
+                answers.push(c.recv_or_refuse().unwrap());
+            }
+            answers
+        });
+        for mut bad in [vec![b'x'; MAX_LINE + 10], b"{\"msg\":\"nope\"}".to_vec()] {
+            bad.push(b'\n');
+            let mut s = TcpStream::connect(addr).unwrap();
+            // The server may stop reading the over-long line before it all went out.
+            let _ = s.write_all(&bad);
+            let mut c = Conn::new(s).unwrap();
+            match c.recv().unwrap() {
+                Msg::Reply {
+                    op_id,
+                    result: OpResult::Error { message },
+                } => {
+                    assert_eq!(op_id, "");
+                    assert!(message.starts_with("malformed request"), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+            // Then the server ends the conversation (a reset if it left bytes unread).
+            assert!(c.recv().is_err());
+        }
+        assert_eq!(server.join().unwrap(), vec![None, None]);
     }
 }

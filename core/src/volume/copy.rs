@@ -1,7 +1,8 @@
 //! The copy pipeline: chunks read from the source extents and written to the destination
 //! extents through one io_uring engine, several requests in flight. Each batch submits the
 //! writes of the previous chunk set together with the reads of the next one, so reading and
-//! writing overlap; a final fdatasync per destination device makes the copy durable.
+//! writing overlap; a final fdatasync per destination device (one batch) makes the copy
+//! durable. The buffers ([`CopyBuffers`]) belong to the caller and are reused across copies.
 
 use crate::dev::{AlignedBuf, DevError, Device, IoEngine, IoRequest};
 
@@ -12,6 +13,33 @@ use super::store::Extent;
 pub struct CopyStats {
     pub bytes: u64,
     pub chunks: u64,
+}
+
+/// The pipeline's buffers: two sets of `depth` chunks (one being read, one being written).
+#[derive(Debug)]
+pub struct CopyBuffers {
+    chunk: usize,
+    a: Vec<AlignedBuf>,
+    b: Vec<AlignedBuf>,
+}
+
+impl CopyBuffers {
+    /// Buffers for `depth` (at least 1) chunks of `chunk` bytes in flight.
+    pub fn new(chunk: usize, depth: usize) -> CopyBuffers {
+        let depth = depth.max(1);
+        let set = || (0..depth).map(|_| AlignedBuf::new(chunk)).collect();
+        CopyBuffers {
+            chunk,
+            a: set(),
+            b: set(),
+        }
+    }
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+    pub fn depth(&self) -> usize {
+        self.a.len()
+    }
 }
 
 /// A contiguous piece: (device index, offset) on both sides and a length.
@@ -25,8 +53,11 @@ struct Piece {
 }
 
 /// Splits the first `limit` logical bytes of two extent lists into pieces of at most
-/// `chunk`.
+/// `chunk` (> 0; empty extents are skipped).
 fn pieces(src: &[Extent], dst: &[Extent], limit: u64, chunk: u64) -> Vec<Piece> {
+    if chunk == 0 {
+        return Vec::new();
+    }
     let mut out = Vec::new();
     let mut total = 0u64;
     let (mut si, mut di) = (0usize, 0usize);
@@ -36,13 +67,15 @@ fn pieces(src: &[Extent], dst: &[Extent], limit: u64, chunk: u64) -> Vec<Piece> 
         let d = &dst[di];
         let len = (s.len - so).min(d.len - do_).min(chunk).min(limit - total);
         total += len;
-        out.push(Piece {
-            src_dev: s.device,
-            src_off: s.offset + so,
-            dst_dev: d.device,
-            dst_off: d.offset + do_,
-            len,
-        });
+        if len > 0 {
+            out.push(Piece {
+                src_dev: s.device,
+                src_off: s.offset + so,
+                dst_dev: d.device,
+                dst_off: d.offset + do_,
+                len,
+            });
+        }
         so += len;
         do_ += len;
         if so == s.len {
@@ -58,28 +91,26 @@ fn pieces(src: &[Extent], dst: &[Extent], limit: u64, chunk: u64) -> Vec<Piece> 
 }
 
 /// Copies the first `len` logical bytes of `src` extents onto `dst` extents.
-/// `depth` chunks of `chunk` bytes are read per batch. `progress(bytes_done)` is called after
-/// each batch; returning `false` stops the copy early (the stats say how far it got).
-#[allow(clippy::too_many_arguments)]
+/// `bufs.depth()` chunks of `bufs.chunk()` bytes are read per batch. `progress(bytes_done)`
+/// is called after each batch; returning `false` stops the copy early (the stats say how
+/// far it got).
 pub fn copy_extents(
     engine: &mut dyn IoEngine,
     devices: &[Device],
     src: &[Extent],
     dst: &[Extent],
     len: u64,
-    chunk: u64,
-    depth: usize,
+    bufs: &mut CopyBuffers,
     progress: &mut dyn FnMut(u64) -> bool,
 ) -> Result<(CopyStats, bool), DevError> {
-    let depth = depth.max(1);
-    let all = pieces(src, dst, len, chunk);
+    let depth = bufs.depth();
+    let all = pieces(src, dst, len, bufs.chunk as u64);
     let mut stats = CopyStats::default();
-    let mut bufs_a: Vec<AlignedBuf> = (0..depth)
-        .map(|_| AlignedBuf::new(chunk as usize))
-        .collect();
-    let mut bufs_b: Vec<AlignedBuf> = (0..depth)
-        .map(|_| AlignedBuf::new(chunk as usize))
-        .collect();
+    let CopyBuffers {
+        a: bufs_a,
+        b: bufs_b,
+        ..
+    } = bufs;
     // `pending` = pieces whose data sits in bufs_b, to be written in the next batch.
     let mut pending: &[Piece] = &[];
     let mut next = 0usize;
@@ -113,7 +144,7 @@ pub fn copy_extents(
         }
         pending = reading;
         next += reading.len();
-        std::mem::swap(&mut bufs_a, &mut bufs_b);
+        std::mem::swap(bufs_a, bufs_b);
         if !progress(stats.bytes) {
             stopped = true;
             break;
@@ -123,9 +154,11 @@ pub fn copy_extents(
         let mut flushed: Vec<usize> = dst.iter().map(|e| e.device).collect();
         flushed.sort_unstable();
         flushed.dedup();
-        for d in flushed {
-            engine.fdatasync(&devices[d])?;
-        }
+        let mut syncs: Vec<IoRequest<'_>> = flushed
+            .into_iter()
+            .map(|d| IoRequest::fdatasync(&devices[d]))
+            .collect();
+        engine.execute(&mut syncs)?;
     }
     Ok((stats, !stopped))
 }

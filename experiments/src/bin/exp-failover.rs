@@ -21,21 +21,30 @@
 //!
 //! A sidecar `exp-failover-kills.csv` has one row per kill
 //! (`mode,vip_backend,heartbeat_ms,repetition,kill,operation,delivery_ms,vip_move_ms`).
+//!
+//! Before the kill runs, a copy-throughput measurement on the same devices
+//! (`exp-failover-copy.csv`, one row per repetition:
+//! `repetition,copy_mib,chunk_kib,depth,seconds,mib_per_s,fio_read_mib_per_s,fio_write_mib_per_s`):
+//! the volume store copies a written `--copy-bench-mib` volume from one device to the other
+//! (the service's pipeline, 1 MiB × 8 in flight, no rate cap), and fio reads the source
+//! device and writes the destination device sequentially with the same block size and
+//! queue depth (io_uring, O_DIRECT; columns empty when fio is not installed).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use blocklab::failover::client::Client;
 use blocklab::failover::journal::{read_records, Record};
-use blocklab::failover::node::Mode;
 use blocklab::failover::wire::{Op, OpResult};
+use blocklab::volume::{StoreConfig, VolumeStore};
 use clap::Parser;
-use harness::cli::failover::cluster::{unix_us, Backend, Cluster, ClusterSpec};
+use harness::cli::failover::cluster::{enter_netns, unix_us, Cluster, ClusterSpec, Mode, VipKind};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
 use rand::Rng;
@@ -56,11 +65,11 @@ struct Args {
         value_delimiter = ',',
         default_value = "vip_handoff,client_retry"
     )]
-    modes: Vec<String>,
+    modes: Vec<Mode>,
     /// VIP backends: loopback, netns (netns needs root; skipped with a note otherwise).
     /// Default: loopback,netns as root, loopback otherwise.
     #[arg(long, value_delimiter = ',')]
-    backends: Vec<String>,
+    backends: Vec<VipKind>,
     /// Heartbeat periods in ms (default: quick 100; full 50,100,200).
     #[arg(long, value_delimiter = ',')]
     heartbeats_ms: Vec<u64>,
@@ -88,6 +97,27 @@ struct Args {
     /// Seed of the random kill points.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Size in MiB of the copy-throughput measurement (default: quick 256, full 1024;
+    /// 0 = skip it).
+    #[arg(long)]
+    copy_bench_mib: Option<u64>,
+    /// The fio binary for the copy measurement's device reference (skipped with a note if
+    /// it cannot be run).
+    #[arg(long, default_value = "fio")]
+    fio: String,
+}
+
+/// One copy-throughput measurement (`exp-failover-copy.csv`).
+#[derive(Debug, serde::Serialize)]
+struct CopyRow {
+    repetition: u32,
+    copy_mib: u64,
+    chunk_kib: u64,
+    depth: usize,
+    seconds: f64,
+    mib_per_s: f64,
+    fio_read_mib_per_s: Option<f64>,
+    fio_write_mib_per_s: Option<f64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -131,7 +161,7 @@ struct Done {
 #[derive(Debug, Clone, Copy)]
 struct Config {
     mode: Mode,
-    backend: Backend,
+    backend: VipKind,
     heartbeat_ms: u64,
 }
 
@@ -179,12 +209,7 @@ fn client_loop(
     retry_timeout_ms: u64,
 ) -> anyhow::Result<()> {
     if let Some(ns) = netns {
-        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
-        rustix::thread::move_into_link_name_space(
-            std::os::fd::AsFd::as_fd(&f),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .context("entering the client namespace")?;
+        enter_netns(&ns)?;
     }
     let mut vip_client = Client::new(vec![vip]);
     vip_client.resend_after = Duration::from_millis(resend_ms);
@@ -266,6 +291,7 @@ fn run_config(
         backend: cfg.backend,
         copy_rate_mib: copy_rate,
         journal: None,
+        service_args: Vec::new(),
     };
     let mut cluster = Cluster::start(spec).context("starting the cluster")?;
     // Long enough for the restarted node to be heard by its peers before the next kill.
@@ -459,35 +485,139 @@ fn run_config(
     Ok(())
 }
 
+/// Copies a written `mib` MiB volume from device 0 to device 1 `reps` times with the block
+/// service's pipeline (default store settings, no rate cap), and measures fio's sequential
+/// read of device 0 and write of device 1 with the same block size and queue depth.
+fn copy_bench(
+    set: &DeviceSet,
+    mib: u64,
+    reps: u32,
+    fio: &str,
+    csv: &mut CsvOut<CopyRow>,
+) -> anyhow::Result<()> {
+    let cfg = StoreConfig::default();
+    let dir = tempfile::Builder::new()
+        .prefix("exp-failover-copy-")
+        .tempdir_in("/var/tmp")?;
+    let size = mib * MIB;
+    {
+        // The devices were provisioned for this run (or given with --force).
+        let mut st = VolumeStore::open(&dir.path().join("store"), set.paths(), cfg, true)?;
+        st.create("src", size, None)?;
+        let piece = 16 * MIB;
+        let data: Vec<u8> = (0..piece as usize).map(|i| (i % 251) as u8).collect();
+        let mut off = 0;
+        while off < size {
+            let n = piece.min(size - off);
+            st.write("src", off, &data[..n as usize])?;
+            off += n;
+        }
+        let mut fio_ok = true;
+        for rep in 0..reps {
+            let t = Instant::now();
+            st.copy("src", "dst", None, &mut |_| true)
+                .map_err(|(e, _)| e)
+                .context("copying")?;
+            let seconds = t.elapsed().as_secs_f64();
+            let placed: Vec<usize> = st
+                .get("dst")
+                .map_or(vec![], |v| v.extents.iter().map(|e| e.device).collect());
+            st.delete("dst", None)?;
+            let mut fio_mib = |path: &Path, rw: &str| -> Option<f64> {
+                if !fio_ok {
+                    return None;
+                }
+                match run_fio(fio, path, rw, size, cfg.copy_chunk, cfg.copy_depth) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        eprintln!("note: no fio reference for the copy: {e:#}");
+                        fio_ok = false;
+                        None
+                    }
+                }
+            };
+            let fio_read = fio_mib(&set.paths()[0], "read");
+            let fio_write = fio_mib(&set.paths()[1], "write");
+            eprintln!(
+                "copy {mib} MiB (to devices {placed:?}): {seconds:.2} s, {:.0} MiB/s",
+                mib as f64 / seconds
+            );
+            csv.write(&CopyRow {
+                repetition: rep,
+                copy_mib: mib,
+                chunk_kib: cfg.copy_chunk / 1024,
+                depth: cfg.copy_depth,
+                seconds,
+                mib_per_s: mib as f64 / seconds,
+                fio_read_mib_per_s: fio_read,
+                fio_write_mib_per_s: fio_write,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// fio's sequential `rw` (read or write) bandwidth over the first `size` bytes of `path`
+/// with `bs`-byte requests at queue depth `depth` (io_uring, O_DIRECT), in MiB/s.
+fn run_fio(
+    fio: &str,
+    path: &Path,
+    rw: &str,
+    size: u64,
+    bs: u64,
+    depth: usize,
+) -> anyhow::Result<f64> {
+    let out = Command::new(fio)
+        .arg("--name=exp-failover-copy")
+        .arg(format!("--filename={}", path.display()))
+        .arg("--ioengine=io_uring")
+        .arg("--direct=1")
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--size={size}"))
+        .arg("--output-format=json")
+        .output()
+        .with_context(|| format!("running {fio}"))?;
+    if !out.status.success() {
+        bail!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let start = out
+        .stdout
+        .iter()
+        .position(|&b| b == b'{')
+        .context("fio printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout[start..]).context("parsing fio's JSON output")?;
+    let bw_kib = v["jobs"][0][rw]["bw"]
+        .as_f64()
+        .with_context(|| format!("fio JSON lacks jobs[0].{rw}.bw"))?;
+    Ok(bw_kib / 1024.0)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let c = &args.common;
     let root = rustix::process::geteuid().is_root();
-    let modes: Vec<Mode> = args
-        .modes
-        .iter()
-        .map(|m| match m.as_str() {
-            "vip_handoff" => Ok(Mode::VipHandoff),
-            "client_retry" => Ok(Mode::ClientRetry),
-            other => bail!("unknown mode {other:?} (vip_handoff, client_retry)"),
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let backend_names = if args.backends.is_empty() {
+    let modes = args.modes.clone();
+    let wanted = if args.backends.is_empty() {
         if root {
-            vec!["loopback".to_string(), "netns".to_string()]
+            VipKind::ALL.to_vec()
         } else {
-            vec!["loopback".to_string()]
+            vec![VipKind::Loopback]
         }
     } else {
         args.backends.clone()
     };
     let mut backends = Vec::new();
-    for b in &backend_names {
-        match b.as_str() {
-            "loopback" => backends.push(Backend::Loopback),
-            "netns" if root => backends.push(Backend::Netns),
-            "netns" => eprintln!("note: skipping the netns backend: it needs root"),
-            other => bail!("unknown VIP backend {other:?} (loopback, netns)"),
+    for b in wanted {
+        if b == VipKind::Netns && !root {
+            eprintln!("note: skipping the netns backend: it needs root");
+        } else if !backends.contains(&b) {
+            backends.push(b);
         }
     }
     let heartbeats = if args.heartbeats_ms.is_empty() {
@@ -507,36 +637,27 @@ fn main() -> anyhow::Result<()> {
     let reps = c.repetitions_or(1, 3);
     let bin = harness::blocklab_bin(args.blocklab_bin.as_deref())?;
 
-    // The configurations: every mode × heartbeat × backend.
+    // The configurations: every heartbeat × mode × backend. `client_retry` has no VIP but
+    // runs on the same network: on netns a dead node's link is down, so the baseline's
+    // client waits for its timeout as it would on real hosts.
     let mut configs = Vec::new();
-    for &hb in &heartbeats {
-        for &m in &modes {
-            match m {
-                Mode::VipHandoff => {
-                    for &b in &backends {
-                        configs.push(Config {
-                            mode: m,
-                            backend: b,
-                            heartbeat_ms: hb,
-                        })
-                    }
-                }
-                // No VIP, but the same network: on netns a dead node's link is down, so the
-                // baseline's client waits for its timeout as it would on real hosts.
-                Mode::ClientRetry => {
-                    for &b in &backends {
-                        configs.push(Config {
-                            mode: m,
-                            backend: b,
-                            heartbeat_ms: hb,
-                        })
-                    }
-                }
+    for &heartbeat_ms in &heartbeats {
+        for &mode in &modes {
+            for &backend in &backends {
+                configs.push(Config {
+                    mode,
+                    backend,
+                    heartbeat_ms,
+                });
             }
         }
     }
-    // A live volume set needs at most two volumes of `size` at once; leave room.
-    let dev_size = (size * 4 + 64 * MIB).max(128 * MIB);
+    let copy_mib = args.copy_bench_mib.unwrap_or(c.pick(256, 1024));
+    // A live volume set needs at most two volumes of `size` at once; leave room. The copy
+    // measurement needs its volume on each device.
+    let dev_size = (size * 4 + 64 * MIB)
+        .max(copy_mib * MIB + 64 * MIB)
+        .max(128 * MIB);
     let set = DeviceSet::setup(c, 2, dev_size / 2, dev_size).context("setting up devices")?;
     let mut meta = RunMeta::start("exp-failover", c.profile);
     meta.devices = set.describe();
@@ -550,7 +671,12 @@ fn main() -> anyhow::Result<()> {
         "vip_client_resend_ms": args.resend_ms,
         "retry_client_timeout_ms": args.retry_timeout_ms,
         "seed": args.seed,
+        "copy_bench_mib": copy_mib,
     });
+    if copy_mib > 0 {
+        let mut ccsv = CsvOut::<CopyRow>::create(&c.out, "exp-failover-copy.csv", c.overwrite)?;
+        copy_bench(&set, copy_mib, reps, &args.fio, &mut ccsv).context("copy measurement")?;
+    }
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-failover.csv", c.overwrite)?;
     let mut kcsv = CsvOut::<KillRow>::create(&c.out, "exp-failover-kills.csv", c.overwrite)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(args.seed);

@@ -13,26 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use blocklab::failover::node::Mode;
-
-/// Which VIP backend the cluster uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Loopback,
-    Netns,
-}
-
-impl Backend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Loopback => "loopback",
-            Backend::Netns => "netns",
-        }
-    }
-}
+pub use blocklab::failover::node::{unix_us, Mode};
+use blocklab::failover::vip::run;
+pub use blocklab::failover::vip::VipKind;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -46,10 +32,12 @@ pub struct ClusterSpec {
     pub nodes: usize,
     pub mode: Mode,
     pub heartbeat_ms: u64,
-    pub backend: Backend,
+    pub backend: VipKind,
     pub copy_rate_mib: u64,
     /// The block service's `--journal` (None: `file`).
     pub journal: Option<String>,
+    /// More arguments for the block service (e.g. the hidden crash injection).
+    pub service_args: Vec<String>,
 }
 
 /// An event line of a node.
@@ -59,13 +47,6 @@ pub struct Event {
     pub kind: String,
     pub epoch: Option<(u64, u32)>,
     pub unix_us: u128,
-}
-
-pub fn unix_us() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or(0)
 }
 
 fn parse_event(node: usize, line: &str) -> Option<Event> {
@@ -92,18 +73,16 @@ fn parse_event(node: usize, line: &str) -> Option<Event> {
     })
 }
 
-fn run(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+/// Moves the calling thread into the network namespace `name` (`/run/netns/NAME`; network
+/// namespaces are per thread), so its sockets reach the cluster the way a host there would.
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    let f = File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening network namespace {name}"))?;
+    rustix::thread::move_into_link_name_space(
+        f.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .with_context(|| format!("entering network namespace {name}"))?;
     Ok(())
 }
 
@@ -175,19 +154,6 @@ impl NetTopo {
             .parse()
             .expect("prefix is a.b.c")
     }
-
-    /// Moves the calling thread into the client namespace (network namespaces are per
-    /// thread), so its sockets reach the VIP the way a client host's would.
-    pub fn enter_client(&self) -> anyhow::Result<()> {
-        let f = File::open(format!("/run/netns/{}", self.client))
-            .with_context(|| format!("opening namespace {}", self.client))?;
-        rustix::thread::move_into_link_name_space(
-            f.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .context("entering the client namespace")?;
-        Ok(())
-    }
 }
 
 impl Drop for NetTopo {
@@ -238,7 +204,7 @@ impl Cluster {
         let pid = std::process::id();
         let uniq = (unix_us() % 200) as u32;
         let (vip, service, node_addrs, hb_addrs, net) = match spec.backend {
-            Backend::Loopback => {
+            VipKind::Loopback => {
                 let vip_ip = IpAddr::V4(Ipv4Addr::new(
                     127,
                     (20 + pid % 200) as u8,
@@ -256,7 +222,7 @@ impl Cluster {
                 }
                 (vip, service, nodes, hbs, None)
             }
-            Backend::Netns => {
+            VipKind::Netns => {
                 let tag = format!("bf{}{}", pid % 100000, uniq);
                 let t = NetTopo::create(&tag, spec.nodes)?;
                 let vip = SocketAddr::new(IpAddr::V4(t.addr(100)), 7200);
@@ -308,12 +274,8 @@ impl Cluster {
         ))
     }
 
-    /// Starts the block service again after [`Cluster::stop_service`].
-    pub fn restart_service(&mut self) -> anyhow::Result<()> {
-        self.start_service()
-    }
-
-    fn start_service(&mut self) -> anyhow::Result<()> {
+    /// Starts the block service (again, after [`Cluster::stop_service`]).
+    pub fn start_service(&mut self) -> anyhow::Result<()> {
         let devices = self
             .spec
             .devices
@@ -340,6 +302,7 @@ impl Cluster {
         if self.spec.force {
             cmd.arg("--force");
         }
+        cmd.args(&self.spec.service_args);
         cmd.stdout(Stdio::piped()).stderr(self.log("service.log")?);
         let mut child = cmd.spawn().context("starting the block service")?;
         let out = child.stdout.take().context("service stdout")?;
@@ -364,7 +327,7 @@ impl Cluster {
 
     /// Starts (or restarts) node `i`.
     pub fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
-        if let (Some(net), Backend::Netns) = (&self.net, self.spec.backend) {
+        if let (Some(net), VipKind::Netns) = (&self.net, self.spec.backend) {
             run(&["ip", "-n", &net.nodes[i], "link", "set", "eth0", "up"])?;
         }
         let ns = self.net.as_ref().map(|n| n.nodes[i].clone());
@@ -384,10 +347,7 @@ impl Cluster {
             .arg("--vip-backend")
             .arg(self.spec.backend.name())
             .arg("--mode")
-            .arg(match self.spec.mode {
-                Mode::VipHandoff => "vip-handoff",
-                Mode::ClientRetry => "client-retry",
-            })
+            .arg(self.spec.mode.name())
             .arg("--listen")
             .arg(self.node_addrs[i].to_string());
         cmd.stdout(Stdio::piped())
@@ -501,6 +461,28 @@ impl Cluster {
             .into_iter()
             .filter(|e| e.kind == "vip_acquired" && e.unix_us >= since_us)
             .min_by_key(|e| e.unix_us)
+    }
+
+    /// Waits (up to `timeout`) for the block service to exit by itself; its exit status.
+    pub fn wait_service_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self
+            .svc
+            .as_mut()
+            .context("the block service is not running")?;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                self.svc = None;
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("the block service is still running after {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stops the block service gracefully (SIGTERM) so its store can be opened by others.

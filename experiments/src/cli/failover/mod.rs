@@ -12,26 +12,14 @@ use blocklab::failover::client::Client;
 use blocklab::failover::dispatcher::Timing;
 use blocklab::failover::node::{run_node, Mode, NodeConfig};
 use blocklab::failover::service::{JournalSpec, Service, ServiceConfig};
-use blocklab::failover::vip::VipBackend;
+use blocklab::failover::vip::{VipBackend, VipKind};
 use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::StoreConfig;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use crate::args::parse_size;
 
 pub mod cluster;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    VipHandoff,
-    ClientRetry,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum VipBackendArg {
-    Loopback,
-    Netns,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum MgmtCmd {
@@ -59,8 +47,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub port: u16,
     /// vip_handoff (the mechanism) or client_retry (baseline: no VIP; listen on --listen).
-    #[arg(long, value_enum, default_value = "vip-handoff")]
-    pub mode: ModeArg,
+    #[arg(long, default_value = "vip_handoff")]
+    pub mode: Mode,
     /// This node's own request address (client_retry only).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -75,8 +63,8 @@ pub struct ServeArgs {
     pub takeover_after: u64,
     /// loopback (bind the VIP on 127.x; no privileges) or netns (run inside the node's
     /// network namespace as root; the VIP is a macvlan with a virtual MAC).
-    #[arg(long, value_enum, default_value = "loopback")]
-    pub vip_backend: VipBackendArg,
+    #[arg(long, default_value = "loopback")]
+    pub vip_backend: VipKind,
     /// netns: the node's interface the VIP macvlan sits on.
     #[arg(long, default_value = "eth0")]
     pub netns_lower: String,
@@ -105,10 +93,10 @@ pub struct BlockServiceArgs {
     /// Use devices that hold other data (destroys it).
     #[arg(long)]
     pub force: bool,
-    /// Copy chunk size (K/M/G suffix).
+    /// Copy chunk size (K/M/G suffix; a positive multiple of 4K).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     pub copy_chunk: u64,
-    /// Copy chunks in flight.
+    /// Copy chunks in flight (1..=2048).
     #[arg(long, default_value_t = 8)]
     pub copy_depth: usize,
     /// Cap copy throughput at this many MiB/s (0 = full speed); lets small test volumes copy
@@ -126,6 +114,10 @@ pub struct BlockServiceArgs {
     /// Path of the journal in the coordination backend.
     #[arg(long, default_value = "/blocklab/failover")]
     pub journal_root: String,
+    /// Crash injection (tests): stop dead after this operation's catalog commit, before
+    /// its journal `Done` record.
+    #[arg(long, hide = true)]
+    pub crash_after_commit: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -136,10 +128,12 @@ pub struct VolumeArgs {
     /// Operation id (default: a fresh UUID). Re-using an id returns the first result.
     #[arg(long)]
     pub op_id: Option<String>,
-    /// Re-send the same operation id after this many ms without an answer.
+    /// Re-send the same operation id after this many ms without any message (the holder
+    /// forwards keepalives while an operation runs).
     #[arg(long, default_value_t = 5000)]
     pub resend_ms: u64,
-    /// Give up after this many seconds.
+    /// Give up after this many seconds without any message (not of total time: a long
+    /// copy that keeps sending keepalives is waited for).
     #[arg(long, default_value_t = 60)]
     pub give_up_s: u64,
     #[command(subcommand)]
@@ -188,17 +182,14 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
             if a.peers.is_empty() {
                 bail!("--peers is empty");
             }
-            let mode = match a.mode {
-                ModeArg::VipHandoff => Mode::VipHandoff,
-                ModeArg::ClientRetry => Mode::ClientRetry,
-            };
+            let mode = a.mode;
             let listen = match (mode, a.listen) {
                 (Mode::ClientRetry, None) => bail!("--mode client-retry needs --listen"),
                 (_, Some(l)) => l,
                 (_, None) => SocketAddr::new(a.vip, a.port),
             };
             let vip = match a.vip_backend {
-                VipBackendArg::Loopback => {
+                VipKind::Loopback => {
                     if !a.vip.is_loopback() {
                         bail!(
                             "--vip {} is not in 127.0.0.0/8 (the loopback backend)",
@@ -207,7 +198,7 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
                     }
                     VipBackend::Loopback { vip: a.vip }
                 }
-                VipBackendArg::Netns => VipBackend::Netns {
+                VipKind::Netns => VipBackend::Netns {
                     vip: a.vip,
                     lower: a.netns_lower,
                     vip_dev: a.netns_vip_dev,
@@ -257,27 +248,33 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
                         root: a.journal_root,
                     }
                 },
+                crash_after_commit: a.crash_after_commit,
             })
             .context("starting the block service")?;
             println!("event=service_listening addr={}", svc.addr);
             let stop = stop_flag()?;
-            svc.wait(&stop);
+            svc.wait(&stop).context("block service")?;
         }
     }
     Ok(())
 }
 
 pub fn run_volume(a: VolumeArgs) -> anyhow::Result<()> {
+    let mut client = Client::new(vec![a.vip]);
+    client.resend_after = Duration::from_millis(a.resend_ms.max(1));
+    client.give_up = Duration::from_secs(a.give_up_s);
     let op = match a.cmd {
         VolumeCmd::Create { name, size } => Op::Create { name, size },
         VolumeCmd::Delete { name } => Op::Delete { name },
         VolumeCmd::Copy { src, dst } => Op::Copy { src, dst },
-        VolumeCmd::List => Op::List,
+        VolumeCmd::List => {
+            for v in client.list().context("list")? {
+                println!("{}\t{}", v.name, v.size);
+            }
+            return Ok(());
+        }
     };
     let op_id = a.op_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let mut client = Client::new(vec![a.vip]);
-    client.resend_after = Duration::from_millis(a.resend_ms.max(1));
-    client.give_up = Duration::from_secs(a.give_up_s);
     let (result, info) = client
         .call(&op_id, &op, None)
         .with_context(|| format!("{} (operation {op_id})", op.kind()))?;
@@ -286,11 +283,6 @@ pub fn run_volume(a: VolumeArgs) -> anyhow::Result<()> {
         OpResult::Created { name, size } => println!("created {name} ({size} bytes)"),
         OpResult::Deleted { name } => println!("deleted {name}"),
         OpResult::Copied { src, dst, bytes } => println!("copied {src} to {dst} ({bytes} bytes)"),
-        OpResult::Listed { volumes } => {
-            for v in volumes {
-                println!("{}\t{}", v.name, v.size);
-            }
-        }
     }
     eprintln!("operation {op_id}: {} attempt(s)", info.attempts);
     Ok(())
