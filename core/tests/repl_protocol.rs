@@ -1,10 +1,10 @@
 //! The replication protocol driven deterministically: a simulated network that can drop,
 //! reorder and duplicate messages, and simulated durable logs (a `Vec` that only grows when
-//! the driver "flushes" a Ready's entries). No threads, no clocks.
+//! the driver "flushes" a Ready's entries, and can be made full). No threads, no clocks.
 
 use std::collections::BTreeMap;
 
-use blocklab::repl::{Config, Entry, Message, Node, NodeId, Policy};
+use blocklab::repl::{AppendOutcome, Config, Entry, Message, Node, NodeId, Policy, ProtocolError};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 struct SimNode {
@@ -24,20 +24,31 @@ struct Sim {
     reorder: bool,
     /// Messages to these nodes are dropped.
     cut: Vec<NodeId>,
+    /// These nodes' logs are full: persisting fails.
+    full: Vec<NodeId>,
     /// Empty appends delivered.
     empty_delivered: u64,
+    /// Messages delivered, per receiver: (with entries, empty).
+    delivered: BTreeMap<NodeId, (u64, u64)>,
+    /// What `step` reported, per receiver.
+    errors: Vec<(NodeId, ProtocolError)>,
 }
 
 const PRIMARY: NodeId = 0;
 
 impl Sim {
     fn new(n: u32, policy: Policy, seed: u64) -> Sim {
+        Sim::with(n, policy, seed, |_| {})
+    }
+
+    fn with(n: u32, policy: Policy, seed: u64, tune: impl Fn(&mut Config)) -> Sim {
         let members: Vec<NodeId> = (0..n).collect();
         let mut nodes = BTreeMap::new();
         for id in 0..n {
-            let mut cfg = Config::new(id, members.clone(), policy);
+            let mut cfg = Config::new(id, PRIMARY, members.clone(), policy);
             cfg.retransmit_ticks = 20;
             cfg.max_batch_entries = 4;
+            tune(&mut cfg);
             let node = if id == PRIMARY {
                 Node::new_primary(cfg, 1, Vec::new()).unwrap()
             } else {
@@ -61,7 +72,10 @@ impl Sim {
             dup_p: 0.0,
             reorder: false,
             cut: Vec::new(),
+            full: Vec::new(),
             empty_delivered: 0,
+            delivered: BTreeMap::new(),
+            errors: Vec::new(),
         };
         for id in 0..n {
             s.process(id);
@@ -87,13 +101,22 @@ impl Sim {
                 );
                 sn.disk.truncate(t as usize - 1);
             }
+            let mut durable = true;
             if let Some(last) = rd.persist.last().map(|e| e.index) {
                 assert_eq!(rd.persist[0].index as usize, sn.disk.len() + 1);
-                sn.disk.extend(rd.persist.iter().cloned());
-                sn.flushes += 1;
-                sn.node.persisted(last);
+                if self.full.contains(&id) {
+                    // Nothing written; the acknowledgements of this Ready are dropped.
+                    sn.node.persist_failed(100, 0);
+                    durable = false;
+                } else {
+                    sn.disk.extend(rd.persist.iter().cloned());
+                    sn.flushes += 1;
+                    sn.node.persisted(last);
+                }
             }
-            self.net.extend(rd.persisted_messages);
+            if durable {
+                self.net.extend(rd.persisted_messages);
+            }
             for e in rd.apply {
                 assert_eq!(
                     e.index as usize,
@@ -142,7 +165,15 @@ impl Sim {
         if m.is_empty_append() {
             self.empty_delivered += 1;
         }
-        self.nodes.get_mut(&to).unwrap().node.step(m);
+        let d = self.delivered.entry(to).or_default();
+        match &m {
+            Message::Append { entries, .. } if !entries.is_empty() => d.0 += 1,
+            Message::Append { .. } => d.1 += 1,
+            Message::AppendResp { .. } => {}
+        }
+        if let Err(e) = self.nodes.get_mut(&to).unwrap().node.step(m) {
+            self.errors.push((to, e));
+        }
         self.process(to);
         true
     }
@@ -181,6 +212,10 @@ impl Sim {
     fn empty_sent(&self) -> u64 {
         self.nodes[&PRIMARY].node.stats().empty_appends
     }
+
+    fn applied(&self, id: NodeId) -> usize {
+        self.nodes[&id].applied.len()
+    }
 }
 
 fn all_policies() -> Vec<Policy> {
@@ -215,14 +250,14 @@ fn commit_only_on_a_majority_that_includes_the_primary() {
     let rd = s.primary().ready();
     assert_eq!(rd.persist.len(), 1);
     for (to, m) in rd.messages {
-        s.nodes.get_mut(&to).unwrap().node.step(m);
+        s.nodes.get_mut(&to).unwrap().node.step(m).unwrap();
         s.process(to);
     }
     // Both secondaries persisted and acknowledged; the primary has not flushed yet.
     let acks = std::mem::take(&mut s.net);
     assert_eq!(acks.len(), 2);
     for (_, m) in acks {
-        s.primary().step(m);
+        s.primary().step(m).unwrap();
     }
     assert_eq!(
         s.primary().commit(),
@@ -236,11 +271,12 @@ fn commit_only_on_a_majority_that_includes_the_primary() {
 #[test]
 fn a_secondary_caps_the_commit_at_its_verified_durable_index() {
     let members = vec![0, 1, 2];
-    let mut sec = Node::new_secondary(Config::new(1, members, Policy::Idle), Vec::new()).unwrap();
+    let mut sec =
+        Node::new_secondary(Config::new(1, 0, members, Policy::Idle), Vec::new()).unwrap();
     let e = |i: u64| Entry {
         term: 1,
         index: i,
-        payload: vec![i as u8],
+        payload: vec![i as u8].into(),
     };
     // Told commit 100 with entries 1..=3 only.
     sec.step(Message::Append {
@@ -250,7 +286,8 @@ fn a_secondary_caps_the_commit_at_its_verified_durable_index() {
         prev_term: 0,
         commit: 100,
         entries: vec![e(1), e(2), e(3)],
-    });
+    })
+    .unwrap();
     assert_eq!(sec.commit(), 3);
     let rd = sec.ready();
     assert_eq!(rd.persist.len(), 3);
@@ -273,18 +310,25 @@ fn a_secondary_caps_the_commit_at_its_verified_durable_index() {
         prev_term: 0,
         commit: 50,
         entries: vec![],
-    });
+    })
+    .unwrap();
     assert_eq!(sec.commit(), 3);
-    // A message from a node that is not a member is ignored.
-    sec.step(Message::Append {
-        term: 1,
-        from: 9,
-        prev_index: 3,
-        prev_term: 1,
-        commit: 3,
-        entries: vec![e(4)],
-    });
+    // Appends from anyone but the primary (a non-member, or another member) are refused.
+    for from in [9, 2] {
+        let err = sec
+            .step(Message::Append {
+                term: 5,
+                from,
+                prev_index: 3,
+                prev_term: 1,
+                commit: 3,
+                entries: vec![e(4)],
+            })
+            .unwrap_err();
+        assert_eq!(err, ProtocolError::NotFromPrimary { from, primary: 0 });
+    }
     assert_eq!(sec.last_index(), 3);
+    assert_eq!(sec.term(), 1, "a refused append does not move the term");
 }
 
 #[test]
@@ -323,6 +367,11 @@ fn every_policy_applies_everything_despite_drops_reordering_and_duplicates() {
             } else {
                 s.settle(n, 5_000);
             }
+            assert!(
+                s.errors.is_empty(),
+                "{policy:?} seed {seed}: {:?}",
+                s.errors
+            );
             // Every replica's log agrees on what was applied.
             let reference = s.nodes[&PRIMARY].disk.clone();
             for sn in s.nodes.values() {
@@ -386,7 +435,7 @@ fn idle_sends_nothing_while_writes_keep_coming() {
         loop {
             assert!(!s.net.is_empty(), "stalled before write {i} committed");
             let (to, m) = s.net.remove(0);
-            s.nodes.get_mut(&to).unwrap().node.step(m);
+            s.nodes.get_mut(&to).unwrap().node.step(m).unwrap();
             if to == PRIMARY && s.nodes[&PRIMARY].node.commit() > seen {
                 break; // the client learns of the commit and writes again at once
             }
@@ -513,7 +562,7 @@ fn restarted_primary_keeps_every_committed_entry() {
         // Crash: the primary restarts from its durable log with a new term.
         let disk = s.nodes[&PRIMARY].disk.clone();
         let term = s.nodes[&PRIMARY].node.term() + 1;
-        let mut cfg = Config::new(PRIMARY, vec![0, 1, 2], Policy::Idle);
+        let mut cfg = Config::new(PRIMARY, PRIMARY, vec![0, 1, 2], Policy::Idle);
         cfg.retransmit_ticks = 20;
         let node = Node::new_primary(cfg, term, disk.clone()).unwrap();
         let sn = s.nodes.get_mut(&PRIMARY).unwrap();
@@ -561,4 +610,324 @@ fn no_timer_stays_due_while_waiting() {
             }
         }
     }
+}
+
+fn entry(term: u64, index: u64) -> Entry {
+    Entry {
+        term,
+        index,
+        payload: vec![index as u8, term as u8].into(),
+    }
+}
+
+fn append(term: u64, prev_index: u64, prev_term: u64, commit: u64, entries: Vec<Entry>) -> Message {
+    Message::Append {
+        term,
+        from: PRIMARY,
+        prev_index,
+        prev_term,
+        commit,
+        entries,
+    }
+}
+
+fn resp(from: NodeId, term: u64, outcome: AppendOutcome, match_index: u64) -> Message {
+    Message::AppendResp {
+        term,
+        from,
+        outcome,
+        match_index,
+        commit: 0,
+        last_index: match_index,
+    }
+}
+
+/// Appends (with entries, empty) in `rd.messages` to `id`.
+fn sent_to(msgs: &[(NodeId, Message)], id: NodeId) -> Vec<(u64, usize)> {
+    msgs.iter()
+        .filter(|(to, _)| *to == id)
+        .map(|(_, m)| match m {
+            Message::Append {
+                prev_index,
+                entries,
+                ..
+            } => (*prev_index, entries.len()),
+            Message::AppendResp { .. } => panic!("a response from the primary"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_secondary_never_truncates_a_committed_entry() {
+    let mut sec =
+        Node::new_secondary(Config::new(1, 0, vec![0, 1, 2], Policy::Idle), Vec::new()).unwrap();
+    sec.step(append(
+        1,
+        0,
+        0,
+        3,
+        vec![entry(1, 1), entry(1, 2), entry(1, 3)],
+    ))
+    .unwrap();
+    sec.ready();
+    sec.persisted(3);
+    assert_eq!(sec.ready().apply.len(), 3);
+    assert_eq!(sec.commit(), 3);
+    // A newer term's append conflicting with committed entry 2: refused, nothing changes.
+    let err = sec.step(append(2, 1, 1, 3, vec![entry(2, 2)])).unwrap_err();
+    assert_eq!(
+        err,
+        ProtocolError::TruncateCommitted {
+            index: 2,
+            commit: 3
+        }
+    );
+    assert!(!sec.has_ready(), "a refused append leaves nothing to do");
+    assert_eq!(sec.entry(2), Some(&entry(1, 2)));
+    assert_eq!(sec.term(), 1);
+    // Past the commit a conflict truncates, as it must.
+    sec.step(append(1, 3, 1, 3, vec![entry(1, 4)])).unwrap();
+    sec.ready();
+    sec.persisted(4);
+    sec.ready();
+    sec.step(append(2, 3, 1, 3, vec![entry(2, 4)])).unwrap();
+    let rd = sec.ready();
+    assert_eq!(rd.truncate_from, Some(4));
+    assert_eq!(rd.persist, vec![entry(2, 4)]);
+    assert_eq!(sec.term(), 2);
+}
+
+#[test]
+fn the_primary_reports_a_secondary_in_a_higher_term() {
+    let mut p = Node::new_primary(
+        Config::new(0, 0, vec![0, 1, 2], Policy::Idle),
+        1,
+        Vec::new(),
+    )
+    .unwrap();
+    let err = p.step(resp(1, 5, AppendOutcome::Mismatch, 0)).unwrap_err();
+    assert_eq!(
+        err,
+        ProtocolError::PeerTermAhead {
+            peer: 1,
+            term: 5,
+            ours: 1
+        }
+    );
+    assert!(err
+        .to_string()
+        .contains("secondary 1 is in term 5 > ours (1)"));
+    assert!(
+        p.step(resp(1, 5, AppendOutcome::Mismatch, 0)).is_ok(),
+        "reported once per term"
+    );
+    assert!(matches!(
+        p.step(resp(1, 6, AppendOutcome::Mismatch, 0)),
+        Err(ProtocolError::PeerTermAhead { term: 6, .. })
+    ));
+    assert_eq!(p.term(), 1, "the primary does not adopt it");
+    // A node configured as a secondary cannot start as the primary, nor the reverse.
+    assert!(matches!(
+        Node::new_primary(Config::new(1, 0, vec![0, 1], Policy::Idle), 1, Vec::new()),
+        Err(ProtocolError::WrongRole { .. })
+    ));
+    assert!(matches!(
+        Node::new_secondary(Config::new(0, 0, vec![0, 1], Policy::Idle), Vec::new()),
+        Err(ProtocolError::WrongRole { .. })
+    ));
+}
+
+#[test]
+fn idle_notifies_the_live_secondaries_while_one_is_unreachable() {
+    // Unreachable as the driver sees it (disconnected), or only silent (no answer for
+    // retransmit_ticks): either way it must not hold back the live secondary.
+    for disconnected in [true, false] {
+        let mut s = Sim::new(3, Policy::Idle, 30);
+        s.cut = vec![2];
+        if disconnected {
+            s.primary().peer_disconnected(2);
+        }
+        s.deliver_all();
+        let base = s.empty_sent();
+        for period in 1..=4u64 {
+            for i in 0..period {
+                s.propose(format!("p{period}-{i}").as_bytes());
+            }
+            s.deliver_all();
+            s.tick(25);
+            s.deliver_all();
+            let last = s.nodes[&PRIMARY].node.last_index();
+            assert_eq!(
+                s.applied(1) as u64,
+                last,
+                "disconnected {disconnected}, period {period}: the live secondary applied"
+            );
+            assert_eq!(
+                s.empty_sent() - base,
+                period,
+                "disconnected {disconnected}: one notification per idle period, to the live one"
+            );
+            s.tick(100);
+            s.deliver_all();
+            assert_eq!(s.empty_sent() - base, period);
+        }
+        assert_eq!(s.applied(2), 0);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+    }
+}
+
+#[test]
+fn a_secondary_with_a_full_log_keeps_serving_and_the_primary_reports_it() {
+    let mut s = Sim::new(3, Policy::Idle, 31);
+    s.deliver_all();
+    s.full = vec![2];
+    for i in 0..5 {
+        s.propose(format!("f{i}").as_bytes());
+        s.deliver_all();
+    }
+    s.tick(25);
+    s.deliver_all();
+    // Committed with the other secondary, which applied everything (idle did not wait for
+    // the full one).
+    assert_eq!(s.nodes[&PRIMARY].node.commit(), 5);
+    assert_eq!(s.applied(1), 5);
+    assert!(s.nodes[&2].disk.is_empty());
+    assert_eq!(
+        s.nodes[&2].node.last_index(),
+        0,
+        "nothing kept past its durable index"
+    );
+    let reports: Vec<_> = s
+        .errors
+        .iter()
+        .filter(|(to, e)| *to == PRIMARY && matches!(e, ProtocolError::PeerLogFull { peer: 2, .. }))
+        .collect();
+    assert_eq!(reports.len(), 1, "reported once: {:?}", s.errors);
+    // Retried once per retransmit period (a probe, then what fits the window), not in a
+    // loop.
+    let before = s.delivered[&2].0;
+    s.tick(200);
+    s.deliver_all();
+    let retries = s.delivered[&2].0 - before;
+    assert!(
+        (1..=2 * (200 / 20 + 1)).contains(&retries),
+        "{retries} appends in 10 retransmit periods"
+    );
+    // Room again: it catches up.
+    s.full.clear();
+    s.settle(5, 1_000);
+    assert_eq!(s.nodes[&2].disk, s.nodes[&PRIMARY].disk);
+}
+
+#[test]
+fn a_crashed_primary_whose_appends_reached_the_secondaries_is_overruled_in_its_next_term() {
+    let mut s = Sim::new(3, Policy::Idle, 40);
+    s.deliver_all();
+    for i in 0..3 {
+        s.propose(format!("a{i}").as_bytes());
+    }
+    s.settle(3, 100);
+    // x goes out to the secondaries, which persist it; the primary crashes before its own
+    // flush (and before hearing back).
+    s.primary().propose(b"x".to_vec()).unwrap();
+    let rd = s.primary().ready();
+    assert_eq!(rd.persist.len(), 1);
+    s.net.extend(rd.messages);
+    s.cut = vec![PRIMARY];
+    s.deliver_all();
+    for id in [1, 2] {
+        assert_eq!(s.nodes[&id].disk.len(), 4, "secondary {id} holds x");
+        assert_eq!(&s.nodes[&id].disk[3].payload[..], b"x");
+        assert!(s.applied(id) <= 3, "x was never committed");
+    }
+    // Restart from the durable log (without x) in term 2; a new write takes index 4.
+    let disk = s.nodes[&PRIMARY].disk.clone();
+    assert_eq!(disk.len(), 3);
+    let mut cfg = Config::new(PRIMARY, PRIMARY, vec![0, 1, 2], Policy::Idle);
+    cfg.retransmit_ticks = 20;
+    let sn = s.nodes.get_mut(&PRIMARY).unwrap();
+    sn.node = Node::new_primary(cfg, 2, disk).unwrap();
+    sn.applied.clear();
+    s.net.clear();
+    s.cut.clear();
+    s.process(PRIMARY);
+    s.propose(b"y");
+    s.settle(4, 1_000);
+    for (id, sn) in &s.nodes {
+        assert_eq!(sn.disk, s.nodes[&PRIMARY].disk, "node {id}");
+        assert_eq!(&sn.disk[3].payload[..], b"y", "node {id}: x was truncated");
+        assert_eq!(sn.disk[3].term, 2);
+        assert_eq!(sn.applied, sn.disk, "node {id}");
+    }
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+}
+
+#[test]
+fn appends_respect_the_byte_limit_and_oversized_proposals_are_refused() {
+    let mut cfg = Config::new(0, 0, vec![0, 1], Policy::Piggyback);
+    cfg.max_batch_bytes = 10;
+    let mut p = Node::new_primary(cfg, 1, Vec::new()).unwrap();
+    p.ready();
+    p.step(resp(1, 1, AppendOutcome::Ok, 0)).unwrap();
+    assert_eq!(
+        p.propose(vec![0u8; 11]).unwrap_err(),
+        ProtocolError::PayloadTooLarge { len: 11, max: 10 }
+    );
+    assert_eq!(p.last_index(), 0);
+    for _ in 0..5 {
+        p.propose(vec![1u8; 4]).unwrap();
+    }
+    let rd = p.ready();
+    assert_eq!(sent_to(&rd.messages, 1), [(0, 2), (2, 2), (4, 1)]);
+}
+
+#[test]
+fn an_unanswering_secondary_gets_a_bounded_window_then_one_probe_per_period() {
+    let mut cfg = Config::new(0, 0, vec![0, 1, 2], Policy::Idle);
+    cfg.retransmit_ticks = 20;
+    cfg.max_batch_entries = 4;
+    cfg.max_inflight_entries = 8;
+    let mut p = Node::new_primary(cfg, 1, Vec::new()).unwrap();
+    p.ready();
+    p.step(resp(1, 1, AppendOutcome::Ok, 0)).unwrap();
+    p.step(resp(2, 1, AppendOutcome::Ok, 0)).unwrap();
+    p.peer_disconnected(2);
+    for i in 0..100u64 {
+        p.propose(vec![i as u8]).unwrap();
+    }
+    let rd = p.ready();
+    // At most 8 entries beyond the match index in flight; nothing to the disconnected one.
+    assert_eq!(sent_to(&rd.messages, 1), [(0, 4), (4, 4)]);
+    assert!(sent_to(&rd.messages, 2).is_empty());
+    assert!(!p.has_ready(), "the window is full: nothing more to send");
+    // No answer for retransmit_ticks: one probe from the last match, not the window again.
+    p.advance_to(20);
+    let rd = p.ready();
+    assert_eq!(sent_to(&rd.messages, 1), [(0, 0)]);
+    assert!(sent_to(&rd.messages, 2).is_empty());
+    assert_eq!(p.stats().retransmits, 1);
+    p.advance_to(39);
+    assert!(!p.has_ready(), "nothing before the next period");
+    // The probe is answered: replication resumes from the match.
+    p.step(resp(1, 1, AppendOutcome::Ok, 0)).unwrap();
+    assert_eq!(sent_to(&p.ready().messages, 1), [(0, 4), (4, 4)]);
+    // Reconnected: probed at the end of the log.
+    p.peer_reconnected(2);
+    assert_eq!(sent_to(&p.ready().messages, 2), [(100, 0)]);
+}
+
+#[test]
+fn advance_to_runs_each_timer_once_however_many_ticks_passed() {
+    let mut s = Sim::new(3, Policy::Periodic { every: 10 }, 50);
+    s.deliver_all();
+    let base = s.empty_sent();
+    s.primary().advance_to(1_000);
+    s.process(PRIMARY);
+    assert_eq!(
+        s.empty_sent() - base,
+        2,
+        "one heartbeat per secondary, not 100"
+    );
+    s.deliver_all();
+    assert!(s.errors.is_empty());
 }

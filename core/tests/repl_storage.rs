@@ -3,7 +3,7 @@
 //! region, in-order apply.
 
 use blocklab::dev::{Device, UringEngine};
-use blocklab::repl::kv::{put_payload, KvError, KvStore};
+use blocklab::repl::kv::{put_payload, slots_for, Invalid, KvError, KvStore, MAX_VALUE};
 use blocklab::repl::log::{record_size, LogError, LogStore};
 use blocklab::repl::Entry;
 use blocklab::testing::{sparse_file, LoopDevices};
@@ -18,7 +18,10 @@ fn e(term: u64, index: u64, n: usize) -> Entry {
     Entry {
         term,
         index,
-        payload: (0..n).map(|i| (i as u64 * 7 + index) as u8).collect(),
+        payload: (0..n)
+            .map(|i| (i as u64 * 7 + index) as u8)
+            .collect::<Vec<u8>>()
+            .into(),
     }
 }
 
@@ -97,6 +100,10 @@ fn log_on_a_regular_file() {
     let err = LogStore::create(&mut eng, Device::open(&p).unwrap(), 100, 64 << 10).unwrap_err();
     assert!(matches!(err, LogError::BadRegion { .. }), "{err}");
     assert!(LogStore::create(&mut eng, Device::open(&p).unwrap(), 4 << 20, 64 << 10).is_err());
+    // The header alone tells a log from anything else.
+    let dev = Device::open(&p).unwrap();
+    assert!(LogStore::holds_log(&mut eng, &dev, 1 << 20).unwrap());
+    assert!(!LogStore::holds_log(&mut eng, &dev, 2 << 20).unwrap());
 }
 
 #[test]
@@ -113,14 +120,17 @@ fn kv_round_trip(path: &std::path::Path) {
     let (off, len) = (8 << 20, 1 << 20);
     let mut kv = KvStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
     let slots = kv.slots();
+    assert_eq!(slots, slots_for(len));
     let put = |i: u64, k: u64| Entry {
         term: 1,
         index: i,
-        payload: put_payload(k, format!("v{i}").as_bytes()),
+        payload: put_payload(k, format!("v{i}").as_bytes()).into(),
     };
-    kv.apply(&mut eng, &[put(1, 1), put(2, 2), put(3, 1)])
-        .unwrap();
-    assert_eq!(kv.get(1).unwrap().value, b"v3");
+    assert!(kv
+        .apply(&mut eng, &[put(1, 1), put(2, 2), put(3, 1)])
+        .unwrap()
+        .is_empty());
+    assert_eq!(kv.get(1).unwrap().value(), b"v3");
     // Out of order and repeats are refused.
     assert!(matches!(
         kv.apply(&mut eng, &[put(5, 3)]),
@@ -130,25 +140,45 @@ fn kv_round_trip(path: &std::path::Path) {
         kv.apply(&mut eng, &[put(3, 3)]),
         Err(KvError::OutOfOrder { .. })
     ));
-    // Two keys in one slot: refused, nothing applied.
-    assert!(matches!(
-        kv.apply(&mut eng, &[put(4, 1 + slots)]),
-        Err(KvError::SlotTaken { .. })
-    ));
-    assert_eq!(kv.applied(), 3);
-    kv.apply(&mut eng, &[put(4, 4)]).unwrap();
+    // Two keys with the same home slot: the second probes to the next free slot.
+    assert!(kv.apply(&mut eng, &[put(4, 1 + slots)]).unwrap().is_empty());
+    assert_eq!(kv.get(1 + slots).unwrap().value(), b"v4");
+    assert_eq!(kv.get(1).unwrap().value(), b"v3");
+    // Invalid entries are skipped with their reason, the same way everywhere; the applied
+    // index moves on and the next entries apply.
+    let short = Entry {
+        term: 1,
+        index: 5,
+        payload: vec![1, 2, 3].into(),
+    };
+    let big = Entry {
+        term: 1,
+        index: 6,
+        payload: put_payload(9, &vec![0u8; MAX_VALUE + 1]).into(),
+    };
+    let rejected = kv.apply(&mut eng, &[short, big, put(7, 4)]).unwrap();
+    assert_eq!(
+        rejected,
+        vec![
+            (5, Invalid::ShortPayload { len: 3 }),
+            (6, Invalid::ValueTooLarge { len: MAX_VALUE + 1 })
+        ]
+    );
+    assert_eq!(kv.applied(), 7);
+    assert!(kv.get(9).is_none());
     drop(kv);
     let kv = KvStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
     let got: Vec<(u64, u64, Vec<u8>)> = kv
         .entries()
-        .map(|(k, v)| (k, v.index, v.value.clone()))
+        .map(|(k, v)| (k, v.index, v.value().to_vec()))
         .collect();
     assert_eq!(
         got,
         vec![
             (1, 3, b"v3".to_vec()),
             (2, 2, b"v2".to_vec()),
-            (4, 4, b"v4".to_vec())
+            (4, 7, b"v7".to_vec()),
+            (1 + slots, 4, b"v4".to_vec()),
         ]
     );
     assert_eq!(
@@ -156,6 +186,48 @@ fn kv_round_trip(path: &std::path::Path) {
         0,
         "a reopened store is re-applied from the log"
     );
+}
+
+#[test]
+fn a_full_store_refuses_new_keys_up_front_and_skips_them_when_applied() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let p = file_dev(&dir, 4 << 20);
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    // Three slots.
+    let mut kv = KvStore::create(&mut eng, Device::open(&p).unwrap(), 1 << 20, 16 << 10).unwrap();
+    assert_eq!(kv.slots(), 3);
+    let put = |i: u64, k: u64| Entry {
+        term: 1,
+        index: i,
+        payload: put_payload(k, b"v").into(),
+    };
+    // Admission counts keys reserved but not applied yet: all three map to slot 0.
+    for k in [0, 3, 6] {
+        let key = kv.check(&put(1, k).payload).unwrap();
+        kv.reserve(key);
+    }
+    assert_eq!(
+        kv.check(&put(1, 9).payload),
+        Err(Invalid::Full { slots: 3 })
+    );
+    assert_eq!(kv.check(&put(1, 3).payload), Ok(3), "a known key is fine");
+    assert_eq!(
+        kv.check(&[1, 2]),
+        Err(Invalid::ShortPayload { len: 2 }),
+        "a short payload is refused up front"
+    );
+    kv.apply(&mut eng, &[put(1, 0), put(2, 3), put(3, 6)])
+        .unwrap();
+    // An entry admitted by another build (or with another region size) that no longer
+    // fits: skipped, not an error.
+    let rejected = kv.apply(&mut eng, &[put(4, 9), put(5, 0)]).unwrap();
+    assert_eq!(rejected, vec![(4, Invalid::Full { slots: 3 })]);
+    assert_eq!(kv.applied(), 5);
+    assert_eq!(kv.get(0).unwrap().index, 5);
+    drop(kv);
+    let kv = KvStore::open(&mut eng, Device::open(&p).unwrap(), 1 << 20, 16 << 10).unwrap();
+    let keys: Vec<u64> = kv.entries().map(|(k, _)| k).collect();
+    assert_eq!(keys, [0, 3, 6]);
 }
 
 #[test]

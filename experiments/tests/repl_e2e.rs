@@ -1,15 +1,17 @@
-//! Replication end to end: `blocklab repl serve` processes talking TCP, on loop devices.
-//! The primary is killed with SIGKILL mid-stream and restarted; afterwards every
-//! acknowledged write is on a majority and everything is applied in order on every replica
-//! (checked by reading the devices). Also: an unreachable secondary, a full log region,
-//! and bad frames sent to a replica.
+//! Replication end to end: `blocklab repl serve` processes talking TCP, on loop devices
+//! when root (sparse files otherwise). The primary is killed with SIGKILL mid-stream and
+//! restarted; afterwards every acknowledged write is on a majority and everything is
+//! applied in order on every replica (checked by reading the devices). Also: an
+//! unreachable secondary, a full log region on the primary and on one secondary, bad and
+//! forged frames sent to a replica, another wire version at either end, a foreign device,
+//! a formatted daemon device.
 
-use std::io::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blocklab::dev::{Device, UringEngine};
@@ -17,10 +19,10 @@ use blocklab::repl::client::{Client, ClientError};
 use blocklab::repl::kv::{put_payload, split_payload, KvStore};
 use blocklab::repl::log::LogStore;
 use blocklab::repl::replica::Regions;
-use blocklab::repl::wire::{encode_to_vec, Frame, Status};
-use blocklab::repl::Entry;
+use blocklab::repl::wire::{encode_to_vec, read_frame, Frame, Status, WIRE_VERSION};
+use blocklab::repl::{Entry, Message};
 use blocklab::testing::{
-    sparse_file, sparse_files, spawn_announcing, wait_for, KillOnDrop, LoopDevices,
+    scratch_dir, sparse_files, spawn_announcing, wait_for, KillOnDrop, LoopDevices,
 };
 
 /// How long a test waits for a condition before failing.
@@ -35,6 +37,31 @@ const DATA_SIZE: u64 = 8 << 20;
 
 /// Child processes, killed on drop (every exit path of the test).
 type Procs = Vec<KillOnDrop>;
+
+/// `n` devices of `size` bytes: loop devices when root, else sparse files. Declare it
+/// before the processes using it, so they are killed before the devices go.
+struct Devs {
+    paths: Vec<PathBuf>,
+    _loop: Option<LoopDevices>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn devices(name: &str, n: usize, size: u64) -> Devs {
+    if let Some(g) = LoopDevices::provision(&format!("repl-{name}-{}", std::process::id()), n, size)
+    {
+        return Devs {
+            paths: g.paths(),
+            _loop: Some(g),
+            _dir: None,
+        };
+    }
+    let dir = scratch_dir("repl-e2e-");
+    Devs {
+        paths: sparse_files(dir.path(), n, size),
+        _loop: None,
+        _dir: Some(dir),
+    }
+}
 
 /// Starts `blocklab repl serve` and waits for its `listening on ADDR` line.
 fn serve(procs: &mut Procs, args: &[String]) -> (usize, SocketAddr) {
@@ -109,7 +136,7 @@ fn read_device(path: &Path) -> (Vec<Entry>, Vec<Write>) {
     .unwrap();
     let kvs = kv
         .entries()
-        .map(|(k, v)| (k, v.index, v.value.clone()))
+        .map(|(k, v)| (k, v.index, v.value().to_vec()))
         .collect();
     (log, kvs)
 }
@@ -216,9 +243,8 @@ fn kill_9_the_primary_mid_stream_and_recover() {
         let holders = on_disk
             .iter()
             .filter(|(log, _)| {
-                log.get(*index as usize - 1).is_some_and(|e| {
-                    split_payload(e.index, &e.payload).unwrap() == (*key, value.as_slice())
-                })
+                log.get(*index as usize - 1)
+                    .is_some_and(|e| split_payload(&e.payload).unwrap() == (*key, value.as_slice()))
             })
             .count();
         assert!(
@@ -233,7 +259,7 @@ fn kill_9_the_primary_mid_stream_and_recover() {
         let mut want: Vec<Write> = log
             .iter()
             .map(|e| {
-                let (k, v) = split_payload(e.index, &e.payload).unwrap();
+                let (k, v) = split_payload(&e.payload).unwrap();
                 (k, e.index, v.to_vec())
             })
             .collect();
@@ -243,21 +269,16 @@ fn kill_9_the_primary_mid_stream_and_recover() {
     g.teardown().unwrap();
 }
 
-fn file_devs(dir: &tempfile::TempDir) -> Vec<PathBuf> {
-    sparse_files(dir.path(), 3, 32 << 20)
-}
-
 #[test]
-fn the_primary_keeps_committing_with_a_secondary_unreachable() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let devs = file_devs(&dir);
+fn the_primary_keeps_committing_and_notifying_with_a_secondary_unreachable() {
+    let devs = devices("unreachable", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs[1], "idle"));
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths[1], "idle"));
     // Secondary 2's address: a port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
     let a2 = dead.local_addr().unwrap();
     drop(dead);
-    let mut pargs = common(0, &devs[0], "idle");
+    let mut pargs = common(0, &devs.paths[0], "idle");
     pargs.extend(peers(a1, a2));
     let (_, a0) = serve(&mut procs, &pargs);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -266,23 +287,18 @@ fn the_primary_keeps_committing_with_a_secondary_unreachable() {
     }
     let s = status(a0).unwrap();
     assert_eq!((s.commit, s.applied), (20, 20));
-    // The reachable secondary has durably stored everything; it applies what it learned.
-    wait_for("secondary 1 durable", WAIT, || {
-        status(a1).unwrap().durable_index == 20
+    // The dead secondary does not hold the idle notification back: the live one learns the
+    // commit without another write and applies everything.
+    wait_for("secondary 1 applied all 20", WAIT, || {
+        status(a1).is_some_and(|s| s.durable_index == 20 && s.applied == 20)
     });
 }
 
 #[test]
 fn a_full_log_region_refuses_writes_with_a_clear_error() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let devs = file_devs(&dir);
+    let devs = devices("full-log", 3, 32 << 20);
     let mut procs = Procs::new();
-    let small = |id: u32| {
-        let mut a = common(id, &devs[id as usize], "eager");
-        let i = a.iter().position(|x| x == "--log-size").unwrap();
-        a[i + 1] = "64K".into();
-        a
-    };
+    let small = |id: u32| with_log_size(common(id, &devs.paths[id as usize], "eager"), "64K");
     let (_, a1) = serve(&mut procs, &small(1));
     let (_, a2) = serve(&mut procs, &small(2));
     let mut pargs = small(0);
@@ -311,55 +327,161 @@ fn a_full_log_region_refuses_writes_with_a_clear_error() {
             .all(|a| status(*a).is_some_and(|s| s.applied == ok))
     });
     drop(procs);
-    for d in &devs {
-        let mut eng = UringEngine::with_queue_depth(4).unwrap();
-        let r = Regions::plain(64 << 10, DATA_SIZE);
-        let (_, log) =
-            LogStore::open(&mut eng, Device::open(d).unwrap(), r.log_offset, r.log_len).unwrap();
-        assert_eq!(log.len() as u64, ok);
+    for d in &devs.paths {
+        assert_eq!(read_log(d, 64 << 10).len() as u64, ok);
     }
 }
 
+fn with_log_size(mut args: Vec<String>, size: &str) -> Vec<String> {
+    let i = args.iter().position(|x| x == "--log-size").unwrap();
+    args[i + 1] = size.into();
+    args
+}
+
+fn read_log(dev: &Path, log_size: u64) -> Vec<Entry> {
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    let r = Regions::plain(log_size, DATA_SIZE);
+    LogStore::open(
+        &mut eng,
+        Device::open(dev).unwrap(),
+        r.log_offset,
+        r.log_len,
+    )
+    .unwrap()
+    .1
+}
+
 #[test]
-fn bad_frames_close_the_connection_and_the_replica_keeps_serving() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let devs = file_devs(&dir);
+fn a_secondary_with_a_full_log_keeps_serving_while_the_others_commit() {
+    let devs = devices("secondary-full", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs[1], "idle"));
+    // Secondary 1 has a 64 KiB log, the others the default.
+    let (_, a1) = serve(
+        &mut procs,
+        &with_log_size(common(1, &devs.paths[1], "idle"), "64K"),
+    );
+    let (_, a2) = serve(&mut procs, &common(2, &devs.paths[2], "idle"));
+    let mut pargs = common(0, &devs.paths[0], "idle");
+    pargs.extend(peers(a1, a2));
+    let (_, a0) = serve(&mut procs, &pargs);
+    let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
+    // About 60 of these fill 64 KiB; write twice as many.
+    const N: u64 = 120;
+    for k in 1..=N {
+        assert_eq!(c.write(put_payload(k, &[7u8; 1000])).unwrap(), k);
+    }
+    wait_for("secondary 2 applied everything", WAIT, || {
+        status(a2).is_some_and(|s| s.applied == N)
+    });
+    // Secondary 1 still answers, holds a durable prefix and applied what it holds.
+    let s1 = status(a1).expect("the full secondary keeps serving");
+    assert!(s1.durable_index > 0 && s1.durable_index < N, "{s1:?}");
+    wait_for("secondary 1 applied its durable prefix", WAIT, || {
+        status(a1).is_some_and(|s| s.applied == s.durable_index)
+    });
+    let s1 = status(a1).unwrap();
+    drop(procs);
+    let log1 = read_log(&devs.paths[1], 64 << 10);
+    let log0 = read_log(&devs.paths[0], LOG_SIZE);
+    assert_eq!(log1.len() as u64, s1.durable_index);
+    assert_eq!(
+        &log0[..log1.len()],
+        &log1[..],
+        "the full log holds an intact prefix"
+    );
+}
+
+fn read_one(s: &mut TcpStream) -> Option<Frame> {
+    read_frame(s, &mut Vec::new()).ok().flatten()
+}
+
+#[test]
+fn bad_and_forged_frames_are_refused_and_the_replica_keeps_serving() {
+    let devs = devices("bad-frames", 3, 32 << 20);
+    let mut procs = Procs::new();
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths[1], "idle"));
     let bad: Vec<Vec<u8>> = vec![
         // Another wire version.
         {
-            let mut f = encode_to_vec(&Frame::StatusReq);
-            f[4] = 2;
+            let mut f = encode_to_vec(&Frame::StatusReq).unwrap();
+            f[4] = WIRE_VERSION + 1;
             f
         },
         // Oversized length prefix.
         u32::MAX.to_le_bytes().to_vec(),
         // Garbage body.
-        vec![6, 0, 0, 0, 1, 99, 1, 2, 3, 4],
-        // Truncated append.
+        vec![6, 0, 0, 0, WIRE_VERSION, 99, 1, 2, 3, 4],
+        // Truncated write.
         {
             let mut f = encode_to_vec(&Frame::ClientWrite {
                 id: 1,
-                payload: vec![1; 32],
-            });
+                payload: vec![1; 32].into(),
+            })
+            .unwrap();
             f.truncate(20);
             let len = (f.len() - 4) as u32;
             f[..4].copy_from_slice(&len.to_le_bytes());
             f
         },
+        // A connection closed inside a length prefix.
+        vec![8, 0],
     ];
     for b in bad {
         let mut s = TcpStream::connect(a1).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(&b).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
         // The replica closes the connection instead of answering.
         let mut buf = [0u8; 16];
         let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
         assert_eq!(n, 0, "the replica answered a bad frame");
     }
-    // Still serving; a write to a secondary is refused clearly.
-    assert!(status(a1).is_some());
+    let forged = |from: u32| {
+        encode_to_vec(&Frame::Repl(Message::Append {
+            term: 99,
+            from,
+            prev_index: 0,
+            prev_term: 0,
+            commit: 1,
+            entries: vec![Entry {
+                term: 99,
+                index: 1,
+                payload: put_payload(1, b"forged").into(),
+            }],
+        }))
+        .unwrap()
+    };
+    // An append on a connection that did not introduce itself: dropped (the connection
+    // may still ask for the status).
+    let mut s = TcpStream::connect(a1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&forged(0)).unwrap();
+    s.write_all(&encode_to_vec(&Frame::StatusReq).unwrap())
+        .unwrap();
+    match read_one(&mut s) {
+        Some(Frame::Status(st)) => assert_eq!((st.last_index, st.term), (0, 0), "{st:?}"),
+        other => panic!("expected the status, got {other:?}"),
+    }
+    // A replica that is not the primary introducing itself: answered with a Hello, then
+    // closed; its append is never applied.
+    let mut s = TcpStream::connect(a1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&encode_to_vec(&Frame::hello(2)).unwrap())
+        .unwrap();
+    s.write_all(&forged(2)).unwrap();
+    assert_eq!(read_one(&mut s), Some(Frame::hello(1)));
+    assert_eq!(read_one(&mut s), None, "closed after the Hello");
+    // The primary speaking another version: told our version, then closed.
+    let mut s = TcpStream::connect(a1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut hello = encode_to_vec(&Frame::hello(0)).unwrap();
+    hello[4] = WIRE_VERSION + 1;
+    s.write_all(&hello).unwrap();
+    assert_eq!(read_one(&mut s), Some(Frame::hello(1)));
+    assert_eq!(read_one(&mut s), None, "closed after the Hello");
+    // Still serving, nothing appended; a write to a secondary is refused clearly.
+    let st = status(a1).unwrap();
+    assert_eq!((st.last_index, st.term), (0, 0), "{st:?}");
     let err = Client::connect(a1, Duration::from_secs(5))
         .unwrap()
         .write(put_payload(1, b"x"))
@@ -368,15 +490,122 @@ fn bad_frames_close_the_connection_and_the_replica_keeps_serving() {
 }
 
 #[test]
+fn bad_writes_are_refused_before_they_reach_the_log() {
+    let devs = devices("bad-writes", 3, 32 << 20);
+    let mut procs = Procs::new();
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths[1], "idle"));
+    let (_, a2) = serve(&mut procs, &common(2, &devs.paths[2], "idle"));
+    let mut pargs = common(0, &devs.paths[0], "idle");
+    pargs.extend(peers(a1, a2));
+    let (_, a0) = serve(&mut procs, &pargs);
+    let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.write(put_payload(1, b"first")).unwrap(), 1);
+    let refused = |r: Result<u64, ClientError>| match r {
+        Err(ClientError::Refused { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let m = refused(c.write(vec![1u8, 2, 3]));
+    assert!(m.contains("shorter than its 8-byte key"), "{m}");
+    let m = refused(c.write(put_payload(2, &[0u8; 5000])));
+    assert!(m.contains("exceeds the slot limit"), "{m}");
+    // Keys that share a home slot both get one (the data region has 2047 slots).
+    let slots = blocklab::repl::kv::slots_for(DATA_SIZE);
+    assert_eq!(c.write(put_payload(1 + slots, b"same home")).unwrap(), 2);
+    assert_eq!(c.write(put_payload(3, b"after")).unwrap(), 3);
+    wait_for("every replica applied 3", WAIT, || {
+        [a0, a1, a2]
+            .iter()
+            .all(|a| status(*a).is_some_and(|s| s.applied == 3 && s.last_index == 3))
+    });
+}
+
+#[test]
+fn a_secondary_speaking_another_wire_version_is_reported_and_a_client_times_out_clearly() {
+    let devs = devices("version", 1, 32 << 20);
+    // A fake secondary: answers every Hello with one of another version.
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    let (hellos_tx, hellos) = mpsc::channel();
+    std::thread::spawn(move || {
+        for s in fake.incoming() {
+            let Ok(mut s) = s else { return };
+            let got = read_one(&mut s);
+            let mut h = encode_to_vec(&Frame::hello(1)).unwrap();
+            h[4] = WIRE_VERSION + 1;
+            let _ = s.write_all(&h);
+            if hellos_tx.send(got).is_err() {
+                return;
+            }
+        }
+    });
+    let mut procs = Procs::new();
+    let mut args = common(0, &devs.paths[0], "idle");
+    let i = args.iter().position(|x| x == "0,1,2").unwrap();
+    args[i] = "0,1".into();
+    args.extend(["--peer".to_string(), format!("1={fake_addr}")]);
+    let (child, line) = spawn_announcing(
+        Command::new(BIN)
+            .args(["repl", "serve"])
+            .args(&args)
+            .stderr(Stdio::piped()),
+    );
+    procs.push(child);
+    let a0: SocketAddr = line.strip_prefix("listening on ").unwrap().parse().unwrap();
+    let stderr = procs[0].0.stderr.take().unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines() {
+            let Ok(l) = l else { return };
+            if lines_tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    // The primary introduced itself with our version and its id...
+    let first = hellos.recv_timeout(WAIT).unwrap();
+    assert_eq!(first, Some(Frame::hello(0)));
+    // ...reports the mismatch...
+    let deadline = Instant::now() + WAIT;
+    let report = loop {
+        let l = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a report of the version mismatch");
+        if l.contains("speaks wire version") {
+            break l;
+        }
+    };
+    assert!(
+        report.contains(&format!("secondary 1 at {fake_addr}"))
+            && report.contains(&format!("speaks wire version {}", WIRE_VERSION + 1)),
+        "{report}"
+    );
+    // ...and tries again later.
+    assert_eq!(hellos.recv_timeout(WAIT).unwrap(), Some(Frame::hello(0)));
+    // Without a majority nothing commits: the client says so instead of a bare timeout.
+    let err = Client::connect(a0, Duration::from_secs(1))
+        .unwrap()
+        .write(put_payload(1, b"x"))
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is a majority of the replicas reachable?"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_device_with_other_data_is_refused_without_force() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let p = dir.path().join("foreign.img");
-    let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(&[0xabu8; 8192]).unwrap();
-    f.set_len(32 << 20).unwrap();
+    let devs = devices("foreign", 1, 32 << 20);
+    let p = &devs.paths[0];
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all(&[0xabu8; 8192]).unwrap();
+        f.sync_all().unwrap();
+    }
     let out = Command::new(BIN)
         .args(["repl", "serve"])
-        .args(common(1, &p, "idle"))
+        .args(common(1, p, "idle"))
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -385,67 +614,105 @@ fn a_device_with_other_data_is_refused_without_force() {
         err.contains("refusing to overwrite it without --force"),
         "{err}"
     );
+    // The data is untouched.
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open(p).unwrap(), &mut head).unwrap();
+    assert_eq!(head, [0xab; 16]);
 }
 
 #[test]
-fn a_formatted_daemon_device_is_used_through_its_layout() {
-    use blocklab::format::{Label, Layout, LayoutParams, LABEL_FLAG_READY};
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let p = dir.path().join("daemon.img");
-    sparse_file(&p, 64 << 20);
-    let layout = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
-    let label = Label {
-        flags: LABEL_FLAG_READY,
-        cluster_fsid: uuid::Uuid::new_v4(),
-        daemon_id: 0,
-        daemon_uuid: uuid::Uuid::new_v4(),
-        birth_time_unix_ns: 1,
-        layout,
-    };
+fn a_formatted_daemon_device_is_used_through_its_layout_with_force_once() {
+    use blocklab::daemon::{mkfs, MkfsRequest};
+    use blocklab::format::Label;
+    let devs = devices("formatted", 1, 64 << 20);
+    let p = &devs.paths[0];
+    let fsid = uuid::Uuid::new_v4();
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
-    let mut b = blocklab::dev::AlignedBuf::new(4096);
-    b.copy_from_slice(&label.encode());
-    blocklab::dev::IoEngine::write_at(&mut eng, &Device::open(&p).unwrap(), 0, &b).unwrap();
-    // A one-member cluster: no --force needed on a formatted device.
-    let mut procs = Procs::new();
+    mkfs(
+        &mut eng,
+        &Device::open(p).unwrap(),
+        &MkfsRequest::new(fsid, 7),
+    )
+    .unwrap();
     let args: Vec<String> = ["--id", "0", "--members", "0", "--device"]
         .iter()
         .map(|s| s.to_string())
         .chain([p.display().to_string()])
         .collect();
-    let (_, a0) = serve(&mut procs, &args);
+    // Another daemon's device: refused without --force, naming its cluster and daemon.
+    let out = Command::new(BIN)
+        .args(["repl", "serve"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("a blocklab label of cluster {fsid} daemon 7"))
+            && err.contains("without --force"),
+        "{err}"
+    );
+    // With --force: a one-member cluster writes into the format's log region.
+    let mut procs = Procs::new();
+    let mut forced = args.clone();
+    forced.push("--force".into());
+    let (_, a0) = serve(&mut procs, &forced);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
     for k in 1..=5u64 {
         assert_eq!(c.write(put_payload(k, b"v")).unwrap(), k);
     }
     drop(procs);
-    let (r, formatted) = Regions::detect(&p, LOG_SIZE, DATA_SIZE).unwrap();
+    // The log is now ours: a restart recovers it without --force.
+    let mut procs = Procs::new();
+    let (_, a0) = serve(&mut procs, &args);
+    assert_eq!(status(a0).unwrap().last_index, 5);
+    drop(procs);
+    let (r, formatted) = Regions::detect(p, LOG_SIZE, DATA_SIZE).unwrap();
     assert!(formatted);
     let (_, log) =
-        LogStore::open(&mut eng, Device::open(&p).unwrap(), r.log_offset, r.log_len).unwrap();
+        LogStore::open(&mut eng, Device::open(p).unwrap(), r.log_offset, r.log_len).unwrap();
     assert_eq!(log.len(), 5);
     // The label is intact.
-    blocklab::dev::IoEngine::read_at(&mut eng, &Device::open(&p).unwrap(), 0, &mut b).unwrap();
+    let mut b = blocklab::dev::AlignedBuf::new(4096);
+    blocklab::dev::IoEngine::read_at(&mut eng, &Device::open(p).unwrap(), 0, &mut b).unwrap();
     assert!(Label::decode(&b).unwrap().is_ready());
 }
 
 /// In-process replicas (so their reports can be read): with group commit off every entry
-/// costs exactly one flush on every replica, whatever the policy sends besides; an idle
-/// replica sleeps in its loop instead of spinning (a secondary once spun on a poll
-/// deadline that only the primary ever moves); every secondary applies every write.
+/// costs exactly one flush on every replica, whatever the policy sends besides, and the
+/// replica reports each flush with the entries it wrote; an idle replica sleeps in its loop
+/// instead of spinning (a secondary once spun on a poll deadline that only the primary
+/// ever moves); every secondary applies every write.
 #[test]
 fn per_entry_flushes_and_idle_replicas_sleep() {
-    use blocklab::repl::replica::{self, NoHooks, PolicySpec, ReplicaOptions};
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let devs = file_devs(&dir);
+    use blocklab::repl::replica::{self, Hooks, PolicySpec, ReplicaOptions};
+    use blocklab::repl::NodeId;
+
+    #[derive(Default)]
+    struct Seen {
+        /// (first, last, flushes so far) of every flush.
+        flushes: Vec<(u64, u64, u64)>,
+        connected: Vec<NodeId>,
+    }
+    struct Record(Arc<Mutex<Seen>>);
+    impl Hooks for Record {
+        fn persisted(&mut self, first: u64, last: u64, flushes: u64) {
+            self.0.lock().unwrap().flushes.push((first, last, flushes));
+        }
+        fn peer_connected(&mut self, peer: NodeId) {
+            self.0.lock().unwrap().connected.push(peer);
+        }
+    }
+
+    let devs = devices("in-process", 3, 32 << 20);
     let regions = Regions::plain(LOG_SIZE, DATA_SIZE);
     let opts = |id: u32, peers: Vec<(u32, SocketAddr)>| ReplicaOptions {
         id,
         members: vec![0, 1, 2],
         primary: 0,
         peers,
-        listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
-        device: devs[id as usize].clone(),
+        listener: TcpListener::bind("127.0.0.1:0").unwrap(),
+        device: devs.paths[id as usize].clone(),
         regions,
         policy: PolicySpec::parse("eager").unwrap(),
         tick: Duration::from_micros(100),
@@ -455,11 +722,12 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
         force: true,
         group_commit: false,
     };
-    let s1 = replica::spawn(opts(1, vec![]), Box::new(NoHooks)).unwrap();
-    let s2 = replica::spawn(opts(2, vec![]), Box::new(NoHooks)).unwrap();
+    let seen: Vec<Arc<Mutex<Seen>>> = (0..3).map(|_| Arc::default()).collect();
+    let s1 = replica::spawn(opts(1, vec![]), Box::new(Record(seen[1].clone()))).unwrap();
+    let s2 = replica::spawn(opts(2, vec![]), Box::new(Record(seen[2].clone()))).unwrap();
     let p = replica::spawn(
         opts(0, vec![(1, s1.addr()), (2, s2.addr())]),
-        Box::new(NoHooks),
+        Box::new(Record(seen[0].clone())),
     )
     .unwrap();
     let started = Instant::now();
@@ -480,6 +748,10 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
     for (id, r) in reports.iter().enumerate() {
         assert_eq!(r.log_flushes, N, "replica {id}: one flush per entry");
         assert_eq!(r.applied, N, "replica {id}");
+        assert_eq!(r.apply_rejected, 0, "replica {id}");
+        // Each flush reported with exactly the entry it wrote and the running count.
+        let want: Vec<(u64, u64, u64)> = (1..=N).map(|i| (i, i, i)).collect();
+        assert_eq!(seen[id].lock().unwrap().flushes, want, "replica {id}");
         // 50 ceiling wake-ups a second plus one per frame and timer, with a wide margin;
         // a spinning loop makes hundreds of thousands.
         let bound = (secs * 50.0) as u64 + 40 * N + 200;
@@ -489,6 +761,9 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
             r.wakeups
         );
     }
+    let mut connected = seen[0].lock().unwrap().connected.clone();
+    connected.sort();
+    assert_eq!(connected, [1, 2], "the primary reported both connections");
     assert!(
         reports[0].stats.empty_appends > 0,
         "eager sent notifications"

@@ -14,7 +14,7 @@ mod mount;
 
 pub use error::{DaemonError, Result};
 pub use mkfs::{mkfs, MkfsReport, MkfsRequest};
-pub use mount::{inspect, mount, Inspection, Mounted};
+pub use mount::{inspect, mount, read_label, Inspection, Mounted};
 
 /// The phases of mkfs, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

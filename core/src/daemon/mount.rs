@@ -42,7 +42,7 @@ pub(super) fn read_block(eng: &mut dyn IoEngine, dev: &Device, off: u64) -> Resu
 }
 
 /// Reads and decodes the primary label (any state of `ready`).
-pub(super) fn read_label(eng: &mut dyn IoEngine, dev: &Device) -> Result<Label> {
+pub fn read_label(eng: &mut dyn IoEngine, dev: &Device) -> Result<Label> {
     if dev.size() < BLOCK as u64 {
         return Err(not_mountable(dev, "device smaller than one block"));
     }

@@ -1,10 +1,11 @@
 //! A blocking client of a replica: writes (answered once committed) and status queries.
 
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::transport::{read_frames, TransportError};
-use super::wire::{encode_to_vec, Frame, Status};
+use super::wire::{encode_to_vec, read_frame, Frame, ReadError, Status, WireError};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -15,8 +16,14 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Transport(#[from] TransportError),
+    #[error("{addr}: {source}")]
+    Wire {
+        addr: SocketAddr,
+        #[source]
+        source: WireError,
+    },
+    #[error("{addr}: no answer within {secs} s (is a majority of the replicas reachable?)")]
+    Timeout { addr: SocketAddr, secs: f64 },
     #[error("{addr}: connection closed before the answer")]
     Closed { addr: SocketAddr },
     #[error("{addr}: write refused: {message}")]
@@ -25,45 +32,67 @@ pub enum ClientError {
     Unexpected { addr: SocketAddr, got: String },
 }
 
-/// One connection to a replica.
+/// One connection to a replica. After a timeout the connection is closed (an answer may
+/// still be on its way); connect again to go on.
 #[derive(Debug)]
 pub struct Client {
     addr: SocketAddr,
+    timeout: Duration,
     stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    body: Vec<u8>,
     next_id: u64,
 }
 
 impl Client {
+    /// Connects within `timeout`, which is also how long a call waits for its answer.
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client, ClientError> {
         let io = |source| ClientError::Io { addr, source };
         let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        let reader = BufReader::with_capacity(64 << 10, stream.try_clone().map_err(io)?);
         Ok(Client {
             addr,
+            timeout,
             stream,
+            reader,
+            body: Vec::new(),
             next_id: 1,
         })
     }
 
     fn call(&mut self, f: &Frame) -> Result<Frame, ClientError> {
-        use std::io::Write;
         let addr = self.addr;
+        let bytes = encode_to_vec(f).map_err(|source| ClientError::Wire { addr, source })?;
         self.stream
-            .write_all(&encode_to_vec(f))
+            .write_all(&bytes)
             .map_err(|source| ClientError::Io { addr, source })?;
-        let mut got = None;
-        read_frames(&self.stream, |fr| {
-            got = Some(fr);
-            false
-        })?;
-        got.ok_or(ClientError::Closed { addr })
+        match read_frame(&mut self.reader, &mut self.body) {
+            Ok(Some(fr)) => Ok(fr),
+            Ok(None) => Err(ClientError::Closed { addr }),
+            Err(ReadError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                Err(ClientError::Timeout {
+                    addr,
+                    secs: self.timeout.as_secs_f64(),
+                })
+            }
+            Err(ReadError::Io(source)) => Err(ClientError::Io { addr, source }),
+            Err(ReadError::Wire(source)) => Err(ClientError::Wire { addr, source }),
+        }
     }
 
     /// Replicates `payload`; returns its index once committed.
-    pub fn write(&mut self, payload: Vec<u8>) -> Result<u64, ClientError> {
+    pub fn write(&mut self, payload: impl Into<Arc<[u8]>>) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
+        let payload = payload.into();
         match self.call(&Frame::ClientWrite { id, payload })? {
             Frame::ClientAck { id: got, index } if got == id => Ok(index),
             Frame::ClientErr { message, .. } => Err(ClientError::Refused {

@@ -1,14 +1,29 @@
 //! The storage engine committed entries are applied to: a key → value map persisted in a
 //! region `(offset, len)` of a device, one 4 KiB slot per key.
 //!
-//! A payload is `key:u64le` followed by the value. Key `k` lives in slot `k mod slots`;
-//! a slot holds `magic:u32 nonce:u32 key:u64 index:u64 vlen:u32 crc32c:u32 value`, written
-//! with `O_DIRECT` through the io_uring engine when the entry is applied. Applies are not
-//! flushed: after a crash the replica applies its committed entries again from its log,
-//! and applying is idempotent. Entries must be applied in index order: the engine refuses
-//! a gap or a repeat ([`KvError::OutOfOrder`]), which is how tests check apply order.
+//! A payload is `key:u64le` followed by the value (at most [`MAX_VALUE`] bytes). A slot
+//! holds `magic:u32 nonce:u32 key:u64 index:u64 vlen:u32 crc32c:u32 value`, written with
+//! `O_DIRECT` through the io_uring engine when the entry is applied. A key's home slot is
+//! `key mod slots`; a key whose home slot holds another key takes the next free slot
+//! (linear probing). Keys are never removed, so a key keeps its slot, and the in-memory
+//! index (rebuilt from every slot at open) finds it.
+//!
+//! Applies are not flushed: after a crash the replica applies its committed entries again
+//! from its log, and applying is idempotent. Entries must be applied in index order: the
+//! engine refuses a gap or a repeat ([`KvError::OutOfOrder`]), which is how tests check
+//! apply order.
+//!
+//! Bad writes are refused before they reach the log: the primary calls
+//! [`KvStore::check`] for every proposal (payload shape, value size, and a free slot for a
+//! new key counting the keys admitted but not applied yet) and [`KvStore::reserve`]s the
+//! key. An entry that is still invalid when applied (from a build without these checks,
+//! or a data region of another size) is skipped with its [`Invalid`] reason and the
+//! applied index moves on: the same decision on every replica with the same region size,
+//! instead of an error that would stop every replica on the same entry, again at every
+//! restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::dev::{AlignedBuf, DevError, Device, IoEngine, IoRequest};
 
@@ -20,6 +35,8 @@ const SLOT_MAGIC: u32 = 0x544f_4c53; // "SLOT"
 const SLOT_HEADER: usize = 4 + 4 + 8 + 8 + 4 + 4;
 /// Largest value a slot holds.
 pub const MAX_VALUE: usize = BLOCK as usize - SLOT_HEADER;
+/// Largest payload (key and value) the engine accepts.
+pub const MAX_PAYLOAD: usize = 8 + MAX_VALUE;
 
 /// Errors of the storage engine.
 #[derive(Debug, thiserror::Error)]
@@ -32,26 +49,33 @@ pub enum KvError {
     BadRegion { offset: u64, len: u64 },
     #[error("no storage engine header in the data region ({0})")]
     NotAStore(&'static str),
-    #[error("entry {index}: payload of {len} bytes is shorter than its 8-byte key")]
-    BadPayload { index: u64, len: usize },
-    #[error("entry {index}: value of {len} bytes exceeds the slot limit of {MAX_VALUE} bytes")]
-    ValueTooLarge { index: u64, len: usize },
-    #[error("entry {index}: key {key} maps to slot {slot}, which holds key {holder}")]
-    SlotTaken {
-        index: u64,
-        key: u64,
-        slot: u64,
-        holder: u64,
-    },
     #[error("apply of entry {got} out of order: last applied is {applied}")]
     OutOfOrder { got: u64, applied: u64 },
+}
+
+/// Why a write cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("payload of {len} bytes is shorter than its 8-byte key")]
+    ShortPayload { len: usize },
+    #[error("value of {len} bytes exceeds the slot limit of {MAX_VALUE} bytes")]
+    ValueTooLarge { len: usize },
+    #[error("storage engine full: all {slots} slots hold other keys")]
+    Full { slots: u64 },
 }
 
 /// A value and the index of the entry that wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
     pub index: u64,
-    pub value: Vec<u8>,
+    /// The entry's payload (key and value).
+    payload: Arc<[u8]>,
+}
+
+impl Versioned {
+    pub fn value(&self) -> &[u8] {
+        &self.payload[8..]
+    }
 }
 
 /// Encodes a `key = value` write as an entry payload.
@@ -62,16 +86,22 @@ pub fn put_payload(key: u64, value: &[u8]) -> Vec<u8> {
     p
 }
 
-/// Splits a payload into key and value.
-pub fn split_payload(index: u64, p: &[u8]) -> Result<(u64, &[u8]), KvError> {
+/// Splits a payload into key and value, checking both.
+pub fn split_payload(p: &[u8]) -> Result<(u64, &[u8]), Invalid> {
     if p.len() < 8 {
-        return Err(KvError::BadPayload {
-            index,
-            len: p.len(),
-        });
+        return Err(Invalid::ShortPayload { len: p.len() });
+    }
+    let value = &p[8..];
+    if value.len() > MAX_VALUE {
+        return Err(Invalid::ValueTooLarge { len: value.len() });
     }
     let key = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
-    Ok((key, &p[8..]))
+    Ok((key, value))
+}
+
+/// Slots of a data region of `len` bytes (its first block is the header).
+pub const fn slots_for(len: u64) -> u64 {
+    (len / BLOCK).saturating_sub(1)
 }
 
 /// The storage engine.
@@ -81,9 +111,12 @@ pub struct KvStore {
     offset: u64,
     slots: u64,
     nonce: u64,
-    map: BTreeMap<u64, Versioned>,
-    /// slot → key held there.
-    owners: BTreeMap<u64, u64>,
+    /// key → (slot, value).
+    map: BTreeMap<u64, (u64, Versioned)>,
+    /// Which slots hold a key.
+    used: Vec<bool>,
+    /// Keys admitted by [`KvStore::reserve`] and not applied yet.
+    reserved: HashSet<u64>,
     applied: u64,
 }
 
@@ -93,7 +126,20 @@ impl KvStore {
             return Err(KvError::BadRegion { offset, len });
         }
         dev.check_range(offset, len)?;
-        Ok(len / BLOCK - 1)
+        Ok(slots_for(len))
+    }
+
+    fn empty(dev: Device, offset: u64, slots: u64, nonce: u64) -> KvStore {
+        KvStore {
+            dev,
+            offset,
+            slots,
+            nonce,
+            map: BTreeMap::new(),
+            used: vec![false; slots as usize],
+            reserved: HashSet::new(),
+            applied: 0,
+        }
     }
 
     /// An empty store in the region (slots of an earlier store there are ignored).
@@ -114,15 +160,7 @@ impl KvStore {
             IoRequest::write(&dev, offset, &h),
             IoRequest::fdatasync(&dev),
         ])?;
-        Ok(KvStore {
-            dev,
-            offset,
-            slots,
-            nonce,
-            map: BTreeMap::new(),
-            owners: BTreeMap::new(),
-            applied: 0,
-        })
+        Ok(KvStore::empty(dev, offset, slots, nonce))
     }
 
     /// Opens the store and reads every slot. `applied` starts at 0: the replica applies
@@ -144,39 +182,29 @@ impl KvStore {
             return Err(KvError::NotAStore("header checksum mismatch"));
         }
         let nonce = u64::from_le_bytes(region[8..16].try_into().expect("8 bytes"));
-        let mut map = BTreeMap::new();
-        let mut owners = BTreeMap::new();
+        let mut kv = KvStore::empty(dev, offset, slots, nonce);
         for s in 0..slots {
             let at = ((s + 1) * BLOCK) as usize;
-            let b = &region[at..at + BLOCK as usize];
-            if let Some((key, v)) = parse_slot(b, nonce) {
-                owners.insert(s, key);
-                map.insert(key, v);
+            let Some(v) = parse_slot(&region[at..at + BLOCK as usize], nonce) else {
+                continue;
+            };
+            kv.used[s as usize] = true;
+            let key = u64::from_le_bytes(v.payload[..8].try_into().expect("8 bytes"));
+            // A key in two slots (only a store written by another placement could have
+            // that): the newer write wins.
+            if kv.map.get(&key).is_none_or(|(_, old)| old.index < v.index) {
+                kv.map.insert(key, (s, v));
             }
         }
-        Ok(KvStore {
-            dev,
-            offset,
-            slots,
-            nonce,
-            map,
-            owners,
-            applied: 0,
-        })
+        Ok(kv)
     }
 
     pub fn get(&self, key: u64) -> Option<&Versioned> {
-        self.map.get(&key)
+        self.map.get(&key).map(|(_, v)| v)
     }
     /// Every key with its value, in key order.
     pub fn entries(&self) -> impl Iterator<Item = (u64, &Versioned)> {
-        self.map.iter().map(|(k, v)| (*k, v))
-    }
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.iter().map(|(k, (_, v))| (*k, v))
     }
     /// Last index applied since open.
     pub fn applied(&self) -> u64 {
@@ -186,12 +214,45 @@ impl KvStore {
         self.slots
     }
 
+    /// Whether a write of `payload` can be applied once committed: its shape and size, and
+    /// for a key that has no slot yet, a free one counting the keys reserved. Returns the
+    /// key.
+    pub fn check(&self, payload: &[u8]) -> Result<u64, Invalid> {
+        let (key, _) = split_payload(payload)?;
+        if !self.map.contains_key(&key)
+            && !self.reserved.contains(&key)
+            && (self.map.len() + self.reserved.len()) as u64 >= self.slots
+        {
+            return Err(Invalid::Full { slots: self.slots });
+        }
+        Ok(key)
+    }
+
+    /// Counts `key` (checked with [`KvStore::check`]) as taking a slot until it is applied.
+    pub fn reserve(&mut self, key: u64) {
+        if !self.map.contains_key(&key) {
+            self.reserved.insert(key);
+        }
+    }
+
+    /// A free slot for a new key, probing from its home slot; `taken` marks slots given to
+    /// other keys of the same batch.
+    fn free_slot(&self, key: u64, taken: impl Fn(u64) -> bool) -> Option<u64> {
+        let home = key % self.slots;
+        (0..self.slots)
+            .map(|i| (home + i) % self.slots)
+            .find(|&s| !self.used[s as usize] && !taken(s))
+    }
+
     /// Applies committed entries, which must continue the applied index, and writes their
-    /// slots in one batch. Nothing is applied when any entry is refused.
-    pub fn apply(&mut self, eng: &mut dyn IoEngine, entries: &[Entry]) -> Result<(), KvError> {
+    /// slots in one batch. Returns the entries skipped as invalid (see the module docs),
+    /// with why; an error applies nothing.
+    pub fn apply(
+        &mut self,
+        eng: &mut dyn IoEngine,
+        entries: &[Entry],
+    ) -> Result<Vec<(u64, Invalid)>, KvError> {
         let mut next = self.applied + 1;
-        // Validate first, and keep the last write per slot.
-        let mut per_slot: BTreeMap<u64, (u64, &Entry)> = BTreeMap::new();
         for e in entries {
             if e.index != next {
                 return Err(KvError::OutOfOrder {
@@ -200,56 +261,64 @@ impl KvStore {
                 });
             }
             next += 1;
-            let (key, value) = split_payload(e.index, &e.payload)?;
-            if value.len() > MAX_VALUE {
-                return Err(KvError::ValueTooLarge {
-                    index: e.index,
-                    len: value.len(),
-                });
-            }
-            let slot = key % self.slots;
-            let holder = per_slot
-                .get(&slot)
-                .map(|(k, _)| *k)
-                .or_else(|| self.owners.get(&slot).copied())
-                .filter(|&h| h != key);
-            if let Some(holder) = holder {
-                return Err(KvError::SlotTaken {
-                    index: e.index,
-                    key,
-                    slot,
-                    holder,
-                });
-            }
-            per_slot.insert(slot, (key, e));
         }
-        if per_slot.is_empty() {
-            return Ok(());
+        let mut rejected = Vec::new();
+        // The last write per slot, and the slots given to new keys of this batch.
+        let mut writes: BTreeMap<u64, (u64, &Entry)> = BTreeMap::new();
+        let mut placed: HashMap<u64, u64> = HashMap::new();
+        for e in entries {
+            let key = match split_payload(&e.payload) {
+                Ok((key, _)) => key,
+                Err(why) => {
+                    rejected.push((e.index, why));
+                    continue;
+                }
+            };
+            let known = self.map.get(&key).map(|(s, _)| *s);
+            let slot = match known.or_else(|| placed.get(&key).copied()) {
+                Some(s) => s,
+                None => match self.free_slot(key, |s| writes.contains_key(&s)) {
+                    Some(s) => {
+                        placed.insert(key, s);
+                        s
+                    }
+                    None => {
+                        rejected.push((e.index, Invalid::Full { slots: self.slots }));
+                        continue;
+                    }
+                },
+            };
+            writes.insert(slot, (key, e));
         }
-        let mut bufs: Vec<(u64, AlignedBuf)> = Vec::with_capacity(per_slot.len());
-        for (&slot, &(key, e)) in &per_slot {
+        let mut bufs: Vec<(u64, AlignedBuf)> = Vec::with_capacity(writes.len());
+        for (&slot, &(key, e)) in &writes {
             let mut b = AlignedBuf::new(BLOCK as usize);
             fill_slot(&mut b, self.nonce, key, e.index, &e.payload[8..]);
             bufs.push((self.offset + (slot + 1) * BLOCK, b));
         }
-        let mut reqs: Vec<IoRequest<'_>> = bufs
-            .iter()
-            .map(|(at, b)| IoRequest::write(&self.dev, *at, b))
-            .collect();
-        eng.execute(&mut reqs)?;
-        for e in entries {
-            let (key, value) = split_payload(e.index, &e.payload)?;
-            self.owners.insert(key % self.slots, key);
+        if !bufs.is_empty() {
+            let mut reqs: Vec<IoRequest<'_>> = bufs
+                .iter()
+                .map(|(at, b)| IoRequest::write(&self.dev, *at, b))
+                .collect();
+            eng.execute(&mut reqs)?;
+        }
+        for (slot, (key, e)) in writes {
+            self.used[slot as usize] = true;
+            self.reserved.remove(&key);
             self.map.insert(
                 key,
-                Versioned {
-                    index: e.index,
-                    value: value.to_vec(),
-                },
+                (
+                    slot,
+                    Versioned {
+                        index: e.index,
+                        payload: e.payload.clone(),
+                    },
+                ),
             );
         }
         self.applied = next - 1;
-        Ok(())
+        Ok(rejected)
     }
 }
 
@@ -265,7 +334,7 @@ fn fill_slot(b: &mut [u8], nonce: u64, key: u64, index: u64, value: &[u8]) {
     b[28..32].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn parse_slot(b: &[u8], nonce: u64) -> Option<(u64, Versioned)> {
+fn parse_slot(b: &[u8], nonce: u64) -> Option<Versioned> {
     let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
     let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
     if u32_at(0) != SLOT_MAGIC || u32_at(4) != nonce as u32 {
@@ -281,11 +350,11 @@ fn parse_slot(b: &[u8], nonce: u64) -> Option<(u64, Versioned)> {
     if crc != u32_at(28) {
         return None;
     }
-    Some((
-        u64_at(8),
-        Versioned {
-            index: u64_at(16),
-            value: value.to_vec(),
-        },
-    ))
+    let mut payload = Vec::with_capacity(8 + vlen);
+    payload.extend_from_slice(&b[8..16]);
+    payload.extend_from_slice(value);
+    Some(Versioned {
+        index: u64_at(16),
+        payload: payload.into(),
+    })
 }

@@ -67,11 +67,9 @@ pub struct LogStore {
     starts: Vec<u64>,
     /// Term of every entry.
     terms: Vec<u64>,
-    last_term: u64,
     /// The bytes of the block holding `tail` (up to `tail`).
     tail_block: Vec<u8>,
     flushes: u64,
-    bytes_written: u64,
 }
 
 impl LogStore {
@@ -102,10 +100,8 @@ impl LogStore {
             tail: 0,
             starts: Vec::new(),
             terms: Vec::new(),
-            last_term: 0,
             tail_block: Vec::new(),
             flushes: 0,
-            bytes_written: 0,
         };
         // Header and a zeroed first record block, then flush.
         let mut buf = AlignedBuf::new(2 * BLOCK as usize);
@@ -124,21 +120,12 @@ impl LogStore {
         Self::check_region(&dev, offset, len)?;
         let mut region = AlignedBuf::new(len as usize);
         eng.read_at(&dev, offset, &mut region)?;
-        let not_a_log = |why| LogError::NotALog {
-            path: dev.path().display().to_string(),
-            offset,
-            why,
-        };
-        let h = &region[..BLOCK as usize];
-        if &h[..8] != HEADER_MAGIC {
-            return Err(not_a_log("no log header magic"));
-        }
-        let crc = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&h[..24]) != crc {
-            return Err(not_a_log("header checksum mismatch"));
-        }
-        let nonce = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-        let term = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+        let (nonce, term) =
+            parse_header(&region[..BLOCK as usize]).map_err(|why| LogError::NotALog {
+                path: dev.path().display().to_string(),
+                offset,
+                why,
+            })?;
         let area = &region[BLOCK as usize..];
         let mut entries = Vec::new();
         let mut starts = Vec::new();
@@ -166,12 +153,18 @@ impl LogStore {
             tail: pos as u64,
             starts,
             terms,
-            last_term,
             tail_block,
             flushes: 0,
-            bytes_written: 0,
         };
         Ok((log, entries))
+    }
+
+    /// Whether the region starting at `offset` begins with a log header (reads one block,
+    /// not the whole region as [`LogStore::open`] does).
+    pub fn holds_log(eng: &mut dyn IoEngine, dev: &Device, offset: u64) -> Result<bool, LogError> {
+        let mut h = AlignedBuf::new(BLOCK as usize);
+        eng.read_at(dev, offset, &mut h)?;
+        Ok(parse_header(&h).is_ok())
     }
 
     fn fill_header(&self, b: &mut [u8]) {
@@ -193,7 +186,6 @@ impl LogStore {
             IoRequest::write(&self.dev, at, buf),
             IoRequest::fdatasync(&self.dev),
         ])?;
-        self.bytes_written += buf.len() as u64;
         Ok(())
     }
 
@@ -218,15 +210,9 @@ impl LogStore {
     pub fn flushes(&self) -> u64 {
         self.flushes
     }
-    pub fn bytes_written(&self) -> u64 {
-        self.bytes_written
-    }
     /// Bytes of record space left.
     pub fn space_left(&self) -> u64 {
         (self.len - BLOCK) - self.tail
-    }
-    pub fn device(&self) -> &Device {
-        &self.dev
     }
 
     /// Appends `entries` (which must follow the last index) and flushes. On error nothing
@@ -235,7 +221,7 @@ impl LogStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut last_term = self.last_term;
+        let mut last_term = self.terms.last().copied().unwrap_or(0);
         for (expect, e) in (self.last_index() + 1..).zip(entries.iter()) {
             if e.index != expect || e.term < last_term {
                 return Err(LogError::NotContiguous {
@@ -271,7 +257,6 @@ impl LogStore {
         self.tail += need;
         self.starts.extend(new_starts);
         self.terms.extend(entries.iter().map(|e| e.term));
-        self.last_term = last_term;
         let keep = (self.tail % BLOCK) as usize;
         let last_block = buf.len() - BLOCK as usize;
         self.tail_block = if keep == 0 {
@@ -301,9 +286,22 @@ impl LogStore {
         self.tail = new_tail;
         self.starts.truncate(from as usize - 1);
         self.terms.truncate(from as usize - 1);
-        self.last_term = self.terms.last().copied().unwrap_or(0);
         Ok(())
     }
+}
+
+/// The nonce and term of a log header block, or why it is not one.
+fn parse_header(h: &[u8]) -> Result<(u64, u64), &'static str> {
+    if &h[..8] != HEADER_MAGIC {
+        return Err("no log header magic");
+    }
+    let crc = u32::from_le_bytes(h[24..28].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&h[..24]) != crc {
+        return Err("header checksum mismatch");
+    }
+    let nonce = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    let term = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+    Ok((nonce, term))
 }
 
 fn write_record(b: &mut [u8], e: &Entry, nonce: u64) -> usize {
@@ -344,7 +342,7 @@ fn parse_record(b: &[u8], nonce: u64) -> Option<(Entry, usize)> {
         Entry {
             term: u64_at(12),
             index: u64_at(20),
-            payload: b[RECORD_HEADER..n].to_vec(),
+            payload: b[RECORD_HEADER..n].into(),
         },
         n,
     ))

@@ -17,4 +17,6 @@ pub mod replica;
 pub mod transport;
 pub mod wire;
 
-pub use protocol::{Config, Entry, Message, Node, NodeId, Policy, ProtocolError, Ready, Stats};
+pub use protocol::{
+    AppendOutcome, Config, Entry, Message, Node, NodeId, Policy, ProtocolError, Ready, Stats,
+};

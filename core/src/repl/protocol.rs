@@ -1,32 +1,61 @@
 //! The replication protocol without I/O, in the tick/step/ready style of tikv/raft-rs.
 //!
 //! A [`Node`] is fed inputs — [`Node::propose`] (primary), [`Node::step`] (a message from
-//! a peer), [`Node::tick`] (one unit of logical time) — and hands out what the driver must
-//! do in a [`Ready`]: entries to persist (after an optional truncation), messages to send
-//! at once, messages to send only after the persist is durable, committed entries to apply
-//! and, on the primary, how far client writes may be answered. The driver persists the
-//! Ready's entries (append, then flush) and then calls [`Node::persisted`]. Nothing here
-//! reads a clock, a socket or a device, so tests drive it deterministically.
+//! a peer), [`Node::advance_to`] / [`Node::tick`] (logical time), and on the primary
+//! [`Node::peer_reconnected`] / [`Node::peer_disconnected`] (what the driver knows about
+//! its connections) — and hands out what the driver must do in a [`Ready`]: entries to
+//! persist (after an optional truncation), messages to send at once, messages to send only
+//! after the persist is durable, committed entries to apply and, on the primary, how far
+//! client writes may be answered. The driver persists the Ready's entries (append, then
+//! flush) and then calls [`Node::persisted`] (or, when the log region is full,
+//! [`Node::persist_failed`]). Nothing here reads a clock, a socket or a device, so tests
+//! drive it deterministically.
 //!
 //! Rules kept here:
 //! * an entry is committed once a majority of the members (the primary always among them)
 //!   has it durable; the primary counts itself only after its own flush, so a restarted
 //!   primary, whose log is recovered from its device, still holds every committed entry;
-//! * a secondary learns the commit index from messages, caps it at the index it verified
-//!   against the primary's log, and applies only up to its own durable index, in order;
-//! * empty messages (no entries) carry the commit index and cause no persist.
+//! * a secondary accepts appends only from the configured primary, never truncates an
+//!   entry it knows is committed, learns the commit index from messages, caps it at the
+//!   index it verified against the primary's log, and applies only up to its own durable
+//!   index, in order;
+//! * empty messages (no entries) carry the commit index and cause no persist;
+//! * per secondary the primary is either *probing* (at most one append in flight, after a
+//!   (re)connection, a rejection or a retransmission timeout) or *replicating* (appends
+//!   pipelined, at most `max_inflight_entries` beyond the secondary's match index), and
+//!   sends nothing to a secondary the driver reported disconnected.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// A replica's id.
 pub type NodeId = u32;
 
-/// One log entry.
+/// Default of [`Config::max_batch_entries`].
+pub const DEFAULT_MAX_BATCH_ENTRIES: usize = 256;
+/// Default of [`Config::max_batch_bytes`] (1 MiB, well under the wire's 16 MiB frames).
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// One log entry. The payload is shared: the log, the messages to every secondary, the
+/// persist and apply lists all hold the same bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub term: u64,
     pub index: u64,
-    pub payload: Vec<u8>,
+    pub payload: Arc<[u8]>,
+}
+
+/// What a secondary did with an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The entries are durable and `match_index` is verified against the primary's log.
+    Ok,
+    /// `prev_index`/`prev_term` did not match the secondary's log, or the append came from
+    /// an older term: resume after `last_index`.
+    Mismatch,
+    /// The secondary's log region has no room for the entries (`need` bytes, `left`
+    /// left); nothing past `match_index` was kept.
+    LogFull { need: u64, left: u64 },
 }
 
 /// A protocol message between replicas.
@@ -41,12 +70,13 @@ pub enum Message {
         commit: u64,
         entries: Vec<Entry>,
     },
-    /// Secondary → primary, sent after the appended entries are durable.
+    /// Secondary → primary, sent after the appended entries are durable (or could not be).
     AppendResp {
         term: u64,
         from: NodeId,
-        success: bool,
-        /// On success: the last index verified to match the primary's log.
+        outcome: AppendOutcome,
+        /// The last index verified to match the primary's log and durable (0 when
+        /// `outcome` is [`AppendOutcome::Mismatch`]).
         match_index: u64,
         /// The commit index the secondary now knows.
         commit: u64,
@@ -60,6 +90,12 @@ impl Message {
     pub fn is_empty_append(&self) -> bool {
         matches!(self, Message::Append { entries, .. } if entries.is_empty())
     }
+    /// The sender.
+    pub fn from(&self) -> NodeId {
+        match self {
+            Message::Append { from, .. } | Message::AppendResp { from, .. } => *from,
+        }
+    }
 }
 
 /// How the primary tells secondaries about the commit index when no write carries it.
@@ -71,10 +107,11 @@ pub enum Policy {
     Periodic { every: u64 },
     /// An empty append on every commit advance (etcd `bcastAppend`, openraft).
     Eager,
-    /// The mechanism: one empty message once every secondary acknowledged the last entry
-    /// and nothing is in flight.
+    /// The mechanism: one empty message once every live secondary acknowledged the last
+    /// entry and nothing is in flight.
     Idle,
-    /// [`Policy::Idle`] after `delay` ticks, cancelled by a new write (Ceph `pct_update_delay`).
+    /// [`Policy::Idle`] after `delay` ticks, cancelled by a new write (Ceph
+    /// `pct_update_delay`); `delay` 0 is [`Policy::Idle`].
     IdleDelayed { delay: u64 },
 }
 
@@ -95,37 +132,77 @@ impl Policy {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub id: NodeId,
+    /// The primary (appends from anyone else are refused).
+    pub primary: NodeId,
     /// Every member, this node included.
     pub members: Vec<NodeId>,
     pub policy: Policy,
-    /// Ticks without an answer after which unacknowledged entries or commit notifications
-    /// are sent again (only matters when messages are lost).
+    /// Ticks without an answer after which a secondary that owes one is probed again, and
+    /// a commit notification that was not acknowledged is sent again (only matters when
+    /// messages are lost or a secondary stalls). A secondary that owes an answer for this
+    /// long does not count as live for [`Policy::Idle`].
     pub retransmit_ticks: u64,
     /// Most entries in one append.
     pub max_batch_entries: usize,
+    /// Most payload bytes in one append (an append holds at least one entry); a proposal
+    /// larger than this is refused, so every entry fits a frame.
+    pub max_batch_bytes: usize,
+    /// Most entries sent to a secondary beyond its match index.
+    pub max_inflight_entries: u64,
 }
 
 impl Config {
-    pub fn new(id: NodeId, members: Vec<NodeId>, policy: Policy) -> Config {
+    pub fn new(id: NodeId, primary: NodeId, members: Vec<NodeId>, policy: Policy) -> Config {
         Config {
             id,
+            primary,
             members,
             policy,
             retransmit_ticks: 2000,
-            max_batch_entries: 256,
+            max_batch_entries: DEFAULT_MAX_BATCH_ENTRIES,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_inflight_entries: 4096,
         }
     }
 }
 
-/// Protocol errors.
+/// Protocol errors. Those returned by [`Node::step`] mean the message was refused (the
+/// node is unchanged) or report a problem of a peer the operator must see; the node stays
+/// consistent and keeps running either way.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
     #[error("node {0} is not the primary")]
     NotPrimary(NodeId),
     #[error("node {id} is not a member of {members:?}")]
     NotMember { id: NodeId, members: Vec<NodeId> },
+    #[error("node {id} started as {role}, but the configured primary is {primary}")]
+    WrongRole {
+        id: NodeId,
+        role: &'static str,
+        primary: NodeId,
+    },
     #[error("recovered log is not contiguous at index {0}")]
     Gap(u64),
+    #[error("a payload of {len} bytes exceeds the largest append payload of {max} bytes")]
+    PayloadTooLarge { len: usize, max: usize },
+    #[error("append from replica {from} refused: the primary is {primary}")]
+    NotFromPrimary { from: NodeId, primary: NodeId },
+    #[error(
+        "append refused: it would truncate entry {index}, which is committed (commit {commit})"
+    )]
+    TruncateCommitted { index: u64, commit: u64 },
+    #[error("append refused: its entries do not follow prev_index {prev_index}")]
+    NotConsecutive { prev_index: u64 },
+    #[error(
+        "secondary {peer} is in term {term} > ours ({ours}): another primary ran after this \
+         one, or this primary's log was replaced; it refuses our appends"
+    )]
+    PeerTermAhead { peer: NodeId, term: u64, ours: u64 },
+    #[error(
+        "secondary {peer}: log region full ({need} bytes needed, {left} left); it keeps \
+         serving, the primary retries every retransmit period and commits with the others"
+    )]
+    PeerLogFull { peer: NodeId, need: u64, left: u64 },
 }
 
 /// What the driver must do; see the module docs.
@@ -137,7 +214,7 @@ pub struct Ready {
     pub persist: Vec<Entry>,
     /// Send now.
     pub messages: Vec<(NodeId, Message)>,
-    /// Send only after `persist` is durable.
+    /// Send only after `persist` is durable (drop them when it failed).
     pub persisted_messages: Vec<(NodeId, Message)>,
     /// Committed, durable entries to apply, in order.
     pub apply: Vec<Entry>,
@@ -145,35 +222,37 @@ pub struct Ready {
     pub committed: Option<u64>,
 }
 
-impl Ready {
-    pub fn is_empty(&self) -> bool {
-        self.truncate_from.is_none()
-            && self.persist.is_empty()
-            && self.messages.is_empty()
-            && self.persisted_messages.is_empty()
-            && self.apply.is_empty()
-            && self.committed.is_none()
-    }
-}
-
 /// Counters of what the node sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Appends carrying entries (first sends and retransmits).
+    /// Appends carrying entries.
     pub appends_with_entries: u64,
-    /// Appends without entries: commit notifications, heartbeats, probes.
+    /// Appends without entries: commit notifications and heartbeats.
     pub empty_appends: u64,
-    /// Entry retransmissions after `retransmit_ticks` without an answer.
+    /// Retransmission timeouts: a secondary owed an answer for `retransmit_ticks` and
+    /// was probed again.
     pub retransmits: u64,
-    /// Empty appends probing where a secondary's log ends (at start and on reconnect);
-    /// not counted in `empty_appends`.
+    /// Empty appends probing where a secondary's log ends (at start, on reconnect, after a
+    /// retransmission timeout); not counted in `empty_appends`.
     pub probes: u64,
+}
+
+/// How the primary sends to a secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// One append at a time; `paused` while it is unanswered.
+    Probe { paused: bool },
+    /// Appends pipelined up to `max_inflight_entries`.
+    Replicate,
 }
 
 #[derive(Debug, Clone)]
 struct Progress {
     match_index: u64,
     next_index: u64,
+    flow: Flow,
+    /// The driver has a connection to this peer.
+    connected: bool,
     /// Largest commit index sent to this peer.
     sent_commit: u64,
     /// When an empty commit notification was last sent.
@@ -181,7 +260,30 @@ struct Progress {
     /// Largest commit the peer reported knowing.
     known_commit: u64,
     last_heard: u64,
-    last_resend: u64,
+    /// When an append expecting an answer (entries or probe) was last sent.
+    last_sent: u64,
+    /// Since when the peer owes an answer (`None`: it answered everything sent).
+    owes_since: Option<u64>,
+    /// The peer's last answer was "log full".
+    full: bool,
+    /// A term above ours the peer reported (reported once per term).
+    term_ahead: Option<u64>,
+}
+
+/// When a secondary's timer fires and what it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerTimer {
+    /// It owes an answer: probe it again.
+    Retransmit,
+    /// A commit notification it did not acknowledge: send it again.
+    Renotify,
+}
+
+/// What the notification policy wants done now.
+#[derive(Debug, PartialEq, Eq)]
+enum Due {
+    Notify(Vec<NodeId>),
+    Arm(u64),
 }
 
 /// A replica: the primary or a secondary.
@@ -212,6 +314,13 @@ pub struct Node {
 impl Node {
     /// A primary in `term` (larger than any term it used before) over its recovered log.
     pub fn new_primary(cfg: Config, term: u64, log: Vec<Entry>) -> Result<Node, ProtocolError> {
+        if cfg.id != cfg.primary {
+            return Err(ProtocolError::WrongRole {
+                id: cfg.id,
+                role: "the primary",
+                primary: cfg.primary,
+            });
+        }
         let mut n = Node::new(cfg, true, term, log)?;
         // Probe every secondary at the end of our log: learns where each one is.
         let ids: Vec<NodeId> = n.peers.keys().copied().collect();
@@ -227,16 +336,25 @@ impl Node {
 
     /// A secondary over its recovered log.
     pub fn new_secondary(cfg: Config, log: Vec<Entry>) -> Result<Node, ProtocolError> {
+        if cfg.id == cfg.primary {
+            return Err(ProtocolError::WrongRole {
+                id: cfg.id,
+                role: "a secondary",
+                primary: cfg.primary,
+            });
+        }
         let term = log.last().map_or(0, |e| e.term);
         Node::new(cfg, false, term, log)
     }
 
     fn new(cfg: Config, primary: bool, term: u64, log: Vec<Entry>) -> Result<Node, ProtocolError> {
-        if !cfg.members.contains(&cfg.id) {
-            return Err(ProtocolError::NotMember {
-                id: cfg.id,
-                members: cfg.members.clone(),
-            });
+        for id in [cfg.id, cfg.primary] {
+            if !cfg.members.contains(&id) {
+                return Err(ProtocolError::NotMember {
+                    id,
+                    members: cfg.members.clone(),
+                });
+            }
         }
         for (i, e) in log.iter().enumerate() {
             if e.index != i as u64 + 1 {
@@ -254,11 +372,16 @@ impl Node {
                         Progress {
                             match_index: 0,
                             next_index: last + 1,
+                            flow: Flow::Probe { paused: false },
+                            connected: true,
                             sent_commit: 0,
                             notify_tick: 0,
                             known_commit: 0,
                             last_heard: 0,
-                            last_resend: 0,
+                            last_sent: 0,
+                            owes_since: None,
+                            full: false,
+                            term_ahead: None,
                         },
                     )
                 })
@@ -313,9 +436,6 @@ impl Node {
     pub fn stats(&self) -> Stats {
         self.stats
     }
-    pub fn policy(&self) -> Policy {
-        self.cfg.policy
-    }
     /// The entry at `index`, if the log has it.
     pub fn entry(&self, index: u64) -> Option<&Entry> {
         if index == 0 {
@@ -323,19 +443,22 @@ impl Node {
         }
         self.entries.get(index as usize - 1)
     }
-    /// Primary: the match index of a secondary.
-    pub fn match_index(&self, peer: NodeId) -> Option<u64> {
-        self.peers.get(&peer).map(|p| p.match_index)
-    }
 
     fn term_at(&self, index: u64) -> u64 {
         self.entry(index).map_or(0, |e| e.term)
     }
 
     /// Primary: appends a client write to the log; returns its index.
-    pub fn propose(&mut self, payload: Vec<u8>) -> Result<u64, ProtocolError> {
+    pub fn propose(&mut self, payload: impl Into<Arc<[u8]>>) -> Result<u64, ProtocolError> {
         if !self.primary {
             return Err(ProtocolError::NotPrimary(self.cfg.id));
+        }
+        let payload = payload.into();
+        if payload.len() > self.cfg.max_batch_bytes {
+            return Err(ProtocolError::PayloadTooLarge {
+                len: payload.len(),
+                max: self.cfg.max_batch_bytes,
+            });
         }
         let index = self.last_index() + 1;
         self.entries.push(Entry {
@@ -351,25 +474,51 @@ impl Node {
     /// Primary: the connection to `peer` was (re)established; whatever was in flight on the
     /// old one is lost. Probes the end of the peer's log.
     pub fn peer_reconnected(&mut self, peer: NodeId) {
-        if !self.primary || !self.peers.contains_key(&peer) {
+        if !self.primary {
             return;
         }
         let last = self.last_index();
-        self.peers.get_mut(&peer).expect("peer").next_index = last + 1;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.connected = true;
+        p.next_index = last + 1;
+        p.flow = Flow::Probe { paused: false };
+        // Notifications sent on the old connection may be lost.
+        p.sent_commit = p.known_commit;
+        p.owes_since = None;
         self.send_append(peer, last, Vec::new());
+    }
+
+    /// Primary: the connection to `peer` is gone; nothing is sent to it (and it does not
+    /// count for [`Policy::Idle`]) until [`Node::peer_reconnected`].
+    pub fn peer_disconnected(&mut self, peer: NodeId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.connected = false;
+            p.owes_since = None;
+            self.msgs.retain(|(to, _)| *to != peer);
+        }
     }
 
     /// One unit of logical time.
     pub fn tick(&mut self) {
-        self.now += 1;
+        self.advance_to(self.now + 1);
+    }
+
+    /// Logical time is now `now` (ticks since start); runs every timer that is due once,
+    /// however many ticks passed.
+    pub fn advance_to(&mut self, now: u64) {
+        if now <= self.now {
+            return;
+        }
+        self.now = now;
         if !self.primary {
             return;
         }
-        let now = self.now;
         if let Policy::Periodic { every } = self.cfg.policy {
             if now >= self.next_heartbeat {
                 self.next_heartbeat = now + every.max(1);
-                let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+                let ids: Vec<NodeId> = self.connected_peers().collect();
                 for id in ids {
                     self.send_notification(id, true);
                 }
@@ -378,36 +527,54 @@ impl Node {
         if let Some(d) = self.idle_deadline {
             if now >= d {
                 self.idle_deadline = None;
-                if self.is_idle() {
-                    self.notify_idle();
+                for id in self.idle_targets() {
+                    self.send_notification(id, false);
                 }
             }
         }
-        let rt = self.cfg.retransmit_ticks.max(1);
-        let last = self.last_index();
-        let commit = self.commit;
-        let piggyback = self.cfg.policy == Policy::Piggyback;
-        let mut notify = Vec::new();
-        for (&id, p) in self.peers.iter_mut() {
-            let quiet = now.saturating_sub(p.last_heard.max(p.last_resend)) >= rt;
-            if p.match_index < last && quiet {
-                // Unacknowledged entries: send again from the last known match.
-                p.next_index = p.match_index + 1;
-                p.last_resend = now;
-                self.stats.retransmits += 1;
-            } else if !piggyback
-                && p.match_index == last
-                && p.known_commit < commit.min(p.match_index)
-                && p.sent_commit >= commit.min(p.match_index)
-                && now.saturating_sub(p.notify_tick.max(p.last_heard)) >= rt
-            {
-                // A commit notification that was not acknowledged: send it again.
-                notify.push(id);
+        let due: Vec<(NodeId, PeerTimer)> = self
+            .peers
+            .keys()
+            .filter_map(|&id| match self.peer_deadline(id) {
+                Some((at, t)) if at <= now => Some((id, t)),
+                _ => None,
+            })
+            .collect();
+        for (id, t) in due {
+            match t {
+                PeerTimer::Retransmit => {
+                    // Probe from the last known match instead of resending the window.
+                    let p = self.peers.get_mut(&id).expect("peer");
+                    p.next_index = p.match_index + 1;
+                    p.flow = Flow::Probe { paused: false };
+                    let prev = p.match_index;
+                    self.stats.retransmits += 1;
+                    self.send_append(id, prev, Vec::new());
+                }
+                PeerTimer::Renotify => self.send_notification(id, false),
             }
         }
-        for id in notify {
-            self.send_notification(id, false);
+    }
+
+    /// The next timer of secondary `id` (tick and kind), if one is armed. The one place
+    /// that says when a peer's timer fires: [`Node::advance_to`] runs what is due,
+    /// [`Node::ticks_to_next_timer`] sleeps until the earliest.
+    fn peer_deadline(&self, id: NodeId) -> Option<(u64, PeerTimer)> {
+        let p = &self.peers[&id];
+        if !p.connected {
+            return None;
         }
+        let rt = self.cfg.retransmit_ticks.max(1);
+        if p.match_index < self.last_index() {
+            return Some((p.last_heard.max(p.last_sent) + rt, PeerTimer::Retransmit));
+        }
+        let want = self.commit.min(p.match_index);
+        // Only a notification that was sent can be due for a resend; otherwise this timer
+        // would stay due and the driver would spin.
+        if self.cfg.policy != Policy::Piggyback && p.known_commit < want && p.sent_commit >= want {
+            return Some((p.notify_tick.max(p.last_heard) + rt, PeerTimer::Renotify));
+        }
+        None
     }
 
     /// Ticks until the next timer of this node fires (`None`: no timer armed). The
@@ -416,36 +583,33 @@ impl Node {
         if !self.primary {
             return None;
         }
-        let mut best: Option<u64> = None;
-        let mut consider = |at: u64| {
-            let d = at.saturating_sub(self.now).max(1);
-            best = Some(best.map_or(d, |b: u64| b.min(d)));
-        };
+        let mut at: Vec<u64> = self
+            .peers
+            .keys()
+            .filter_map(|&id| self.peer_deadline(id).map(|(t, _)| t))
+            .collect();
         if let Policy::Periodic { .. } = self.cfg.policy {
-            consider(self.next_heartbeat);
+            at.push(self.next_heartbeat);
         }
-        if let Some(d) = self.idle_deadline {
-            consider(d);
+        at.extend(self.idle_deadline);
+        if matches!(self.cfg.policy, Policy::Idle | Policy::IdleDelayed { .. }) {
+            // A peer that stops being live may let the others be notified.
+            let rt = self.cfg.retransmit_ticks.max(1);
+            at.extend(
+                self.peers
+                    .values()
+                    .filter(|p| p.connected)
+                    .filter_map(|p| p.owes_since.map(|s| s + rt))
+                    .filter(|&t| t > self.now),
+            );
         }
-        let rt = self.cfg.retransmit_ticks.max(1);
-        let last = self.last_index();
-        for p in self.peers.values() {
-            if p.match_index < last {
-                consider(p.last_heard.max(p.last_resend) + rt);
-            } else if self.cfg.policy != Policy::Piggyback
-                && p.known_commit < self.commit.min(p.match_index)
-                && p.sent_commit >= self.commit.min(p.match_index)
-            {
-                // Only a notification that was sent can be due for a resend (as in `tick`);
-                // otherwise this timer would stay due and the driver would spin.
-                consider(p.notify_tick.max(p.last_heard) + rt);
-            }
-        }
-        best
+        at.into_iter()
+            .map(|t| t.saturating_sub(self.now).max(1))
+            .min()
     }
 
-    /// A message from a peer.
-    pub fn step(&mut self, msg: Message) {
+    /// A message from a peer. See [`ProtocolError`] for what an error means.
+    pub fn step(&mut self, msg: Message) -> Result<(), ProtocolError> {
         match msg {
             Message::Append {
                 term,
@@ -458,11 +622,11 @@ impl Node {
             Message::AppendResp {
                 term,
                 from,
-                success,
+                outcome,
                 match_index,
                 commit,
                 last_index,
-            } => self.on_append_resp(term, from, success, match_index, commit, last_index),
+            } => self.on_append_resp(term, from, outcome, match_index, commit, last_index),
         }
     }
 
@@ -474,64 +638,83 @@ impl Node {
         prev_term: u64,
         commit: u64,
         entries: Vec<Entry>,
-    ) {
-        if self.primary || !self.cfg.members.contains(&from) {
-            return;
+    ) -> Result<(), ProtocolError> {
+        if self.primary || from != self.cfg.primary {
+            return Err(ProtocolError::NotFromPrimary {
+                from,
+                primary: self.cfg.primary,
+            });
         }
         if term < self.term {
             // From a primary incarnation that has since restarted.
-            self.respond(from, false, 0);
-            return;
-        }
-        if term > self.term {
-            self.term = term;
-            self.matched = 0;
-        }
-        if prev_index > self.last_index() || self.term_at(prev_index) != prev_term {
-            self.respond(from, false, 0);
-            return;
+            self.respond(from, AppendOutcome::Mismatch, 0);
+            return Ok(());
         }
         // Entries must follow prev_index consecutively (the decoder checks this for frames
-        // from the wire; a bad in-process message is dropped).
+        // from the wire).
         if entries
             .iter()
             .enumerate()
-            .any(|(i, e)| e.index != prev_index + 1 + i as u64)
+            .any(|(i, e)| Some(e.index) != prev_index.checked_add(1 + i as u64))
         {
-            return;
+            return Err(ProtocolError::NotConsecutive { prev_index });
         }
-        let n = entries.len() as u64;
-        for e in entries {
-            if e.index <= self.last_index() {
-                if self.term_at(e.index) == e.term {
-                    continue; // a duplicate
-                }
-                self.truncate(e.index);
+        if prev_index > self.last_index() || self.term_at(prev_index) != prev_term {
+            self.adopt_term(term);
+            self.respond(from, AppendOutcome::Mismatch, 0);
+            return Ok(());
+        }
+        // The first entry that is not already in the log (a duplicate has the same term).
+        let skip = entries
+            .iter()
+            .take_while(|e| e.index <= self.last_index() && self.term_at(e.index) == e.term)
+            .count();
+        if let Some(e) = entries.get(skip) {
+            if e.index <= self.last_index() && e.index <= self.commit {
+                return Err(ProtocolError::TruncateCommitted {
+                    index: e.index,
+                    commit: self.commit,
+                });
             }
-            self.entries.push(e);
         }
+        self.adopt_term(term);
+        let n = entries.len() as u64;
+        let mut new = entries.into_iter().skip(skip).peekable();
+        if let Some(first) = new.peek() {
+            if first.index <= self.last_index() {
+                self.truncate(first.index);
+            }
+        }
+        self.entries.extend(new);
         let verified = prev_index + n;
         self.matched = self.matched.max(verified);
         let learned = commit.min(self.matched);
         if learned > self.commit {
             self.commit = learned;
         }
-        self.respond(from, true, verified);
+        self.respond(from, AppendOutcome::Ok, verified);
+        Ok(())
+    }
+
+    fn adopt_term(&mut self, term: u64) {
+        if term > self.term {
+            self.term = term;
+            self.matched = 0;
+        }
     }
 
     fn truncate(&mut self, from: u64) {
-        debug_assert!(from > self.commit, "a committed entry is never truncated");
         self.entries.truncate(from as usize - 1);
         self.durable = self.durable.min(from - 1);
         self.handed = self.handed.min(from - 1);
         self.truncate_from = Some(self.truncate_from.map_or(from, |t| t.min(from)));
     }
 
-    fn respond(&mut self, to: NodeId, success: bool, match_index: u64) {
+    fn respond(&mut self, to: NodeId, outcome: AppendOutcome, match_index: u64) {
         let m = Message::AppendResp {
             term: self.term,
             from: self.cfg.id,
-            success,
+            outcome,
             match_index,
             commit: self.commit,
             last_index: self.last_index(),
@@ -543,36 +726,77 @@ impl Node {
         &mut self,
         term: u64,
         from: NodeId,
-        success: bool,
+        outcome: AppendOutcome,
         match_index: u64,
         commit: u64,
         last_index: u64,
-    ) {
-        if !self.primary || term > self.term {
-            return;
+    ) -> Result<(), ProtocolError> {
+        if !self.primary {
+            return Ok(());
         }
         let now = self.now;
+        let ours = self.term;
         let my_last = self.last_index();
         let Some(p) = self.peers.get_mut(&from) else {
-            return;
+            return Ok(());
         };
+        if term > ours {
+            if p.term_ahead == Some(term) {
+                return Ok(());
+            }
+            p.term_ahead = Some(term);
+            return Err(ProtocolError::PeerTermAhead {
+                peer: from,
+                term,
+                ours,
+            });
+        }
         p.last_heard = now;
-        if term < self.term {
-            return;
+        if term < ours {
+            return Ok(());
         }
         p.known_commit = p.known_commit.max(commit);
-        if success {
-            let m = match_index.min(my_last);
-            if m > p.match_index {
-                p.match_index = m;
+        let mut report = None;
+        match outcome {
+            AppendOutcome::Ok | AppendOutcome::LogFull { .. } => {
+                let m = match_index.min(my_last);
+                let advanced = m > p.match_index;
+                if advanced {
+                    p.match_index = m;
+                }
+                p.next_index = p.next_index.max(p.match_index + 1);
+                if let AppendOutcome::LogFull { need, left } = outcome {
+                    // Wait for the retransmission timeout before trying again.
+                    p.next_index = p.match_index + 1;
+                    p.flow = Flow::Probe { paused: true };
+                    if !p.full {
+                        report = Some(ProtocolError::PeerLogFull {
+                            peer: from,
+                            need,
+                            left,
+                        });
+                    }
+                    p.full = true;
+                } else {
+                    p.flow = Flow::Replicate;
+                    // Room again once entries are taken (a probe without entries says nothing).
+                    if advanced {
+                        p.full = false;
+                    }
+                }
             }
-            p.next_index = p.next_index.max(p.match_index + 1);
-        } else {
-            // Resume after what the secondary has (or one before the mismatch).
-            let resume = last_index.min(p.next_index.saturating_sub(2)) + 1;
-            p.next_index = resume.max(p.match_index + 1);
+            AppendOutcome::Mismatch => {
+                // Resume after what the secondary has (or one before the mismatch).
+                let resume = last_index.min(p.next_index.saturating_sub(2)) + 1;
+                p.next_index = resume.max(p.match_index + 1);
+                // A secondary without room waits for the retransmission timeout.
+                p.flow = Flow::Probe { paused: p.full };
+            }
         }
+        // It answered; it still owes answers for whatever else is in flight.
+        p.owes_since = (p.next_index > p.match_index + 1).then_some(now);
         self.advance_commit();
+        report.map_or(Ok(()), Err)
     }
 
     /// The driver made every entry up to `index` durable (append + flush completed).
@@ -586,6 +810,24 @@ impl Node {
         }
     }
 
+    /// Secondary: the driver could not persist the last Ready's entries because the log
+    /// region is full (`need` bytes, `left` left); it dropped that Ready's
+    /// `persisted_messages`. The entries past the durable index are forgotten and the
+    /// primary is told, with what is durable and verified.
+    pub fn persist_failed(&mut self, need: u64, left: u64) {
+        if self.primary {
+            return;
+        }
+        self.entries.truncate(self.durable as usize);
+        self.handed = self.durable;
+        self.matched = self.matched.min(self.durable);
+        self.commit = self.commit.min(self.durable);
+        self.persisted_msgs.clear();
+        let primary = self.cfg.primary;
+        let matched = self.matched;
+        self.respond(primary, AppendOutcome::LogFull { need, left }, matched);
+    }
+
     fn advance_commit(&mut self) {
         let mut m: Vec<u64> = self.peers.values().map(|p| p.match_index).collect();
         m.push(self.durable);
@@ -596,13 +838,13 @@ impl Node {
             self.commit = c;
             if self.cfg.policy == Policy::Eager {
                 // etcd's bcastAppend at the commit advance: a peer with entries still to
-                // send gets them (carrying the commit) from `ready`; every other peer gets
-                // an empty append now, before any later write arrives.
+                // send gets the commit with them from `ready`; every other peer gets an
+                // empty append now, before any later write arrives.
                 let last = self.last_index();
                 let ids: Vec<NodeId> = self
                     .peers
                     .iter()
-                    .filter(|(_, p)| p.next_index > last && p.sent_commit < c)
+                    .filter(|(_, p)| p.connected && p.next_index > last && p.sent_commit < c)
                     .map(|(&id, _)| id)
                     .collect();
                 for id in ids {
@@ -612,23 +854,85 @@ impl Node {
         }
     }
 
-    /// Every secondary acknowledged the last entry and nothing is in flight.
-    fn is_idle(&self) -> bool {
-        let last = self.last_index();
-        last > 0
-            && self.commit == last
-            && self.durable == last
-            && self.peers.values().all(|p| p.match_index == last)
-            && self.peers.values().any(|p| p.sent_commit < self.commit)
+    fn connected_peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .map(|(&id, _)| id)
     }
 
-    fn notify_idle(&mut self) {
-        let ids: Vec<NodeId> = self.peers.keys().copied().collect();
-        for id in ids {
-            if self.peers[&id].sent_commit < self.commit {
-                self.send_notification(id, false);
-            }
+    /// Connected, not refusing entries for lack of room, and not owing an answer for
+    /// `retransmit_ticks` or more.
+    fn is_live(&self, p: &Progress) -> bool {
+        let rt = self.cfg.retransmit_ticks.max(1);
+        p.connected && !p.full && p.owes_since.is_none_or(|s| self.now < s + rt)
+    }
+
+    /// The live secondaries an idle notification goes to now: none unless the last entry
+    /// is committed and durable here, every live secondary acknowledged it, and some live
+    /// secondary was not sent the commit yet. A dead secondary does not hold the
+    /// notification back from the live ones.
+    fn idle_targets(&self) -> Vec<NodeId> {
+        let last = self.last_index();
+        if last == 0 || self.commit != last || self.durable != last {
+            return Vec::new();
         }
+        let live = || self.peers.iter().filter(|(_, p)| self.is_live(p));
+        if !live().all(|(_, p)| p.match_index == last) {
+            return Vec::new();
+        }
+        live()
+            .filter(|(_, p)| p.sent_commit < self.commit)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// What the notification policy wants done now: the one place [`Node::has_ready`] and
+    /// [`Node::ready`] ask. (Eager notifies in `advance_commit`, periodic heartbeats and
+    /// the delayed idle notification fire in [`Node::advance_to`].)
+    fn due_notifications(&self) -> Option<Due> {
+        if !self.primary {
+            return None;
+        }
+        match self.cfg.policy {
+            Policy::Idle | Policy::IdleDelayed { delay: 0 } => {
+                let ids = self.idle_targets();
+                (!ids.is_empty()).then_some(Due::Notify(ids))
+            }
+            Policy::IdleDelayed { delay } => (self.idle_deadline.is_none()
+                && !self.idle_targets().is_empty())
+            .then_some(Due::Arm(self.now + delay)),
+            Policy::Piggyback | Policy::Periodic { .. } | Policy::Eager => None,
+        }
+    }
+
+    /// The entries to send to `id` in its next append (`(from, to)` inclusive), if any.
+    fn next_batch(&self, id: NodeId) -> Option<(u64, u64)> {
+        let p = &self.peers[&id];
+        let last = self.last_index();
+        if !p.connected || p.next_index > last {
+            return None;
+        }
+        let limit = match p.flow {
+            Flow::Probe { paused: true } => return None,
+            Flow::Probe { paused: false } => last,
+            Flow::Replicate => last.min(p.match_index + self.cfg.max_inflight_entries.max(1)),
+        };
+        let from = p.next_index;
+        if from > limit {
+            return None;
+        }
+        let mut to = from;
+        let mut bytes = self.entries[from as usize - 1].payload.len();
+        while to < limit && ((to - from + 1) as usize) < self.cfg.max_batch_entries.max(1) {
+            let next = self.entries[to as usize].payload.len();
+            if bytes + next > self.cfg.max_batch_bytes {
+                break;
+            }
+            bytes += next;
+            to += 1;
+        }
+        Some((from, to))
     }
 
     /// An empty append carrying the commit index, anchored at the peer's match index (so it
@@ -658,6 +962,7 @@ impl Node {
         self.msgs.push((to, m));
     }
 
+    /// An append expecting an answer: entries, or a probe when `entries` is empty.
     fn send_append(&mut self, to: NodeId, prev: u64, entries: Vec<Entry>) {
         let m = Message::Append {
             term: self.term,
@@ -667,8 +972,14 @@ impl Node {
             commit: self.commit,
             entries,
         };
+        let now = self.now;
         let p = self.peers.get_mut(&to).expect("peer exists");
         p.sent_commit = p.sent_commit.max(self.commit);
+        p.last_sent = now;
+        p.owes_since.get_or_insert(now);
+        if let Flow::Probe { paused } = &mut p.flow {
+            *paused = true;
+        }
         if m.is_empty_append() {
             self.stats.probes += 1;
         } else {
@@ -685,68 +996,30 @@ impl Node {
             || self.handed < self.last_index()
             || self.applied < self.commit.min(self.durable)
             || (self.primary && self.commit > self.reported_commit)
-            || (self.primary
-                && self
-                    .peers
-                    .values()
-                    .any(|p| p.next_index <= self.last_index()))
-            || self.wants_notification()
-    }
-
-    fn wants_notification(&self) -> bool {
-        if !self.primary {
-            return false;
-        }
-        match self.cfg.policy {
-            Policy::Eager => self.peers.values().any(|p| p.sent_commit < self.commit),
-            Policy::Idle => self.is_idle(),
-            Policy::IdleDelayed { .. } => self.idle_deadline.is_none() && self.is_idle(),
-            Policy::Piggyback | Policy::Periodic { .. } => false,
-        }
+            || (self.primary && self.peers.keys().any(|&id| self.next_batch(id).is_some()))
+            || self.due_notifications().is_some()
     }
 
     /// Hands out what the driver must do now (see [`Ready`]).
     pub fn ready(&mut self) -> Ready {
         if self.primary {
-            // New entries to every secondary that has not been sent them (pipelined).
-            let last = self.last_index();
+            // New entries to every secondary that may be sent them.
             let ids: Vec<NodeId> = self.peers.keys().copied().collect();
             for id in ids {
-                while self.peers[&id].next_index <= last {
-                    let from = self.peers[&id].next_index;
-                    let to = last.min(from + self.cfg.max_batch_entries.max(1) as u64 - 1);
+                while let Some((from, to)) = self.next_batch(id) {
                     let batch = self.entries[from as usize - 1..to as usize].to_vec();
                     self.peers.get_mut(&id).expect("peer").next_index = to + 1;
                     self.send_append(id, from - 1, batch);
                 }
             }
-            match self.cfg.policy {
-                Policy::Eager => {
-                    let ids: Vec<NodeId> = self
-                        .peers
-                        .iter()
-                        .filter(|(_, p)| p.sent_commit < self.commit)
-                        .map(|(&id, _)| id)
-                        .collect();
+            match self.due_notifications() {
+                Some(Due::Notify(ids)) => {
                     for id in ids {
                         self.send_notification(id, false);
                     }
                 }
-                Policy::Idle => {
-                    if self.is_idle() {
-                        self.notify_idle();
-                    }
-                }
-                Policy::IdleDelayed { delay } => {
-                    if self.idle_deadline.is_none() && self.is_idle() {
-                        if delay == 0 {
-                            self.notify_idle();
-                        } else {
-                            self.idle_deadline = Some(self.now + delay);
-                        }
-                    }
-                }
-                Policy::Piggyback | Policy::Periodic { .. } => {}
+                Some(Due::Arm(at)) => self.idle_deadline = Some(at),
+                None => {}
             }
         }
         let mut rd = Ready {

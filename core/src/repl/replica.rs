@@ -1,28 +1,36 @@
 //! A replica: the protocol [`Node`] driven by a loop that owns the log, the storage engine,
 //! the TCP connections and the clock.
 //!
-//! The primary connects to every secondary (and reconnects when a connection breaks);
-//! secondaries answer on the connection an append came in on. Clients connect to the
-//! primary and send `ClientWrite`s; each is answered with `ClientAck` once committed. Any
-//! replica answers `StatusReq`. In-process users (the experiment) may attach [`Hooks`]:
-//! a workload that proposes from inside the loop, and observers of commit and apply times.
+//! The primary connects to every secondary (and reconnects with exponential backoff when a
+//! connection breaks). Each side of a replica connection first sends a `Hello` (wire
+//! version and replica id): a secondary accepts appends only on a connection on which the
+//! configured primary introduced itself, and both sides report a version mismatch instead
+//! of retrying in silence. Secondaries answer on the connection an append came in on.
+//! Clients connect to the primary and send `ClientWrite`s; each is answered with
+//! `ClientAck` once committed, or with `ClientErr` at once when it cannot be applied. Any
+//! replica answers `StatusReq`. In-process users (the experiment) may attach [`Hooks`]: a
+//! workload that proposes from inside the loop, and observers of commit, apply and flush
+//! times.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Display;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::daemon::{self, DaemonError};
 use crate::dev::{probe, DevError, Device, Found, UringEngine};
-use crate::format::{Label, Layout};
+use crate::format::Layout;
 
-use super::kv::{KvError, KvStore};
+use super::kv::{Invalid, KvError, KvStore};
 use super::log::{record_size, LogError, LogStore};
 use super::protocol::{Config, Entry, Message, Node, NodeId, Policy, ProtocolError, Stats};
-use super::transport::{read_frames, Link};
-use super::wire::{Frame, Status};
+use super::transport::{read_frames, Bytes, Link};
+use super::wire::{self, Frame, Status, WireError, WIRE_VERSION};
 
 /// Errors of a replica.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +43,9 @@ pub enum ReplicaError {
     Kv(#[from] KvError),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    #[error("{path}: holds other data ({found}); refusing to overwrite it without --force")]
+    #[error("write refused: {0}")]
+    Refused(#[from] AdmitError),
+    #[error("{path}: holds {found}; refusing to overwrite it without --force")]
     Foreign { path: PathBuf, found: String },
     #[error("{what}: {source}")]
     Io {
@@ -45,6 +55,17 @@ pub enum ReplicaError {
     },
     #[error("bad replica configuration: {0}")]
     Config(String),
+}
+
+/// Why the primary refuses a write before it enters the log.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("log region full: {left} bytes left, the write needs {need}")]
+    LogFull { need: u64, left: u64 },
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
 }
 
 /// Where on the device the log and the storage engine live.
@@ -84,19 +105,19 @@ impl Regions {
         }
     }
 
-    /// Formatted regions when `path` carries a ready blocklab label, else
-    /// [`Regions::plain`]`(log_len, data_len)`. Returns whether the device was formatted.
+    /// Formatted regions when `path` carries a ready blocklab label (read with the daemon's
+    /// own label reader), else [`Regions::plain`]`(log_len, data_len)`. Returns whether
+    /// the device was formatted.
     pub fn detect(
-        path: &std::path::Path,
+        path: &Path,
         log_len: u64,
         data_len: u64,
     ) -> Result<(Regions, bool), ReplicaError> {
         let dev = Device::open_read_only(path)?;
         let mut eng = UringEngine::with_queue_depth(1)?;
-        let mut b = crate::dev::AlignedBuf::new(crate::format::BLOCK);
-        crate::dev::IoEngine::read_at(&mut eng, &dev, 0, &mut b)?;
-        match Label::decode(&b) {
+        match daemon::read_label(&mut eng, &dev) {
             Ok(l) if l.is_ready() => Ok((Regions::formatted(&l.layout, data_len), true)),
+            Err(DaemonError::Dev(e)) => Err(e.into()),
             _ => Ok((Regions::plain(log_len, data_len), false)),
         }
     }
@@ -146,14 +167,9 @@ impl PolicySpec {
             )),
         }
     }
+    /// The protocol policy's name ([`Policy::name`]).
     pub fn name(&self) -> &'static str {
-        match self {
-            PolicySpec::Piggyback => "piggyback",
-            PolicySpec::Periodic(_) => "periodic",
-            PolicySpec::Eager => "eager",
-            PolicySpec::Idle => "idle",
-            PolicySpec::IdleDelayed(_) => "idle_delayed",
-        }
+        self.to_policy(Duration::from_millis(1)).name()
     }
     /// H or d in milliseconds (0 when the policy has no parameter).
     pub fn param_ms(&self) -> f64 {
@@ -169,7 +185,7 @@ impl PolicySpec {
             PolicySpec::Periodic(d) => Policy::Periodic { every: ticks(d) },
             PolicySpec::Eager => Policy::Eager,
             PolicySpec::Idle => Policy::Idle,
-            PolicySpec::IdleDelayed(d) if d.is_zero() => Policy::Idle,
+            PolicySpec::IdleDelayed(d) if d.is_zero() => Policy::IdleDelayed { delay: 0 },
             PolicySpec::IdleDelayed(d) => Policy::IdleDelayed { delay: ticks(d) },
         }
     }
@@ -192,7 +208,7 @@ pub struct ReplicaOptions {
     pub id: NodeId,
     pub members: Vec<NodeId>,
     pub primary: NodeId,
-    /// Primary: the secondaries' addresses.
+    /// Primary: every secondary's address.
     pub peers: Vec<(NodeId, SocketAddr)>,
     /// Bound listener for secondaries' and clients' connections.
     pub listener: TcpListener,
@@ -207,7 +223,8 @@ pub struct ReplicaOptions {
     /// Start a new, empty log and store (else recover what the device holds, or start
     /// empty on an empty device).
     pub fresh: bool,
-    /// Overwrite a device holding other data.
+    /// Use a device that holds anything but a replication log in its log region (another
+    /// daemon's or cluster's format, a file system, other data).
     pub force: bool,
     /// Group commit: append everything the protocol hands out at once with one flush
     /// (the default). Without it every entry is appended and flushed on its own, so the
@@ -228,9 +245,13 @@ pub trait Hooks: Send {
     fn committed(&mut self, _commit: u64, _now: Instant) {}
     /// Entries were applied to the storage engine.
     fn applied(&mut self, _entries: &[Entry], _now: Instant) {}
-    /// The loop handled everything pending: the node's counters, the log flushes since
-    /// start, and the durable index.
-    fn loop_done(&mut self, _stats: &Stats, _log_flushes: u64, _durable: u64) {}
+    /// Entries `first..=last` were appended to the log with one flush; `flushes` is the
+    /// log's flush count since start, this one included.
+    fn persisted(&mut self, _first: u64, _last: u64, _flushes: u64) {}
+    /// Primary: the connection to secondary `peer` is up (handshake done).
+    fn peer_connected(&mut self, _peer: NodeId) {}
+    /// The loop handled everything pending; the node's counters.
+    fn loop_done(&mut self, _stats: &Stats) {}
 }
 
 /// No hooks.
@@ -246,6 +267,8 @@ pub struct ReplicaReport {
     pub last_index: u64,
     pub commit: u64,
     pub applied: u64,
+    /// Committed entries the storage engine skipped as invalid.
+    pub apply_rejected: u64,
     pub term: u64,
     /// Times the loop woke up (a frame, a timer, a poll or its 20 ms ceiling): an idle
     /// replica wakes about 50 times a second, a spinning one millions of times.
@@ -257,6 +280,7 @@ enum Event {
         conn: u64,
         link: Link,
         stream: TcpStream,
+        /// Outgoing replica connections: the peer, whose handshake is done.
         peer: Option<NodeId>,
     },
     Frame {
@@ -342,60 +366,148 @@ struct Storage {
     kv: KvStore,
 }
 
+/// Opens (or, with `fresh` or on a device without a log, creates) the log and the store.
+/// Ownership is decided from the log region's first block alone: a replication log there
+/// is ours; anything else needs `force` unless the device is empty.
 fn open_storage(opts: &ReplicaOptions) -> Result<(Storage, Vec<Entry>), ReplicaError> {
     let mut eng = UringEngine::with_queue_depth(64)?;
     let r = opts.regions;
-    let dev = Device::open(&opts.device)?;
+    let open = || Device::open(&opts.device);
+    let dev = open()?;
     dev.require_size(r.end())?;
-    if !opts.fresh {
-        match LogStore::open(&mut eng, dev, r.log_offset, r.log_len) {
-            Ok((log, entries)) => {
-                let kv_dev = Device::open(&opts.device)?;
-                let kv = KvStore::open(&mut eng, kv_dev, r.data_offset, r.data_len)?;
-                return Ok((Storage { eng, log, kv }, entries));
-            }
-            Err(LogError::NotALog { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+    let ours = LogStore::holds_log(&mut eng, &dev, r.log_offset)?;
+    if ours && !opts.fresh {
+        let (log, entries) = LogStore::open(&mut eng, dev, r.log_offset, r.log_len)?;
+        let kv = KvStore::open(&mut eng, open()?, r.data_offset, r.data_len)?;
+        return Ok((Storage { eng, log, kv }, entries));
     }
-    let dev = Device::open(&opts.device)?;
-    if !opts.force {
-        let found = probe(&mut eng, &dev)?;
-        let ours = LogStore::open(
-            &mut eng,
-            Device::open(&opts.device)?,
-            r.log_offset,
-            r.log_len,
-        )
-        .is_ok();
-        // A formatted daemon device (ready label) is ours to use: its log region holds
-        // the replication log, its data region the storage engine.
-        let formatted =
-            found == Found::Blocklab && Regions::detect(&opts.device, r.log_len, r.data_len)?.1;
-        if found != Found::Empty && !ours && !formatted {
-            return Err(ReplicaError::Foreign {
-                path: opts.device.clone(),
-                found: format!("{found:?}"),
-            });
-        }
+    if !ours && !opts.force {
+        refuse_foreign(&mut eng, &dev)?;
     }
     let log = LogStore::create(&mut eng, dev, r.log_offset, r.log_len)?;
-    let kv = KvStore::create(
-        &mut eng,
-        Device::open(&opts.device)?,
-        r.data_offset,
-        r.data_len,
-    )?;
+    let kv = KvStore::create(&mut eng, open()?, r.data_offset, r.data_len)?;
     Ok((Storage { eng, log, kv }, Vec::new()))
 }
 
+/// Errs unless the device's first MiB is empty, naming what it holds (a daemon device's
+/// cluster and daemon id).
+fn refuse_foreign(eng: &mut UringEngine, dev: &Device) -> Result<(), ReplicaError> {
+    let found = match probe(eng, dev)? {
+        Found::Empty => return Ok(()),
+        Found::Blocklab => match daemon::read_label(eng, dev) {
+            Ok(l) => format!(
+                "a blocklab label of cluster {} daemon {} and no replication log",
+                l.cluster_fsid, l.daemon_id
+            ),
+            Err(e) => format!("a damaged blocklab label ({e})"),
+        },
+        other => other.to_string(),
+    };
+    Err(ReplicaError::Foreign {
+        path: dev.path().to_path_buf(),
+        found,
+    })
+}
+
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Shortest and longest wait before the primary connects to a secondary again.
+const MIN_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A connection that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(1);
+/// How long the primary waits for a secondary's `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same report is printed at most once per this period.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Exponential backoff: twice the last wait, at most [`MAX_BACKOFF`].
+fn next_backoff(last: Duration) -> Duration {
+    (last * 2).clamp(MIN_BACKOFF, MAX_BACKOFF)
+}
+
+/// The stop flag, and a way to wake the threads that sleep on it.
+struct Stopper {
+    flag: Arc<AtomicBool>,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Stopper {
+    fn stopped(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+    /// Sleeps `d`, or less when stopped.
+    fn sleep(&self, d: Duration) {
+        let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.cv.wait_timeout_while(g, d, |_| !self.stopped());
+    }
+}
+
+/// Every connection's stream, so that stopping can end its reader.
+type Streams = Arc<Mutex<HashMap<u64, TcpStream>>>;
+
+/// Errors of the operator's attention, printed at most once per [`REPORT_EVERY`] each.
+struct Reporter {
+    id: NodeId,
+    seen: HashMap<String, Instant>,
+}
+
+impl Reporter {
+    fn report(&mut self, what: impl Display) {
+        let m = what.to_string();
+        let now = Instant::now();
+        if self
+            .seen
+            .get(&m)
+            .is_some_and(|t| now.duration_since(*t) < REPORT_EVERY)
+        {
+            return;
+        }
+        if self.seen.len() > 1024 {
+            self.seen.clear();
+        }
+        eprintln!("blocklab repl {}: {m}", self.id);
+        self.seen.insert(m, now);
+    }
+}
+
+struct Conn {
+    link: Link,
+    stream: TcpStream,
+    /// The replica at the other end, once its `Hello` was accepted (clients have none).
+    peer: Option<NodeId>,
+}
+
+/// The replica loop's state.
+struct Driver<'a> {
+    opts: &'a ReplicaOptions,
+    node: Node,
+    st: Storage,
+    hooks: Box<dyn Hooks>,
+    conns: HashMap<u64, Conn>,
+    peer_conn: HashMap<NodeId, u64>,
+    /// index → (connection, client's write id) of writes waiting for their commit.
+    clients: BTreeMap<u64, (u64, u64)>,
+    /// Record bytes of the entries proposed but not appended yet: the log's `space_left`
+    /// does not count them, and a write is admitted only if it fits after them. Every
+    /// append writes everything proposed so far, so it goes back to 0 after each.
+    unappended: u64,
+    flushes_at_start: u64,
+    apply_rejected: u64,
+    reporter: Reporter,
+}
 
 /// Runs a replica until `stop` is set (or an error). `started` is signalled once the device
 /// is open and the listener accepts.
 pub fn run(
     opts: ReplicaOptions,
-    mut hooks: Box<dyn Hooks>,
+    hooks: Box<dyn Hooks>,
     stop: Arc<AtomicBool>,
     started: Option<mpsc::Sender<()>>,
 ) -> Result<ReplicaReport, ReplicaError> {
@@ -408,54 +520,82 @@ pub fn run(
     if opts.tick.is_zero() {
         return Err(ReplicaError::Config("tick must be > 0".into()));
     }
-    let (mut st, recovered) = open_storage(&opts)?;
     let is_primary = opts.id == opts.primary;
+    if is_primary {
+        if let Some(m) = opts
+            .members
+            .iter()
+            .find(|&&m| m != opts.id && !opts.peers.iter().any(|(p, _)| p == &m))
+        {
+            return Err(ReplicaError::Config(format!(
+                "the primary needs the address of every secondary (--peer {m}=HOST:PORT)"
+            )));
+        }
+    }
+    let (mut st, recovered) = open_storage(&opts)?;
     let mut cfg = Config::new(
         opts.id,
+        opts.primary,
         opts.members.clone(),
         opts.policy.to_policy(opts.tick),
     );
     cfg.retransmit_ticks = (opts.retransmit.as_nanos() / opts.tick.as_nanos()).max(1) as u64;
     let mut node = if is_primary {
+        // The recovered log's keys hold slots even before they are applied again.
+        for e in &recovered {
+            if let Ok(key) = st.kv.check(&e.payload) {
+                st.kv.reserve(key);
+            }
+        }
         let term = st.log.term() + 1;
         st.log.set_term(&mut st.eng, term)?;
         Node::new_primary(cfg, term, recovered)?
     } else {
         Node::new_secondary(cfg, recovered)?
     };
-    let flushes_at_start = st.log.flushes();
+    // No connection exists yet: each secondary is probed once its connection is up.
+    for &(peer, _) in &opts.peers {
+        node.peer_disconnected(peer);
+    }
 
+    let stopper = Arc::new(Stopper {
+        flag: stop,
+        lock: Mutex::new(()),
+        cv: Condvar::new(),
+    });
+    let streams: Streams = Arc::default();
     let (tx, inbox) = mpsc::channel::<Event>();
-    let delay = opts.delay;
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    // Accept connections.
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| ReplicaError::Io { what, source }
+    };
+    // Accept connections (blocking; stopping shuts the listener down to wake it).
     opts.listener
-        .set_nonblocking(true)
-        .map_err(|source| ReplicaError::Io {
-            what: "listener".into(),
-            source,
-        })?;
-    let listener = opts
-        .listener
-        .try_clone()
-        .map_err(|source| ReplicaError::Io {
-            what: "listener".into(),
-            source,
-        })?;
+        .set_nonblocking(false)
+        .map_err(io("listener"))?;
+    let listener = opts.listener.try_clone().map_err(io("listener"))?;
     {
-        let tx = tx.clone();
-        let stop = stop.clone();
+        let (tx, stopper, streams) = (tx.clone(), stopper.clone(), streams.clone());
+        let me = opts.id;
         threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
+            let mut last_err = None;
+            loop {
                 match listener.accept() {
-                    Ok((s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        serve_conn(s, None, tx.clone());
+                    Ok((s, _)) if !stopper.stopped() => {
+                        last_err = None;
+                        serve_conn(s, None, &tx, &streams, &stopper);
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5))
+                    Err(e) if !stopper.stopped() => {
+                        if e.kind() != std::io::ErrorKind::Interrupted {
+                            if last_err != Some(e.kind()) {
+                                eprintln!("blocklab repl {me}: accepting a connection: {e}");
+                                last_err = Some(e.kind());
+                            }
+                            stopper.sleep(Duration::from_millis(50));
+                        }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    _ => return,
                 }
             }
         }));
@@ -463,17 +603,10 @@ pub fn run(
     // The primary connects to every secondary, again whenever a connection breaks.
     if is_primary {
         for &(peer, addr) in &opts.peers {
-            let tx = tx.clone();
-            let stop = stop.clone();
+            let (tx, stopper, streams) = (tx.clone(), stopper.clone(), streams.clone());
+            let me = opts.id;
             threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-                        if let Some(h) = serve_conn(s, Some(peer), tx.clone()) {
-                            let _ = h.join();
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                connect_loop(me, peer, addr, &tx, &streams, &stopper)
             }));
         }
     }
@@ -482,237 +615,450 @@ pub fn run(
         let _ = s.send(());
     }
 
-    let mut conns: HashMap<u64, (Link, TcpStream)> = HashMap::new();
-    let mut peer_conn: HashMap<NodeId, u64> = HashMap::new();
-    let mut clients: BTreeMap<u64, (u64, u64)> = BTreeMap::new(); // index -> (conn, id)
-    let mut pending_bytes = 0u64;
-    let start = Instant::now();
-    let mut ticks_done = 0u64;
-    let mut seen_commit = node.commit();
-    // Only the primary polls its hooks for proposals; a secondary waits for frames alone.
-    let mut next_poll: Option<Instant> = is_primary.then_some(start);
-    let mut props: Vec<Vec<u8>> = Vec::new();
+    let flushes_at_start = st.log.flushes();
+    let mut d = Driver {
+        opts: &opts,
+        node,
+        st,
+        hooks,
+        conns: HashMap::new(),
+        peer_conn: HashMap::new(),
+        clients: BTreeMap::new(),
+        unappended: 0,
+        flushes_at_start,
+        apply_rejected: 0,
+        reporter: Reporter {
+            id: opts.id,
+            seen: HashMap::new(),
+        },
+    };
     let mut wakeups = 0u64;
-    let result: Result<(), ReplicaError> = (|| {
-        while !stop.load(Ordering::SeqCst) {
-            wakeups += 1;
-            let now = Instant::now();
-            let mut until = now + Duration::from_millis(20);
-            if let Some(t) = node.ticks_to_next_timer() {
-                let at = start
-                    + Duration::from_nanos(
-                        (opts.tick.as_nanos() as u64).saturating_mul(ticks_done + t),
-                    );
-                until = until.min(at);
-            }
-            if let Some(p) = next_poll {
-                until = until.min(p);
-            }
-            let mut events = Vec::new();
-            match inbox.recv_timeout(until.saturating_duration_since(now)) {
-                Ok(ev) => {
-                    events.push(ev);
-                    while let Ok(ev) = inbox.try_recv() {
-                        events.push(ev);
-                        if events.len() >= 4096 {
-                            break;
-                        }
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            for ev in events {
-                match ev {
-                    Event::Conn {
-                        conn,
-                        link,
-                        stream,
-                        peer,
-                    } => {
-                        conns.insert(conn, (link, stream));
-                        if let Some(p) = peer {
-                            peer_conn.insert(p, conn);
-                            node.peer_reconnected(p);
-                        }
-                    }
-                    Event::Closed { conn } => {
-                        conns.remove(&conn);
-                        peer_conn.retain(|_, c| *c != conn);
-                    }
-                    Event::Frame { conn, frame } => match frame {
-                        Frame::Repl(m) => {
-                            let from = match &m {
-                                Message::Append { from, .. } | Message::AppendResp { from, .. } => {
-                                    *from
-                                }
-                            };
-                            if !node.is_primary() {
-                                peer_conn.insert(from, conn);
-                            }
-                            node.step(m);
-                        }
-                        Frame::ClientWrite { id, payload } => {
-                            let reply = |conns: &HashMap<u64, (Link, TcpStream)>, f: Frame| {
-                                if let Some((l, _)) = conns.get(&conn) {
-                                    l.send(&f, Duration::ZERO);
-                                }
-                            };
-                            if !node.is_primary() {
-                                reply(
-                                    &conns,
-                                    Frame::ClientErr {
-                                        id,
-                                        message: format!("replica {} is not the primary", opts.id),
-                                    },
-                                );
-                                continue;
-                            }
-                            let need = record_size(payload.len());
-                            if need + pending_bytes > st.log.space_left() {
-                                reply(
-                                    &conns,
-                                    Frame::ClientErr {
-                                        id,
-                                        message: format!(
-                                            "log region full: {} bytes left, the write needs {need}",
-                                            st.log.space_left().saturating_sub(pending_bytes)
-                                        ),
-                                    },
-                                );
-                                continue;
-                            }
-                            let index = node.propose(payload)?;
-                            pending_bytes += need;
-                            clients.insert(index, (conn, id));
-                        }
-                        Frame::StatusReq => {
-                            if let Some((l, _)) = conns.get(&conn) {
-                                l.send(
-                                    &Frame::Status(Status {
-                                        id: opts.id,
-                                        primary: node.is_primary(),
-                                        term: node.term(),
-                                        last_index: node.last_index(),
-                                        durable_index: node.durable_index(),
-                                        commit: node.commit(),
-                                        applied: st.kv.applied(),
-                                    }),
-                                    Duration::ZERO,
-                                );
-                            }
-                        }
-                        _ => {}
-                    },
-                }
-            }
-            let target = (start.elapsed().as_nanos() / opts.tick.as_nanos()) as u64;
-            while ticks_done < target {
-                node.tick();
-                ticks_done += 1;
-            }
-            loop {
-                let now = Instant::now();
-                let advanced = node.commit() > seen_commit;
-                if advanced {
-                    seen_commit = node.commit();
-                    hooks.committed(seen_commit, now);
-                }
-                // The workload reacts to commits before the primary decides it is idle.
-                if node.is_primary() && (advanced || next_poll.is_some_and(|p| p <= now)) {
-                    next_poll = hooks.poll(now, &mut props);
-                    for p in props.drain(..) {
-                        let need = record_size(p.len());
-                        if need + pending_bytes > st.log.space_left() {
-                            return Err(LogError::Full {
-                                need,
-                                left: st.log.space_left().saturating_sub(pending_bytes),
-                                len: opts.regions.log_len,
-                            }
-                            .into());
-                        }
-                        let index = node.propose(p)?;
-                        pending_bytes += need;
-                        hooks.proposed(index, now);
-                    }
-                }
-                if !node.has_ready() {
-                    hooks.loop_done(
-                        &node.stats(),
-                        st.log.flushes() - flushes_at_start,
-                        node.durable_index(),
-                    );
-                    break;
-                }
-                let rd = node.ready();
-                for (to, m) in rd.messages {
-                    send_to(&conns, &peer_conn, to, m, delay);
-                }
-                if let Some(t) = rd.truncate_from {
-                    st.log.truncate(&mut st.eng, t)?;
-                }
-                if let Some(last) = rd.persist.last().map(|e| e.index) {
-                    if opts.group_commit {
-                        st.log.append(&mut st.eng, &rd.persist)?;
-                    } else {
-                        for e in &rd.persist {
-                            st.log.append(&mut st.eng, std::slice::from_ref(e))?;
-                        }
-                    }
-                    pending_bytes = 0;
-                    node.persisted(last);
-                }
-                for (to, m) in rd.persisted_messages {
-                    send_to(&conns, &peer_conn, to, m, delay);
-                }
-                if !rd.apply.is_empty() {
-                    st.kv.apply(&mut st.eng, &rd.apply)?;
-                    hooks.applied(&rd.apply, Instant::now());
-                }
-                if let Some(c) = rd.committed {
-                    while let Some((&index, _)) = clients.first_key_value() {
-                        if index > c {
-                            break;
-                        }
-                        let (_, (conn, id)) = clients.pop_first().expect("non-empty");
-                        if let Some((l, _)) = conns.get(&conn) {
-                            l.send(&Frame::ClientAck { id, index }, Duration::ZERO);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    })();
-    stop.store(true, Ordering::SeqCst);
-    for (_, (_, s)) in conns.drain() {
+    let result = d.run_loop(&inbox, &stopper, &mut wakeups);
+    stopper.stop();
+    let _ = rustix::net::shutdown(&opts.listener, rustix::net::Shutdown::Read);
+    for s in streams.lock().unwrap_or_else(|e| e.into_inner()).values() {
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
+    d.conns.clear();
     drop(inbox);
     for t in threads {
         let _ = t.join();
     }
     result?;
     Ok(ReplicaReport {
-        stats: node.stats(),
-        log_flushes: st.log.flushes() - flushes_at_start,
-        last_index: node.last_index(),
-        commit: node.commit(),
-        applied: st.kv.applied(),
-        term: node.term(),
+        stats: d.node.stats(),
+        log_flushes: d.st.log.flushes() - d.flushes_at_start,
+        last_index: d.node.last_index(),
+        commit: d.node.commit(),
+        applied: d.st.kv.applied(),
+        apply_rejected: d.apply_rejected,
+        term: d.node.term(),
         wakeups,
     })
 }
 
-fn send_to(
-    conns: &HashMap<u64, (Link, TcpStream)>,
-    peer_conn: &HashMap<NodeId, u64>,
-    to: NodeId,
-    m: Message,
-    delay: Duration,
+impl Driver<'_> {
+    fn run_loop(
+        &mut self,
+        inbox: &mpsc::Receiver<Event>,
+        stopper: &Stopper,
+        wakeups: &mut u64,
+    ) -> Result<(), ReplicaError> {
+        let tick = self.opts.tick;
+        let start = Instant::now();
+        let mut ticks_done = 0u64;
+        let mut seen_commit = self.node.commit();
+        // Only the primary polls its hooks for proposals; a secondary waits for frames alone.
+        let mut next_poll: Option<Instant> = self.node.is_primary().then_some(start);
+        let mut props: Vec<Vec<u8>> = Vec::new();
+        while !stopper.stopped() {
+            *wakeups += 1;
+            let now = Instant::now();
+            let mut until = now + Duration::from_millis(20);
+            if let Some(t) = self.node.ticks_to_next_timer() {
+                let at = start
+                    + Duration::from_nanos((tick.as_nanos() as u64).saturating_mul(ticks_done + t));
+                until = until.min(at);
+            }
+            if let Some(p) = next_poll {
+                until = until.min(p);
+            }
+            match inbox.recv_timeout(until.saturating_duration_since(now)) {
+                Ok(ev) => {
+                    self.handle(ev);
+                    for ev in inbox.try_iter().take(4095) {
+                        self.handle(ev);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let target = (start.elapsed().as_nanos() / tick.as_nanos()) as u64;
+            if target > ticks_done {
+                self.node.advance_to(target);
+                ticks_done = target;
+            }
+            loop {
+                let now = Instant::now();
+                let advanced = self.node.commit() > seen_commit;
+                if advanced {
+                    seen_commit = self.node.commit();
+                    self.hooks.committed(seen_commit, now);
+                }
+                // The workload reacts to commits before the primary decides it is idle.
+                if self.node.is_primary() && (advanced || next_poll.is_some_and(|p| p <= now)) {
+                    next_poll = self.hooks.poll(now, &mut props);
+                    for p in props.drain(..) {
+                        let index = self.admit(p.into())?;
+                        self.hooks.proposed(index, now);
+                    }
+                }
+                if !self.node.has_ready() {
+                    self.hooks.loop_done(&self.node.stats());
+                    break;
+                }
+                self.process_ready()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits a client write on the primary: the storage engine must be able to apply it
+    /// and the log region must have room for it; then proposes it.
+    fn admit(&mut self, payload: Arc<[u8]>) -> Result<u64, AdmitError> {
+        let key = self.st.kv.check(&payload)?;
+        let need = record_size(payload.len());
+        let left = self.st.log.space_left().saturating_sub(self.unappended);
+        if need > left {
+            return Err(AdmitError::LogFull { need, left });
+        }
+        let index = self.node.propose(payload)?;
+        self.st.kv.reserve(key);
+        self.unappended += need;
+        Ok(index)
+    }
+
+    fn process_ready(&mut self) -> Result<(), ReplicaError> {
+        let rd = self.node.ready();
+        self.send(rd.messages);
+        if let Some(t) = rd.truncate_from {
+            self.st.log.truncate(&mut self.st.eng, t)?;
+        }
+        if self.persist(&rd.persist)? {
+            self.send(rd.persisted_messages);
+        }
+        if let Some(c) = rd.committed {
+            // Answer clients before applying: the write is committed, applying is local.
+            while let Some((&index, _)) = self.clients.first_key_value() {
+                if index > c {
+                    break;
+                }
+                let (_, (conn, id)) = self.clients.pop_first().expect("non-empty");
+                self.reply(conn, &Frame::ClientAck { id, index });
+            }
+        }
+        if !rd.apply.is_empty() {
+            let rejected = self.st.kv.apply(&mut self.st.eng, &rd.apply)?;
+            for (index, why) in rejected {
+                self.apply_rejected += 1;
+                self.reporter
+                    .report(format_args!("committed entry {index} skipped: {why}"));
+            }
+            self.hooks.applied(&rd.apply, Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Appends and flushes `entries` (one flush for all with group commit, else one per
+    /// entry). Returns false when a secondary's log region is full: the node was told, and
+    /// the acknowledgements of this Ready must not be sent.
+    fn persist(&mut self, entries: &[Entry]) -> Result<bool, ReplicaError> {
+        if entries.is_empty() {
+            return Ok(true);
+        }
+        let per_flush = if self.opts.group_commit {
+            entries.len()
+        } else {
+            1
+        };
+        let mut durable = None;
+        let mut full = None;
+        for chunk in entries.chunks(per_flush) {
+            match self.st.log.append(&mut self.st.eng, chunk) {
+                Ok(()) => {
+                    let (first, last) = (chunk[0].index, chunk[chunk.len() - 1].index);
+                    let flushes = self.st.log.flushes() - self.flushes_at_start;
+                    self.hooks.persisted(first, last, flushes);
+                    durable = Some(last);
+                }
+                Err(LogError::Full { need, left, .. }) if !self.node.is_primary() => {
+                    full = Some((chunk[0].index, need, left));
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.unappended = 0;
+        if let Some(last) = durable {
+            self.node.persisted(last);
+        }
+        if let Some((first, need, left)) = full {
+            self.reporter.report(format_args!(
+                "log region full: entries from {first} need {need} bytes, {left} left; \
+                 refusing them and telling the primary, still serving"
+            ));
+            self.node.persist_failed(need, left);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Sends protocol messages; an append going to several secondaries is encoded once.
+    fn send(&mut self, msgs: Vec<(NodeId, Message)>) {
+        let mut shared: Vec<(Message, Bytes)> = Vec::new();
+        for (to, m) in msgs {
+            let Some(c) = self.peer_conn.get(&to).and_then(|c| self.conns.get(c)) else {
+                continue;
+            };
+            if let Some((_, b)) = shared.iter().find(|(s, _)| *s == m) {
+                c.link.send_bytes(b.clone(), self.opts.delay);
+                continue;
+            }
+            let mut v = Vec::new();
+            if let Err(e) = wire::encode_message(&m, &mut v) {
+                self.reporter
+                    .report(format_args!("not sending a message to {to}: {e}"));
+                continue;
+            }
+            let b: Bytes = Arc::new(v);
+            c.link.send_bytes(b.clone(), self.opts.delay);
+            if matches!(&m, Message::Append { entries, .. } if !entries.is_empty()) {
+                shared.push((m, b));
+            }
+        }
+    }
+
+    fn reply(&mut self, conn: u64, f: &Frame) {
+        if let Some(c) = self.conns.get(&conn) {
+            if let Err(e) = c.link.send(f, Duration::ZERO) {
+                self.reporter.report(format_args!("not answering: {e}"));
+            }
+        }
+    }
+
+    /// Forgets a connection: its frames are ignored from now on, and what was queued on it
+    /// is still written before its sending side is shut down (shutting it down at once, with
+    /// the peer's frames unread, would reset it and lose the queued frames).
+    fn close(&mut self, conn: u64) {
+        if let Some(c) = self.conns.remove(&conn) {
+            if let Some(p) = c.peer {
+                if self.peer_conn.get(&p) == Some(&conn) {
+                    self.peer_conn.remove(&p);
+                    self.node.peer_disconnected(p);
+                }
+            }
+        }
+    }
+
+    fn peer_addr(&self, conn: u64) -> String {
+        self.conns
+            .get(&conn)
+            .and_then(|c| c.stream.peer_addr().ok())
+            .map_or_else(|| "?".into(), |a| a.to_string())
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Conn {
+                conn,
+                link,
+                stream,
+                peer,
+            } => {
+                self.conns.insert(conn, Conn { link, stream, peer });
+                if let Some(p) = peer {
+                    self.peer_conn.insert(p, conn);
+                    self.node.peer_reconnected(p);
+                    self.hooks.peer_connected(p);
+                }
+            }
+            Event::Closed { conn } => self.close(conn),
+            Event::Frame { conn, frame } => self.on_frame(conn, frame),
+        }
+    }
+
+    fn on_frame(&mut self, conn: u64, frame: Frame) {
+        if !self.conns.contains_key(&conn) {
+            return; // closed by us
+        }
+        match frame {
+            Frame::Hello { version, id } => self.on_hello(conn, version, id),
+            Frame::Repl(m) => {
+                let from = m.from();
+                let peer = self.conns.get(&conn).and_then(|c| c.peer);
+                if peer != Some(from) {
+                    let who = peer.map_or_else(
+                        || "did not introduce itself".to_string(),
+                        |p| format!("introduced itself as replica {p}"),
+                    );
+                    let addr = self.peer_addr(conn);
+                    self.reporter.report(format_args!(
+                        "dropped a replication message from replica {from}: the connection \
+                         from {addr} {who}"
+                    ));
+                    return;
+                }
+                if let Err(e) = self.node.step(m) {
+                    self.reporter.report(e);
+                }
+            }
+            Frame::ClientWrite { id, payload } => {
+                if !self.node.is_primary() {
+                    let message = format!("replica {} is not the primary", self.opts.id);
+                    self.reply(conn, &Frame::ClientErr { id, message });
+                    return;
+                }
+                match self.admit(payload) {
+                    Ok(index) => {
+                        self.clients.insert(index, (conn, id));
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        self.reply(conn, &Frame::ClientErr { id, message });
+                    }
+                }
+            }
+            Frame::StatusReq => {
+                let s = Status {
+                    id: self.opts.id,
+                    primary: self.node.is_primary(),
+                    term: self.node.term(),
+                    last_index: self.node.last_index(),
+                    durable_index: self.node.durable_index(),
+                    commit: self.node.commit(),
+                    applied: self.st.kv.applied(),
+                };
+                self.reply(conn, &Frame::Status(s));
+            }
+            Frame::ClientAck { .. } | Frame::ClientErr { .. } | Frame::Status(_) => {}
+        }
+    }
+
+    /// A replica introduced itself on an incoming connection: answer with our `Hello`
+    /// (so a mismatch is seen at both ends) and keep the connection only if it is the
+    /// configured primary speaking our version.
+    fn on_hello(&mut self, conn: u64, version: u8, id: NodeId) {
+        self.reply(conn, &Frame::hello(self.opts.id));
+        let addr = self.peer_addr(conn);
+        let refusal = if version != WIRE_VERSION {
+            Some(format!(
+                "replica {id} at {addr} speaks wire version {version}, this replica speaks \
+                 version {WIRE_VERSION}; closing its connection"
+            ))
+        } else if self.node.is_primary() || id != self.opts.primary {
+            Some(format!(
+                "replica {id} at {addr} connected as the primary, but the primary is {}; \
+                 closing its connection",
+                self.opts.primary
+            ))
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            self.reporter.report(r);
+            self.close(conn);
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.peer = Some(id);
+            self.peer_conn.insert(id, conn);
+        }
+    }
+}
+
+/// Why a connection to a secondary was not made.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("unreachable: {0}")]
+    Unreachable(std::io::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("speaks wire version {got}, this replica speaks version {WIRE_VERSION}")]
+    Version { got: u8 },
+    #[error("answers as replica {got}")]
+    WrongId { got: NodeId },
+    #[error("no handshake answer: {0}")]
+    NoHello(String),
+}
+
+/// Connects to secondary `peer` and exchanges `Hello`s.
+fn greet(me: NodeId, peer: NodeId, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let s =
+        TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(ConnectError::Unreachable)?;
+    s.set_nodelay(true)?;
+    (&s).write_all(&wire::encode_to_vec(&Frame::hello(me))?)?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut body = Vec::new();
+    match wire::read_frame(&mut &s, &mut body) {
+        Ok(Some(Frame::Hello { version, .. })) if version != WIRE_VERSION => {
+            return Err(ConnectError::Version { got: version })
+        }
+        Ok(Some(Frame::Hello { id, .. })) if id != peer => {
+            return Err(ConnectError::WrongId { got: id })
+        }
+        Ok(Some(Frame::Hello { .. })) => {}
+        Ok(Some(_)) => return Err(ConnectError::NoHello("another frame came first".into())),
+        Ok(None) => return Err(ConnectError::NoHello("connection closed".into())),
+        Err(e) => return Err(ConnectError::NoHello(e.to_string())),
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// The primary's connection to one secondary: connect, greet, serve until it breaks, and
+/// again after an exponential backoff; failures are reported when they change.
+fn connect_loop(
+    me: NodeId,
+    peer: NodeId,
+    addr: SocketAddr,
+    tx: &mpsc::Sender<Event>,
+    streams: &Streams,
+    stopper: &Stopper,
 ) {
-    if let Some((l, _)) = peer_conn.get(&to).and_then(|c| conns.get(c)) {
-        l.send(&Frame::Repl(m), delay);
+    let mut backoff = MIN_BACKOFF;
+    let mut last_err: Option<String> = None;
+    while !stopper.stopped() {
+        match greet(me, peer, addr) {
+            Ok(s) => {
+                if last_err.take().is_some() {
+                    eprintln!("blocklab repl {me}: secondary {peer} at {addr}: connected");
+                }
+                let began = Instant::now();
+                if let Some(h) = serve_conn(s, Some(peer), tx, streams, stopper) {
+                    let _ = h.join();
+                }
+                backoff = if began.elapsed() >= STABLE {
+                    MIN_BACKOFF
+                } else {
+                    next_backoff(backoff)
+                };
+            }
+            Err(e) => {
+                let m = e.to_string();
+                if last_err.as_deref() != Some(m.as_str()) {
+                    eprintln!(
+                        "blocklab repl {me}: secondary {peer} at {addr}: {m}; retrying with \
+                         backoff (up to {} s)",
+                        MAX_BACKOFF.as_secs()
+                    );
+                    last_err = Some(m);
+                }
+                backoff = next_backoff(backoff);
+            }
+        }
+        stopper.sleep(backoff);
     }
 }
 
@@ -721,11 +1067,21 @@ fn send_to(
 fn serve_conn(
     s: TcpStream,
     peer: Option<NodeId>,
-    tx: mpsc::Sender<Event>,
+    tx: &mpsc::Sender<Event>,
+    streams: &Streams,
+    stopper: &Stopper,
 ) -> Option<JoinHandle<()>> {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let link = Link::spawn(&s).ok()?;
     let stream = s.try_clone().ok()?;
+    streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(conn, s.try_clone().ok()?);
+    if stopper.stopped() {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    let tx = tx.clone();
     tx.send(Event::Conn {
         conn,
         link,
@@ -733,6 +1089,7 @@ fn serve_conn(
         peer,
     })
     .ok()?;
+    let streams = streams.clone();
     std::thread::Builder::new()
         .name("repl-read".into())
         .spawn(move || {
@@ -741,6 +1098,10 @@ fn serve_conn(
                 eprintln!("blocklab repl: closing connection: {e}");
             }
             let _ = s.shutdown(std::net::Shutdown::Both);
+            streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&conn);
             let _ = tx.send(Event::Closed { conn });
         })
         .ok()
@@ -777,5 +1138,33 @@ mod tests {
             .contains("unknown policy"));
         assert!(PolicySpec::parse("periodic:-1").is_err());
         assert!(PolicySpec::parse("periodic:abc").is_err());
+        // Names come from the protocol's policies, and print back to what parses.
+        for s in [
+            "piggyback",
+            "periodic:50",
+            "eager",
+            "idle",
+            "idle_delayed:0",
+        ] {
+            let p = PolicySpec::parse(s).unwrap();
+            assert_eq!(PolicySpec::parse(&p.to_string()), Ok(p), "{s}");
+        }
+        assert_eq!(
+            PolicySpec::parse("idle_delayed:0").unwrap().name(),
+            "idle_delayed"
+        );
+    }
+
+    #[test]
+    fn reconnect_backoff_doubles_up_to_its_ceiling() {
+        let mut d = MIN_BACKOFF;
+        let mut seen = vec![d];
+        for _ in 0..10 {
+            d = next_backoff(d);
+            seen.push(d);
+        }
+        assert_eq!(seen[1], MIN_BACKOFF * 2);
+        assert!(seen.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*seen.last().unwrap(), MAX_BACKOFF);
     }
 }

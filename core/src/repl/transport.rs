@@ -1,12 +1,12 @@
 //! TCP transport: one writer thread per connection with an optional injected one-way delay
 //! (this kernel has no netem), and a blocking frame reader.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::wire::{self, Frame, WireError, MAX_FRAME};
+use super::wire::{self, Frame, ReadError, WireError};
 
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +25,15 @@ pub enum TransportError {
     },
 }
 
+/// An encoded frame, shared when the same frame goes to several connections.
+pub(crate) type Bytes = Arc<Vec<u8>>;
+
 /// The sending half of a connection. Frames are written in order by a writer thread, each
 /// no earlier than the `delay` given to [`Link::send`] after the call (the injected
 /// one-way delay; constant per link, so order is kept).
 #[derive(Debug, Clone)]
 pub struct Link {
-    tx: mpsc::Sender<(Instant, Vec<u8>)>,
+    tx: mpsc::Sender<(Instant, Bytes)>,
 }
 
 impl Link {
@@ -38,55 +41,76 @@ impl Link {
     pub fn spawn(stream: &TcpStream) -> std::io::Result<Link> {
         let mut s = stream.try_clone()?;
         s.set_nodelay(true)?;
-        let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+        let (tx, rx) = mpsc::channel::<(Instant, Bytes)>();
         std::thread::Builder::new()
             .name("repl-link".into())
             .spawn(move || {
-                let mut batch = Vec::new();
-                while let Ok((due, bytes)) = rx.recv() {
-                    let now = Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
-                    batch.clear();
-                    batch.extend_from_slice(&bytes);
-                    // Coalesce what is already due into one write.
-                    while let Ok((d, b)) = rx.try_recv() {
-                        if d > Instant::now() {
-                            if s.write_all(&batch).is_err() {
-                                return;
-                            }
-                            batch.clear();
-                            let now = Instant::now();
-                            if d > now {
-                                std::thread::sleep(d - now);
-                            }
-                        }
-                        batch.extend_from_slice(&b);
-                    }
-                    if s.write_all(&batch).is_err() {
-                        let _ = s.shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
+                if write_loop(&mut s, &rx).is_err() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                } else {
+                    let _ = s.shutdown(std::net::Shutdown::Write);
                 }
-                let _ = s.shutdown(std::net::Shutdown::Write);
             })?;
         Ok(Link { tx })
     }
 
-    /// Queues an encoded frame; false when the connection's writer is gone.
-    pub fn send_bytes(&self, bytes: Vec<u8>, delay: Duration) -> bool {
-        self.tx.send((Instant::now() + delay, bytes)).is_ok()
+    /// Queues an encoded frame (ignored when the connection's writer is gone: the reader
+    /// of the connection reports its end).
+    pub(crate) fn send_bytes(&self, bytes: Bytes, delay: Duration) {
+        let _ = self.tx.send((Instant::now() + delay, bytes));
     }
 
-    /// Encodes and queues a frame.
-    pub fn send(&self, f: &Frame, delay: Duration) -> bool {
-        self.send_bytes(wire::encode_to_vec(f), delay)
+    /// Encodes and queues a frame; an oversized frame is refused.
+    pub fn send(&self, f: &Frame, delay: Duration) -> Result<(), WireError> {
+        self.send_bytes(Arc::new(wire::encode_to_vec(f)?), delay);
+        Ok(())
     }
 }
 
-/// Reads frames from `stream` until EOF (Ok) or an error, handing each to `on_frame`. A
-/// bad frame ends the connection with [`TransportError::Wire`].
+/// Writes queued frames until every sender is gone. A frame with nothing queued behind it
+/// is written as it is; frames already due behind it are coalesced into one write.
+fn write_loop(s: &mut TcpStream, rx: &mpsc::Receiver<(Instant, Bytes)>) -> std::io::Result<()> {
+    let sleep_until = |due: Instant| {
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    };
+    let mut batch = Vec::new();
+    let mut held: Option<(Instant, Bytes)> = None;
+    loop {
+        let (due, bytes) = match held.take() {
+            Some(x) => x,
+            None => match rx.recv() {
+                Ok(x) => x,
+                Err(_) => return Ok(()),
+            },
+        };
+        sleep_until(due);
+        let Ok(mut next) = rx.try_recv() else {
+            s.write_all(&bytes)?;
+            continue;
+        };
+        batch.clear();
+        batch.extend_from_slice(&bytes);
+        loop {
+            if next.0 > Instant::now() {
+                held = Some(next);
+                break;
+            }
+            batch.extend_from_slice(&next.1);
+            match rx.try_recv() {
+                Ok(n) => next = n,
+                Err(_) => break,
+            }
+        }
+        s.write_all(&batch)?;
+    }
+}
+
+/// Reads frames from `stream` until EOF (Ok) or an error, handing each to `on_frame`
+/// (which returns false to stop). A bad frame, or a stream that ends inside a frame, ends
+/// the connection with [`TransportError::Wire`].
 pub fn read_frames(
     stream: &TcpStream,
     mut on_frame: impl FnMut(Frame) -> bool,
@@ -96,44 +120,17 @@ pub fn read_frames(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let mut r = BufReader::with_capacity(256 << 10, stream);
-    let mut len = [0u8; 4];
     let mut body = Vec::new();
     loop {
-        match r.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(source) => return Err(TransportError::Io { peer, source }),
-        }
-        let n = u32::from_le_bytes(len) as usize;
-        if n > MAX_FRAME {
-            return Err(TransportError::Wire {
-                peer,
-                source: WireError::Oversized {
-                    len: n,
-                    max: MAX_FRAME,
-                },
-            });
-        }
-        body.resize(n, 0);
-        if let Err(source) = r.read_exact(&mut body) {
-            if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                return Err(TransportError::Wire {
-                    peer,
-                    source: WireError::Truncated {
-                        what: "frame (connection closed)",
-                        need: n,
-                        have: 0,
-                    },
-                });
+        match wire::read_frame(&mut r, &mut body) {
+            Ok(Some(f)) => {
+                if !on_frame(f) {
+                    return Ok(());
+                }
             }
-            return Err(TransportError::Io { peer, source });
-        }
-        let f = wire::decode_body(&body).map_err(|source| TransportError::Wire {
-            peer: peer.clone(),
-            source,
-        })?;
-        if !on_frame(f) {
-            return Ok(());
+            Ok(None) => return Ok(()),
+            Err(ReadError::Io(source)) => return Err(TransportError::Io { peer, source }),
+            Err(ReadError::Wire(source)) => return Err(TransportError::Wire { peer, source }),
         }
     }
 }

@@ -2,9 +2,12 @@
 //!
 //! ```text
 //! frame   = len:u32le  version:u8  kind:u8  body        (len counts version+kind+body)
+//! Hello      (0) = id:u32
 //! Append     (1) = term:u64 from:u32 prev_index:u64 prev_term:u64 commit:u64 n:u32 entry*n
 //! entry          = term:u64 index:u64 plen:u32 payload[plen]
-//! AppendResp (2) = term:u64 from:u32 success:u8 match_index:u64 commit:u64 last_index:u64
+//! AppendResp (2) = term:u64 from:u32 outcome:u8 match_index:u64 commit:u64 last_index:u64
+//!                  [need:u64 left:u64 when outcome = 2]
+//!                  (outcome 0: mismatch, 1: ok, 2: log full)
 //! ClientWrite(3) = id:u64 plen:u32 payload[plen]
 //! ClientAck  (4) = id:u64 index:u64
 //! ClientErr  (5) = id:u64 mlen:u32 utf8[mlen]
@@ -12,17 +15,27 @@
 //! Status     (7) = id:u32 primary:u8 term:u64 last_index:u64 durable:u64 commit:u64 applied:u64
 //! ```
 //!
-//! All integers little-endian. The decoder never panics: a truncated, oversized, garbage or
-//! other-version frame is a [`WireError`] naming what is wrong.
+//! All integers little-endian. A replica opening a connection to another sends `Hello`
+//! first and the other answers with its own. `Hello`'s layout is frozen: it is decoded
+//! whatever version byte it carries (the byte is the sender's version), so two builds of
+//! different versions can tell each other so instead of failing on the first frame. The
+//! decoder never panics: a truncated, oversized, garbage or other-version frame is a
+//! [`WireError`] naming what is wrong. The encoder refuses a frame larger than
+//! [`MAX_FRAME`].
 
-use super::protocol::{Entry, Message, NodeId};
+use std::io::Read;
+use std::sync::Arc;
 
-/// The version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+use super::protocol::{
+    AppendOutcome, Entry, Message, NodeId, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_ENTRIES,
+};
+
+/// The version this build speaks (2: `Hello`, the append outcome with its reason).
+pub const WIRE_VERSION: u8 = 2;
 /// Largest frame accepted (version+kind+body), 16 MiB.
 pub const MAX_FRAME: usize = 16 << 20;
 
-/// A frame that cannot be decoded.
+/// A frame that cannot be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
@@ -45,15 +58,30 @@ pub enum WireError {
     Malformed(&'static str),
 }
 
+/// Reading a frame from a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
 /// Everything that travels between replicas and between clients and the primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    /// The first frame on a connection between replicas, each way: who is speaking and
+    /// which wire version it speaks.
+    Hello {
+        version: u8,
+        id: NodeId,
+    },
     /// Replica-to-replica protocol message.
     Repl(Message),
     /// A client asks the primary to replicate `payload`.
     ClientWrite {
         id: u64,
-        payload: Vec<u8>,
+        payload: Arc<[u8]>,
     },
     /// The write `id` is committed at `index`.
     ClientAck {
@@ -70,6 +98,16 @@ pub enum Frame {
     Status(Status),
 }
 
+impl Frame {
+    /// This build's `Hello` for replica `id`.
+    pub fn hello(id: NodeId) -> Frame {
+        Frame::Hello {
+            version: WIRE_VERSION,
+            id,
+        }
+    }
+}
+
 /// A replica's progress, as reported over the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Status {
@@ -82,6 +120,7 @@ pub struct Status {
     pub applied: u64,
 }
 
+const K_HELLO: u8 = 0;
 const K_APPEND: u8 = 1;
 const K_APPEND_RESP: u8 = 2;
 const K_CLIENT_WRITE: u8 = 3;
@@ -90,20 +129,100 @@ const K_CLIENT_ERR: u8 = 5;
 const K_STATUS_REQ: u8 = 6;
 const K_STATUS: u8 = 7;
 
-/// Appends the encoded frame of `f` (length prefix included) to `out`.
-pub fn encode(f: &Frame, out: &mut Vec<u8>) {
+const OUTCOME_MISMATCH: u8 = 0;
+const OUTCOME_OK: u8 = 1;
+const OUTCOME_LOG_FULL: u8 = 2;
+
+/// Bytes of an `Append` frame (version and kind included) before its entries.
+const APPEND_OVERHEAD: usize = 2 + 8 + 4 + 8 + 8 + 8 + 4;
+/// Bytes of an entry in an `Append` besides its payload.
+const ENTRY_OVERHEAD: usize = 8 + 8 + 4;
+// The largest append the protocol builds by default fits a frame with room to spare.
+const _: () = assert!(
+    APPEND_OVERHEAD + DEFAULT_MAX_BATCH_ENTRIES * ENTRY_OVERHEAD + DEFAULT_MAX_BATCH_BYTES
+        <= MAX_FRAME / 4
+);
+
+/// Appends the encoded frame of `f` (length prefix included) to `out`. A frame larger than
+/// [`MAX_FRAME`] is refused and `out` is left as it was.
+pub fn encode(f: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    match f {
+        Frame::Hello { version, id } => {
+            out.push(*version);
+            out.push(K_HELLO);
+            put32(out, *id);
+        }
+        Frame::Repl(m) => {
+            out.push(WIRE_VERSION);
+            encode_message_body(m, out);
+        }
+        Frame::ClientWrite { id, payload } => {
+            out.extend_from_slice(&[WIRE_VERSION, K_CLIENT_WRITE]);
+            put64(out, *id);
+            put32(out, payload.len() as u32);
+            out.extend_from_slice(payload);
+        }
+        Frame::ClientAck { id, index } => {
+            out.extend_from_slice(&[WIRE_VERSION, K_CLIENT_ACK]);
+            put64(out, *id);
+            put64(out, *index);
+        }
+        Frame::ClientErr { id, message } => {
+            out.extend_from_slice(&[WIRE_VERSION, K_CLIENT_ERR]);
+            put64(out, *id);
+            put32(out, message.len() as u32);
+            out.extend_from_slice(message.as_bytes());
+        }
+        Frame::StatusReq => out.extend_from_slice(&[WIRE_VERSION, K_STATUS_REQ]),
+        Frame::Status(s) => {
+            out.extend_from_slice(&[WIRE_VERSION, K_STATUS]);
+            put32(out, s.id);
+            out.push(s.primary as u8);
+            put64(out, s.term);
+            put64(out, s.last_index);
+            put64(out, s.durable_index);
+            put64(out, s.commit);
+            put64(out, s.applied);
+        }
+    }
+    finish(out, start)
+}
+
+/// Appends the encoded `Repl` frame of `m` (what [`encode`] writes for `Frame::Repl(m)`)
+/// without needing to own the message.
+pub fn encode_message(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     out.push(WIRE_VERSION);
-    match f {
-        Frame::Repl(Message::Append {
+    encode_message_body(m, out);
+    finish(out, start)
+}
+
+fn finish(out: &mut Vec<u8>, start: usize) -> Result<(), WireError> {
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME {
+        out.truncate(start);
+        return Err(WireError::Oversized {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+fn encode_message_body(m: &Message, out: &mut Vec<u8>) {
+    match m {
+        Message::Append {
             term,
             from,
             prev_index,
             prev_term,
             commit,
             entries,
-        }) => {
+        } => {
             out.push(K_APPEND);
             put64(out, *term);
             put32(out, *from);
@@ -118,77 +237,60 @@ pub fn encode(f: &Frame, out: &mut Vec<u8>) {
                 out.extend_from_slice(&e.payload);
             }
         }
-        Frame::Repl(Message::AppendResp {
+        Message::AppendResp {
             term,
             from,
-            success,
+            outcome,
             match_index,
             commit,
             last_index,
-        }) => {
+        } => {
             out.push(K_APPEND_RESP);
             put64(out, *term);
             put32(out, *from);
-            out.push(*success as u8);
+            out.push(match outcome {
+                AppendOutcome::Mismatch => OUTCOME_MISMATCH,
+                AppendOutcome::Ok => OUTCOME_OK,
+                AppendOutcome::LogFull { .. } => OUTCOME_LOG_FULL,
+            });
             put64(out, *match_index);
             put64(out, *commit);
             put64(out, *last_index);
-        }
-        Frame::ClientWrite { id, payload } => {
-            out.push(K_CLIENT_WRITE);
-            put64(out, *id);
-            put32(out, payload.len() as u32);
-            out.extend_from_slice(payload);
-        }
-        Frame::ClientAck { id, index } => {
-            out.push(K_CLIENT_ACK);
-            put64(out, *id);
-            put64(out, *index);
-        }
-        Frame::ClientErr { id, message } => {
-            out.push(K_CLIENT_ERR);
-            put64(out, *id);
-            put32(out, message.len() as u32);
-            out.extend_from_slice(message.as_bytes());
-        }
-        Frame::StatusReq => out.push(K_STATUS_REQ),
-        Frame::Status(s) => {
-            out.push(K_STATUS);
-            put32(out, s.id);
-            out.push(s.primary as u8);
-            put64(out, s.term);
-            put64(out, s.last_index);
-            put64(out, s.durable_index);
-            put64(out, s.commit);
-            put64(out, s.applied);
+            if let AppendOutcome::LogFull { need, left } = outcome {
+                put64(out, *need);
+                put64(out, *left);
+            }
         }
     }
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Encodes one frame into a fresh buffer.
-pub fn encode_to_vec(f: &Frame) -> Vec<u8> {
+pub fn encode_to_vec(f: &Frame) -> Result<Vec<u8>, WireError> {
     let mut v = Vec::new();
-    encode(f, &mut v);
-    v
+    encode(f, &mut v)?;
+    Ok(v)
 }
 
 /// Length of the frame at the start of `buf`, if its length prefix is complete:
 /// `Ok(Some(total))` (prefix included), `Ok(None)` when fewer than 4 bytes are there,
 /// an error when the prefix announces an oversized frame.
-pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    check_len(len)?;
+    Ok(Some(4 + len))
+}
+
+fn check_len(len: usize) -> Result<(), WireError> {
     if len > MAX_FRAME {
         return Err(WireError::Oversized {
             len,
             max: MAX_FRAME,
         });
     }
-    Ok(Some(4 + len))
+    Ok(())
 }
 
 /// Decodes one frame from the start of `buf`: `Ok(None)` when `buf` does not hold a whole
@@ -204,16 +306,64 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
     Ok(Some((f, total)))
 }
 
+/// Reads one frame from a stream, using `body` as the buffer for its bytes. `Ok(None)` at
+/// a clean end of stream (between frames); a stream that ends inside a frame, its length
+/// prefix included, is [`WireError::Truncated`].
+pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> Result<Option<Frame>, ReadError> {
+    let mut len = [0u8; 4];
+    match read_full(r, &mut len)? {
+        0 => return Ok(None),
+        4 => {}
+        have => {
+            return Err(WireError::Truncated {
+                what: "length prefix (connection closed)",
+                need: 4 - have,
+                have,
+            }
+            .into())
+        }
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    check_len(n)?;
+    body.resize(n, 0);
+    let have = read_full(r, body)?;
+    if have < n {
+        return Err(WireError::Truncated {
+            what: "frame (connection closed)",
+            need: n - have,
+            have,
+        }
+        .into());
+    }
+    Ok(Some(decode_body(body)?))
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 /// Decodes a frame without its length prefix (version, kind, body).
 pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
-    if b.len() > MAX_FRAME {
-        return Err(WireError::Oversized {
-            len: b.len(),
-            max: MAX_FRAME,
-        });
-    }
+    check_len(b.len())?;
     if b.len() < 2 {
         return Err(WireError::TooShort { len: b.len() });
+    }
+    let mut r = Reader { b: &b[2..] };
+    if b[1] == K_HELLO {
+        // Frozen layout: decoded whatever the version, so a mismatch can be reported.
+        let id = r.u32("hello id")?;
+        r.end()?;
+        return Ok(Frame::Hello { version: b[0], id });
     }
     if b[0] != WIRE_VERSION {
         return Err(WireError::Version {
@@ -221,7 +371,6 @@ pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
             want: WIRE_VERSION,
         });
     }
-    let mut r = Reader { b: &b[2..] };
     let f = match b[1] {
         K_APPEND => {
             let term = r.u64("append term")?;
@@ -230,12 +379,12 @@ pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
             let prev_term = r.u64("append prev_term")?;
             let commit = r.u64("append commit")?;
             let n = r.u32("append entry count")? as usize;
-            // Each entry has at least 20 bytes: refuse counts the frame cannot hold before
-            // allocating.
-            if n > r.b.len() / 20 {
+            // Each entry has at least ENTRY_OVERHEAD bytes: refuse counts the frame cannot
+            // hold before allocating.
+            if n > r.b.len() / ENTRY_OVERHEAD {
                 return Err(WireError::Truncated {
                     what: "append entries",
-                    need: n.saturating_mul(20),
+                    need: n.saturating_mul(ENTRY_OVERHEAD),
                     have: r.b.len(),
                 });
             }
@@ -245,7 +394,7 @@ pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
                 let term = r.u64("entry term")?;
                 let index = r.u64("entry index")?;
                 let plen = r.u32("entry payload length")? as usize;
-                let payload = r.bytes(plen, "entry payload")?.to_vec();
+                let payload = Arc::from(r.bytes(plen, "entry payload")?);
                 expect = expect
                     .checked_add(1)
                     .ok_or(WireError::Malformed("entry index overflows"))?;
@@ -272,24 +421,32 @@ pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
         K_APPEND_RESP => {
             let term = r.u64("response term")?;
             let from = r.u32("response sender")?;
-            let success = match r.u8("response success flag")? {
-                0 => false,
-                1 => true,
-                _ => return Err(WireError::Malformed("success flag is neither 0 nor 1")),
+            let code = r.u8("response outcome")?;
+            let match_index = r.u64("response match_index")?;
+            let commit = r.u64("response commit")?;
+            let last_index = r.u64("response last_index")?;
+            let outcome = match code {
+                OUTCOME_MISMATCH => AppendOutcome::Mismatch,
+                OUTCOME_OK => AppendOutcome::Ok,
+                OUTCOME_LOG_FULL => AppendOutcome::LogFull {
+                    need: r.u64("response bytes needed")?,
+                    left: r.u64("response bytes left")?,
+                },
+                _ => return Err(WireError::Malformed("unknown append outcome")),
             };
             Frame::Repl(Message::AppendResp {
                 term,
                 from,
-                success,
-                match_index: r.u64("response match_index")?,
-                commit: r.u64("response commit")?,
-                last_index: r.u64("response last_index")?,
+                outcome,
+                match_index,
+                commit,
+                last_index,
             })
         }
         K_CLIENT_WRITE => {
             let id = r.u64("write id")?;
             let plen = r.u32("write payload length")? as usize;
-            let payload = r.bytes(plen, "write payload")?.to_vec();
+            let payload = Arc::from(r.bytes(plen, "write payload")?);
             Frame::ClientWrite { id, payload }
         }
         K_CLIENT_ACK => Frame::ClientAck {
@@ -324,9 +481,7 @@ pub fn decode_body(b: &[u8]) -> Result<Frame, WireError> {
         }
         k => return Err(WireError::UnknownKind(k)),
     };
-    if !r.b.is_empty() {
-        return Err(WireError::Trailing(r.b.len()));
-    }
+    r.end()?;
     Ok(f)
 }
 
@@ -366,5 +521,11 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
+    }
+    fn end(&self) -> Result<(), WireError> {
+        if !self.b.is_empty() {
+            return Err(WireError::Trailing(self.b.len()));
+        }
+        Ok(())
     }
 }

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use blocklab::daemon::{self, MkfsRequest};
 use blocklab::dev::{Device, UringEngine};
-use blocklab::repl::kv::put_payload;
+use blocklab::repl::kv::{put_payload, slots_for};
 use blocklab::repl::replica::{self, Hooks, PolicySpec, Regions, ReplicaOptions, ReplicaReport};
-use blocklab::repl::{Entry, Stats};
+use blocklab::repl::{Entry, NodeId, Stats};
 use clap::{Parser, ValueEnum};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
@@ -30,6 +30,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const LOG_LEN: u64 = 64 << 20;
 const DATA_LEN: u64 = 16 << 20;
+/// Writes go to keys `n mod KEYS`: every key the storage engine has a slot for.
+const KEYS: u64 = slots_for(DATA_LEN);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,7 +159,6 @@ struct Row {
 /// What the replicas' hooks record during one run.
 #[derive(Debug, Default)]
 struct Rec {
-    secondaries: usize,
     /// Per index (1-based, slot 0 unused): arrival of the write at the primary.
     arrival: Vec<Option<Instant>>,
     commit: Vec<Option<Instant>>,
@@ -171,10 +172,10 @@ struct Rec {
     /// Index of the final (unmeasured) carrier write.
     carrier: Option<u64>,
     empties_at_carrier: Option<u64>,
-    /// Per replica (0 = primary): log flushes once its log was durable up to `measured`.
-    flushes: Vec<Option<u64>>,
-    /// Every entry is flushed on its own (no group commit).
-    per_entry_flush: bool,
+    /// Per replica (0 = primary): the first index of every log flush, as the replica
+    /// reported it, and its durable index.
+    flush_starts: Vec<Vec<u64>>,
+    durable: Vec<u64>,
 }
 
 fn set(v: &mut Vec<Option<Instant>>, i: u64, t: Instant) {
@@ -188,15 +189,18 @@ fn set(v: &mut Vec<Option<Instant>>, i: u64, t: Instant) {
 }
 
 impl Rec {
-    fn snapshot_flushes(&mut self, replica: usize, flushes: u64, durable: u64) {
-        if let Some(m) = self.measured {
-            if durable >= m && self.flushes[replica].is_none() {
-                // Without group commit each entry past the last measured one (the carrier,
-                // persisted in the same loop pass) cost exactly one flush: leave it out.
-                let extra = if self.per_entry_flush { durable - m } else { 0 };
-                self.flushes[replica] = Some(flushes.saturating_sub(extra));
-            }
-        }
+    fn persisted(&mut self, replica: usize, first: u64, last: u64) {
+        self.flush_starts[replica].push(first);
+        self.durable[replica] = self.durable[replica].max(last);
+    }
+    /// Flushes that wrote a measured entry (those starting at or before the last one;
+    /// with group commit one of them may also hold the carrier).
+    fn measured_flushes(&self, m: u64) -> u64 {
+        self.flush_starts
+            .iter()
+            .flatten()
+            .filter(|&&first| first <= m)
+            .count() as u64
     }
 }
 
@@ -220,11 +224,11 @@ impl Hooks for Secondary {
             set(&mut r.applied[self.slot], e.index, now);
         }
     }
-    fn loop_done(&mut self, _stats: &Stats, log_flushes: u64, durable: u64) {
+    fn persisted(&mut self, first: u64, last: u64, _flushes: u64) {
         self.rec
             .lock()
             .expect("lock")
-            .snapshot_flushes(self.slot + 1, log_flushes, durable);
+            .persisted(self.slot + 1, first, last);
     }
 }
 
@@ -241,7 +245,7 @@ struct Primary {
     value: Vec<u8>,
     rng: StdRng,
     peers: u64,
-    connected: bool,
+    connected: u64,
     t0: Option<Instant>,
     issued: u64,
     next_arrival: Option<Instant>,
@@ -253,7 +257,7 @@ struct Primary {
 
 impl Primary {
     fn payload(&self, n: u64) -> Vec<u8> {
-        put_payload(n % 4000, &self.value)
+        put_payload(n % KEYS, &self.value)
     }
     fn finished_issuing(&self) -> bool {
         match self.kind {
@@ -265,7 +269,7 @@ impl Primary {
 
 impl Hooks for Primary {
     fn poll(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) -> Option<Instant> {
-        if !self.connected {
+        if self.connected < self.peers {
             return Some(now + Duration::from_millis(1));
         }
         let t0 = *self.t0.get_or_insert(now + Duration::from_millis(10));
@@ -353,15 +357,16 @@ impl Hooks for Primary {
         }
         self.committed = commit;
     }
-    fn loop_done(&mut self, stats: &Stats, log_flushes: u64, durable: u64) {
-        if !self.connected && stats.probes >= 2 * self.peers {
-            // A probe at start (lost: no connection yet) and one per connection made.
-            self.connected = true;
-        }
-        let mut r = self.rec.lock().expect("lock");
-        r.snapshot_flushes(0, log_flushes, durable);
-        if self.carrier_proposed && r.empties_at_carrier.is_none() {
-            r.empties_at_carrier = Some(stats.empty_appends);
+    fn peer_connected(&mut self, _peer: NodeId) {
+        self.connected += 1;
+    }
+    fn persisted(&mut self, first: u64, last: u64, _flushes: u64) {
+        self.rec.lock().expect("lock").persisted(0, first, last);
+    }
+    fn loop_done(&mut self, stats: &Stats) {
+        if self.carrier_proposed {
+            let mut r = self.rec.lock().expect("lock");
+            r.empties_at_carrier.get_or_insert(stats.empty_appends);
         }
     }
 }
@@ -388,11 +393,10 @@ fn run_one(
     let delay = Duration::from_secs_f64(spec.rtt_ms / 2.0 / 1000.0);
     let tick = Duration::from_micros(args.tick_us.max(1));
     let rec = Arc::new(Mutex::new(Rec {
-        secondaries: n - 1,
         learned: vec![Vec::new(); n - 1],
         applied: vec![Vec::new(); n - 1],
-        flushes: vec![None; n],
-        per_entry_flush: !args.group_commit,
+        flush_starts: vec![Vec::new(); n],
+        durable: vec![0; n],
         ..Rec::default()
     }));
     let opts =
@@ -452,7 +456,7 @@ fn run_one(
         value: vec![0x5a; args.value_bytes],
         rng: StdRng::seed_from_u64(spec.repetition as u64 * 7919 + 1),
         peers: (n - 1) as u64,
-        connected: false,
+        connected: 0,
         t0: None,
         issued: 0,
         next_arrival: None,
@@ -480,7 +484,7 @@ fn run_one(
                     .iter()
                     .all(|a| a.get(m as usize).is_some_and(|t| t.is_some()))
                     && r.empties_at_carrier.is_some()
-                    && r.flushes.iter().all(|f| f.is_some())
+                    && r.durable.iter().all(|&d| d >= m)
                 {
                     break;
                 }
@@ -509,7 +513,7 @@ fn run_one(
     for i in 1..=measured as usize {
         let c = r.commit[i].context("measured write never committed")?;
         write.record_us(c.saturating_duration_since(r.arrival[i].context("no arrival")?));
-        for s in 0..r.secondaries {
+        for s in 0..r.learned.len() {
             let a = r.applied[s][i].context("measured write never applied")?;
             apply.record_us(a.saturating_duration_since(c));
             let l = r.learned[s][i].context("commit never learned")?;
@@ -547,7 +551,7 @@ fn run_one(
         commit_lag_p99_us: learn.percentiles().p99,
         extra_messages: extra,
         extra_messages_per_write: (extra as f64 / measured as f64 * 10_000.0).round() / 10_000.0,
-        log_flushes: r.flushes.iter().map(|f| f.unwrap_or(0)).sum(),
+        log_flushes: r.measured_flushes(measured),
         write_p50_us: w.p50,
         write_p99_us: w.p99,
     })

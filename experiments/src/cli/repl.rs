@@ -20,8 +20,9 @@ pub enum ReplCmd {
     /// Run one replica (primary or secondary) on a device until SIGTERM/SIGINT.
     ///
     /// Prints `listening on ADDR` once the device is open. A device holding a replication
-    /// log is recovered (restart); an empty device gets a new log; anything else is refused
-    /// unless --force.
+    /// log is recovered (restart); an empty device gets a new log; anything else (a
+    /// formatted daemon device without a replication log included) is refused unless
+    /// --force.
     Serve {
         /// This replica's id.
         #[arg(long)]
@@ -63,7 +64,9 @@ pub enum ReplCmd {
         /// Start a new, empty log even if the device holds one.
         #[arg(long)]
         fresh: bool,
-        /// Overwrite a device that holds other data.
+        /// Use a device that holds anything but a replication log (another daemon's or
+        /// cluster's format, a file system, other data): its log and data regions are
+        /// overwritten.
         #[arg(long)]
         force: bool,
     },
@@ -118,13 +121,6 @@ pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
             if !members.contains(&id) {
                 bail!("--id {id} is not among --members {members:?}");
             }
-            if id == primary {
-                for m in &members {
-                    if *m != id && !peers.iter().any(|(p, _)| p == m) {
-                        bail!("the primary needs --peer {m}=HOST:PORT for every secondary");
-                    }
-                }
-            }
             if !(delay_ms.is_finite() && delay_ms >= 0.0) {
                 bail!("--delay-ms must be ≥ 0");
             }
@@ -173,9 +169,21 @@ pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("replica thread panicked"))?
                 .with_context(|| format!("replica {id} on {}", device.display()))?;
+            let s = report.stats;
             eprintln!(
-                "replica {id} stopped: term {} last_index {} commit {} applied {} log_flushes {}",
-                report.term, report.last_index, report.commit, report.applied, report.log_flushes
+                "replica {id} stopped: term {} last_index {} commit {} applied {} \
+                 apply_rejected {} log_flushes {} appends_with_entries {} empty_appends {} \
+                 probes {} retransmits {}",
+                report.term,
+                report.last_index,
+                report.commit,
+                report.applied,
+                report.apply_rejected,
+                report.log_flushes,
+                s.appends_with_entries,
+                s.empty_appends,
+                s.probes,
+                s.retransmits
             );
         }
         ReplCmd::Write { to, key, value } => {
