@@ -60,6 +60,12 @@ pub fn audit(at: &Attached, records: &[Record]) -> Result<AuditReport, AllocErro
     let mut rep = AuditReport::default();
     for d in at.attached_devices().filter(|d| d.is_online()) {
         let dev = d.index();
+        if !d.tail_bits_set() {
+            rep.double_allocated += 1;
+            rep.problem(format!(
+                "device {dev}: a bitmap bit past its last block is clear (a claim could hand out a block that does not exist)"
+            ));
+        }
         let mut in_free = vec![0u32; d.block_count() as usize];
         for b in d.free_members() {
             in_free[b as usize] += 1;
