@@ -155,6 +155,17 @@ impl Attached {
         if self.epoch_seen.load(Ordering::Acquire) == epoch {
             return Ok(());
         }
+        self.rescan(epoch)
+    }
+
+    /// [`refresh`](Self::refresh) whatever the epoch says: for the leader's segment
+    /// changes and recovery, which must also see a segment whose creator died before it
+    /// bumped the epoch.
+    pub fn rescan_devices(&self) -> Result<(), AllocError> {
+        self.rescan(self.node.device_epoch().load(Ordering::Acquire))
+    }
+
+    fn rescan(&self, epoch: u64) -> Result<(), AllocError> {
         let _g = self.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
         for (i, slot) in self.devices.iter().enumerate() {
             // An online segment keeps its index: it goes offline before it is unlinked.
@@ -398,7 +409,7 @@ fn add_device(
     block_size: u64,
 ) -> Result<u16, AllocError> {
     let _g = at.admin();
-    at.refresh()?;
+    at.rescan_devices()?;
     if let Some(d) = at
         .attached_devices()
         .find(|d| d.is_online() && d.device_path() == spec.path)
@@ -455,7 +466,7 @@ fn pick_index(at: &Attached) -> Result<(u16, u64), AllocError> {
 /// entries, unlinks its segment. Its in-flight blocks go with it (their commits fail).
 fn remove_device(at: &Attached, dev: u16) -> Result<(), AllocError> {
     let _g = at.admin();
-    at.refresh()?;
+    at.rescan_devices()?;
     let d = at.device(dev)?;
     if !d.is_online() {
         return Ok(());

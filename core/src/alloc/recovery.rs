@@ -57,6 +57,8 @@ pub fn quiesce(at: &Attached) -> Result<Quiesced<'_>, AllocError> {
             }
         })?;
     }
+    // Every device segment, even one whose creator died before announcing it.
+    at.rescan_devices()?;
     let deadline = Instant::now() + QUIESCE_TIMEOUT;
     let mut busy = at.proc_records()?;
     let mut nap = Duration::from_micros(20);
