@@ -1,5 +1,7 @@
 //! The audit: walks every block of every device of a node and classifies it as free,
-//! in use and recorded, or neither (leaked); and counts blocks owned twice.
+//! in use and recorded, or neither (leaked); and counts blocks owned twice. A bitmap whose
+//! bits past the last block are not all set counts as one double allocation too (a claim
+//! could hand out a block that does not exist).
 //!
 //! Records come from three places: the caller's list (index-server records, blocks a
 //! worker reported holding), the unfilled-block table, and each process's current-block
