@@ -3,8 +3,8 @@
 //! to the leader, here a thread of the same process).
 
 use blocklab::alloc::node::{NodeConfig, NodeProcess};
-use blocklab::alloc::{DeviceRegion, Strategy};
-use blocklab::testing::free_port;
+use blocklab::alloc::{DeviceSpec, Strategy};
+use blocklab::testing::{free_port, scratch_dir, sparse_file};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn alloc_free(c: &mut Criterion) {
@@ -14,18 +14,16 @@ fn alloc_free(c: &mut Criterion) {
             .prefix("blocklab-alloc-bench-")
             .tempdir_in("/dev/shm")
             .unwrap();
-        // Blocks are never written here, so the region needs no real device behind it.
+        // Blocks are never written here: a sparse file of 1024 blocks after the first MiB.
+        let files = scratch_dir("blocklab-alloc-bench-dev-");
+        let dev = sparse_file(&files.path().join("dev.img"), (1 << 20) + 1024 * (64 << 10));
         let cfg = NodeConfig {
             dir: dir.path().join("node"),
             internal_port: free_port(),
             proc_id: 1,
             strategy,
             block_size: 64 << 10,
-            devices: vec![DeviceRegion {
-                path: "/dev/null".into(),
-                offset: 0,
-                len: 1024 * (64 << 10),
-            }],
+            devices: vec![DeviceSpec::path(dev)],
             unfilled_capacity: 16,
         };
         let p = NodeProcess::start(cfg).unwrap();

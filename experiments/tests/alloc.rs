@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use blocklab::alloc::audit::{audit, AuditReport, Record};
-use blocklab::alloc::node::Attached;
-use blocklab::alloc::{BlockRef, DeviceRegion, Strategy};
+use blocklab::alloc::node::{proc_path, Attached};
+use blocklab::alloc::segs::ProcSeg;
+use blocklab::alloc::{BlockRef, DeviceRegion, DeviceSpec, Strategy};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::testing::{free_port, sparse_files, LoopDevices};
 use harness::cli::alloc::{NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
@@ -57,7 +58,7 @@ fn spec(
             internal_port: free_port(),
             strategy,
             block_size: BLOCK,
-            devices,
+            devices: devices.iter().map(DeviceSpec::region).collect(),
             unfilled_capacity: 64,
         },
         seconds,
@@ -129,8 +130,11 @@ fn audit_node(dir: &Path, held: &[BlockRef]) -> AuditReport {
     audit(&at, &recs).unwrap()
 }
 
-fn finish(mut ws: Vec<WorkerProc>, leader: u16) {
-    ws.sort_by_key(|w| w.proc_id == leader);
+/// Closes every worker, the node's current leader last (it serves the others).
+fn finish(mut ws: Vec<WorkerProc>, node_dir: &Path) {
+    let at = Attached::open(node_dir).unwrap();
+    let leader_pid = at.node.leader_pid().load(Ordering::SeqCst) as u32;
+    ws.sort_by_key(|w| w.pid() == leader_pid);
     for w in ws {
         w.finish().unwrap();
     }
@@ -145,7 +149,7 @@ fn processes_allocating_and_freeing_concurrently_never_share_a_block() {
         let blocks_total: u64 = devs.iter().map(|d| d.len / BLOCK).sum();
         let s = spec(node.path(), strategy, devs, 0.5, false, 3);
         let (mut ws, ready) = start(&s, 4);
-        let leader = leader_of(&ready);
+        leader_of(&ready);
         for w in &mut ws {
             w.go().unwrap();
         }
@@ -168,7 +172,7 @@ fn processes_allocating_and_freeing_concurrently_never_share_a_block() {
             blocks_total - 12,
             "{strategy}: exact free count {rep:?}"
         );
-        finish(ws, leader);
+        finish(ws, node.path());
     }
 }
 
@@ -194,67 +198,90 @@ fn simultaneous_starts_elect_exactly_one_leader() {
         w.go().unwrap();
     }
     collect(&mut ws, 0.1);
-    finish(ws, leader);
+    finish(ws, node.path());
 }
 
 #[test]
 fn leader_death_a_follower_takes_over_and_reclaims() {
-    let files = tempfile::tempdir_in("/var/tmp").unwrap();
-    let node = shm_dir();
-    let s = spec(
-        node.path(),
-        Strategy::Shm,
-        file_devices(files.path(), 2, 8 << 20),
-        1.5,
-        false,
-        2,
-    );
-    let (mut ws, ready) = start(&s, 3);
-    let leader = leader_of(&ready);
-    for w in &mut ws {
-        w.go().unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let i = ws.iter().position(|w| w.proc_id == leader).unwrap();
-    let old = ws.remove(i);
-    let old_pid = old.pid();
-    old.kill().unwrap();
-    // A follower notices, wins the election and records itself as leader.
-    let at = Attached::open(node.path()).unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    let survivors: Vec<u32> = ws.iter().map(|w| w.pid()).collect();
-    loop {
-        let p = at.node.leader_pid().load(Ordering::SeqCst) as u32;
-        if p != old_pid && survivors.contains(&p) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no follower took over"
+    // `central` too: its clients reach the new leader's server and go on.
+    for strategy in [Strategy::Shm, Strategy::Central] {
+        let files = tempfile::tempdir_in("/var/tmp").unwrap();
+        let node = shm_dir();
+        let s = spec(
+            node.path(),
+            strategy,
+            file_devices(files.path(), 2, 8 << 20),
+            1.5,
+            false,
+            2,
         );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // The old leader restarts with its id: it is now a follower.
-    let mut again = WorkerProc::spawn(&s, leader).unwrap();
-    match again.event(WAIT).unwrap() {
-        WorkerEvent::Ready { leader: l, .. } => {
-            assert!(!l, "the restarted old leader must follow")
+        let (mut ws, ready) = start(&s, 3);
+        let leader = leader_of(&ready);
+        // The leader stops with a block in flight and dies there; the others run on.
+        for w in &mut ws {
+            if w.proc_id == leader {
+                w.go_stop_in_flight(0.3).unwrap();
+            } else {
+                w.go().unwrap();
+            }
         }
-        e => panic!("unexpected {e:?}"),
+        let i = ws.iter().position(|w| w.proc_id == leader).unwrap();
+        let mut old = ws.remove(i);
+        let in_flight = match old.event(WAIT).unwrap() {
+            WorkerEvent::InFlight { block, .. } => block,
+            e => panic!("unexpected {e:?}"),
+        };
+        let old_pid = old.pid();
+        old.kill().unwrap();
+        // A follower notices, wins the election and records itself as leader.
+        let at = Attached::open(node.path()).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        let survivors: Vec<u32> = ws.iter().map(|w| w.pid()).collect();
+        loop {
+            let p = at.node.leader_pid().load(Ordering::SeqCst) as u32;
+            if p != old_pid && survivors.contains(&p) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{strategy}: no follower took over"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The old leader restarts with its id: it is now a follower, and the new leader
+        // had already returned its in-flight block (exactly once).
+        let mut again = WorkerProc::spawn(&s, leader).unwrap();
+        match again.event(WAIT).unwrap() {
+            WorkerEvent::Ready {
+                leader: l,
+                recovered,
+                ..
+            } => {
+                assert!(!l, "{strategy}: the restarted old leader must follow");
+                assert_eq!(
+                    recovered, 0,
+                    "{strategy}: recovered by the takeover already"
+                );
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        let rec = ProcSeg::attach(&proc_path(node.path(), leader)).unwrap();
+        assert_eq!(rec.recovered().load(Ordering::SeqCst), 1, "{strategy}");
+        assert_eq!(
+            BlockRef::unpack(rec.last_recovered().load(Ordering::SeqCst)),
+            Some(in_flight),
+            "{strategy}"
+        );
+        again.go().unwrap();
+        ws.push(again);
+        let (ops, held) = collect(&mut ws, 1.5);
+        assert!(ops > 0, "{strategy}");
+        let rep = audit_node(node.path(), &held);
+        assert_eq!(rep.leaked_blocks, 0, "{strategy}: {rep:?}");
+        assert_eq!(rep.double_allocated, 0, "{strategy}: {rep:?}");
+        assert_eq!(rep.in_use as usize, held.len(), "{strategy}: {rep:?}");
+        finish(ws, node.path());
     }
-    again.go().unwrap();
-    ws.push(again);
-    let (_, held) = collect(&mut ws, 1.5);
-    let rep = audit_node(node.path(), &held);
-    assert_eq!(rep.leaked_blocks, 0, "{rep:?}");
-    assert_eq!(rep.double_allocated, 0, "{rep:?}");
-    let new_leader_pid = at.node.leader_pid().load(Ordering::SeqCst) as u32;
-    let new_leader = ws
-        .iter()
-        .find(|w| w.pid() == new_leader_pid)
-        .unwrap()
-        .proc_id;
-    finish(ws, new_leader);
 }
 
 #[test]
@@ -273,12 +300,20 @@ fn killed_writer_restarts_and_its_in_flight_block_is_recovered() {
     );
     let (mut ws, ready) = start(&s, 3);
     let leader = leader_of(&ready);
-    for w in &mut ws {
-        w.go().unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // A follower stops after writing a block it has not committed; it is killed there.
     let i = ws.iter().position(|w| w.proc_id != leader).unwrap();
-    let victim = ws.remove(i);
+    for (j, w) in ws.iter_mut().enumerate() {
+        if j == i {
+            w.go_stop_in_flight(0.3).unwrap();
+        } else {
+            w.go().unwrap();
+        }
+    }
+    let mut victim = ws.remove(i);
+    let in_flight = match victim.event(WAIT).unwrap() {
+        WorkerEvent::InFlight { block, .. } => block,
+        e => panic!("unexpected {e:?}"),
+    };
     let id = victim.proc_id;
     victim.kill().unwrap();
     let mut again = WorkerProc::spawn(&s, id).unwrap();
@@ -286,6 +321,14 @@ fn killed_writer_restarts_and_its_in_flight_block_is_recovered() {
         again.event(WAIT).unwrap(),
         WorkerEvent::Ready { leader: false, .. }
     ));
+    // Its block came back exactly once (by the leader when its connection dropped, or at
+    // its registration, whichever came first).
+    let rec = ProcSeg::attach(&proc_path(node.path(), id)).unwrap();
+    assert_eq!(rec.recovered().load(Ordering::SeqCst), 1);
+    assert_eq!(
+        BlockRef::unpack(rec.last_recovered().load(Ordering::SeqCst)),
+        Some(in_flight)
+    );
     again.go().unwrap();
     ws.push(again);
     let (_, held) = collect(&mut ws, 1.0);
@@ -293,7 +336,7 @@ fn killed_writer_restarts_and_its_in_flight_block_is_recovered() {
     assert_eq!(rep.leaked_blocks, 0, "{rep:?}");
     assert_eq!(rep.double_allocated, 0, "{rep:?}");
     assert_eq!(rep.in_use as usize, held.len());
-    finish(ws, leader);
+    finish(ws, node.path());
 }
 
 #[test]
@@ -309,7 +352,7 @@ fn a_lock_holder_that_is_killed_does_not_wedge_the_others() {
         1,
     );
     let (mut ws, ready) = start(&s, 2);
-    let leader = leader_of(&ready);
+    leader_of(&ready);
     // Two processes take the robust locks of both devices and are killed holding them.
     for dev in 0..2u16 {
         let mut h = Command::new(exe())
@@ -337,7 +380,7 @@ fn a_lock_holder_that_is_killed_does_not_wedge_the_others() {
     let rep = audit_node(node.path(), &held);
     assert_eq!(rep.leaked_blocks, 0, "{rep:?}");
     assert_eq!(rep.double_allocated, 0, "{rep:?}");
-    finish(ws, leader);
+    finish(ws, node.path());
 }
 
 #[test]
@@ -349,7 +392,7 @@ fn device_offline_while_writing_processes_switch_and_nothing_acknowledged_is_los
     let regions = loop_regions(&g, 32 << 20);
     let s = spec(node.path(), Strategy::Shm, regions.clone(), 1.0, true, 3);
     let (mut ws, ready) = start(&s, 3);
-    let leader = leader_of(&ready);
+    leader_of(&ready);
     for w in &mut ws {
         w.go().unwrap();
     }
@@ -384,5 +427,5 @@ fn device_offline_while_writing_processes_switch_and_nothing_acknowledged_is_los
         !node.path().join("dev-0.shm").exists(),
         "offline segment freed"
     );
-    finish(ws, leader);
+    finish(ws, node.path());
 }

@@ -1,7 +1,8 @@
 //! The store path end to end with real processes and sockets: an index server process,
 //! two storage nodes of two processes each (`blocklab alloc node`), the client library
 //! storing and fetching channels, a full cluster, a device coming online through the
-//! index server, and the audit of both nodes against the index's records.
+//! index server, the audit of both nodes against the index's records; and node processes
+//! that die or restart on another port while clients store.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,9 +11,10 @@ use blocklab::alloc::audit::{audit, Record};
 use blocklab::alloc::index::{call, IndexRequest};
 use blocklab::alloc::node::Attached;
 use blocklab::alloc::store::{client_fetch, client_store};
-use blocklab::alloc::{AllocError, BlockRef, DeviceRegion};
-use blocklab::testing::{free_port, spawn_announcing, KillOnDrop, LoopDevices};
-use harness::cli::alloc::format_region;
+use blocklab::alloc::{AllocError, BlockRef, DeviceRegion, DeviceSpec};
+use blocklab::testing::{
+    free_port, scratch_dir, sparse_file, spawn_announcing, KillOnDrop, LoopDevices,
+};
 
 const BLOCK: u64 = 64 << 10;
 
@@ -59,7 +61,7 @@ fn node_args(
     ];
     for d in devs {
         a.push("--device".into());
-        a.push(format_region(d));
+        a.push(DeviceSpec::region(d).to_string());
     }
     a
 }
@@ -134,7 +136,8 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
         );
     }
 
-    // A new device on node-a, announced through the index server: room again.
+    // A new device on node-a, announced through the index server by path: room again
+    // (the node's leader puts its blocks after the first MiB of the raw device).
     let st = Command::new(exe())
         .args([
             "index",
@@ -145,7 +148,7 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
             "node-a",
             "--device",
         ])
-        .arg(format_region(&region(&paths[2], 4)))
+        .arg(&paths[2])
         .status()
         .unwrap();
     assert!(st.success());
@@ -177,4 +180,78 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
         assert_eq!(rep.double_allocated, 0, "{name}: {rep:?}");
     }
     drop(procs);
+}
+
+/// Spawns an index server; returns it and its address.
+fn index_server() -> (KillOnDrop, String) {
+    let (ix, line) = spawn(&[
+        "index".into(),
+        "serve".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let addr = line.strip_prefix("listening ").unwrap().to_string();
+    (ix, addr)
+}
+
+#[test]
+fn stores_go_on_when_a_node_process_dies_or_restarts_on_another_port() {
+    let files = scratch_dir("blocklab-alloc-store-");
+    let dev = sparse_file(&files.path().join("a.img"), 32 << 20);
+    let (_ix, index) = index_server();
+    // Nothing registered yet: no node, rather than a full cluster.
+    let e = client_store(&index, 1, b"x").unwrap_err();
+    assert!(matches!(e, AllocError::NoNode), "{e}");
+    assert!(e.to_string().contains("no node"), "{e}");
+
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let port = free_port();
+    let args = |id: u16| {
+        let mut a = node_args(dir.path(), port, id, "node-a", &index, &[]);
+        a.push("--device".into());
+        a.push(dev.display().to_string());
+        a
+    };
+    let (leader, l) = spawn(&args(1));
+    assert!(l.ends_with(" leader"), "{l}");
+    let (follower, l) = spawn(&args(2));
+    assert!(l.ends_with(" follower"), "{l}");
+    let store_all = |from: u64| {
+        for ch in from..from + 8 {
+            let data = vec![ch as u8; 3000];
+            client_store(&index, ch, &data).unwrap_or_else(|e| panic!("channel {ch}: {e}"));
+            assert_eq!(client_fetch(&index, ch).unwrap(), vec![data]);
+        }
+    };
+    // Both processes take channels (by channel number).
+    store_all(0);
+
+    // Process 2 restarts: it listens on a new port and replaces its old endpoint.
+    drop(follower);
+    let (follower, l) = spawn(&args(2));
+    assert!(l.starts_with("ready "), "{l}");
+    store_all(100);
+
+    // Process 2 dies for good: clients report its endpoint and go to process 1.
+    drop(follower);
+    store_all(200);
+
+    let recs = call(&index, &IndexRequest::Records).unwrap().records;
+    assert_eq!(recs.len(), 24);
+    let at = Attached::open(dir.path()).unwrap();
+    let mine: Vec<Record> = recs
+        .iter()
+        .map(|(_, l)| Record {
+            block: BlockRef {
+                dev: l.dev,
+                block: l.block,
+            },
+            offset: l.offset_in_block,
+            len: l.len,
+        })
+        .collect();
+    let rep = audit(&at, &mine).unwrap();
+    assert_eq!(rep.leaked_blocks, 0, "{rep:?}");
+    assert_eq!(rep.double_allocated, 0, "{rep:?}");
+    drop(leader);
 }

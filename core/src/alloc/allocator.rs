@@ -12,13 +12,14 @@
 //!   Dead after: `InFlight(me)`; recovery returns it.
 //! * commit: state `Filled(used)` → current cleared.
 //! * free: current record cleared → state CAS to `Free` → release. Dead in between:
-//!   rebuilt.
+//!   rebuilt. Only the owner frees an in-flight block; a filled block's unfilled-table
+//!   entries are removed before its state changes.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::node::Attached;
-use super::segs::{spread_hint, BlockRef, BlockState, DeviceSeg, NodeSeg, ProcSeg};
+use super::segs::{BlockRef, BlockState, NodeSeg, ProcSeg, MAX_DEVICES};
 use super::{AllocError, Strategy, UNIT};
 
 /// A block allocator of a node process.
@@ -28,7 +29,8 @@ pub trait BlockAllocator: Send {
     fn alloc(&mut self, dev: u16) -> Result<BlockRef, AllocError>;
     /// The in-flight block `b` now holds `used_bytes` of acknowledged data.
     fn commit(&mut self, b: BlockRef, used_bytes: u64) -> Result<(), AllocError>;
-    /// Returns block `b` to the free structure.
+    /// Returns block `b` to the free structure: a block this process has in flight, or a
+    /// filled block.
     fn free(&mut self, b: BlockRef) -> Result<(), AllocError>;
     fn strategy(&self) -> Strategy;
 }
@@ -68,47 +70,30 @@ pub(crate) fn leave(me: &ProcSeg) {
     me.busy().store(0, Ordering::Release);
 }
 
-fn online(at: &Attached, dev: u16) -> Result<&DeviceSeg, AllocError> {
-    let d = at.device(dev)?;
-    if !d.is_online() {
-        return Err(AllocError::DeviceOffline { dev });
-    }
-    Ok(d)
-}
-
 /// Where a process (or the central server) starts searching each device's bitmap:
-/// process-local, one per device, set to [`spread_hint`] on first use and then left at
-/// the word the last claim came from.
+/// process-local, one per device index, starting at [`spread_hint`] and then left at the
+/// word the last claim came from.
+///
+/// [`spread_hint`]: super::segs::spread_hint
 #[derive(Debug, Clone)]
 pub struct Hints {
-    proc_id: u16,
-    by_dev: Vec<u32>,
+    seed: u16,
+    by_dev: [u32; MAX_DEVICES],
 }
 
 impl Hints {
-    const UNSET: u32 = u32::MAX;
     pub fn new(proc_id: u16) -> Hints {
         Hints {
-            proc_id,
-            by_dev: Vec::new(),
+            seed: proc_id,
+            // Out of range for every device: the first claim starts at the spread hint.
+            by_dev: [u32::MAX; MAX_DEVICES],
         }
-    }
-    #[inline]
-    fn slot(&mut self, dev: u16, d: &DeviceSeg) -> &mut u32 {
-        let i = dev as usize;
-        if i >= self.by_dev.len() {
-            self.by_dev.resize(i + 1, Self::UNSET);
-        }
-        let h = &mut self.by_dev[i];
-        if *h == Self::UNSET {
-            *h = spread_hint(self.proc_id, d.words());
-        }
-        h
     }
 }
 
 /// Takes a block of `dev` for `owner`; `busy` is the record whose busy flag guards the
 /// operation (the caller's own, or the central server's).
+#[inline]
 pub(crate) fn alloc_for(
     at: &Attached,
     busy: &ProcSeg,
@@ -116,56 +101,90 @@ pub(crate) fn alloc_for(
     dev: u16,
     hints: &mut Hints,
 ) -> Result<BlockRef, AllocError> {
-    let d = online(at, dev)?;
-    enter(&at.node, at.asym, busy);
-    let r = (|| {
-        if !d.is_online() {
-            return Err(AllocError::DeviceOffline { dev });
-        }
-        match d.pop(hints.slot(dev, d))? {
-            Some(b) => {
-                d.set_state(
-                    b,
-                    BlockState::InFlight {
-                        owner,
-                        prior_units: 0,
-                    },
-                );
-                Ok(BlockRef { dev, block: b })
+    let mut d = at.device(dev)?;
+    let hint = &mut hints.by_dev[dev as usize % MAX_DEVICES];
+    loop {
+        enter(&at.node, at.asym, busy);
+        let r = (|| {
+            if !d.is_online() {
+                return Err(AllocError::DeviceOffline { dev });
             }
-            None => Err(AllocError::DeviceFull { dev }),
+            match d.claim(hint, hints.seed)? {
+                Some(b) => {
+                    d.set_state(
+                        b,
+                        BlockState::InFlight {
+                            owner,
+                            prior_units: 0,
+                        },
+                    );
+                    Ok(BlockRef { dev, block: b })
+                }
+                None => Err(AllocError::DeviceFull { dev }),
+            }
+        })();
+        leave(busy);
+        match r {
+            // The index may have been given to a new device since this process looked.
+            Err(AllocError::DeviceOffline { .. }) => match at.reattach(dev, d)? {
+                Some(newer) => d = newer,
+                None => return r,
+            },
+            r => return r,
         }
-    })();
-    leave(busy);
-    r
+    }
 }
 
-/// Frees `b` (any non-free state); refuses a block that is already free.
-pub(crate) fn free_with(at: &Attached, busy: &ProcSeg, b: BlockRef) -> Result<(), AllocError> {
+/// Frees `b` for `owner`: a block `owner` has in flight, or a filled block (whose
+/// unfilled-table entries go first). Refuses a free block and another process's
+/// in-flight block.
+#[inline]
+pub(crate) fn free_with(
+    at: &Attached,
+    busy: &ProcSeg,
+    owner: u16,
+    b: BlockRef,
+) -> Result<(), AllocError> {
     let d = at.device(b.dev)?;
+    let not_held = || AllocError::NotHeld {
+        dev: b.dev,
+        block: b.block,
+    };
     if b.block >= d.block_count() {
-        return Err(AllocError::NotHeld {
-            dev: b.dev,
-            block: b.block,
-        });
+        return Err(not_held());
     }
-    enter(&at.node, at.asym, busy);
-    let r = (|| {
-        let cur = d.state(b.block).load(Ordering::Acquire);
-        if BlockState::decode(cur) == BlockState::Free
-            || d.state(b.block)
+    let mut table_cleared = false;
+    loop {
+        enter(&at.node, at.asym, busy);
+        let r = (|| {
+            let cur = d.state(b.block).load(Ordering::Acquire);
+            match BlockState::decode(cur) {
+                BlockState::Free => return Err(not_held()),
+                BlockState::InFlight { owner: o, .. } if o != owner => return Err(not_held()),
+                // Processes never take the table lock inside an operation (recovery
+                // holds it while it waits for them): leave, clear, come back.
+                BlockState::Filled { .. } if !table_cleared => return Ok(false),
+                _ => {}
+            }
+            if d.state(b.block)
                 .compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
-        {
-            return Err(AllocError::NotHeld {
-                dev: b.dev,
-                block: b.block,
-            });
+            {
+                return Err(not_held());
+            }
+            d.release(b.block).map(|()| true)
+        })();
+        leave(busy);
+        match r {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                let _l = at.unfilled.lock()?;
+                at.unfilled.remove_where(|u| u.block == b);
+                table_cleared = true;
+            }
+            Err(e) => return Err(e),
         }
-        d.push(b.block)
-    })();
-    leave(busy);
-    r
+    }
 }
 
 /// Marks in-flight block `b` of `owner` as holding `used_bytes`.
@@ -246,7 +265,7 @@ impl BlockAllocator for LocalAllocator {
         // Clear the record first: dead after this, the block is still `InFlight(me)` and
         // recovery returns it; the record never names a block that is already free.
         self.me.clear_current_if(b);
-        free_with(&self.at, &self.me, b)
+        free_with(&self.at, &self.me, self.id, b)
     }
     fn strategy(&self) -> Strategy {
         self.strategy

@@ -1,5 +1,7 @@
 //! The audit: walks every block of every device of a node and classifies it as free,
-//! in use and recorded, or neither (leaked); and counts blocks owned twice.
+//! in use and recorded, or neither (leaked); and counts blocks owned twice. A bitmap whose
+//! bits past the last block are not all set counts as one double allocation too (a claim
+//! could hand out a block that does not exist).
 //!
 //! Records come from three places: the caller's list (index-server records, blocks a
 //! worker reported holding), the unfilled-block table, and each process's current-block
@@ -60,6 +62,12 @@ pub fn audit(at: &Attached, records: &[Record]) -> Result<AuditReport, AllocErro
     let mut rep = AuditReport::default();
     for d in at.attached_devices().filter(|d| d.is_online()) {
         let dev = d.index();
+        if !d.tail_bits_set() {
+            rep.double_allocated += 1;
+            rep.problem(format!(
+                "device {dev}: a bitmap bit past its last block is clear (a claim could hand out a block that does not exist)"
+            ));
+        }
         let mut in_free = vec![0u32; d.block_count() as usize];
         for b in d.free_members() {
             in_free[b as usize] += 1;

@@ -1,23 +1,36 @@
 //! The `central` baseline: the leader allocates; every other process asks it over a Unix
 //! socket, one round trip per allocation and per free.
 //!
-//! Wire format (fixed 8 bytes each way): request `[op, 0, dev u16 LE, block u32 LE]`
-//! with op 1 = alloc, 2 = free, after a 2-byte hello carrying the caller's proc id;
-//! reply `[status, 0, dev u16 LE, block u32 LE]`.
+//! Wire format, little-endian:
+//! * hello (client → server, once per connection): `[proc id u16, flags u8, 0]`; flag 1 =
+//!   reconnect (the previous server died). The server checks the caller (its peer pid
+//!   must be the pid in the caller's process record) and, on a reconnect, returns the
+//!   caller's in-flight blocks its record does not name (allocations whose replies the
+//!   dead server never sent). It answers like a request.
+//! * request: `[op, 0, dev u16, block u32]`, op 1 = alloc, 2 = free.
+//! * reply: `[status, 0, dev u16, block u32]`; for status "other" the `dev` field is the
+//!   length of a UTF-8 error text that follows.
+//!
+//! A client whose connection breaks (the leader died) connects again to the new leader's
+//! server, once per call, and repeats the call.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::allocator::{alloc_for, commit_for, free_with, BlockAllocator, Hints};
-use super::node::Attached;
+use super::node::{proc_path, Attached, CENTRAL_PROC_ID};
+use super::recovery;
 use super::segs::{BlockRef, ProcSeg};
 use super::{AllocError, Strategy};
 
 const OP_ALLOC: u8 = 1;
 const OP_FREE: u8 = 2;
+
+const HELLO_RECONNECT: u8 = 1;
 
 const ST_OK: u8 = 0;
 const ST_FULL: u8 = 1;
@@ -25,6 +38,12 @@ const ST_OFFLINE: u8 = 2;
 const ST_NO_DEVICE: u8 = 3;
 const ST_NOT_HELD: u8 = 4;
 const ST_OTHER: u8 = 5;
+
+/// Longest error text sent back.
+const MAX_TEXT: usize = 4096;
+
+/// How long a client keeps trying to reach a server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn status_of(e: &AllocError) -> u8 {
     match e {
@@ -52,6 +71,22 @@ fn decode(m: &[u8; 8]) -> (u8, u16, u32) {
     )
 }
 
+/// The reply to a failed request: its status, and for "other" the error's text.
+fn error_reply(e: &AllocError, dev: u16, block: u32) -> Vec<u8> {
+    let st = status_of(e);
+    if st != ST_OTHER {
+        return encode(st, dev, block).to_vec();
+    }
+    let text = e.to_string();
+    let mut n = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    let mut m = encode(ST_OTHER, n as u16, block).to_vec();
+    m.extend_from_slice(&text.as_bytes()[..n]);
+    m
+}
+
 /// Serves central allocation on `path` (the leader). `rec` is the service's own busy
 /// record (proc id 0).
 pub fn serve(at: Arc<Attached>, rec: Arc<ProcSeg>, path: &Path) -> Result<(), AllocError> {
@@ -63,7 +98,6 @@ pub fn serve(at: Arc<Attached>, rec: Arc<ProcSeg>, path: &Path) -> Result<(), Al
     })?;
     // One server thread serialises every allocation: the point of the baseline.
     let (tx, rx) = std::sync::mpsc::channel::<UnixStream>();
-    let at2 = at.clone();
     std::thread::Builder::new()
         .name("alloc-central-accept".into())
         .spawn(move || {
@@ -76,14 +110,45 @@ pub fn serve(at: Arc<Attached>, rec: Arc<ProcSeg>, path: &Path) -> Result<(), Al
         .map_err(|e| AllocError::net("spawning", e))?;
     std::thread::Builder::new()
         .name("alloc-central".into())
-        .spawn(move || serve_loop(at2, rec, rx))
+        .spawn(move || serve_loop(at, rec, rx))
         .map_err(|e| AllocError::net("spawning", e))?;
+    Ok(())
+}
+
+/// Checks a hello: `id` is a registered process and the peer is that process. On a
+/// reconnect, returns the caller's orphaned in-flight blocks.
+fn hello(at: &Attached, s: &UnixStream, id: u16, flags: u8) -> Result<(), AllocError> {
+    if id == CENTRAL_PROC_ID {
+        return Err(AllocError::BadInput(format!(
+            "process id {id} is the central service's own"
+        )));
+    }
+    let path = proc_path(&at.dir, id);
+    let rec = ProcSeg::attach(&path).map_err(|e| match e {
+        AllocError::NoSegment { .. } => {
+            AllocError::BadInput(format!("process {id} is not registered on this node"))
+        }
+        e => e,
+    })?;
+    let peer = rustix::net::sockopt::socket_peercred(s)
+        .map_err(|e| AllocError::net("reading the caller's credentials", e.into()))?
+        .pid
+        .as_raw_nonzero()
+        .get() as u64;
+    let owner = rec.pid().load(Ordering::Acquire);
+    if owner != peer {
+        return Err(AllocError::BadInput(format!(
+            "process {id} is registered as pid {owner}, the caller is pid {peer}"
+        )));
+    }
+    if flags & HELLO_RECONNECT != 0 {
+        recovery::recover_orphans(at, &rec)?;
+    }
     Ok(())
 }
 
 /// Polls every connection in turn (one thread; the allocator itself is single-threaded).
 fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receiver<UnixStream>) {
-    use std::os::fd::AsFd;
     let mut conns: Vec<(UnixStream, Option<u16>)> = Vec::new();
     let mut hints = Hints::new(rec.proc_id());
     loop {
@@ -100,7 +165,7 @@ fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receive
             }
         }
         if conns.is_empty() {
-            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(s) => conns.push((s, None)),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(_) => return,
@@ -124,33 +189,50 @@ fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receive
             if !ready[i] {
                 continue;
             }
-            let _ = s.as_fd();
-            if who.is_none() {
-                let mut h = [0u8; 2];
-                if s.read_exact(&mut h).is_err() {
-                    dead.push(i);
-                    continue;
+            let reply = match *who {
+                None => {
+                    let mut h = [0u8; 4];
+                    if s.read_exact(&mut h).is_err() {
+                        dead.push(i);
+                        continue;
+                    }
+                    let id = u16::from_le_bytes([h[0], h[1]]);
+                    match hello(&at, s, id, h[2]) {
+                        Ok(()) => {
+                            *who = Some(id);
+                            encode(ST_OK, 0, 0).to_vec()
+                        }
+                        // Answer, then drop the connection.
+                        Err(e) => {
+                            let _ = s.write_all(&error_reply(&e, 0, 0));
+                            dead.push(i);
+                            continue;
+                        }
+                    }
                 }
-                *who = Some(u16::from_le_bytes(h));
-                continue;
-            }
-            let owner = who.unwrap_or(0);
-            let mut m = [0u8; 8];
-            if s.read_exact(&mut m).is_err() {
-                dead.push(i);
-                continue;
-            }
-            let (op, dev, block) = decode(&m);
-            let reply = match op {
-                OP_ALLOC => match alloc_for(&at, &rec, owner, dev, &mut hints) {
-                    Ok(b) => encode(ST_OK, b.dev, b.block),
-                    Err(e) => encode(status_of(&e), dev, 0),
-                },
-                OP_FREE => match free_with(&at, &rec, BlockRef { dev, block }) {
-                    Ok(()) => encode(ST_OK, dev, block),
-                    Err(e) => encode(status_of(&e), dev, block),
-                },
-                _ => encode(ST_OTHER, dev, block),
+                Some(owner) => {
+                    let mut m = [0u8; 8];
+                    if s.read_exact(&mut m).is_err() {
+                        dead.push(i);
+                        continue;
+                    }
+                    let (op, dev, block) = decode(&m);
+                    match op {
+                        OP_ALLOC => match alloc_for(&at, &rec, owner, dev, &mut hints) {
+                            Ok(b) => encode(ST_OK, b.dev, b.block).to_vec(),
+                            Err(e) => error_reply(&e, dev, 0),
+                        },
+                        OP_FREE => match free_with(&at, &rec, owner, BlockRef { dev, block }) {
+                            Ok(()) => encode(ST_OK, dev, block).to_vec(),
+                            Err(e) => error_reply(&e, dev, block),
+                        },
+                        _ => error_reply(
+                            &AllocError::Protocol(format!("unknown central operation {op}")),
+                            dev,
+                            block,
+                        ),
+                    }
+                }
             };
             if s.write_all(&reply).is_err() {
                 dead.push(i);
@@ -164,10 +246,26 @@ fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receive
 
 /// A follower's allocator under the `central` strategy.
 pub struct CentralClient {
+    path: PathBuf,
     s: UnixStream,
     at: Arc<Attached>,
     me: Arc<ProcSeg>,
     id: u16,
+}
+
+impl std::fmt::Debug for CentralClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CentralClient")
+            .field("path", &self.path)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// A broken connection (the server is gone), as opposed to an answer.
+enum CallError {
+    Transport(std::io::Error),
+    Answer(AllocError),
 }
 
 impl CentralClient {
@@ -176,43 +274,93 @@ impl CentralClient {
         at: Arc<Attached>,
         me: Arc<ProcSeg>,
     ) -> Result<CentralClient, AllocError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if std::time::Instant::now() > deadline => {
-                    return Err(AllocError::net(
-                        format!("connecting to the central allocator at {}", path.display()),
-                        e,
-                    ))
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            }
-        };
         let id = me.proc_id();
-        s.write_all(&id.to_le_bytes())
-            .map_err(|e| AllocError::net("central hello", e))?;
-        Ok(CentralClient { s, at, me, id })
+        let s = Self::open(path, id, 0)?;
+        Ok(CentralClient {
+            path: path.to_path_buf(),
+            s,
+            at,
+            me,
+            id,
+        })
+    }
+
+    /// Connects (waiting for a server to listen) and says hello. A connection that
+    /// breaks before the answer is tried again: a dying server's listener can still
+    /// take a connection (and then reset it) after its other sockets are closed.
+    fn open(path: &Path, id: u16, flags: u8) -> Result<UnixStream, AllocError> {
+        let what = || format!("central allocator at {}", path.display());
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let e = match UnixStream::connect(path) {
+                Ok(mut s) => {
+                    let [a, b] = id.to_le_bytes();
+                    match s.write_all(&[a, b, flags, 0]) {
+                        Ok(()) => match Self::answer(&mut s, 0, 0) {
+                            Ok(_) => return Ok(s),
+                            Err(CallError::Answer(e)) => return Err(e),
+                            Err(CallError::Transport(e)) => e,
+                        },
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if Instant::now() > deadline {
+                return Err(AllocError::net(format!("connecting to the {}", what()), e));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Reads one reply.
+    fn answer(s: &mut UnixStream, dev: u16, block: u32) -> Result<(u16, u32), CallError> {
+        let mut m = [0u8; 8];
+        s.read_exact(&mut m).map_err(CallError::Transport)?;
+        let (st, d, b) = decode(&m);
+        Err(CallError::Answer(match st {
+            ST_OK => return Ok((d, b)),
+            ST_FULL => AllocError::DeviceFull { dev },
+            ST_OFFLINE => AllocError::DeviceOffline { dev },
+            ST_NO_DEVICE => AllocError::NoDevice { dev },
+            ST_NOT_HELD => AllocError::NotHeld { dev, block },
+            ST_OTHER => {
+                let mut text = vec![0u8; d as usize];
+                s.read_exact(&mut text).map_err(CallError::Transport)?;
+                AllocError::Protocol(format!(
+                    "central allocator: {}",
+                    String::from_utf8_lossy(&text)
+                ))
+            }
+            st => AllocError::Protocol(format!("central allocator status {st}")),
+        }))
+    }
+
+    fn round_trip(&mut self, op: u8, dev: u16, block: u32) -> Result<(u16, u32), CallError> {
+        self.s
+            .write_all(&encode(op, dev, block))
+            .map_err(CallError::Transport)?;
+        Self::answer(&mut self.s, dev, block)
     }
 
     fn call(&mut self, op: u8, dev: u16, block: u32) -> Result<(u16, u32), AllocError> {
-        self.s
-            .write_all(&encode(op, dev, block))
-            .map_err(|e| AllocError::net("central request", e))?;
-        let mut m = [0u8; 8];
-        self.s
-            .read_exact(&mut m)
-            .map_err(|e| AllocError::net("central reply", e))?;
-        let (st, d, b) = decode(&m);
-        match st {
-            ST_OK => Ok((d, b)),
-            ST_FULL => Err(AllocError::DeviceFull { dev }),
-            ST_OFFLINE => Err(AllocError::DeviceOffline { dev }),
-            ST_NO_DEVICE => Err(AllocError::NoDevice { dev }),
-            ST_NOT_HELD => Err(AllocError::NotHeld { dev, block }),
-            _ => Err(AllocError::Protocol(format!(
-                "central allocator status {st}"
-            ))),
+        match self.round_trip(op, dev, block) {
+            Ok(r) => return Ok(r),
+            Err(CallError::Answer(e)) => return Err(e),
+            Err(CallError::Transport(_)) => {}
+        }
+        // The server is gone (its leader died): reach the next one, which returns what
+        // the dead one allocated for us without telling us, and ask again once.
+        self.s = Self::open(&self.path, self.id, HELLO_RECONNECT)?;
+        match self.round_trip(op, dev, block) {
+            Ok(r) => Ok(r),
+            // Freed by the dead server before it died, or by the reconnect's recovery.
+            Err(CallError::Answer(AllocError::NotHeld { .. })) if op == OP_FREE => Ok((dev, block)),
+            Err(CallError::Answer(e)) => Err(e),
+            Err(CallError::Transport(e)) => Err(AllocError::net(
+                format!("central allocator at {}", self.path.display()),
+                e,
+            )),
         }
     }
 }

@@ -1,13 +1,19 @@
 //! The index server: per node, the external endpoint of each of its processes; per
 //! channel, where its data went. JSON lines over TCP.
 //!
-//! * `register_process {node, endpoint}`: a node process announces its external port.
+//! * `register_process {node, proc_id, endpoint}`: a node process announces its external
+//!   port; a restarted process (same node and proc id) replaces its old endpoint.
 //! * `route {channel, exclude}`: picks a node (round robin over nodes not full and not
-//!   excluded) and one of its processes (by channel); "cluster is full" when none is left.
+//!   excluded) and one of its processes (by channel); "no node registered" when the index
+//!   knows no process, "cluster is full" when every node is full or excluded.
+//! * `unreachable {node, endpoint}`: a client could not connect to an endpoint; the index
+//!   tries it too and forgets it if it cannot connect either.
 //! * `node_full {node}`: a process reports its node out of space.
 //! * `record {channel, loc}` / `lookup {channel}` (clear not-found) / `records`.
-//! * `device_online {node, region}`: tells one of the node's processes that a device came
+//! * `device_online {node, device}`: tells one of the node's processes that a device came
 //!   online; the node's leader initialises it.
+//!
+//! A line that is not a valid request gets `{ok: false, kind: "bad_request", error}`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, Write};
@@ -17,8 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::node::{recv_line, send_line};
-use super::segs::DeviceRegion;
+use super::node::{next_request, recv_line, send_line, Incoming, KIND_BAD_REQUEST};
+use super::region::DeviceSpec;
 use super::AllocError;
 
 /// Where a piece of a channel's data lives.
@@ -38,13 +44,34 @@ pub struct Location {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum IndexRequest {
-    RegisterProcess { node: String, endpoint: String },
-    Route { channel: u64, exclude: Vec<String> },
-    NodeFull { node: String },
-    Record { channel: u64, loc: Location },
-    Lookup { channel: u64 },
+    RegisterProcess {
+        node: String,
+        proc_id: u16,
+        endpoint: String,
+    },
+    Route {
+        channel: u64,
+        exclude: Vec<String>,
+    },
+    Unreachable {
+        node: String,
+        endpoint: String,
+    },
+    NodeFull {
+        node: String,
+    },
+    Record {
+        channel: u64,
+        loc: Location,
+    },
+    Lookup {
+        channel: u64,
+    },
     Records,
-    DeviceOnline { node: String, region: DeviceRegion },
+    DeviceOnline {
+        node: String,
+        device: DeviceSpec,
+    },
 }
 
 /// Error kinds a client can act on.
@@ -52,6 +79,7 @@ pub const KIND_NOT_FOUND: &str = "not_found";
 pub const KIND_CLUSTER_FULL: &str = "cluster_full";
 pub const KIND_NODE_FULL: &str = "node_full";
 pub const KIND_TOO_LARGE: &str = "too_large";
+pub const KIND_NO_NODE: &str = "no_node";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct IndexReply {
@@ -91,7 +119,8 @@ impl IndexReply {
 
 #[derive(Debug, Default)]
 struct NodeEntry {
-    endpoints: Vec<String>,
+    /// Endpoint of each process, by proc id.
+    endpoints: BTreeMap<u16, String>,
     full: bool,
 }
 
@@ -107,14 +136,22 @@ impl IndexState {
     /// Handles one request that needs no forwarding.
     pub fn apply(&mut self, req: IndexRequest) -> IndexReply {
         match req {
-            IndexRequest::RegisterProcess { node, endpoint } => {
+            IndexRequest::RegisterProcess {
+                node,
+                proc_id,
+                endpoint,
+            } => {
                 let e = self.nodes.entry(node).or_default();
-                if !e.endpoints.contains(&endpoint) {
-                    e.endpoints.push(endpoint);
-                }
+                e.endpoints.insert(proc_id, endpoint);
                 IndexReply::ok()
             }
             IndexRequest::Route { channel, exclude } => {
+                if self.nodes.values().all(|e| e.endpoints.is_empty()) {
+                    return IndexReply::err(
+                        Some(KIND_NO_NODE),
+                        "no node process is registered with the index",
+                    );
+                }
                 let cands: Vec<(&String, &NodeEntry)> = self
                     .nodes
                     .iter()
@@ -128,13 +165,18 @@ impl IndexState {
                 }
                 let (n, e) = cands[self.next % cands.len()];
                 self.next = self.next.wrapping_add(1);
+                let i = (channel % e.endpoints.len() as u64) as usize;
                 IndexReply {
                     node: Some(n.clone()),
-                    endpoint: Some(
-                        e.endpoints[(channel % e.endpoints.len() as u64) as usize].clone(),
-                    ),
+                    endpoint: e.endpoints.values().nth(i).cloned(),
                     ..IndexReply::ok()
                 }
+            }
+            IndexRequest::Unreachable { node, endpoint } => {
+                if let Some(e) = self.nodes.get_mut(&node) {
+                    e.endpoints.retain(|_, ep| *ep != endpoint);
+                }
+                IndexReply::ok()
             }
             IndexRequest::NodeFull { node } => {
                 if let Some(e) = self.nodes.get_mut(&node) {
@@ -178,7 +220,7 @@ impl IndexState {
     fn endpoints(&self, node: &str) -> Vec<String> {
         self.nodes
             .get(node)
-            .map(|e| e.endpoints.clone())
+            .map(|e| e.endpoints.values().cloned().collect())
             .unwrap_or_default()
     }
 }
@@ -226,26 +268,26 @@ impl IndexServer {
 fn serve_conn(state: Arc<Mutex<IndexState>>, s: TcpStream) {
     let Ok(mut w) = s.try_clone() else { return };
     let mut r = BufReader::new(s);
-    while let Ok(Some(req)) = recv_line::<IndexRequest>(&mut r) {
-        let reply = match req {
-            IndexRequest::DeviceOnline { node, region } => {
-                let eps = state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .endpoints(&node);
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let (reply, close) = match next_request::<IndexRequest>(&mut r) {
+            Incoming::End => break,
+            Incoming::Bad { error, fatal } => {
+                (IndexReply::err(Some(KIND_BAD_REQUEST), error), fatal)
+            }
+            Incoming::Request(IndexRequest::DeviceOnline { node, device }) => {
+                let eps = lock().endpoints(&node);
                 let fwd = super::store::StoreRequest::DeviceOnline {
-                    region: region.clone(),
+                    device: device.clone(),
                 };
                 let mut rep = IndexReply::err(None, format!("node {node:?} has no process"));
                 for ep in eps {
                     match call(&ep, &fwd) {
                         Ok(r) if r.ok => {
-                            state.lock().unwrap_or_else(|e| e.into_inner()).apply(
-                                IndexRequest::DeviceOnline {
-                                    node: node.clone(),
-                                    region: region.clone(),
-                                },
-                            );
+                            lock().apply(IndexRequest::DeviceOnline {
+                                node: node.clone(),
+                                device: device.clone(),
+                            });
                             rep = r;
                             break;
                         }
@@ -253,11 +295,23 @@ fn serve_conn(state: Arc<Mutex<IndexState>>, s: TcpStream) {
                         Err(e) => rep = IndexReply::err(None, e),
                     }
                 }
-                rep
+                (rep, false)
             }
-            other => state.lock().unwrap_or_else(|e| e.into_inner()).apply(other),
+            Incoming::Request(IndexRequest::Unreachable { node, endpoint }) => {
+                // Forget the endpoint only if the index cannot reach it either.
+                let reachable = endpoint.parse::<SocketAddr>().is_ok_and(|a| {
+                    TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok()
+                });
+                let rep = if reachable {
+                    IndexReply::ok()
+                } else {
+                    lock().apply(IndexRequest::Unreachable { node, endpoint })
+                };
+                (rep, false)
+            }
+            Incoming::Request(other) => (lock().apply(other), false),
         };
-        if send_line(&mut w, &reply).is_err() {
+        if send_line(&mut w, &reply).is_err() || close {
             break;
         }
         let _ = w.flush();
@@ -283,10 +337,20 @@ mod tests {
     #[test]
     fn routing_skips_full_and_excluded_nodes_then_reports_cluster_full() {
         let mut s = IndexState::default();
-        for (n, ep) in [("a", "1"), ("a", "2"), ("b", "3")] {
+        let r = s.apply(IndexRequest::Route {
+            channel: 1,
+            exclude: vec![],
+        });
+        assert_eq!(
+            r.kind.as_deref(),
+            Some(KIND_NO_NODE),
+            "empty cluster: {r:?}"
+        );
+        for (n, id, ep) in [("a", 1, "1"), ("a", 2, "2"), ("b", 1, "3")] {
             assert!(
                 s.apply(IndexRequest::RegisterProcess {
                     node: n.into(),
+                    proc_id: id,
                     endpoint: ep.into()
                 })
                 .ok
@@ -323,17 +387,63 @@ mod tests {
         // A device coming online on b makes it routable again.
         s.apply(IndexRequest::DeviceOnline {
             node: "b".into(),
-            region: DeviceRegion {
-                path: "/dev/y".into(),
-                offset: 0,
-                len: 1 << 20,
-            },
+            device: DeviceSpec::path("/dev/y"),
         });
         let r = s.apply(IndexRequest::Route {
             channel: 3,
             exclude: vec!["a".into()],
         });
         assert_eq!(r.node.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_restarted_process_replaces_its_endpoint_and_an_unreachable_one_is_forgotten() {
+        let mut s = IndexState::default();
+        let reg = |s: &mut IndexState, id: u16, ep: &str| {
+            s.apply(IndexRequest::RegisterProcess {
+                node: "a".into(),
+                proc_id: id,
+                endpoint: ep.into(),
+            })
+        };
+        reg(&mut s, 1, "old-1");
+        reg(&mut s, 2, "ep-2");
+        // Process 1 restarts on another port: its old endpoint is gone.
+        reg(&mut s, 1, "new-1");
+        let eps: Vec<String> = (0..4)
+            .map(|ch| {
+                s.apply(IndexRequest::Route {
+                    channel: ch,
+                    exclude: vec![],
+                })
+                .endpoint
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(eps, ["new-1", "ep-2", "new-1", "ep-2"]);
+        // Process 2 died without a restart: once reported, every channel goes to 1.
+        s.apply(IndexRequest::Unreachable {
+            node: "a".into(),
+            endpoint: "ep-2".into(),
+        });
+        for ch in 0..4 {
+            let r = s.apply(IndexRequest::Route {
+                channel: ch,
+                exclude: vec![],
+            });
+            assert_eq!(r.endpoint.as_deref(), Some("new-1"));
+        }
+        // Every process gone: no node, rather than a full cluster.
+        s.apply(IndexRequest::Unreachable {
+            node: "a".into(),
+            endpoint: "new-1".into(),
+        });
+        let r = s.apply(IndexRequest::Route {
+            channel: 0,
+            exclude: vec![],
+        });
+        assert_eq!(r.kind.as_deref(), Some(KIND_NO_NODE), "{r:?}");
+        assert!(r.error.unwrap().contains("no node"));
     }
 
     #[test]

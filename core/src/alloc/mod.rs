@@ -3,20 +3,22 @@
 //! A node runs several processes. The first to bind the node's internal port is the
 //! leader ([`node`]); it creates the shared-memory segments ([`segs`]): one per device
 //! (the free blocks of the device: a lock-free bitmap, one bit per block claimed with a
-//! CAS on its word, plus one state word per block), one per process (the block it is currently writing, for crash
-//! recovery), one node segment (pause flag, device epoch) and the unfilled-block table
+//! CAS on its word, plus one state word per block), one per process (the block it is
+//! currently writing, for crash recovery; its process holds an `flock` on it while it
+//! lives), one node segment (pause flag, device epoch) and the unfilled-block table
 //! (partly filled blocks, under a robust process-shared lock). Followers register with
 //! the leader over the internal port and then allocate straight from shared memory.
 //!
 //! Three strategies implement [`BlockAllocator`] ([`allocator`]):
-//! * `shm`: lock-free bitmap in shared memory, each process searching from its own word
-//!   (the mechanism);
+//! * `shm`: lock-free bitmap in shared memory, each process searching from its own cache
+//!   line (the mechanism);
 //! * `mutex`: one robust process-shared mutex around a free list in shared memory;
 //! * `central`: the leader allocates, followers ask it over a Unix socket ([`central`]).
 //!
 //! Crash recovery ([`recovery`]) pauses the node, waits until no live process is inside
 //! an allocator operation, returns a dead process's in-flight blocks and rebuilds the free
-//! structures from the per-block state words. [`audit`] walks every block of every device.
+//! structures from the per-block state words. [`region`] resolves a device to its block
+//! region. [`audit`] walks every block of every device.
 //! [`index`] is the index server, [`store`] the process's external port and the client.
 //!
 //! `unsafe` lives only in [`shm`] and [`shm_lock`].
@@ -25,7 +27,6 @@ pub mod allocator;
 pub mod audit;
 pub mod central;
 pub mod index;
-
 pub mod node;
 pub mod recovery;
 pub mod region;
@@ -37,6 +38,7 @@ pub mod store;
 use std::path::PathBuf;
 
 pub use allocator::{BlockAllocator, Hints, LocalAllocator};
+pub use region::{ByteRange, DeviceSpec};
 pub use segs::{BlockRef, BlockState, DeviceRegion, FreeMode};
 
 /// Allocation unit inside a block (data is appended in multiples of it; O_DIRECT).
@@ -137,6 +139,8 @@ pub enum AllocError {
     NotFound { channel: u64 },
     #[error("the cluster is full: no node has room for {len} bytes")]
     ClusterFull { len: u64 },
+    #[error("no node process is registered with the index server")]
+    NoNode,
     #[error("block {dev}:{block} is not held by this process")]
     NotHeld { dev: u16, block: u32 },
     #[error("{what}: {source}")]
@@ -162,29 +166,4 @@ impl AllocError {
             source,
         }
     }
-}
-
-/// Whether process `pid` is alive (signal 0).
-pub fn pid_alive(pid: u32) -> bool {
-    if pid == 0 {
-        return false;
-    }
-    match rustix::process::Pid::from_raw(pid as i32) {
-        Some(p) => match rustix::process::test_kill_process(p) {
-            Ok(()) => !is_zombie(pid),
-            Err(e) => e == rustix::io::Errno::PERM,
-        },
-        None => false,
-    }
-}
-
-/// A zombie (exited, not yet reaped) counts as dead.
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }

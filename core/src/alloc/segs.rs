@@ -1,10 +1,12 @@
 //! The layouts of the node's shared-memory segments, over [`Segment`].
 //!
-//! * node segment (`node.shm`): pause flag, device epoch, leader pid, strategy;
+//! * node segment (`node.shm`): pause flag, device epoch and serial counter, leader pid,
+//!   strategy, block size;
 //! * device segment (`dev-<i>.shm`): geometry, status, the free structure (a lock-free
 //!   bitmap, one bit per block, or a locked array for the `mutex` baseline) and one state
 //!   word per block;
-//! * process segment (`proc-<id>.shm`): pid, busy flag, the block being written;
+//! * process segment (`proc-<id>.shm`): pid, busy flag, the block being written; its
+//!   process holds an `flock` on the file while it lives;
 //! * unfilled-block table (`unfilled.shm`): robust mutex + packed entries.
 
 use std::path::{Path, PathBuf};
@@ -19,12 +21,22 @@ pub const DEV_MAGIC: u64 = u64::from_le_bytes(*b"BLALDEVS");
 pub const PROC_MAGIC: u64 = u64::from_le_bytes(*b"BLALPROC");
 pub const UNFILLED_MAGIC: u64 = u64::from_le_bytes(*b"BLALUNFL");
 
-/// No block (the locked list's and the index's "none").
-pub const NIL: u32 = u32::MAX;
+/// Most blocks per device (block numbers are 32-bit everywhere: records, table entries).
+pub const MAX_BLOCKS: u64 = u32::MAX as u64;
 /// Most devices per node.
 pub const MAX_DEVICES: usize = 64;
 /// Largest block: used units must fit 15 bits in an unfilled-table entry.
 pub const MAX_BLOCK_SIZE: u64 = (1 << 15) * UNIT - UNIT;
+
+/// Refuses a block size the segments cannot represent (checked before anything is created).
+pub fn check_block_size(block_size: u64) -> Result<(), AllocError> {
+    if block_size == 0 || block_size % UNIT != 0 || block_size > MAX_BLOCK_SIZE {
+        return Err(AllocError::BadInput(format!(
+            "block size {block_size} must be a non-zero multiple of {UNIT} bytes, at most {MAX_BLOCK_SIZE}"
+        )));
+    }
+    Ok(())
+}
 
 /// A block of a device of the node.
 #[derive(
@@ -101,20 +113,34 @@ impl BlockState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FreeMode {
     /// Lock-free bitmap: one bit per block (set = taken), claimed with a CAS on its 64-bit
-    /// word, released with an atomic AND. Each process starts searching at its own word
-    /// (see [`spread_hint`]), so processes of a node work on different cache lines.
+    /// word, released with an atomic AND. Each process starts searching on its own cache
+    /// line (see [`spread_hint`]).
     Bitmap,
     /// Array + count under a robust process-shared mutex.
     Locked,
 }
 
-/// Where process `proc_id` starts searching a bitmap of `words` words: the van der Corput
-/// sequence (process ids with their bits reversed, read as a fraction: 0, ½, ¼, ¾, ⅛, …)
-/// puts processes 0..2^k on distinct words, as far apart as possible, whenever there are
-/// at least 2^k words, so processes of a node claim blocks on different cache lines.
+/// Bitmap words per 64-byte cache line.
+pub const WORDS_PER_LINE: u32 = 8;
+
+/// Where process `proc_id` starts searching a bitmap of `words` words.
+///
+/// The van der Corput sequence (the id's bits reversed, read as a fraction: 1 → ½, 2 → ¼,
+/// 3 → ¾, 4 → ⅛, …) spreads the processes over the bitmap's cache lines (8 words each)
+/// when it has at least two: processes 1..=2^k start on distinct lines whenever there are
+/// at least 2^k lines, and processes that must share a line start on distinct words of
+/// it (the fraction's next bits pick the word). A bitmap of less than two lines is spread
+/// over its words. The same idea as the per-CPU hints of Linux's `sbitmap`.
 pub fn spread_hint(proc_id: u16, words: u32) -> u32 {
     let frac = (proc_id as u32).reverse_bits() as u64;
-    ((frac * words as u64) >> 32) as u32
+    let lines = words / WORDS_PER_LINE;
+    if lines < 2 {
+        return ((frac * words as u64) >> 32) as u32;
+    }
+    let pos = frac * lines as u64; // 32.32 fixed point
+    let line = (pos >> 32) as u32;
+    let word_in_line = (((pos & 0xffff_ffff) * WORDS_PER_LINE as u64) >> 32) as u32;
+    line * WORDS_PER_LINE + word_in_line
 }
 
 impl FreeMode {
@@ -124,15 +150,21 @@ impl FreeMode {
             FreeMode::Bitmap => 3,
         }
     }
+    fn from_code(c: u64) -> Option<FreeMode> {
+        match c {
+            2 => Some(FreeMode::Locked),
+            3 => Some(FreeMode::Bitmap),
+            _ => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- node segment
 
 const N_PAUSED: usize = 64;
 const N_LEADER_PID: usize = 128;
-const N_LEADER_TERM: usize = 136;
 const N_DEV_EPOCH: usize = 144;
-const N_NEXT_DEV: usize = 152;
+const N_DEV_SERIAL: usize = 152;
 const N_STRATEGY: usize = 160;
 const N_BLOCK_SIZE: usize = 168;
 const N_FENCE: usize = 176;
@@ -152,6 +184,7 @@ pub struct NodeSeg {
 impl NodeSeg {
     pub fn create(path: &Path, strategy: Strategy, block_size: u64) -> Result<NodeSeg, AllocError> {
         use rustix::thread::{membarrier_query, MembarrierCommand};
+        check_block_size(block_size)?;
         let fence = if membarrier_query().contains_command(MembarrierCommand::Global) {
             FENCE_ASYMMETRIC
         } else {
@@ -177,15 +210,14 @@ impl NodeSeg {
     pub fn leader_pid(&self) -> &AtomicU64 {
         self.seg.u64_at(N_LEADER_PID)
     }
-    pub fn leader_term(&self) -> &AtomicU64 {
-        self.seg.u64_at(N_LEADER_TERM)
-    }
     /// Bumped whenever a device segment is added or removed.
     pub fn device_epoch(&self) -> &AtomicU64 {
         self.seg.u64_at(N_DEV_EPOCH)
     }
-    pub fn next_device(&self) -> &AtomicU64 {
-        self.seg.u64_at(N_NEXT_DEV)
+    /// Counter of device segments ever created: each gets the next value as its serial,
+    /// which tells a reused device index's new segment from the old one.
+    pub fn device_serial(&self) -> &AtomicU64 {
+        self.seg.u64_at(N_DEV_SERIAL)
     }
     pub fn strategy(&self) -> Option<Strategy> {
         Strategy::from_code(self.seg.u64_at(N_STRATEGY).load(Ordering::Relaxed))
@@ -208,69 +240,148 @@ const D_REGION_LEN: usize = 40;
 const D_STATUS: usize = 48;
 const D_MODE: usize = 56;
 const D_INDEX: usize = 64;
+const D_SERIAL: usize = 72;
 const D_COUNT: usize = 192;
 const D_MUTEX: usize = 256;
 const D_PATH: usize = 512;
 const D_PATH_MAX: usize = 1024;
+/// The free structure (bitmap words, or the locked list's array) starts here, on a
+/// cache-line (and page) boundary; the state words follow it.
 const D_ARRAYS: usize = 4096;
 
 pub const STATUS_ONLINE: u64 = 1;
 pub const STATUS_OFFLINE: u64 = 2;
 
+/// Where the arrays of a device segment of `n` blocks lie.
+#[derive(Debug, Clone, Copy)]
+struct DevLayout {
+    n: u32,
+    mode: FreeMode,
+    states_off: usize,
+}
+
+impl DevLayout {
+    fn new(n: u32, mode: FreeMode) -> DevLayout {
+        // The bitmap takes 8 bytes per 64 blocks, the locked list 4 bytes per block.
+        let free_bytes = match mode {
+            FreeMode::Bitmap => 8 * n.div_ceil(64) as usize,
+            FreeMode::Locked => 4 * n as usize,
+        };
+        DevLayout {
+            n,
+            mode,
+            states_off: (D_ARRAYS + free_bytes).next_multiple_of(64),
+        }
+    }
+    fn len(&self) -> usize {
+        self.states_off + 8 * self.n as usize
+    }
+    fn words(&self) -> u32 {
+        self.n.div_ceil(64)
+    }
+    /// Bits of the last bitmap word past the last block (kept set: "taken" for good).
+    fn tail_mask(&self) -> u64 {
+        match self.n % 64 {
+            0 => 0,
+            r => !((1u64 << r) - 1),
+        }
+    }
+    #[inline]
+    fn word<'s>(&self, s: &'s Segment, w: u32) -> &'s AtomicU64 {
+        s.u64_at(D_ARRAYS + 8 * w as usize)
+    }
+    #[inline]
+    fn link<'s>(&self, s: &'s Segment, i: u32) -> &'s AtomicU32 {
+        s.u32_at(D_ARRAYS + 4 * i as usize)
+    }
+    /// Writes the free structure: exactly the blocks for which `free` is true. Only while
+    /// nobody else uses the structure (before the segment is published, or paused).
+    fn write_free(&self, s: &Segment, free: impl Fn(u32) -> bool) {
+        match self.mode {
+            FreeMode::Bitmap => {
+                for w in 0..self.words() {
+                    let mut v = u64::MAX;
+                    for bit in 0..64 {
+                        let b = w * 64 + bit;
+                        if b < self.n && free(b) {
+                            v &= !(1u64 << bit);
+                        }
+                    }
+                    self.word(s, w).store(v, Ordering::Release);
+                }
+            }
+            FreeMode::Locked => {
+                // link[0..count] holds the free blocks and a claim takes link[count-1]:
+                // filled from the top so that block 0 goes out first.
+                let mut c = 0u32;
+                for b in (0..self.n).rev() {
+                    if free(b) {
+                        self.link(s, c).store(b, Ordering::Relaxed);
+                        c += 1;
+                    }
+                }
+                s.u64_at(D_COUNT).store(c as u64, Ordering::Release);
+            }
+        }
+    }
+}
+
 /// A device segment.
 #[derive(Debug)]
 pub struct DeviceSeg {
     pub seg: Segment,
-    n: u32,
-    states_off: usize,
+    lay: DevLayout,
     block_size: u64,
     region_offset: u64,
-    mode: FreeMode,
 }
 
 impl DeviceSeg {
-    /// Creates the segment of device `index`: every block of `region` free.
+    /// Creates the segment of device `index` (unique `serial`): every block of `region`
+    /// free. The free structure is complete before the segment appears under `path`.
     pub fn create(
         path: &Path,
         index: u16,
+        serial: u64,
         region: &DeviceRegion,
         block_size: u64,
         mode: FreeMode,
     ) -> Result<DeviceSeg, AllocError> {
-        if block_size == 0 || block_size % UNIT != 0 || block_size > MAX_BLOCK_SIZE {
-            return Err(AllocError::BadInput(format!(
-                "block size {block_size} must be a multiple of {UNIT} bytes, at most {MAX_BLOCK_SIZE}"
-            )));
-        }
+        check_block_size(block_size)?;
         let n64 = region.len / block_size;
-        if n64 == 0 || n64 >= NIL as u64 {
+        if n64 == 0 || n64 > MAX_BLOCKS {
             return Err(AllocError::BadInput(format!(
-                "{}: region of {} bytes holds {n64} blocks of {block_size} bytes",
+                "{}: region of {} bytes holds {n64} blocks of {block_size} bytes (1..={MAX_BLOCKS})",
                 region.path.display(),
                 region.len
             )));
         }
-        let n = n64 as u32;
-        let states_off = (D_ARRAYS + 4 * n as usize).next_multiple_of(8);
-        let len = states_off + 8 * n as usize;
+        let lay = DevLayout::new(n64 as u32, mode);
         let path_bytes = region.path.as_os_str().as_encoded_bytes().to_vec();
-        let seg = Segment::create(path, DEV_MAGIC, len, |s| {
+        if path_bytes.len() > D_PATH_MAX {
+            return Err(AllocError::BadInput(format!(
+                "device path {} is longer than {D_PATH_MAX} bytes",
+                region.path.display()
+            )));
+        }
+        let seg = Segment::create(path, DEV_MAGIC, lay.len(), |s| {
             s.u64_at(D_BLOCK_SIZE).store(block_size, Ordering::Relaxed);
-            s.u64_at(D_BLOCK_COUNT).store(n as u64, Ordering::Relaxed);
+            s.u64_at(D_BLOCK_COUNT)
+                .store(lay.n as u64, Ordering::Relaxed);
             s.u64_at(D_REGION_OFF)
                 .store(region.offset, Ordering::Relaxed);
             s.u64_at(D_REGION_LEN).store(region.len, Ordering::Relaxed);
             s.u64_at(D_STATUS).store(STATUS_ONLINE, Ordering::Relaxed);
             s.u64_at(D_MODE).store(mode.code(), Ordering::Relaxed);
             s.u64_at(D_INDEX).store(index as u64, Ordering::Relaxed);
+            s.u64_at(D_SERIAL).store(serial, Ordering::Relaxed);
             s.put_bytes(D_PATH, D_PATH_MAX, &path_bytes);
             RobustMutex::init(s, D_MUTEX)?;
+            // Every state word is 0 (`Free`) in a new file: every block free, the bits
+            // past the last block set.
+            lay.write_free(s, |_| true);
             Ok(())
         })?;
-        let d = Self::from_seg(seg)?;
-        // Every block free (block 0 first out of the locked list).
-        d.rebuild_free();
-        Ok(d)
+        Self::from_seg(seg)
     }
 
     pub fn attach(path: &Path) -> Result<DeviceSeg, AllocError> {
@@ -283,39 +394,39 @@ impl DeviceSeg {
             path: seg.path().to_path_buf(),
             reason,
         };
-        if n == 0 || n >= NIL as u64 {
+        if n == 0 || n > MAX_BLOCKS {
             return Err(bad(format!("block count {n}")));
         }
-        let states_off = (D_ARRAYS + 4 * n as usize).next_multiple_of(8);
-        if states_off + 8 * n as usize > seg.len() {
+        let m = seg.u64_at(D_MODE).load(Ordering::Relaxed);
+        let mode = FreeMode::from_code(m)
+            .ok_or_else(|| bad(format!("unknown free-structure mode {m}")))?;
+        let lay = DevLayout::new(n as u32, mode);
+        if lay.len() > seg.len() {
             return Err(bad(format!("{} bytes too small for {n} blocks", seg.len())));
         }
-        let mode = match seg.u64_at(D_MODE).load(Ordering::Relaxed) {
-            2 => FreeMode::Locked,
-            3 => FreeMode::Bitmap,
-            m => return Err(bad(format!("unknown free-structure mode {m}"))),
-        };
         Ok(DeviceSeg {
-            n: n as u32,
-            states_off,
+            lay,
             block_size: seg.u64_at(D_BLOCK_SIZE).load(Ordering::Relaxed),
             region_offset: seg.u64_at(D_REGION_OFF).load(Ordering::Relaxed),
-            mode,
             seg,
         })
     }
 
     pub fn block_count(&self) -> u32 {
-        self.n
+        self.lay.n
     }
     pub fn block_size(&self) -> u64 {
         self.block_size
     }
     pub fn mode(&self) -> FreeMode {
-        self.mode
+        self.lay.mode
     }
     pub fn index(&self) -> u16 {
         self.seg.u64_at(D_INDEX).load(Ordering::Relaxed) as u16
+    }
+    /// This segment's serial (unique on the node, never reused).
+    pub fn serial(&self) -> u64 {
+        self.seg.u64_at(D_SERIAL).load(Ordering::Relaxed)
     }
     pub fn region(&self) -> DeviceRegion {
         DeviceRegion {
@@ -331,33 +442,26 @@ impl DeviceSeg {
         ))
     }
     /// Byte offset of `block` on the device.
+    #[inline]
     pub fn block_offset(&self, block: u32) -> u64 {
         self.region_offset + block as u64 * self.block_size
     }
     pub fn status(&self) -> &AtomicU64 {
         self.seg.u64_at(D_STATUS)
     }
+    #[inline]
     pub fn is_online(&self) -> bool {
         self.status().load(Ordering::Acquire) == STATUS_ONLINE
     }
     #[inline]
     pub fn state(&self, block: u32) -> &AtomicU64 {
-        assert!(block < self.n);
-        self.seg.u64_at(self.states_off + 8 * block as usize)
+        assert!(block < self.lay.n);
+        self.seg.u64_at(self.lay.states_off + 8 * block as usize)
     }
-    #[inline]
-    fn link(&self, block: u32) -> &AtomicU32 {
-        self.seg.u32_at(D_ARRAYS + 4 * block as usize)
-    }
-    /// Number of 64-bit bitmap words (the bitmap lives where the locked list's array
-    /// does: `8 × ⌈n/64⌉ ≤ 4n` rounded up to 8 bytes, so the layout is the same).
+    /// Number of 64-bit bitmap words.
     #[inline]
     pub fn words(&self) -> u32 {
-        self.n.div_ceil(64)
-    }
-    #[inline]
-    fn word(&self, w: u32) -> &AtomicU64 {
-        self.seg.u64_at(D_ARRAYS + 8 * w as usize)
+        self.lay.words()
     }
     fn count(&self) -> &AtomicU64 {
         self.seg.u64_at(D_COUNT)
@@ -372,6 +476,17 @@ impl DeviceSeg {
     pub fn set_state(&self, block: u32, s: BlockState) {
         self.state(block).store(s.encode(), Ordering::Release);
     }
+    /// Replaces state `from` by `to`; false (nothing changed) if the state was not `from`.
+    pub fn cas_state(&self, block: u32, from: BlockState, to: BlockState) -> bool {
+        self.state(block)
+            .compare_exchange(
+                from.encode(),
+                to.encode(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
 
     // ---- lock-free bitmap: bit b of word b/64 is set while block b is taken. A claim is a
     // CAS that sets one clear bit of a word it has just read, a release an atomic AND: no
@@ -380,13 +495,18 @@ impl DeviceSeg {
     // block are set for good.
 
     /// Claims a free block (lock-free), searching from word `*hint` on and leaving `*hint`
-    /// at the word it found one in. The hint is the caller's own (process-local).
+    /// at the word it found one in. The hint is the caller's own (process-local); one out
+    /// of range (a new hint, or a device that changed) starts at `spread_hint(seed, ..)`.
     #[inline]
-    pub fn pop_bitmap(&self, hint: &mut u32) -> Option<u32> {
+    pub fn claim_bitmap(&self, hint: &mut u32, seed: u16) -> Option<u32> {
         let nw = self.words();
-        let mut w = if *hint < nw { *hint } else { 0 };
+        let mut w = if *hint < nw {
+            *hint
+        } else {
+            spread_hint(seed, nw)
+        };
         for _ in 0..nw {
-            let word = self.word(w);
+            let word = self.lay.word(&self.seg, w);
             let mut v = word.load(Ordering::Relaxed);
             while v != u64::MAX {
                 let bit = (!v).trailing_zeros();
@@ -410,8 +530,9 @@ impl DeviceSeg {
 
     /// Releases a block (lock-free).
     #[inline]
-    pub fn push_bitmap(&self, block: u32) {
-        self.word(block / 64)
+    pub fn release_bitmap(&self, block: u32) {
+        self.lay
+            .word(&self.seg, block / 64)
             .fetch_and(!(1u64 << (block % 64)), Ordering::Release);
     }
 
@@ -419,68 +540,81 @@ impl DeviceSeg {
     // operation commits with its single store of `count`, so a holder that dies leaves a
     // consistent list (at worst a block missing from it, which recovery puts back).
 
-    pub fn pop_locked(&self) -> Result<Option<u32>, AllocError> {
+    pub fn claim_locked(&self) -> Result<Option<u32>, AllocError> {
         let _g: LockGuard<'_> = self.mutex().lock()?;
         let c = self.count().load(Ordering::Relaxed);
         if c == 0 {
             return Ok(None);
         }
-        let b = self.link((c - 1) as u32).load(Ordering::Relaxed);
+        let b = self
+            .lay
+            .link(&self.seg, (c - 1) as u32)
+            .load(Ordering::Relaxed);
         self.count().store(c - 1, Ordering::Relaxed);
         Ok(Some(b))
     }
 
-    pub fn push_locked(&self, block: u32) -> Result<(), AllocError> {
+    pub fn release_locked(&self, block: u32) -> Result<(), AllocError> {
         let _g = self.mutex().lock()?;
         let c = self.count().load(Ordering::Relaxed);
-        self.link(c as u32).store(block, Ordering::Relaxed);
+        if c >= self.lay.n as u64 {
+            return Err(AllocError::BadSegment {
+                path: self.seg.path().to_path_buf(),
+                reason: format!("free list already holds all {} blocks", self.lay.n),
+            });
+        }
+        self.lay
+            .link(&self.seg, c as u32)
+            .store(block, Ordering::Relaxed);
         self.count().store(c + 1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Takes a free block; `hint` is the caller's search start for the bitmap (see
-    /// [`pop_bitmap`](Self::pop_bitmap)), unused by the locked list.
-    pub fn pop(&self, hint: &mut u32) -> Result<Option<u32>, AllocError> {
-        match self.mode {
-            FreeMode::Bitmap => Ok(self.pop_bitmap(hint)),
-            FreeMode::Locked => self.pop_locked(),
+    /// Takes a free block; `hint`/`seed` are the caller's bitmap search start (see
+    /// [`claim_bitmap`](Self::claim_bitmap)), unused by the locked list.
+    #[inline]
+    pub fn claim(&self, hint: &mut u32, seed: u16) -> Result<Option<u32>, AllocError> {
+        match self.lay.mode {
+            FreeMode::Bitmap => Ok(self.claim_bitmap(hint, seed)),
+            FreeMode::Locked => self.claim_locked(),
         }
     }
 
-    pub fn push(&self, block: u32) -> Result<(), AllocError> {
-        match self.mode {
+    #[inline]
+    pub fn release(&self, block: u32) -> Result<(), AllocError> {
+        match self.lay.mode {
             FreeMode::Bitmap => {
-                self.push_bitmap(block);
+                self.release_bitmap(block);
                 Ok(())
             }
-            FreeMode::Locked => self.push_locked(block),
+            FreeMode::Locked => self.release_locked(block),
         }
     }
 
-    /// Rebuilds the free structure from the state words: exactly the `Free` blocks, block
-    /// 0 first out. Only while no process is inside an operation (node paused) or before
-    /// the segment is published.
+    /// Rebuilds the free structure from the state words: exactly the `Free` blocks. Only
+    /// while no process is inside an operation (node paused).
     pub fn rebuild_free(&self) {
-        let free: Vec<u32> = (0..self.n)
-            .rev()
-            .filter(|&b| self.load_state(b) == BlockState::Free)
-            .collect();
-        match self.mode {
+        self.lay
+            .write_free(&self.seg, |b| self.load_state(b) == BlockState::Free);
+    }
+
+    /// How many blocks the free structure holds (duplicates of the locked list counted).
+    /// Only while quiescent.
+    pub fn free_count(&self) -> u64 {
+        match self.lay.mode {
             FreeMode::Bitmap => {
-                let mut words = vec![u64::MAX; self.words() as usize];
-                for &b in &free {
-                    words[(b / 64) as usize] &= !(1u64 << (b % 64));
-                }
-                for (w, v) in words.into_iter().enumerate() {
-                    self.word(w as u32).store(v, Ordering::Release);
-                }
+                let last = self.words() - 1;
+                (0..self.words())
+                    .map(|w| {
+                        let mut v = self.lay.word(&self.seg, w).load(Ordering::Acquire);
+                        if w == last {
+                            v |= self.lay.tail_mask();
+                        }
+                        (!v).count_ones() as u64
+                    })
+                    .sum()
             }
-            FreeMode::Locked => {
-                for (i, &b) in free.iter().enumerate() {
-                    self.link(i as u32).store(b, Ordering::Relaxed);
-                }
-                self.count().store(free.len() as u64, Ordering::Release);
-            }
+            FreeMode::Locked => self.count().load(Ordering::Acquire).min(self.lay.n as u64),
         }
     }
 
@@ -488,26 +622,39 @@ impl DeviceSeg {
     /// list can hold one twice; the bitmap cannot). Only while quiescent.
     pub fn free_members(&self) -> Vec<u32> {
         let mut out = Vec::new();
-        match self.mode {
+        match self.lay.mode {
             FreeMode::Bitmap => {
                 for w in 0..self.words() {
-                    let v = self.word(w).load(Ordering::Acquire);
+                    let v = self.lay.word(&self.seg, w).load(Ordering::Acquire);
                     for bit in 0..64 {
                         let b = w * 64 + bit;
-                        if b < self.n && v & (1 << bit) == 0 {
+                        if b < self.lay.n && v & (1 << bit) == 0 {
                             out.push(b);
                         }
                     }
                 }
             }
             FreeMode::Locked => {
-                let c = (self.count().load(Ordering::Acquire) as u32).min(self.n);
+                let c = (self.count().load(Ordering::Acquire) as u32).min(self.lay.n);
                 for i in 0..c {
-                    out.push(self.link(i).load(Ordering::Relaxed));
+                    out.push(self.lay.link(&self.seg, i).load(Ordering::Relaxed));
                 }
             }
         }
         out
+    }
+
+    /// True unless a bitmap bit past the last block was cleared (which would let a claim
+    /// hand out a block that does not exist).
+    pub fn tail_bits_set(&self) -> bool {
+        self.lay.mode != FreeMode::Bitmap || {
+            let m = self.lay.tail_mask();
+            self.lay
+                .word(&self.seg, self.words() - 1)
+                .load(Ordering::Acquire)
+                & m
+                == m
+        }
     }
 }
 
@@ -515,16 +662,37 @@ impl DeviceSeg {
 
 const P_PROC_ID: usize = 16;
 const P_PID: usize = 24;
-const P_INCARNATION: usize = 32;
 const P_BUSY: usize = 64;
 const P_CURRENT: usize = 128;
 const P_RECOVERED: usize = 192;
 const P_LAST_RECOVERED: usize = 200;
 
 /// A process's segment: the block it is writing, and its busy flag.
+///
+/// Its process holds an exclusive `flock` on the file for its whole life ([`OwnerLock`]);
+/// the kernel drops it when the process exits, however it exits, so "the lock is free"
+/// means "its process is gone" (no pid to be reused).
 #[derive(Debug)]
 pub struct ProcSeg {
     pub seg: Segment,
+}
+
+/// The `flock` a process holds on its own segment while it lives.
+#[derive(Debug)]
+pub struct OwnerLock {
+    _file: std::fs::File,
+}
+
+fn open_for_lock(path: &Path) -> Result<Option<std::fs::File>, AllocError> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AllocError::Os {
+            path: path.to_path_buf(),
+            op: "open",
+            source: e,
+        }),
+    }
 }
 
 impl ProcSeg {
@@ -540,14 +708,69 @@ impl ProcSeg {
             seg: Segment::attach(path, PROC_MAGIC)?,
         })
     }
+
+    /// Takes the owner lock of the segment at `path` for the calling process; refuses
+    /// when a live process holds it.
+    pub fn lock_owner(path: &Path) -> Result<OwnerLock, AllocError> {
+        use rustix::fs::{flock, FlockOperation};
+        let file = open_for_lock(path)?.ok_or_else(|| AllocError::NoSegment {
+            path: path.to_path_buf(),
+        })?;
+        // Liveness probes hold a shared lock for a moment: retry briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(OwnerLock { _file: file }),
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(AllocError::BadInput(format!(
+                        "{}: in use by a live process (its owner lock is held)",
+                        path.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(AllocError::Os {
+                        path: path.to_path_buf(),
+                        op: "flock",
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether a live process holds the owner lock of the segment at `path` (false when
+    /// the segment does not exist).
+    pub fn owner_alive(path: &Path) -> Result<bool, AllocError> {
+        use rustix::fs::{flock, FlockOperation};
+        let Some(file) = open_for_lock(path)? else {
+            return Ok(false);
+        };
+        // A shared probe: concurrent probes do not see each other as owners.
+        match flock(&file, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                let _ = flock(&file, FlockOperation::Unlock);
+                Ok(false)
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(true),
+            Err(e) => Err(AllocError::Os {
+                path: path.to_path_buf(),
+                op: "flock",
+                source: e.into(),
+            }),
+        }
+    }
+
     pub fn proc_id(&self) -> u16 {
         self.seg.u64_at(P_PROC_ID).load(Ordering::Relaxed) as u16
     }
+    /// The pid of the process that registered last with this record (0 once recovery
+    /// returned what a dead one left). Informational and for telling a re-registration of
+    /// the same process; liveness is the owner lock.
     pub fn pid(&self) -> &AtomicU64 {
         self.seg.u64_at(P_PID)
-    }
-    pub fn incarnation(&self) -> &AtomicU64 {
-        self.seg.u64_at(P_INCARNATION)
     }
     pub fn busy(&self) -> &AtomicU64 {
         self.seg.u64_at(P_BUSY)
@@ -657,7 +880,7 @@ impl UnfilledSeg {
         online: impl Fn(u16) -> bool,
     ) -> Option<Unfilled> {
         for (i, u) in self.entries() {
-            if block_units - u.used_units >= units && online(u.block.dev) {
+            if block_units.saturating_sub(u.used_units) >= units && online(u.block.dev) {
                 return Some(u).inspect(|_| self.entry(i).store(0, Ordering::Release));
             }
         }

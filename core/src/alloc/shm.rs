@@ -2,8 +2,8 @@
 //! mapped `MAP_SHARED` by every process of the node.
 //!
 //! A segment starts with a magic (which kind of segment) and a format version. A segment
-//! appears atomically: it is built under a temporary name and renamed into place, so a
-//! process that attaches never sees a half-initialised one. Attaching checks the magic,
+//! appears atomically: it is built under a temporary name and hard-linked into place, so
+//! a process that attaches never sees a half-initialised one. Attaching checks the magic,
 //! the version and the size and refuses anything else.
 //!
 //! Everything inside a segment is accessed through `AtomicU64`/`AtomicU32` (no pointers,
@@ -11,15 +11,17 @@
 //! that map it at different addresses.
 
 use std::fs::{File, OpenOptions};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use memmap2::MmapMut;
 
 use super::AllocError;
 
 /// Version of every segment layout in this module tree.
-pub const SEG_VERSION: u64 = 2;
+pub const SEG_VERSION: u64 = 3;
 /// Byte offset of the magic.
 const OFF_MAGIC: usize = 0;
 /// Byte offset of the version.
@@ -32,14 +34,13 @@ pub struct Segment {
     path: PathBuf,
     map: MmapMut,
     base: *mut u8,
-    len: usize,
 }
 
 impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Segment")
             .field("path", &self.path)
-            .field("len", &self.len)
+            .field("len", &self.map.len())
             .finish()
     }
 }
@@ -60,9 +61,9 @@ fn os(path: &Path, op: &'static str, source: std::io::Error) -> AllocError {
 }
 
 impl Segment {
-    /// Creates a segment of `len` bytes at `path`. `init` fills it in (magic and version
-    /// are written by this function, after `init`); then the file is renamed into place.
-    /// Fails with `AlreadyExists` if `path` exists.
+    /// Creates a segment of `len` bytes at `path`. `init` fills it in completely (magic
+    /// and version are written by this function, after `init`); then the file is linked
+    /// into place. Fails with `AlreadyExists` if `path` exists.
     pub fn create(
         path: &Path,
         magic: u64,
@@ -152,12 +153,17 @@ impl Segment {
         // accesses fault; segments are never truncated after creation (only unlinked,
         // which keeps the mapping valid).
         let mut map = unsafe { MmapMut::map_mut(file) }.map_err(|e| os(path, "mmap", e))?;
+        if map.len() != len {
+            return Err(AllocError::BadSegment {
+                path: path.to_path_buf(),
+                reason: format!("mapped {} bytes, expected {len}", map.len()),
+            });
+        }
         let base = map.as_mut_ptr();
         Ok(Segment {
             path: path.to_path_buf(),
             map,
             base,
-            len,
         })
     }
 
@@ -165,19 +171,18 @@ impl Segment {
         &self.path
     }
 
+    /// Size of the mapping in bytes (a whole number of pages, at least one).
+    #[allow(clippy::len_without_is_empty)]
+    #[inline]
     pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len()
     }
 
     /// The `AtomicU64` at byte offset `off` (8-aligned, inside the segment).
     #[inline]
     pub fn u64_at(&self, off: usize) -> &AtomicU64 {
         assert!(
-            off % 8 == 0 && off + 8 <= self.len,
+            off % 8 == 0 && off + 8 <= self.len(),
             "u64 at {off} outside segment"
         );
         // SAFETY: in bounds and 8-aligned (the mapping is page aligned); the memory is
@@ -189,7 +194,7 @@ impl Segment {
     #[inline]
     pub fn u32_at(&self, off: usize) -> &AtomicU32 {
         assert!(
-            off % 4 == 0 && off + 4 <= self.len,
+            off % 4 == 0 && off + 4 <= self.len(),
             "u32 at {off} outside segment"
         );
         // SAFETY: in bounds and 4-aligned; valid for the life of `self`; atomic access.
@@ -198,7 +203,7 @@ impl Segment {
 
     /// Raw pointer to byte `off`, for the process-shared mutex in `shm_lock`.
     pub(super) fn raw_at(&self, off: usize, len: usize) -> *mut u8 {
-        assert!(off + len <= self.len, "range at {off} outside segment");
+        assert!(off + len <= self.len(), "range at {off} outside segment");
         // SAFETY: in bounds of the mapping.
         unsafe { self.base.add(off) }
     }
@@ -231,9 +236,58 @@ impl Segment {
         out.truncate(n);
         out
     }
+}
 
-    /// Drops the mapping explicitly (the same as dropping the segment).
-    pub fn flush(&self) -> Result<(), AllocError> {
-        self.map.flush().map_err(|e| os(&self.path, "msync", e))
+/// A slot whose value can be replaced while references handed out before stay valid: a
+/// replaced value is kept (still mapped, for a segment) until the slot itself is dropped.
+/// Reading is one `Acquire` load, the same as `OnceLock::get`; replacing takes a lock.
+///
+/// The node's device table uses it: a device index can be reused for a new segment after
+/// its old segment went offline, and a thread that still holds the old one keeps a valid
+/// (offline) mapping.
+pub struct RetainingSlot<T> {
+    cur: AtomicPtr<T>,
+    kept: Mutex<Vec<Box<T>>>,
+    // `get` hands out `&T` to any thread holding `&self`: Sync only for T: Sync.
+    _marker: PhantomData<T>,
+}
+
+impl<T> Default for RetainingSlot<T> {
+    fn default() -> Self {
+        RetainingSlot {
+            cur: AtomicPtr::new(std::ptr::null_mut()),
+            kept: Mutex::new(Vec::new()),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for RetainingSlot<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RetainingSlot").field(&self.get()).finish()
+    }
+}
+
+impl<T> RetainingSlot<T> {
+    /// The current value, if any.
+    #[inline]
+    pub fn get(&self) -> Option<&T> {
+        let p = self.cur.load(Ordering::Acquire);
+        // SAFETY: a non-null `cur` points into a `Box` owned by `kept`; boxes are only
+        // pushed, never removed or dropped before the slot is, so the value lives (and
+        // does not move) as long as `&self`. The Acquire load pairs with the Release
+        // store in `set`, so the value's initialisation is visible.
+        (!p.is_null()).then(|| unsafe { &*p })
+    }
+
+    /// Makes `v` the current value (the previous one stays alive) and returns it.
+    pub fn set(&self, v: T) -> &T {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let b = Box::new(v);
+        let p = &*b as *const T as *mut T;
+        kept.push(b);
+        self.cur.store(p, Ordering::Release);
+        // SAFETY: `p` points into the box just pushed to `kept` (see `get`).
+        unsafe { &*p }
     }
 }

@@ -103,6 +103,10 @@ impl<'a> RobustMutex<'a> {
             // SAFETY: we hold the mutex (EOWNERDEAD means it was acquired).
             let rc2 = unsafe { libc::pthread_mutex_consistent(self.ptr()) };
             if rc2 != 0 {
+                // Do not keep a lock we cannot hand out: release it (it stays
+                // unrecoverable for the next locker, who gets the error too).
+                // SAFETY: we hold the mutex (acquired with EOWNERDEAD above).
+                unsafe { libc::pthread_mutex_unlock(self.ptr()) };
                 return Err(pthread_err("pthread_mutex_consistent", rc2));
             }
             died = true;

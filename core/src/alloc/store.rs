@@ -4,16 +4,19 @@
 //! (a JSON header line, then the data). The process takes a block with room (first the
 //! unfilled-block table, then a device's free blocks), writes the data there through
 //! io_uring with O_DIRECT, commits the block, records channel → location at the index
-//! server and only then answers. A node without room answers `node_full`; the client
-//! tells the index and asks for another node, until the index says the cluster is full.
+//! server, and only then offers the block's remaining room to the unfilled table and
+//! answers. A failed record undoes the commit (a fresh block is freed, a partly filled
+//! one goes back to its previous contents). A node without room answers `node_full`; the
+//! client tells the index and asks for another node, until the index says the cluster is
+//! full. An endpoint the client cannot connect to is reported to the index, which drops
+//! it if it cannot reach it either, and the client routes again.
 //!
 //! One store at a time per process (the process's current-block record names one block).
 //! Known gap: a process killed after committing a fresh block but before the index
 //! recorded it leaves that block filled and unrecorded (the audit reports it as leaked);
 //! closing it needs recovery to consult the index server.
 
-use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,12 +26,16 @@ use serde::{Deserialize, Serialize};
 use super::allocator::BlockAllocator;
 use super::index::{
     self, IndexReply, IndexRequest, Location, KIND_CLUSTER_FULL, KIND_NODE_FULL, KIND_NOT_FOUND,
-    KIND_TOO_LARGE,
+    KIND_NO_NODE, KIND_TOO_LARGE,
 };
-use super::node::{recv_line, send_line, NodeProcess};
-use super::segs::{BlockRef, BlockState, DeviceRegion, Unfilled};
+use super::node::{next_request, recv_line, send_line, Incoming, NodeProcess, KIND_BAD_REQUEST};
+use super::region::DeviceSpec;
+use super::segs::{BlockRef, BlockState, DeviceSeg, Unfilled, MAX_DEVICES};
 use super::{AllocError, UNIT};
 use crate::dev::{AlignedBuf, Device, IoEngine, UringEngine};
+
+/// How many endpoints a client may find unreachable for one store before it gives up.
+const MAX_UNREACHABLE: usize = 8;
 
 /// Requests on a process's external port.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,7 +44,7 @@ pub enum StoreRequest {
     /// Followed by `len` bytes of data.
     Store { channel: u64, len: u64 },
     /// The index server says a device came online on this node.
-    DeviceOnline { region: DeviceRegion },
+    DeviceOnline { device: DeviceSpec },
 }
 
 /// One process's store service.
@@ -59,8 +66,31 @@ impl std::fmt::Debug for StoreService {
 struct Inner {
     alloc: Box<dyn BlockAllocator>,
     eng: UringEngine,
-    devices: HashMap<u16, Device>,
+    /// The open device of each device index, with the serial of the segment it was
+    /// opened for (an index can be reused for another device).
+    devices: Vec<Option<(u64, Device)>>,
+    /// The online device indexes as of device epoch `online_epoch`.
+    online: Vec<u16>,
+    online_epoch: u64,
     next: usize,
+}
+
+/// The open device behind segment `d` (from `devices`, the cache of [`Inner`]).
+fn open_device<'a>(
+    devices: &'a mut [Option<(u64, Device)>],
+    d: &DeviceSeg,
+) -> Result<&'a Device, AllocError> {
+    {
+        let slot = &mut devices[d.index() as usize % MAX_DEVICES];
+        if slot
+            .as_ref()
+            .is_none_or(|(serial, _)| *serial != d.serial())
+        {
+            *slot = Some((d.serial(), Device::open(d.device_path())?));
+        }
+    }
+    let slot = &devices[d.index() as usize % MAX_DEVICES];
+    Ok(&slot.as_ref().expect("just set").1)
 }
 
 impl StoreService {
@@ -76,7 +106,9 @@ impl StoreService {
             inner: Mutex::new(Inner {
                 alloc,
                 eng: UringEngine::with_queue_depth(4)?,
-                devices: HashMap::new(),
+                devices: (0..MAX_DEVICES).map(|_| None).collect(),
+                online: Vec::new(),
+                online_epoch: u64::MAX,
                 next: p.cfg.proc_id as usize,
             }),
             p,
@@ -94,6 +126,7 @@ impl StoreService {
             &self.index,
             &IndexRequest::RegisterProcess {
                 node: self.node_name.clone(),
+                proc_id: self.p.cfg.proc_id,
                 endpoint: ep.clone(),
             },
         )?;
@@ -118,26 +151,28 @@ impl StoreService {
     fn conn(&self, s: TcpStream) {
         let Ok(mut w) = s.try_clone() else { return };
         let mut r = BufReader::new(s);
-        while let Ok(Some(req)) = recv_line::<StoreRequest>(&mut r) {
-            let reply = match req {
-                StoreRequest::Store { channel, len } => {
+        loop {
+            let (reply, close) = match next_request::<StoreRequest>(&mut r) {
+                Incoming::End => break,
+                Incoming::Bad { error, fatal } => {
+                    (IndexReply::err(Some(KIND_BAD_REQUEST), error), fatal)
+                }
+                Incoming::Request(StoreRequest::Store { channel, len }) => {
                     let bs = self.p.at.node.block_size();
                     if len > bs {
                         // Drain what the client sent, then refuse.
                         let _ = std::io::copy(&mut (&mut r).take(len), &mut std::io::sink());
-                        IndexReply::err(
-                            Some(KIND_TOO_LARGE),
-                            AllocError::TooLarge {
-                                len,
-                                block_size: bs,
-                            },
-                        )
+                        let e = AllocError::TooLarge {
+                            len,
+                            block_size: bs,
+                        };
+                        (IndexReply::err(Some(KIND_TOO_LARGE), e), false)
                     } else {
                         let mut data = vec![0u8; len as usize];
                         if r.read_exact(&mut data).is_err() {
                             break;
                         }
-                        match self.store(channel, &data) {
+                        let rep = match self.store(channel, &data) {
                             Ok(loc) => IndexReply {
                                 locs: vec![loc],
                                 ..IndexReply::ok()
@@ -146,18 +181,22 @@ impl StoreService {
                                 IndexReply::err(Some(KIND_NODE_FULL), AllocError::NodeFull)
                             }
                             Err(e) => IndexReply::err(None, e),
-                        }
+                        };
+                        (rep, false)
                     }
                 }
-                StoreRequest::DeviceOnline { region } => match self.p.device_online(&region) {
-                    Ok(i) => IndexReply {
-                        dev: Some(i),
-                        ..IndexReply::ok()
-                    },
-                    Err(e) => IndexReply::err(None, e),
-                },
+                Incoming::Request(StoreRequest::DeviceOnline { device }) => {
+                    let rep = match self.p.device_online(&device) {
+                        Ok(i) => IndexReply {
+                            dev: Some(i),
+                            ..IndexReply::ok()
+                        },
+                        Err(e) => IndexReply::err(None, e),
+                    };
+                    (rep, false)
+                }
             };
-            if send_line(&mut w, &reply).is_err() {
+            if send_line(&mut w, &reply).is_err() || close {
                 break;
             }
         }
@@ -181,53 +220,59 @@ impl StoreService {
             at.refresh()?;
             let (b, prior) = self.place(inner, units, block_units)?;
             let d = at.device(b.dev)?;
-            let region = d.region();
-            if let std::collections::hash_map::Entry::Vacant(e) = inner.devices.entry(b.dev) {
-                e.insert(Device::open(&region.path)?);
-            }
-            let dev = &inner.devices[&b.dev];
             let mut buf = AlignedBuf::new((units as u64 * UNIT) as usize);
             buf[..data.len()].copy_from_slice(data);
             let off_in_block = prior as u64 * UNIT;
             let dev_off = d.block_offset(b.block) + off_in_block;
-            let written = inner.eng.write_at(dev, dev_off, &buf);
+            let written = open_device(&mut inner.devices, d).and_then(|dev| {
+                inner.eng.write_at(dev, dev_off, &buf)?;
+                Ok(dev.path().to_path_buf())
+            });
             let used = prior + units;
-            let committed = written
-                .map_err(AllocError::from)
-                .and_then(|()| inner.alloc.commit(b, used as u64 * UNIT));
-            match committed {
-                Ok(()) => {}
+            let committed =
+                written.and_then(|path| inner.alloc.commit(b, used as u64 * UNIT).map(|()| path));
+            let device = match committed {
+                Ok(path) => path,
                 Err(AllocError::DeviceOffline { .. }) => continue, // placed again elsewhere
                 Err(e) => {
                     self.give_back(inner, b, prior);
                     return Err(e);
                 }
-            }
-            if used < block_units {
-                let _l = at.unfilled.lock()?;
-                at.unfilled.put(Unfilled {
-                    block: b,
-                    used_units: used,
-                });
-            }
+            };
             let loc = Location {
                 node: self.node_name.clone(),
-                device: region.path.clone(),
+                device,
                 dev: b.dev,
                 block: b.block,
                 device_offset: dev_off,
                 offset_in_block: off_in_block,
                 len: data.len() as u64,
             };
-            let rep = index::call(
+            let recorded = index::call(
                 &self.index,
                 &IndexRequest::Record {
                     channel,
                     loc: loc.clone(),
                 },
-            )?;
-            if !rep.ok {
-                return Err(AllocError::Protocol(rep.error.unwrap_or_default()));
+            )
+            .and_then(|rep| match rep.ok {
+                true => Ok(()),
+                false => Err(AllocError::Protocol(format!(
+                    "the index did not record channel {channel}: {}",
+                    rep.error.unwrap_or_default()
+                ))),
+            });
+            if let Err(e) = recorded {
+                self.undo_commit(inner, b, prior, used);
+                return Err(e);
+            }
+            // Recorded: only now may another store append to the block.
+            if used < block_units {
+                let _l = at.unfilled.lock()?;
+                at.unfilled.put(Unfilled {
+                    block: b,
+                    used_units: used,
+                });
             }
             return Ok(loc);
         }
@@ -242,25 +287,37 @@ impl StoreService {
         block_units: u32,
     ) -> Result<(BlockRef, u32), AllocError> {
         let at = &self.p.at;
+        let me = self.p.cfg.proc_id;
         {
             let _l = at.unfilled.lock()?;
             let online = |dev: u16| at.device(dev).map(|d| d.is_online()).unwrap_or(false);
-            if let Some(u) = at.unfilled.take_fitting(units, block_units, online) {
+            while let Some(u) = at.unfilled.take_fitting(units, block_units, online) {
+                // The entry is gone from the table either way; the block is ours only if
+                // it still holds what the entry says (it may have been freed since).
                 let d = at.device(u.block.dev)?;
-                d.set_state(
+                if d.cas_state(
                     u.block.block,
+                    BlockState::Filled {
+                        used_units: u.used_units,
+                    },
                     BlockState::InFlight {
-                        owner: self.p.cfg.proc_id,
+                        owner: me,
                         prior_units: u.used_units,
                     },
-                );
-                self.p.me.current().store(u.block.pack(), Ordering::Release);
-                return Ok((u.block, u.used_units));
+                ) {
+                    self.p.me.current().store(u.block.pack(), Ordering::Release);
+                    return Ok((u.block, u.used_units));
+                }
             }
         }
-        let devs = at.online_devices();
-        for _ in 0..devs.len() {
-            let dev = devs[inner.next % devs.len()];
+        let epoch = at.node.device_epoch().load(Ordering::Acquire);
+        if epoch != inner.online_epoch {
+            inner.online = at.online_devices();
+            inner.online_epoch = epoch;
+        }
+        let n = inner.online.len();
+        for _ in 0..n {
+            let dev = inner.online[inner.next % n];
             inner.next += 1;
             match inner.alloc.alloc(dev) {
                 Ok(b) => return Ok((b, 0)),
@@ -271,7 +328,7 @@ impl StoreService {
         Err(AllocError::NodeFull)
     }
 
-    /// Undoes a placement whose write failed.
+    /// Undoes a placement whose write or commit failed.
     fn give_back(&self, inner: &mut Inner, b: BlockRef, prior: u32) {
         if prior == 0 {
             let _ = inner.alloc.free(b);
@@ -284,11 +341,36 @@ impl StoreService {
             }
         }
     }
+
+    /// Undoes a commit the index did not record: a fresh block is freed; a partly filled
+    /// one goes back to its `prior` units (and to the unfilled table).
+    fn undo_commit(&self, inner: &mut Inner, b: BlockRef, prior: u32, used: u32) {
+        if prior == 0 {
+            let _ = inner.alloc.free(b);
+            return;
+        }
+        let at = &self.p.at;
+        // Under the table lock: recovery and `place` are excluded, and the block is in
+        // nobody's hands but ours (filled, not in the table).
+        if let (Ok(_l), Ok(d)) = (at.unfilled.lock(), at.device(b.dev)) {
+            if d.cas_state(
+                b.block,
+                BlockState::Filled { used_units: used },
+                BlockState::Filled { used_units: prior },
+            ) {
+                at.unfilled.put(Unfilled {
+                    block: b,
+                    used_units: prior,
+                });
+            }
+        }
+    }
 }
 
 /// Stores `data` for `channel` through the index server at `index`.
 pub fn client_store(index: &str, channel: u64, data: &[u8]) -> Result<Location, AllocError> {
     let mut exclude: Vec<String> = Vec::new();
+    let mut unreachable = 0;
     loop {
         let r = index::call(
             index,
@@ -298,19 +380,31 @@ pub fn client_store(index: &str, channel: u64, data: &[u8]) -> Result<Location, 
             },
         )?;
         if !r.ok {
-            if r.kind.as_deref() == Some(KIND_CLUSTER_FULL) {
-                return Err(AllocError::ClusterFull {
+            return Err(match r.kind.as_deref() {
+                Some(KIND_CLUSTER_FULL) => AllocError::ClusterFull {
                     len: data.len() as u64,
-                });
-            }
-            return Err(AllocError::Protocol(r.error.unwrap_or_default()));
+                },
+                Some(KIND_NO_NODE) => AllocError::NoNode,
+                _ => AllocError::Protocol(r.error.unwrap_or_default()),
+            });
         }
         let node = r.node.unwrap_or_default();
         let ep = r
             .endpoint
             .ok_or_else(|| AllocError::Protocol("route without endpoint".into()))?;
-        let mut s = TcpStream::connect(&ep)
-            .map_err(|e| AllocError::net(format!("connecting to {ep}"), e))?;
+        let mut s = match TcpStream::connect(&ep) {
+            Ok(s) => s,
+            Err(e) => {
+                unreachable += 1;
+                if unreachable > MAX_UNREACHABLE {
+                    return Err(AllocError::net(format!("connecting to {ep}"), e));
+                }
+                // A process that died (or restarted on another port): tell the index,
+                // then route again.
+                let _ = index::call(index, &IndexRequest::Unreachable { node, endpoint: ep });
+                continue;
+            }
+        };
         send_line(
             &mut s,
             &StoreRequest::Store {
@@ -318,7 +412,7 @@ pub fn client_store(index: &str, channel: u64, data: &[u8]) -> Result<Location, 
                 len: data.len() as u64,
             },
         )
-        .and_then(|()| s.write_all(data))
+        .and_then(|()| std::io::Write::write_all(&mut s, data))
         .map_err(|e| AllocError::net(format!("sending to {ep}"), e))?;
         let mut rd = BufReader::new(s);
         let rep: IndexReply = recv_line(&mut rd)?

@@ -11,13 +11,16 @@
 //! device: free, in use and recorded, or neither (leaked); owned twice (double).
 //!
 //! The crash run (`shm-crash-follower`, `shm-crash-leader` rows): 4 processes with I/O;
-//! one is SIGKILLed in the middle of its run and restarted with the same process id; the
-//! audit after the run must find nothing leaked and nothing double-allocated.
+//! one stops 40% into the run with a block allocated and written but not committed, is
+//! SIGKILLed there and restarted with the same process id; recovery must have returned
+//! exactly that block (the run fails otherwise), and the audit after the run must find
+//! nothing leaked and nothing double-allocated.
 //!
 //! CSV columns: strategy,processes,with_io,repetition,ops,ops_per_s,alloc_p50_ns,
 //! alloc_p99_ns,leaked_blocks,double_allocated.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -26,7 +29,7 @@ use blocklab::alloc::node::{proc_path, Attached};
 use blocklab::alloc::region::{region_of, RegionSource};
 use blocklab::alloc::segs::ProcSeg;
 use blocklab::alloc::BlockRef;
-use blocklab::alloc::{DeviceRegion, Strategy};
+use blocklab::alloc::{DeviceRegion, DeviceSpec, Strategy};
 use blocklab::dev::UringEngine;
 use clap::Parser;
 use harness::cli::alloc::{free_port, NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
@@ -98,8 +101,8 @@ enum Crash {
 struct Outcome {
     row: Row,
     /// In-flight blocks recovery returned for the killed process (crash runs).
-    recovered_at_restart: Option<usize>,
-    /// The last of them, with its state after the run.
+    recovered_at_restart: Option<u64>,
+    /// The block it had in flight, with its state after the run.
     returned_block: Option<String>,
 }
 
@@ -121,7 +124,7 @@ fn run_config(
     block_size: u64,
     devices: &[DeviceRegion],
     crash: Crash,
-) -> anyhow::Result<(Outcome, Vec<Record>)> {
+) -> anyhow::Result<Outcome> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let _cleanup = NodeDir(dir.to_path_buf());
@@ -133,7 +136,8 @@ fn run_config(
             internal_port: free_port()?,
             strategy,
             block_size,
-            devices: devices.to_vec(),
+            // By path: the leader resolves each to the region `regions` computed.
+            devices: devices.iter().map(|r| DeviceSpec::path(&r.path)).collect(),
             unfilled_capacity: 256,
         },
         seconds,
@@ -161,23 +165,29 @@ fn run_config(
         }
     }
     let leader = leader.context("no leader was elected")?;
-    for w in &mut workers {
-        w.go()?;
-    }
-    let mut recovered_at_restart = None;
     let victim = match crash {
         Crash::None => None,
         Crash::Follower => workers.iter().position(|w| w.proc_id != leader),
         Crash::Leader => workers.iter().position(|w| w.proc_id == leader),
     };
-    let mut victim_id = None;
-    let mut returned_block = None;
+    for (i, w) in workers.iter_mut().enumerate() {
+        if Some(i) == victim {
+            w.go_stop_in_flight(seconds * 0.4)?;
+        } else {
+            w.go()?;
+        }
+    }
+    // The victim stops with a block written but not committed; it dies there.
+    let mut in_flight = None;
     if let Some(v) = victim {
-        std::thread::sleep(Duration::from_secs_f64(seconds * 0.4));
-        let w = workers.remove(v);
+        let mut w = workers.remove(v);
+        let b = match w.event(wait)? {
+            WorkerEvent::InFlight { block, .. } => block,
+            e => bail!("unexpected {e:?}"),
+        };
         let id = w.proc_id;
-        victim_id = Some(id);
         w.kill()?;
+        in_flight = Some((id, b));
         let mut again = WorkerProc::spawn(&spec, id)?;
         match again.event(wait)? {
             WorkerEvent::Ready { .. } => {}
@@ -187,7 +197,7 @@ fn run_config(
         workers.push(again);
     }
     let mut hist = harness::LatencyHist::new();
-    let (mut ops, mut max_elapsed, mut records) = (0u64, 0u64, Vec::new());
+    let (mut ops, mut records) = (0u64, Vec::new());
     let mut rate = 0.0;
     for w in &mut workers {
         match w.event(wait + Duration::from_secs_f64(seconds))? {
@@ -199,7 +209,6 @@ fn run_config(
                 ..
             } => {
                 ops += o;
-                max_elapsed = max_elapsed.max(elapsed_ns);
                 rate += o as f64 / (elapsed_ns.max(1) as f64 / 1e9);
                 for (v, c) in alloc_ns {
                     hist.record_n(v, c);
@@ -215,21 +224,34 @@ fn run_config(
     }
     // Audit while every worker is up and idle (quiescent).
     let at = Attached::open(dir).context("attaching the node for the audit")?;
-    if let Some(v) = victim_id {
-        let rec = ProcSeg::attach(&proc_path(dir, v))?;
-        recovered_at_restart =
-            Some(rec.recovered().load(std::sync::atomic::Ordering::Acquire) as usize);
-        returned_block = BlockRef::unpack(
-            rec.last_recovered()
-                .load(std::sync::atomic::Ordering::Acquire),
-        );
+    let mut recovered_at_restart = None;
+    let mut returned_block = None;
+    if let Some((id, b)) = in_flight {
+        let rec = ProcSeg::attach(&proc_path(dir, id))?;
+        let n = rec.recovered().load(Ordering::Acquire);
+        let last = BlockRef::unpack(rec.last_recovered().load(Ordering::Acquire));
+        if n != 1 || last != Some(b) {
+            bail!(
+                "process {id} was killed with block {b} in flight, but recovery returned {n} block(s), the last {last:?}"
+            );
+        }
+        recovered_at_restart = Some(n);
+        let state = at
+            .device(b.dev)
+            .map(|d| format!("{:?}", d.load_state(b.block)));
+        returned_block = Some(format!(
+            "{b} (after the run: {})",
+            state.unwrap_or_else(|e| e.to_string())
+        ));
     }
     let rep = audit(&at, &records)?;
     if !rep.problems.is_empty() {
         eprintln!("audit of {strategy} x{procs}: {:?}", rep.problems);
     }
-    // Followers first, then the leader (which serves them until the end).
-    workers.sort_by_key(|w| w.proc_id == leader || matches!(crash, Crash::Leader));
+    // Followers first, then the current leader (which serves them until the end; after a
+    // leader crash it is whichever follower took over).
+    let leader_pid = at.node.leader_pid().load(Ordering::Acquire) as u32;
+    workers.sort_by_key(|w| w.pid() == leader_pid);
     for w in workers {
         w.finish()?;
     }
@@ -238,34 +260,24 @@ fn run_config(
         Crash::Follower => format!("{}-crash-follower", strategy.name()),
         Crash::Leader => format!("{}-crash-leader", strategy.name()),
     };
-    Ok((
-        Outcome {
-            row: Row {
-                strategy: name,
-                processes: procs as u32,
-                with_io,
-                repetition: 0,
-                ops,
-                // Sum of each process's own rate (each ran the same wall time).
-                ops_per_s: rate,
-                alloc_p50_ns: hist.percentiles().p50,
-                alloc_p99_ns: hist.percentiles().p99,
-                leaked_blocks: rep.leaked_blocks,
-                double_allocated: rep.double_allocated,
-            },
-            recovered_at_restart,
-            returned_block: returned_block.map(|b| {
-                let state = at
-                    .device(b.dev)
-                    .map(|d| format!("{:?}", d.load_state(b.block)));
-                format!(
-                    "{b} (after the run: {})",
-                    state.unwrap_or_else(|e| e.to_string())
-                )
-            }),
+    let pct = hist.percentiles();
+    Ok(Outcome {
+        row: Row {
+            strategy: name,
+            processes: procs as u32,
+            with_io,
+            repetition: 0,
+            ops,
+            // Sum of each process's own rate (each ran the same wall time).
+            ops_per_s: rate,
+            alloc_p50_ns: pct.p50,
+            alloc_p99_ns: pct.p99,
+            leaked_blocks: rep.leaked_blocks,
+            double_allocated: rep.double_allocated,
         },
-        records,
-    ))
+        recovered_at_restart,
+        returned_block,
+    })
 }
 
 /// Writes every block region once (1 MiB requests, 8 in flight), so runs with I/O do not
@@ -332,7 +344,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             for with_io in [false, true] {
                 for &s in &args.strategies {
                     prog.step(&format!("rep {rep} {s} x{procs} io={with_io}"));
-                    let (mut out, _) = run_config(
+                    let mut out = run_config(
                         &exe,
                         &dir,
                         s,
@@ -351,7 +363,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         for &crash in &crash_runs {
             prog.step(&format!("rep {rep} crash {crash:?}"));
-            let (mut out, _) = run_config(
+            let mut out = run_config(
                 &exe,
                 &dir,
                 Strategy::Shm,

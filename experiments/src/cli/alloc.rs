@@ -4,7 +4,9 @@
 //! The worker speaks JSON lines: on stdout `{"event":"ready",...}` once it is leader or
 //! registered, then `{"event":"done",...}` after its run; on stdin it waits for a `go`
 //! line before running and for end of input before exiting (so a leader outlives its
-//! followers' runs).
+//! followers' runs). `go stop-in-flight-after=SECS` makes it stop after SECS with a block
+//! allocated and written but not committed, say `{"event":"in_flight",...}` and wait to
+//! be killed (crash tests and exp-alloc's crash runs).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use blocklab::alloc::node::{self, NodeConfig, NodeProcess};
-use blocklab::alloc::{AllocError, BlockAllocator, BlockRef, DeviceRegion, Strategy};
+use blocklab::alloc::segs::MAX_DEVICES;
+use blocklab::alloc::{AllocError, BlockAllocator, BlockRef, ByteRange, DeviceSpec, Strategy};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
@@ -24,21 +27,26 @@ use crate::args::parse_size;
 /// One allocation in this many is timed for the latency histogram.
 const LATENCY_SAMPLE: u64 = 8;
 
-/// Parses `OFFSET:LEN:PATH` (sizes with K/M/G suffixes).
-pub fn parse_region(s: &str) -> Result<DeviceRegion, String> {
+/// Parses a device: `PATH` (its blocks go into the data region of a formatted daemon
+/// device, else after the first MiB) or `OFFSET:LEN:PATH` (an explicit region, sizes with
+/// K/M/G suffixes, checked against the same rule when the device comes online).
+pub fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    if s.is_empty() {
+        return Err("empty device".into());
+    }
     let mut it = s.splitn(3, ':');
-    let (Some(o), Some(l), Some(p)) = (it.next(), it.next(), it.next()) else {
-        return Err(format!("device region {s:?} is not OFFSET:LEN:PATH"));
-    };
-    Ok(DeviceRegion {
-        path: PathBuf::from(p),
-        offset: parse_size(o)?,
-        len: parse_size(l)?,
-    })
-}
-
-pub fn format_region(r: &DeviceRegion) -> String {
-    format!("{}:{}:{}", r.offset, r.len, r.path.display())
+    if let (Some(o), Some(l), Some(p)) = (it.next(), it.next(), it.next()) {
+        if let (Ok(offset), Ok(len)) = (parse_size(o), parse_size(l)) {
+            if p.is_empty() {
+                return Err(format!("device {s:?}: no path after OFFSET:LEN:"));
+            }
+            return Ok(DeviceSpec {
+                path: PathBuf::from(p),
+                range: Some(ByteRange { offset, len }),
+            });
+        }
+    }
+    Ok(DeviceSpec::path(s))
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,12 +73,13 @@ pub enum AllocCmd {
         #[arg(long)]
         dev: u16,
     },
-    /// Ask the node's leader to bring a device online (OFFSET:LEN:PATH); prints its index.
+    /// Ask the node's leader to bring a device online (PATH or OFFSET:LEN:PATH); prints
+    /// its index.
     DeviceOnline {
         #[arg(long)]
         internal_port: u16,
-        #[arg(long, value_parser = parse_region)]
-        device: DeviceRegion,
+        #[arg(long, value_parser = parse_device)]
+        device: DeviceSpec,
     },
     /// Run a node process: elect/register, scan devices, serve store requests on an
     /// external port registered with the index server. Prints `ready ENDPOINT ROLE`.
@@ -101,9 +110,11 @@ pub struct NodeArgs {
     /// Block size (multiple of 4 KiB).
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub block_size: u64,
-    /// A device region blocks are carved from, OFFSET:LEN:PATH; repeat for several devices.
-    #[arg(long = "device", value_parser = parse_region, required = true)]
-    pub devices: Vec<DeviceRegion>,
+    /// A device blocks are carved from: PATH (the data region of a formatted daemon
+    /// device, else everything after the first MiB) or OFFSET:LEN:PATH (an explicit
+    /// region inside that); repeat for several devices.
+    #[arg(long = "device", value_parser = parse_device, required = true)]
+    pub devices: Vec<DeviceSpec>,
     /// Entries of the unfilled-block table.
     #[arg(long, default_value_t = 256)]
     pub unfilled_capacity: usize,
@@ -165,14 +176,15 @@ pub enum IndexCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Tell a node (through one of its processes) that a device came online (OFFSET:LEN:PATH).
+    /// Tell a node (through one of its processes) that a device came online (PATH or
+    /// OFFSET:LEN:PATH).
     DeviceOnline {
         #[arg(long)]
         index: String,
         #[arg(long)]
         node: String,
-        #[arg(long, value_parser = parse_region)]
-        device: DeviceRegion,
+        #[arg(long, value_parser = parse_device)]
+        device: DeviceSpec,
     },
 }
 
@@ -228,7 +240,7 @@ pub fn run_index(cmd: IndexCmd) -> anyhow::Result<()> {
                 &index,
                 &IndexRequest::DeviceOnline {
                     node: node.clone(),
-                    region: device,
+                    device,
                 },
             )?;
             if !rep.ok {
@@ -294,6 +306,30 @@ pub enum WorkerEvent {
         alloc_ns: Vec<(u64, u64)>,
         held: Vec<BlockRef>,
     },
+    /// Stopped (as asked) with `block` allocated and written, not committed.
+    InFlight { proc_id: u16, block: BlockRef },
+}
+
+/// What the driver's `go` line asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Go {
+    Run,
+    /// Run for this many seconds, then stop with a block in flight.
+    StopInFlightAfter(f64),
+}
+
+fn parse_go(line: &str) -> anyhow::Result<Go> {
+    let line = line.trim();
+    if line == "go" {
+        return Ok(Go::Run);
+    }
+    if let Some(v) = line.strip_prefix("go stop-in-flight-after=") {
+        let secs: f64 = v
+            .parse()
+            .with_context(|| format!("bad seconds in {line:?}"))?;
+        return Ok(Go::StopInFlightAfter(secs));
+    }
+    bail!("expected `go` on stdin, got {line:?}")
 }
 
 fn emit(ev: &WorkerEvent) -> anyhow::Result<()> {
@@ -336,16 +372,16 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
     stdin.read_line(&mut line)?;
-    if line.trim() != "go" {
-        bail!("expected `go` on stdin, got {:?}", line.trim());
-    }
-    // Device index (from the scan) -> the open device.
-    let mut opened: std::collections::HashMap<u16, Device> = std::collections::HashMap::new();
+    let go = parse_go(&line)?;
+    // Device index (from the scan) -> the open device, its region offset, block size.
+    let mut opened: Vec<Option<(Device, u64, u64)>> = (0..MAX_DEVICES).map(|_| None).collect();
     if args.with_io {
-        for (r, &i) in cfg.devices.iter().zip(&devs) {
-            let d =
+        for &i in &devs {
+            let d = p.at.device(i)?;
+            let r = d.region();
+            let dev =
                 Device::open(&r.path).with_context(|| format!("opening {}", r.path.display()))?;
-            opened.insert(i, d);
+            opened[i as usize % MAX_DEVICES] = Some((dev, r.offset, d.block_size()));
         }
     }
     let mut eng = UringEngine::with_queue_depth(1)?;
@@ -356,15 +392,18 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let mut next = cfg.proc_id as usize;
     let mut ops = 0u64;
     let write = |eng: &mut UringEngine, b: BlockRef, buf: &AlignedBuf| -> anyhow::Result<()> {
-        let d = p.at.device(b.dev)?;
-        let dev = opened
-            .get(&b.dev)
+        let (dev, offset, bs) = opened[b.dev as usize % MAX_DEVICES]
+            .as_ref()
             .context("block on a device this process did not open")?;
-        eng.write_at(dev, d.block_offset(b.block), buf)?;
+        eng.write_at(dev, offset + b.block as u64 * bs, buf)?;
         Ok(())
     };
+    let run_for = match go {
+        Go::Run => args.seconds,
+        Go::StopInFlightAfter(s) => s,
+    };
     let start = Instant::now();
-    let until = start + Duration::from_secs_f64(args.seconds);
+    let until = start + Duration::from_secs_f64(run_for);
     loop {
         // Check the clock every 64 operations only.
         if ops % 64 == 0 && Instant::now() >= until {
@@ -388,6 +427,22 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         ops += 1;
     }
     let elapsed_ns = start.elapsed().as_nanos() as u64;
+    if go != Go::Run {
+        // Allocated and written, never committed: what a crash mid-write leaves.
+        let b = alloc_any(a.as_mut(), &devs, &mut next)?;
+        if args.with_io {
+            write(&mut eng, b, &buf)?;
+        }
+        emit(&WorkerEvent::InFlight {
+            proc_id: cfg.proc_id,
+            block: b,
+        })?;
+        let mut rest = String::new();
+        while stdin.read_line(&mut rest)? > 0 {
+            rest.clear();
+        }
+        bail!("worker {}: stopped with block {b} in flight", cfg.proc_id);
+    }
     let mut held = Vec::new();
     for _ in 0..args.hold {
         let b = alloc_any(a.as_mut(), &devs, &mut next)?;
@@ -441,7 +496,7 @@ pub fn run(cmd: AllocCmd) -> anyhow::Result<()> {
             let rep = node::ask_leader(
                 internal_port,
                 &node::Request::DeviceOnline {
-                    region: device.clone(),
+                    device: device.clone(),
                 },
             )
             .with_context(|| format!("bringing {} online", device.path.display()))?;
@@ -500,8 +555,8 @@ impl WorkerProc {
             .args(["--seconds", &spec.seconds.to_string()])
             .args(["--hold", &spec.hold.to_string()])
             .args(["--unfilled-capacity", &n.unfilled_capacity.to_string()]);
-        for r in &n.devices {
-            cmd.arg("--device").arg(format_region(r));
+        for d in &n.devices {
+            cmd.arg("--device").arg(d.to_string());
         }
         if spec.with_io {
             cmd.arg("--with-io");
@@ -553,8 +608,18 @@ impl WorkerProc {
     }
 
     pub fn go(&mut self) -> anyhow::Result<()> {
+        self.say("go")
+    }
+
+    /// `go`, but stop after `seconds` with a block allocated and written and not
+    /// committed, and say so with an `in_flight` event.
+    pub fn go_stop_in_flight(&mut self, seconds: f64) -> anyhow::Result<()> {
+        self.say(&format!("go stop-in-flight-after={seconds}"))
+    }
+
+    fn say(&mut self, line: &str) -> anyhow::Result<()> {
         let s = self.stdin.as_mut().context("worker stdin closed")?;
-        s.write_all(b"go\n")?;
+        writeln!(s, "{line}")?;
         s.flush()?;
         Ok(())
     }
