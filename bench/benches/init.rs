@@ -40,11 +40,9 @@ fn structures(c: &mut Criterion) {
         log_len: 4 << 20,
         birth_time_unix_ns: 42,
     };
-    let rece = rec.encode();
     c.bench_function("log_init_record_round_trip", |b| {
         b.iter(|| LogInitRecord::decode(&black_box(&rec).encode()).unwrap())
     });
-    black_box(rece);
 }
 
 fn bitmap(c: &mut Criterion) {

@@ -1,11 +1,14 @@
 //! Newline-delimited JSON over a byte stream: one message per line. The one codec of the
 //! crate's JSON-line protocols (monitor, node agents, allocation node / index / store
 //! ports, failover service and nodes); each protocol only defines its message types.
+//! [`tcp`]: the shared server (accept loop, connection registry, stop) and connect retry.
 
 use std::io::{BufRead, Write};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+pub mod tcp;
 
 /// Longest accepted message line (a map of thousands of daemons fits easily).
 pub const MAX_LINE: usize = 64 << 20;

@@ -1,23 +1,27 @@
 //! The monitor end to end over real TCP sockets: restart keeps the map, concurrent batch
-//! allocation returns distinct smallest-free ids, bad input gets clear errors.
+//! allocation returns distinct smallest-free ids, bad input gets clear errors, one
+//! monitor per journal, a corrupt journal is refused, stopping answers every client.
 
 use std::net::TcpListener;
 use std::time::Duration;
 
 use blocklab::monitor::{
-    DaemonState, FileJournal, Monitor, MonitorClient, MonitorError, Outcome, ProposeConfig,
+    DaemonState, FileJournal, Monitor, MonitorClient, MonitorError, Outcome, ProposeConfig, Slot,
 };
+use blocklab::testing::wait_for;
 use uuid::Uuid;
 
-fn start(journal: &std::path::Path, interval_ms: u64) -> Monitor {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+fn try_start(journal: &std::path::Path, interval_ms: u64) -> Result<Monitor, MonitorError> {
     Monitor::start(
-        l,
+        TcpListener::bind("127.0.0.1:0").unwrap(),
         Box::new(FileJournal::new(journal)),
         ProposeConfig::with_interval(Duration::from_millis(interval_ms)),
         None,
     )
-    .unwrap()
+}
+
+fn start(journal: &std::path::Path, interval_ms: u64) -> Monitor {
+    try_start(journal, interval_ms).unwrap()
 }
 
 fn client(m: &Monitor) -> MonitorClient {
@@ -108,14 +112,108 @@ fn bad_requests_get_clear_errors() {
     let e = c.report(7, Outcome::Up).unwrap_err();
     assert!(e.to_string().contains("unknown daemon id 7"), "{e}");
     c.alloc("a", &["/d".into()]).unwrap();
-    let e = c.alloc("a", &["/d".into()]).unwrap_err();
-    assert!(e.to_string().contains("already belongs to daemon 0"), "{e}");
     let e = c.report(0, Outcome::Up).unwrap_err();
     assert!(e.to_string().contains("must be formatted"), "{e}");
+    // While daemon 0 is not up, allocating its device again is a rerun: the same id.
+    assert_eq!(c.alloc("a", &["/d".into()]).unwrap(), vec![0]);
+    let u = Uuid::new_v4();
+    c.register(0, u, "k").unwrap();
+    // A repeated registration of the same daemon is accepted, another uuid is not.
+    c.register(0, u, "k2").unwrap();
+    let e = c.register(0, Uuid::new_v4(), "k").unwrap_err();
+    assert!(e.to_string().contains("registered with uuid"), "{e}");
+    c.report(0, Outcome::Up).unwrap();
+    let e = c.alloc("a", &["/d".into()]).unwrap_err();
+    assert!(
+        e.to_string().contains("already belongs to daemon 0 (up)"),
+        "{e}"
+    );
+    // Two nodes of one host with the same device.
+    let slot = |node: &str| Slot {
+        node: node.into(),
+        device: "/dev/sdx".into(),
+        host: "h1".into(),
+    };
+    c.alloc_batch(&[slot("n1")]).unwrap();
+    let e = c.alloc_batch(&[slot("n2")]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("device /dev/sdx of host h1 (node n1) already belongs to daemon 1"),
+        "{e}"
+    );
     // Nothing of the refused requests reached the map.
     let map = c.map().unwrap();
-    assert_eq!(map.daemons.len(), 1);
-    assert_eq!(map.daemons[&0].state, DaemonState::New);
+    assert_eq!(map.daemons.len(), 2);
+    assert_eq!(map.daemons[&0].state, DaemonState::Up);
+    assert_eq!(map.daemons[&0].uuid, Some(u));
+    assert_eq!(map.daemons[&0].key.as_deref(), Some("k2"));
+}
+
+#[test]
+fn one_monitor_per_journal_and_a_corrupt_journal_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("mon.journal");
+    let m = start(&j, 0);
+    let mut c = client(&m);
+    c.alloc("n", &["/d0".into(), "/d1".into()]).unwrap();
+    // A second monitor on the same journal is refused while the first runs.
+    let e = try_start(&j, 0).unwrap_err();
+    assert!(e.to_string().contains("in use"), "{e}");
+    let before = c.map().unwrap();
+    drop(c);
+    m.stop();
+    // A complete last line whose checksum does not match is not a torn append: refused,
+    // not cut.
+    let text = std::fs::read_to_string(&j).unwrap();
+    let damaged = text.replacen("/d1", "/d9", 1);
+    assert_ne!(damaged, text);
+    std::fs::write(&j, &damaged).unwrap();
+    let e = try_start(&j, 0).unwrap_err();
+    assert!(
+        matches!(e, MonitorError::JournalCorrupt { line: 2, .. }),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&j).unwrap(), damaged);
+    // Repaired, it replays to the same map.
+    std::fs::write(&j, &text).unwrap();
+    let m = start(&j, 0);
+    assert_eq!(m.map(), before);
+}
+
+#[test]
+fn stopping_answers_a_client_whose_change_waits_for_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    // An hour between proposals: the second change cannot be committed before the stop.
+    let m = start(&dir.path().join("j"), 3_600_000);
+    let mut c = client(&m);
+    c.alloc("n", &["/d0".into()]).unwrap();
+    let addr = m.addr().to_string();
+    let waiting = std::thread::spawn(move || {
+        let mut c = MonitorClient::connect(&addr, Duration::from_secs(30)).unwrap();
+        c.alloc("n", &["/d1".into()])
+    });
+    wait_for("the change to be staged", Duration::from_secs(30), || {
+        m.waiting() == 1
+    });
+    // Another client is connected and idle: stop must not wait for it either.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        m.stop();
+        let _ = tx.send(());
+    });
+    wait_for("stop to return", Duration::from_secs(60), || {
+        rx.try_recv().is_ok()
+    });
+    let e = waiting.join().unwrap().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the monitor stopped before the change was committed"),
+        "{e}"
+    );
+    // Nothing of it was committed: a restart has the first allocation only.
+    let m = start(&dir.path().join("j"), 0);
+    assert_eq!(m.map().daemons.len(), 1);
+    drop(c);
 }
 
 #[test]
@@ -182,13 +280,19 @@ fn restart_on_coord(spec: &blocklab::coord::CoordSpec, shared: bool) {
             blocklab::coord::connect(spec, &ConnectOptions::default()).unwrap(),
             &path,
         );
-        other.load().unwrap();
-        other.commit(before.epoch + 1, &[]).unwrap();
+        let mut next = other.load().unwrap().unwrap();
+        next.epoch += 1;
+        other.commit(&next, &[]).unwrap();
     }
     let e = c.alloc("n", &["/dev/c".to_string()]).unwrap_err();
     assert!(e.to_string().contains("commit failed"), "{e}");
     let e = c.ping().unwrap_err();
     assert!(e.to_string().contains("stopped"), "{e}");
+    // The monitor says why it stopped, and stops (drop) without hanging.
+    let e = m.wait();
+    assert!(matches!(e, MonitorError::Stopped(_)), "{e}");
+    assert!(e.to_string().contains("commit failed"), "{e}");
+    drop(m);
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! and behind their own TCP servers), loop devices (root). Every daemon must end `up` in
 //! the monitor's map and every device must mount with the label the map describes.
 //! Plus the bad inputs: duplicate devices, a device of another node, unknown ids, an
-//! unreachable monitor, a refused device among good ones.
+//! unreachable monitor, a refused device among good ones; and running init again after a
+//! failed daemon or a failed node resumes with the same ids.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -84,16 +85,31 @@ fn all_four_strategies_leave_every_daemon_up_and_mountable() {
         let run = init::run(strategy, &mon.addr().to_string(), &nodes, true, RETRY).unwrap();
         check_all_up(&mon, &run, 6);
         // Never fewer proposals than the strategy's critical path of committed changes.
-        assert!(run.monitor_proposals >= strategy.min_proposals(3, 2));
-        if strategy == Strategy::Parallel {
-            // All six in flight together; ids 0..6 in one batch.
-            assert_eq!(run.max_in_flight, 6);
-            let ids: Vec<u32> = run.daemons.iter().map(|d| d.id.unwrap()).collect();
-            assert_eq!(ids, (0..6).collect::<Vec<_>>());
-        }
-        if strategy == Strategy::Sequential {
-            assert_eq!(run.max_in_flight, 1);
-            assert_eq!(run.monitor_proposals, 18);
+        let proposals = run.monitor_proposals.unwrap();
+        assert!(proposals >= strategy.min_proposals(3, 2));
+        // Each daemon counts from its own start on its node: never more in flight than
+        // the strategy runs at once.
+        match strategy {
+            Strategy::Sequential => {
+                assert_eq!(run.max_in_flight, 1);
+                assert_eq!(proposals, 18);
+            }
+            Strategy::ParallelNodes => assert!(run.max_in_flight <= 3, "{}", run.max_in_flight),
+            Strategy::ParallelDaemons => {
+                assert!(run.max_in_flight <= 2, "{}", run.max_in_flight)
+            }
+            Strategy::Parallel => {
+                // All six overlapped (each waits at least one interval for its
+                // registration); ids 0..6 in one batch, which is every daemon's first
+                // step and part of its time.
+                assert_eq!(run.max_in_flight, 6);
+                let ids: Vec<u32> = run.daemons.iter().map(|d| d.id.unwrap()).collect();
+                assert_eq!(ids, (0..6).collect::<Vec<_>>());
+                for d in &run.daemons {
+                    assert_eq!(d.steps[0].step, "alloc");
+                    assert!(d.elapsed_ns >= d.steps.iter().map(|s| s.ns).sum::<u64>());
+                }
+            }
         }
     }
 }
@@ -119,7 +135,7 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
         .collect();
     let remotes: Vec<RemoteNode> = servers
         .iter()
-        .map(|s| RemoteNode::connect(&s.addr().to_string()).unwrap())
+        .map(|s| RemoteNode::new(&s.addr().to_string()))
         .collect();
     let nodes: Vec<&dyn Node> = remotes.iter().map(|r| r as &dyn Node).collect();
     let run = init::run(
@@ -155,6 +171,35 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
         .unwrap()
         .status
         .success());
+
+    // The operator wipes the filesystem and runs the same init again: the failed daemon
+    // gets its id back and comes up, the others are left alone, no id is stranded.
+    let bad_id = bad.id;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[1])
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &vec![0u8; 1 << 20])?;
+            f.sync_all()
+        })
+        .unwrap();
+    let again = init::run(
+        Strategy::Parallel,
+        &mon.addr().to_string(),
+        &nodes,
+        false,
+        RETRY,
+    )
+    .unwrap();
+    check_all_up(&mon, &again, 4);
+    for (d, before) in again.daemons.iter().zip(&run.daemons) {
+        assert_eq!(d.id, before.id);
+        assert_eq!(d.already_up, before.is_up(), "{d:?}");
+    }
+    assert_eq!(
+        again.daemons.iter().find(|d| !d.already_up).unwrap().id,
+        Some(bad_id)
+    );
 }
 
 /// Regular files as devices: these checks need no root.
@@ -230,6 +275,76 @@ fn bad_input_is_refused_before_anything_is_formatted() {
     let e = MonitorClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(100))
         .unwrap_err();
     assert!(e.to_string().contains("unreachable"), "{e}");
+}
+
+#[test]
+fn a_failed_node_and_an_interrupted_init_resume_with_the_same_ids() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let paths = files(dir.path(), 4);
+    let mon = monitor(dir.path(), 5);
+    let addr = mon.addr().to_string();
+    let a = NodeAgent::new("a", &paths[0..2], &addr).unwrap();
+    // Node b cannot reach the monitor (a wrong address): it fails as a whole after the
+    // orchestrator allocated its batch ids.
+    let dead = format!("127.0.0.1:{}", blocklab::testing::free_port());
+    let b_dead = NodeAgent::new("b", &paths[2..4], &dead)
+        .unwrap()
+        .with_connect_retry(Duration::from_millis(100));
+    let run = init::run(Strategy::Parallel, &addr, &[&a, &b_dead], false, RETRY).unwrap();
+    assert_eq!(run.daemons.len(), 4);
+    assert!(run.daemons[..2].iter().all(|d| d.is_up()));
+    let failed: Vec<_> = run.failed().collect();
+    assert_eq!(failed.len(), 2);
+    for d in &failed {
+        assert_eq!(d.node, "b");
+        assert!(d.error.as_ref().unwrap().contains("unreachable"), "{d:?}");
+    }
+    // Its ids are not stranded `new`: the monitor knows they failed, and why.
+    let map = mon.map();
+    for d in &failed {
+        let e = &map.daemons[&d.id.unwrap()];
+        assert_eq!(e.state, DaemonState::Failed);
+        assert!(e.reason.as_ref().unwrap().contains("unreachable"));
+    }
+    // b fixed, the same init again: b's daemons come up under their ids, a's are left.
+    let b = NodeAgent::new("b", &paths[2..4], &addr).unwrap();
+    let again = init::run(Strategy::Parallel, &addr, &[&a, &b], false, RETRY).unwrap();
+    check_all_up(&mon, &again, 4);
+    let ids = |r: &init::InitRun| r.daemons.iter().map(|d| d.id).collect::<Vec<_>>();
+    assert_eq!(ids(&again), ids(&run));
+    assert!(again.daemons[..2].iter().all(|d| d.already_up));
+    assert!(again.daemons[2..].iter().all(|d| !d.already_up));
+
+    // An interrupted init: ids allocated (the orchestrator died), nothing formatted.
+    let c_dir = dir.path().join("c");
+    std::fs::create_dir(&c_dir).unwrap();
+    let c_paths = files(&c_dir, 2);
+    let c = NodeAgent::new("c", &c_paths, &addr).unwrap();
+    let mut cl = MonitorClient::connect(&addr, RETRY).unwrap();
+    let stranded = cl.alloc_batch(&c_slots(&c)).unwrap();
+    // Each daemon asks for its own id this time, and gets the stranded one.
+    let run = init::run(Strategy::ParallelDaemons, &addr, &[&c], false, RETRY).unwrap();
+    assert!(run.failed().next().is_none(), "{:?}", run.daemons);
+    assert_eq!(
+        run.daemons
+            .iter()
+            .map(|d| d.id.unwrap())
+            .collect::<Vec<_>>(),
+        stranded
+    );
+    assert_eq!(mon.map().daemons.len(), 6);
+}
+
+fn c_slots(n: &NodeAgent) -> Vec<blocklab::monitor::Slot> {
+    let i = n.info();
+    i.devices
+        .iter()
+        .map(|d| blocklab::monitor::Slot {
+            node: i.name.clone(),
+            device: d.clone(),
+            host: i.host.clone(),
+        })
+        .collect()
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `blocklab mkfs|inspect|monitor|node|init` as real processes: a monitor process, two
 //! node agent processes and the orchestrator over TCP on loop devices; a monitor killed
 //! with SIGKILL and restarted keeps its map; `mkfs` killed (SIGKILL) after each phase
-//! leaves a device that does not mount and that a second `mkfs` completes.
+//! leaves a device that does not mount and that a second `mkfs` completes; `monitor
+//! remove`; a monitor whose commit fails exits with an error.
 
 use blocklab::testing::{scratch_dir, sparse_files, spawn_announcing, KillOnDrop, LoopDevices};
 use std::os::unix::process::ExitStatusExt;
@@ -105,6 +106,12 @@ fn monitor_nodes_and_orchestrator_as_processes() {
         assert_eq!(ins["ready"], true);
     }
 
+    // The same init again: every daemon is up already, nothing happens.
+    let o = run(&["init", "--monitor", &addr, "--node", &a0, "--node", &a1]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(text(&o).matches("(already up)").count(), 4, "{}", text(&o));
+    assert_eq!(map_json(&addr), map);
+
     // SIGKILL the monitor, restart it on the same journal: same map.
     drop(mon);
     let (_mon, addr2) = serve(&[
@@ -157,6 +164,66 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     assert!(!o.status.success());
     assert!(text(&o).contains("unreachable"), "{}", text(&o));
     assert_eq!(map_json(&addr2), map);
+
+    // Removing a daemon that is up needs --force.
+    let o = run(&["monitor", "remove", "--monitor", &addr2, "--id", "0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is up; use --force"), "{}", text(&o));
+    let o = run(&[
+        "monitor",
+        "remove",
+        "--monitor",
+        &addr2,
+        "--id",
+        "0",
+        "--force",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after = map_json(&addr2);
+    assert_eq!(after["daemons"].as_array().unwrap().len(), 3);
+    assert!(after["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["id"] != 0));
+    let o = run(&["monitor", "remove", "--monitor", &addr2, "--id", "0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no daemon 0"), "{}", text(&o));
+}
+
+#[test]
+fn a_monitor_whose_commit_fails_exits_with_the_error() {
+    use blocklab::coord::{connect, ConnectOptions};
+    use blocklab::monitor::{CoordStore, MapStore, MonitorClient};
+    let zk = blocklab::coord::zk_server::ZkServer::start().unwrap();
+    let spec = zk.spec("/");
+    let (mut mon, line) = spawn_announcing(
+        Command::new(BIN)
+            .args(["monitor", "serve", "--listen", "127.0.0.1:0", "--store"])
+            .arg(spec.to_string())
+            .args(["--propose-interval-ms", "10"])
+            .stderr(Stdio::piped()),
+    );
+    let addr = line.split_whitespace().nth(3).unwrap().to_string();
+    let mut c = MonitorClient::connect(&addr, std::time::Duration::from_secs(30)).unwrap();
+    c.alloc("n", &["/dev/a".into()]).unwrap();
+    // Another writer replaces the map behind the monitor's back.
+    let mut other = CoordStore::new(
+        connect(&spec, &ConnectOptions::default()).unwrap(),
+        blocklab::monitor::coord_store::DEFAULT_MAP_PATH,
+    );
+    let mut next = other.load().unwrap().unwrap();
+    next.epoch += 1;
+    other.commit(&next, &[]).unwrap();
+    let e = c.alloc("n", &["/dev/b".into()]).unwrap_err();
+    assert!(e.to_string().contains("commit failed"), "{e}");
+    // The process exits by itself, non-zero, saying why.
+    let status = mon.0.wait().unwrap();
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut mon.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("the monitor stopped"), "{err}");
+    assert!(err.contains("commit failed"), "{err}");
 }
 
 fn mkfs(dev: &str, fsid: &str, id: &str, extra: &[&str]) -> Output {

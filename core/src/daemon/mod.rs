@@ -16,6 +16,17 @@ pub use error::{DaemonError, Result};
 pub use mkfs::{mkfs, MkfsReport, MkfsRequest};
 pub use mount::{inspect, mount, read_label, Inspection, Mounted};
 
+/// Queue depth of the io_uring engine a daemon formats its device with.
+pub const MKFS_QUEUE_DEPTH: u32 = 16;
+
+/// Opens the device at `path` read-write and runs [`mkfs`] on it through an engine of its
+/// own ([`MKFS_QUEUE_DEPTH`]).
+pub fn mkfs_path(path: &std::path::Path, req: &MkfsRequest) -> Result<MkfsReport> {
+    let dev = crate::dev::Device::open(path)?;
+    let mut eng = crate::dev::UringEngine::with_queue_depth(MKFS_QUEUE_DEPTH)?;
+    mkfs(&mut eng, &dev, req)
+}
+
 /// The phases of mkfs, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,13 +8,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::daemon::{self, MkfsRequest};
-use crate::dev::{Device, UringEngine};
-use crate::monitor::{MonitorClient, Outcome};
+use crate::monitor::{ClusterMap, DaemonState, MonitorClient, Outcome, Slot};
 
 use super::error::{InitError, Result};
-
-/// Queue depth of each daemon's engine during mkfs.
-const MKFS_QUEUE_DEPTH: u32 = 16;
 
 /// A node agent.
 #[derive(Debug, Clone)]
@@ -60,23 +56,62 @@ pub struct DaemonOutcome {
     pub node: String,
     pub device: String,
     pub id: Option<u32>,
-    pub daemon_uuid: Option<Uuid>,
     /// `None`: the daemon is up; else why it failed (also reported to the monitor when
     /// the daemon had an id).
     pub error: Option<String>,
+    /// The map had this device's daemon `up` already: nothing was done.
+    pub already_up: bool,
+    /// mkfs found the device formatted for this daemon already (a rerun) and wrote nothing.
     pub already_formatted: bool,
+    /// Wall-clock start and end of the daemon's own work on its node, only to tell which
+    /// daemons overlapped (also across processes); durations come from `elapsed_ns`.
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
+    /// How long the daemon took (monotonic clock), including a batch allocation made for
+    /// it before it started.
+    pub elapsed_ns: u64,
     pub steps: Vec<StepTime>,
     pub bytes_written: u64,
 }
 
 impl DaemonOutcome {
-    pub fn duration(&self) -> Duration {
-        Duration::from_nanos(self.end_unix_ns.saturating_sub(self.start_unix_ns))
+    fn new(node: &str, device: &str, id: Option<u32>) -> DaemonOutcome {
+        let now = unix_ns();
+        DaemonOutcome {
+            node: node.into(),
+            device: device.into(),
+            id,
+            error: None,
+            already_up: false,
+            already_formatted: false,
+            start_unix_ns: now,
+            end_unix_ns: now,
+            elapsed_ns: 0,
+            steps: Vec::new(),
+            bytes_written: 0,
+        }
     }
+
+    /// A daemon that did not run because its node failed as a whole.
+    pub(super) fn node_failed(node: &str, device: &str, id: Option<u32>, why: &str) -> Self {
+        let mut o = DaemonOutcome::new(node, device, id);
+        o.error = Some(why.into());
+        o
+    }
+
+    pub fn duration(&self) -> Duration {
+        Duration::from_nanos(self.elapsed_ns)
+    }
+
     pub fn is_up(&self) -> bool {
         self.error.is_none()
+    }
+
+    fn step(&mut self, name: &str, since: Instant) {
+        self.steps.push(StepTime {
+            step: name.into(),
+            ns: since.elapsed().as_nanos() as u64,
+        });
     }
 }
 
@@ -87,7 +122,7 @@ pub struct NodeReport {
     pub daemons: Vec<DaemonOutcome>,
 }
 
-pub(super) fn unix_ns() -> u64 {
+fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -98,6 +133,13 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The id of the daemon of `device` of `node` if the map has it `up`.
+pub(super) fn up_id(map: &ClusterMap, node: &str, device: &str) -> Option<u32> {
+    map.daemon_of(node, device)
+        .filter(|e| e.state == DaemonState::Up)
+        .map(|e| e.id)
 }
 
 impl NodeAgent {
@@ -148,10 +190,6 @@ impl NodeAgent {
         &self.name
     }
 
-    pub fn devices(&self) -> &[PathBuf] {
-        &self.devices
-    }
-
     pub fn info(&self) -> NodeInfo {
         NodeInfo {
             name: self.name.clone(),
@@ -168,64 +206,86 @@ impl NodeAgent {
         Ok(MonitorClient::connect(&self.monitor, self.connect_retry)?)
     }
 
-    /// Initialises one daemon per device. Errors that concern the whole node (monitor
+    /// Initialises one daemon per device; a device whose daemon the map has `up` already
+    /// is left alone (`already_up`). Errors that concern the whole node (monitor
     /// unreachable, wrong ids) come back before anything is formatted; a daemon's own
     /// failure is in its outcome (and in the monitor's map) and does not stop the others.
     pub fn init(&self, req: &NodeInitRequest) -> Result<NodeReport> {
-        let mut mon = self.connect()?;
-        let map = mon.map()?;
+        let map = self.connect()?.map()?;
+        let devices: Vec<String> = self
+            .devices
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
         if let Some(ids) = &req.ids {
-            if ids.len() != self.devices.len() {
+            if ids.len() != devices.len() {
                 return Err(InitError::IdCount {
                     node: self.name.clone(),
                     ids: ids.len(),
-                    devices: self.devices.len(),
+                    devices: devices.len(),
                 });
             }
-            for (&id, dev) in ids.iter().zip(&self.devices) {
-                let dev = dev.display().to_string();
+            for (&id, dev) in ids.iter().zip(&devices) {
                 let e = map.daemons.get(&id).ok_or(InitError::UnknownId {
                     node: self.name.clone(),
                     id,
                 })?;
-                if e.node != self.name || e.device != dev {
+                if e.node != self.name || e.device != *dev {
                     return Err(InitError::WrongId {
                         node: self.name.clone(),
                         id,
                         owner: format!("{} of node {}", e.device, e.node),
-                        device: dev,
+                        device: dev.clone(),
                     });
                 }
             }
         }
-        drop(mon);
         let fsid = map.fsid;
-        let id_of = |i: usize| req.ids.as_ref().map(|ids| ids[i]);
+        let daemon = |i: usize| {
+            let dev = &devices[i];
+            let given = req.ids.as_ref().map(|ids| ids[i]);
+            match up_id(&map, &self.name, dev) {
+                Some(id) if given.is_none() || given == Some(id) => {
+                    let mut o = DaemonOutcome::new(&self.name, dev, Some(id));
+                    o.already_up = true;
+                    o
+                }
+                _ => self.daemon(fsid, given, &self.devices[i], req.force),
+            }
+        };
         let daemons = if req.parallel {
             std::thread::scope(|s| {
-                let handles: Vec<_> = self
-                    .devices
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| {
-                        let id = id_of(i);
+                let handles: Vec<_> = (0..devices.len())
+                    .map(|i| {
+                        let daemon = &daemon;
                         std::thread::Builder::new()
                             .name(format!("init-{}-{i}", self.name))
-                            .spawn_scoped(s, move || self.daemon(fsid, id, d, req.force))
-                            .expect("spawn daemon thread")
+                            .spawn_scoped(s, move || daemon(i))
                     })
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().expect("daemon thread panicked"))
+                    .enumerate()
+                    .map(|(i, h)| match h {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            DaemonOutcome::node_failed(
+                                &self.name,
+                                &devices[i],
+                                None,
+                                "the daemon's thread panicked",
+                            )
+                        }),
+                        Err(e) => DaemonOutcome::node_failed(
+                            &self.name,
+                            &devices[i],
+                            None,
+                            &format!("no thread for the daemon: {e}"),
+                        ),
+                    })
                     .collect()
             })
         } else {
-            self.devices
-                .iter()
-                .enumerate()
-                .map(|(i, d)| self.daemon(fsid, id_of(i), d, req.force))
-                .collect()
+            (0..devices.len()).map(daemon).collect()
         };
         Ok(NodeReport {
             node: self.name.clone(),
@@ -233,74 +293,55 @@ impl NodeAgent {
         })
     }
 
-    /// One daemon: id (unless given), mkfs, register, report.
+    /// One daemon: id (unless given), mkfs, register, report; on failure, the monitor
+    /// learns why (best effort) when the daemon has an id.
     fn daemon(&self, fsid: Uuid, id: Option<u32>, path: &Path, force: bool) -> DaemonOutcome {
-        let mut out = DaemonOutcome {
-            node: self.name.clone(),
-            device: path.display().to_string(),
-            id,
-            daemon_uuid: None,
-            error: None,
-            already_formatted: false,
-            start_unix_ns: unix_ns(),
-            end_unix_ns: 0,
-            steps: Vec::new(),
-            bytes_written: 0,
-        };
-        let r = self.daemon_steps(fsid, path, force, &mut out);
-        if let Err((e, mon)) = r {
-            out.error = Some(e.clone());
-            if let (Some(id), Some(mut mon)) = (out.id, mon) {
-                // Best effort: the monitor learns why.
-                let _ = mon.report(id, Outcome::Failed { reason: e });
+        let t0 = Instant::now();
+        let mut out = DaemonOutcome::new(&self.name, &path.display().to_string(), id);
+        match self.connect() {
+            Err(e) => out.error = Some(e.to_string()),
+            Ok(mut mon) => {
+                if let Err(e) = self.daemon_steps(&mut mon, fsid, path, force, &mut out) {
+                    if let Some(id) = out.id {
+                        let _ = mon.report(id, Outcome::Failed { reason: e.clone() });
+                    }
+                    out.error = Some(e);
+                }
             }
         }
+        out.elapsed_ns = t0.elapsed().as_nanos() as u64;
         out.end_unix_ns = unix_ns();
         out
     }
 
     fn daemon_steps(
         &self,
+        mon: &mut MonitorClient,
         fsid: Uuid,
         path: &Path,
         force: bool,
         out: &mut DaemonOutcome,
-    ) -> std::result::Result<(), (String, Option<MonitorClient>)> {
-        let step = |out: &mut DaemonOutcome, name: &str, t: Instant| {
-            out.steps.push(StepTime {
-                step: name.into(),
-                ns: t.elapsed().as_nanos() as u64,
-            })
-        };
-        let mut mon = self.connect().map_err(|e| (e.to_string(), None))?;
-        if out.id.is_none() {
-            let t = Instant::now();
-            let ids = mon
-                .alloc(&self.name, std::slice::from_ref(&out.device))
-                .map_err(|e| (format!("id request: {e}"), None))?;
-            out.id = Some(ids[0]);
-            step(out, "alloc", t);
-        }
-        let id = out.id.expect("set above");
-        macro_rules! fail {
-            ($e:expr) => {
-                return Err(($e, Some(mon)))
-            };
-        }
-        let dev = match Device::open(path) {
-            Ok(d) => d,
-            Err(e) => fail!(e.to_string()),
-        };
-        let mut eng = match UringEngine::with_queue_depth(MKFS_QUEUE_DEPTH) {
-            Ok(e) => e,
-            Err(e) => fail!(e.to_string()),
+    ) -> std::result::Result<(), String> {
+        let id = match out.id {
+            Some(id) => id,
+            None => {
+                let t = Instant::now();
+                let slot = Slot {
+                    node: self.name.clone(),
+                    device: out.device.clone(),
+                    host: self.host.clone(),
+                };
+                let ids = mon
+                    .alloc_batch(&[slot])
+                    .map_err(|e| format!("id request: {e}"))?;
+                out.id = ids.first().copied();
+                out.step("alloc", t);
+                out.id.ok_or("id request: no id in the answer")?
+            }
         };
         let mut req = MkfsRequest::new(fsid, id);
         req.force = force;
-        let rep = match daemon::mkfs(&mut eng, &dev, &req) {
-            Ok(r) => r,
-            Err(e) => fail!(e.to_string()),
-        };
+        let rep = daemon::mkfs_path(path, &req).map_err(|e| e.to_string())?;
         for (p, d) in &rep.phases {
             out.steps.push(StepTime {
                 step: p.name().into(),
@@ -309,18 +350,17 @@ impl NodeAgent {
         }
         out.already_formatted = rep.already_formatted;
         out.bytes_written = rep.bytes_written;
-        out.daemon_uuid = Some(rep.label.daemon_uuid);
+        // The daemon's key lives in the monitor's map only (the daemon would fetch it
+        // from there when it starts); a rerun registers a new one.
         let key = Uuid::new_v4().simple().to_string();
         let t = Instant::now();
-        if let Err(e) = mon.register(id, rep.label.daemon_uuid, &key) {
-            fail!(format!("registration: {e}"));
-        }
-        step(out, "register", t);
+        mon.register(id, rep.label.daemon_uuid, &key)
+            .map_err(|e| format!("registration: {e}"))?;
+        out.step("register", t);
         let t = Instant::now();
-        if let Err(e) = mon.report(id, Outcome::Up) {
-            return Err((format!("report: {e}"), None));
-        }
-        step(out, "report", t);
+        mon.report(id, Outcome::Up)
+            .map_err(|e| format!("report: {e}"))?;
+        out.step("report", t);
         Ok(())
     }
 }

@@ -44,6 +44,8 @@ pub enum InitError {
     Node { node: String, message: String },
     #[error("no nodes to initialise")]
     NoNodes,
+    #[error("node agent {0}")]
+    NodeUnreachable(#[from] crate::jsonl::tcp::Unreachable),
     #[error("node agent at {addr}: {what}: {source}")]
     NodeIo {
         addr: String,

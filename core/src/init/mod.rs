@@ -10,15 +10,22 @@
 //!
 //! Every daemon in flight has its own thread, its own io_uring engine and its own monitor
 //! connection, so all of them are in flight at once however few cores there are.
+//!
+//! Running init again after a failure or an interruption resumes: daemons already `up`
+//! are left alone, the others get their id back from the monitor and finish (mkfs of a
+//! device formatted for the same daemon writes nothing). [`Strategy::lower_bound`] is
+//! the least time a strategy can take (module `bound` has the derivation).
 
 mod agent;
+mod bound;
 mod error;
 mod orchestrate;
 mod remote;
 
 pub use agent::{DaemonOutcome, NodeAgent, NodeInfo, NodeInitRequest, NodeReport, StepTime};
+pub use bound::BoundInput;
 pub use error::{InitError, Result};
-pub use orchestrate::{max_in_flight, run, InitRun, Node};
+pub use orchestrate::{run, InitRun, Node};
 pub use remote::{serve_node, NodeServer, RemoteNode};
 
 /// How daemons are initialised.
@@ -59,8 +66,9 @@ impl Strategy {
     }
 
     /// The least number of monitor proposals the strategy needs: every daemon needs three
-    /// committed changes (id, registration, report) and changes only share a proposal
-    /// when they are in flight together.
+    /// committed changes (id, registration, report) one after another, and changes only
+    /// share a proposal when they are in flight together, so it is three per wave of the
+    /// longest chain of daemons done one after another (see [`Strategy::lower_bound`]).
     pub fn min_proposals(self, nodes: u64, daemons_per_node: u64) -> u64 {
         3 * match self {
             Strategy::Sequential => nodes * daemons_per_node,

@@ -1,8 +1,8 @@
 //! The monitor's client library: one TCP connection, one request at a time.
 
 use std::io::BufReader;
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -10,6 +10,7 @@ use super::error::{MonitorError, Result};
 use super::map::ClusterMap;
 use super::proto::{Outcome, Request, Response, Slot};
 use crate::jsonl as wire;
+use crate::jsonl::tcp::connect_with_retry;
 
 /// How long [`MonitorClient::connect`] keeps retrying by default.
 pub const DEFAULT_CONNECT_RETRY: Duration = Duration::from_secs(5);
@@ -26,51 +27,22 @@ impl MonitorClient {
     /// Connects to `addr`, retrying with backoff for at most `retry_for`; then fails with
     /// [`MonitorError::Unreachable`].
     pub fn connect(addr: &str, retry_for: Duration) -> Result<MonitorClient> {
-        let start = Instant::now();
-        let mut attempts = 0u32;
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            attempts += 1;
-            let r = addr
-                .to_socket_addrs()
-                .and_then(|mut a| {
-                    a.next().ok_or_else(|| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "address resolves to nothing",
-                        )
-                    })
-                })
-                .and_then(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(2)));
-            match r {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    let writer = s.try_clone().map_err(|source| MonitorError::Io {
-                        addr: addr.into(),
-                        what: "clone socket",
-                        source,
-                    })?;
-                    return Ok(MonitorClient {
-                        addr: addr.into(),
-                        reader: BufReader::new(s),
-                        writer,
-                    });
-                }
-                Err(source) => {
-                    let waited = start.elapsed();
-                    if waited + backoff > retry_for {
-                        return Err(MonitorError::Unreachable {
-                            addr: addr.into(),
-                            attempts,
-                            waited,
-                            source,
-                        });
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-            }
-        }
+        let s = connect_with_retry(addr, retry_for).map_err(|e| MonitorError::Unreachable {
+            addr: e.addr,
+            attempts: e.attempts,
+            waited: e.waited,
+            source: e.source,
+        })?;
+        let writer = s.try_clone().map_err(|source| MonitorError::Io {
+            addr: addr.into(),
+            what: "clone socket",
+            source,
+        })?;
+        Ok(MonitorClient {
+            addr: addr.into(),
+            reader: BufReader::new(s),
+            writer,
+        })
     }
 
     pub fn addr(&self) -> &str {
@@ -121,13 +93,16 @@ impl MonitorClient {
         }
     }
 
-    /// Allocates one id per device of `node` in one request (the smallest free ids).
+    /// Allocates one id per device of `node` in one request (the smallest free ids, or
+    /// the ids of those devices' daemons that are in the map and not up). The host is not
+    /// given: see [`Slot::host`].
     pub fn alloc(&mut self, node: &str, devices: &[String]) -> Result<Vec<u32>> {
         let slots: Vec<Slot> = devices
             .iter()
             .map(|d| Slot {
                 node: node.into(),
                 device: d.clone(),
+                host: String::new(),
             })
             .collect();
         self.alloc_batch(&slots)

@@ -15,11 +15,12 @@ use super::map::{Change, ClusterMap};
 /// Default path of the map node.
 pub const DEFAULT_MAP_PATH: &str = "/blocklab/monitor/map";
 
-/// [`MapStore`] on a [`Coord`] session.
+/// [`MapStore`] on a [`Coord`] session. It keeps only the version of the node it wrote
+/// last: the monitor hands every commit the whole next map.
 pub struct CoordStore {
     coord: Box<dyn Coord>,
     path: String,
-    cached: Option<(ClusterMap, i32)>,
+    version: Option<i32>,
 }
 
 impl std::fmt::Debug for CoordStore {
@@ -36,7 +37,7 @@ impl CoordStore {
         CoordStore {
             coord,
             path: path.into(),
-            cached: None,
+            version: None,
         }
     }
 
@@ -56,7 +57,7 @@ impl MapStore for CoordStore {
                 let map: ClusterMap = serde_json::from_slice(&data).map_err(|e| {
                     MonitorError::Store(format!("{}: map does not decode: {e}", self.path))
                 })?;
-                self.cached = Some((map.clone(), stat.version));
+                self.version = Some(stat.version);
                 Ok(Some(map))
             }
             Err(CoordError::NoNode(_)) => Ok(None),
@@ -75,25 +76,20 @@ impl MapStore for CoordStore {
             .coord
             .create(&self.path, &data, NodeKind::Persistent)
             .map_err(|e| self.err("create", e))?;
-        self.cached = Some((map, stat.version));
+        self.version = Some(stat.version);
         Ok(())
     }
 
-    fn commit(&mut self, epoch: u64, changes: &[Change]) -> Result<()> {
-        let (mut map, version) = self
-            .cached
-            .clone()
+    fn commit(&mut self, next: &ClusterMap, _changes: &[Change]) -> Result<()> {
+        let version = self
+            .version
             .ok_or_else(|| MonitorError::Store("commit before load or create".into()))?;
-        for c in changes {
-            map.apply(c)?;
-        }
-        map.epoch = epoch;
-        let data = serde_json::to_vec(&map).expect("maps serialize");
+        let data = serde_json::to_vec(next).expect("maps serialize");
         let stat = self
             .coord
             .set(&self.path, &data, Some(version))
             .map_err(|e| self.err("write (another monitor may own this map)", e))?;
-        self.cached = Some((map, stat.version));
+        self.version = Some(stat.version);
         Ok(())
     }
 }

@@ -45,7 +45,8 @@ pub enum MonitorError {
     },
     #[error("map store: {0}")]
     Store(String),
-    #[error("the monitor stopped after a failed commit: {0}")]
+    /// The monitor stopped by itself (a failed commit) and refuses every request.
+    #[error("the monitor stopped: {0}")]
     Stopped(String),
 }
 

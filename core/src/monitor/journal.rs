@@ -21,8 +21,10 @@ pub trait MapStore: Send {
     fn load(&mut self) -> Result<Option<ClusterMap>>;
     /// Records a new cluster (before anything else).
     fn create(&mut self, fsid: Uuid) -> Result<()>;
-    /// Durably records one proposal; returns only once it would survive a crash.
-    fn commit(&mut self, epoch: u64, changes: &[Change]) -> Result<()>;
+    /// Durably records one proposal: `changes` turn the stored map into `next` (epoch
+    /// `next.epoch`); a store keeps whichever of the two it needs. Returns only once the
+    /// proposal would survive a crash.
+    fn commit(&mut self, next: &ClusterMap, changes: &[Change]) -> Result<()>;
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,9 +124,9 @@ impl MapStore for FileJournal {
         self.append(&Record::Create { fsid })
     }
 
-    fn commit(&mut self, epoch: u64, changes: &[Change]) -> Result<()> {
+    fn commit(&mut self, next: &ClusterMap, changes: &[Change]) -> Result<()> {
         self.append(&Record::Proposal {
-            epoch,
+            epoch: next.epoch,
             changes: changes.to_vec(),
         })
     }
@@ -135,6 +137,24 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Commits `changes` on top of `map` (as the monitor does).
+    fn commit(j: &mut FileJournal, map: &mut ClusterMap, changes: &[Change]) {
+        for c in changes {
+            map.apply(c).unwrap();
+        }
+        map.epoch += 1;
+        j.commit(map, changes).unwrap();
+    }
+
+    fn alloc0() -> Change {
+        Change::Alloc {
+            id: 0,
+            node: "n".into(),
+            device: "/d".into(),
+            host: String::new(),
+        }
+    }
+
     #[test]
     fn replays_and_cuts_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
@@ -143,15 +163,8 @@ mod tests {
         let mut j = FileJournal::new(&path);
         assert!(j.load().unwrap().is_none());
         j.create(fsid).unwrap();
-        j.commit(
-            1,
-            &[Change::Alloc {
-                id: 0,
-                node: "n".into(),
-                device: "/d".into(),
-            }],
-        )
-        .unwrap();
+        let mut map = ClusterMap::new(fsid);
+        commit(&mut j, &mut map, &[alloc0()]);
         // A second monitor on the same journal is refused while this one holds it.
         let e = FileJournal::new(&path).load().unwrap_err();
         assert!(e.to_string().contains("in use"), "{e}");
@@ -169,7 +182,8 @@ mod tests {
         assert_eq!(m.fsid, fsid);
         assert_eq!(m.epoch, 1);
         assert_eq!(m.daemons.len(), 1);
-        j.commit(2, &[Change::Remove { id: 0 }]).unwrap();
+        let mut map = m;
+        commit(&mut j, &mut map, &[Change::Remove { id: 0 }]);
         drop(j);
         let m = FileJournal::new(&path).load().unwrap().unwrap();
         assert_eq!(m.epoch, 2);
@@ -181,17 +195,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mon.journal");
         let mut j = FileJournal::new(&path);
-        j.create(Uuid::new_v4()).unwrap();
-        j.commit(
-            1,
-            &[Change::Alloc {
-                id: 0,
-                node: "n".into(),
-                device: "/d".into(),
-            }],
-        )
-        .unwrap();
-        j.commit(2, &[Change::Remove { id: 0 }]).unwrap();
+        let fsid = Uuid::new_v4();
+        j.create(fsid).unwrap();
+        let mut map = ClusterMap::new(fsid);
+        commit(&mut j, &mut map, &[alloc0()]);
+        commit(&mut j, &mut map, &[Change::Remove { id: 0 }]);
         drop(j);
         let mut text = std::fs::read_to_string(&path).unwrap();
         text = text.replacen("\"epoch\":1", "\"epoch\":7", 1);

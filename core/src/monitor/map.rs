@@ -40,6 +40,9 @@ pub struct DaemonEntry {
     pub uuid: Option<Uuid>,
     /// The node agent that owns the device.
     pub node: String,
+    /// The host the node runs on (empty: not given by the client that allocated the id).
+    #[serde(default)]
+    pub host: String,
     /// The device path on that node.
     pub device: String,
     pub state: DaemonState,
@@ -83,10 +86,15 @@ mod daemons_as_list {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Change {
+    /// A new id for (node, device), or the id the map already holds for them when that
+    /// daemon is not `up` (an init that failed or was interrupted, run again): it is reset
+    /// to `new`.
     Alloc {
         id: u32,
         node: String,
         device: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        host: String,
     },
     Register {
         id: u32,
@@ -134,32 +142,76 @@ impl ClusterMap {
             .ok_or(MonitorError::UnknownDaemon { id })
     }
 
+    /// The daemon of `device` of `node` that is not `failed`, else the failed one with the
+    /// smallest id: the id a new allocation for them reuses unless it is `up`.
+    pub fn daemon_of(&self, node: &str, device: &str) -> Option<&DaemonEntry> {
+        let mut of = self
+            .daemons
+            .values()
+            .filter(|d| d.node == node && d.device == device);
+        let first = of.next()?;
+        if first.state != DaemonState::Failed {
+            return Some(first);
+        }
+        Some(of.find(|d| d.state != DaemonState::Failed).unwrap_or(first))
+    }
+
     /// Checks that `change` is valid on this map (without applying it).
     pub fn check(&self, change: &Change) -> Result<(), MonitorError> {
         match change {
-            Change::Alloc { id, node, device } => {
-                if self.daemons.contains_key(id) {
-                    return Err(MonitorError::Conflict(format!("id {id} is taken")));
-                }
+            Change::Alloc {
+                id,
+                node,
+                device,
+                host,
+            } => {
                 if node.is_empty() || device.is_empty() {
                     return Err(MonitorError::BadRequest(
                         "node and device names must not be empty".into(),
                     ));
                 }
-                if let Some(other) = self.daemons.values().find(|d| {
-                    &d.node == node && &d.device == device && d.state != DaemonState::Failed
-                }) {
+                if let Some(e) = self.daemons.get(id) {
+                    if &e.node != node || &e.device != device {
+                        return Err(MonitorError::Conflict(format!("id {id} is taken")));
+                    }
+                    if e.state == DaemonState::Up {
+                        return Err(MonitorError::Conflict(format!(
+                            "device {device} of node {node} already belongs to daemon {id} (up)"
+                        )));
+                    }
+                }
+                // One daemon that is not failed per device of a node, and per device of a
+                // host (two node agents on one host must not format the same device).
+                let clash = self.daemons.values().find(|d| {
+                    d.id != *id
+                        && d.state != DaemonState::Failed
+                        && d.device == *device
+                        && (d.node == *node || (!host.is_empty() && d.host == *host))
+                });
+                if let Some(other) = clash {
+                    let whose = if &other.node == node {
+                        format!("node {node}")
+                    } else {
+                        format!("host {host} (node {})", other.node)
+                    };
                     return Err(MonitorError::Conflict(format!(
-                        "device {device} of node {node} already belongs to daemon {} ({})",
+                        "device {device} of {whose} already belongs to daemon {} ({})",
                         other.id, other.state
                     )));
                 }
                 Ok(())
             }
-            Change::Register { id, .. } => {
+            Change::Register { id, uuid, .. } => {
                 let e = self.entry(*id)?;
                 match e.state {
                     DaemonState::New => Ok(()),
+                    // A repeated registration (its answer was lost, or a rerun found the
+                    // device formatted): the same daemon, so it only replaces the key.
+                    DaemonState::Formatted if e.uuid == Some(*uuid) => Ok(()),
+                    DaemonState::Formatted => Err(MonitorError::Conflict(format!(
+                        "daemon {id} is registered with uuid {}, not {uuid}",
+                        e.uuid.map(|u| u.to_string()).unwrap_or_default()
+                    ))),
                     s => Err(MonitorError::Conflict(format!(
                         "daemon {id} is {s}, registration needs state new"
                     ))),
@@ -178,17 +230,28 @@ impl ClusterMap {
         }
     }
 
-    /// Applies a change that [`ClusterMap::check`] accepted.
+    /// Applies a change that [`ClusterMap::check`] accepts (checked again here).
     pub fn apply(&mut self, change: &Change) -> Result<(), MonitorError> {
         self.check(change)?;
+        fn entry<'a>(m: &'a mut ClusterMap, id: &u32) -> Result<&'a mut DaemonEntry, MonitorError> {
+            m.daemons
+                .get_mut(id)
+                .ok_or(MonitorError::UnknownDaemon { id: *id })
+        }
         match change {
-            Change::Alloc { id, node, device } => {
+            Change::Alloc {
+                id,
+                node,
+                device,
+                host,
+            } => {
                 self.daemons.insert(
                     *id,
                     DaemonEntry {
                         id: *id,
                         uuid: None,
                         node: node.clone(),
+                        host: host.clone(),
                         device: device.clone(),
                         state: DaemonState::New,
                         key: None,
@@ -197,16 +260,14 @@ impl ClusterMap {
                 );
             }
             Change::Register { id, uuid, key } => {
-                let e = self.daemons.get_mut(id).expect("checked");
+                let e = entry(self, id)?;
                 e.uuid = Some(*uuid);
                 e.key = Some(key.clone());
                 e.state = DaemonState::Formatted;
             }
-            Change::Up { id } => {
-                self.daemons.get_mut(id).expect("checked").state = DaemonState::Up;
-            }
+            Change::Up { id } => entry(self, id)?.state = DaemonState::Up,
             Change::Failed { id, reason } => {
-                let e = self.daemons.get_mut(id).expect("checked");
+                let e = entry(self, id)?;
                 e.state = DaemonState::Failed;
                 e.reason = Some(reason.clone());
             }
@@ -223,10 +284,15 @@ mod tests {
     use super::*;
 
     fn alloc(id: u32, dev: &str) -> Change {
+        alloc_on(id, "n0", "h0", dev)
+    }
+
+    fn alloc_on(id: u32, node: &str, host: &str, dev: &str) -> Change {
         Change::Alloc {
             id,
-            node: "n0".into(),
+            node: node.into(),
             device: dev.into(),
+            host: host.into(),
         }
     }
 
@@ -266,5 +332,83 @@ mod tests {
             m.apply(&alloc(1, "/dev/a")),
             Err(MonitorError::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn a_daemon_that_is_not_up_keeps_its_id_and_registration_repeats() {
+        let mut m = ClusterMap::new(Uuid::new_v4());
+        m.apply(&alloc(0, "/dev/a")).unwrap();
+        // Allocating (node, device) again while `new`: the same id, reset to new.
+        m.apply(&alloc(0, "/dev/a")).unwrap();
+        let u = Uuid::new_v4();
+        let reg = |key: &str| Change::Register {
+            id: 0,
+            uuid: u,
+            key: key.into(),
+        };
+        m.apply(&reg("k1")).unwrap();
+        // The same registration again (a lost answer): accepted, the key replaced.
+        m.apply(&reg("k2")).unwrap();
+        assert_eq!(m.daemons[&0].key.as_deref(), Some("k2"));
+        // Another uuid for a registered daemon is refused.
+        let e = m
+            .apply(&Change::Register {
+                id: 0,
+                uuid: Uuid::new_v4(),
+                key: "k".into(),
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("registered with uuid"), "{e}");
+        m.apply(&Change::Failed {
+            id: 0,
+            reason: "report lost".into(),
+        })
+        .unwrap();
+        assert_eq!(m.daemon_of("n0", "/dev/a").unwrap().id, 0);
+        // Failed: a rerun gets the same id back, state new, reason gone.
+        m.apply(&alloc(0, "/dev/a")).unwrap();
+        let e = &m.daemons[&0];
+        assert_eq!(
+            (e.state, e.uuid, e.reason.as_deref()),
+            (DaemonState::New, None, None)
+        );
+        m.apply(&reg("k3")).unwrap();
+        m.apply(&Change::Up { id: 0 }).unwrap();
+        // Up: no second allocation, neither under its id nor under another.
+        for id in [0, 1] {
+            let e = m.apply(&alloc(id, "/dev/a")).unwrap_err();
+            assert!(
+                e.to_string().contains("already belongs to daemon 0 (up)"),
+                "{e}"
+            );
+        }
+        // Another node's id is not reused for this device.
+        m.apply(&alloc_on(1, "n1", "h1", "/dev/b")).unwrap();
+        let e = m.apply(&alloc(1, "/dev/c")).unwrap_err();
+        assert!(e.to_string().contains("id 1 is taken"), "{e}");
+    }
+
+    #[test]
+    fn one_daemon_per_device_of_a_host() {
+        let mut m = ClusterMap::new(Uuid::new_v4());
+        m.apply(&alloc_on(0, "n0", "h", "/dev/a")).unwrap();
+        // Another node on the same host with the same device.
+        let e = m.apply(&alloc_on(1, "n1", "h", "/dev/a")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("device /dev/a of host h (node n0) already belongs to daemon 0"),
+            "{e}"
+        );
+        // The same path on another host is another device.
+        m.apply(&alloc_on(1, "n1", "h2", "/dev/a")).unwrap();
+        // Once the first one failed, the device may go to another node.
+        m.apply(&Change::Failed {
+            id: 0,
+            reason: "x".into(),
+        })
+        .unwrap();
+        m.apply(&alloc_on(2, "n2", "h", "/dev/a")).unwrap();
+        // A client that gives no host is checked per node only.
+        m.apply(&alloc_on(3, "n3", "", "/dev/a")).unwrap();
     }
 }

@@ -1,4 +1,4 @@
-//! The monitor's request/response messages (one JSON line each, see [`super::wire`]).
+//! The monitor's request/response messages (one JSON line each, see [`crate::jsonl`]).
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -13,10 +13,12 @@ pub enum Request {
     Ping,
     /// Answered at once with the committed map.
     GetMap,
-    /// Allocates one id per slot (the smallest free ones) in one request, for any number
-    /// of nodes; answered after the proposal holding them is committed.
+    /// Allocates one id per slot (the smallest free ones; a slot whose daemon is in the
+    /// map and not `up` gets that daemon's id back) in one request, for any number of
+    /// nodes; answered after the proposal holding them is committed.
     Alloc { slots: Vec<Slot> },
-    /// Records the daemon's uuid and key after mkfs: `new → formatted`.
+    /// Records the daemon's uuid and key after mkfs: `new → formatted` (again on a
+    /// formatted daemon of the same uuid: only the key is replaced).
     Register { id: u32, uuid: Uuid, key: String },
     /// The daemon's init report: `formatted → up`, or `failed` with a reason.
     Report { id: u32, outcome: Outcome },
@@ -29,6 +31,10 @@ pub enum Request {
 pub struct Slot {
     pub node: String,
     pub device: String,
+    /// The host the node runs on; when given, the monitor also refuses a device of this
+    /// host that belongs to another node's daemon.
+    #[serde(default)]
+    pub host: String,
 }
 
 /// What a daemon's initialisation came to.

@@ -1,9 +1,12 @@
-//! The monitor's TCP server: a thread per connection, one proposer thread that batches
-//! staged changes into proposals, journals each (fdatasync) and only then answers the
-//! waiting clients.
+//! The monitor's TCP server: the shared JSON-line server ([`crate::jsonl::tcp`]) with a
+//! thread per connection, and one proposer thread that batches staged changes into
+//! proposals, makes each durable and only then answers the waiting clients.
+//!
+//! Every client whose change is staged gets an answer: its proposal's commit, or an error
+//! when the commit fails or the monitor stops first. A failed commit stops the monitor
+//! (it no longer knows what the store holds); [`Monitor::wait`] returns then.
 
-use std::io::BufReader;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -17,19 +20,27 @@ use super::journal::MapStore;
 use super::map::ClusterMap;
 use super::proto::{Request, Response};
 use super::state::{MonitorState, ProposeConfig};
-use crate::jsonl as wire;
+use crate::jsonl::tcp::LineServer;
 
 type Waiter = mpsc::Sender<Response>;
 
+/// What a client whose change was staged hears when the monitor stops first.
+const NOT_COMMITTED: &str = "the monitor stopped before the change was committed";
+
 struct Inner {
     state: MonitorState<Waiter>,
-    stopped: Option<String>,
-    conns: Vec<TcpStream>,
+    /// Why the proposer stopped by itself (a failed commit).
+    failed: Option<String>,
+    /// The proposer thread has ended.
+    proposer_done: bool,
 }
 
 struct Shared {
     inner: Mutex<Inner>,
+    /// Wakes the proposer (a change was staged, or stop).
     wake: Condvar,
+    /// Wakes [`Monitor::wait`].
+    done: Condvar,
     stop: AtomicBool,
 }
 
@@ -39,11 +50,22 @@ impl Shared {
     }
 }
 
-/// A running monitor. Dropping it stops it (threads joined, connections closed).
+/// Answers every client whose change is staged but not yet in a proposal.
+fn abort_staged(g: &mut Inner, why: &str) {
+    for w in g.state.abort() {
+        let _ = w.send(Response::Error {
+            message: why.to_string(),
+        });
+    }
+}
+
+/// A running monitor. Dropping it stops it (staged changes answered with an error,
+/// connections closed, threads joined).
 pub struct Monitor {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    server: Option<LineServer>,
+    proposer: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -77,35 +99,49 @@ impl Monitor {
                 ClusterMap::new(fsid)
             }
         };
-        let addr = listener.local_addr().map_err(|source| MonitorError::Io {
-            addr: "listener".into(),
-            what: "local_addr",
-            source,
-        })?;
+        let io = |what| {
+            move |source| MonitorError::Io {
+                addr: "listener".into(),
+                what,
+                source,
+            }
+        };
+        let addr = listener.local_addr().map_err(io("local_addr"))?;
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 state: MonitorState::new(map, config),
-                stopped: None,
-                conns: Vec::new(),
+                failed: None,
+                proposer_done: false,
             }),
             wake: Condvar::new(),
+            done: Condvar::new(),
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
         let proposer = std::thread::Builder::new()
             .name("monitor-proposer".into())
-            .spawn(move || propose_loop(&s, store))
-            .expect("spawn proposer");
+            .spawn(move || {
+                propose_loop(&s, store);
+                s.lock().proposer_done = true;
+                s.done.notify_all();
+            })
+            .map_err(io("spawn the proposer"))?;
         let s = shared.clone();
-        let acceptor = std::thread::Builder::new()
-            .name("monitor-accept".into())
-            .spawn(move || accept_loop(&s, listener))
-            .expect("spawn acceptor");
-        Ok(Monitor {
+        let server = LineServer::start(listener, "monitor", move |req| match req {
+            Ok(req) => handle(&s, req),
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        });
+        let mut m = Monitor {
             addr,
             shared,
-            threads: vec![proposer, acceptor],
-        })
+            server: None,
+            proposer: Some(proposer),
+        };
+        // On error, dropping `m` stops the proposer.
+        m.server = Some(server.map_err(io("start serving"))?);
+        Ok(m)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -117,25 +153,45 @@ impl Monitor {
         self.shared.lock().state.committed_map().clone()
     }
 
+    /// Clients whose changes are staged, waiting for a proposal.
+    pub fn waiting(&self) -> usize {
+        self.shared.lock().state.waiting()
+    }
+
+    /// Blocks until the monitor stops by itself and says why: a commit failed (the store
+    /// refused or lost the write, or another monitor wrote the map). The monitor answers
+    /// every request with that error from then on; a process serving it should exit.
+    pub fn wait(&self) -> MonitorError {
+        let mut g = self.shared.lock();
+        while g.failed.is_none() && !g.proposer_done {
+            g = self.shared.done.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        MonitorError::Stopped(
+            g.failed
+                .clone()
+                .unwrap_or_else(|| "the proposer ended".into()),
+        )
+    }
+
     /// Stops serving and joins the threads.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        if self.shared.stop.swap(true, Ordering::SeqCst) {
-            return;
-        }
         {
             let mut g = self.shared.lock();
-            for c in g.conns.drain(..) {
-                let _ = c.shutdown(Shutdown::Both);
+            if self.shared.stop.swap(true, Ordering::SeqCst) {
+                return;
             }
+            // Requests staged from now on are refused (see `handle`); these are answered.
+            abort_staged(&mut g, NOT_COMMITTED);
         }
         self.shared.wake.notify_all();
-        // Wake the acceptor.
-        let _ = TcpStream::connect(self.addr);
-        for t in self.threads.drain(..) {
+        // Closes the connections and joins their threads: none waits for an answer any
+        // more, except for a proposal being committed, which the proposer answers.
+        drop(self.server.take());
+        if let Some(t) = self.proposer.take() {
             let _ = t.join();
         }
     }
@@ -147,59 +203,18 @@ impl Drop for Monitor {
     }
 }
 
-fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
-    let mut handlers = Vec::new();
-    for conn in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let Ok(conn) = conn else { continue };
-        let _ = conn.set_nodelay(true);
-        if let Ok(c) = conn.try_clone() {
-            shared.lock().conns.push(c);
-        }
-        let s = shared.clone();
-        handlers.push(std::thread::spawn(move || serve_conn(&s, conn)));
-        handlers.retain(|h: &JoinHandle<()>| !h.is_finished());
-    }
-    for h in handlers {
-        let _ = h.join();
-    }
-}
-
-fn serve_conn(shared: &Shared, conn: TcpStream) {
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(conn);
-    loop {
-        let req: Request = match wire::recv(&mut reader) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                let _ = wire::send(
-                    &mut writer,
-                    &Response::Error {
-                        message: format!("bad request: {e}"),
-                    },
-                );
-                return;
-            }
-        };
-        let resp = handle(shared, req);
-        if wire::send(&mut writer, &resp).is_err() {
-            return;
-        }
-    }
-}
-
 fn handle(shared: &Shared, req: Request) -> Response {
     let (tx, rx) = mpsc::channel();
     {
         let mut g = shared.lock();
-        if let Some(why) = &g.stopped {
+        if let Some(why) = &g.failed {
             return Response::Error {
                 message: MonitorError::Stopped(why.clone()).to_string(),
+            };
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return Response::Error {
+                message: "the monitor is stopping".into(),
             };
         }
         match g.state.submit(req, tx, Instant::now()) {
@@ -212,8 +227,10 @@ fn handle(shared: &Shared, req: Request) -> Response {
             }
         }
     }
+    // Every staged waiter is answered: by its proposal, or by `abort_staged` when the
+    // monitor stops or a commit fails before.
     rx.recv().unwrap_or_else(|_| Response::Error {
-        message: "the monitor stopped before the change was committed".into(),
+        message: NOT_COMMITTED.into(),
     })
 }
 
@@ -221,12 +238,13 @@ fn propose_loop(shared: &Shared, mut store: Box<dyn MapStore>) {
     let mut g = shared.lock();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
+            abort_staged(&mut g, NOT_COMMITTED);
             return;
         }
         let now = Instant::now();
         if let Some(p) = g.state.take_proposal(now) {
             drop(g);
-            let r = store.commit(p.epoch, &p.changes);
+            let r = store.commit(&p.next, &p.changes);
             g = shared.lock();
             match r {
                 Ok(()) => {
@@ -236,13 +254,15 @@ fn propose_loop(shared: &Shared, mut store: Box<dyn MapStore>) {
                     }
                 }
                 Err(e) => {
-                    let why = e.to_string();
+                    let why = format!("commit failed: {e}");
                     for (w, _) in p.replies {
                         let _ = w.send(Response::Error {
-                            message: format!("commit failed: {why}"),
+                            message: why.clone(),
                         });
                     }
-                    g.stopped = Some(why);
+                    abort_staged(&mut g, &format!("{NOT_COMMITTED} ({why})"));
+                    g.failed = Some(why);
+                    shared.done.notify_all();
                     return;
                 }
             }

@@ -7,11 +7,15 @@
 //! Timing follows Ceph's `PaxosService::should_propose`: a proposal happens no earlier
 //! than `propose_interval` after the previous commit, and no earlier than `min_wait`
 //! after the first staged change (to gather a batch when the monitor was idle).
+//!
+//! An id allocation for a (node, device) whose daemon is in the committed map but not
+//! `up` (an init that failed or was interrupted) answers with that daemon's id, so that
+//! running init again resumes instead of being refused or stranding the old id.
 
 use std::time::{Duration, Instant};
 
 use super::error::MonitorError;
-use super::map::{Change, ClusterMap};
+use super::map::{Change, ClusterMap, DaemonState};
 #[cfg(test)]
 use super::proto::Slot;
 use super::proto::{Outcome, Request, Response};
@@ -47,6 +51,8 @@ enum Reply {
 #[derive(Debug)]
 pub struct Proposal<W> {
     pub epoch: u64,
+    /// The map once the proposal is committed (epoch `epoch`).
+    pub next: ClusterMap,
     pub changes: Vec<Change>,
     /// Each waiting client and its answer (sent after the commit).
     pub replies: Vec<(W, Response)>,
@@ -84,8 +90,9 @@ impl<W> MonitorState<W> {
         &self.committed
     }
 
-    pub fn config(&self) -> ProposeConfig {
-        self.config
+    /// Clients whose changes are staged and wait for a proposal.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Handles a request. Reads are answered at once (`Ok(Some)`); valid changes are
@@ -115,14 +122,38 @@ impl<W> MonitorState<W> {
                 }
                 let mut seen = std::collections::HashSet::new();
                 for s in &slots {
-                    if !seen.insert(s) {
+                    if !seen.insert((&s.node, &s.device)) {
                         return Err(MonitorError::BadRequest(format!(
                             "device {} of node {} listed twice in one alloc request",
                             s.device, s.node
                         )));
                     }
                 }
-                let ids = self.working.smallest_free(slots.len());
+                // The id of the slot's daemon if the committed map has it, not up, and no
+                // change of it is staged or being committed (a rerun; a concurrent
+                // request for the same device is refused below instead); else the
+                // smallest free ids.
+                let reuse: Vec<Option<u32>> = slots
+                    .iter()
+                    .map(|s| {
+                        self.committed
+                            .daemon_of(&s.node, &s.device)
+                            .filter(|e| e.state != DaemonState::Up)
+                            .filter(|e| self.working.daemons.get(&e.id) == Some(e))
+                            .map(|e| e.id)
+                    })
+                    .collect();
+                let mut fresh = self
+                    .working
+                    .smallest_free(reuse.iter().filter(|r| r.is_none()).count())
+                    .into_iter();
+                let mut ids = Vec::with_capacity(slots.len());
+                for r in reuse {
+                    match r.or_else(|| fresh.next()) {
+                        Some(id) => ids.push(id),
+                        None => return Err(MonitorError::BadRequest("no free daemon id".into())),
+                    }
+                }
                 let changes: Vec<Change> = ids
                     .iter()
                     .zip(slots)
@@ -130,6 +161,7 @@ impl<W> MonitorState<W> {
                         id,
                         node: s.node,
                         device: s.device,
+                        host: s.host,
                     })
                     .collect();
                 (changes, Reply::Ids(ids))
@@ -198,9 +230,23 @@ impl<W> MonitorState<W> {
             .collect();
         Some(Proposal {
             epoch,
+            next: self.in_flight.clone()?,
             changes: std::mem::take(&mut self.pending),
             replies,
         })
+    }
+
+    /// The monitor stops: every staged change is dropped and the clients that waited for
+    /// them are handed back, to be told that nothing was committed. A proposal already
+    /// taken is not affected (its commit decides).
+    pub fn abort(&mut self) -> Vec<W> {
+        self.pending.clear();
+        self.first_pending = None;
+        self.working = self
+            .in_flight
+            .clone()
+            .unwrap_or_else(|| self.committed.clone());
+        self.waiting.drain(..).map(|(w, _)| w).collect()
     }
 
     /// The proposal taken last is durable: it becomes the committed map.
@@ -216,7 +262,6 @@ impl<W> MonitorState<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::map::DaemonState;
     use uuid::Uuid;
 
     const MS: Duration = Duration::from_millis(1);
@@ -228,6 +273,7 @@ mod tests {
                 .map(|d| Slot {
                     node: node.into(),
                     device: d.to_string(),
+                    host: String::new(),
                 })
                 .collect(),
         }
@@ -407,5 +453,119 @@ mod tests {
         assert_eq!(m.daemons[&0].uuid, Some(u));
         assert_eq!(m.daemons[&1].state, DaemonState::Failed);
         assert_eq!(m.daemons[&1].reason.as_deref(), Some("refused"));
+    }
+
+    #[test]
+    fn min_wait_gathers_a_batch_on_an_idle_monitor() {
+        let t0 = Instant::now();
+        let mut s: MonitorState<u32> = MonitorState::new(
+            ClusterMap::new(Uuid::new_v4()),
+            ProposeConfig {
+                propose_interval: 100 * MS,
+                min_wait: 20 * MS,
+            },
+        );
+        s.submit(alloc("a", &["/d0"]), 1, t0).unwrap();
+        assert!(s.take_proposal(t0 + 19 * MS).is_none());
+        s.submit(alloc("b", &["/d0"]), 2, t0 + 5 * MS).unwrap();
+        let p = s.take_proposal(t0 + 20 * MS).unwrap();
+        assert_eq!(p.replies.len(), 2);
+        s.committed(t0 + 21 * MS);
+        // Not idle any more: the interval after the commit rules.
+        s.submit(alloc("c", &["/d0"]), 3, t0 + 200 * MS).unwrap();
+        assert_eq!(s.deadline(), Some(t0 + 220 * MS));
+    }
+
+    #[test]
+    fn abort_hands_back_the_waiting_clients_and_drops_their_changes() {
+        let t0 = Instant::now();
+        let mut s = state(50);
+        s.submit(alloc("a", &["/d0"]), 1, t0).unwrap();
+        let p = s.take_proposal(t0).unwrap();
+        assert_eq!(p.next.epoch, 1);
+        assert_eq!(p.next.daemons.len(), 1);
+        // Staged behind the proposal in flight.
+        s.submit(alloc("a", &["/d1"]), 2, t0).unwrap();
+        s.submit(alloc("a", &["/d2"]), 3, t0).unwrap();
+        assert_eq!(s.waiting(), 2);
+        assert_eq!(s.abort(), vec![2, 3]);
+        assert_eq!(s.waiting(), 0);
+        // The proposal in flight still commits; the aborted changes are gone.
+        s.committed(t0 + MS);
+        assert_eq!(s.deadline(), None);
+        assert_eq!(s.committed_map().daemons.len(), 1);
+        s.submit(alloc("a", &["/d1"]), 4, t0 + 100 * MS).unwrap();
+        let p = s.take_proposal(t0 + 100 * MS).unwrap();
+        assert_eq!(
+            p.replies[0].1,
+            Response::Ids {
+                ids: vec![1],
+                epoch: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_rerun_gets_the_ids_of_daemons_that_are_not_up() {
+        let t0 = Instant::now();
+        let mut s = state(0);
+        s.submit(alloc("a", &["/d0", "/d1", "/d2"]), 1, t0).unwrap();
+        s.take_proposal(t0).unwrap();
+        s.committed(t0);
+        // d0 up, d1 failed, d2 left `new` by an interrupted run.
+        let u = Uuid::new_v4();
+        s.submit(
+            Request::Register {
+                id: 0,
+                uuid: u,
+                key: "k".into(),
+            },
+            2,
+            t0,
+        )
+        .unwrap();
+        s.submit(
+            Request::Report {
+                id: 1,
+                outcome: Outcome::Failed {
+                    reason: "refused".into(),
+                },
+            },
+            3,
+            t0,
+        )
+        .unwrap();
+        s.take_proposal(t0).unwrap();
+        s.committed(t0);
+        s.submit(
+            Request::Report {
+                id: 0,
+                outcome: Outcome::Up,
+            },
+            4,
+            t0,
+        )
+        .unwrap();
+        s.take_proposal(t0).unwrap();
+        s.committed(t0);
+        // Running init again for d1, d2 and a new device: ids 1 and 2 again, 3 new.
+        s.submit(alloc("a", &["/d1", "/d2", "/d3"]), 5, t0).unwrap();
+        let p = s.take_proposal(t0).unwrap();
+        assert_eq!(
+            p.replies[0].1,
+            Response::Ids {
+                ids: vec![1, 2, 3],
+                epoch: 4
+            }
+        );
+        s.committed(t0);
+        let m = s.committed_map();
+        assert!((1..4).all(|i| m.daemons[&i].state == DaemonState::New));
+        // d0 is up: refused, with the reason.
+        let e = s.submit(alloc("a", &["/d0"]), 6, t0).unwrap_err();
+        assert!(
+            e.to_string().contains("already belongs to daemon 0 (up)"),
+            "{e}"
+        );
     }
 }

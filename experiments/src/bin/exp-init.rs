@@ -2,13 +2,18 @@
 //! (sequential, parallel_nodes, parallel_daemons, parallel), against the physical bound
 //! of the same configuration measured in the same run.
 //!
-//! For every (nodes, daemons per node, device size, propose interval, repetition) the four
-//! strategies run back to back, alternating, each against a fresh monitor (TCP, journal
-//! fsynced per proposal) and in-process node agents that talk to it over TCP. Before them
-//! the run measures (a) each device's mkfs time alone, one device at a time, and (b) the
-//! aggregate write bandwidth of the devices of the configuration, all written at once;
-//! `bound_ms = max(slowest lone mkfs, bytes written / aggregate bandwidth) +
-//! min_proposals(strategy) × propose_interval`.
+//! For every (nodes, daemons per node, device size, repetition) the run first measures
+//! (a) the aggregate write bandwidth of the configuration's devices, all written at once
+//! (`harness::devices::precondition` on every device in parallel), and (b) each device's
+//! mkfs time alone, one device at a time (the shorter of two passes). Then, for every propose interval, the four
+//! strategies run back to back, each against a fresh monitor (TCP, journal fsynced per
+//! proposal) and in-process node agents that talk to it over TCP; their order rotates
+//! with the repetition, so no strategy always runs first or last. `bound_ms` is
+//! [`Strategy::lower_bound`] of those measurements: `(2W − 1) × propose_interval +
+//! Σ over the W waves of the strategy's longest chain of max(slowest mkfs of the wave,
+//! propose_interval)`, where for `parallel` (one wave of every device) the wave's mkfs
+//! time is also at least every device's mkfs bytes at the aggregate bandwidth. With mkfs
+//! shorter than the interval that is `(min_proposals − 1) × propose_interval`.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -16,11 +21,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use blocklab::daemon::{self, MkfsRequest};
-use blocklab::dev::{AlignedBuf, Device, IoEngine, IoRequest, UringEngine};
-use blocklab::init::{self, Node, NodeAgent, Strategy};
+use blocklab::dev::Device;
+use blocklab::init::{self, BoundInput, Node, NodeAgent, Strategy};
 use blocklab::monitor::{FileJournal, Monitor, ProposeConfig};
 use clap::Parser;
 use harness::args::parse_size;
+use harness::devices::precondition;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Profile, RunMeta};
 use serde::Serialize;
@@ -53,7 +59,7 @@ struct Cli {
     /// Strategies to run (default: all four), alternating within each configuration.
     #[arg(long, value_delimiter = ',')]
     strategies: Vec<Strategy>,
-    /// Bytes each device writes in the aggregate-bandwidth measurement.
+    /// Bytes each device writes in the aggregate-bandwidth measurement (at least 1 MiB).
     #[arg(long, value_parser = parse_size, default_value = "16M")]
     bandwidth_bytes: u64,
 }
@@ -91,61 +97,69 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Each device's mkfs alone, one at a time: the slowest, and the bytes one mkfs writes.
-fn lone_mkfs(paths: &[PathBuf]) -> anyhow::Result<(Duration, u64)> {
-    let mut eng = UringEngine::with_queue_depth(16)?;
-    let fsid = uuid::Uuid::new_v4();
-    let mut worst = Duration::ZERO;
+/// Each device's mkfs alone, one device at a time: its shortest time over two passes
+/// (the first mkfs on a fresh sparse backing file also pays for allocating its blocks,
+/// which the strategies' mkfs then do not), and the bytes one mkfs writes.
+fn lone_mkfs(paths: &[PathBuf]) -> anyhow::Result<(Vec<Duration>, u64)> {
+    let mut times = vec![Duration::MAX; paths.len()];
     let mut bytes = 0;
-    for (i, p) in paths.iter().enumerate() {
-        let dev = Device::open(p)?;
-        let mut req = MkfsRequest::new(fsid, i as u32);
-        req.force = true;
-        let t = Instant::now();
-        let rep = daemon::mkfs(&mut eng, &dev, &req)
-            .with_context(|| format!("lone mkfs of {}", p.display()))?;
-        worst = worst.max(t.elapsed());
-        bytes = rep.bytes_written;
+    for _pass in 0..2 {
+        // A new cluster each pass, so that mkfs formats again instead of finding the
+        // device formatted already.
+        let fsid = uuid::Uuid::new_v4();
+        for (i, p) in paths.iter().enumerate() {
+            let mut req = MkfsRequest::new(fsid, i as u32);
+            req.force = true;
+            let t = Instant::now();
+            let rep = daemon::mkfs_path(p, &req)
+                .with_context(|| format!("lone mkfs of {}", p.display()))?;
+            times[i] = times[i].min(t.elapsed());
+            anyhow::ensure!(
+                !rep.already_formatted,
+                "lone mkfs of {}: nothing written",
+                p.display()
+            );
+            bytes = rep.bytes_written;
+        }
     }
-    Ok((worst, bytes))
+    Ok((times, bytes))
 }
 
 /// Aggregate write bandwidth (bytes/s) of `paths` written all at once: each device gets
-/// `per_device` bytes in 1 MiB writes at queue depth 8, then fsync.
+/// `per_device` bytes (whole MiB) in 1 MiB sequential writes, then fsync
+/// ([`precondition`], one thread per device).
 fn aggregate_bandwidth(paths: &[PathBuf], per_device: u64) -> anyhow::Result<f64> {
-    const BS: usize = 1 << 20;
+    const MIB: u64 = 1 << 20;
+    let devs: Vec<Device> = paths
+        .iter()
+        .map(|p| Device::open(p).with_context(|| format!("opening {}", p.display())))
+        .collect::<anyhow::Result<_>>()?;
+    let lens: Vec<u64> = devs
+        .iter()
+        .map(|d| per_device.min(d.size()) / MIB * MIB)
+        .collect();
+    if lens.contains(&0) {
+        bail!("--bandwidth-bytes and the devices must be at least 1 MiB");
+    }
     let start = Instant::now();
-    let results: Vec<anyhow::Result<u64>> = std::thread::scope(|s| {
-        let hs: Vec<_> = paths
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = devs
             .iter()
-            .map(|p| {
-                s.spawn(move || -> anyhow::Result<u64> {
-                    let dev = Device::open(p)?;
-                    let n = (per_device.min(dev.size()) / BS as u64).max(1);
-                    let mut buf = AlignedBuf::new(BS);
-                    buf.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, b)| *b = i as u8 | 1);
-                    let mut eng = UringEngine::with_queue_depth(8)?;
-                    let mut reqs: Vec<IoRequest<'_>> = (0..n)
-                        .map(|i| IoRequest::write(&dev, i * BS as u64, &buf))
-                        .collect();
-                    reqs.push(IoRequest::fsync(&dev));
-                    eng.execute(&mut reqs)?;
-                    Ok(n * BS as u64)
-                })
-            })
+            .zip(&lens)
+            .map(|(d, &len)| s.spawn(move || precondition(d, 0, len)))
             .collect();
         hs.into_iter()
-            .map(|h| h.join().expect("bandwidth thread panicked"))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("bandwidth thread panicked")))
+            })
             .collect()
     });
     let secs = start.elapsed().as_secs_f64();
-    let mut total = 0;
     for r in results {
-        total += r?;
+        r?;
     }
-    Ok(total as f64 / secs)
+    Ok(lens.iter().sum::<u64>() as f64 / secs)
 }
 
 struct Config {
@@ -196,6 +210,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let max_devices = nodes.iter().max().unwrap() * dpns.iter().max().unwrap();
     let sizes: Vec<u64> = if a.devices.is_empty() { sizes } else { vec![0] };
     let configs_per_size = nodes.len() * dpns.len() * intervals.len();
+    if cli.bandwidth_bytes < 1 << 20 {
+        bail!("--bandwidth-bytes must be at least 1M");
+    }
     let total_steps = (sizes.len() * configs_per_size * reps as usize * strategies.len()) as u64;
 
     let mut csv = CsvOut::<Row>::create(&a.out, "exp-init.csv", a.overwrite)?;
@@ -221,45 +238,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             "{max_devices} devices of {size} bytes: {}",
             set.paths()[0].display()
         ));
-        let mut configs = Vec::new();
         for &n in &nodes {
             for &d in &dpns {
-                for &i in &intervals {
-                    configs.push(Config {
-                        nodes: n,
-                        dpn: d,
-                        size,
-                        interval_ms: i,
-                    });
-                }
-            }
-        }
-        for c in &configs {
-            let paths = &set.paths()[..c.nodes * c.dpn];
-            for rep in 0..reps {
-                let bw = aggregate_bandwidth(paths, cli.bandwidth_bytes)?;
-                let (lone, per_mkfs) = lone_mkfs(paths)?;
-                let io_bound = ms(lone).max(per_mkfs as f64 * paths.len() as f64 / bw * 1e3);
-                measured.push(serde_json::json!({
-                    "nodes": c.nodes, "daemons_per_node": c.dpn, "device_size_bytes": c.size,
-                    "repetition": rep, "aggregate_write_mib_s": bw / (1 << 20) as f64,
-                    "slowest_lone_mkfs_ms": ms(lone), "mkfs_bytes": per_mkfs,
-                }));
-                for &strategy in &strategies {
-                    let row = run_one(
-                        c,
-                        strategy,
-                        rep,
-                        paths,
-                        journal_dir.path(),
-                        io_bound,
-                        &mut phases,
-                    )?;
-                    prog.step(&format!(
-                        "{strategy} {}x{} {} B {} ms: {:.1} ms (bound {:.1} ms)",
-                        c.nodes, c.dpn, c.size, c.interval_ms, row.total_ms, row.bound_ms
-                    ));
-                    csv.write(&row)?;
+                let paths = &set.paths()[..n * d];
+                for rep in 0..reps {
+                    // The bound's measurements, once per (nodes, daemons, size, repetition).
+                    let bw = aggregate_bandwidth(paths, cli.bandwidth_bytes)?;
+                    let (lone, per_mkfs) = lone_mkfs(paths)?;
+                    let all_at_once =
+                        Duration::from_secs_f64(per_mkfs as f64 * paths.len() as f64 / bw);
+                    let lone_by_node: Vec<Vec<Duration>> =
+                        lone.chunks(d).map(|c| c.to_vec()).collect();
+                    measured.push(serde_json::json!({
+                        "nodes": n, "daemons_per_node": d, "device_size_bytes": size,
+                        "repetition": rep, "aggregate_write_mib_s": bw / (1 << 20) as f64,
+                        "lone_mkfs_ms": lone.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
+                        "mkfs_bytes": per_mkfs, "all_at_once_ms": ms(all_at_once),
+                    }));
+                    // Alternate: each repetition starts with the next strategy.
+                    let mut order = strategies.clone();
+                    order.rotate_left(rep as usize % strategies.len());
+                    for &interval_ms in &intervals {
+                        let c = Config {
+                            nodes: n,
+                            dpn: d,
+                            size,
+                            interval_ms,
+                        };
+                        for &strategy in &order {
+                            let bound = strategy.lower_bound(&BoundInput {
+                                lone_mkfs: &lone_by_node,
+                                all_at_once,
+                                propose_interval: Duration::from_millis(interval_ms),
+                            });
+                            let row = run_one(
+                                &c,
+                                strategy,
+                                rep,
+                                paths,
+                                journal_dir.path(),
+                                ms(bound),
+                                &mut phases,
+                            )?;
+                            prog.step(&format!(
+                                "{strategy} {n}x{d} {size} B {interval_ms} ms: {:.1} ms (bound {:.1} ms)",
+                                row.total_ms, row.bound_ms
+                            ));
+                            csv.write(&row)?;
+                        }
+                    }
                 }
             }
         }
@@ -291,7 +318,7 @@ fn run_one(
     rep: u32,
     paths: &[PathBuf],
     journal_dir: &std::path::Path,
-    io_bound_ms: f64,
+    bound_ms: f64,
     phases: &mut CsvOut<PhaseRow>,
 ) -> anyhow::Result<Row> {
     let interval = Duration::from_millis(c.interval_ms);
@@ -319,6 +346,9 @@ fn run_one(
     if let Some(f) = run.failed().next() {
         bail!("{strategy}: daemon on {} failed: {:?}", f.device, f.error);
     }
+    let proposals = run
+        .monitor_proposals
+        .context("the monitor did not answer after the run")?;
     mon.stop();
     let _ = std::fs::remove_file(&journal);
     let mut h = LatencyHist::new();
@@ -339,7 +369,6 @@ fn run_one(
         }
     }
     let p = h.percentiles();
-    let min_props = strategy.min_proposals(c.nodes as u64, c.dpn as u64);
     Ok(Row {
         strategy: strategy.name(),
         nodes: c.nodes,
@@ -348,12 +377,12 @@ fn run_one(
         propose_interval_ms: c.interval_ms,
         repetition: rep,
         total_ms: ms(run.total),
-        bound_ms: io_bound_ms + (min_props * c.interval_ms) as f64,
+        bound_ms,
         daemon_p50_ms: p.p50 as f64 / 1e3,
         daemon_p99_ms: p.p99 as f64 / 1e3,
         daemon_max_ms: p.max as f64 / 1e3,
         max_in_flight: run.max_in_flight,
-        monitor_proposals: run.monitor_proposals,
+        monitor_proposals: proposals,
         bytes_written: bytes,
     })
 }

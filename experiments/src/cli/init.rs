@@ -12,7 +12,9 @@ use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
 use blocklab::dev::{Device, UringEngine};
 use blocklab::init::{self, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
 use blocklab::monitor::coord_store::DEFAULT_MAP_PATH;
-use blocklab::monitor::{CoordStore, FileJournal, MapStore, Monitor, MonitorClient, ProposeConfig};
+use blocklab::monitor::{
+    CoordStore, DaemonState, FileJournal, MapStore, Monitor, MonitorClient, ProposeConfig,
+};
 use clap::{Args, Subcommand};
 use uuid::Uuid;
 
@@ -63,9 +65,26 @@ pub enum MonitorCmd {
         /// Least time between two proposals, in milliseconds (Ceph's default: 1000).
         #[arg(long, default_value_t = 1000)]
         propose_interval_ms: u64,
+        /// Least time a change waits for company when the monitor was idle, in
+        /// milliseconds (Ceph's paxos_min_wait: 50; capped at the propose interval).
+        #[arg(long, default_value_t = 0)]
+        min_wait_ms: u64,
         /// fsid of a new cluster (default: random); must match an existing journal.
         #[arg(long)]
         fsid: Option<Uuid>,
+    },
+    /// Remove a daemon from the map (its id becomes free again). An `up` daemon only
+    /// with --force.
+    Remove {
+        /// The monitor's address.
+        #[arg(long)]
+        monitor: String,
+        /// The daemon's id.
+        #[arg(long)]
+        id: u32,
+        /// Remove it even if it is up.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the monitor's committed map.
     Map {
@@ -231,6 +250,7 @@ pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
             journal,
             store,
             propose_interval_ms,
+            min_wait_ms,
             fsid,
         } => {
             let (backend, what): (Box<dyn MapStore>, String) = match (journal, store) {
@@ -250,13 +270,12 @@ pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
                 (None, None) => bail!("give --journal or --store"),
             };
             let l = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
-            let m = Monitor::start(
-                l,
-                backend,
-                ProposeConfig::with_interval(Duration::from_millis(propose_interval_ms)),
-                fsid,
-            )
-            .with_context(|| format!("starting the monitor on {what}"))?;
+            let config = ProposeConfig {
+                propose_interval: Duration::from_millis(propose_interval_ms),
+                min_wait: Duration::from_millis(min_wait_ms),
+            };
+            let m = Monitor::start(l, backend, config, fsid)
+                .with_context(|| format!("starting the monitor on {what}"))?;
             let map = m.map();
             println!(
                 "monitor listening on {} cluster {} epoch {}",
@@ -265,9 +284,28 @@ pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
                 map.epoch
             );
             std::io::stdout().flush()?;
-            loop {
-                std::thread::park();
+            // Serves until a commit fails; then there is nothing left to serve.
+            Err(m.wait()).context("the monitor stopped")
+        }
+        MonitorCmd::Remove { monitor, id, force } => {
+            let mut c = MonitorClient::connect(&monitor, blocklab::monitor::DEFAULT_CONNECT_RETRY)?;
+            let map = c.map()?;
+            let Some(d) = map.daemons.get(&id) else {
+                bail!("the map has no daemon {id}");
+            };
+            if d.state == DaemonState::Up && !force {
+                bail!(
+                    "daemon {id} ({} of node {}) is up; use --force to remove it anyway",
+                    d.device,
+                    d.node
+                );
             }
+            let epoch = c.remove(id)?;
+            println!(
+                "removed daemon {id} ({} of node {}) in epoch {epoch}",
+                d.device, d.node
+            );
+            Ok(())
         }
         MonitorCmd::Map { monitor, json } => {
             let mut c = MonitorClient::connect(&monitor, blocklab::monitor::DEFAULT_CONNECT_RETRY)?;
@@ -302,11 +340,17 @@ fn print_outcomes(daemons: &[init::DaemonOutcome]) -> usize {
     for d in daemons {
         let id = d.id.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
         match &d.error {
+            None if d.already_up => println!("{}\t{}\t{id}\tup\t(already up)", d.node, d.device),
             None => println!(
-                "{}\t{}\t{id}\tup\t{:.1} ms",
+                "{}\t{}\t{id}\tup\t{:.1} ms{}",
                 d.node,
                 d.device,
-                d.duration().as_secs_f64() * 1e3
+                d.duration().as_secs_f64() * 1e3,
+                if d.already_formatted {
+                    " (already formatted)"
+                } else {
+                    ""
+                }
             ),
             Some(e) => {
                 failed += 1;
@@ -348,11 +392,7 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<()> {
 }
 
 pub fn orchestrate(a: InitArgs) -> anyhow::Result<()> {
-    let remotes: Vec<RemoteNode> = a
-        .nodes
-        .iter()
-        .map(|n| RemoteNode::connect(n).with_context(|| format!("node agent {n}")))
-        .collect::<anyhow::Result<_>>()?;
+    let remotes: Vec<RemoteNode> = a.nodes.iter().map(|n| RemoteNode::new(n)).collect();
     let nodes: Vec<&dyn Node> = remotes.iter().map(|r| r as &dyn Node).collect();
     let run = init::run(
         a.strategy,
@@ -369,6 +409,8 @@ pub fn orchestrate(a: InitArgs) -> anyhow::Result<()> {
         run.total.as_secs_f64() * 1e3,
         run.max_in_flight,
         run.monitor_proposals
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "? (monitor unreachable at the end)".into())
     );
     if failed > 0 {
         bail!("{failed} of {} daemons failed", run.daemons.len());
