@@ -4,17 +4,24 @@
 use blocklab::coord::embedded::EmbeddedStore;
 use blocklab::lunmap::editor::LunMap;
 use blocklab::lunmap::view::{MapView, NodeEvent};
-use blocklab::lunmap::{Backing, Layout, Target};
+use blocklab::lunmap::{Backing, Layout, Lun, Target};
+use blocklab::testing::scratch_dir;
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 
 const T: &str = "iqn.2026-11.lab.blocklab:t0";
 
 fn lun_bytes(name: &str) -> Vec<u8> {
-    format!(
-        r#"{{"id":0,"name":"{name}","size_bytes":1073741824,"backing":{{"range":{{"device":"/dev/loop0","offset":0}}}},"generation":0}}"#
-    )
-    .into_bytes()
+    serde_json::to_vec(&Lun {
+        id: 0,
+        name: name.into(),
+        size_bytes: 1 << 30,
+        backing: Backing::Range {
+            device: "/dev/loop0".into(),
+            offset: 0,
+        },
+    })
+    .unwrap()
 }
 
 /// A map of 16 LUNs with 64 initiators each.
@@ -58,10 +65,7 @@ fn bench(c: &mut Criterion) {
             black_box(v.apply(&NodeEvent::Remove { path: p.clone() }));
         })
     });
-    let dir = tempfile::Builder::new()
-        .prefix("blocklab-bench-lunmap-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = scratch_dir("blocklab-bench-lunmap-");
     let store = EmbeddedStore::open(dir.path().join("coord.store")).unwrap();
     let s = store.session();
     let m = LunMap::open(&s, "bench").unwrap();

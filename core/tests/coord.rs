@@ -5,7 +5,8 @@ use blocklab::coord::embedded::EmbeddedStore;
 use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::zookeeper::ZkCoord;
 use blocklab::coord::{
-    connect, ensure_path, ConnectOptions, Coord, CoordError, CoordSpec, NodeKind, Op, WatchEvent,
+    connect, ensure_path, ConnectOptions, Coord, CoordError, CoordSpec, NodeKind, Op, Read,
+    ReadResult, WatchEvent,
 };
 use blocklab::testing::wait_for;
 use std::time::{Duration, Instant};
@@ -48,7 +49,7 @@ fn suite_versions(new: Factory<'_>, base: &str) {
     assert_eq!(c.set(&a, b"two", Some(0)).unwrap().version, 1);
     assert!(matches!(
         c.set(&a, b"lost", Some(0)),
-        Err(CoordError::BadVersion { .. })
+        Err(CoordError::BadVersion { expected: 0, .. })
     ));
     assert_eq!(c.get(&a).unwrap().0, b"two", "a failed set changed nothing");
     assert_eq!(c.set(&a, b"three", None).unwrap().version, 2);
@@ -63,8 +64,9 @@ fn suite_versions(new: Factory<'_>, base: &str) {
     c.delete(&format!("{a}/m"), Some(0)).unwrap();
     assert!(matches!(
         c.delete(&a, Some(1)),
-        Err(CoordError::BadVersion { .. })
+        Err(CoordError::BadVersion { expected: 1, .. })
     ));
+    assert_eq!(c.get(&a).unwrap().1.num_children, 0);
     c.delete(&a, Some(2)).unwrap();
     assert!(matches!(c.get(&a), Err(CoordError::NoNode(_))));
     assert_eq!(c.exists(&a).unwrap(), None);
@@ -93,10 +95,38 @@ fn suite_multi(new: Factory<'_>, base: &str) {
     match err {
         CoordError::MultiFailed { index, source } => {
             assert_eq!(index, 2);
-            assert!(matches!(*source, CoordError::BadVersion { .. }), "{source}");
+            assert!(
+                matches!(*source, CoordError::BadVersion { expected: 7, .. }),
+                "{source}"
+            );
         }
         e => panic!("expected MultiFailed, got {e}"),
     }
+    // A conditional set or delete inside a multi names the version it expected.
+    for op in [
+        Op::set(p("v"), b"x".to_vec(), Some(5)),
+        Op::delete(p("v"), Some(6)),
+    ] {
+        let want = match &op {
+            Op::Set { version, .. } | Op::Delete { version, .. } => version.unwrap(),
+            _ => unreachable!(),
+        };
+        match c
+            .multi(&[Op::create(p("a"), b"a".to_vec()), op])
+            .unwrap_err()
+        {
+            CoordError::MultiFailed { index: 1, source } => assert!(
+                matches!(*source, CoordError::BadVersion { expected, .. } if expected == want),
+                "{source}"
+            ),
+            e => panic!("expected MultiFailed at 1, got {e}"),
+        }
+    }
+    assert_eq!(
+        c.get(base).unwrap().1.num_children,
+        1,
+        "rollback kept the count"
+    );
     assert_eq!(c.exists(&p("a")).unwrap(), None);
     assert_eq!(
         c.get(&p("v")).unwrap(),
@@ -238,11 +268,92 @@ fn suite_watch_order(new: Factory<'_>, base: &str) {
     assert!(got.iter().all(|e| matches!(e, WatchEvent::Created(_))));
 }
 
+fn suite_reads(new: Factory<'_>, base: &str) {
+    let c = new();
+    // ensure_path: deep, then again (a no-op), then a sibling branch.
+    ensure_path(&*c, &format!("{base}/x/y/z")).unwrap();
+    ensure_path(&*c, &format!("{base}/x/y/z")).unwrap();
+    ensure_path(&*c, &format!("{base}/x/w")).unwrap();
+    assert_eq!(c.children(&format!("{base}/x")).unwrap(), vec!["w", "y"]);
+    c.set(&format!("{base}/x/y"), b"data", None).unwrap();
+    let r = c
+        .read_many(&[
+            Read::Data(format!("{base}/x/y")),
+            Read::Children(format!("{base}/x")),
+            Read::Data(format!("{base}/nope")),
+            Read::Children(format!("{base}/nope")),
+            Read::Children(format!("{base}/x/y/z")),
+        ])
+        .unwrap();
+    assert_eq!(r.len(), 5);
+    match &r[0] {
+        ReadResult::Data(d, s) => {
+            assert_eq!(d, b"data");
+            assert_eq!((s.version, s.num_children), (1, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r[1..],
+        [
+            ReadResult::Children(vec!["w".into(), "y".into()]),
+            ReadResult::NoNode,
+            ReadResult::NoNode,
+            ReadResult::Children(vec![]),
+        ]
+    );
+    assert_eq!(c.read_many(&[]).unwrap(), vec![]);
+    assert!(matches!(
+        c.read_many(&[Read::Data("bad".into())]),
+        Err(CoordError::InvalidPath { .. })
+    ));
+    // More reads than one request carries.
+    let many: Vec<Read> = (0..300)
+        .map(|_| Read::Data(format!("{base}/x/y")))
+        .collect();
+    let r = c.read_many(&many).unwrap();
+    assert_eq!(r.len(), 300);
+    assert!(r
+        .iter()
+        .all(|x| matches!(x, ReadResult::Data(d, _) if d == b"data")));
+}
+
+/// What `create` and `set` return is the node's stat right after that very change, also
+/// while other sessions write the same node.
+fn suite_returned_stats(new: Factory<'_>, base: &str) {
+    let c = new();
+    ensure_path(&*c, base).unwrap();
+    let n = format!("{base}/n");
+    assert_eq!(c.create(&n, b"", NodeKind::Persistent).unwrap().version, 0);
+    let versions = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let (n, versions) = (&n, &versions);
+            let c = new();
+            s.spawn(move || {
+                for _ in 0..25 {
+                    let v = c.set(n, b"x", None).unwrap().version;
+                    versions.lock().unwrap().push(v);
+                }
+            });
+        }
+    });
+    let mut v = versions.into_inner().unwrap();
+    v.sort();
+    assert_eq!(
+        v,
+        (1..=100).collect::<Vec<i32>>(),
+        "every set saw its own version"
+    );
+}
+
 fn run_suite(new: Factory<'_>) {
     suite_versions(new, "/conf/versions");
     suite_multi(new, "/conf/multi");
     suite_ephemeral(new, "/conf/ephemeral");
     suite_watch_order(new, "/conf/watch");
+    suite_reads(new, "/conf/reads");
+    suite_returned_stats(new, "/conf/stats");
 }
 
 fn tempdir() -> tempfile::TempDir {
@@ -315,6 +426,106 @@ fn embedded_store_persists_and_refuses_corruption() {
             Err(CoordError::CorruptStore { .. })
         ));
         assert_eq!(std::fs::read(&path).unwrap(), junk);
+    }
+}
+
+#[test]
+fn connect_shares_an_embedded_store_open_in_this_process() {
+    let dir = tempdir();
+    let path = dir.path().join("coord.store");
+    let spec = CoordSpec::Embedded(path.clone());
+    let a = connect(&spec, &ConnectOptions::default()).unwrap();
+    // Another spelling of the same file meets the same store.
+    let b = connect(
+        &CoordSpec::Embedded(dir.path().join(".").join("coord.store")),
+        &ConnectOptions::default(),
+    )
+    .unwrap();
+    assert_ne!(a.session_id(), b.session_id());
+    let w = b.watch("/").unwrap();
+    a.create("/eph", b"", NodeKind::Ephemeral).unwrap();
+    assert_eq!(
+        b.get("/eph").unwrap().1.ephemeral_owner,
+        Some(a.session_id())
+    );
+    assert_eq!(collect(&w, 1), vec![WatchEvent::Created("/eph".into())]);
+    // The store still has one owner: a second explicit open is refused.
+    assert!(matches!(
+        EmbeddedStore::open(&path),
+        Err(CoordError::StoreLocked { .. })
+    ));
+    drop(a);
+    assert_eq!(b.exists("/eph").unwrap(), None, "a's session ended");
+    drop((b, w));
+    // The last session gone, the store is closed and its lock released.
+    let s = EmbeddedStore::open(&path).unwrap();
+    // ... and a store opened explicitly is shared with connect too.
+    let c = connect(&spec, &ConnectOptions::default()).unwrap();
+    c.create("/p", b"", NodeKind::Persistent).unwrap();
+    assert!(s.session().exists("/p").unwrap().is_some());
+}
+
+/// A store file of format 1 (data as arrays of numbers), written as version 0.x did.
+fn v1_store(nodes: &str) -> Vec<u8> {
+    let body = format!(r#"{{"nodes":{nodes}}}"#);
+    let mut f = format!(
+        "BLOCKLAB-COORD 1 crc32c={:08x} len={}\n",
+        crc32c::crc32c(body.as_bytes()),
+        body.len()
+    )
+    .into_bytes();
+    f.extend_from_slice(body.as_bytes());
+    f
+}
+
+#[test]
+fn embedded_store_reads_format_1_and_writes_data_as_text() {
+    let dir = tempdir();
+    let path = dir.path().join("coord.store");
+    std::fs::write(
+        &path,
+        v1_store(
+            r#"[{"path":"/a","data":[104,105],"version":3},{"path":"/a/b","data":[],"version":0}]"#,
+        ),
+    )
+    .unwrap();
+    {
+        let store = EmbeddedStore::open(&path).unwrap();
+        let c = store.session();
+        let (d, s) = c.get("/a").unwrap();
+        assert_eq!(
+            (d.as_slice(), s.version, s.num_children),
+            (&b"hi"[..], 3, 1)
+        );
+        // The next change writes format 2: UTF-8 data as a string, other bytes as hex.
+        c.create("/bin", &[0xff, 0x00, 0x7f], NodeKind::Persistent)
+            .unwrap();
+        c.create("/json", br#"{"k":"v"}"#, NodeKind::Persistent)
+            .unwrap();
+    }
+    let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+    assert!(text.starts_with("BLOCKLAB-COORD 2 "), "{text}");
+    assert!(text.contains(r#""text":"{\"k\":\"v\"}""#), "{text}");
+    assert!(text.contains(r#""hex":"ff007f""#), "{text}");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let c = store.session();
+    assert_eq!(c.get("/bin").unwrap().0, vec![0xff, 0x00, 0x7f]);
+    assert_eq!(c.get("/a").unwrap().0, b"hi");
+    assert_eq!(c.get("/a/b").unwrap().1.version, 0);
+    drop((c, store));
+    // A format this build does not know, and an orphan node, are refused, untouched.
+    for bad in [
+        {
+            let mut f = v1_store("[]");
+            f[15] = b'9';
+            f
+        },
+        v1_store(r#"[{"path":"/x/y","data":[],"version":0}]"#),
+    ] {
+        std::fs::write(&path, &bad).unwrap();
+        let e = EmbeddedStore::open(&path).unwrap_err();
+        assert!(matches!(e, CoordError::CorruptStore { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), bad);
     }
 }
 

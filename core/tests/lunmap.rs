@@ -4,12 +4,15 @@
 
 use blocklab::coord::embedded::EmbeddedStore;
 use blocklab::coord::zk_server::ZkServer;
-use blocklab::coord::{connect, ConnectOptions, Coord, CoordSpec};
+use blocklab::coord::{
+    connect, ConnectOptions, Coord, CoordSpec, NodeKind, Op, Read, ReadResult,
+    Result as CoordResult, Stat, Watch,
+};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::lunmap::editor::LunMap;
 use blocklab::lunmap::follow::follow_coord;
 use blocklab::lunmap::gateway::{GatewayClient, GatewayServer};
-use blocklab::lunmap::view::{Change, MapView};
+use blocklab::lunmap::view::{Change, MapView, NodeEvent};
 use blocklab::lunmap::{filesync, Backing, Layout, Lun, LunMapError, Target};
 use blocklab::testing::{is_root, scratch_dir, sparse_file, wait_for, LoopDevices};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,6 +24,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const T0: &str = "iqn.2026-11.lab.blocklab:t0";
 const H1: &str = "iqn.2026-11.lab.host:h1";
 const H2: &str = "iqn.2026-11.lab.host:h2";
+const H3: &str = "iqn.2026-11.lab.host:h3";
+const T1: &str = "iqn.2026-11.lab.blocklab:t1";
 
 fn target(iqn: &str) -> Target {
     Target {
@@ -49,7 +54,7 @@ fn operations(c: &dyn Coord) {
         Err(LunMapError::LunExists(_))
     ));
     let a = m.map("db0", &target(T0), H1).unwrap();
-    assert_eq!((a.generation, a.changed), (1, true));
+    assert_eq!((a.attempts, a.changed), (1, true));
     let again = m.map("db0", &target(T0), H1).unwrap();
     assert!(!again.changed, "mapping twice is a no-op");
     m.map("db0", &target(T0), H2).unwrap();
@@ -57,13 +62,52 @@ fn operations(c: &dyn Coord) {
         m.query_initiator(H1).unwrap(),
         vec![("db0".to_string(), T0.to_string())]
     );
+    assert!(m
+        .query_initiator("iqn.2026-11.lab.host:nobody")
+        .unwrap()
+        .is_empty());
+    assert_eq!(m.initiators("db0", T0).unwrap(), vec![H1, H2]);
     let v = m.load().unwrap();
     assert_eq!(v.mapping_count(), 2);
-    assert_eq!(v.luns["db0"].lun.generation, 2);
     assert_eq!(
         v.luns["db0"].targets[T0].target.as_ref().unwrap().portal,
         "127.0.0.1:3260"
     );
+    // A target's portal is fixed when it is created: another portal is refused, none
+    // means "whatever it has"; a new target without a portal gets the default.
+    let other_portal = Target {
+        iqn: T0.into(),
+        portal: "10.0.0.9:3260".into(),
+    };
+    let e = m.map("db0", &other_portal, H3).unwrap_err();
+    assert!(
+        matches!(&e, LunMapError::PortalMismatch { portal, wanted, .. }
+            if portal == "127.0.0.1:3260" && wanted == "10.0.0.9:3260"),
+        "{e}"
+    );
+    assert!(
+        m.initiators("db0", T0).unwrap().len() == 2,
+        "nothing mapped"
+    );
+    m.map_via("db0", T0, None, H3).unwrap();
+    m.unmap("db0", T0, H3).unwrap();
+    m.map_via("db0", T1, None, H3).unwrap();
+    assert_eq!(
+        m.load().unwrap().luns["db0"].targets[T1]
+            .target
+            .as_ref()
+            .unwrap()
+            .portal,
+        blocklab::lunmap::DEFAULT_PORTAL
+    );
+    m.unmap("db0", T1, H3).unwrap();
+    // LUN ids are unique.
+    let e = m.create_lun(1, "db9", 4096, range("/d")).unwrap_err();
+    assert!(
+        matches!(&e, LunMapError::IdInUse { id: 1, lun } if lun == "db0"),
+        "{e}"
+    );
+    assert!(c.exists(&m.layout().lun("db9")).unwrap().is_none());
     // The layout is the documented one.
     let l = m.layout();
     assert!(c.exists(&l.initiator("db0", T0, H1)).unwrap().is_some());
@@ -101,9 +145,22 @@ fn operations(c: &dyn Coord) {
         m.unmap("db0", T0, H2),
         Err(LunMapError::NotMapped { .. })
     ));
+    assert!(matches!(
+        m.unmap("nolun", T0, H2),
+        Err(LunMapError::NoSuchLun(_))
+    ));
     m.delete_lun("db0", true).unwrap();
     assert!(m.load().unwrap().luns.is_empty());
     assert!(c.exists(&l.lun("db0")).unwrap().is_none());
+    assert!(
+        c.exists(&l.id(1)).unwrap().is_none(),
+        "the id claim went too"
+    );
+    assert!(matches!(
+        m.delete_lun("db0", false),
+        Err(LunMapError::NoSuchLun(_))
+    ));
+    // The id is free again.
     m.create_lun(1, "db1", 4096, range("/d")).unwrap();
     m.delete_lun("db1", false).unwrap();
 }
@@ -157,23 +214,24 @@ fn concurrent_editors(new: &(dyn Fn() -> Box<dyn Coord> + Sync)) {
                     let i = format!("iqn.2026-11.lab.host:e{e}-{k}");
                     let ack = m.map("shared", &target(&t), &i).unwrap();
                     assert!(ack.changed);
-                    acked.lock().unwrap().push((t, i, ack.generation));
+                    acked.lock().unwrap().push((t, i));
+                    // Unmaps race the maps too: every fifth mapping goes again.
+                    if k % 5 == 4 {
+                        let (t, i) = acked.lock().unwrap().pop().unwrap();
+                        assert!(m.unmap("shared", &t, &i).unwrap().changed);
+                    }
                 }
             });
         }
     });
     let acked = acked.into_inner().unwrap();
+    // Nothing acknowledged is lost, nothing unmapped comes back.
     let v = m.load().unwrap();
-    assert_eq!(v.mapping_count(), 60);
-    for (t, i, _) in &acked {
+    assert_eq!(acked.len(), 48);
+    assert_eq!(v.mapping_count(), 48);
+    for (t, i) in &acked {
         assert!(v.check("shared", t, i).is_ok(), "lost {i}");
     }
-    // Every acknowledged edit got its own generation.
-    let mut gens: Vec<u64> = acked.iter().map(|a| a.2).collect();
-    gens.sort();
-    gens.dedup();
-    assert_eq!(gens.len(), 60);
-    assert_eq!(v.luns["shared"].lun.generation, 60);
 }
 
 #[test]
@@ -271,12 +329,12 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
     );
 
     // Map H2: the gateway learns it through the watch, then serves it.
-    let ack = m.map("db0", &target(T0), H2).unwrap();
+    m.map("db0", &target(T0), H2).unwrap();
     wait_for("mapping reaches the gateway", WAIT, || {
         view.read().unwrap().check("db0", T0, H2).is_ok()
     });
     let r = cl.write("db0", T0, H2, 4096, &b).unwrap();
-    assert!(r.ok && r.generation >= ack.generation, "{r:?}");
+    assert!(r.ok, "{r:?}");
     eng.read_at(&dev, (1 << 20) + 4096, &mut on_disk).unwrap();
     assert_eq!(&on_disk[..], &b[..]);
     // Unmap H1: refused again afterwards.
@@ -397,7 +455,6 @@ fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
         name: "db0".into(),
         size_bytes: 1 << 20,
         backing: range("/d"),
-        generation: 0,
     })
     .unwrap();
     assert!(matches!(
@@ -417,7 +474,8 @@ fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
         Box::new(|_, _| {}),
         Duration::from_millis(20),
     );
-    assert_eq!(ed.map("db0", &target(T0), H1).unwrap(), 1);
+    assert!(ed.map("db0", &target(T0), H1).unwrap());
+    assert!(!ed.map("db0", &target(T0), H1).unwrap(), "mapped already");
     wait_for("copy reaches the gateway", WAIT, || {
         view.read().unwrap().check("db0", T0, H1).is_ok()
     });
@@ -445,4 +503,343 @@ fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(view.read().unwrap().check("db0", T0, H1).is_ok());
     let _ = CoordSpec::parse("embedded:/x").unwrap();
+}
+
+/// A session that runs `hook` (another editor's change, through its own session) right
+/// before its first multi-operation: a race between an editor's read and its commit, made
+/// deterministic. Everything else goes to the real backend.
+struct RaceBeforeCommit<'a> {
+    inner: &'a dyn Coord,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send + 'a>>>,
+}
+
+impl<'a> RaceBeforeCommit<'a> {
+    fn new(inner: &'a dyn Coord, hook: impl FnOnce() + Send + 'a) -> Self {
+        RaceBeforeCommit {
+            inner,
+            hook: Mutex::new(Some(Box::new(hook))),
+        }
+    }
+}
+
+impl Coord for RaceBeforeCommit<'_> {
+    fn create(&self, path: &str, data: &[u8], kind: NodeKind) -> CoordResult<Stat> {
+        self.inner.create(path, data, kind)
+    }
+    fn get(&self, path: &str) -> CoordResult<(Vec<u8>, Stat)> {
+        self.inner.get(path)
+    }
+    fn exists(&self, path: &str) -> CoordResult<Option<Stat>> {
+        self.inner.exists(path)
+    }
+    fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> CoordResult<Stat> {
+        self.inner.set(path, data, version)
+    }
+    fn delete(&self, path: &str, version: Option<i32>) -> CoordResult<()> {
+        self.inner.delete(path, version)
+    }
+    fn children(&self, path: &str) -> CoordResult<Vec<String>> {
+        self.inner.children(path)
+    }
+    fn multi(&self, ops: &[Op]) -> CoordResult<()> {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(h) = hook {
+            h();
+        }
+        self.inner.multi(ops)
+    }
+    fn read_many(&self, reads: &[Read]) -> CoordResult<Vec<ReadResult>> {
+        self.inner.read_many(reads)
+    }
+    fn watch(&self, path: &str) -> CoordResult<Watch> {
+        self.inner.watch(path)
+    }
+    fn sync(&self, path: &str) -> CoordResult<()> {
+        self.inner.sync(path)
+    }
+    fn session_id(&self) -> u64 {
+        self.inner.session_id()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn close(&self) {
+        self.inner.close()
+    }
+}
+
+/// delete_lun racing a map: the map wins, and the delete reports the new mapping (or, when
+/// forced, deletes it too); never a raw "has children" error.
+fn delete_racing_map(new: &dyn Fn() -> Box<dyn Coord>) {
+    let editor = new();
+    let other = new();
+    let m = LunMap::open(&*editor, "race-del").unwrap();
+    let o = LunMap::open(&*other, "race-del").unwrap();
+    for (lun, id) in [("a", 1), ("b", 2), ("c", 3)] {
+        m.create_lun(id, lun, 1 << 20, range("/d")).unwrap();
+        // The target exists with no initiator left.
+        m.map(lun, &target(T0), H1).unwrap();
+        m.unmap(lun, T0, H1).unwrap();
+    }
+    // A map through the existing target.
+    let racing = RaceBeforeCommit::new(&*editor, || {
+        o.map("a", &target(T0), H2).unwrap();
+    });
+    let e = LunMap::open(&racing, "race-del")
+        .unwrap()
+        .delete_lun("a", false)
+        .unwrap_err();
+    assert!(
+        matches!(e, LunMapError::StillMapped { initiators: 1, .. }),
+        "{e}"
+    );
+    assert!(
+        m.load().unwrap().check("a", T0, H2).is_ok(),
+        "the map stands"
+    );
+    // A map through a new target.
+    let racing = RaceBeforeCommit::new(&*editor, || {
+        o.map("b", &target(T1), H2).unwrap();
+    });
+    let e = LunMap::open(&racing, "race-del")
+        .unwrap()
+        .delete_lun("b", false)
+        .unwrap_err();
+    assert!(
+        matches!(e, LunMapError::StillMapped { initiators: 1, .. }),
+        "{e}"
+    );
+    // Forced: the racing mapping goes with the LUN.
+    let racing = RaceBeforeCommit::new(&*editor, || {
+        o.map("c", &target(T0), H2).unwrap();
+    });
+    LunMap::open(&racing, "race-del")
+        .unwrap()
+        .delete_lun("c", true)
+        .unwrap();
+    assert!(editor.exists(&m.layout().lun("c")).unwrap().is_none());
+    assert!(editor.exists(&m.layout().id(3)).unwrap().is_none());
+    // A map racing the LUN's deletion: the map reports the LUN gone.
+    let racing = RaceBeforeCommit::new(&*editor, || {
+        o.delete_lun("b", true).unwrap();
+    });
+    let e = LunMap::open(&racing, "race-del")
+        .unwrap()
+        .map("b", &target(T0), H3)
+        .unwrap_err();
+    assert!(matches!(e, LunMapError::NoSuchLun(_)), "{e}");
+    // Two editors creating the same target: the loser retries and maps through it.
+    m.create_lun(4, "d", 1 << 20, range("/d")).unwrap();
+    let racing = RaceBeforeCommit::new(&*editor, || {
+        o.map("d", &target(T0), H1).unwrap();
+    });
+    let ack = LunMap::open(&racing, "race-del")
+        .unwrap()
+        .map("d", &target(T0), H2)
+        .unwrap();
+    assert_eq!((ack.attempts, ack.changed), (2, true));
+    assert_eq!(m.initiators("d", T0).unwrap(), vec![H1, H2]);
+}
+
+#[test]
+fn delete_racing_a_map_reports_the_mapping_on_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    delete_racing_map(&|| Box::new(store.session()));
+}
+
+#[test]
+fn delete_racing_a_map_reports_the_mapping_on_zookeeper() {
+    let zk = ZkServer::start().unwrap();
+    delete_racing_map(&|| zk_connect(&zk, "/race-del"));
+}
+
+#[test]
+fn a_layout_edited_by_hand_fails_clearly_instead_of_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let c = store.session();
+    let m = LunMap::open(&c, "c1").unwrap();
+    m.create_lun(1, "db0", 1 << 20, range("/d")).unwrap();
+    m.map("db0", &target(T0), H1).unwrap();
+    // A node blocklab does not write under the LUN: the delete cannot empty it.
+    let stray = format!("{}/notes", m.layout().lun("db0"));
+    c.create(&stray, b"by hand", NodeKind::Persistent).unwrap();
+    let e = m.delete_lun("db0", true).unwrap_err();
+    assert!(
+        matches!(&e, LunMapError::Structural { path, .. } if path == &m.layout().lun("db0")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("edited by hand"), "{e}");
+    assert!(
+        m.load().unwrap().check("db0", T0, H1).is_ok(),
+        "nothing deleted"
+    );
+    // A target whose initiators directory was removed by hand.
+    m.map("db0", &target(T1), H1).unwrap();
+    m.unmap("db0", T1, H1).unwrap();
+    c.delete(&m.layout().initiators("db0", T1), None).unwrap();
+    let e = m.map("db0", &target(T1), H2).unwrap_err();
+    assert!(matches!(e, LunMapError::Structural { .. }), "{e}");
+}
+
+fn lun_doc(name: &str) -> Vec<u8> {
+    serde_json::to_vec(&Lun {
+        id: 9,
+        name: name.into(),
+        size_bytes: 1 << 20,
+        backing: range("/d"),
+    })
+    .unwrap()
+}
+
+/// A follower, the view it keeps, and the changes it reported.
+type Followed = (
+    blocklab::lunmap::follow::Follower,
+    Arc<RwLock<MapView>>,
+    Arc<Mutex<Vec<Change>>>,
+);
+
+/// A follower on the embedded store, recording the changes it reports.
+fn follow(store: &Arc<EmbeddedStore>, cluster: &str) -> Followed {
+    let layout = Layout::new(cluster).unwrap();
+    let view = Arc::new(RwLock::new(MapView::new(layout.clone())));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let f = follow_coord(
+        Arc::new(store.session()),
+        layout,
+        Arc::clone(&view),
+        Box::new(move |c: &Change, _| s.lock().unwrap().push(c.clone())),
+    )
+    .unwrap();
+    (f, view, seen)
+}
+
+#[test]
+fn followers_classify_by_position_so_layout_names_are_fine_as_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let c = store.session();
+    // A cluster named "initiators": new LUNs and their mappings reach the view.
+    let (_f, view, _) = follow(&store, "initiators");
+    let m = LunMap::open(&c, "initiators").unwrap();
+    m.create_lun(1, "db0", 1 << 20, range("/d")).unwrap();
+    m.map("db0", &target(T0), H1).unwrap();
+    wait_for("the new LUN's mapping", WAIT, || {
+        view.read().unwrap().check("db0", T0, H1).is_ok()
+    });
+    // A LUN named "initiators": its target keeps its portal.
+    let (_g, view, _) = follow(&store, "c2");
+    let m = LunMap::open(&c, "c2").unwrap();
+    m.create_lun(1, "initiators", 1 << 20, range("/d")).unwrap();
+    m.map("initiators", &target(T0), H1).unwrap();
+    wait_for("the target's portal", WAIT, || {
+        let v = view.read().unwrap();
+        v.check("initiators", T0, H1).is_ok()
+            && v.luns["initiators"].targets[T0]
+                .target
+                .as_ref()
+                .is_some_and(|t| t.portal == "127.0.0.1:3260")
+    });
+}
+
+#[test]
+fn a_corrupt_lun_node_is_reported_and_not_served_while_the_rest_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let c = store.session();
+    let m = LunMap::open(&c, "c1").unwrap();
+    for (id, lun) in [(1, "good"), (2, "bad")] {
+        m.create_lun(id, lun, 1 << 20, range("/d")).unwrap();
+        m.map(lun, &target(T0), H1).unwrap();
+    }
+    let (f, view, seen) = follow(&store, "c1");
+    let bad = m.layout().lun("bad");
+    c.set(&bad, b"{not a LUN", None).unwrap();
+    wait_for("the corruption is reported", WAIT, || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|ch| matches!(ch, Change::Corrupt { path, .. } if *path == bad))
+    });
+    {
+        let v = view.read().unwrap();
+        assert!(matches!(
+            v.check("bad", T0, H1),
+            Err(LunMapError::Corrupt { .. })
+        ));
+        assert!(v.check("good", T0, H1).is_ok());
+    }
+    // A whole load (a gateway starting, or reloading after a reconnect) does not fail on
+    // it: the LUN is there as corrupt, the others as they are.
+    let v = m.load().unwrap();
+    assert!(v.luns["bad"].lun.is_err());
+    assert!(v.check("good", T0, H1).is_ok());
+    assert_eq!(
+        v.mapping_count(),
+        2,
+        "the corrupt LUN's mappings stay known"
+    );
+    let (_f2, view2, seen2) = follow(&store, "c1");
+    assert!(view2.read().unwrap().check("good", T0, H1).is_ok());
+    assert!(seen2
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|ch| matches!(ch, Change::Corrupt { path, .. } if *path == bad)));
+    // The follower goes on: a new mapping arrives, and a repaired LUN is served again.
+    m.map("good", &target(T0), H2).unwrap();
+    c.set(&bad, &lun_doc("bad"), None).unwrap();
+    wait_for("repair and new mapping", WAIT, || {
+        let v = view.read().unwrap();
+        v.check("bad", T0, H1).is_ok() && v.check("good", T0, H2).is_ok()
+    });
+    assert!(!f.finished());
+    f.stop().unwrap();
+}
+
+#[test]
+fn gateway_answers_a_write_of_a_bad_length_and_keeps_the_connection() {
+    let dir = scratch_dir("blocklab-lunmap-len-");
+    let dev = dir.path().join("dev.img");
+    sparse_file(&dev, 4 << 20);
+    let layout = Layout::new("c1").unwrap();
+    let mut v = MapView::new(layout.clone());
+    let lun = Lun {
+        id: 1,
+        name: "db0".into(),
+        size_bytes: 1 << 20,
+        backing: Backing::Range {
+            device: dev.display().to_string(),
+            offset: 0,
+        },
+    };
+    v.apply(&NodeEvent::Upsert {
+        path: layout.lun("db0"),
+        data: serde_json::to_vec(&lun).unwrap(),
+    });
+    v.apply(&NodeEvent::Upsert {
+        path: layout.initiator("db0", T0, H1),
+        data: Vec::new(),
+    });
+    let server =
+        GatewayServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(RwLock::new(v))).unwrap();
+    let mut cl = GatewayClient::connect(server.addr()).unwrap();
+    // Lengths the device cannot take: an error each, nothing written, and the payload is
+    // consumed (the next request on the same connection is understood).
+    for bad in [100usize, 0, 4097, 8191] {
+        let r = cl.write("db0", T0, H1, 0, &vec![0xab; bad]).unwrap();
+        assert!(!r.ok && !r.refused, "{bad}: {r:?}");
+        assert!(r.error.contains("multiple of 4096"), "{}", r.error);
+        let (r, data) = cl.read("db0", T0, H1, 0, 4096).unwrap();
+        assert!(r.ok, "{r:?}");
+        assert!(data.iter().all(|&b| b == 0), "nothing was written");
+    }
+    let r = cl.write("db0", T0, H1, 0, &[7u8; 4096]).unwrap();
+    assert!(r.ok, "{r:?}");
+    assert_eq!(cl.read("db0", T0, H1, 0, 4096).unwrap().1, vec![7u8; 4096]);
+    let s = server.stats();
+    assert_eq!(s.failed.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(s.served.load(std::sync::atomic::Ordering::Relaxed), 6);
 }

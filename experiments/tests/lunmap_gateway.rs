@@ -1,6 +1,6 @@
 //! `blocklab gateway` and `blocklab lunmap` as real processes against a private ZooKeeper:
 //! a SIGKILLed gateway's ephemeral node disappears after its session timeout and watchers
-//! learn it; CLI errors are one clear line.
+//! (`blocklab lunmap watch` among them) learn it; CLI errors are one clear line.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -38,6 +38,26 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // `lunmap watch` follows the map from the start.
+    let mut watcher = Command::new(BIN)
+        .args(["lunmap", "watch"])
+        .args(common)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let watch_out = watcher.stdout.take().unwrap();
+    let _watcher = KillOnDrop(watcher);
+    let mut watched = BufReader::new(watch_out).lines();
+    assert!(
+        watched
+            .next()
+            .expect("watch exited")
+            .unwrap()
+            .starts_with("lun db0 "),
+        "the existing LUN comes first"
     );
 
     let mut child = Command::new(BIN)
@@ -87,6 +107,15 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
     assert!(r.ok, "{r:?}");
     let out = cli(&[&["lunmap", "gateways"][..], &common].concat());
     assert!(String::from_utf8_lossy(&out.stdout).contains("gw1"));
+    // The watcher saw the gateway come and the mapping arrive.
+    let mut want = vec![
+        "gateway-up gw1 ".to_string(),
+        format!("mapped db0 {T0} {H1} "),
+    ];
+    while !want.is_empty() {
+        let l = watched.next().expect("watch exited").unwrap();
+        want.retain(|w| !l.starts_with(w.as_str()));
+    }
 
     // SIGKILL: no clean close, the session expires, the ephemeral node goes.
     let observer = connect(&zk.spec("/cli"), &ConnectOptions::default()).unwrap();
@@ -111,6 +140,12 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         .exists("/blocklab/c1/gateways/gw1")
         .unwrap()
         .is_none());
+    loop {
+        let l = watched.next().expect("watch exited").unwrap();
+        if l.starts_with("gateway-down gw1 ") {
+            break;
+        }
+    }
 }
 
 #[test]
@@ -173,6 +208,16 @@ fn cli_errors_are_one_clear_line() {
                 "bogus",
             ],
             "invalid initiator",
+        ),
+        // Gateways and watchers need a backend other processes reach.
+        (
+            vec!["gateway", "--node", "gw1", "--coord", &store_spec],
+            "embedded store",
+        ),
+        (vec!["gateway", "--node", "gw1"], "embedded store"),
+        (
+            vec!["lunmap", "watch", "--coord", &store_spec],
+            "embedded store",
         ),
     ];
     for (args, want) in cases {

@@ -1,45 +1,105 @@
 //! The embedded backend: the tree lives in this process and is persisted to one file.
 //!
 //! Every change of a persistent node rewrites the store file before the call returns:
-//! the whole tree is written to `PATH.tmp`, fsynced, renamed over `PATH`, and the directory
-//! is fsynced. File format: one header line `BLOCKLAB-COORD 1 crc32c=XXXXXXXX len=N`
-//! followed by N bytes of JSON (the persistent nodes). A file whose header, checksum or
-//! JSON does not check out is refused with [`CoordError::CorruptStore`] and left untouched.
-//! Ephemeral nodes are not persisted: they belong to sessions of this process.
+//! the whole tree is written to a temporary file, fsynced, renamed over `PATH`, and the
+//! directory is fsynced ([`crate::fsutil::write_atomic`]). File format: one header line
+//! `BLOCKLAB-COORD 2 crc32c=XXXXXXXX len=N` followed by N bytes of JSON (the persistent
+//! nodes; a node's data as a string when it is UTF-8, else as hex). Files of format 1 (data
+//! as arrays of numbers) are still read; the next change rewrites them as format 2. A file
+//! whose header, checksum or JSON does not check out is refused with
+//! [`CoordError::CorruptStore`] and left untouched. Ephemeral nodes are not persisted: they
+//! belong to sessions of this process.
 //!
 //! One process owns a store file at a time: [`EmbeddedStore::open`] takes an exclusive
 //! `flock` on `PATH.lock` and fails with [`CoordError::StoreLocked`] if another holder
-//! exists. Sessions are handles from [`EmbeddedStore::session`].
+//! exists. Sessions are handles from [`EmbeddedStore::session`]; within the owning process,
+//! [`EmbeddedStore::open_shared`] (what [`super::connect`] uses) returns the store already
+//! open instead of failing.
 
 use super::path::validate_path;
-use super::{children_prefix, Coord, CoordError, NodeKind, Op, Result, Stat, Watch, WatchEvent};
+use super::{
+    children_prefix, Coord, CoordError, NodeKind, Op, Read, ReadResult, Result, Stat, Watch,
+    WatchEvent,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 
 const MAGIC: &str = "BLOCKLAB-COORD";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone)]
 struct Node {
     data: Vec<u8>,
     version: i32,
     owner: Option<u64>,
+    /// Number of direct children (kept up to date by every create and delete).
+    children: u32,
 }
 
-#[derive(Serialize, Deserialize)]
-struct PersistedNode {
+impl Node {
+    fn new(data: Vec<u8>, owner: Option<u64>) -> Node {
+        Node {
+            data,
+            version: 0,
+            owner,
+            children: 0,
+        }
+    }
+
+    fn stat(&self) -> Stat {
+        Stat {
+            version: self.version,
+            ephemeral_owner: self.owner,
+            num_children: self.children,
+        }
+    }
+}
+
+/// Format 1: data as a JSON array of numbers.
+#[derive(Deserialize)]
+struct PersistedNodeV1 {
     path: String,
     data: Vec<u8>,
     version: i32,
 }
 
+#[derive(Deserialize)]
+struct PersistedV1 {
+    nodes: Vec<PersistedNodeV1>,
+}
+
+/// Format 2: data as a string when it is UTF-8 (`text`), else as hex (`hex`).
+#[derive(Serialize, Deserialize)]
+struct PersistedNode {
+    path: String,
+    version: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hex: Option<String>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Persisted {
     nodes: Vec<PersistedNode>,
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 struct Watcher {
@@ -76,11 +136,59 @@ fn io_err(path: &Path, source: std::io::Error) -> CoordError {
     }
 }
 
+/// The stores this process has open, by file (see [`EmbeddedStore::open_shared`]).
+static OPEN_STORES: Mutex<BTreeMap<PathBuf, Weak<EmbeddedStore>>> = Mutex::new(BTreeMap::new());
+
+/// The registry key of a store file: its directory resolved, so two spellings of one
+/// file meet.
+fn registry_key(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Reverses one applied operation (see [`EmbeddedStore::apply`]).
+enum Undo {
+    /// The node was created: remove it again.
+    Created(String),
+    /// The node's data and version were replaced.
+    Set(String, Vec<u8>, i32),
+    /// The node was deleted: put it back.
+    Deleted(String, Node),
+}
+
 impl EmbeddedStore {
-    /// Opens (or creates) the store file at `path`. Refuses a corrupt file and a file
-    /// locked by another process.
+    /// Opens (or creates) the store file at `path` as its owner. Refuses a corrupt file and
+    /// a file locked by another owner (another process, or an earlier `open` in this
+    /// process that is still alive; use [`EmbeddedStore::open_shared`] to share it).
     pub fn open(path: impl AsRef<Path>) -> Result<Arc<EmbeddedStore>> {
-        let path = path.as_ref().to_path_buf();
+        let mut reg = OPEN_STORES.lock().unwrap_or_else(|e| e.into_inner());
+        let store = Self::open_locked(path.as_ref())?;
+        reg.retain(|_, w| w.strong_count() > 0);
+        reg.insert(registry_key(path.as_ref()), Arc::downgrade(&store));
+        Ok(store)
+    }
+
+    /// The store at `path` if this process has it open already, else [`EmbeddedStore::open`].
+    pub fn open_shared(path: impl AsRef<Path>) -> Result<Arc<EmbeddedStore>> {
+        let key = registry_key(path.as_ref());
+        let mut reg = OPEN_STORES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = reg.get(&key).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        let store = Self::open_locked(path.as_ref())?;
+        reg.retain(|_, w| w.strong_count() > 0);
+        reg.insert(key, Arc::downgrade(&store));
+        Ok(store)
+    }
+
+    fn open_locked(path: &Path) -> Result<Arc<EmbeddedStore>> {
+        let path = path.to_path_buf();
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -95,29 +203,36 @@ impl EmbeddedStore {
             });
         }
         let mut nodes = BTreeMap::new();
-        nodes.insert(
-            "/".to_string(),
-            Node {
-                data: Vec::new(),
-                version: 0,
-                owner: None,
-            },
-        );
+        nodes.insert("/".to_string(), Node::new(Vec::new(), None));
         let exists = path.exists();
         if exists {
             let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
-            for n in decode(&bytes).map_err(|reason| CoordError::CorruptStore {
+            let loaded = decode(&bytes).map_err(|reason| CoordError::CorruptStore {
                 path: path.display().to_string(),
                 reason,
-            })? {
+            })?;
+            for (p, data, version) in loaded {
                 nodes.insert(
-                    n.path,
+                    p,
                     Node {
-                        data: n.data,
-                        version: n.version,
-                        owner: None,
+                        version,
+                        ..Node::new(data, None)
                     },
                 );
+            }
+            // Child counts, and every node's parent must be there.
+            let paths: Vec<String> = nodes.keys().filter(|p| *p != "/").cloned().collect();
+            for p in paths {
+                let parent = super::parent(&p).unwrap_or("/");
+                match nodes.get_mut(parent) {
+                    Some(n) => n.children += 1,
+                    None => {
+                        return Err(CoordError::CorruptStore {
+                            path: path.display().to_string(),
+                            reason: format!("node {p} has no parent node"),
+                        })
+                    }
+                }
             }
         }
         let store = EmbeddedStore {
@@ -162,10 +277,17 @@ impl EmbeddedStore {
             nodes: nodes
                 .iter()
                 .filter(|(p, n)| n.owner.is_none() && p.as_str() != "/")
-                .map(|(p, n)| PersistedNode {
-                    path: p.clone(),
-                    data: n.data.clone(),
-                    version: n.version,
+                .map(|(p, n)| {
+                    let (text, hex) = match std::str::from_utf8(&n.data) {
+                        Ok(t) => (Some(t.to_string()), None),
+                        Err(_) => (None, Some(to_hex(&n.data))),
+                    };
+                    PersistedNode {
+                        path: p.clone(),
+                        version: n.version,
+                        text,
+                        hex,
+                    }
                 })
                 .collect(),
         };
@@ -180,30 +302,42 @@ impl EmbeddedStore {
         crate::fsutil::write_atomic(&self.path, &bytes).map_err(|e| io_err(&self.path, e))
     }
 
-    /// Applies `ops` atomically for session `session`; returns the watch events.
-    fn apply(&self, session: u64, ops: &[Op], multi: bool) -> Result<()> {
+    /// Applies `ops` atomically for session `session`: in place, with an undo log that
+    /// restores the tree if an op fails or the file cannot be written. Returns the stat
+    /// of the last op's node after the change (`None` for a delete), taken under the lock.
+    fn apply(&self, session: u64, ops: &[Op], multi: bool) -> Result<Option<Stat>> {
         let mut inner = self.lock();
-        let mut work = inner.nodes.clone();
+        let mut undo = Vec::new();
         let mut events = Vec::new();
         let mut persistent_change = false;
+        let mut last = None;
         for (index, op) in ops.iter().enumerate() {
-            match apply_op(&mut work, session, op, &mut events) {
-                Ok(p) => persistent_change |= p,
-                Err(e) if multi => {
-                    return Err(CoordError::MultiFailed {
-                        index,
-                        source: Box::new(e),
-                    })
+            match apply_op(&mut inner.nodes, session, op, &mut events, &mut undo) {
+                Ok((p, stat)) => {
+                    persistent_change |= p;
+                    last = stat;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    rollback(&mut inner.nodes, undo);
+                    return Err(if multi {
+                        CoordError::MultiFailed {
+                            index,
+                            source: Box::new(e),
+                        }
+                    } else {
+                        e
+                    });
+                }
             }
         }
         if persistent_change {
-            self.persist(&work)?;
+            if let Err(e) = self.persist(&inner.nodes) {
+                rollback(&mut inner.nodes, undo);
+                return Err(e);
+            }
         }
-        inner.nodes = work;
         deliver(&mut inner.watchers, events);
-        Ok(())
+        Ok(last)
     }
 
     fn end_session(&self, session: u64) {
@@ -217,6 +351,9 @@ impl EmbeddedStore {
         let mut events = Vec::new();
         for p in owned.into_iter().rev() {
             inner.nodes.remove(&p);
+            if let Some(n) = inner.nodes.get_mut(super::parent(&p).unwrap_or("/")) {
+                n.children = n.children.saturating_sub(1);
+            }
             events.push(WatchEvent::Deleted(p));
         }
         for w in inner.watchers.iter().filter(|w| w.session == session) {
@@ -240,7 +377,8 @@ fn deliver(watchers: &mut Vec<Watcher>, events: Vec<WatchEvent>) {
     }
 }
 
-fn decode(bytes: &[u8]) -> std::result::Result<Vec<PersistedNode>, String> {
+/// The persistent nodes of a store file: (path, data, version).
+fn decode(bytes: &[u8]) -> std::result::Result<Vec<(String, Vec<u8>, i32)>, String> {
     let nl = bytes
         .iter()
         .position(|&b| b == b'\n')
@@ -250,9 +388,16 @@ fn decode(bytes: &[u8]) -> std::result::Result<Vec<PersistedNode>, String> {
     if it.next() != Some(MAGIC) {
         return Err(format!("bad magic (expected {MAGIC})"));
     }
-    if it.next() != Some("1") {
-        return Err("unknown format version".into());
-    }
+    let format = match it.next() {
+        Some("1") => 1,
+        Some("2") => 2,
+        Some(v) => {
+            return Err(format!(
+                "unknown format version {v:?} (this build reads 1 and 2)"
+            ))
+        }
+        None => return Err("no format version".into()),
+    };
     let crc = it
         .next()
         .and_then(|s| s.strip_prefix("crc32c="))
@@ -270,29 +415,39 @@ fn decode(bytes: &[u8]) -> std::result::Result<Vec<PersistedNode>, String> {
     if crc32c::crc32c(body) != crc {
         return Err("checksum mismatch".into());
     }
-    let p: Persisted = serde_json::from_slice(body).map_err(|e| format!("bad JSON: {e}"))?;
-    for n in &p.nodes {
-        validate_path(&n.path).map_err(|e| e.to_string())?;
+    let bad_json = |e: serde_json::Error| format!("bad JSON: {e}");
+    let nodes: Vec<(String, Vec<u8>, i32)> = if format == 1 {
+        let p: PersistedV1 = serde_json::from_slice(body).map_err(bad_json)?;
+        p.nodes
+            .into_iter()
+            .map(|n| (n.path, n.data, n.version))
+            .collect()
+    } else {
+        let p: Persisted = serde_json::from_slice(body).map_err(bad_json)?;
+        p.nodes
+            .into_iter()
+            .map(|n| {
+                let data = match (n.text, n.hex) {
+                    (Some(t), None) => t.into_bytes(),
+                    (None, Some(h)) => {
+                        from_hex(&h).ok_or_else(|| format!("node {}: bad hex data", n.path))?
+                    }
+                    (None, None) => Vec::new(),
+                    (Some(_), Some(_)) => {
+                        return Err(format!("node {}: both text and hex data", n.path))
+                    }
+                };
+                Ok((n.path, data, n.version))
+            })
+            .collect::<std::result::Result<_, String>>()?
+    };
+    for (p, _, _) in &nodes {
+        validate_path(p).map_err(|e| e.to_string())?;
+        if p == "/" {
+            return Err("the root is not a stored node".into());
+        }
     }
-    Ok(p.nodes)
-}
-
-fn num_children(nodes: &BTreeMap<String, Node>, path: &str) -> u32 {
-    let prefix = children_prefix(path);
-    nodes
-        .range(prefix.clone()..)
-        .take_while(|(p, _)| p.starts_with(&prefix))
-        .filter(|(p, _)| p.len() > prefix.len())
-        .filter(|(p, _)| !p[prefix.len()..].contains('/'))
-        .count() as u32
-}
-
-fn stat_of(nodes: &BTreeMap<String, Node>, path: &str, n: &Node) -> Stat {
-    Stat {
-        version: n.version,
-        ephemeral_owner: n.owner,
-        num_children: num_children(nodes, path),
-    }
+    Ok(nodes)
 }
 
 fn check_version(path: &str, n: &Node, version: Option<i32>) -> Result<()> {
@@ -305,13 +460,46 @@ fn check_version(path: &str, n: &Node, version: Option<i32>) -> Result<()> {
     }
 }
 
-/// Applies one op to `nodes`; returns whether a persistent node changed.
+fn adjust_children(nodes: &mut BTreeMap<String, Node>, path: &str, up: bool) {
+    if let Some(n) = nodes.get_mut(super::parent(path).unwrap_or("/")) {
+        if up {
+            n.children += 1;
+        } else {
+            n.children = n.children.saturating_sub(1);
+        }
+    }
+}
+
+fn rollback(nodes: &mut BTreeMap<String, Node>, undo: Vec<Undo>) {
+    for u in undo.into_iter().rev() {
+        match u {
+            Undo::Created(p) => {
+                nodes.remove(&p);
+                adjust_children(nodes, &p, false);
+            }
+            Undo::Set(p, data, version) => {
+                if let Some(n) = nodes.get_mut(&p) {
+                    n.data = data;
+                    n.version = version;
+                }
+            }
+            Undo::Deleted(p, n) => {
+                nodes.insert(p.clone(), n);
+                adjust_children(nodes, &p, true);
+            }
+        }
+    }
+}
+
+/// Applies one op to `nodes` and records how to undo it; returns whether a persistent node
+/// changed and the op's node stat afterwards (`None` after a delete).
 fn apply_op(
     nodes: &mut BTreeMap<String, Node>,
     session: u64,
     op: &Op,
     events: &mut Vec<WatchEvent>,
-) -> Result<bool> {
+    undo: &mut Vec<Undo>,
+) -> Result<(bool, Option<Stat>)> {
     let path = op.path();
     validate_path(path)?;
     match op {
@@ -320,7 +508,7 @@ fn apply_op(
                 .get(path)
                 .ok_or_else(|| CoordError::NoNode(path.into()))?;
             check_version(path, n, Some(*version))?;
-            Ok(false)
+            Ok((false, Some(n.stat())))
         }
         Op::Create { data, kind, .. } => {
             if path == "/" || nodes.contains_key(path) {
@@ -337,26 +525,24 @@ fn apply_op(
                 NodeKind::Persistent => None,
                 NodeKind::Ephemeral => Some(session),
             };
-            nodes.insert(
-                path.into(),
-                Node {
-                    data: data.clone(),
-                    version: 0,
-                    owner,
-                },
-            );
+            let node = Node::new(data.clone(), owner);
+            let stat = node.stat();
+            nodes.insert(path.into(), node);
+            adjust_children(nodes, path, true);
+            undo.push(Undo::Created(path.into()));
             events.push(WatchEvent::Created(path.into()));
-            Ok(owner.is_none())
+            Ok((owner.is_none(), Some(stat)))
         }
         Op::Set { data, version, .. } => {
             let n = nodes
                 .get_mut(path)
                 .ok_or_else(|| CoordError::NoNode(path.into()))?;
             check_version(path, n, *version)?;
-            n.data = data.clone();
+            let old = std::mem::replace(&mut n.data, data.clone());
+            undo.push(Undo::Set(path.into(), old, n.version));
             n.version += 1;
             events.push(WatchEvent::DataChanged(path.into()));
-            Ok(n.owner.is_none())
+            Ok((n.owner.is_none(), Some(n.stat())))
         }
         Op::Delete { version, .. } => {
             if path == "/" {
@@ -369,15 +555,28 @@ fn apply_op(
                 .get(path)
                 .ok_or_else(|| CoordError::NoNode(path.into()))?;
             check_version(path, n, *version)?;
-            if num_children(nodes, path) > 0 {
+            if n.children > 0 {
                 return Err(CoordError::NotEmpty(path.into()));
             }
+            let n = nodes.remove(path).expect("checked above");
+            adjust_children(nodes, path, false);
             let persistent = n.owner.is_none();
-            nodes.remove(path);
+            undo.push(Undo::Deleted(path.into(), n));
             events.push(WatchEvent::Deleted(path.into()));
-            Ok(persistent)
+            Ok((persistent, None))
         }
     }
+}
+
+fn children_of(nodes: &BTreeMap<String, Node>, path: &str) -> Vec<String> {
+    let prefix = children_prefix(path);
+    nodes
+        .range(prefix.clone()..)
+        .take_while(|(p, _)| p.starts_with(&prefix))
+        .map(|(p, _)| &p[prefix.len()..])
+        .filter(|rest| !rest.is_empty() && !rest.contains('/'))
+        .map(str::to_string)
+        .collect()
 }
 
 /// One session of an [`EmbeddedStore`].
@@ -414,16 +613,16 @@ impl EmbeddedCoord {
 impl Coord for EmbeddedCoord {
     fn create(&self, path: &str, data: &[u8], kind: NodeKind) -> Result<Stat> {
         self.live()?;
-        self.store.apply(
-            self.id,
-            &[Op::Create {
-                path: path.into(),
-                data: data.to_vec(),
-                kind,
-            }],
-            false,
-        )?;
-        self.exists(path)?
+        self.store
+            .apply(
+                self.id,
+                &[Op::Create {
+                    path: path.into(),
+                    data: data.to_vec(),
+                    kind,
+                }],
+                false,
+            )?
             .ok_or_else(|| CoordError::NoNode(path.into()))
     }
 
@@ -435,44 +634,42 @@ impl Coord for EmbeddedCoord {
             .nodes
             .get(path)
             .ok_or_else(|| CoordError::NoNode(path.into()))?;
-        Ok((n.data.clone(), stat_of(&inner.nodes, path, n)))
+        Ok((n.data.clone(), n.stat()))
     }
 
     fn exists(&self, path: &str) -> Result<Option<Stat>> {
         self.live()?;
         validate_path(path)?;
-        let inner = self.store.lock();
-        Ok(inner
-            .nodes
-            .get(path)
-            .map(|n| stat_of(&inner.nodes, path, n)))
+        Ok(self.store.lock().nodes.get(path).map(Node::stat))
     }
 
     fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<Stat> {
         self.live()?;
-        self.store.apply(
-            self.id,
-            &[Op::Set {
-                path: path.into(),
-                data: data.to_vec(),
-                version,
-            }],
-            false,
-        )?;
-        self.exists(path)?
+        self.store
+            .apply(
+                self.id,
+                &[Op::Set {
+                    path: path.into(),
+                    data: data.to_vec(),
+                    version,
+                }],
+                false,
+            )?
             .ok_or_else(|| CoordError::NoNode(path.into()))
     }
 
     fn delete(&self, path: &str, version: Option<i32>) -> Result<()> {
         self.live()?;
-        self.store.apply(
-            self.id,
-            &[Op::Delete {
-                path: path.into(),
-                version,
-            }],
-            false,
-        )
+        self.store
+            .apply(
+                self.id,
+                &[Op::Delete {
+                    path: path.into(),
+                    version,
+                }],
+                false,
+            )
+            .map(|_| ())
     }
 
     fn children(&self, path: &str) -> Result<Vec<String>> {
@@ -482,21 +679,28 @@ impl Coord for EmbeddedCoord {
         if !inner.nodes.contains_key(path) {
             return Err(CoordError::NoNode(path.into()));
         }
-        let prefix = children_prefix(path);
-        Ok(inner
-            .nodes
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .filter(|(p, _)| p.len() > prefix.len())
-            .map(|(p, _)| &p[prefix.len()..])
-            .filter(|rest| !rest.contains('/'))
-            .map(str::to_string)
-            .collect())
+        Ok(children_of(&inner.nodes, path))
     }
 
     fn multi(&self, ops: &[Op]) -> Result<()> {
         self.live()?;
-        self.store.apply(self.id, ops, true)
+        self.store.apply(self.id, ops, true).map(|_| ())
+    }
+
+    fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>> {
+        self.live()?;
+        for r in reads {
+            validate_path(r.path())?;
+        }
+        let inner = self.store.lock();
+        Ok(reads
+            .iter()
+            .map(|r| match (r, inner.nodes.get(r.path())) {
+                (_, None) => ReadResult::NoNode,
+                (Read::Data(_), Some(n)) => ReadResult::Data(n.data.clone(), n.stat()),
+                (Read::Children(p), Some(_)) => ReadResult::Children(children_of(&inner.nodes, p)),
+            })
+            .collect())
     }
 
     fn watch(&self, path: &str) -> Result<Watch> {
@@ -534,5 +738,19 @@ impl Coord for EmbeddedCoord {
 impl Drop for EmbeddedCoord {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        for b in [&b""[..], &b"\x00\xff\x10"[..], &[0xc3, 0x28][..]] {
+            assert_eq!(from_hex(&to_hex(b)).unwrap(), b);
+        }
+        assert!(from_hex("abc").is_none());
+        assert!(from_hex("zz").is_none());
     }
 }

@@ -34,6 +34,11 @@
 //!
 //! - [`Coord::sync`]: catch up with every acknowledged change before the next read (reads
 //!   of a ZooKeeper session may otherwise lag behind another session's acknowledged write).
+//! - [`Coord::read_many`]: several reads (data or children) in one round trip (ZooKeeper's
+//!   `multiRead`), answered from one consistent state; a missing node is a per-read
+//!   [`ReadResult::NoNode`], not an error of the whole call.
+//! - [`Coord::ensure_path`] (and the free [`ensure_path`]): create a path and its missing
+//!   ancestors; one read when the path exists already.
 //!
 //! All methods are synchronous and may be called from any thread (`Coord: Send + Sync`);
 //! the ZooKeeper backend runs its client on an internal tokio runtime.
@@ -42,7 +47,8 @@
 //!
 //! - [`embedded`]: in-process, persisted to one file (written to a temporary file, fsynced
 //!   and renamed before any operation returns). The default: needs nothing installed. A
-//!   store file is owned by one process at a time (a lock file enforces it). A corrupt
+//!   store file is owned by one process at a time (a lock file enforces it); within that
+//!   process [`connect`] hands out new sessions of the store already open. A corrupt
 //!   store file is refused and never overwritten.
 //! - [`zookeeper`]: a real ZooKeeper (≥ 3.6, for persistent recursive watches) through the
 //!   `zookeeper-client` crate, `multi` for atomic changes.
@@ -194,6 +200,32 @@ impl Op {
     }
 }
 
+/// One read of a [`Coord::read_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// Data and stat of a node.
+    Data(String),
+    /// Names of the direct children of a node, sorted.
+    Children(String),
+}
+
+impl Read {
+    pub fn path(&self) -> &str {
+        match self {
+            Read::Data(p) | Read::Children(p) => p,
+        }
+    }
+}
+
+/// The answer to one [`Read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadResult {
+    Data(Vec<u8>, Stat),
+    Children(Vec<String>),
+    /// The node does not exist.
+    NoNode,
+}
+
 /// A change seen by a [`Watch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -263,6 +295,30 @@ pub trait Coord: Send + Sync {
     fn multi(&self, ops: &[Op]) -> Result<()>;
     /// Persistent recursive watch on `path` and everything below it (the node need not exist).
     fn watch(&self, path: &str) -> Result<Watch>;
+    /// Several reads in one round trip, answered from one consistent state of the store
+    /// (ZooKeeper `multiRead`; one lock hold on the embedded store). One result per read,
+    /// in order; a missing node is [`ReadResult::NoNode`]. The default issues the reads one
+    /// by one.
+    fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>> {
+        reads
+            .iter()
+            .map(|r| {
+                let res = match r {
+                    Read::Data(p) => self.get(p).map(|(d, s)| ReadResult::Data(d, s)),
+                    Read::Children(p) => self.children(p).map(ReadResult::Children),
+                };
+                match res {
+                    Err(CoordError::NoNode(_)) => Ok(ReadResult::NoNode),
+                    r => r,
+                }
+            })
+            .collect()
+    }
+    /// Creates `path` and every missing ancestor as persistent nodes with empty data. The
+    /// deepest path is checked first, so an existing path costs one read.
+    fn ensure_path(&self, path: &str) -> Result<()> {
+        ensure_path_by_parts(self, path)
+    }
     /// Brings this session up to date with every change acknowledged to any session before
     /// the call (ZooKeeper `sync`; a no-op for the embedded store), so a following read
     /// sees them.
@@ -275,20 +331,30 @@ pub trait Coord: Send + Sync {
     fn close(&self);
 }
 
-/// Creates `path` and every missing ancestor as persistent nodes with empty data.
+/// Creates `path` and every missing ancestor as persistent nodes with empty data
+/// ([`Coord::ensure_path`]).
 pub fn ensure_path(c: &dyn Coord, path: &str) -> Result<()> {
+    c.ensure_path(path)
+}
+
+/// [`Coord::ensure_path`] with the basic operations: `exists` on the path, then on its
+/// ancestors upwards until one exists, then `create` downwards from there.
+pub(crate) fn ensure_path_by_parts<C: Coord + ?Sized>(c: &C, path: &str) -> Result<()> {
     validate_path(path)?;
-    if path == "/" {
+    if path == "/" || c.exists(path)?.is_some() {
         return Ok(());
     }
-    let mut cur = String::new();
-    for comp in path.split('/').skip(1) {
-        cur.push('/');
-        cur.push_str(comp);
-        if c.exists(&cur)?.is_some() {
-            continue;
+    let mut missing = vec![path];
+    let mut cur = path;
+    while let Some(p) = parent(cur) {
+        if p == "/" || c.exists(p)?.is_some() {
+            break;
         }
-        match c.create(&cur, b"", NodeKind::Persistent) {
+        missing.push(p);
+        cur = p;
+    }
+    for p in missing.into_iter().rev() {
+        match c.create(p, b"", NodeKind::Persistent) {
             Ok(_) | Err(CoordError::NodeExists(_)) => {}
             Err(e) => return Err(e),
         }
@@ -304,12 +370,7 @@ pub fn delete_recursive(c: &dyn Coord, path: &str) -> Result<()> {
         Err(e) => return Err(e),
     };
     for k in kids {
-        let child = if path == "/" {
-            format!("/{k}")
-        } else {
-            format!("{path}/{k}")
-        };
-        delete_recursive(c, &child)?;
+        delete_recursive(c, &join(path, &k))?;
     }
     if path == "/" {
         return Ok(());
@@ -407,11 +468,13 @@ impl Default for ConnectOptions {
     }
 }
 
-/// Opens a session with the backend named by `spec`.
+/// Opens a session with the backend named by `spec`. For `embedded:PATH`, a store this
+/// process has open already gives a new session of it; otherwise the store is opened
+/// (and fails with [`CoordError::StoreLocked`] if another process owns it).
 pub fn connect(spec: &CoordSpec, opts: &ConnectOptions) -> Result<Box<dyn Coord>> {
     match spec {
         CoordSpec::Embedded(p) => {
-            let store = embedded::EmbeddedStore::open(p)?;
+            let store = embedded::EmbeddedStore::open_shared(p)?;
             Ok(Box::new(store.session()))
         }
         CoordSpec::ZooKeeper { servers, chroot } => Ok(Box::new(zookeeper::ZkCoord::connect(

@@ -52,7 +52,6 @@ pub struct ZkServer {
     port: u16,
     child: Option<Child>,
     opts: ZkServerOptions,
-    script: PathBuf,
 }
 
 fn script_path() -> PathBuf {
@@ -88,11 +87,10 @@ impl ZkServer {
 
     /// Starts a server on a free port with a fresh temporary data directory.
     pub fn start_with(opts: ZkServerOptions) -> Result<ZkServer> {
-        let script = opts.script.clone();
-        if !script.exists() {
+        if !opts.script.exists() {
             return Err(CoordError::Server(format!(
                 "ZooKeeper is not installed: {} not found (install Debian's package: apt-get install -y zookeeper, or set BLOCKLAB_ZKSERVER)",
-                script.display()
+                opts.script.display()
             )));
         }
         static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -114,7 +112,6 @@ impl ZkServer {
             port: 0,
             child: None,
             opts,
-            script,
         };
         // A port found free may be taken before Java binds it: retry a few times.
         let mut last = None;
@@ -153,7 +150,7 @@ impl ZkServer {
             path: self.log_path().display().to_string(),
             source: e,
         })?;
-        let child = Command::new(&self.script)
+        let child = Command::new(&self.opts.script)
             .arg("start-foreground")
             .arg(&cfg)
             .env("ZOO_LOG_DIR", &self.dir)
@@ -167,7 +164,7 @@ impl ZkServer {
             .process_group(0)
             .spawn()
             .map_err(|e| {
-                CoordError::Server(format!("cannot run {}: {e}", self.script.display()))
+                CoordError::Server(format!("cannot run {}: {e}", self.opts.script.display()))
             })?;
         self.child = Some(child);
         let deadline = Instant::now() + self.opts.start_timeout;

@@ -7,7 +7,10 @@
 //! [`WatchEvent::Resync`]. A chroot named in the spec is created on connect if missing.
 
 use super::path::validate_path;
-use super::{ConnectOptions, Coord, CoordError, NodeKind, Op, Result, Stat, Watch, WatchEvent};
+use super::{
+    ConnectOptions, Coord, CoordError, NodeKind, Op, Read, ReadResult, Result, Stat, Watch,
+    WatchEvent,
+};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,13 +35,15 @@ impl std::fmt::Debug for ZkCoord {
     }
 }
 
-fn map_err(e: zk::Error, path: &str) -> CoordError {
+/// The [`CoordError`] of a ZooKeeper error on `path`; `expected` is the version the
+/// request was conditional on (reported by `BadVersion`).
+fn map_err(e: zk::Error, path: &str, expected: Option<i32>) -> CoordError {
     match e {
         zk::Error::NoNode => CoordError::NoNode(path.into()),
         zk::Error::NodeExists => CoordError::NodeExists(path.into()),
         zk::Error::BadVersion => CoordError::BadVersion {
             path: path.into(),
-            expected: -1,
+            expected: expected.unwrap_or(-1),
         },
         zk::Error::NotEmpty => CoordError::NotEmpty(path.into()),
         zk::Error::NoChildrenForEphemerals => CoordError::NoChildrenForEphemerals(path.into()),
@@ -50,6 +55,9 @@ fn map_err(e: zk::Error, path: &str) -> CoordError {
         },
     }
 }
+
+/// Reads per multiRead request.
+const MULTI_READ_CHUNK: usize = 128;
 
 fn persistent() -> zk::CreateOptions<'static> {
     zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
@@ -116,7 +124,7 @@ impl ZkCoord {
             client
         } else {
             rt.block_on(client.mkdir(chroot, &persistent()))
-                .map_err(|e| map_err(e, chroot))?;
+                .map_err(|e| map_err(e, chroot, None))?;
             client
                 .chroot(chroot.to_string())
                 .map_err(|_| CoordError::InvalidPath {
@@ -187,7 +195,7 @@ impl Coord for ZkCoord {
         let (s, _) = self
             .rt
             .block_on(c.create(path, data, &opts))
-            .map_err(|e| map_err(e, path))?;
+            .map_err(|e| map_err(e, path, None))?;
         Ok(stat(&s))
     }
 
@@ -197,7 +205,7 @@ impl Coord for ZkCoord {
         let (d, s) = self
             .rt
             .block_on(c.get_data(path))
-            .map_err(|e| map_err(e, path))?;
+            .map_err(|e| map_err(e, path, None))?;
         Ok((d, stat(&s)))
     }
 
@@ -207,7 +215,7 @@ impl Coord for ZkCoord {
         let s = self
             .rt
             .block_on(c.check_stat(path))
-            .map_err(|e| map_err(e, path))?;
+            .map_err(|e| map_err(e, path, None))?;
         Ok(s.as_ref().map(stat))
     }
 
@@ -217,13 +225,7 @@ impl Coord for ZkCoord {
         let s = self
             .rt
             .block_on(c.set_data(path, data, version))
-            .map_err(|e| match map_err(e, path) {
-                CoordError::BadVersion { path, .. } => CoordError::BadVersion {
-                    path,
-                    expected: version.unwrap_or(-1),
-                },
-                e => e,
-            })?;
+            .map_err(|e| map_err(e, path, version))?;
         Ok(stat(&s))
     }
 
@@ -238,13 +240,7 @@ impl Coord for ZkCoord {
         let c = self.client()?;
         self.rt
             .block_on(c.delete(path, version))
-            .map_err(|e| match map_err(e, path) {
-                CoordError::BadVersion { path, .. } => CoordError::BadVersion {
-                    path,
-                    expected: version.unwrap_or(-1),
-                },
-                e => e,
-            })
+            .map_err(|e| map_err(e, path, version))
     }
 
     fn children(&self, path: &str) -> Result<Vec<String>> {
@@ -253,7 +249,7 @@ impl Coord for ZkCoord {
         let mut v = self
             .rt
             .block_on(c.list_children(path))
-            .map_err(|e| map_err(e, path))?;
+            .map_err(|e| map_err(e, path, None))?;
         if path == "/" && self.chroot == "/" {
             v.retain(|n| n != "zookeeper");
         }
@@ -288,30 +284,95 @@ impl Coord for ZkCoord {
                 Op::Delete { path, version } => w.add_delete(path, *version),
             }
         };
-        for (index, op) in ops.iter().enumerate() {
-            add(&mut w, op).map_err(|e| CoordError::MultiFailed {
+        let failed = |index: usize, e: zk::Error| {
+            let op = &ops[index.min(ops.len() - 1)];
+            let expected = match op {
+                Op::Check { version, .. } => Some(*version),
+                Op::Set { version, .. } | Op::Delete { version, .. } => *version,
+                Op::Create { .. } => None,
+            };
+            CoordError::MultiFailed {
                 index,
-                source: Box::new(map_err(e, op.path())),
-            })?;
+                source: Box::new(map_err(e, op.path(), expected)),
+            }
+        };
+        for (index, op) in ops.iter().enumerate() {
+            add(&mut w, op).map_err(|e| failed(index, e))?;
         }
         match self.rt.block_on(w.commit()) {
             Ok(_) => Ok(()),
             Err(zk::MultiWriteError::OperationFailed { index, source }) => {
-                let op = &ops[index.min(ops.len() - 1)];
-                let mut e = map_err(source, op.path());
-                if let (CoordError::BadVersion { path, .. }, Op::Check { version, .. }) = (&e, op) {
-                    e = CoordError::BadVersion {
-                        path: path.clone(),
-                        expected: *version,
-                    };
-                }
-                Err(CoordError::MultiFailed {
-                    index,
-                    source: Box::new(e),
-                })
+                Err(failed(index, source))
             }
-            Err(zk::MultiWriteError::RequestFailed { source }) => Err(map_err(source, "(multi)")),
+            Err(zk::MultiWriteError::RequestFailed { source }) => {
+                Err(map_err(source, "(multi)", None))
+            }
         }
+    }
+
+    fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>> {
+        for r in reads {
+            validate_path(r.path())?;
+        }
+        let c = self.client()?;
+        let mut out = Vec::with_capacity(reads.len());
+        // Bounded requests: a multiRead answer is one ZooKeeper packet (jute.maxbuffer).
+        for chunk in reads.chunks(MULTI_READ_CHUNK) {
+            let mut r = c.new_multi_reader();
+            for read in chunk {
+                match read {
+                    Read::Data(p) => r.add_get_data(p),
+                    Read::Children(p) => r.add_get_children(p),
+                }
+                .map_err(|e| map_err(e, read.path(), None))?;
+            }
+            let results = self
+                .rt
+                .block_on(r.commit())
+                .map_err(|e| map_err(e, "(multiRead)", None))?;
+            if results.len() != chunk.len() {
+                return Err(CoordError::Zk {
+                    path: "(multiRead)".into(),
+                    message: format!("{} answers to {} reads", results.len(), chunk.len()),
+                });
+            }
+            for (read, res) in chunk.iter().zip(results) {
+                out.push(match res {
+                    zk::MultiReadResult::Data { data, stat: s } => ReadResult::Data(data, stat(&s)),
+                    zk::MultiReadResult::Children { mut children } => {
+                        if read.path() == "/" && self.chroot == "/" {
+                            children.retain(|n| n != "zookeeper");
+                        }
+                        children.sort();
+                        ReadResult::Children(children)
+                    }
+                    zk::MultiReadResult::Error {
+                        err: zk::Error::NoNode,
+                    } => ReadResult::NoNode,
+                    zk::MultiReadResult::Error { err } => {
+                        return Err(map_err(err, read.path(), None))
+                    }
+                    other => {
+                        return Err(CoordError::Zk {
+                            path: read.path().into(),
+                            message: format!("unexpected multiRead answer {other:?}"),
+                        })
+                    }
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn ensure_path(&self, path: &str) -> Result<()> {
+        validate_path(path)?;
+        if path == "/" || self.exists(path)?.is_some() {
+            return Ok(());
+        }
+        let c = self.client()?;
+        self.rt
+            .block_on(c.mkdir(path, &persistent()))
+            .map_err(|e| map_err(e, path, None))
     }
 
     fn watch(&self, path: &str) -> Result<Watch> {
@@ -320,7 +381,7 @@ impl Coord for ZkCoord {
         let mut watcher = self
             .rt
             .block_on(c.watch(path, zk::AddWatchMode::PersistentRecursive))
-            .map_err(|e| map_err(e, path))?;
+            .map_err(|e| map_err(e, path, None))?;
         let (tx, rx) = mpsc::channel();
         let mut state = c.state_watcher();
         drop(c);
@@ -392,7 +453,9 @@ impl Coord for ZkCoord {
     fn sync(&self, path: &str) -> Result<()> {
         validate_path(path)?;
         let c = self.client()?;
-        self.rt.block_on(c.sync(path)).map_err(|e| map_err(e, path))
+        self.rt
+            .block_on(c.sync(path))
+            .map_err(|e| map_err(e, path, None))
     }
 
     fn session_id(&self) -> u64 {

@@ -6,8 +6,8 @@
 //! `3 × advert + skew` without a beat (keepalived's master-down interval, skew
 //! `(256 − priority)/256 × advert` with priority 100).
 
-use super::follow::{Follower, OnChange};
-use super::view::{luns_from_doc, Change, MapDoc, MapView, TargetDoc};
+use super::follow::{emit, Follower, OnChange};
+use super::view::{luns_from_doc, MapDoc, MapView, TargetDoc};
 use super::{mono_ns, validate_iqn, validate_simple_name, Lun, LunMapError, Result, Target};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,8 +72,8 @@ impl FileEditor {
         )
     }
 
-    /// Maps an initiator; returns the LUN's new generation.
-    pub fn map(&self, lun: &str, target: &Target, initiator: &str) -> Result<u64> {
+    /// Maps an initiator; returns whether the file changed (false: mapped already).
+    pub fn map(&self, lun: &str, target: &Target, initiator: &str) -> Result<bool> {
         validate_iqn("target", &target.iqn)?;
         validate_iqn("initiator", initiator)?;
         let mut doc = read_doc(&self.master)?;
@@ -82,14 +82,9 @@ impl FileEditor {
             .iter_mut()
             .find(|l| l.lun.name == lun)
             .ok_or_else(|| LunMapError::NoSuchLun(lun.into()))?;
-        l.lun.generation += 1;
-        let g = l.lun.generation;
         match l.targets.iter_mut().find(|t| t.target.iqn == target.iqn) {
-            Some(t) => {
-                if !t.initiators.iter().any(|i| i == initiator) {
-                    t.initiators.push(initiator.into());
-                }
-            }
+            Some(t) if t.initiators.iter().any(|i| i == initiator) => return Ok(false),
+            Some(t) => t.initiators.push(initiator.into()),
             None => l.targets.push(TargetDoc {
                 target: target.clone(),
                 initiators: vec![initiator.into()],
@@ -99,7 +94,7 @@ impl FileEditor {
             &self.master,
             &serde_json::to_vec_pretty(&doc).expect("plain data"),
         )?;
-        Ok(g)
+        Ok(true)
     }
 }
 
@@ -149,14 +144,9 @@ pub fn follow_file(
                 if last.as_deref() != Some(&bytes[..]) {
                     // A file that does not parse is skipped; the previous map stays.
                     if let Ok(doc) = serde_json::from_slice::<MapDoc>(&bytes) {
-                        let changes = {
-                            let mut v = view.write().unwrap_or_else(|e| e.into_inner());
+                        emit(&view, &mut on_change, |v| {
                             v.replace_map(luns_from_doc(&doc))
-                        };
-                        let now = mono_ns();
-                        for c in &changes {
-                            on_change(c, now);
-                        }
+                        });
                     }
                     last = Some(bytes);
                 }
@@ -211,14 +201,7 @@ pub fn follow_heartbeats(
                     }
                 }
             }
-            let changes: Vec<Change> = {
-                let mut v = view.write().unwrap_or_else(|e| e.into_inner());
-                v.replace_gateways(alive)
-            };
-            let now = mono_ns();
-            for c in &changes {
-                on_change(c, now);
-            }
+            emit(&view, &mut on_change, |v| v.replace_gateways(alive));
             sleep_unless(&stop, advert / 10);
         }
         Ok(())

@@ -10,13 +10,16 @@
 //!
 //! Wire protocol (one request at a time per connection): a JSON line [`Request`], followed
 //! for writes by `len` payload bytes; the answer is a JSON line [`Reply`], followed for
-//! successful reads by `len` bytes.
+//! successful reads by `len` bytes. A write whose `len` is 0 or not a multiple of 4096 is
+//! answered with an error, and its `len` bytes are still consumed so the connection stays
+//! usable; a request over [`MAX_IO`] is answered with an error and the connection closed.
 
 use super::view::MapView;
 use super::{validate_iqn, validate_simple_name, Backing, Layout, Lun, LunMapError};
-use crate::coord::{Coord, CoordError};
+use crate::coord::{self, Coord, CoordError, ReadResult};
 use crate::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use serde::{Deserialize, Serialize};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -50,9 +53,6 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
-    /// The LUN generation the decision was made on.
-    #[serde(default)]
-    pub generation: u64,
     /// True when the map refused the initiator (as opposed to an I/O or request error).
     #[serde(default)]
     pub refused: bool,
@@ -68,6 +68,20 @@ pub struct Stats {
     pub failed: AtomicU64,
     /// Requests the view refused but the backend confirmed as mapped (then served).
     pub confirmed: AtomicU64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "served {}, refused {}, failed {}, confirmed by the backend {}",
+            n(&self.served),
+            n(&self.refused),
+            n(&self.failed),
+            n(&self.confirmed)
+        )
+    }
 }
 
 /// A running gateway server; stops when dropped.
@@ -161,13 +175,18 @@ struct Conn {
     stats: Arc<Stats>,
 }
 
-fn reply_err(refused: bool, generation: u64, error: String) -> Reply {
+fn reply_err(refused: bool, error: String) -> Reply {
     Reply {
         ok: false,
-        generation,
         refused,
         error,
     }
+}
+
+/// Why a request's length cannot be served, if it cannot.
+fn bad_len(len: u64) -> Option<String> {
+    (len == 0 || len % 4096 != 0)
+        .then(|| format!("length {len} must be a positive multiple of 4096"))
 }
 
 fn serve_conn(
@@ -200,7 +219,7 @@ fn serve_conn(
             Err(e) => {
                 let _ = send(
                     &mut out,
-                    &reply_err(false, 0, format!("bad request: {e}")),
+                    &reply_err(false, format!("bad request: {e}")),
                     None,
                 );
                 return;
@@ -211,14 +230,24 @@ fn serve_conn(
                 &mut out,
                 &reply_err(
                     false,
-                    0,
                     format!("request of {} bytes exceeds {MAX_IO}", req.len),
                 ),
                 None,
             );
             return;
         }
-        // The payload of a write is consumed in every case, so the stream stays in step.
+        // A write's payload is consumed in every case, so the stream stays in step. One of a
+        // length the device cannot take is answered first, then read and dropped.
+        if let (IoKind::Write, Some(why)) = (req.op, bad_len(req.len)) {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            if send(&mut out, &reply_err(false, why), None).is_err()
+                || std::io::copy(&mut (&mut input).take(req.len), &mut std::io::sink()).ok()
+                    != Some(req.len)
+            {
+                return;
+            }
+            continue;
+        }
         let payload = if req.op == IoKind::Write {
             let mut b = AlignedBuf::new(req.len as usize);
             if input.read_exact(&mut b).is_err() {
@@ -264,15 +293,14 @@ fn handle(
         match v.check(&req.lun, &req.target, &req.initiator) {
             Ok(l) => Ok(l.clone()),
             Err(e @ (LunMapError::NotMapped { .. } | LunMapError::NoSuchLun(_))) => {
-                let generation = v.luns.get(&req.lun).map_or(0, |s| s.lun.generation);
-                Err((e, generation, v.layout.clone()))
+                Err((e, v.layout.clone()))
             }
-            Err(e) => return (reply_err(false, 0, e.to_string()), None),
+            Err(e) => return (reply_err(false, e.to_string()), None),
         }
     };
     let lun = match decided {
         Ok(l) => l,
-        Err((e, generation, layout)) => match conn
+        Err((e, layout)) => match conn
             .confirm
             .as_deref()
             .map(|c| confirm_mapped(c, &layout, req))
@@ -283,24 +311,21 @@ fn handle(
             }
             Some(Err(ce)) => {
                 return (
-                    reply_err(
-                        false,
-                        generation,
-                        format!("cannot confirm refusal ({e}): {ce}"),
-                    ),
+                    reply_err(false, format!("cannot confirm refusal ({e}): {ce}")),
                     None,
                 )
             }
-            _ => return (reply_err(true, generation, format!("refused: {e}")), None),
+            _ => return (reply_err(true, format!("refused: {e}")), None),
         },
     };
-    let g = lun.generation;
-    if req.len == 0 || req.offset % 4096 != 0 || req.len % 4096 != 0 {
+    if let Some(why) = bad_len(req.len) {
+        return (reply_err(false, why), None);
+    }
+    if req.offset % 4096 != 0 {
         return (
             reply_err(
                 false,
-                g,
-                "offset and length must be positive multiples of 4096".into(),
+                format!("offset {} must be a multiple of 4096", req.offset),
             ),
             None,
         );
@@ -313,7 +338,6 @@ fn handle(
         return (
             reply_err(
                 false,
-                g,
                 format!(
                     "range {}+{} is beyond LUN {} of {} bytes",
                     req.offset, req.len, lun.name, lun.size_bytes
@@ -328,7 +352,6 @@ fn handle(
             return (
                 reply_err(
                     false,
-                    g,
                     format!(
                     "LUN {} is backed by volume {volume}; this gateway serves device ranges only",
                     lun.name
@@ -338,49 +361,46 @@ fn handle(
             )
         }
     };
-    if conn.engine.is_none() {
-        match UringEngine::with_queue_depth(4) {
-            Ok(e) => conn.engine = Some(e),
-            Err(e) => return (reply_err(false, g, format!("io_uring: {e}")), None),
-        }
-    }
-    if !conn.devices.contains_key(&device) {
-        match Device::open(&device) {
-            Ok(d) => {
-                conn.devices.insert(device.clone(), d);
-            }
-            Err(e) => return (reply_err(false, g, e.to_string()), None),
-        }
-    }
-    let (Some(engine), Some(dev)) = (conn.engine.as_mut(), conn.devices.get(&device)) else {
-        return (reply_err(false, g, "internal: no engine".into()), None);
+    let engine = match &mut conn.engine {
+        Some(e) => e,
+        None => match UringEngine::with_queue_depth(4) {
+            Ok(e) => conn.engine.insert(e),
+            Err(e) => return (reply_err(false, format!("io_uring: {e}")), None),
+        },
+    };
+    let dev = match conn.devices.entry(device) {
+        Entry::Occupied(o) => o.into_mut(),
+        Entry::Vacant(v) => match Device::open(v.key()) {
+            Ok(d) => v.insert(d),
+            Err(e) => return (reply_err(false, e.to_string()), None),
+        },
     };
     let off = base + req.offset;
     if let Err(e) = dev.check_range(off, req.len) {
-        return (reply_err(false, g, e.to_string()), None);
+        return (reply_err(false, e.to_string()), None);
     }
     let ok = Reply {
         ok: true,
-        generation: g,
         refused: false,
         error: String::new(),
     };
     match payload {
         Some(p) => match engine.write_at(dev, off, p) {
             Ok(()) => (ok, None),
-            Err(e) => (reply_err(false, g, e.to_string()), None),
+            Err(e) => (reply_err(false, e.to_string()), None),
         },
         None => {
             let mut b = AlignedBuf::new(req.len as usize);
             match engine.read_at(dev, off, &mut b) {
                 Ok(()) => (ok, Some(b)),
-                Err(e) => (reply_err(false, g, e.to_string()), None),
+                Err(e) => (reply_err(false, e.to_string()), None),
             }
         }
     }
 }
 
-/// Asks the backend whether `req`'s initiator is mapped (after a sync); the LUN if so.
+/// Asks the backend whether `req`'s initiator is mapped (a sync, then one batched read of
+/// the initiator's and the LUN's nodes); the LUN if so.
 fn confirm_mapped(
     coord: &dyn Coord,
     layout: &Layout,
@@ -394,16 +414,13 @@ fn confirm_mapped(
     }
     let lun_path = layout.lun(&req.lun);
     coord.sync(&lun_path)?;
-    if coord
-        .exists(&layout.initiator(&req.lun, &req.target, &req.initiator))?
-        .is_none()
-    {
-        return Ok(None);
-    }
-    match coord.get(&lun_path) {
-        Ok((d, _)) => Ok(serde_json::from_slice(&d).ok()),
-        Err(CoordError::NoNode(_)) => Ok(None),
-        Err(e) => Err(e),
+    let r = coord.read_many(&[
+        coord::Read::Data(layout.initiator(&req.lun, &req.target, &req.initiator)),
+        coord::Read::Data(lun_path),
+    ])?;
+    match (&r[0], &r[1]) {
+        (ReadResult::Data(..), ReadResult::Data(d, _)) => Ok(serde_json::from_slice(d).ok()),
+        _ => Ok(None),
     }
 }
 

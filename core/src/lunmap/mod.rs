@@ -12,8 +12,12 @@
 //! /blocklab/<cluster>/lunmap/luns/<lun>/targets/<target>                Target as JSON
 //! /blocklab/<cluster>/lunmap/luns/<lun>/targets/<target>/initiators     (empty)
 //! /blocklab/<cluster>/lunmap/luns/<lun>/targets/<target>/initiators/<initiator>  {"iqn":..}
+//! /blocklab/<cluster>/lunmap/ids/<id>                                   {"lun":<lun>}
 //! /blocklab/<cluster>/gateways/<node>                                   ephemeral, Gateway as JSON
 //! ```
+//!
+//! `ids/<id>` reserves a LUN id: it is created in the same multi-operation as its LUN (a
+//! second LUN with the same id is refused) and deleted with it.
 //!
 //! `<lun>` is the LUN's name, `<target>` and `<initiator>` are IQNs. For example
 //! `zkCli.sh -server 127.0.0.1:2181 ls -R /blocklab/c1` shows the whole map and
@@ -21,10 +25,14 @@
 //!
 //! # Consistency
 //!
-//! Every edit is one atomic multi-operation that also rewrites the LUN node with its
-//! `generation` incremented, conditional on the LUN version the editor read. Two editors
-//! changing the same LUN therefore serialise: the loser's multi fails as a whole and it
-//! retries on the new state, so no acknowledged change is lost ([`editor`]). Gateways keep
+//! Every edit is one atomic multi-operation ([`editor`]). A mapping is a node of its own,
+//! so a map creates one node and an unmap deletes one: two editors mapping different
+//! initiators never touch the same node and never lose each other's change, and the
+//! races that remain (two editors creating the same target, a map racing a LUN delete)
+//! make the loser's multi fail as a whole at the node both touched; it reads again and
+//! retries on the new state. The LUN node itself changes only when the LUN is created or
+//! deleted, so a map or unmap is one watch event per gateway and needs no read there.
+//! Gateways keep
 //! an in-memory [`view::MapView`] fed by a recursive watch on `/blocklab/<cluster>`
 //! ([`follow`]) and decide every I/O request on it ([`gateway`]). Gateways register an
 //! ephemeral node, so a gateway that dies disappears when its session times out.
@@ -51,16 +59,23 @@ pub enum Backing {
     Volume { volume: String },
 }
 
-/// A LUN: the main entity of the map.
+/// A LUN: the main entity of the map. (Nodes written by earlier versions also carry a
+/// `generation` counter; it is ignored.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lun {
     pub id: u32,
     pub name: String,
     pub size_bytes: u64,
     pub backing: Backing,
-    /// Incremented by every map/unmap of this LUN (the version editors condition on).
-    #[serde(default)]
-    pub generation: u64,
+}
+
+/// The portal of a target created by a map that names none.
+pub const DEFAULT_PORTAL: &str = "0.0.0.0:3260";
+
+/// What `lunmap/ids/<id>` holds: the LUN that uses the id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdClaim {
+    pub lun: String,
 }
 
 /// An iSCSI-style target through which initiators reach a LUN.
@@ -97,6 +112,17 @@ pub enum LunMapError {
     NoSuchLun(String),
     #[error("LUN {0} already exists")]
     LunExists(String),
+    #[error("LUN id {id} is already used by LUN {lun}")]
+    IdInUse { id: u32, lun: String },
+    #[error(
+        "target {target} of LUN {lun} is at portal {portal}, not {wanted}; a target's portal is fixed when the target is created (map with --portal {portal}, or leave --portal out)"
+    )]
+    PortalMismatch {
+        lun: String,
+        target: String,
+        portal: String,
+        wanted: String,
+    },
     #[error("LUN {lun} is still mapped to {initiators} initiator(s); unmap them first or force")]
     StillMapped { lun: String, initiators: usize },
     #[error("initiator {initiator} is not mapped to LUN {lun} through target {target}")]
@@ -111,6 +137,17 @@ pub enum LunMapError {
     Contention(String, u32),
     #[error("corrupt map node {path}: {reason}")]
     Corrupt { path: String, reason: String },
+    #[error(
+        "LUN {lun}: the edit failed twice in the same way on an unchanged map ({source}); the layout under {path} is not what blocklab writes (edited by hand?)"
+    )]
+    Structural {
+        lun: String,
+        path: String,
+        #[source]
+        source: CoordError,
+    },
+    #[error("the {0} thread panicked")]
+    Panicked(String),
     #[error("coordination: {0}")]
     Coord(#[from] CoordError),
     #[error("{path}: {source}")]
@@ -243,6 +280,12 @@ impl Layout {
     }
     pub fn initiator(&self, lun: &str, t: &str, i: &str) -> String {
         format!("{}/initiators/{i}", self.target(lun, t))
+    }
+    pub fn ids(&self) -> String {
+        format!("/blocklab/{}/lunmap/ids", self.cluster)
+    }
+    pub fn id(&self, id: u32) -> String {
+        format!("{}/{id}", self.ids())
     }
     pub fn gateways(&self) -> String {
         format!("/blocklab/{}/gateways", self.cluster)

@@ -21,9 +21,9 @@ pub enum NodeEvent {
 /// What changed in the view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
+    /// A LUN was added or its definition changed.
     LunUpdated {
         lun: String,
-        generation: u64,
     },
     LunRemoved {
         lun: String,
@@ -44,6 +44,12 @@ pub enum Change {
     GatewayDown {
         node: String,
     },
+    /// A LUN node's data does not decode: the LUN is kept in the view (so its mappings stay
+    /// known) but not served until a good definition arrives.
+    Corrupt {
+        path: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -54,7 +60,8 @@ pub struct TargetState {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LunState {
-    pub lun: Lun,
+    /// The LUN's definition, or why its node does not decode (then it is not served).
+    pub lun: std::result::Result<Lun, String>,
     pub targets: BTreeMap<String, TargetState>,
 }
 
@@ -84,11 +91,14 @@ pub struct TargetDoc {
     pub initiators: Vec<String>,
 }
 
-enum Kind<'a> {
+/// What a node of the cluster's subtree is (see [`MapView::classify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind<'a> {
     Lun(&'a str),
     Target(&'a str, &'a str),
     Initiator(&'a str, &'a str, &'a str),
     Gateway(&'a str),
+    /// Anything else (directories, id claims, other clusters): nothing the view keeps.
     Other,
 }
 
@@ -101,12 +111,17 @@ impl MapView {
         }
     }
 
-    fn classify<'a>(&self, path: &'a str) -> Kind<'a> {
+    /// What the node at `path` is, by its position in the layout (never by its name, so
+    /// a cluster or LUN named like a layout directory is classified right).
+    pub(crate) fn classify<'a>(&self, path: &'a str) -> Kind<'a> {
         let root = self.layout.root();
         let Some(rest) = path.strip_prefix(root.as_str()) else {
             return Kind::Other;
         };
-        let parts: Vec<&'a str> = rest.split('/').skip(1).collect();
+        let Some(rest) = rest.strip_prefix('/') else {
+            return Kind::Other;
+        };
+        let parts: Vec<&'a str> = rest.split('/').collect();
         match parts.as_slice() {
             ["lunmap", "luns", l] => Kind::Lun(l),
             ["lunmap", "luns", l, "targets", t] => Kind::Target(l, t),
@@ -122,32 +137,26 @@ impl MapView {
         match ev {
             NodeEvent::Upsert { path, data } => match self.classify(path) {
                 Kind::Lun(l) => {
-                    let Ok(lun) = serde_json::from_slice::<Lun>(data) else {
-                        return out;
-                    };
-                    let generation = lun.generation;
-                    match self.luns.get_mut(l) {
-                        Some(st) if st.lun == lun => {}
+                    let lun = serde_json::from_slice::<Lun>(data).map_err(|e| e.to_string());
+                    let changed = match self.luns.get_mut(l) {
+                        Some(st) if st.lun == lun => false,
                         Some(st) => {
-                            st.lun = lun;
-                            out.push(Change::LunUpdated {
-                                lun: l.into(),
-                                generation,
-                            });
+                            st.lun = lun.clone();
+                            true
                         }
                         None => {
                             self.luns.insert(
                                 l.into(),
                                 LunState {
-                                    lun,
+                                    lun: lun.clone(),
                                     targets: BTreeMap::new(),
                                 },
                             );
-                            out.push(Change::LunUpdated {
-                                lun: l.into(),
-                                generation,
-                            });
+                            true
                         }
+                    };
+                    if changed {
+                        out.push(lun_change(l, path, &lun));
                     }
                 }
                 Kind::Target(l, t) => {
@@ -266,10 +275,7 @@ impl MapView {
         for (l, nst) in &new {
             let old = self.luns.get(l);
             if old.is_none_or(|o| o.lun != nst.lun) {
-                out.push(Change::LunUpdated {
-                    lun: l.clone(),
-                    generation: nst.lun.generation,
-                });
+                out.push(lun_change(l, &self.layout.lun(l), &nst.lun));
             }
             for (t, ts) in &nst.targets {
                 for i in &ts.initiators {
@@ -306,6 +312,13 @@ impl MapView {
         out
     }
 
+    /// Replaces the map and the gateways by a freshly loaded view; returns the differences.
+    pub fn apply_loaded(&mut self, loaded: MapView) -> Vec<Change> {
+        let mut out = self.replace_map(loaded.luns);
+        out.extend(self.replace_gateways(loaded.gateways));
+        out
+    }
+
     /// The I/O path's decision: may `initiator` reach `lun` through `target`?
     pub fn check(&self, lun: &str, target: &str, initiator: &str) -> Result<&Lun> {
         let st = self
@@ -317,7 +330,10 @@ impl MapView {
             .get(target)
             .is_some_and(|t| t.initiators.contains(initiator))
         {
-            Ok(&st.lun)
+            st.lun.as_ref().map_err(|reason| LunMapError::Corrupt {
+                path: self.layout.lun(lun),
+                reason: reason.clone(),
+            })
         } else {
             Err(LunMapError::NotMapped {
                 lun: lun.into(),
@@ -349,13 +365,15 @@ impl MapView {
             .sum()
     }
 
+    /// The map as a document; LUNs whose node does not decode are left out.
     pub fn to_doc(&self) -> MapDoc {
         MapDoc {
             luns: self
                 .luns
                 .values()
-                .map(|st| LunDoc {
-                    lun: st.lun.clone(),
+                .filter_map(|st| st.lun.as_ref().ok().map(|l| (l, st)))
+                .map(|(lun, st)| LunDoc {
+                    lun: lun.clone(),
                     targets: st
                         .targets
                         .iter()
@@ -373,6 +391,17 @@ impl MapView {
     }
 }
 
+/// The change reporting a LUN's new state: updated, or corrupt.
+fn lun_change(lun: &str, path: &str, state: &std::result::Result<Lun, String>) -> Change {
+    match state {
+        Ok(_) => Change::LunUpdated { lun: lun.into() },
+        Err(reason) => Change::Corrupt {
+            path: path.into(),
+            reason: reason.clone(),
+        },
+    }
+}
+
 /// The map part of a document as view state.
 pub fn luns_from_doc(doc: &MapDoc) -> BTreeMap<String, LunState> {
     doc.luns
@@ -381,7 +410,7 @@ pub fn luns_from_doc(doc: &MapDoc) -> BTreeMap<String, LunState> {
             (
                 ld.lun.name.clone(),
                 LunState {
-                    lun: ld.lun.clone(),
+                    lun: Ok(ld.lun.clone()),
                     targets: ld
                         .targets
                         .iter()
@@ -406,16 +435,15 @@ mod tests {
     use super::super::Backing;
     use super::*;
 
-    fn lun(name: &str, generation: u64) -> Vec<u8> {
+    fn lun(name: &str, size_mib: u64) -> Vec<u8> {
         serde_json::to_vec(&Lun {
             id: 1,
             name: name.into(),
-            size_bytes: 1 << 20,
+            size_bytes: size_mib << 20,
             backing: Backing::Range {
                 device: "/dev/loop9".into(),
                 offset: 0,
             },
-            generation,
         })
         .unwrap()
     }
@@ -435,11 +463,8 @@ mod tests {
         let mut v = MapView::new(Layout::new("c1").unwrap());
         let l = "/blocklab/c1/lunmap/luns/db0";
         assert_eq!(
-            v.apply(&up(l, lun("db0", 0))),
-            vec![Change::LunUpdated {
-                lun: "db0".into(),
-                generation: 0
-            }]
+            v.apply(&up(l, lun("db0", 1))),
+            vec![Change::LunUpdated { lun: "db0".into() }]
         );
         assert!(matches!(
             v.check("db0", T, I),
@@ -468,14 +493,27 @@ mod tests {
             v.query_initiator(I),
             vec![("db0".to_string(), T.to_string())]
         );
-        // Generation bump.
+        // A changed definition; the same one again is no change.
         assert_eq!(
-            v.apply(&up(l, lun("db0", 1))),
-            vec![Change::LunUpdated {
-                lun: "db0".into(),
-                generation: 1
-            }]
+            v.apply(&up(l, lun("db0", 2))),
+            vec![Change::LunUpdated { lun: "db0".into() }]
         );
+        assert!(v.apply(&up(l, lun("db0", 2))).is_empty());
+        // A definition that does not decode: reported, not served, mappings kept; a good
+        // one serves again.
+        let ch = v.apply(&up(l, b"{broken".to_vec()));
+        assert!(
+            matches!(&ch[..], [Change::Corrupt { path, .. }] if path == l),
+            "{ch:?}"
+        );
+        assert!(matches!(
+            v.check("db0", T, I),
+            Err(LunMapError::Corrupt { .. })
+        ));
+        assert!(v.to_doc().luns.is_empty());
+        assert_eq!(v.query_initiator(I).len(), 1);
+        v.apply(&up(l, lun("db0", 2)));
+        assert!(v.check("db0", T, I).is_ok());
         // Unmap.
         assert_eq!(
             v.apply(&NodeEvent::Remove { path: ip.clone() }),
@@ -488,7 +526,7 @@ mod tests {
         assert!(v.check("db0", T, I).is_err());
         // Other clusters and unknown paths are ignored.
         assert!(v
-            .apply(&up("/blocklab/c2/lunmap/luns/db0", lun("db0", 0)))
+            .apply(&up("/blocklab/c2/lunmap/luns/db0", lun("db0", 1)))
             .is_empty());
         // Gateways.
         assert_eq!(
@@ -507,7 +545,7 @@ mod tests {
     fn replace_reports_differences_and_doc_round_trips() {
         let mut v = MapView::new(Layout::new("c1").unwrap());
         let l = "/blocklab/c1/lunmap/luns/db0";
-        v.apply(&up(l, lun("db0", 0)));
+        v.apply(&up(l, lun("db0", 1)));
         v.apply(&up(&format!("{l}/targets/{T}/initiators/{I}"), vec![]));
         let doc = v.to_doc();
         let json = serde_json::to_string(&doc).unwrap();
@@ -535,5 +573,46 @@ mod tests {
         }));
         let ch = v.replace_map(BTreeMap::new());
         assert!(ch.contains(&Change::LunRemoved { lun: "db0".into() }));
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn classification_goes_by_position_not_by_name() {
+        // A cluster and a LUN named like the layout's directories.
+        let v = MapView::new(Layout::new("initiators").unwrap());
+        let r = "/blocklab/initiators";
+        assert_eq!(
+            v.classify(&format!("{r}/lunmap/luns/initiators")),
+            Kind::Lun("initiators")
+        );
+        assert_eq!(
+            v.classify(&format!("{r}/lunmap/luns/initiators/targets/t")),
+            Kind::Target("initiators", "t")
+        );
+        assert_eq!(
+            v.classify(&format!(
+                "{r}/lunmap/luns/initiators/targets/t/initiators/i"
+            )),
+            Kind::Initiator("initiators", "t", "i")
+        );
+        assert_eq!(
+            v.classify(&format!("{r}/lunmap/luns/targets/targets/t/initiators")),
+            Kind::Other
+        );
+        assert_eq!(v.classify(&format!("{r}/gateways/g")), Kind::Gateway("g"));
+        for other in [
+            r.to_string(),
+            format!("{r}/lunmap"),
+            format!("{r}/lunmap/luns"),
+            format!("{r}/lunmap/ids/7"),
+            format!("{r}x/lunmap/luns/a"),
+            "/blocklab/other/lunmap/luns/a".to_string(),
+        ] {
+            assert_eq!(v.classify(&other), Kind::Other, "{other}");
+        }
     }
 }

@@ -30,11 +30,11 @@ use blocklab::lunmap::gateway::GatewayClient;
 use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{mono_ns, Backing, Layout, Lun, Target};
 use clap::{Parser, ValueEnum};
+use harness::cli::lunmap::parse_zk;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
     /// The map in ZooKeeper: atomic multi, recursive watches, ephemeral gateway nodes.
     Zookeeper,
@@ -46,11 +46,10 @@ enum BackendKind {
 
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BackendKind::Zookeeper => "zookeeper",
-            BackendKind::ZookeeperConfirm => "zookeeper-confirm",
-            BackendKind::Filesync => "filesync",
-        })
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
     }
 }
 
@@ -95,16 +94,6 @@ struct Args {
     /// a gateway is declared dead after 3 × advert + skew ≈ 3.6 × advert).
     #[arg(long, default_value_t = 1000)]
     advert_ms: u64,
-}
-
-fn parse_zk(s: &str) -> Result<CoordSpec, String> {
-    match CoordSpec::parse(s).map_err(|e| e.to_string())? {
-        z @ CoordSpec::ZooKeeper { .. } => Ok(z),
-        CoordSpec::Embedded(_) => Err(
-            "exp-lunmap runs gateways as separate processes, which an in-process embedded store cannot serve; give zk://..."
-                .into(),
-        ),
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -291,7 +280,6 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
             device: cfg.device.into(),
             offset: 0,
         },
-        generation: 0,
     };
     let session_timeout = Duration::from_millis(a.session_timeout_ms);
     let opts = ConnectOptions {
@@ -489,12 +477,10 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
     let final_initiators: std::collections::HashSet<String> = match &editors {
         Editors::Zk { spec, opts } => {
             let c = coord::connect(spec, opts)?;
-            let v = LunMap::open(&*c, &cluster)?.load()?;
-            v.luns
-                .get(LUN)
-                .and_then(|l| l.targets.get(TARGET))
-                .map(|t| t.initiators.iter().cloned().collect())
-                .unwrap_or_default()
+            LunMap::attach(&*c, layout.clone())
+                .initiators(LUN, TARGET)?
+                .into_iter()
+                .collect()
         }
         Editors::File(f) => filesync::read_doc(&f.master)?
             .luns

@@ -1,5 +1,5 @@
 //! `blocklab gateway` (serve LUN I/O decided on the live map) and
-//! `blocklab lunmap create-lun|delete-lun|map|unmap|list|query|gateways|io`.
+//! `blocklab lunmap create-lun|delete-lun|map|unmap|list|query|gateways|watch|io`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ use blocklab::lunmap::filesync;
 use blocklab::lunmap::follow::{follow_coord, Follower, OnChange};
 use blocklab::lunmap::gateway::{GatewayClient, GatewayServer};
 use blocklab::lunmap::view::{Change, MapView};
-use blocklab::lunmap::{validate_simple_name, Backing, GatewayInfo, Layout, Target};
+use blocklab::lunmap::{validate_simple_name, Backing, GatewayInfo, Layout};
 use clap::{Args, Subcommand};
 
 use crate::args::parse_size;
@@ -33,6 +33,26 @@ fn parse_offset(s: &str) -> Result<u64, String> {
 
 fn parse_coord(s: &str) -> Result<CoordSpec, String> {
     CoordSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// `spec` if other processes can reach it (ZooKeeper); the reason otherwise. `who` says
+/// what needs other processes ("exp-lunmap runs gateways as separate processes").
+pub fn shared_coord(who: &str, spec: CoordSpec) -> Result<CoordSpec, String> {
+    match spec {
+        z @ CoordSpec::ZooKeeper { .. } => Ok(z),
+        CoordSpec::Embedded(p) => Err(format!(
+            "{who}, which an in-process embedded store ({}) cannot serve: its owner locks every other process out; give --coord zk://HOST:PORT[/chroot]",
+            p.display()
+        )),
+    }
+}
+
+/// A `--coord` value that must be ZooKeeper (exp-lunmap's `--coord`).
+pub fn parse_zk(s: &str) -> Result<CoordSpec, String> {
+    shared_coord(
+        "exp-lunmap runs gateways as separate processes",
+        parse_coord(s)?,
+    )
 }
 
 /// Where the map lives and which cluster.
@@ -73,6 +93,8 @@ impl MapArgs {
 /// `blocklab gateway`.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
+    /// The map's backend (`zk://...`: gateways and editors are separate processes, so the
+    /// embedded store is refused), cluster and session settings.
     #[command(flatten)]
     pub map: MapArgs,
     /// This gateway's node name (its ephemeral node is /blocklab/<cluster>/gateways/<node>).
@@ -119,25 +141,66 @@ fn printer(events: bool) -> OnChange {
                 target,
                 initiator,
             } => format!("unmapped {lun} {target} {initiator} {ns}"),
-            Change::LunUpdated { lun, generation } => format!("lun {lun} {generation} {ns}"),
+            Change::LunUpdated { lun } => format!("lun {lun} {ns}"),
             Change::LunRemoved { lun } => format!("lun-removed {lun} {ns}"),
             Change::GatewayUp { node } => format!("gateway-up {node} {ns}"),
             Change::GatewayDown { node } => format!("gateway-down {node} {ns}"),
+            Change::Corrupt { path, reason } => format!("corrupt {path} {ns} {reason}"),
         };
         println!("{line}");
     })
 }
 
+/// The printer of `--events`, and a warning on stderr for every corrupt LUN node (whether
+/// or not events are printed: such a LUN is not served).
+fn reporter(events: bool) -> OnChange {
+    let mut print = printer(events);
+    Box::new(move |c: &Change, ns: u64| {
+        if let Change::Corrupt { path, reason } = c {
+            eprintln!("warning: map node {path} does not decode ({reason}); its LUN is not served until it is fixed");
+        }
+        print(c, ns);
+    })
+}
+
+/// Waits for Ctrl-C / SIGTERM (`stop`) or for a follower to end; the follower's error if it
+/// ended.
+fn run_until_stopped(stop: &AtomicBool, followers: Vec<Follower>) -> anyhow::Result<()> {
+    while !stop.load(Ordering::SeqCst) {
+        if followers.iter().any(|f| f.finished()) {
+            for f in followers {
+                f.stop().context("following the map")?;
+            }
+            bail!("the map follower stopped");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in followers {
+        f.stop().context("following the map")?;
+    }
+    Ok(())
+}
+
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .context("installing the signal handler")?;
+    Ok(stop)
+}
+
 pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
     validate_simple_name("node name", &a.node)?;
+    if a.filesync_dir.is_none() {
+        shared_coord(
+            "a gateway follows a map that editors (other processes) change",
+            a.map.coord.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     let layout = Layout::new(&a.map.cluster)?;
     let view = Arc::new(RwLock::new(MapView::new(layout.clone())));
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let s = Arc::clone(&stop);
-        ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
-            .context("installing the signal handler")?;
-    }
+    let stop = stop_flag()?;
     let mut followers: Vec<Follower> = Vec::new();
     let mut coord_handle: Option<Arc<dyn Coord>> = None;
     match &a.filesync_dir {
@@ -145,7 +208,7 @@ pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
             followers.push(filesync::follow_file(
                 dir.clone(),
                 Arc::clone(&view),
-                printer(a.events),
+                reporter(a.events),
                 Duration::from_millis(a.poll_ms),
             ));
         }
@@ -156,7 +219,7 @@ pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
                     Arc::clone(&c),
                     layout.clone(),
                     Arc::clone(&view),
-                    printer(a.events),
+                    reporter(a.events),
                 )
                 .context("following the map")?,
             );
@@ -204,23 +267,13 @@ pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
             .as_ref()
             .map_or_else(|| "filesync baseline".to_string(), |c| c.describe())
     );
-    while !stop.load(Ordering::SeqCst) {
-        if followers.iter().any(|f| f.finished()) {
-            for f in followers {
-                f.stop().context("following the map")?;
-            }
-            bail!("the map follower stopped");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let ended = run_until_stopped(&stop, followers);
+    eprintln!("gateway {} stopping: {}", a.node, server.stats());
     drop(server);
-    for f in followers {
-        let _ = f.stop();
-    }
     if let Some(c) = coord_handle {
         c.close();
     }
-    Ok(())
+    ended
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,9 +314,10 @@ pub enum LunmapCmd {
         /// Target IQN (created under the LUN if new).
         #[arg(long)]
         target: String,
-        /// Target portal address.
-        #[arg(long, default_value = "0.0.0.0:3260")]
-        portal: String,
+        /// Portal of the target: a new target is created with it (default 0.0.0.0:3260);
+        /// an existing target must have it (a target's portal is fixed at creation).
+        #[arg(long)]
+        portal: Option<String>,
         /// Initiator IQN.
         #[arg(long)]
         initiator: String,
@@ -292,6 +346,12 @@ pub enum LunmapCmd {
     },
     /// Live gateways.
     Gateways {
+        #[command(flatten)]
+        map: MapArgs,
+    },
+    /// Follow the map: print the whole map's contents as changes, then every change as it
+    /// happens (`mapped LUN TARGET INITIATOR NS`, `gateway-down NODE NS`, ...) until Ctrl-C.
+    Watch {
         #[command(flatten)]
         map: MapArgs,
     },
@@ -344,18 +404,15 @@ pub fn run(cmd: LunmapCmd) -> anyhow::Result<()> {
             initiator,
         } => {
             let c = map.connect()?;
-            let ack = LunMap::open(&*c, &map.cluster)?.map(
+            let ack = LunMap::open(&*c, &map.cluster)?.map_via(
                 &lun,
-                &Target {
-                    iqn: target.clone(),
-                    portal,
-                },
+                &target,
+                portal.as_deref(),
                 &initiator,
             )?;
             println!(
-                "mapped {initiator} to {lun} via {target} (generation {}{})",
-                ack.generation,
-                if ack.changed { "" } else { ", already mapped" }
+                "mapped {initiator} to {lun} via {target}{}",
+                if ack.changed { "" } else { " (already mapped)" }
             );
         }
         LunmapCmd::Unmap {
@@ -365,15 +422,20 @@ pub fn run(cmd: LunmapCmd) -> anyhow::Result<()> {
             initiator,
         } => {
             let c = map.connect()?;
-            let ack = LunMap::open(&*c, &map.cluster)?.unmap(&lun, &target, &initiator)?;
-            println!(
-                "unmapped {initiator} from {lun} via {target} (generation {})",
-                ack.generation
-            );
+            LunMap::open(&*c, &map.cluster)?.unmap(&lun, &target, &initiator)?;
+            println!("unmapped {initiator} from {lun} via {target}");
         }
         LunmapCmd::List { map } => {
             let c = map.connect()?;
             let v = LunMap::open(&*c, &map.cluster)?.load()?;
+            for (name, st) in &v.luns {
+                if let Err(reason) = &st.lun {
+                    eprintln!(
+                        "warning: LUN {name}: node {} does not decode ({reason}); left out",
+                        v.layout.lun(name)
+                    );
+                }
+            }
             println!("{}", serde_json::to_string_pretty(&v.to_doc())?);
         }
         LunmapCmd::Query { map, initiator } => {
@@ -384,13 +446,28 @@ pub fn run(cmd: LunmapCmd) -> anyhow::Result<()> {
         }
         LunmapCmd::Gateways { map } => {
             let c = map.connect()?;
-            let v = LunMap::open(&*c, &map.cluster)?.load()?;
-            for (n, info) in &v.gateways {
+            for (n, info) in LunMap::open(&*c, &map.cluster)?.gateways()? {
                 match info {
                     Some(i) => println!("{n}\t{}\tpid {}", i.addr, i.pid),
                     None => println!("{n}"),
                 }
             }
+        }
+        LunmapCmd::Watch { map } => {
+            shared_coord(
+                "watch follows changes that other processes make",
+                map.coord.clone(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let layout = Layout::new(&map.cluster)?;
+            let stop = stop_flag()?;
+            let c: Arc<dyn Coord> = Arc::from(map.connect()?);
+            let view = Arc::new(RwLock::new(MapView::new(layout.clone())));
+            let f = follow_coord(Arc::clone(&c), layout, view, reporter(true))
+                .context("following the map")?;
+            let ended = run_until_stopped(&stop, vec![f]);
+            c.close();
+            ended?;
         }
         LunmapCmd::Io {
             gateway,
@@ -421,7 +498,7 @@ pub fn run(cmd: LunmapCmd) -> anyhow::Result<()> {
             if !reply.ok {
                 bail!("{}", reply.error);
             }
-            println!("ok (LUN generation {})", reply.generation);
+            println!("ok");
         }
     }
     Ok(())
