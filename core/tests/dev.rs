@@ -224,8 +224,16 @@ fn teardown_after_a_crash_cleans_up() {
         .all(|d| provision::is_attached(d).unwrap()));
     let listed = provision::list_sets(sd.path()).unwrap();
     assert_eq!(listed, vec![state.clone()]);
+    // ... and a crash in the middle of a state write left its temporary behind.
+    let stale = sd
+        .path()
+        .join(&state.set)
+        .join(format!("state.json{}4242.0", blocklab::fsutil::TEMP_MARKER));
+    std::fs::write(&stale, b"{").unwrap();
     let out = provision::teardown(sd.path(), &state.set).unwrap();
     assert_eq!(out.len(), 2);
+    assert!(!stale.exists());
+    assert!(!sd.path().join(&state.set).exists());
     for d in &state.devices {
         assert!(!provision::is_attached(d).unwrap());
         assert!(!d.backing_file.exists());

@@ -19,10 +19,12 @@ pub use mount::{inspect, mount, read_label, Inspection, Mounted};
 /// Queue depth of the io_uring engine a daemon formats its device with.
 pub const MKFS_QUEUE_DEPTH: u32 = 16;
 
-/// Opens the device at `path` read-write and runs [`mkfs`] on it through an engine of its
+/// Opens the device at `path` exclusively, read-write, and runs [`mkfs`] on it through an engine of its
 /// own ([`MKFS_QUEUE_DEPTH`]).
 pub fn mkfs_path(path: &std::path::Path, req: &MkfsRequest) -> Result<MkfsReport> {
-    let dev = crate::dev::Device::open(path)?;
+    // Exclusive: a device that is mounted or held by device-mapper, md or LVM is refused
+    // (`force` does not override that), and nothing can claim it while mkfs writes.
+    let dev = crate::dev::Device::open_exclusive(path)?;
     let mut eng = crate::dev::UringEngine::with_queue_depth(MKFS_QUEUE_DEPTH)?;
     mkfs(&mut eng, &dev, req)
 }

@@ -291,17 +291,19 @@ pub fn teardown(state_dir: &Path, set: &str) -> Result<Vec<(LoopDevice, Teardown
         out.push((d, outcome));
     }
     let dir = set_dir(state_dir, set);
-    // A backing file created but not yet recorded (a crash in between) was never attached.
+    // A backing file created but not yet recorded (a crash in between) was never attached; a
+    // state-file temporary is what a crash during a state write leaves.
     if let Ok(entries) = fs::read_dir(&dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("disk-") && name.ends_with(".img") {
+            let stale_state =
+                name.starts_with(STATE_FILE) && name.contains(crate::fsutil::TEMP_MARKER);
+            if (name.starts_with("disk-") && name.ends_with(".img")) || stale_state {
                 let _ = fs::remove_file(e.path());
             }
         }
     }
     let _ = fs::remove_file(dir.join(STATE_FILE));
-    let _ = fs::remove_file(dir.join(".state.json.tmp"));
     fs::remove_dir(&dir).map_err(|e| DevError::os(&dir, "rmdir", e))?;
     Ok(out)
 }

@@ -156,15 +156,10 @@ pub struct InitArgs {
 }
 
 pub fn mkfs(a: MkfsArgs) -> anyhow::Result<()> {
-    // Exclusive: refused while the device is mounted or held by device-mapper, md or LVM
-    // (--force does not override that), and nothing can claim it while mkfs writes.
-    let dev = Device::open_exclusive(&a.device)
-        .with_context(|| format!("opening {}", a.device.display()))?;
-    let mut eng = UringEngine::with_queue_depth(16)?;
     let mut req = MkfsRequest::new(a.cluster_fsid, a.id);
     req.force = a.force;
     req.stop_after = a.crash_after;
-    match daemon::mkfs(&mut eng, &dev, &req) {
+    match daemon::mkfs_path(&a.device, &req) {
         Ok(rep) if rep.already_formatted => {
             println!(
                 "{}: already formatted for cluster {} daemon {} (uuid {}): nothing to do",

@@ -184,7 +184,7 @@ pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
             }
             let mode = a.mode;
             let listen = match (mode, a.listen) {
-                (Mode::ClientRetry, None) => bail!("--mode client-retry needs --listen"),
+                (Mode::ClientRetry, None) => bail!("--mode client_retry needs --listen"),
                 (_, Some(l)) => l,
                 (_, None) => SocketAddr::new(a.vip, a.port),
             };
