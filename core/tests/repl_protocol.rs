@@ -423,6 +423,37 @@ fn idle_sends_exactly_one_empty_message_per_idle_period() {
 }
 
 #[test]
+fn idle_notifies_a_secondary_once_it_acknowledged_without_waiting_for_the_others() {
+    let mut s = Sim::new(3, Policy::Idle, 11);
+    s.deliver_all();
+    let base = s.empty_sent();
+    s.propose(b"x");
+    // Deliver everything except secondary 2's answers to the primary, which stay in
+    // flight (a slow secondary, connected and not yet overdue).
+    let held = |to: NodeId, m: &Message| to == PRIMARY && m.from() == 2;
+    while let Some(i) = s.net.iter().position(|(to, m)| !held(*to, m)) {
+        let (to, m) = s.net.remove(i);
+        s.nodes.get_mut(&to).unwrap().node.step(m).unwrap();
+        s.process(to);
+    }
+    assert_eq!(
+        s.nodes[&PRIMARY].node.commit(),
+        1,
+        "committed with secondary 1"
+    );
+    assert_eq!(s.empty_sent() - base, 1, "secondary 1 notified at once");
+    assert_eq!(s.applied(1), 1);
+    assert_eq!(s.applied(2), 0, "secondary 2 was not told the commit");
+    // Secondary 2's acknowledgement arrives: it gets its own notification, and that is all.
+    s.deliver_all();
+    assert_eq!(s.empty_sent() - base, 2);
+    assert_eq!(s.applied(2), 1);
+    s.tick(100);
+    s.deliver_all();
+    assert_eq!(s.empty_sent() - base, 2, "nothing more while idle");
+}
+
+#[test]
 fn idle_sends_nothing_while_writes_keep_coming() {
     // Closed loop: a new write is proposed as soon as one commits, before the primary
     // decides it is idle (as the replica loop does).

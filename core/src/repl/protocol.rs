@@ -107,8 +107,8 @@ pub enum Policy {
     Periodic { every: u64 },
     /// An empty append on every commit advance (etcd `bcastAppend`, openraft).
     Eager,
-    /// The mechanism: one empty message once every live secondary acknowledged the last
-    /// entry and nothing is in flight.
+    /// The mechanism: once nothing is in flight (the last entry committed), one empty
+    /// message to each live secondary that acknowledged the last entry.
     Idle,
     /// [`Policy::Idle`] after `delay` ticks, cancelled by a new write (Ceph
     /// `pct_update_delay`); `delay` 0 is [`Policy::Idle`].
@@ -868,20 +868,23 @@ impl Node {
         p.connected && !p.full && p.owes_since.is_none_or(|s| self.now < s + rt)
     }
 
-    /// The live secondaries an idle notification goes to now: none unless the last entry
-    /// is committed and durable here, every live secondary acknowledged it, and some live
-    /// secondary was not sent the commit yet. A dead secondary does not hold the
-    /// notification back from the live ones.
+    /// The secondaries an idle notification goes to now: none unless the last entry is
+    /// committed and durable here (no write in flight); then every live secondary that
+    /// acknowledged it and was not sent the commit yet.
+    ///
+    /// Each secondary is notified as soon as *it* acknowledged the last entry, not once
+    /// every secondary did: the message count is the same (one per secondary per idle
+    /// period, and the commit it carries covers everything that secondary holds, so it
+    /// never needs a second one), but the secondaries that acknowledged first do not wait
+    /// for the slowest one. A dead or slow secondary holds nothing back.
     fn idle_targets(&self) -> Vec<NodeId> {
         let last = self.last_index();
         if last == 0 || self.commit != last || self.durable != last {
             return Vec::new();
         }
-        let live = || self.peers.iter().filter(|(_, p)| self.is_live(p));
-        if !live().all(|(_, p)| p.match_index == last) {
-            return Vec::new();
-        }
-        live()
+        self.peers
+            .iter()
+            .filter(|(_, p)| self.is_live(p) && p.match_index == last)
             .filter(|(_, p)| p.sent_commit < self.commit)
             .map(|(&id, _)| id)
             .collect()
