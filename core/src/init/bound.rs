@@ -37,12 +37,9 @@
 //! the registration's wait.
 //!
 //! `m` of a wave is at least the slowest *lone* mkfs (one device at a time) of its
-//! devices; for the wave of `parallel`, which formats every device at once, it is also
-//! at least the time the set needs for all those formats together: every device's mkfs
-//! bytes at the aggregate write bandwidth of the set, and the measured time of every
-//! device's mkfs run at once without a monitor (small writes and flushes, many at a time,
-//! cost more than sequential bandwidth says). All are measured in the same run
-//! (`exp-init`).
+//! devices; for the wave of `parallel`, which writes every measured device at once, it is
+//! also at least every device's mkfs bytes at the aggregate write bandwidth of the set.
+//! Both are measured in the same run (`exp-init`).
 //!
 //! The unit tests below check the bound against the monitor's own proposal logic
 //! ([`crate::monitor::MonitorState`]) on a virtual clock, for the four strategies: no
@@ -58,9 +55,8 @@ pub struct BoundInput<'a> {
     /// Each device's mkfs time alone (one device at a time), node by node, device by
     /// device (every node has at least one device).
     pub lone_mkfs: &'a [Vec<Duration>],
-    /// Every device's mkfs at once: at least their bytes at the devices' aggregate write
-    /// bandwidth, and (as `exp-init` measures it) at least the time every device's mkfs
-    /// takes when they all run together without a monitor.
+    /// Every device's mkfs bytes written at once at the devices' aggregate write
+    /// bandwidth.
     pub all_at_once: Duration,
     pub propose_interval: Duration,
 }

@@ -4,18 +4,15 @@
 //!
 //! For every (nodes, daemons per node, device size, repetition) the run first measures
 //! (a) the aggregate write bandwidth of the configuration's devices, all written at once
-//! (`harness::devices::precondition` on every device in parallel), (b) each device's
-//! mkfs time alone, one device at a time, and (c) every device's mkfs at once without a
-//! monitor (both the shorter of two passes). Then, for every propose interval, the four
+//! (`harness::devices::precondition` on every device in parallel), and (b) each device's
+//! mkfs time alone, one device at a time (the shorter of two passes). Then, for every propose interval, the four
 //! strategies run back to back, each against a fresh monitor (TCP, journal fsynced per
 //! proposal) and in-process node agents that talk to it over TCP; their order rotates
 //! with the repetition, so no strategy always runs first or last. `bound_ms` is
 //! [`Strategy::lower_bound`] of those measurements: `(2W − 1) × propose_interval +
 //! Σ over the W waves of the strategy's longest chain of max(slowest mkfs of the wave,
 //! propose_interval)`, where for `parallel` (one wave of every device) the wave's mkfs
-//! time is also at least every device's mkfs bytes at the aggregate bandwidth and at least
-//! (c): many small writes and flushes at once cost the device set (and the two CPUs
-//! driving it) more than sequential bandwidth says. With mkfs
+//! time is also at least every device's mkfs bytes at the aggregate bandwidth. With mkfs
 //! shorter than the interval that is `(min_proposals − 1) × propose_interval`.
 
 use std::net::TcpListener;
@@ -126,46 +123,6 @@ fn lone_mkfs(paths: &[PathBuf]) -> anyhow::Result<(Vec<Duration>, u64)> {
         }
     }
     Ok((times, bytes))
-}
-
-/// Every device's mkfs at once, one thread per device, no monitor: the time until the
-/// last one finishes, the shorter of two passes. This is what the device set (and the
-/// CPUs driving it) need for the `parallel` wave's formatting itself: a mkfs is small
-/// writes and flushes, and many flushes at once cost more than the sequential
-/// bandwidth of [`aggregate_bandwidth`] says.
-fn concurrent_mkfs(paths: &[PathBuf]) -> anyhow::Result<Duration> {
-    let mut best = Duration::MAX;
-    for _pass in 0..2 {
-        let fsid = uuid::Uuid::new_v4();
-        let start = Instant::now();
-        let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
-            let hs: Vec<_> = paths
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    s.spawn(move || {
-                        let mut req = MkfsRequest::new(fsid, i as u32);
-                        req.force = true;
-                        daemon::mkfs_path(p, &req)
-                            .map(|_| ())
-                            .with_context(|| format!("concurrent mkfs of {}", p.display()))
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("mkfs thread panicked")))
-                })
-                .collect()
-        });
-        let took = start.elapsed();
-        for r in results {
-            r?;
-        }
-        best = best.min(took);
-    }
-    Ok(best)
 }
 
 /// Aggregate write bandwidth (bytes/s) of `paths` written all at once: each device gets
@@ -288,18 +245,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     // The bound's measurements, once per (nodes, daemons, size, repetition).
                     let bw = aggregate_bandwidth(paths, cli.bandwidth_bytes)?;
                     let (lone, per_mkfs) = lone_mkfs(paths)?;
-                    let at_bandwidth =
+                    let all_at_once =
                         Duration::from_secs_f64(per_mkfs as f64 * paths.len() as f64 / bw);
-                    let concurrent = concurrent_mkfs(paths)?;
-                    let all_at_once = at_bandwidth.max(concurrent);
                     let lone_by_node: Vec<Vec<Duration>> =
                         lone.chunks(d).map(|c| c.to_vec()).collect();
                     measured.push(serde_json::json!({
                         "nodes": n, "daemons_per_node": d, "device_size_bytes": size,
                         "repetition": rep, "aggregate_write_mib_s": bw / (1 << 20) as f64,
                         "lone_mkfs_ms": lone.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
-                        "mkfs_bytes": per_mkfs, "at_bandwidth_ms": ms(at_bandwidth),
-                        "concurrent_mkfs_ms": ms(concurrent), "all_at_once_ms": ms(all_at_once),
+                        "mkfs_bytes": per_mkfs, "all_at_once_ms": ms(all_at_once),
                     }));
                     // Alternate: each repetition starts with the next strategy.
                     let mut order = strategies.clone();
