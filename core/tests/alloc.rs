@@ -46,6 +46,18 @@ fn dev_file(dir: &Path, name: &str, blocks: u64) -> DeviceSpec {
     DeviceSpec::path(sparse_file(&dir.join(name), (1 << 20) + blocks * BLOCK))
 }
 
+/// A scratch directory and a node configuration with one device file `a` of `blocks`
+/// blocks in it.
+fn one_device(strategy: Strategy, blocks: u64) -> (tempfile::TempDir, NodeConfig) {
+    let files = scratch_dir("blocklab-alloc-t-");
+    let cfg = config(
+        files.path(),
+        strategy,
+        vec![dev_file(files.path(), "a", blocks)],
+    );
+    (files, cfg)
+}
+
 fn config(dir: &Path, strategy: Strategy, devices: Vec<DeviceSpec>) -> NodeConfig {
     NodeConfig {
         dir: dir.join("node"),
@@ -291,12 +303,7 @@ fn recovery_returns_a_dead_process_in_flight_block_and_a_claimed_one() {
 
 #[test]
 fn only_the_owner_frees_an_in_flight_block_and_freeing_a_filled_one_drops_its_table_entry() {
-    let files = scratch_dir("blocklab-alloc-t-");
-    let cfg = config(
-        files.path(),
-        Strategy::Shm,
-        vec![dev_file(files.path(), "a", 16)],
-    );
+    let (_files, cfg) = one_device(Strategy::Shm, 16);
     let p = NodeProcess::start(cfg).unwrap();
     let mut mine = p.allocator().unwrap();
     let (_rec, mut other) = other_process(&p.at, 5);
@@ -359,12 +366,7 @@ fn full_device_and_offline_device_give_clear_errors() {
 
 #[test]
 fn device_indexes_are_reused_and_other_processes_follow_the_new_segment() {
-    let files = scratch_dir("blocklab-alloc-t-");
-    let cfg = config(
-        files.path(),
-        Strategy::Shm,
-        vec![dev_file(files.path(), "a", 4)],
-    );
+    let (files, cfg) = one_device(Strategy::Shm, 4);
     let p = NodeProcess::start(cfg.clone()).unwrap();
     // Another process's view of the node, opened before any of the churn.
     let at2 = Arc::new(Attached::open(&cfg.dir).unwrap());
@@ -397,12 +399,7 @@ fn device_indexes_are_reused_and_other_processes_follow_the_new_segment() {
 
 #[test]
 fn bad_settings_are_refused_before_the_node_directory_is_touched() {
-    let files = scratch_dir("blocklab-alloc-t-");
-    let mut cfg = config(
-        files.path(),
-        Strategy::Shm,
-        vec![dev_file(files.path(), "a", 4)],
-    );
+    let (_files, mut cfg) = one_device(Strategy::Shm, 4);
     cfg.block_size = 1000;
     let e = NodeProcess::start(cfg.clone()).unwrap_err();
     assert!(e.to_string().contains("block size 1000"), "{e}");
@@ -482,12 +479,7 @@ fn blocks_go_into_the_data_region_of_a_formatted_device_else_after_the_first_mib
     let e = resolve(&explicit(RAW_OFFSET, 4 * BLOCK), BLOCK).unwrap_err();
     assert!(e.to_string().contains("daemon 3's label"), "{e}");
     // A node refuses such a device with that message, and creates nothing for it.
-    let files = scratch_dir("blocklab-alloc-t-");
-    let cfg = config(
-        files.path(),
-        Strategy::Shm,
-        vec![dev_file(files.path(), "a", 4)],
-    );
+    let (_files, cfg) = one_device(Strategy::Shm, 4);
     let node = NodeProcess::start(cfg.clone()).unwrap();
     let e = node
         .device_online(&explicit(RAW_OFFSET, 4 * BLOCK))
@@ -553,12 +545,7 @@ fn processes_start_their_bitmap_search_on_different_cache_lines() {
 
 #[test]
 fn a_central_caller_must_be_the_process_it_claims_to_be() {
-    let files = scratch_dir("blocklab-alloc-t-");
-    let cfg = config(
-        files.path(),
-        Strategy::Central,
-        vec![dev_file(files.path(), "a", 4)],
-    );
+    let (_files, cfg) = one_device(Strategy::Central, 4);
     let p = NodeProcess::start(cfg.clone()).unwrap();
     let mut a = p.allocator().unwrap();
     let b = a.alloc(0).unwrap();
@@ -589,12 +576,7 @@ fn connect(addr: &str) -> (TcpStream, BufReader<TcpStream>) {
 
 #[test]
 fn bad_requests_get_a_bad_request_reply_and_the_connection_stays_usable() {
-    let files = scratch_dir("blocklab-alloc-t-");
-    let cfg = config(
-        files.path(),
-        Strategy::Shm,
-        vec![dev_file(files.path(), "a", 8)],
-    );
+    let (_files, cfg) = one_device(Strategy::Shm, 8);
     let index = IndexServer::start("127.0.0.1:0").unwrap().addr.to_string();
     let p = Arc::new(NodeProcess::start(cfg.clone()).unwrap());
     let svc = Arc::new(StoreService::new(p.clone(), "n", &index).unwrap());
@@ -640,12 +622,7 @@ fn bad_requests_get_a_bad_request_reply_and_the_connection_stays_usable() {
 
 #[test]
 fn a_stale_unfilled_entry_is_dropped_instead_of_appended_to() {
-    let files = scratch_dir("blocklab-alloc-t-");
-    let cfg = config(
-        files.path(),
-        Strategy::Shm,
-        vec![dev_file(files.path(), "a", 8)],
-    );
+    let (_files, cfg) = one_device(Strategy::Shm, 8);
     let index = IndexServer::start("127.0.0.1:0").unwrap().addr.to_string();
     let p = Arc::new(NodeProcess::start(cfg).unwrap());
     let svc = StoreService::new(p.clone(), "n", &index).unwrap();
@@ -702,12 +679,7 @@ fn a_stale_unfilled_entry_is_dropped_instead_of_appended_to() {
 
 #[test]
 fn concurrent_requests_for_one_device_create_one_segment() {
-    let files = scratch_dir("blocklab-alloc-t-");
-    let cfg = config(
-        files.path(),
-        Strategy::Shm,
-        vec![dev_file(files.path(), "a", 4)],
-    );
+    let (files, cfg) = one_device(Strategy::Shm, 4);
     let p = Arc::new(NodeProcess::start(cfg).unwrap());
     let spec = dev_file(files.path(), "b", 4);
     for _ in 0..5 {

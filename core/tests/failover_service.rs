@@ -105,15 +105,7 @@ fn claim(s: &Setup, e: Epoch) -> Msg {
 /// Submits and returns the final message (Reply or Fenced), skipping `Accepted`.
 fn submit(s: &Setup, op_id: &str, op: Op, e: Epoch) -> Msg {
     let mut c = s.conn();
-    c.send(&Msg::Submit {
-        op_id: op_id.into(),
-        op,
-        epoch: e,
-        node: e.node,
-        session_bound: false,
-        tag: None,
-    })
-    .unwrap();
+    submit_on(&mut c, op_id, op, e);
     loop {
         match c.recv().unwrap() {
             Msg::Accepted { .. } => continue,
