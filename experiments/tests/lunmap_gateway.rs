@@ -31,7 +31,7 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
     let out = cli(&[
         &["lunmap", "create-lun"][..],
         &common,
-        &["db0", "--size", "1M", "--device", &dev_s],
+        &["db0", "--id", "0", "--size", "1M", "--device", &dev_s],
     ]
     .concat());
     assert!(

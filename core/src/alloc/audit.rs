@@ -70,7 +70,16 @@ pub fn audit(at: &Attached, records: &[Record]) -> Result<AuditReport, AllocErro
         }
         let mut in_free = vec![0u32; d.block_count() as usize];
         for b in d.free_members() {
-            in_free[b as usize] += 1;
+            match in_free.get_mut(b as usize) {
+                Some(c) => *c += 1,
+                None => {
+                    rep.double_allocated += 1;
+                    rep.problem(format!(
+                        "device {dev}: the free structure names block {b}, past its {} blocks",
+                        d.block_count()
+                    ));
+                }
+            }
         }
         for b in 0..d.block_count() {
             rep.blocks += 1;

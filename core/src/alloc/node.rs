@@ -418,6 +418,12 @@ fn add_device(
     }
     let (region, _) = region::resolve(spec, block_size)?;
     let (i, serial) = pick_index(at)?;
+    // Entries for an earlier device with this index (a leader that died between marking
+    // it offline and dropping its entries) must not be matched against the new device.
+    {
+        let _l = at.unfilled.lock()?;
+        at.unfilled.remove_where(|u| u.block.dev == i);
+    }
     DeviceSeg::create(
         &device_path(&at.dir, i),
         i,

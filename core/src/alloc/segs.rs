@@ -546,10 +546,21 @@ impl DeviceSeg {
         if c == 0 {
             return Ok(None);
         }
-        let b = self
-            .lay
-            .link(&self.seg, (c - 1) as u32)
-            .load(Ordering::Relaxed);
+        let n = self.lay.n as u64;
+        let b = if c <= n {
+            self.lay
+                .link(&self.seg, (c - 1) as u32)
+                .load(Ordering::Relaxed)
+        } else {
+            u32::MAX
+        };
+        if u64::from(b) >= n {
+            // Shared memory another process can scribble on: refused, not indexed with.
+            return Err(AllocError::BadSegment {
+                path: self.seg.path().to_path_buf(),
+                reason: format!("free list count {c} or entry {b} out of range ({n} blocks)"),
+            });
+        }
         self.count().store(c - 1, Ordering::Relaxed);
         Ok(Some(b))
     }

@@ -248,17 +248,18 @@ impl Dispatcher {
                 if hb.from == self.me {
                     return out;
                 }
-                self.max_epoch = self.max_epoch.max(hb.max_epoch);
-                if let Some(e) = hb.holding {
-                    self.max_epoch = self.max_epoch.max(e);
-                }
                 if let Some(p) = self.peers.iter_mut().find(|p| p.id == hb.from) {
                     p.last_heard = Some(self.now);
                     p.healthy = hb.healthy;
                     p.holding = hb.holding;
                 } else {
-                    // A node not in the configuration: ignore it.
+                    // A node not in the configuration: ignore it, epochs included (a stray
+                    // datagram must not make the holder step down).
                     return out;
+                }
+                self.max_epoch = self.max_epoch.max(hb.max_epoch);
+                if let Some(e) = hb.holding {
+                    self.max_epoch = self.max_epoch.max(e);
                 }
                 if hb.holding.is_some() {
                     self.last_holder_seen = Some(self.now);
@@ -315,8 +316,12 @@ impl Dispatcher {
         if self.choose_holder() != Some(self.me) {
             return;
         }
+        // An exhausted counter (only a forged heartbeat gets there) is never claimed past.
+        let Some(counter) = self.max_epoch.counter.checked_add(1) else {
+            return;
+        };
         let epoch = Epoch {
-            counter: self.max_epoch.counter + 1,
+            counter,
             node: self.me,
         };
         self.max_epoch = epoch;
@@ -611,6 +616,26 @@ mod tests {
         }));
         assert_eq!(acts, vec![Action::Release]);
         assert_eq!(d.holding(), None);
+    }
+
+    #[test]
+    fn a_heartbeat_from_outside_the_configuration_changes_nothing() {
+        let mut d = holding_node_0();
+        let mine = d.holding().unwrap();
+        let acts = d.step(Input::Heartbeat(Heartbeat {
+            from: 9,
+            healthy: true,
+            holding: Some(Epoch {
+                counter: u64::MAX,
+                node: 9,
+            }),
+            max_epoch: Epoch {
+                counter: u64::MAX,
+                node: 9,
+            },
+        }));
+        assert!(acts.is_empty(), "{acts:?}");
+        assert_eq!(d.holding(), Some(mine));
     }
 
     fn holding_node_0() -> Dispatcher {

@@ -356,6 +356,7 @@ impl Handler {
                             continue;
                         }
                         Admit::Wait(rx) => rx,
+                        Admit::Close => return Ok(()),
                     };
                     conn.send(&Msg::Accepted {
                         op_id: op_id.clone(),
@@ -403,6 +404,10 @@ impl Handler {
 enum Admit {
     Answer(Msg),
     Wait(Receiver<OpResult>),
+    /// The service is stopping after a journal failure: close without a final answer, so
+    /// the client sends the operation again to whoever serves next (an error reply would
+    /// be final, and the operation may have been committed).
+    Close,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -426,10 +431,8 @@ fn admit(
         return reply(OpResult::error("operation id must be 1-128 characters"));
     }
     let mut sh = lock(shared);
-    if let Some(msg) = &sh.fatal {
-        return reply(OpResult::error(format!(
-            "the block service is stopping: {msg}"
-        )));
+    if sh.fatal.is_some() {
+        return Admit::Close;
     }
     let current = sh.journal.max_epoch();
     if epoch < current {
@@ -559,19 +562,18 @@ fn executor(
         };
         if let Err(e) = sh.journal.append(rec) {
             // Without a durable record the result must not be handed out, and the journal
-            // can no longer keep operations at most once: stop, answering every waiter.
+            // can no longer keep operations at most once: stop. The waiters get no answer
+            // (their connections close, so their clients send again and the restarted
+            // service answers from the catalog): an error would be final although the
+            // operation may have been committed.
             let msg = format!(
                 "recording the outcome of operation {:?} in the journal failed: {e}",
                 job.op_id
             );
-            sh.fatal = Some(msg.clone());
-            let others: Vec<Waiter> = sh.waiters.drain().flat_map(|(_, w)| w).collect();
+            sh.fatal = Some(msg);
+            sh.waiters.clear();
             drop(sh);
-            for w in waiters.into_iter().chain(others) {
-                let _ = w.tx.send(OpResult::error(format!(
-                    "the block service is stopping: {msg}"
-                )));
-            }
+            drop(waiters);
             stop.store(true, Ordering::Relaxed);
             return;
         }

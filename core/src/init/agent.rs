@@ -186,10 +186,6 @@ impl NodeAgent {
         self
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn info(&self) -> NodeInfo {
         NodeInfo {
             name: self.name.clone(),

@@ -212,6 +212,12 @@ fn plan_batch(classifier: &MapView, batch: &[WatchEvent]) -> Plan {
             WatchEvent::Deleted(p) => (p.as_str(), false),
             WatchEvent::Resync | WatchEvent::SessionLost => continue,
         };
+        // A node whose path is not valid here (a name made by hand, e.g. over 255 bytes)
+        // cannot be read: left out, as the initial load leaves it out, instead of failing
+        // the read of the whole batch and stopping the follower.
+        if crate::coord::path::validate_path(path).is_err() {
+            continue;
+        }
         let kind = classifier.classify(path);
         let (key, needs_read) = match kind {
             Kind::Other => continue,
@@ -312,6 +318,17 @@ mod tests {
             Ok(())
         });
         ok.stop().unwrap();
+    }
+
+    #[test]
+    fn a_node_with_an_invalid_name_is_left_out() {
+        use WatchEvent::*;
+        // A LUN made by hand with a name over 255 bytes: no read of it is planned (the read
+        // would fail and stop the follower), the valid LUN next to it is read.
+        let long = format!("/blocklab/c1/lunmap/luns/{}", "x".repeat(300));
+        let p = plan(&[Created(long.clone()), Created(L.into())]);
+        assert_eq!(p.reads, vec![L.to_string()]);
+        assert!(p.now.is_empty());
     }
 
     #[test]

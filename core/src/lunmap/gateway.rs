@@ -18,10 +18,11 @@ use super::view::MapView;
 use super::{validate_iqn, validate_simple_name, Backing, Layout, Lun, LunMapError};
 use crate::coord::{self, Coord, CoordError, ReadResult};
 use crate::dev::{AlignedBuf, Device, IoEngine, UringEngine};
+use crate::jsonl;
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,9 @@ use std::thread::JoinHandle;
 
 /// Largest single request.
 pub const MAX_IO: u64 = 4 << 20;
+
+/// Longest request line a gateway reads (names and IQNs are far shorter).
+pub const MAX_REQUEST_LINE: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -207,15 +211,11 @@ fn serve_conn(
         confirm,
         stats: Arc::clone(&stats),
     };
-    let mut line = String::new();
     while !stop.load(Ordering::SeqCst) {
-        line.clear();
-        match input.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let req: Request = match serde_json::from_str(line.trim_end()) {
-            Ok(r) => r,
+        // A bounded line: a client sending bytes without a newline cannot grow the buffer.
+        let req: Request = match jsonl::recv_limited(&mut input, MAX_REQUEST_LINE) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(jsonl::LineError::Io(_)) => return,
             Err(e) => {
                 let _ = send(
                     &mut out,
@@ -454,15 +454,13 @@ impl GatewayClient {
             buf.extend_from_slice(p);
         }
         self.out.write_all(&buf)?;
-        let mut line = String::new();
-        if self.input.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "gateway closed the connection",
-            ));
-        }
-        let reply: Reply = serde_json::from_str(line.trim_end())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let reply: Reply =
+            jsonl::recv_limited(&mut self.input, jsonl::MAX_LINE)?.ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "gateway closed the connection",
+                )
+            })?;
         let mut data = Vec::new();
         if reply.ok && req.op == IoKind::Read {
             data.resize(req.len as usize, 0);

@@ -35,8 +35,6 @@ const SLOT_MAGIC: u32 = 0x544f_4c53; // "SLOT"
 const SLOT_HEADER: usize = 4 + 4 + 8 + 8 + 4 + 4;
 /// Largest value a slot holds.
 pub const MAX_VALUE: usize = BLOCK as usize - SLOT_HEADER;
-/// Largest payload (key and value) the engine accepts.
-pub const MAX_PAYLOAD: usize = 8 + MAX_VALUE;
 
 /// Errors of the storage engine.
 #[derive(Debug, thiserror::Error)]

@@ -778,11 +778,17 @@ impl Node {
                     }
                     p.full = true;
                 } else {
-                    p.flow = Flow::Replicate;
-                    // Room again once entries are taken (a probe without entries says nothing).
+                    // Room again once entries are taken (a probe without entries says
+                    // nothing): until then one batch per retransmission period, not a
+                    // whole in-flight window it would refuse again.
                     if advanced {
                         p.full = false;
                     }
+                    p.flow = if p.full {
+                        Flow::Probe { paused: false }
+                    } else {
+                        Flow::Replicate
+                    };
                 }
             }
             AppendOutcome::Mismatch => {

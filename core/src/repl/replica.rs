@@ -23,8 +23,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::daemon::{self, DaemonError};
-use crate::dev::{probe, DevError, Device, Found, UringEngine};
-use crate::format::Layout;
+use crate::dev::{probe_head, DevError, Device, Found, UringEngine};
+use crate::format::{Label, Layout};
 
 use super::kv::{Invalid, KvError, KvStore};
 use super::log::{record_size, LogError, LogStore};
@@ -392,9 +392,11 @@ fn open_storage(opts: &ReplicaOptions) -> Result<(Storage, Vec<Entry>), ReplicaE
 /// Errs unless the device's first MiB is empty, naming what it holds (a daemon device's
 /// cluster and daemon id).
 fn refuse_foreign(eng: &mut UringEngine, dev: &Device) -> Result<(), ReplicaError> {
-    let found = match probe(eng, dev)? {
+    // One read: the label is decoded from the bytes the probe read.
+    let probed = probe_head(eng, dev)?;
+    let found = match probed.found {
         Found::Empty => return Ok(()),
-        Found::Blocklab => match daemon::read_label(eng, dev) {
+        Found::Blocklab => match Label::decode(probed.head()) {
             Ok(l) => format!(
                 "a blocklab label of cluster {} daemon {} and no replication log",
                 l.cluster_fsid, l.daemon_id

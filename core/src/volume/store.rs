@@ -166,6 +166,9 @@ impl Default for StoreConfig {
     }
 }
 
+/// Most bytes of copy buffers a store keeps (2 × chunk × depth).
+pub const MAX_COPY_BUFFERS: u64 = 1 << 30;
+
 impl StoreConfig {
     /// Checks the settings: one line naming the bad one.
     pub fn validate(&self) -> Result<(), VolumeError> {
@@ -186,6 +189,14 @@ impl StoreConfig {
             return Err(VolumeError::Config(format!(
                 "copy depth {} must be 1..={MAX_COPY_DEPTH}",
                 self.copy_depth
+            )));
+        }
+        // The copy keeps a read and a write buffer per slot for the store's lifetime.
+        let buffers = 2 * self.copy_chunk * self.copy_depth as u64;
+        if buffers > MAX_COPY_BUFFERS {
+            return Err(VolumeError::Config(format!(
+                "copy chunk {} × depth {} needs {buffers} bytes of buffers, more than {MAX_COPY_BUFFERS}",
+                self.copy_chunk, self.copy_depth
             )));
         }
         Ok(())
@@ -734,8 +745,10 @@ impl VolumeStore {
             return Err(e);
         }
         self.release_in_memory(&v.extents);
-        // A failure here leaves units marked used on the device; the next open reconciles.
-        self.persist_extents(&v.extents)?;
+        // Past the commit point the delete has happened (the catalog records it under the
+        // operation id), so it is reported as done: a failure here only leaves units marked
+        // used on the device, which the next open reconciles.
+        let _ = self.persist_extents(&v.extents);
         Ok(v)
     }
 

@@ -284,8 +284,9 @@ pub enum LunmapCmd {
         map: MapArgs,
         /// LUN name: 1-64 of [a-z0-9._-].
         name: String,
-        /// LUN number.
-        #[arg(long, default_value_t = 0)]
+        /// LUN number, unique in the cluster (no default: a second LUN with the same
+        /// number is refused).
+        #[arg(long)]
         id: u32,
         /// Size in bytes (K/M/G suffixes), a multiple of 4096.
         #[arg(long, value_parser = parse_size)]
