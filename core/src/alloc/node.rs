@@ -173,7 +173,19 @@ impl Attached {
             if cur.is_some_and(|d| d.is_online()) {
                 continue;
             }
-            match DeviceSeg::attach(&device_path(&self.dir, i as u16)) {
+            let path = device_path(&self.dir, i as u16);
+            match DeviceSeg::attach(&path) {
+                Ok(d) if d.index() != i as u16 => {
+                    // Its header is shared memory: an index that does not match the file
+                    // would alias another device's slot.
+                    return Err(AllocError::BadSegment {
+                        path,
+                        reason: format!(
+                            "segment of device {} in the file of device {i}",
+                            d.index()
+                        ),
+                    });
+                }
                 Ok(d) => {
                     if cur.map(|c| c.serial()) != Some(d.serial()) {
                         slot.set(d);

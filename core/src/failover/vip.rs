@@ -140,13 +140,6 @@ impl VipBackend {
         }
     }
 
-    pub fn kind(&self) -> VipKind {
-        match self {
-            VipBackend::Loopback { .. } => VipKind::Loopback,
-            VipBackend::Netns { .. } => VipKind::Netns,
-        }
-    }
-
     /// Removes a VIP left behind by an earlier incarnation of this node (startup).
     pub fn clean(&self) {
         if let VipBackend::Netns { vip_dev, .. } = self {

@@ -188,14 +188,6 @@ pub fn read_msg<R: BufRead>(r: &mut R) -> Result<Msg, WireError> {
     }
 }
 
-/// Parses one line.
-pub fn parse_msg(line: &[u8]) -> Result<Msg, WireError> {
-    jsonl::parse(line).map_err(|e| match e {
-        LineError::Malformed(m) => WireError::Malformed(m),
-        e => WireError::Malformed(e.to_string()),
-    })
-}
-
 /// Writes one message (one line) and flushes.
 pub fn write_msg<W: Write>(w: &mut W, m: &Msg) -> Result<(), WireError> {
     Ok(jsonl::send(w, m)?)

@@ -73,7 +73,7 @@ impl FileJournal {
         }
     }
 
-    /// Opens (and locks) the log; returns its records the first time.
+    /// Opens (and locks) the log; returns its records when it opens it.
     fn open(&mut self) -> Result<Vec<Record>> {
         if self.log.is_some() {
             return Ok(Vec::new());
@@ -91,6 +91,9 @@ impl FileJournal {
 
 impl MapStore for FileJournal {
     fn load(&mut self) -> Result<Option<ClusterMap>> {
+        // Every load replays the file (a second one must not see an empty journal and
+        // make its caller create the map again).
+        self.log = None;
         let records = self.open()?;
         let mut map: Option<ClusterMap> = None;
         for (i, rec) in records.into_iter().enumerate() {

@@ -34,9 +34,6 @@ impl CopyBuffers {
             b: set(),
         }
     }
-    pub fn chunk(&self) -> usize {
-        self.chunk
-    }
     pub fn depth(&self) -> usize {
         self.a.len()
     }
