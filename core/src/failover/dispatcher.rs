@@ -591,19 +591,7 @@ mod tests {
 
     #[test]
     fn newer_epoch_makes_a_holder_step_down() {
-        let mut d = Dispatcher::new(0, &[0, 1, 2], Timing::default());
-        for _ in 0..10 {
-            d.step(Input::Probe { ok: true });
-            for p in [1, 2] {
-                d.step(Input::Heartbeat(Heartbeat {
-                    from: p,
-                    healthy: true,
-                    holding: None,
-                    max_epoch: Epoch::ZERO,
-                }));
-            }
-            d.step(Input::Tick);
-        }
+        let mut d = holding_node_0();
         let mine = d.holding().expect("0 holds");
         let acts = d.step(Input::Heartbeat(Heartbeat {
             from: 2,
