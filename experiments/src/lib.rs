@@ -52,5 +52,5 @@ pub fn exit_on_error(name: &str, result: anyhow::Result<()>) -> std::process::Ex
     }
 }
 pub use devices::DeviceSet;
-pub use output::{CsvOut, RunMeta};
+pub use output::{CpuTimes, CsvOut, RunMeta};
 pub use stats::{LatencyHist, Percentiles};

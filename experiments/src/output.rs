@@ -82,8 +82,49 @@ pub struct RunMeta {
     pub start_utc: String,
     pub end_utc: Option<String>,
     pub devices: serde_json::Value,
+    /// Share of the CPU time between start and end that the hypervisor gave to others
+    /// (`steal` in `/proc/stat`), in percent: on a virtual machine the main source of
+    /// multi-millisecond stalls, which decide tail latencies. `null` where not available.
+    pub cpu_steal_percent: Option<f64>,
     /// Experiment-specific settings and measurements of the run.
     pub extra: serde_json::Value,
+    #[serde(skip)]
+    cpu_at_start: Option<CpuTimes>,
+}
+
+/// Aggregate CPU time counters of `/proc/stat` (in clock ticks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTimes {
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    /// Reads the aggregate `cpu` line of `/proc/stat`.
+    pub fn now() -> Option<CpuTimes> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+    /// Parses the aggregate `cpu` line (user nice system idle iowait irq softirq steal
+    /// …; guest time is already counted in user and nice, so it is left out of the total).
+    pub fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let steal = *v.get(7)?;
+        Some(CpuTimes {
+            total: v.iter().take(8).sum(),
+            steal,
+        })
+    }
+    /// Steal between `self` and `later`, in percent of all CPU time in between.
+    pub fn steal_percent_until(&self, later: &CpuTimes) -> Option<f64> {
+        let total = later.total.checked_sub(self.total)?;
+        let steal = later.steal.checked_sub(self.steal)?;
+        (total > 0).then(|| (steal as f64 * 10_000.0 / total as f64).round() / 100.0)
+    }
 }
 
 impl RunMeta {
@@ -104,12 +145,18 @@ impl RunMeta {
             start_utc: utc_now(),
             end_utc: None,
             devices: serde_json::Value::Null,
+            cpu_steal_percent: None,
             extra: serde_json::json!({}),
+            cpu_at_start: CpuTimes::now(),
         }
     }
     /// Stamps the end time and writes `dir/<experiment>.meta.json`.
     pub fn finish(&mut self, dir: &Path, overwrite: bool) -> anyhow::Result<PathBuf> {
         self.end_utc = Some(utc_now());
+        self.cpu_steal_percent = self
+            .cpu_at_start
+            .zip(CpuTimes::now())
+            .and_then(|(a, b)| a.steal_percent_until(&b));
         let (path, f) = new_file(dir, &format!("{}.meta.json", self.experiment), overwrite)?;
         serde_json::to_writer_pretty(f, self)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -222,9 +269,22 @@ mod tests {
             "end_utc",
             "devices",
             "run_id",
+            "cpu_steal_percent",
         ] {
             assert!(v.get(key).is_some(), "meta.json lacks {key}");
         }
+    }
+
+    #[test]
+    fn steal_share_from_proc_stat() {
+        let a = CpuTimes::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(a, CpuTimes { total: 1000, steal: 35 });
+        let b = CpuTimes::parse("cpu  200 0 100 1500 20 0 10 170 7 0\n").unwrap();
+        assert_eq!(a.steal_percent_until(&b), Some(13.5));
+        assert_eq!(b.steal_percent_until(&a), None);
+        assert_eq!(a.steal_percent_until(&a), None);
+        assert_eq!(CpuTimes::parse("intr 5\n"), None);
+        assert_eq!(CpuTimes::parse("cpu  1 2 3\n"), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!   error is returned after every request already in flight has completed, and nothing
 //!   after it is started, so no buffer is ever borrowed by the kernel after the call
 //!   returns.
+//!   A durable write ([`IoRequest::write_dsync`]) carries its own flush: it completes only
+//!   once its data is durable, and is not a barrier for the requests around it.
 //! * [`IoEngine::stream`] keeps `queue_depth` fixed-size reads or writes in flight on one
 //!   device (the shape of a benchmark), optionally with registered buffers and a fixed
 //!   file, reporting each completion's latency. Its buffers (and their registration) are
@@ -32,6 +34,10 @@ use super::error::{DevError, Result};
 pub enum IoOp<'a> {
     Read(&'a mut [u8]),
     Write(&'a [u8]),
+    /// A write that completes only once it is durable (`RWF_DSYNC`: on a block device a
+    /// FUA write, which the block layer turns into the write followed by a cache flush
+    /// when the device has no FUA).
+    DsyncWrite(&'a [u8]),
     /// `fsync(2)` as a ring operation.
     Fsync,
     /// `fdatasync(2)` as a ring operation.
@@ -61,6 +67,13 @@ impl<'a> IoRequest<'a> {
             op: IoOp::Write(buf),
         }
     }
+    pub fn write_dsync(dev: &'a Device, offset: u64, buf: &'a [u8]) -> Self {
+        IoRequest {
+            dev,
+            offset,
+            op: IoOp::DsyncWrite(buf),
+        }
+    }
     pub fn fsync(dev: &'a Device) -> Self {
         IoRequest {
             dev,
@@ -79,6 +92,7 @@ impl<'a> IoRequest<'a> {
         match self.op {
             IoOp::Read(_) => "read",
             IoOp::Write(_) => "write",
+            IoOp::DsyncWrite(_) => "dsync write",
             IoOp::Fsync => "fsync",
             IoOp::Fdatasync => "fdatasync",
         }
@@ -89,14 +103,14 @@ impl<'a> IoRequest<'a> {
     fn len(&self) -> usize {
         match &self.op {
             IoOp::Read(b) => b.len(),
-            IoOp::Write(b) => b.len(),
+            IoOp::Write(b) | IoOp::DsyncWrite(b) => b.len(),
             IoOp::Fsync | IoOp::Fdatasync => 0,
         }
     }
     fn validate(&self) -> Result<()> {
         let (addr, len) = match &self.op {
             IoOp::Read(b) => (b.as_ptr() as usize, b.len()),
-            IoOp::Write(b) => (b.as_ptr() as usize, b.len()),
+            IoOp::Write(b) | IoOp::DsyncWrite(b) => (b.as_ptr() as usize, b.len()),
             IoOp::Fsync | IoOp::Fdatasync => return Ok(()),
         };
         if len > u32::MAX as usize {
@@ -286,6 +300,15 @@ impl UringEngine {
                 let rest = &b[done..done + len];
                 opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
                     .offset(off)
+                    .build()
+            }
+            IoOp::DsyncWrite(b) => {
+                // Each part of a resumed short write is durable on its own, so the whole
+                // is durable once the last part completes.
+                let rest = &b[done..done + len];
+                opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                    .offset(off)
+                    .rw_flags(libc::RWF_DSYNC)
                     .build()
             }
             IoOp::Fsync => opcode::Fsync::new(fd).build(),
@@ -862,6 +885,36 @@ mod tests {
     }
     fn last(trace: &[Event], e: Event) -> usize {
         trace.iter().rposition(|&x| x == e).unwrap()
+    }
+
+    /// Durable (`RWF_DSYNC`) writes land like plain ones, also when a short first transfer
+    /// is resumed (each part is submitted durable on its own).
+    #[test]
+    fn dsync_writes_land_whole_even_when_resumed() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dev = file_device(&dir, 1 << 20);
+        for split in [false, true] {
+            let mut eng = UringEngine::with_queue_depth(4).unwrap();
+            eng.hooks.split_first = split;
+            let bufs: Vec<AlignedBuf> = (0..8).map(|i| filled(32 << 10, i as u8 + 9)).collect();
+            let mut reqs: Vec<IoRequest<'_>> = bufs
+                .iter()
+                .enumerate()
+                .map(|(i, b)| IoRequest::write_dsync(&dev, i as u64 * (64 << 10), b))
+                .collect();
+            eng.execute(&mut reqs).unwrap();
+            let trace = std::mem::take(&mut eng.hooks.trace);
+            for i in 0..reqs.len() {
+                let submits = trace.iter().filter(|&&e| e == Event::Submit(i)).count();
+                assert_eq!(submits, if split { 2 } else { 1 }, "request {i}");
+            }
+            drop(reqs);
+            let mut back = AlignedBuf::new(32 << 10);
+            for (i, b) in bufs.iter().enumerate() {
+                eng.read_at(&dev, i as u64 * (64 << 10), &mut back).unwrap();
+                assert_eq!(&back[..], &b[..], "write {i} (split {split})");
+            }
+        }
     }
 
     /// `[writes..., flush, writes..., flush]` with every write resumed after a short first

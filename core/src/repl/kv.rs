@@ -154,10 +154,7 @@ impl KvStore {
         h[8..16].copy_from_slice(&nonce.to_le_bytes());
         let crc = crc32c::crc32c(&h[..16]);
         h[16..20].copy_from_slice(&crc.to_le_bytes());
-        eng.execute(&mut [
-            IoRequest::write(&dev, offset, &h),
-            IoRequest::fdatasync(&dev),
-        ])?;
+        eng.execute(&mut [IoRequest::write_dsync(&dev, offset, &h)])?;
         Ok(KvStore::empty(dev, offset, slots, nonce))
     }
 

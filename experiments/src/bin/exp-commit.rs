@@ -25,7 +25,7 @@ use blocklab::repl::replica::{self, Hooks, PolicySpec, Regions, ReplicaOptions, 
 use blocklab::repl::{Entry, NodeId, Stats};
 use clap::{Parser, ValueEnum};
 use harness::progress::Progress;
-use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
+use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, LatencyHist, RunMeta};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const LOG_LEN: u64 = 64 << 20;
@@ -710,6 +710,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut progress = Progress::new("exp-commit", specs.len() as u64);
     for spec in &specs {
+        let cpu_before = CpuTimes::now();
         let row = run_one(&args, &set, spec, gap, sizes).with_context(|| {
             format!(
                 "{} / {} / {} replicas / rtt {} ms / repetition {}",
@@ -720,8 +721,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                 spec.repetition
             )
         })?;
+        // The VM's steal time during the run: multi-ms stalls that decide a p99 come with it.
+        let steal = cpu_before
+            .zip(CpuTimes::now())
+            .and_then(|(a, b)| a.steal_percent_until(&b))
+            .map_or_else(|| "?".into(), |p| format!("{p}%"));
         progress.step(&format!(
-            "{} {} rtt={} apply_p99={}us extra/write={}",
+            "{} {} rtt={} apply_p99={}us extra/write={} steal={steal}",
             spec.policy,
             spec.workload.name(),
             spec.rtt_ms,
