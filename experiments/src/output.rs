@@ -119,6 +119,10 @@ impl CpuTimes {
             steal,
         })
     }
+    /// Steal from `start` until now, in percent of all CPU time in between.
+    pub fn steal_percent_since(start: Option<CpuTimes>) -> Option<f64> {
+        start?.steal_percent_until(&CpuTimes::now()?)
+    }
     /// Steal between `self` and `later`, in percent of all CPU time in between.
     pub fn steal_percent_until(&self, later: &CpuTimes) -> Option<f64> {
         let total = later.total.checked_sub(self.total)?;
@@ -153,10 +157,7 @@ impl RunMeta {
     /// Stamps the end time and writes `dir/<experiment>.meta.json`.
     pub fn finish(&mut self, dir: &Path, overwrite: bool) -> anyhow::Result<PathBuf> {
         self.end_utc = Some(utc_now());
-        self.cpu_steal_percent = self
-            .cpu_at_start
-            .zip(CpuTimes::now())
-            .and_then(|(a, b)| a.steal_percent_until(&b));
+        self.cpu_steal_percent = CpuTimes::steal_percent_since(self.cpu_at_start);
         let (path, f) = new_file(dir, &format!("{}.meta.json", self.experiment), overwrite)?;
         serde_json::to_writer_pretty(f, self)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -278,7 +279,13 @@ mod tests {
     #[test]
     fn steal_share_from_proc_stat() {
         let a = CpuTimes::parse("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n").unwrap();
-        assert_eq!(a, CpuTimes { total: 1000, steal: 35 });
+        assert_eq!(
+            a,
+            CpuTimes {
+                total: 1000,
+                steal: 35
+            }
+        );
         let b = CpuTimes::parse("cpu  200 0 100 1500 20 0 10 170 7 0\n").unwrap();
         assert_eq!(a.steal_percent_until(&b), Some(13.5));
         assert_eq!(b.steal_percent_until(&a), None);

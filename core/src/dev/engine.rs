@@ -886,6 +886,18 @@ mod tests {
     fn last(trace: &[Event], e: Event) -> usize {
         trace.iter().rposition(|&x| x == e).unwrap()
     }
+    fn submits(trace: &[Event], i: usize) -> usize {
+        trace.iter().filter(|&&e| e == Event::Submit(i)).count()
+    }
+
+    /// Every buffer `i` reads back from offset `i * stride`.
+    fn assert_landed(eng: &mut UringEngine, dev: &Device, bufs: &[AlignedBuf], stride: u64) {
+        let mut back = AlignedBuf::new(bufs[0].len());
+        for (i, b) in bufs.iter().enumerate() {
+            eng.read_at(dev, i as u64 * stride, &mut back).unwrap();
+            assert_eq!(&back[..], &b[..], "write {i}");
+        }
+    }
 
     /// Durable (`RWF_DSYNC`) writes land like plain ones, also when a short first transfer
     /// is resumed (each part is submitted durable on its own).
@@ -905,15 +917,10 @@ mod tests {
             eng.execute(&mut reqs).unwrap();
             let trace = std::mem::take(&mut eng.hooks.trace);
             for i in 0..reqs.len() {
-                let submits = trace.iter().filter(|&&e| e == Event::Submit(i)).count();
-                assert_eq!(submits, if split { 2 } else { 1 }, "request {i}");
+                assert_eq!(submits(&trace, i), if split { 2 } else { 1 }, "request {i}");
             }
             drop(reqs);
-            let mut back = AlignedBuf::new(32 << 10);
-            for (i, b) in bufs.iter().enumerate() {
-                eng.read_at(&dev, i as u64 * (64 << 10), &mut back).unwrap();
-                assert_eq!(&back[..], &b[..], "write {i} (split {split})");
-            }
+            assert_landed(&mut eng, &dev, &bufs, 64 << 10);
         }
     }
 
@@ -958,16 +965,11 @@ mod tests {
                     }
                 }
             }
-            let submits = |i: usize| trace.iter().filter(|&&e| e == Event::Submit(i)).count();
             for i in (0..reqs.len()).filter(|i| !flushes.contains(i)) {
-                assert_eq!(submits(i), if split { 2 } else { 1 }, "request {i}");
+                assert_eq!(submits(&trace, i), if split { 2 } else { 1 }, "request {i}");
             }
-            // Every byte landed.
-            let mut back = AlignedBuf::new(16 << 10);
-            for (i, b) in bufs.iter().enumerate() {
-                eng.read_at(&dev, i as u64 * (32 << 10), &mut back).unwrap();
-                assert_eq!(&back[..], &b[..], "write {i} (split {split})");
-            }
+            drop(reqs);
+            assert_landed(&mut eng, &dev, &bufs, 32 << 10);
         }
     }
 

@@ -722,9 +722,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
         // The VM's steal time during the run: multi-ms stalls that decide a p99 come with it.
-        let steal = cpu_before
-            .zip(CpuTimes::now())
-            .and_then(|(a, b)| a.steal_percent_until(&b))
+        let steal = CpuTimes::steal_percent_since(cpu_before)
             .map_or_else(|| "?".into(), |p| format!("{p}%"));
         progress.step(&format!(
             "{} {} rtt={} apply_p99={}us extra/write={} steal={steal}",
