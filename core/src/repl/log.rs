@@ -9,7 +9,8 @@
 //!
 //! An append writes the records from the start of the block holding the current tail to
 //! the end of the last block touched (the rest of that block zeroed) as one durable write
-//! (`RWF_DSYNC`), and an entry counts as persisted only once that write completed. On a
+//! (`RWF_DSYNC`), and an entry counts as persisted only once that write completed
+//! ([`LogStore::append_each`] instead issues one durable write per entry, all at once). On a
 //! block device that is a FUA write: the block layer completes it only after the data is
 //! on stable media, flushing the device's cache after the write when the device has no
 //! FUA of its own (a loop device has none: its flush is an `fsync` of the backing file).
@@ -21,8 +22,8 @@
 //! the kernel runs the equivalent of `fdatasync` for the written range before completing.)
 //! Recovery scans from block 1 and stops at the first record that is not valid: bad
 //! magic, another incarnation's nonce, bad CRC, an index that does not follow, or a term
-//! that goes backwards (stale records of a truncated suffix). Every durable append (one
-//! cache flush each) is counted in [`LogStore::flushes`].
+//! that goes backwards (stale records of a truncated suffix). Every durable write of an
+//! append (one cache flush each) is counted in [`LogStore::flushes`].
 
 use crate::dev::{AlignedBuf, DevError, Device, IoEngine, IoRequest};
 
@@ -211,7 +212,8 @@ impl LogStore {
     pub fn last_index(&self) -> u64 {
         self.starts.len() as u64
     }
-    /// Flushes done by [`LogStore::append`] since the store was opened (header writes are
+    /// Durable writes (one cache flush each) done by [`LogStore::append`] and
+    /// [`LogStore::append_each`] since the store was opened (header writes are
     /// not counted).
     pub fn flushes(&self) -> u64 {
         self.flushes
@@ -221,9 +223,35 @@ impl LogStore {
         (self.len - BLOCK) - self.tail
     }
 
-    /// Appends `entries` (which must follow the last index) with one durable write. On error nothing
-    /// is recorded as appended; a full region is refused before anything is written.
+    /// Appends `entries` (which must follow the last index) with one durable write (group
+    /// commit). On error nothing is recorded as appended; a full region is refused before
+    /// anything is written.
     pub fn append(&mut self, eng: &mut dyn IoEngine, entries: &[Entry]) -> Result<(), LogError> {
+        self.append_with(eng, entries, false)
+    }
+
+    /// Appends `entries` with one durable write per entry, all in flight at once, so the
+    /// number of flushes is the number of entries whatever the batching. Write `k` covers
+    /// the blocks record `k` touches, with the content those blocks have once the whole
+    /// batch is written: a block shared by neighbouring records is written by both with
+    /// the same bytes, so the order the writes land in does not matter, and each entry is
+    /// durable once its own write completed. (A neighbour's record may become durable
+    /// through a shared block before its own write completes, as with a group commit.)
+    /// Errors as for [`LogStore::append`].
+    pub fn append_each(
+        &mut self,
+        eng: &mut dyn IoEngine,
+        entries: &[Entry],
+    ) -> Result<(), LogError> {
+        self.append_with(eng, entries, true)
+    }
+
+    fn append_with(
+        &mut self,
+        eng: &mut dyn IoEngine,
+        entries: &[Entry],
+        per_entry: bool,
+    ) -> Result<(), LogError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -258,8 +286,24 @@ impl LogStore {
         }
         let block_start = self.tail - head as u64;
         let at = self.offset + BLOCK + block_start;
-        self.write_durable(eng, at, &buf)?;
-        self.flushes += 1;
+        if per_entry {
+            // Record k spans buf[pos_k, pos_k + size_k); its write is that span rounded out
+            // to whole blocks.
+            let b = BLOCK as usize;
+            let mut reqs = Vec::with_capacity(entries.len());
+            let mut pos = head;
+            for e in entries {
+                let end = pos + record_size(e.payload.len()) as usize;
+                let (lo, hi) = (pos - pos % b, end.div_ceil(b) * b);
+                reqs.push(IoRequest::write_dsync(&self.dev, at + lo as u64, &buf[lo..hi]));
+                pos = end;
+            }
+            eng.execute(&mut reqs)?;
+            self.flushes += entries.len() as u64;
+        } else {
+            self.write_durable(eng, at, &buf)?;
+            self.flushes += 1;
+        }
         self.tail += need;
         self.starts.extend(new_starts);
         self.terms.extend(entries.iter().map(|e| e.term));

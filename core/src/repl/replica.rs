@@ -227,9 +227,9 @@ pub struct ReplicaOptions {
     /// daemon's or cluster's format, a file system, other data).
     pub force: bool,
     /// Group commit: append everything the protocol hands out at once with one flush
-    /// (the default). Without it every entry is appended and flushed on its own, so the
-    /// number of flushes is the number of entries, whatever the timing: what exp-commit
-    /// uses to show that notifications cost no flush.
+    /// (the default). Without it every entry gets a durable write of its own (all of a
+    /// batch in flight at once), so the number of flushes is the number of entries,
+    /// whatever the timing: what exp-commit uses to show that notifications cost no flush.
     pub group_commit: bool,
 }
 
@@ -771,48 +771,38 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// Appends and flushes `entries` (one flush for all with group commit, else one per
-    /// entry). Returns false when a secondary's log region is full: the node was told, and
-    /// the acknowledgements of this Ready must not be sent.
+    /// Appends `entries` durably (one flush for all with group commit, else one durable
+    /// write per entry, all in flight at once). Returns false when a secondary's log region
+    /// is full: nothing was appended, the node was told, and the acknowledgements of this
+    /// Ready must not be sent.
     fn persist(&mut self, entries: &[Entry]) -> Result<bool, ReplicaError> {
-        if entries.is_empty() {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(true);
-        }
-        let per_flush = if self.opts.group_commit {
-            entries.len()
-        } else {
-            1
         };
-        let mut durable = None;
-        let mut full = None;
-        for chunk in entries.chunks(per_flush) {
-            match self.st.log.append(&mut self.st.eng, chunk) {
-                Ok(()) => {
-                    let (first, last) = (chunk[0].index, chunk[chunk.len() - 1].index);
-                    let flushes = self.st.log.flushes() - self.flushes_at_start;
-                    self.hooks.persisted(first, last, flushes);
-                    durable = Some(last);
-                }
-                Err(LogError::Full { need, left, .. }) if !self.node.is_primary() => {
-                    full = Some((chunk[0].index, need, left));
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let (first, last) = (first.index, last.index);
         self.unappended = 0;
-        if let Some(last) = durable {
-            self.node.persisted(last);
+        let appended = if self.opts.group_commit {
+            self.st.log.append(&mut self.st.eng, entries)
+        } else {
+            self.st.log.append_each(&mut self.st.eng, entries)
+        };
+        match appended {
+            Ok(()) => {
+                let flushes = self.st.log.flushes() - self.flushes_at_start;
+                self.hooks.persisted(first, last, flushes);
+                self.node.persisted(last);
+                Ok(true)
+            }
+            Err(LogError::Full { need, left, .. }) if !self.node.is_primary() => {
+                self.reporter.report(format_args!(
+                    "log region full: entries from {first} need {need} bytes, {left} left; \
+                     refusing them and telling the primary, still serving"
+                ));
+                self.node.persist_failed(need, left);
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
         }
-        if let Some((first, need, left)) = full {
-            self.reporter.report(format_args!(
-                "log region full: entries from {first} need {need} bytes, {left} left; \
-                 refusing them and telling the primary, still serving"
-            ));
-            self.node.persist_failed(need, left);
-            return Ok(false);
-        }
-        Ok(true)
     }
 
     /// Sends protocol messages; an append going to several secondaries is encoded once.
