@@ -102,7 +102,11 @@ fn log_per_entry_round_trip(path: &std::path::Path) {
         // Runs of tiny records (many to a block) with now and then one spanning blocks.
         let b: Vec<Entry> = (0..(batch % 7 + 1))
             .map(|k| {
-                let n = if (batch + k) % 5 == 4 { 5000 } else { (batch * 13 + k * 7) as usize % 90 };
+                let n = if (batch + k) % 5 == 4 {
+                    5000
+                } else {
+                    (batch * 13 + k * 7) as usize % 90
+                };
                 e(1, idx + k, n)
             })
             .collect();
@@ -116,12 +120,20 @@ fn log_per_entry_round_trip(path: &std::path::Path) {
         }
         all.extend(b);
     }
-    assert_eq!(log.flushes(), want_flushes, "one flush per entry of append_each");
+    assert_eq!(
+        log.flushes(),
+        want_flushes,
+        "one flush per entry of append_each"
+    );
     let too_much: Vec<Entry> = (0..4).map(|k| e(1, idx + k, 12_000)).collect();
     assert!(4 * record_size(12_000) > log.space_left());
     let err = log.append_each(&mut eng, &too_much).unwrap_err();
     assert!(matches!(err, LogError::Full { .. }), "{err}");
-    assert_eq!(log.flushes(), want_flushes, "nothing written for a refused batch");
+    assert_eq!(
+        log.flushes(),
+        want_flushes,
+        "nothing written for a refused batch"
+    );
     drop(log);
     let (mut log, got) = LogStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
     assert_eq!(got, all);

@@ -295,7 +295,11 @@ impl LogStore {
             for e in entries {
                 let end = pos + record_size(e.payload.len()) as usize;
                 let (lo, hi) = (pos - pos % b, end.div_ceil(b) * b);
-                reqs.push(IoRequest::write_dsync(&self.dev, at + lo as u64, &buf[lo..hi]));
+                reqs.push(IoRequest::write_dsync(
+                    &self.dev,
+                    at + lo as u64,
+                    &buf[lo..hi],
+                ));
                 pos = end;
             }
             eng.execute(&mut reqs)?;

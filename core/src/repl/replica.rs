@@ -26,6 +26,7 @@ use crate::daemon::{self, DaemonError};
 use crate::dev::{probe_head, DevError, Device, Found, UringEngine};
 use crate::format::{Label, Layout};
 
+use super::apply::{Applied, Applier};
 use super::kv::{Invalid, KvError, KvStore};
 use super::log::{record_size, LogError, LogStore};
 use super::protocol::{Config, Entry, Message, Node, NodeId, Policy, ProtocolError, Stats};
@@ -290,6 +291,8 @@ enum Event {
     Closed {
         conn: u64,
     },
+    /// The apply worker applied a batch (`None`: an error stopped it).
+    Applied(Option<Applied>),
 }
 
 /// A running replica (its loop on its own thread).
@@ -363,13 +366,12 @@ pub fn spawn(opts: ReplicaOptions, hooks: Box<dyn Hooks>) -> Result<ReplicaHandl
 struct Storage {
     eng: UringEngine,
     log: LogStore,
-    kv: KvStore,
 }
 
 /// Opens (or, with `fresh` or on a device without a log, creates) the log and the store.
 /// Ownership is decided from the log region's first block alone: a replication log there
 /// is ours; anything else needs `force` unless the device is empty.
-fn open_storage(opts: &ReplicaOptions) -> Result<(Storage, Vec<Entry>), ReplicaError> {
+fn open_storage(opts: &ReplicaOptions) -> Result<(Storage, KvStore, Vec<Entry>), ReplicaError> {
     let mut eng = UringEngine::with_queue_depth(64)?;
     let r = opts.regions;
     let open = || Device::open(&opts.device);
@@ -379,14 +381,14 @@ fn open_storage(opts: &ReplicaOptions) -> Result<(Storage, Vec<Entry>), ReplicaE
     if ours && !opts.fresh {
         let (log, entries) = LogStore::open(&mut eng, dev, r.log_offset, r.log_len)?;
         let kv = KvStore::open(&mut eng, open()?, r.data_offset, r.data_len)?;
-        return Ok((Storage { eng, log, kv }, entries));
+        return Ok((Storage { eng, log }, kv, entries));
     }
     if !ours && !opts.force {
         refuse_foreign(&mut eng, &dev)?;
     }
     let log = LogStore::create(&mut eng, dev, r.log_offset, r.log_len)?;
     let kv = KvStore::create(&mut eng, open()?, r.data_offset, r.data_len)?;
-    Ok((Storage { eng, log, kv }, Vec::new()))
+    Ok((Storage { eng, log }, kv, Vec::new()))
 }
 
 /// Errs unless the device's first MiB is empty, naming what it holds (a daemon device's
@@ -491,6 +493,7 @@ struct Driver<'a> {
     opts: &'a ReplicaOptions,
     node: Node,
     st: Storage,
+    applier: Applier,
     hooks: Box<dyn Hooks>,
     conns: HashMap<u64, Conn>,
     peer_conn: HashMap<NodeId, u64>,
@@ -502,6 +505,8 @@ struct Driver<'a> {
     unappended: u64,
     flushes_at_start: u64,
     apply_rejected: u64,
+    /// The apply worker stopped on an error ([`Applier::finish`] returns it).
+    apply_failed: bool,
     reporter: Reporter,
 }
 
@@ -534,7 +539,7 @@ pub fn run(
             )));
         }
     }
-    let (mut st, recovered) = open_storage(&opts)?;
+    let (mut st, mut kv, recovered) = open_storage(&opts)?;
     let mut cfg = Config::new(
         opts.id,
         opts.primary,
@@ -545,8 +550,8 @@ pub fn run(
     let mut node = if is_primary {
         // The recovered log's keys hold slots even before they are applied again.
         for e in &recovered {
-            if let Ok(key) = st.kv.check(&e.payload) {
-                st.kv.reserve(key);
+            if let Ok(key) = kv.check(&e.payload) {
+                kv.reserve(key);
             }
         }
         let term = st.log.term() + 1;
@@ -612,6 +617,12 @@ pub fn run(
             }));
         }
     }
+    let applier = {
+        let tx = tx.clone();
+        Applier::spawn(kv, move |a| {
+            let _ = tx.send(Event::Applied(a));
+        })?
+    };
     drop(tx);
     if let Some(s) = started {
         let _ = s.send(());
@@ -622,6 +633,7 @@ pub fn run(
         opts: &opts,
         node,
         st,
+        applier,
         hooks,
         conns: HashMap::new(),
         peer_conn: HashMap::new(),
@@ -629,6 +641,7 @@ pub fn run(
         unappended: 0,
         flushes_at_start,
         apply_rejected: 0,
+        apply_failed: false,
         reporter: Reporter {
             id: opts.id,
             seen: HashMap::new(),
@@ -642,17 +655,20 @@ pub fn run(
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
     d.conns.clear();
+    // Everything handed to the apply worker is applied before the replica stops.
+    let applied = d.applier.finish();
     drop(inbox);
     for t in threads {
         let _ = t.join();
     }
     result?;
+    let applied = applied?;
     Ok(ReplicaReport {
         stats: d.node.stats(),
         log_flushes: d.st.log.flushes() - d.flushes_at_start,
         last_index: d.node.last_index(),
         commit: d.node.commit(),
-        applied: d.st.kv.applied(),
+        applied,
         apply_rejected: d.apply_rejected,
         term: d.node.term(),
         wakeups,
@@ -695,6 +711,9 @@ impl Driver<'_> {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            if self.apply_failed {
+                break;
+            }
             let target = (start.elapsed().as_nanos() / tick.as_nanos()) as u64;
             if target > ticks_done {
                 self.node.advance_to(target);
@@ -728,14 +747,15 @@ impl Driver<'_> {
     /// Admits a client write on the primary: the storage engine must be able to apply it
     /// and the log region must have room for it; then proposes it.
     fn admit(&mut self, payload: Arc<[u8]>) -> Result<u64, AdmitError> {
-        let key = self.st.kv.check(&payload)?;
+        let mut kv = self.applier.store();
+        let key = kv.check(&payload)?;
         let need = record_size(payload.len());
         let left = self.st.log.space_left().saturating_sub(self.unappended);
         if need > left {
             return Err(AdmitError::LogFull { need, left });
         }
         let index = self.node.propose(payload)?;
-        self.st.kv.reserve(key);
+        kv.reserve(key);
         self.unappended += need;
         Ok(index)
     }
@@ -760,13 +780,7 @@ impl Driver<'_> {
             }
         }
         if !rd.apply.is_empty() {
-            let rejected = self.st.kv.apply(&mut self.st.eng, &rd.apply)?;
-            for (index, why) in rejected {
-                self.apply_rejected += 1;
-                self.reporter
-                    .report(format_args!("committed entry {index} skipped: {why}"));
-            }
-            self.hooks.applied(&rd.apply, Instant::now());
+            self.applier.submit(rd.apply);
         }
         Ok(())
     }
@@ -875,6 +889,15 @@ impl Driver<'_> {
                 }
             }
             Event::Closed { conn } => self.close(conn),
+            Event::Applied(Some(a)) => {
+                for (index, why) in a.rejected {
+                    self.apply_rejected += 1;
+                    self.reporter
+                        .report(format_args!("committed entry {index} skipped: {why}"));
+                }
+                self.hooks.applied(&a.entries, a.at);
+            }
+            Event::Applied(None) => self.apply_failed = true,
             Event::Frame { conn, frame } => self.on_frame(conn, frame),
         }
     }
@@ -928,7 +951,7 @@ impl Driver<'_> {
                     last_index: self.node.last_index(),
                     durable_index: self.node.durable_index(),
                     commit: self.node.commit(),
-                    applied: self.st.kv.applied(),
+                    applied: self.applier.store().applied(),
                 };
                 self.reply(conn, &Frame::Status(s));
             }
