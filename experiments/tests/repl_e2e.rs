@@ -679,8 +679,10 @@ fn a_formatted_daemon_device_is_used_through_its_layout_with_force_once() {
 }
 
 /// In-process replicas (so their reports can be read): with group commit off every entry
-/// costs exactly one flush on every replica, whatever the policy sends besides, and the
-/// replica reports each flush with the entries it wrote; an idle replica sleeps in its loop
+/// costs exactly one flush on every replica, whatever the policy sends besides and also
+/// when a batch of entries is persisted at once (the first half of the writes is proposed
+/// in one batch), and the replica reports each flush with the entry it wrote; an idle
+/// replica sleeps in its loop
 /// instead of spinning (a secondary once spun on a poll deadline that only the primary
 /// ever moves); every secondary applies every write.
 #[test]
@@ -694,8 +696,13 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
         flushes: Vec<(u64, u64, u64)>,
         connected: Vec<NodeId>,
     }
-    struct Record(Arc<Mutex<Seen>>);
+    /// The flushes seen, and (on the primary) payloads to propose at the first poll.
+    struct Record(Arc<Mutex<Seen>>, Vec<Vec<u8>>);
     impl Hooks for Record {
+        fn poll(&mut self, _now: Instant, propose: &mut Vec<Vec<u8>>) -> Option<Instant> {
+            propose.append(&mut self.1);
+            None
+        }
         fn persisted(&mut self, first: u64, last: u64, flushes: u64) {
             self.0.lock().unwrap().flushes.push((first, last, flushes));
         }
@@ -723,17 +730,18 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
         group_commit: false,
     };
     let seen: Vec<Arc<Mutex<Seen>>> = (0..3).map(|_| Arc::default()).collect();
-    let s1 = replica::spawn(opts(1, vec![]), Box::new(Record(seen[1].clone()))).unwrap();
-    let s2 = replica::spawn(opts(2, vec![]), Box::new(Record(seen[2].clone()))).unwrap();
+    const N: u64 = 12;
+    let batch: Vec<Vec<u8>> = (1..=N / 2).map(|k| put_payload(k, b"b")).collect();
+    let s1 = replica::spawn(opts(1, vec![]), Box::new(Record(seen[1].clone(), vec![]))).unwrap();
+    let s2 = replica::spawn(opts(2, vec![]), Box::new(Record(seen[2].clone(), vec![]))).unwrap();
     let p = replica::spawn(
         opts(0, vec![(1, s1.addr()), (2, s2.addr())]),
-        Box::new(Record(seen[0].clone())),
+        Box::new(Record(seen[0].clone(), batch)),
     )
     .unwrap();
     let started = Instant::now();
     let mut c = Client::connect(p.addr(), Duration::from_secs(10)).unwrap();
-    const N: u64 = 12;
-    for k in 1..=N {
+    for k in N / 2 + 1..=N {
         assert_eq!(c.write(put_payload(k, b"v")).unwrap(), k);
     }
     wait_for("both secondaries applied everything", WAIT, || {
