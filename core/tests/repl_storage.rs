@@ -25,10 +25,16 @@ fn e(term: u64, index: u64, n: usize) -> Entry {
     }
 }
 
+/// An engine and a new log at `off` of `path`.
+fn new_log(path: &std::path::Path, off: u64, len: u64) -> (UringEngine, LogStore) {
+    let mut eng = UringEngine::with_queue_depth(64).unwrap();
+    let log = LogStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    (eng, log)
+}
+
 fn log_round_trip(path: &std::path::Path) {
-    let mut eng = UringEngine::with_queue_depth(8).unwrap();
     let (off, len) = (1 << 20, 256 << 10);
-    let mut log = LogStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    let (mut eng, mut log) = new_log(path, off, len);
     let mut all = Vec::new();
     // Entries of many sizes, some spanning blocks, appended in batches.
     let mut idx = 1;
@@ -92,9 +98,8 @@ fn log_round_trip(path: &std::path::Path) {
 /// entry is recovered whatever order the writes landed in (neighbouring records share
 /// blocks), one flush is counted per entry, and a batch that does not fit is refused whole.
 fn log_per_entry_round_trip(path: &std::path::Path) {
-    let mut eng = UringEngine::with_queue_depth(64).unwrap();
     let (off, len) = (1 << 20, 128 << 10);
-    let mut log = LogStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    let (mut eng, mut log) = new_log(path, off, len);
     let mut all = Vec::new();
     let mut want_flushes = 0;
     let mut idx = 1;

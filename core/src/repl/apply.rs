@@ -82,22 +82,24 @@ impl Applier {
     /// Applies everything handed over, stops the worker and returns the applied index, or
     /// the error that stopped it.
     pub fn finish(mut self) -> Result<u64, KvError> {
-        self.tx = None;
-        match self.thread.take().map(JoinHandle::join) {
+        match self.stop() {
             Some(Ok(r)) => r?,
             Some(Err(panic)) => std::panic::resume_unwind(panic),
             None => {}
         }
         Ok(self.store().applied())
     }
+
+    /// Closes the hand-over channel and waits for the worker to drain it.
+    fn stop(&mut self) -> Option<std::thread::Result<Result<(), KvError>>> {
+        self.tx = None;
+        self.thread.take().map(JoinHandle::join)
+    }
 }
 
 impl Drop for Applier {
     fn drop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.stop();
     }
 }
 

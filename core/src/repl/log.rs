@@ -286,28 +286,26 @@ impl LogStore {
         }
         let block_start = self.tail - head as u64;
         let at = self.offset + BLOCK + block_start;
+        // One durable write for the whole buffer, or one per record: record k spans
+        // buf[pos_k, pos_k + size_k), and its write is that span rounded out to blocks.
+        let b = BLOCK as usize;
+        let mut spans = Vec::with_capacity(if per_entry { entries.len() } else { 1 });
         if per_entry {
-            // Record k spans buf[pos_k, pos_k + size_k); its write is that span rounded out
-            // to whole blocks.
-            let b = BLOCK as usize;
-            let mut reqs = Vec::with_capacity(entries.len());
             let mut pos = head;
             for e in entries {
                 let end = pos + record_size(e.payload.len()) as usize;
-                let (lo, hi) = (pos - pos % b, end.div_ceil(b) * b);
-                reqs.push(IoRequest::write_dsync(
-                    &self.dev,
-                    at + lo as u64,
-                    &buf[lo..hi],
-                ));
+                spans.push((pos - pos % b, end.div_ceil(b) * b));
                 pos = end;
             }
-            eng.execute(&mut reqs)?;
-            self.flushes += entries.len() as u64;
         } else {
-            self.write_durable(eng, at, &buf)?;
-            self.flushes += 1;
+            spans.push((0, buf.len()));
         }
+        let mut reqs: Vec<IoRequest<'_>> = spans
+            .iter()
+            .map(|&(lo, hi)| IoRequest::write_dsync(&self.dev, at + lo as u64, &buf[lo..hi]))
+            .collect();
+        eng.execute(&mut reqs)?;
+        self.flushes += reqs.len() as u64;
         self.tail += need;
         self.starts.extend(new_starts);
         self.terms.extend(entries.iter().map(|e| e.term));
