@@ -107,8 +107,8 @@ pub enum Policy {
     Periodic { every: u64 },
     /// An empty append on every commit advance (etcd `bcastAppend`, openraft).
     Eager,
-    /// The mechanism: once nothing is in flight (the last entry committed), one empty
-    /// message to each live secondary that acknowledged the last entry.
+    /// The mechanism: once writes stop (the commit caught up with the last entry), one
+    /// empty message to each live secondary that was sent every entry.
     Idle,
     /// [`Policy::Idle`] after `delay` ticks, cancelled by a new write (Ceph
     /// `pct_update_delay`); `delay` 0 is [`Policy::Idle`].
@@ -592,17 +592,6 @@ impl Node {
             at.push(self.next_heartbeat);
         }
         at.extend(self.idle_deadline);
-        if matches!(self.cfg.policy, Policy::Idle | Policy::IdleDelayed { .. }) {
-            // A peer that stops being live may let the others be notified.
-            let rt = self.cfg.retransmit_ticks.max(1);
-            at.extend(
-                self.peers
-                    .values()
-                    .filter(|p| p.connected)
-                    .filter_map(|p| p.owes_since.map(|s| s + rt))
-                    .filter(|&t| t > self.now),
-            );
-        }
         at.into_iter()
             .map(|t| t.saturating_sub(self.now).max(1))
             .min()
@@ -874,23 +863,29 @@ impl Node {
         p.connected && !p.full && p.owes_since.is_none_or(|s| self.now < s + rt)
     }
 
-    /// The secondaries an idle notification goes to now: none unless the last entry is
-    /// committed and durable here (no write in flight); then every live secondary that
-    /// acknowledged it and was not sent the commit yet.
+    /// The secondaries an idle notification goes to now: none until the commit index has
+    /// caught up with the last entry (the primary then holds it durably too, and the
+    /// driver has admitted whatever writes were waiting); then every live secondary that
+    /// was sent every entry and not yet the commit.
     ///
-    /// Each secondary is notified as soon as *it* acknowledged the last entry, not once
-    /// every secondary did: the message count is the same (one per secondary per idle
-    /// period, and the commit it carries covers everything that secondary holds, so it
-    /// never needs a second one), but the secondaries that acknowledged first do not wait
-    /// for the slowest one. A dead or slow secondary holds nothing back.
+    /// The commit cannot advance again before a new write arrives, so this is the moment
+    /// writes have stopped. It does not wait for the remaining secondaries to acknowledge
+    /// the last entry: the message count would be the same (one per secondary per idle
+    /// period, carrying a commit that covers everything sent to it), but the slowest
+    /// secondary would learn the commit only after its own acknowledgement's round trip,
+    /// i.e. its persist delay behind the quorum plus a one-way delay after the commit,
+    /// where an eager notification sent at the commit reaches it one one-way delay after
+    /// the commit and is used as soon as it persisted. A secondary caps the commit at the
+    /// entries it verified and applies only what is durable, so an early notification is
+    /// safe. A dead or slow secondary holds nothing back.
     fn idle_targets(&self) -> Vec<NodeId> {
         let last = self.last_index();
-        if last == 0 || self.commit != last || self.durable != last {
+        if last == 0 || self.commit != last {
             return Vec::new();
         }
         self.peers
             .iter()
-            .filter(|(_, p)| self.is_live(p) && p.match_index == last)
+            .filter(|(_, p)| self.is_live(p) && p.next_index > last)
             .filter(|(_, p)| p.sent_commit < self.commit)
             .map(|(&id, _)| id)
             .collect()

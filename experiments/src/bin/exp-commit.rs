@@ -134,6 +134,32 @@ struct Args {
     /// sub-millisecond notification delays being compared; `disk` measures them anyway.
     #[arg(long, value_enum, default_value_t = Backing::Memory)]
     backing: Backing,
+    /// Also write OUT/exp-commit-samples.csv: one row per measured write and secondary
+    /// with the times (µs, relative to the commit) at which each replica persisted it and
+    /// the secondary learned the commit and applied it, for CDFs and for finding where a
+    /// tail comes from.
+    #[arg(long)]
+    samples: bool,
+}
+
+/// One measured write as one secondary saw it (`--samples`). Times are µs relative to the
+/// primary's commit of the write; negative when before it.
+#[derive(Debug, serde::Serialize)]
+struct Sample {
+    policy: &'static str,
+    param_ms: f64,
+    workload: &'static str,
+    replicas: usize,
+    rtt_ms: f64,
+    repetition: u32,
+    index: u64,
+    secondary: usize,
+    arrival_us: i64,
+    primary_persisted_us: i64,
+    persisted_us: i64,
+    other_persisted_max_us: i64,
+    learned_us: i64,
+    applied_us: i64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -177,6 +203,8 @@ struct Rec {
     /// reported it, and its durable index.
     flush_starts: Vec<Vec<u64>>,
     durable: Vec<u64>,
+    /// Per replica (0 = primary), per index: when the replica reported it durable.
+    persisted_at: Vec<Vec<Option<Instant>>>,
 }
 
 fn set(v: &mut Vec<Option<Instant>>, i: u64, t: Instant) {
@@ -191,6 +219,10 @@ fn set(v: &mut Vec<Option<Instant>>, i: u64, t: Instant) {
 
 impl Rec {
     fn persisted(&mut self, replica: usize, first: u64, last: u64) {
+        let now = Instant::now();
+        for i in first..=last {
+            set(&mut self.persisted_at[replica], i, now);
+        }
         self.flush_starts[replica].push(first);
         self.durable[replica] = self.durable[replica].max(last);
     }
@@ -387,7 +419,7 @@ fn run_one(
     spec: &RunSpec,
     gap: Duration,
     sizes: (u64, u64, f64, u64),
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<(Row, Vec<Sample>)> {
     let (single_writes, bursts, poisson_secs, closed_writes) = sizes;
     let n = spec.replicas;
     let members: Vec<u32> = (0..n as u32).collect();
@@ -398,6 +430,7 @@ fn run_one(
         applied: vec![Vec::new(); n - 1],
         flush_starts: vec![Vec::new(); n],
         durable: vec![0; n],
+        persisted_at: vec![Vec::new(); n],
         ..Rec::default()
     }));
     let opts =
@@ -511,14 +544,55 @@ fn run_one(
     let mut apply = LatencyHist::new();
     let mut learn = LatencyHist::new();
     let mut write = LatencyHist::new();
+    let mut samples = Vec::new();
+    // Signed µs from the commit `c` to `t`.
+    let rel = |t: Instant, c: Instant| -> i64 {
+        if t >= c {
+            (t - c).as_micros() as i64
+        } else {
+            -((c - t).as_micros() as i64)
+        }
+    };
+    let persisted = |replica: usize, i: usize| -> anyhow::Result<Instant> {
+        r.persisted_at[replica]
+            .get(i)
+            .copied()
+            .flatten()
+            .with_context(|| format!("replica {replica} never reported write {i} durable"))
+    };
     for i in 1..=measured as usize {
         let c = r.commit[i].context("measured write never committed")?;
-        write.record_us(c.saturating_duration_since(r.arrival[i].context("no arrival")?));
+        let arrival = r.arrival[i].context("no arrival")?;
+        write.record_us(c.saturating_duration_since(arrival));
         for s in 0..r.learned.len() {
             let a = r.applied[s][i].context("measured write never applied")?;
             apply.record_us(a.saturating_duration_since(c));
             let l = r.learned[s][i].context("commit never learned")?;
             learn.record_us(l.saturating_duration_since(c));
+            if args.samples {
+                let mut other = i64::MIN;
+                for o in 0..r.learned.len() {
+                    if o != s {
+                        other = other.max(rel(persisted(o + 1, i)?, c));
+                    }
+                }
+                samples.push(Sample {
+                    policy: spec.policy.name(),
+                    param_ms: spec.policy.param_ms(),
+                    workload: spec.workload.name(),
+                    replicas: n,
+                    rtt_ms: spec.rtt_ms,
+                    repetition: spec.repetition,
+                    index: i as u64,
+                    secondary: s + 1,
+                    arrival_us: rel(arrival, c),
+                    primary_persisted_us: rel(persisted(0, i)?, c),
+                    persisted_us: rel(persisted(s + 1, i)?, c),
+                    other_persisted_max_us: if other == i64::MIN { 0 } else { other },
+                    learned_us: rel(l, c),
+                    applied_us: rel(a, c),
+                });
+            }
         }
     }
     let extra = r.empties_at_carrier.unwrap_or(preport.stats.empty_appends);
@@ -537,7 +611,7 @@ fn run_one(
     };
     let a = apply.percentiles();
     let w = write.percentiles();
-    Ok(Row {
+    let row = Row {
         policy: spec.policy.name(),
         param_ms: spec.policy.param_ms(),
         workload: spec.workload.name(),
@@ -555,7 +629,8 @@ fn run_one(
         log_flushes: r.measured_flushes(measured),
         write_p50_us: w.p50,
         write_p99_us: w.p99,
-    })
+    };
+    Ok((row, samples))
 }
 
 fn main() -> std::process::ExitCode {
@@ -682,6 +757,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         "devices_formatted": "core::daemon::mkfs; log in the format's log region, storage engine at the start of its data region",
     });
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-commit.csv", c.overwrite)?;
+    let mut samples_csv = if args.samples {
+        Some(CsvOut::<Sample>::create(
+            &c.out,
+            "exp-commit-samples.csv",
+            c.overwrite,
+        )?)
+    } else {
+        None
+    };
     let mut specs = Vec::new();
     for repetition in 0..reps {
         for &workload in &workloads {
@@ -712,7 +796,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut progress = Progress::new("exp-commit", specs.len() as u64);
     for spec in &specs {
         let cpu_before = CpuTimes::now();
-        let row = run_one(&args, &set, spec, gap, sizes).with_context(|| {
+        let (row, samples) = run_one(&args, &set, spec, gap, sizes).with_context(|| {
             format!(
                 "{} / {} / {} replicas / rtt {} ms / repetition {}",
                 spec.policy,
@@ -734,10 +818,18 @@ fn run(args: Args) -> anyhow::Result<()> {
             row.extra_messages_per_write
         ));
         csv.write(&row)?;
+        if let Some(out) = samples_csv.as_mut() {
+            for s in &samples {
+                out.write(s)?;
+            }
+        }
     }
     progress.finish();
     meta.finish(&c.out, c.overwrite)?;
     eprintln!("wrote {}", csv.path().display());
+    if let Some(out) = &samples_csv {
+        eprintln!("wrote {}", out.path().display());
+    }
     set.teardown()?;
     Ok(())
 }

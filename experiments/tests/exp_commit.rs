@@ -1,0 +1,132 @@
+//! exp-commit end to end with tiny settings on regular files: the documented CSV, and the
+//! per-write samples of `--samples`, which must show no secondary applying a write before
+//! it was committed, before the secondary learned so, or before it had the write durable.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+const COLUMNS: &str = "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,writes,apply_lag_p50_us,apply_lag_p99_us,apply_lag_max_us,commit_lag_p99_us,extra_messages,extra_messages_per_write,log_flushes,write_p50_us,write_p99_us";
+
+type Record = std::collections::HashMap<String, String>;
+
+fn read_csv(path: &std::path::Path) -> (Vec<String>, Vec<Record>) {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header: Vec<String> = lines
+        .next()
+        .expect("header")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let rows = lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(str::to_string))
+                .collect()
+        })
+        .collect();
+    (header, rows)
+}
+
+fn num(r: &Record, k: &str) -> i64 {
+    r[k].parse().unwrap_or_else(|e| panic!("{k}={}: {e}", r[k]))
+}
+
+#[test]
+fn writes_rows_and_samples_that_never_apply_early() {
+    let files = tempfile::tempdir_in("/var/tmp").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_exp-commit"))
+        .arg("--files")
+        .arg(files.path())
+        .args([
+            "--policies",
+            "eager,idle",
+            "--workloads",
+            "single,bursty",
+            "--rtt-ms",
+            "0",
+            "--single-writes",
+            "5",
+            "--bursts",
+            "2",
+            "--burst",
+            "3",
+            "--gap-ms",
+            "30",
+            "--repetitions",
+            "1",
+            "--samples",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .expect("spawn exp-commit");
+    assert!(
+        o.status.success(),
+        "exp-commit failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (header, rows) = read_csv(&out.path().join("exp-commit.csv"));
+    assert_eq!(header.join(","), COLUMNS);
+    assert_eq!(rows.len(), 4, "2 policies x 2 workloads");
+    for r in &rows {
+        let writes = if r["workload"] == "single" { 5 } else { 6 };
+        assert_eq!(num(r, "writes"), writes, "{r:?}");
+        // No group commit: one flush per write per replica, whatever the policy.
+        assert_eq!(num(r, "log_flushes"), 3 * writes, "{r:?}");
+    }
+    let (_, samples) = read_csv(&out.path().join("exp-commit-samples.csv"));
+    assert_eq!(
+        samples.len(),
+        2 * (5 + 6) * 2,
+        "one per write, secondary, policy"
+    );
+    let mut seen = BTreeSet::new();
+    for s in &samples {
+        let (persisted, learned, applied) = (
+            num(s, "persisted_us"),
+            num(s, "learned_us"),
+            num(s, "applied_us"),
+        );
+        assert!(
+            learned >= 0,
+            "learned of a commit before it was made: {s:?}"
+        );
+        assert!(
+            applied >= learned,
+            "applied before learning the commit: {s:?}"
+        );
+        assert!(applied >= persisted, "applied before durable: {s:?}");
+        assert!(
+            num(s, "arrival_us") <= 0,
+            "committed before it arrived: {s:?}"
+        );
+        assert!(
+            num(s, "primary_persisted_us") <= 0,
+            "committed before the primary had it durable: {s:?}"
+        );
+        seen.insert((
+            s["policy"].clone(),
+            s["workload"].clone(),
+            num(s, "secondary"),
+            num(s, "index"),
+        ));
+    }
+    assert_eq!(seen.len(), samples.len(), "no write counted twice");
+    for policy in ["eager", "idle"] {
+        for (workload, writes) in [("single", 5), ("bursty", 6)] {
+            for secondary in 1..=2 {
+                for index in 1..=writes {
+                    assert!(
+                        seen.contains(&(policy.into(), workload.into(), secondary, index)),
+                        "no sample for {policy} {workload} secondary {secondary} write {index}"
+                    );
+                }
+            }
+        }
+    }
+}
