@@ -281,8 +281,27 @@ fn a_full_store_refuses_new_keys_up_front_and_skips_them_when_applied() {
         Err(Invalid::ShortPayload { len: 2 }),
         "a short payload is refused up front"
     );
-    kv.apply(&mut eng, &[put(1, 0), put(2, 3), put(3, 6)])
-        .unwrap();
+    // Applied in steps, as the apply worker does: while the plan's slots are written the
+    // store is unchanged and still counts the keys as reserved.
+    let batch = [put(1, 0), put(2, 3), put(3, 6)];
+    let plan = kv.plan(&batch).unwrap();
+    let stale = kv.plan(&batch).unwrap();
+    plan.write(&mut eng).unwrap();
+    assert_eq!(
+        kv.check(&put(4, 9).payload),
+        Err(Invalid::Full { slots: 3 })
+    );
+    assert_eq!(kv.applied(), 0);
+    assert!(kv.get(0).is_none());
+    assert!(kv.commit(plan).unwrap().is_empty());
+    assert_eq!(kv.applied(), 3);
+    assert_eq!(kv.get(6).unwrap().index, 3);
+    // A plan made before that commit is refused and changes nothing.
+    assert!(matches!(
+        kv.commit(stale),
+        Err(KvError::OutOfOrder { got: 1, applied: 3 })
+    ));
+    assert_eq!(kv.applied(), 3);
     // An entry admitted by another build (or with another region size) that no longer
     // fits: skipped, not an error.
     let rejected = kv.apply(&mut eng, &[put(4, 9), put(5, 0)]).unwrap();

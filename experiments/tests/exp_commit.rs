@@ -3,7 +3,11 @@
 //! it was committed, before the secondary learned so, or before it had the write durable.
 
 use std::collections::BTreeSet;
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use blocklab::testing::{wait_for, KillOnDrop};
 
 const COLUMNS: &str = "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,writes,apply_lag_p50_us,apply_lag_p99_us,apply_lag_max_us,commit_lag_p99_us,extra_messages,extra_messages_per_write,log_flushes,write_p50_us,write_p99_us";
 
@@ -39,36 +43,53 @@ fn num(r: &Record, k: &str) -> i64 {
 fn writes_rows_and_samples_that_never_apply_early() {
     let files = tempfile::tempdir_in("/var/tmp").unwrap();
     let out = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_exp-commit"))
-        .arg("--files")
-        .arg(files.path())
-        .args([
-            "--policies",
-            "eager,idle",
-            "--workloads",
-            "single,bursty",
-            "--rtt-ms",
-            "0",
-            "--single-writes",
-            "5",
-            "--bursts",
-            "2",
-            "--burst",
-            "3",
-            "--gap-ms",
-            "30",
-            "--repetitions",
-            "1",
-            "--samples",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .expect("spawn exp-commit");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_exp-commit"))
+            .arg("--files")
+            .arg(files.path())
+            .args([
+                "--policies",
+                "eager,idle",
+                "--workloads",
+                "single,bursty",
+                "--rtt-ms",
+                "0",
+                "--single-writes",
+                "5",
+                "--bursts",
+                "2",
+                "--burst",
+                "3",
+                "--gap-ms",
+                "30",
+                "--repetitions",
+                "1",
+                "--samples",
+                "--out",
+            ])
+            .arg(out.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn exp-commit"),
+    );
+    // A hung replica (a deadlock, a lost wake-up) fails the test instead of hanging it.
+    let mut status = None;
+    wait_for("exp-commit to finish", Duration::from_secs(300), || {
+        status = child.0.try_wait().expect("waiting for exp-commit");
+        status.is_some()
+    });
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(
-        o.status.success(),
-        "exp-commit failed: {}",
-        String::from_utf8_lossy(&o.stderr)
+        status.expect("finished").success(),
+        "exp-commit failed: {err}"
     );
     let (header, rows) = read_csv(&out.path().join("exp-commit.csv"));
     assert_eq!(header.join(","), COLUMNS);

@@ -5,16 +5,19 @@
 //! Why a thread: applying is local work that nothing in the protocol waits for, but its
 //! writes take from tens of µs to a few ms on a busy machine. Done inside the loop, an
 //! acknowledgement that arrives meanwhile waits for it, and so does everything the
-//! acknowledgement triggers: under the `idle` policy the notification of the slower
-//! secondary, whose acknowledgement typically arrives while the primary is applying the
-//! entry it just committed. (Measured: with the primary applying inside its loop,
+//! acknowledgement triggers: the next commit, and the notifications and client answers
+//! that follow it. (Measured, when `idle` still waited for each secondary's own
+//! acknowledgement: with the primary applying inside its loop, the slower secondary's
+//! acknowledgement typically arrived during the apply of the entry just committed, and
 //! `single` writes at RTT 0 gave `idle` apply-lag tails of 1–2 ms that `eager` did not
 //! have; without the primary's apply they were gone.) TiKV's apply pool and etcd's
 //! application loop separate the two for the same reason.
 //!
 //! Batches are applied in the order they were handed over, one at a time; the store is
 //! shared with the loop behind a mutex for the primary's admission checks
-//! ([`KvStore::check`], [`KvStore::reserve`]) and status answers.
+//! ([`KvStore::check`], [`KvStore::reserve`]) and status answers. The worker holds it only
+//! to plan a batch and to commit it ([`KvStore::plan`], [`KvStore::commit`]), not while
+//! the batch's slots are written, so a proposal never waits for the device.
 
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -109,11 +112,16 @@ fn work(
     rx: &mpsc::Receiver<Vec<Entry>>,
     mut done: impl FnMut(Option<Applied>),
 ) -> Result<(), KvError> {
+    let lock = || kv.lock().unwrap_or_else(|e| e.into_inner());
     for entries in rx {
-        let applied = kv
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(&mut eng, &entries);
+        // The store is locked to plan and to commit, not while the slots are written, so
+        // the loop's admission checks and status answers do not wait for the device.
+        // (The plan's guard must be dropped before the commit locks again.)
+        let plan = lock().plan(&entries);
+        let applied = plan.and_then(|plan| {
+            plan.write(&mut eng)?;
+            lock().commit(plan)
+        });
         match applied {
             Ok(rejected) => done(Some(Applied {
                 entries,

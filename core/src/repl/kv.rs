@@ -105,7 +105,7 @@ pub const fn slots_for(len: u64) -> u64 {
 /// The storage engine.
 #[derive(Debug)]
 pub struct KvStore {
-    dev: Device,
+    dev: Arc<Device>,
     offset: u64,
     slots: u64,
     nonce: u64,
@@ -129,7 +129,7 @@ impl KvStore {
 
     fn empty(dev: Device, offset: u64, slots: u64, nonce: u64) -> KvStore {
         KvStore {
-            dev,
+            dev: Arc::new(dev),
             offset,
             slots,
             nonce,
@@ -241,21 +241,32 @@ impl KvStore {
 
     /// Applies committed entries, which must continue the applied index, and writes their
     /// slots in one batch. Returns the entries skipped as invalid (see the module docs),
-    /// with why; an error applies nothing.
+    /// with why; an error applies nothing. The same as [`KvStore::plan`],
+    /// [`ApplyPlan::write`] and [`KvStore::commit`] in a row.
     pub fn apply(
         &mut self,
         eng: &mut dyn IoEngine,
         entries: &[Entry],
     ) -> Result<Vec<(u64, Invalid)>, KvError> {
-        let mut next = self.applied + 1;
-        for e in entries {
-            if e.index != next {
+        let plan = self.plan(entries)?;
+        plan.write(eng)?;
+        self.commit(plan)
+    }
+
+    /// Decides how `entries` (which must continue the applied index) are applied: which
+    /// slot each valid one takes and the blocks to write. Changes nothing, so the writes
+    /// can go out without holding the store (the apply worker releases its lock meanwhile;
+    /// only [`KvStore::commit`] changes what [`KvStore::plan`] reads, and the worker is
+    /// the only one calling either).
+    pub fn plan(&self, entries: &[Entry]) -> Result<ApplyPlan, KvError> {
+        let first = self.applied + 1;
+        for (i, e) in entries.iter().enumerate() {
+            if e.index != first + i as u64 {
                 return Err(KvError::OutOfOrder {
                     got: e.index,
-                    applied: next - 1,
+                    applied: first + i as u64 - 1,
                 });
             }
-            next += 1;
         }
         let mut rejected = Vec::new();
         // The last write per slot, and the slots given to new keys of this batch.
@@ -285,35 +296,72 @@ impl KvStore {
             };
             writes.insert(slot, (key, e));
         }
-        let mut bufs: Vec<(u64, AlignedBuf)> = Vec::with_capacity(writes.len());
+        let mut blocks = Vec::with_capacity(writes.len());
         for (&slot, &(key, e)) in &writes {
             let mut b = AlignedBuf::new(BLOCK as usize);
             fill_slot(&mut b, self.nonce, key, e.index, &e.payload[8..]);
-            bufs.push((self.offset + (slot + 1) * BLOCK, b));
+            blocks.push((self.offset + (slot + 1) * BLOCK, b));
         }
-        if !bufs.is_empty() {
-            let mut reqs: Vec<IoRequest<'_>> = bufs
-                .iter()
-                .map(|(at, b)| IoRequest::write(&self.dev, *at, b))
-                .collect();
-            eng.execute(&mut reqs)?;
+        Ok(ApplyPlan {
+            dev: self.dev.clone(),
+            first,
+            count: entries.len() as u64,
+            writes: writes
+                .into_iter()
+                .map(|(slot, (key, e))| (slot, key, e.index, e.payload.clone()))
+                .collect(),
+            blocks,
+            rejected,
+        })
+    }
+
+    /// Takes a written plan into the index and moves the applied index past its entries.
+    /// Returns the entries it skipped as invalid. A plan made before another batch was
+    /// committed is refused ([`KvError::OutOfOrder`]) and changes nothing.
+    pub fn commit(&mut self, plan: ApplyPlan) -> Result<Vec<(u64, Invalid)>, KvError> {
+        if plan.count > 0 && plan.first != self.applied + 1 {
+            return Err(KvError::OutOfOrder {
+                got: plan.first,
+                applied: self.applied,
+            });
         }
-        for (slot, (key, e)) in writes {
+        for (slot, key, index, payload) in plan.writes {
             self.used[slot as usize] = true;
             self.reserved.remove(&key);
-            self.map.insert(
-                key,
-                (
-                    slot,
-                    Versioned {
-                        index: e.index,
-                        payload: e.payload.clone(),
-                    },
-                ),
-            );
+            self.map.insert(key, (slot, Versioned { index, payload }));
         }
-        self.applied = next - 1;
-        Ok(rejected)
+        self.applied += plan.count;
+        Ok(plan.rejected)
+    }
+}
+
+/// How a batch of committed entries is applied ([`KvStore::plan`]): the slot blocks to
+/// write, then what [`KvStore::commit`] records.
+#[derive(Debug)]
+pub struct ApplyPlan {
+    dev: Arc<Device>,
+    first: u64,
+    count: u64,
+    /// `(slot, key, index, payload)` of the last write to each slot.
+    writes: Vec<(u64, u64, u64, Arc<[u8]>)>,
+    /// `(device offset, block)` for each slot written.
+    blocks: Vec<(u64, AlignedBuf)>,
+    rejected: Vec<(u64, Invalid)>,
+}
+
+impl ApplyPlan {
+    /// Writes the plan's slot blocks in one batch (not flushed: see the module docs).
+    pub fn write(&self, eng: &mut dyn IoEngine) -> Result<(), KvError> {
+        if self.blocks.is_empty() {
+            return Ok(());
+        }
+        let mut reqs: Vec<IoRequest<'_>> = self
+            .blocks
+            .iter()
+            .map(|(at, b)| IoRequest::write(&self.dev, *at, b))
+            .collect();
+        eng.execute(&mut reqs)?;
+        Ok(())
     }
 }
 
