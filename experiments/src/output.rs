@@ -51,14 +51,21 @@ impl<T: Serialize> CsvOut<T> {
             _t: std::marker::PhantomData,
         })
     }
+    /// Writes one row and flushes it (a run's row survives an interrupted experiment).
     pub fn write(&mut self, row: &T) -> anyhow::Result<()> {
-        self.w
-            .serialize(row)
-            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.write_all(std::slice::from_ref(row))
+    }
+    /// Writes rows and flushes once.
+    pub fn write_all(&mut self, rows: &[T]) -> anyhow::Result<()> {
+        for row in rows {
+            self.w
+                .serialize(row)
+                .with_context(|| format!("writing {}", self.path.display()))?;
+        }
         self.w
             .flush()
             .with_context(|| format!("writing {}", self.path.display()))?;
-        self.rows += 1;
+        self.rows += rows.len() as u64;
         Ok(())
     }
     pub fn rows(&self) -> u64 {

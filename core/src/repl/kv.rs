@@ -296,21 +296,28 @@ impl KvStore {
             };
             writes.insert(slot, (key, e));
         }
-        let mut blocks = Vec::with_capacity(writes.len());
-        for (&slot, &(key, e)) in &writes {
-            let mut b = AlignedBuf::new(BLOCK as usize);
-            fill_slot(&mut b, self.nonce, key, e.index, &e.payload[8..]);
-            blocks.push((self.offset + (slot + 1) * BLOCK, b));
-        }
+        let writes = writes
+            .into_iter()
+            .map(|(slot, (key, e))| {
+                let mut block = AlignedBuf::new(BLOCK as usize);
+                fill_slot(&mut block, self.nonce, key, e.index, &e.payload[8..]);
+                SlotWrite {
+                    slot,
+                    key,
+                    value: Versioned {
+                        index: e.index,
+                        payload: e.payload.clone(),
+                    },
+                    at: self.offset + (slot + 1) * BLOCK,
+                    block,
+                }
+            })
+            .collect();
         Ok(ApplyPlan {
             dev: self.dev.clone(),
             first,
             count: entries.len() as u64,
-            writes: writes
-                .into_iter()
-                .map(|(slot, (key, e))| (slot, key, e.index, e.payload.clone()))
-                .collect(),
-            blocks,
+            writes,
             rejected,
         })
     }
@@ -325,10 +332,10 @@ impl KvStore {
                 applied: self.applied,
             });
         }
-        for (slot, key, index, payload) in plan.writes {
-            self.used[slot as usize] = true;
-            self.reserved.remove(&key);
-            self.map.insert(key, (slot, Versioned { index, payload }));
+        for w in plan.writes {
+            self.used[w.slot as usize] = true;
+            self.reserved.remove(&w.key);
+            self.map.insert(w.key, (w.slot, w.value));
         }
         self.applied += plan.count;
         Ok(plan.rejected)
@@ -342,23 +349,31 @@ pub struct ApplyPlan {
     dev: Arc<Device>,
     first: u64,
     count: u64,
-    /// `(slot, key, index, payload)` of the last write to each slot.
-    writes: Vec<(u64, u64, u64, Arc<[u8]>)>,
-    /// `(device offset, block)` for each slot written.
-    blocks: Vec<(u64, AlignedBuf)>,
+    /// The last write to each slot the batch touches.
+    writes: Vec<SlotWrite>,
     rejected: Vec<(u64, Invalid)>,
+}
+
+/// One slot of an [`ApplyPlan`]: what the index records, and the block written at `at`.
+#[derive(Debug)]
+struct SlotWrite {
+    slot: u64,
+    key: u64,
+    value: Versioned,
+    at: u64,
+    block: AlignedBuf,
 }
 
 impl ApplyPlan {
     /// Writes the plan's slot blocks in one batch (not flushed: see the module docs).
     pub fn write(&self, eng: &mut dyn IoEngine) -> Result<(), KvError> {
-        if self.blocks.is_empty() {
+        if self.writes.is_empty() {
             return Ok(());
         }
         let mut reqs: Vec<IoRequest<'_>> = self
-            .blocks
+            .writes
             .iter()
-            .map(|(at, b)| IoRequest::write(&self.dev, *at, b))
+            .map(|w| IoRequest::write(&self.dev, w.at, &w.block))
             .collect();
         eng.execute(&mut reqs)?;
         Ok(())

@@ -835,13 +835,7 @@ impl Node {
                 // etcd's bcastAppend at the commit advance: a peer with entries still to
                 // send gets the commit with them from `ready`; every other peer gets an
                 // empty append now, before any later write arrives.
-                let last = self.last_index();
-                let ids: Vec<NodeId> = self
-                    .peers
-                    .iter()
-                    .filter(|(_, p)| p.connected && p.next_index > last && p.sent_commit < c)
-                    .map(|(&id, _)| id)
-                    .collect();
+                let ids = self.awaiting_commit(|p| p.connected);
                 for id in ids {
                     self.send_notification(id, false);
                 }
@@ -883,10 +877,17 @@ impl Node {
         if last == 0 || self.commit != last {
             return Vec::new();
         }
+        self.awaiting_commit(|p| self.is_live(p))
+    }
+
+    /// The secondaries matching `pick` that were sent every entry but not the current
+    /// commit: the ones a commit notification ([`Policy::Eager`], [`Policy::Idle`]) goes
+    /// to (a secondary with entries still to send gets the commit with them).
+    fn awaiting_commit(&self, pick: impl Fn(&Progress) -> bool) -> Vec<NodeId> {
+        let last = self.last_index();
         self.peers
             .iter()
-            .filter(|(_, p)| self.is_live(p) && p.next_index > last)
-            .filter(|(_, p)| p.sent_commit < self.commit)
+            .filter(|(_, p)| pick(p) && p.next_index > last && p.sent_commit < self.commit)
             .map(|(&id, _)| id)
             .collect()
     }

@@ -157,7 +157,8 @@ struct Sample {
     arrival_us: i64,
     primary_persisted_us: i64,
     persisted_us: i64,
-    other_persisted_max_us: i64,
+    /// The slowest other secondary (empty with one secondary).
+    other_persisted_max_us: Option<i64>,
     learned_us: i64,
     applied_us: i64,
 }
@@ -200,9 +201,8 @@ struct Rec {
     carrier: Option<u64>,
     empties_at_carrier: Option<u64>,
     /// Per replica (0 = primary): the first index of every log flush, as the replica
-    /// reported it, and its durable index.
+    /// reported it.
     flush_starts: Vec<Vec<u64>>,
-    durable: Vec<u64>,
     /// Per replica (0 = primary), per index: when the replica reported it durable.
     persisted_at: Vec<Vec<Option<Instant>>>,
 }
@@ -224,7 +224,13 @@ impl Rec {
             set(&mut self.persisted_at[replica], i, now);
         }
         self.flush_starts[replica].push(first);
-        self.durable[replica] = self.durable[replica].max(last);
+    }
+    /// Whether every replica reported index `m` durable (a log is durable in index order,
+    /// so everything before it is too).
+    fn all_durable(&self, m: u64) -> bool {
+        self.persisted_at
+            .iter()
+            .all(|p| p.get(m as usize).is_some_and(Option::is_some))
     }
     /// Flushes that wrote a measured entry (those starting at or before the last one;
     /// with group commit one of them may also hold the carrier).
@@ -429,7 +435,6 @@ fn run_one(
         learned: vec![Vec::new(); n - 1],
         applied: vec![Vec::new(); n - 1],
         flush_starts: vec![Vec::new(); n],
-        durable: vec![0; n],
         persisted_at: vec![Vec::new(); n],
         ..Rec::default()
     }));
@@ -518,7 +523,7 @@ fn run_one(
                     .iter()
                     .all(|a| a.get(m as usize).is_some_and(|t| t.is_some()))
                     && r.empties_at_carrier.is_some()
-                    && r.durable.iter().all(|&d| d >= m)
+                    && r.all_durable(m)
                 {
                     break;
                 }
@@ -570,11 +575,9 @@ fn run_one(
             let l = r.learned[s][i].context("commit never learned")?;
             learn.record_us(l.saturating_duration_since(c));
             if args.samples {
-                let mut other = i64::MIN;
-                for o in 0..r.learned.len() {
-                    if o != s {
-                        other = other.max(rel(persisted(o + 1, i)?, c));
-                    }
+                let mut other = None;
+                for o in (0..r.learned.len()).filter(|&o| o != s) {
+                    other = other.max(Some(rel(persisted(o + 1, i)?, c)));
                 }
                 samples.push(Sample {
                     policy: spec.policy.name(),
@@ -588,7 +591,7 @@ fn run_one(
                     arrival_us: rel(arrival, c),
                     primary_persisted_us: rel(persisted(0, i)?, c),
                     persisted_us: rel(persisted(s + 1, i)?, c),
-                    other_persisted_max_us: if other == i64::MIN { 0 } else { other },
+                    other_persisted_max_us: other,
                     learned_us: rel(l, c),
                     applied_us: rel(a, c),
                 });
@@ -819,9 +822,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         ));
         csv.write(&row)?;
         if let Some(out) = samples_csv.as_mut() {
-            for s in &samples {
-                out.write(s)?;
-            }
+            out.write_all(&samples)?;
         }
     }
     progress.finish();
