@@ -9,6 +9,7 @@
 //! in a temporary directory otherwise (with a warning).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 
 use anyhow::{bail, Context};
@@ -35,6 +36,11 @@ static ACTIVE: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
 /// after itself), never in the middle of an attach.
 static PROVISIONING: Mutex<()> = Mutex::new(());
 static HANDLER: Once = Once::new();
+/// Held by the Ctrl-C handler from its start until it exits the process, so the main thread
+/// can wait for it (see [`await_interrupt`]).
+static HANDLING: Mutex<()> = Mutex::new(());
+/// Set by the Ctrl-C handler, under [`HANDLING`], before it touches any device.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -43,6 +49,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn install_interrupt_handler() {
     HANDLER.call_once(|| {
         let r = ctrlc::set_handler(|| {
+            let _handling = lock(&HANDLING);
+            INTERRUPTED.store(true, Ordering::SeqCst);
             let _provisioning = lock(&PROVISIONING);
             let items = lock(&ACTIVE).clone();
             for item in items {
@@ -68,6 +76,20 @@ fn install_interrupt_handler() {
             eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupted run may leave loop devices or files behind");
         }
     });
+}
+
+/// If Ctrl-C was pressed, waits for its handler to finish cleaning up; the handler then
+/// exits the process with status 130, so this does not return. Returns at once otherwise.
+///
+/// The handler tears devices down while the main thread may still be using them, so the
+/// main thread's next step can be an I/O error or its own teardown. Both must wait here:
+/// exiting with the error's status 1 would cut the handler's cleanup short, and a second
+/// teardown would race the handler's.
+pub fn await_interrupt() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        drop(lock(&HANDLING));
+        std::process::exit(130); // only if the handler returned without exiting
+    }
 }
 
 /// An entry of [`ACTIVE`], removed again on drop.
@@ -118,6 +140,13 @@ fn check_files_dir(dir: &Path) -> anyhow::Result<()> {
         bail!("--files {}: not a directory", dir.display());
     }
     Ok(())
+}
+
+impl Drop for DeviceSet {
+    fn drop(&mut self) {
+        // The fields' drops tear down and remove; after Ctrl-C that is the handler's job.
+        await_interrupt();
+    }
 }
 
 impl DeviceSet {

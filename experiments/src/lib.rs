@@ -41,8 +41,11 @@ pub fn blocklab_bin(given: Option<&std::path::Path>) -> anyhow::Result<std::path
 }
 
 /// Runs a binary's real main and turns an error into one line on stderr (the whole
-/// context chain, no backtrace) and exit status 1.
+/// context chain, no backtrace) and exit status 1. After Ctrl-C it waits for the handler's
+/// cleanup and exit (status 130) instead: an error then is most likely the handler having
+/// torn the devices down under the run.
 pub fn exit_on_error(name: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    devices::await_interrupt();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

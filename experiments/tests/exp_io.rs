@@ -305,6 +305,25 @@ fn ctrl_c_removes_the_files_directory() {
 /// nothing stays attached, nothing stays recorded.
 #[test]
 fn ctrl_c_during_provisioning_tears_the_set_down() {
+    ctrl_c_tears_the_set_down(|_| true);
+}
+
+/// Ctrl-C once the device is attached and the run is using it: the handler tears the set
+/// down under the run, whose next I/O fails; the process still exits 130 after the
+/// teardown, not 1 with that I/O error.
+#[test]
+fn ctrl_c_mid_run_exits_130_after_the_teardown() {
+    ctrl_c_tears_the_set_down(|sd| {
+        provision::list_sets(sd)
+            .unwrap_or_default()
+            .iter()
+            .any(|s| s.devices.iter().any(|d| d.device.is_some()))
+    });
+}
+
+/// Starts a 30 s exp-io run on one provisioned loop device, waits until its set directory
+/// exists and `ready` holds, interrupts it and checks the set is gone.
+fn ctrl_c_tears_the_set_down(ready: impl Fn(&Path) -> bool) {
     if !have_fio() {
         eprintln!("skipping: fio is not installed (scripts/test installs it)");
         return;
@@ -327,7 +346,7 @@ fn ctrl_c_during_provisioning_tears_the_set_down() {
             .unwrap(),
     );
     wait_for("the set directory", Duration::from_secs(60), || {
-        !entries(sd.path()).is_empty()
+        !entries(sd.path()).is_empty() && ready(sd.path())
     });
     let status = interrupt(&mut child);
     assert_eq!(status.code(), Some(130), "{status:?}");

@@ -598,8 +598,11 @@ fn run_fio(
     Ok(bw_kib / 1024.0)
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-failover", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let root = rustix::process::geteuid().is_root();
     let modes = args.modes.clone();

@@ -583,8 +583,11 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-lunmap", run(Args::parse()))
+}
+
+fn run(a: Args) -> anyhow::Result<()> {
     if a.gateways.contains(&0) || a.editors.contains(&0) {
         bail!("--gateways and --editors must be at least 1");
     }
