@@ -109,6 +109,23 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Sets a block device read-only or back to read-write (`blockdev --setro` / `--setrw`, the
+/// BLKROSET ioctl). A read-only device refuses writes, also through descriptors opened
+/// before: a real device error for tests to inject under a running component.
+pub fn set_read_only(dev: &Path, read_only: bool) {
+    let flag = if read_only { "--setro" } else { "--setrw" };
+    let status = Command::new("blockdev")
+        .arg(flag)
+        .arg(dev)
+        .status()
+        .expect("running blockdev");
+    assert!(
+        status.success(),
+        "blockdev {flag} {}: {status}",
+        dev.display()
+    );
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -9,7 +9,7 @@ use blocklab::dev::{
     AlignedBuf, DevError, Device, DeviceKind, IoEngine, IoRequest, Pattern, StreamLimit, StreamOp,
     StreamSpec, UringEngine,
 };
-use blocklab::testing::{is_root, scratch_dir, wait_for, LoopDevices};
+use blocklab::testing::{is_root, scratch_dir, set_read_only, wait_for, LoopDevices};
 
 /// These tests exercise provisioning itself, so they hold the `ProvisionGuard` directly.
 fn state_dir() -> tempfile::TempDir {
@@ -366,14 +366,9 @@ fn permission_errors_are_not_read_only() {
     };
     let paths = g.paths();
     let dev = &paths[0];
-    assert!(Command::new("blockdev")
-        .arg("--setro")
-        .arg(dev)
-        .status()
-        .unwrap()
-        .success());
+    set_read_only(dev, true);
     let err = Device::open(dev).unwrap_err();
-    let _ = Command::new("blockdev").arg("--setrw").arg(dev).status();
+    set_read_only(dev, false);
     assert!(matches!(err, DevError::ReadOnly { .. }), "{err}");
 }
 

@@ -2,11 +2,12 @@
 //! O_DIRECT, and as root a loop device): append/flush/recover, truncation, a full log
 //! region, in-order apply.
 
-use blocklab::dev::{Device, UringEngine};
+use blocklab::dev::{DevError, Device, UringEngine};
+use blocklab::repl::apply::Applier;
 use blocklab::repl::kv::{put_payload, slots_for, Invalid, KvError, KvStore, MAX_VALUE};
 use blocklab::repl::log::{record_size, LogError, LogStore};
 use blocklab::repl::Entry;
-use blocklab::testing::{sparse_file, LoopDevices};
+use blocklab::testing::{set_read_only, sparse_file, LoopDevices};
 
 fn file_dev(dir: &tempfile::TempDir, size: u64) -> std::path::PathBuf {
     let p = dir.path().join("dev.img");
@@ -180,17 +181,76 @@ fn log_and_store_on_a_loop_device() {
     kv_round_trip(&g.paths()[0]);
 }
 
+/// A put of `v{index}` to `key`.
+fn put(index: u64, key: u64) -> Entry {
+    Entry {
+        term: 1,
+        index,
+        payload: put_payload(key, format!("v{index}").as_bytes()).into(),
+    }
+}
+
+/// The storage engine's keys with the index and value that wrote them.
+fn contents(kv: &KvStore) -> Vec<(u64, u64, Vec<u8>)> {
+    kv.entries()
+        .map(|(k, v)| (k, v.index, v.value().to_vec()))
+        .collect()
+}
+
+/// The device starts refusing writes under the apply worker (the loop device is set
+/// read-only, so the kernel fails the worker's writes): the worker reports the error once
+/// (`done(None)`) and from `finish`, applies nothing handed over after it, and the device
+/// holds exactly the batches applied before.
+#[test]
+fn the_apply_worker_stops_on_a_device_error_and_applies_nothing_after_it() {
+    let Some(g) = LoopDevices::provision("repl-apply-err", 1, 16 << 20) else {
+        return;
+    };
+    let path = &g.paths()[0];
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    let (off, len) = (8 << 20, 1 << 20);
+    let kv = KvStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let applier = Applier::spawn(kv, move |a| {
+        let _ = tx.send(a.map(|a| a.entries.iter().map(|e| e.index).collect::<Vec<_>>()));
+    })
+    .unwrap();
+    applier.submit(vec![put(1, 1), put(2, 2)]);
+    assert_eq!(rx.recv().unwrap(), Some(vec![1, 2]));
+
+    set_read_only(path, true);
+    applier.submit(vec![put(3, 3)]);
+    applier.submit(vec![put(4, 1)]);
+    let reported = rx.recv();
+    let applied = applier.store().applied();
+    let finished = applier.finish();
+    set_read_only(path, false);
+    assert_eq!(
+        reported.unwrap(),
+        None,
+        "the error is reported through done"
+    );
+    assert!(rx.recv().is_err(), "nothing is reported after the error");
+    assert_eq!(applied, 2, "the failed batch is not counted as applied");
+    let err = finished.unwrap_err();
+    assert!(
+        matches!(err, KvError::Dev(DevError::Io { .. })),
+        "the device's refusal comes back: {err:?}"
+    );
+
+    let kv = KvStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
+    assert_eq!(
+        contents(&kv),
+        vec![(1, 1, b"v1".to_vec()), (2, 2, b"v2".to_vec())]
+    );
+}
+
 fn kv_round_trip(path: &std::path::Path) {
     let mut eng = UringEngine::with_queue_depth(8).unwrap();
     let (off, len) = (8 << 20, 1 << 20);
     let mut kv = KvStore::create(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
     let slots = kv.slots();
     assert_eq!(slots, slots_for(len));
-    let put = |i: u64, k: u64| Entry {
-        term: 1,
-        index: i,
-        payload: put_payload(k, format!("v{i}").as_bytes()).into(),
-    };
     assert!(kv
         .apply(&mut eng, &[put(1, 1), put(2, 2), put(3, 1)])
         .unwrap()
@@ -233,12 +293,8 @@ fn kv_round_trip(path: &std::path::Path) {
     assert!(kv.get(9).is_none());
     drop(kv);
     let kv = KvStore::open(&mut eng, Device::open(path).unwrap(), off, len).unwrap();
-    let got: Vec<(u64, u64, Vec<u8>)> = kv
-        .entries()
-        .map(|(k, v)| (k, v.index, v.value().to_vec()))
-        .collect();
     assert_eq!(
-        got,
+        contents(&kv),
         vec![
             (1, 3, b"v3".to_vec()),
             (2, 2, b"v2".to_vec()),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use blocklab::dev::provision;
 use blocklab::dev::Device;
-use blocklab::testing::{scratch_dir, wait_for, KillOnDrop, LoopDevices};
+use blocklab::testing::{scratch_dir, set_read_only, wait_for, KillOnDrop, LoopDevices};
 
 const COLUMNS: &str = "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device";
 
@@ -193,12 +193,7 @@ fn refuses_devices_with_data_and_read_only_devices() {
         String::from_utf8_lossy(&fsck.stdout)
     );
     // A read-only device.
-    assert!(Command::new("blockdev")
-        .arg("--setro")
-        .arg(&paths[1])
-        .status()
-        .unwrap()
-        .success());
+    set_read_only(&paths[1], true);
     let (ok, err) = run(exp_io()
         .arg("--devices")
         .arg(&paths[1])
@@ -206,10 +201,7 @@ fn refuses_devices_with_data_and_read_only_devices() {
         .arg("--out")
         .arg(&out));
     assert!(!ok && err.contains("read-only"), "{err}");
-    let _ = Command::new("blockdev")
-        .arg("--setrw")
-        .arg(&paths[1])
-        .status();
+    set_read_only(&paths[1], false);
     // Too small for the run.
     let (ok, err) = run(exp_io()
         .arg("--devices")
