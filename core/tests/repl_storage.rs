@@ -117,11 +117,15 @@ fn log_per_entry_round_trip(path: &std::path::Path) {
             })
             .collect();
         idx += b.len() as u64;
+        let (first, last) = (b[0].index, b[b.len() - 1].index);
         if batch % 3 == 2 {
-            log.append(&mut eng, &b).unwrap();
+            let writes = log.append(&mut eng, &b).unwrap();
+            assert_eq!(writes, vec![first..=last], "one write covers the batch");
             want_flushes += 1;
         } else {
-            log.append_each(&mut eng, &b).unwrap();
+            let writes = log.append_each(&mut eng, &b).unwrap();
+            let each: Vec<_> = (first..=last).map(|i| i..=i).collect();
+            assert_eq!(writes, each, "one write per entry");
             want_flushes += b.len() as u64;
         }
         all.extend(b);

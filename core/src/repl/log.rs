@@ -25,6 +25,8 @@
 //! that goes backwards (stale records of a truncated suffix). Every durable write of an
 //! append (one cache flush each) is counted in [`LogStore::flushes`].
 
+use std::ops::RangeInclusive;
+
 use crate::dev::{AlignedBuf, DevError, Device, IoEngine, IoRequest};
 
 use super::protocol::Entry;
@@ -224,9 +226,14 @@ impl LogStore {
     }
 
     /// Appends `entries` (which must follow the last index) with one durable write (group
-    /// commit). On error nothing is recorded as appended; a full region is refused before
-    /// anything is written.
-    pub fn append(&mut self, eng: &mut dyn IoEngine, entries: &[Entry]) -> Result<(), LogError> {
+    /// commit). Returns the index range each durable write covered, in index order (here
+    /// one, all of `entries`; none for no entries). On error nothing is recorded as
+    /// appended; a full region is refused before anything is written.
+    pub fn append(
+        &mut self,
+        eng: &mut dyn IoEngine,
+        entries: &[Entry],
+    ) -> Result<Vec<RangeInclusive<u64>>, LogError> {
         self.append_with(eng, entries, false)
     }
 
@@ -237,12 +244,12 @@ impl LogStore {
     /// the same bytes, so the order the writes land in does not matter, and each entry is
     /// durable once its own write completed. (A neighbour's record may become durable
     /// through a shared block before its own write completes, as with a group commit.)
-    /// Errors as for [`LogStore::append`].
+    /// Returns and errors as for [`LogStore::append`] (one range per entry).
     pub fn append_each(
         &mut self,
         eng: &mut dyn IoEngine,
         entries: &[Entry],
-    ) -> Result<(), LogError> {
+    ) -> Result<Vec<RangeInclusive<u64>>, LogError> {
         self.append_with(eng, entries, true)
     }
 
@@ -251,10 +258,15 @@ impl LogStore {
         eng: &mut dyn IoEngine,
         entries: &[Entry],
         per_entry: bool,
-    ) -> Result<(), LogError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
+    ) -> Result<Vec<RangeInclusive<u64>>, LogError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Vec::new());
+        };
+        let durable = if per_entry {
+            entries.iter().map(|e| e.index..=e.index).collect()
+        } else {
+            vec![first.index..=last.index]
+        };
         let mut last_term = self.terms.last().copied().unwrap_or(0);
         for (expect, e) in (self.last_index() + 1..).zip(entries.iter()) {
             if e.index != expect || e.term < last_term {
@@ -316,7 +328,7 @@ impl LogStore {
         } else {
             buf[last_block..last_block + keep].to_vec()
         };
-        Ok(())
+        Ok(durable)
     }
 
     /// Drops the entries with index ≥ `from` (no I/O: the next append overwrites them, and

@@ -246,9 +246,9 @@ pub trait Hooks: Send {
     fn committed(&mut self, _commit: u64, _now: Instant) {}
     /// Entries were applied to the storage engine.
     fn applied(&mut self, _entries: &[Entry], _now: Instant) {}
-    /// Entries `first..=last` were appended to the log with one flush (without group
-    /// commit: one call per entry); `flushes` is the log's flush count since start, this
-    /// one included.
+    /// Entries `first..=last` were appended to the log with one durable write (one call per
+    /// write the log reports, in index order: one per batch with group commit, one per
+    /// entry without); `flushes` is the log's flush count since start, this one included.
     fn persisted(&mut self, _first: u64, _last: u64, _flushes: u64) {}
     /// Primary: the connection to secondary `peer` is up (handshake done).
     fn peer_connected(&mut self, _peer: NodeId) {}
@@ -802,16 +802,14 @@ impl Driver<'_> {
             self.st.log.append_each(&mut self.st.eng, entries)
         };
         match appended {
-            Ok(()) => {
-                let flushes = self.st.log.flushes() - self.flushes_at_start;
-                if self.opts.group_commit {
-                    self.hooks.persisted(first, last, flushes);
-                } else {
-                    // One durable write per entry: one report each, in index order.
-                    let before = flushes - (last - first + 1);
-                    for (k, i) in (first..=last).enumerate() {
-                        self.hooks.persisted(i, i, before + k as u64 + 1);
-                    }
+            Ok(writes) => {
+                // One report per durable write, in index order, each with the flush count
+                // once it was done.
+                let mut flushes =
+                    self.st.log.flushes() - self.flushes_at_start - writes.len() as u64;
+                for w in writes {
+                    flushes += 1;
+                    self.hooks.persisted(*w.start(), *w.end(), flushes);
                 }
                 self.node.persisted(last);
                 Ok(true)
