@@ -262,11 +262,6 @@ impl LogStore {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(Vec::new());
         };
-        let durable = if per_entry {
-            entries.iter().map(|e| e.index..=e.index).collect()
-        } else {
-            vec![first.index..=last.index]
-        };
         let mut last_term = self.terms.last().copied().unwrap_or(0);
         for (expect, e) in (self.last_index() + 1..).zip(entries.iter()) {
             if e.index != expect || e.term < last_term {
@@ -300,21 +295,22 @@ impl LogStore {
         let at = self.offset + BLOCK + block_start;
         // One durable write for the whole buffer, or one per record: record k spans
         // buf[pos_k, pos_k + size_k), and its write is that span rounded out to blocks.
+        // Each write with the index range it makes durable.
         let b = BLOCK as usize;
         let mut spans = Vec::with_capacity(if per_entry { entries.len() } else { 1 });
         if per_entry {
             let mut pos = head;
             for e in entries {
                 let end = pos + record_size(e.payload.len()) as usize;
-                spans.push((pos - pos % b, end.div_ceil(b) * b));
+                spans.push((pos - pos % b, end.div_ceil(b) * b, e.index..=e.index));
                 pos = end;
             }
         } else {
-            spans.push((0, buf.len()));
+            spans.push((0, buf.len(), first.index..=last.index));
         }
         let mut reqs: Vec<IoRequest<'_>> = spans
             .iter()
-            .map(|&(lo, hi)| IoRequest::write_dsync(&self.dev, at + lo as u64, &buf[lo..hi]))
+            .map(|&(lo, hi, _)| IoRequest::write_dsync(&self.dev, at + lo as u64, &buf[lo..hi]))
             .collect();
         eng.execute(&mut reqs)?;
         self.flushes += reqs.len() as u64;
@@ -328,7 +324,7 @@ impl LogStore {
         } else {
             buf[last_block..last_block + keep].to_vec()
         };
-        Ok(durable)
+        Ok(spans.into_iter().map(|(_, _, durable)| durable).collect())
     }
 
     /// Drops the entries with index ≥ `from` (no I/O: the next append overwrites them, and
