@@ -4,6 +4,13 @@
 //! The foundation is [`dev`]: block devices opened with `O_DIRECT`, aligned buffers, an
 //! io_uring engine, and loop-device provisioning. The mechanisms build on it, one module
 //! each (see `DESIGN.md` and the README).
+//!
+//! `unsafe` code is denied crate-wide and allowed only where the design puts it: the
+//! io_uring engine, aligned buffers and ioctls of [`dev`], and the shared memory and its
+//! process-shared lock of [`alloc`] (`alloc::shm`, `alloc::shm_lock`). Every block has a
+//! `// SAFETY:` comment.
+
+#![deny(unsafe_code)]
 
 pub mod alloc;
 pub mod coord;
@@ -17,6 +24,7 @@ pub mod jsonl;
 pub mod linelog;
 pub mod lunmap;
 pub mod monitor;
+pub mod names;
 pub mod repl;
 #[cfg(feature = "testing")]
 pub mod testing;

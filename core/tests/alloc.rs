@@ -360,7 +360,7 @@ fn full_device_and_offline_device_give_clear_errors() {
     let i = p.device_online(&dev_file(files.path(), "c", 3)).unwrap();
     assert_eq!(i, 2, "indexes are handed out in order first");
     a.alloc(i).unwrap();
-    let e: AllocError = "nope".parse::<Strategy>().unwrap_err();
+    let e = "nope".parse::<Strategy>().unwrap_err();
     assert!(e.to_string().contains("unknown strategy"));
 }
 

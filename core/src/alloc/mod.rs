@@ -21,7 +21,7 @@
 //! region. [`audit`] walks every block of every device.
 //! [`index`] is the index server, [`store`] the process's external port and the client.
 //!
-//! `unsafe` lives only in [`shm`] and [`shm_lock`].
+//! `unsafe` lives only in [`shm`] and [`shm_lock`] (the crate denies it elsewhere).
 
 pub mod allocator;
 pub mod audit;
@@ -31,7 +31,9 @@ pub mod node;
 pub mod recovery;
 pub mod region;
 pub mod segs;
+#[allow(unsafe_code)]
 pub mod shm;
+#[allow(unsafe_code)]
 pub mod shm_lock;
 pub mod store;
 
@@ -45,8 +47,26 @@ pub use segs::{BlockRef, BlockState, DeviceRegion, FreeMode};
 pub const UNIT: u64 = 4096;
 
 /// The allocation strategy of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    strum::Display,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::EnumString,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+#[strum(
+    parse_err_ty = crate::names::UnknownName,
+    parse_err_fn = crate::names::unknown::<Strategy>
+)]
 pub enum Strategy {
     Shm,
     Mutex,
@@ -57,11 +77,7 @@ impl Strategy {
     pub const ALL: [Strategy; 3] = [Strategy::Shm, Strategy::Mutex, Strategy::Central];
 
     pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Shm => "shm",
-            Strategy::Mutex => "mutex",
-            Strategy::Central => "central",
-        }
+        self.into()
     }
 
     /// The free structure the device segments use under this strategy.
@@ -85,22 +101,8 @@ impl Strategy {
     }
 }
 
-impl std::str::FromStr for Strategy {
-    type Err = AllocError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Strategy::ALL
-            .into_iter()
-            .find(|x| x.name() == s)
-            .ok_or_else(|| {
-                AllocError::BadInput(format!("unknown strategy {s:?} (shm, mutex, central)"))
-            })
-    }
-}
-
-impl std::fmt::Display for Strategy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
+impl crate::names::Named for Strategy {
+    const WHAT: &'static str = "strategy";
 }
 
 /// Errors of the allocation mechanism.

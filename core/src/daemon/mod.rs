@@ -30,8 +30,26 @@ pub fn mkfs_path(path: &std::path::Path, req: &MkfsRequest) -> Result<MkfsReport
 }
 
 /// The phases of mkfs, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    strum::Display,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+#[strum(
+    parse_err_ty = crate::names::UnknownName,
+    parse_err_fn = crate::names::unknown::<Phase>
+)]
 pub enum Phase {
     Probe,
     Label,
@@ -54,35 +72,10 @@ impl Phase {
     ];
 
     pub fn name(self) -> &'static str {
-        match self {
-            Phase::Probe => "probe",
-            Phase::Label => "label",
-            Phase::Superblock => "superblock",
-            Phase::Log => "log",
-            Phase::Bitmap => "bitmap",
-            Phase::Flush => "flush",
-            Phase::Commit => "commit",
-        }
+        self.into()
     }
 }
 
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Phase {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Phase, String> {
-        Phase::ALL
-            .into_iter()
-            .find(|p| p.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown phase {s:?} (one of: {})",
-                    Phase::ALL.map(|p| p.name()).join(", ")
-                )
-            })
-    }
+impl crate::names::Named for Phase {
+    const WHAT: &'static str = "phase";
 }

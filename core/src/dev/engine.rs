@@ -24,6 +24,8 @@
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
 
 use super::buf::AlignedBuf;
 use super::device::Device;
@@ -511,11 +513,9 @@ impl UringEngine {
             sb.write_pattern = false;
         }
         if write && !sb.write_pattern {
-            let mut rng = SplitMix64(0x5eed_b10c);
+            let mut rng = SmallRng::seed_from_u64(0x5eed_b10c);
             for b in sb.bufs.iter_mut() {
-                for chunk in b.chunks_mut(8) {
-                    chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
-                }
+                rng.fill_bytes(b);
             }
             sb.write_pattern = true;
         }
@@ -660,7 +660,7 @@ impl UringEngine {
     ) -> Result<StreamStats> {
         let bs = spec.block_size;
         let qd = bufs.len();
-        let mut rng = SplitMix64(match spec.pattern {
+        let mut rng = SmallRng::seed_from_u64(match spec.pattern {
             Pattern::Random { seed } => seed,
             Pattern::Sequential => 0,
         });
@@ -672,7 +672,7 @@ impl UringEngine {
                     seq += 1;
                     b
                 }
-                Pattern::Random { .. } => rng.next_u64() % blocks,
+                Pattern::Random { .. } => rng.random_range(0..blocks),
             };
             spec.region_offset + block * bs as u64
         };
@@ -807,20 +807,6 @@ impl UringEngine {
             e
         };
         e.user_data(slot as u64)
-    }
-}
-
-/// A small, fast, seeded generator for benchmark offsets and write contents (SplitMix64).
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 }
 

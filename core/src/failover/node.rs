@@ -32,11 +32,28 @@ use super::vip::{VipBackend, VipError};
 use super::wire::{Conn, Msg, Op, OpResult, WireError};
 
 /// How management requests survive a node failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    strum::Display,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::EnumString,
+)]
+#[strum(serialize_all = "snake_case")]
+#[strum(
+    parse_err_ty = crate::names::UnknownName,
+    parse_err_fn = crate::names::unknown::<Mode>
+)]
 pub enum Mode {
     /// The VIP moves to a healthy node; results are delivered through it.
+    #[strum(to_string = "vip_handoff", serialize = "vip-handoff")]
     VipHandoff,
     /// The baseline: no VIP; a node's death abandons its work; the client re-issues.
+    #[strum(to_string = "client_retry", serialize = "client-retry")]
     ClientRetry,
 }
 
@@ -45,29 +62,12 @@ impl Mode {
 
     /// The name used on the command line and in the CSV (`vip_handoff`, `client_retry`).
     pub fn name(&self) -> &'static str {
-        match self {
-            Mode::VipHandoff => "vip_handoff",
-            Mode::ClientRetry => "client_retry",
-        }
+        (*self).into()
     }
 }
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    /// Takes the names (`vip_handoff`); `-` for `_` is accepted too (`vip-handoff`).
-    fn from_str(s: &str) -> Result<Mode, String> {
-        let s = s.replace('-', "_");
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown mode {s:?} (one of: vip_handoff, client_retry)"))
-    }
+impl crate::names::Named for Mode {
+    const WHAT: &'static str = "mode";
 }
 
 /// Settings of one node.

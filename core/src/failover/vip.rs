@@ -29,7 +29,23 @@ pub enum VipError {
 }
 
 /// Which kind of VIP backend (the name on the command line and in the CSV).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::Display,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::EnumString,
+)]
+#[strum(serialize_all = "lowercase")]
+#[strum(
+    parse_err_ty = crate::names::UnknownName,
+    parse_err_fn = crate::names::unknown::<VipKind>
+)]
 pub enum VipKind {
     Loopback,
     Netns,
@@ -39,27 +55,12 @@ impl VipKind {
     pub const ALL: [VipKind; 2] = [VipKind::Loopback, VipKind::Netns];
 
     pub fn name(&self) -> &'static str {
-        match self {
-            VipKind::Loopback => "loopback",
-            VipKind::Netns => "netns",
-        }
+        (*self).into()
     }
 }
 
-impl std::fmt::Display for VipKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for VipKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<VipKind, String> {
-        VipKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown VIP backend {s:?} (one of: loopback, netns)"))
-    }
+impl crate::names::Named for VipKind {
+    const WHAT: &'static str = "VIP backend";
 }
 
 /// Which backend, with its settings.

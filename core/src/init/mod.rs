@@ -29,8 +29,26 @@ pub use orchestrate::{run, InitRun, Node};
 pub use remote::{serve_node, NodeServer, RemoteNode};
 
 /// How daemons are initialised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    strum::Display,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+#[strum(
+    parse_err_ty = crate::names::UnknownName,
+    parse_err_fn = crate::names::unknown::<Strategy>
+)]
 pub enum Strategy {
     Sequential,
     ParallelNodes,
@@ -47,12 +65,7 @@ impl Strategy {
     ];
 
     pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Sequential => "sequential",
-            Strategy::ParallelNodes => "parallel_nodes",
-            Strategy::ParallelDaemons => "parallel_daemons",
-            Strategy::Parallel => "parallel",
-        }
+        self.into()
     }
 
     /// Are a node's daemons initialised in parallel?
@@ -79,23 +92,6 @@ impl Strategy {
     }
 }
 
-impl std::fmt::Display for Strategy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Strategy, String> {
-        Strategy::ALL
-            .into_iter()
-            .find(|x| x.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown strategy {s:?} (one of: {})",
-                    Strategy::ALL.map(|x| x.name()).join(", ")
-                )
-            })
-    }
+impl crate::names::Named for Strategy {
+    const WHAT: &'static str = "strategy";
 }
