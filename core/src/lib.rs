@@ -3,7 +3,7 @@
 //!
 //! The foundation is [`dev`]: block devices opened with `O_DIRECT`, aligned buffers, an
 //! io_uring engine, and loop-device provisioning. The mechanisms build on it, one module
-//! each (see `DESIGN.md` and the README).
+//! each (see the README and `docs/<mechanism>.md`).
 //!
 //! `unsafe` code is denied crate-wide and allowed only where the design puts it: the
 //! io_uring engine, aligned buffers and ioctls of [`dev`], and the shared memory and its
