@@ -155,3 +155,30 @@ pub fn regions_of(paths: &[PathBuf], size: u64, block: u64) -> Vec<DeviceRegion>
 pub fn region_file(path: &Path, blocks: u64, block: u64) -> PathBuf {
     sparse_file(path, REGION_OFFSET + blocks * block)
 }
+
+/// Puts an ext4 file system on `dev` (`mkfs.ext4 -q -F`): data a tool must refuse to
+/// overwrite.
+pub fn make_ext4(dev: &Path) {
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(dev)
+        .output()
+        .expect("running mkfs.ext4");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 {}: {}",
+        dev.display(),
+        super::output_text(&out)
+    );
+}
+
+/// Whether the ext4 file system on `dev` is intact (`e2fsck -n -f` finds nothing), with
+/// e2fsck's output for the assertion message.
+pub fn ext4_intact(dev: &Path) -> (bool, String) {
+    let out = Command::new("e2fsck")
+        .args(["-n", "-f"])
+        .arg(dev)
+        .output()
+        .expect("running e2fsck");
+    (out.status.success(), super::output_text(&out))
+}

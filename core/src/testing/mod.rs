@@ -19,8 +19,8 @@ pub mod root;
 pub mod wait;
 
 pub use devices::{
-    file_device, region, region_file, regions_of, set_read_only, sparse_file, sparse_files,
-    LoopDevices, TestDevices, REGION_OFFSET,
+    ext4_intact, file_device, make_ext4, region, region_file, regions_of, set_read_only,
+    sparse_file, sparse_files, LoopDevices, TestDevices, REGION_OFFSET,
 };
 pub use fill::{fill_pattern, pattern, pattern_buf};
 pub use process::{
