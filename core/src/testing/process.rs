@@ -19,6 +19,12 @@ impl KillOnDrop {
         )
     }
 
+    /// SIGKILLs the process now (a crash) and reaps it.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.0.kill().expect("sending SIGKILL");
+        self.0.wait().expect("waiting for the child")
+    }
+
     /// Sends SIGINT (as Ctrl-C would) and waits for the process to exit.
     pub fn interrupt(&mut self) -> ExitStatus {
         let pid = rustix::process::Pid::from_child(&self.0);
