@@ -10,7 +10,8 @@ use blocklab::dev::{
     StreamSpec, UringEngine,
 };
 use blocklab::testing::{
-    file_device, pattern_buf, require_root, scratch, set_read_only, wait_for, LoopDevices,
+    assert_success, file_device, output_text, pattern_buf, require_root, scratch, set_read_only,
+    wait_for, LoopDevices, REQUIRE_ROOT_VAR,
 };
 
 /// The loop-device tests here exercise provisioning itself, so they hold the
@@ -190,6 +191,39 @@ fn loop_devices_round_trip_and_teardown() {
         );
     }
     assert!(provision::list_sets(sd.path()).unwrap().is_empty());
+}
+
+/// The root rule end to end (as root): this test binary, run as `nobody` on the
+/// loop-device test above, fails with `BLOCKLAB_REQUIRE_ROOT=1` and skips without it.
+#[test]
+fn a_loop_device_test_run_as_non_root_fails_when_root_is_required() {
+    if !require_root("running a test as another user needs root") {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let run_as_nobody = |require: Option<&str>| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(["--exact", "loop_devices_round_trip_and_teardown"])
+            .current_dir("/")
+            .env_remove(REQUIRE_ROOT_VAR);
+        if let Some(v) = require {
+            c.env(REQUIRE_ROOT_VAR, v);
+        }
+        c.output().expect("running setpriv")
+    };
+    let o = run_as_nobody(Some("1"));
+    let text = output_text(&o);
+    assert!(!o.status.success(), "passed without root: {text}");
+    assert!(
+        text.contains("loop devices need root, and this process is not root")
+            && text.contains("BLOCKLAB_REQUIRE_ROOT=1 forbids skipping"),
+        "{text}"
+    );
+    let o = run_as_nobody(None);
+    assert_success(&o);
+    assert!(output_text(&o).contains("1 passed"), "{}", output_text(&o));
 }
 
 #[test]
