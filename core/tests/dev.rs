@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use blocklab::dev::provision::{self, ProvisionGuard, ProvisionState, TeardownOutcome};
+use blocklab::dev::provision::{self, LoopDevice, ProvisionGuard, ProvisionState, TeardownOutcome};
 use blocklab::dev::{
     AlignedBuf, DevError, Device, DeviceKind, IoEngine, IoRequest, Pattern, StreamLimit, StreamOp,
     StreamSpec, UringEngine,
@@ -17,6 +17,22 @@ use blocklab::testing::{
 /// The loop-device tests here exercise provisioning itself, so they hold the
 /// `ProvisionGuard` directly (in a scratch state directory) and check root themselves.
 const LOOP: &str = "loop devices need root";
+
+/// After a teardown: no device is attached any more and no backing file is left.
+fn assert_gone(devices: &[LoopDevice]) {
+    for d in devices {
+        assert!(
+            !provision::is_attached(d).unwrap(),
+            "{:?} still attached",
+            d.device
+        );
+        assert!(
+            !d.backing_file.exists(),
+            "{} left behind",
+            d.backing_file.display()
+        );
+    }
+}
 
 /// Writes 64 distinct 4 KiB blocks plus a 1 MiB block in one batch at queue depth `qd`,
 /// flushes, reads them back in another batch and compares.
@@ -178,18 +194,7 @@ fn loop_devices_round_trip_and_teardown() {
     let devices = guard.state().devices.clone();
     let out = guard.teardown().unwrap();
     assert!(out.iter().all(|(_, o)| *o == TeardownOutcome::Detached));
-    for d in &devices {
-        assert!(
-            !provision::is_attached(d).unwrap(),
-            "{:?} still attached",
-            d.device
-        );
-        assert!(
-            !d.backing_file.exists(),
-            "{} left behind",
-            d.backing_file.display()
-        );
-    }
+    assert_gone(&devices);
     assert!(provision::list_sets(sd.path()).unwrap().is_empty());
 }
 
@@ -252,10 +257,7 @@ fn teardown_after_a_crash_cleans_up() {
     assert_eq!(out.len(), 2);
     assert!(!stale.exists());
     assert!(!sd.path().join(&state.set).exists());
-    for d in &state.devices {
-        assert!(!provision::is_attached(d).unwrap());
-        assert!(!d.backing_file.exists());
-    }
+    assert_gone(&state.devices);
     // A second teardown of the same set is a clear error, not a silent success.
     assert!(provision::teardown(sd.path(), &state.set).is_err());
 }
@@ -308,10 +310,7 @@ fn teardown_finds_attachments_the_state_did_not_record() {
         assert_eq!(*outcome, TeardownOutcome::Detached);
         assert_eq!(&d.device, dev, "the record names the loop device found");
     }
-    for d in &state.devices {
-        assert!(!provision::is_attached(d).unwrap());
-        assert!(!d.backing_file.exists());
-    }
+    assert_gone(&state.devices);
     assert!(!set_dir.exists(), "set directory left behind");
 }
 

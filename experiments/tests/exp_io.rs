@@ -16,11 +16,16 @@ fn exp_io() -> Command {
     Command::new(env!("CARGO_BIN_EXE_exp-io"))
 }
 
+/// Whether fio is installed; prints that the test skips when it is not.
 fn have_fio() -> bool {
-    Command::new("fio")
+    let fio = Command::new("fio")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !fio {
+        eprintln!("skipping: fio is not installed (scripts/test installs it)");
+    }
+    fio
 }
 
 /// A quick run on `--files FILES` (16 MiB, an 8 MiB region, steps of `seconds`, one
@@ -47,7 +52,6 @@ fn run(cmd: &mut Command) -> (bool, String) {
 #[test]
 fn writes_the_documented_csv_and_meta() {
     if !have_fio() {
-        eprintln!("skipping: fio is not installed (scripts/test installs it)");
         return;
     }
     let files = scratch();
@@ -235,7 +239,6 @@ fn entries(dir: &Path) -> Vec<String> {
 #[test]
 fn ctrl_c_removes_the_files_directory() {
     if !have_fio() {
-        eprintln!("skipping: fio is not installed (scripts/test installs it)");
         return;
     }
     let files = scratch();
@@ -273,7 +276,6 @@ fn ctrl_c_mid_run_exits_130_after_the_teardown() {
 /// interrupts it and checks the set is gone.
 fn ctrl_c_tears_the_set_down(seconds: &str, ready: impl Fn(&str) -> bool) {
     if !have_fio() {
-        eprintln!("skipping: fio is not installed (scripts/test installs it)");
         return;
     }
     if !require_root("loop devices need root") {

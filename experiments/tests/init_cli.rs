@@ -29,6 +29,10 @@ fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
 
+fn daemons(map: &serde_json::Value) -> &Vec<serde_json::Value> {
+    map["daemons"].as_array().expect("a list of daemons")
+}
+
 fn map_json(mon: &str) -> serde_json::Value {
     let o = run(&["monitor", "map", "--monitor", mon, "--json"]);
     assert_success(&o);
@@ -89,9 +93,9 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     ]);
     assert_success(&o);
     let map = map_json(&addr);
-    let daemons = map["daemons"].as_array().unwrap();
-    assert_eq!(daemons.len(), 4);
-    for d in daemons {
+    let ds = daemons(&map);
+    assert_eq!(ds.len(), 4);
+    for d in ds {
         assert_eq!(d["state"], "up", "{d}");
         let o = run(&["inspect", d["device"].as_str().unwrap(), "--json"]);
         assert_success(&o);
@@ -171,12 +175,8 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     ]);
     assert_success(&o);
     let after = map_json(&addr2);
-    assert_eq!(after["daemons"].as_array().unwrap().len(), 3);
-    assert!(after["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|d| d["id"] != 0));
+    assert_eq!(daemons(&after).len(), 3);
+    assert!(daemons(&after).iter().all(|d| d["id"] != 0));
     let o = run(&["monitor", "remove", "--monitor", &addr2, "--id", "0"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("no daemon 0"), "{}", text(&o));
@@ -305,10 +305,8 @@ fn monitor_on_the_embedded_coord_store_and_node_init() {
     ]);
     assert_success(&o);
     let map = map_json(&addr);
-    assert_eq!(map["daemons"].as_array().unwrap().len(), 2);
-    assert!(map["daemons"]
-        .as_array()
-        .unwrap()
+    assert_eq!(daemons(&map).len(), 2);
+    assert!(daemons(&map)
         .iter()
         .all(|d| d["state"] == "up" && d["node"] == "solo"));
     drop(mon);
