@@ -4,19 +4,16 @@
 
 use blocklab::alloc::node::{NodeConfig, NodeProcess};
 use blocklab::alloc::{DeviceSpec, Strategy};
-use blocklab::testing::{free_port, scratch_dir, sparse_file};
+use blocklab::testing::{free_port, region_file, scratch_dir, shm_dir};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn alloc_free(c: &mut Criterion) {
     let mut g = c.benchmark_group("alloc_free");
     for strategy in Strategy::ALL {
-        let dir = tempfile::Builder::new()
-            .prefix("blocklab-alloc-bench-")
-            .tempdir_in("/dev/shm")
-            .unwrap();
+        let dir = shm_dir("blocklab-alloc-bench-");
         // Blocks are never written here: a sparse file of 1024 blocks after the first MiB.
         let files = scratch_dir("blocklab-alloc-bench-dev-");
-        let dev = sparse_file(&files.path().join("dev.img"), (1 << 20) + 1024 * (64 << 10));
+        let dev = region_file(&files.path().join("dev.img"), 1024, 64 << 10);
         let cfg = NodeConfig {
             dir: dir.path().join("node"),
             internal_port: free_port(),

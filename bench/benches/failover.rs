@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use blocklab::failover::dispatcher::{Action, Dispatcher, Input, Timing};
-use blocklab::testing::sparse_files;
+use blocklab::testing::{scratch_dir, sparse_files};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -50,10 +50,7 @@ fn dispatcher(c: &mut Criterion) {
 }
 
 fn volume_copy(c: &mut Criterion) {
-    let dir = tempfile::Builder::new()
-        .prefix("bench-failover-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = scratch_dir("bench-failover-");
     let devs = sparse_files(dir.path(), 2, 128 << 20);
     let mut st = VolumeStore::open(
         &dir.path().join("meta"),

@@ -43,11 +43,8 @@ fn device() -> (Device, Option<tempfile::TempDir>) {
     if let Ok(p) = std::env::var("BLOCKLAB_BENCH_DEVICE") {
         return (given_device(&p), None);
     }
-    let dir = tempfile::tempdir_in("/var/tmp").expect("a temp dir in /var/tmp");
-    let p = dir.path().join("bench.img");
-    std::fs::File::create(&p)
-        .and_then(|f| f.set_len(SIZE))
-        .expect("create bench file");
+    let dir = blocklab::testing::scratch_dir("blocklab-bench-io-");
+    let p = blocklab::testing::sparse_file(&dir.path().join("bench.img"), SIZE);
     let dev = Device::open(&p).expect("O_DIRECT on /var/tmp");
     // Fill it so reads hit allocated blocks.
     let buf = AlignedBuf::new(1 << 20);

@@ -46,7 +46,7 @@ mod tests {
 
     #[test]
     fn replaces_the_file_and_leaves_no_temporary() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testing::scratch();
         let p = dir.path().join("state.json");
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();

@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn replay_cut_torn_tail_refuse_corruption_and_second_writer() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testing::scratch();
         let p = dir.path().join("j");
         let (mut log, recs) = Log::open(&p).unwrap();
         assert!(recs.is_empty());

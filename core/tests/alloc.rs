@@ -27,23 +27,19 @@ use blocklab::alloc::{
     LocalAllocator, Strategy,
 };
 use blocklab::dev::{Device, IoEngine, UringEngine};
-use blocklab::testing::{free_port, scratch_dir, sparse_file};
+use blocklab::testing::{free_port, region_file, scratch, scratch_dir, sparse_file};
 
 const BLOCK: u64 = 65536;
 
 /// A region that is never opened (segment-level tests).
 fn region(path: &str, blocks: u64) -> DeviceRegion {
-    DeviceRegion {
-        path: path.into(),
-        offset: 1 << 20,
-        len: blocks * BLOCK,
-    }
+    blocklab::testing::region(path, blocks, BLOCK)
 }
 
 /// A sparse file with room for `blocks` blocks after its first MiB, named by path (the
 /// leader resolves it to exactly those blocks).
 fn dev_file(dir: &Path, name: &str, blocks: u64) -> DeviceSpec {
-    DeviceSpec::path(sparse_file(&dir.join(name), (1 << 20) + blocks * BLOCK))
+    DeviceSpec::path(region_file(&dir.join(name), blocks, BLOCK))
 }
 
 /// A scratch directory and a node configuration with one device file `a` of `blocks`
@@ -80,7 +76,7 @@ fn other_process(at: &Arc<Attached>, id: u16) -> (Arc<ProcSeg>, LocalAllocator) 
 
 #[test]
 fn wrong_magic_or_version_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let p = dir.path().join("dev-0.shm");
     DeviceSeg::create(&p, 0, 0, &region("/dev/x", 8), BLOCK, FreeMode::Bitmap).unwrap();
     // Attaching as another kind of segment: wrong magic.
@@ -106,7 +102,7 @@ fn wrong_magic_or_version_is_refused() {
 
 #[test]
 fn a_device_segment_appears_with_its_free_structure_complete() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     for (mode, name) in [(FreeMode::Bitmap, "b.shm"), (FreeMode::Locked, "l.shm")] {
         let p = dir.path().join(name);
         DeviceSeg::create(&p, 0, 0, &region("/dev/x", 100), BLOCK, mode).unwrap();
@@ -129,7 +125,7 @@ fn a_device_segment_appears_with_its_free_structure_complete() {
 
 #[test]
 fn lock_free_bitmap_never_hands_out_a_block_twice() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let p = dir.path().join("dev-0.shm");
     let n = 64u32;
     let d = Arc::new(
@@ -186,7 +182,7 @@ fn lock_free_bitmap_never_hands_out_a_block_twice() {
 
 #[test]
 fn robust_lock_survives_a_holder_that_died() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let p = dir.path().join("unfilled.shm");
     let t = Arc::new(UnfilledSeg::create(&p, 8).unwrap());
     let t2 = t.clone();
@@ -490,7 +486,7 @@ fn blocks_go_into_the_data_region_of_a_formatted_device_else_after_the_first_mib
 
 #[test]
 fn bitmap_hands_out_each_block_once_then_reports_full() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let p = dir.path().join("dev-0.shm");
     // 100 blocks: two words, the second with 28 bits past the end that must never count.
     let d = DeviceSeg::create(&p, 0, 0, &region("/dev/x", 100), BLOCK, FreeMode::Bitmap).unwrap();

@@ -8,7 +8,7 @@ use blocklab::coord::{
     connect, ensure_path, ConnectOptions, Coord, CoordError, CoordSpec, NodeKind, Op, Read,
     ReadResult, WatchEvent,
 };
-use blocklab::testing::wait_for;
+use blocklab::testing::{free_port, next_event, retry, scratch_dir, wait_for};
 use std::time::{Duration, Instant};
 
 type Factory<'a> = &'a dyn Fn() -> Box<dyn Coord>;
@@ -20,12 +20,9 @@ fn collect(w: &blocklab::coord::Watch, n: usize) -> Vec<WatchEvent> {
     let deadline = Instant::now() + WAIT;
     let mut out = Vec::new();
     while out.len() < n {
-        assert!(Instant::now() < deadline, "got only {out:?}");
-        if let Some(ev) = w.recv_timeout(Duration::from_millis(200)) {
-            if ev != WatchEvent::Resync {
-                out.push(ev);
-            }
-        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let what = format!("event {} of {n} after {out:?}", out.len() + 1);
+        out.push(next_event(w, &what, left, |e| *e != WatchEvent::Resync));
     }
     out
 }
@@ -243,8 +240,14 @@ fn suite_watch_order(new: Factory<'_>, base: &str) {
     }
     let got = collect(&w, expect.len());
     assert_eq!(got, expect);
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(w.try_recv(), None, "no extra events");
+    // No extra events: a fence written after everything else is the very next event.
+    let fence = format!("{base}/fence");
+    writer.create(&fence, b"", NodeKind::Persistent).unwrap();
+    assert_eq!(
+        collect(&w, 1),
+        vec![WatchEvent::Created(fence)],
+        "no extra events"
+    );
     // Concurrent writers: every change is delivered exactly once.
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -357,10 +360,7 @@ fn run_suite(new: Factory<'_>) {
 }
 
 fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("blocklab-coord-")
-        .tempdir()
-        .unwrap()
+    scratch_dir("blocklab-coord-")
 }
 
 #[test]
@@ -542,11 +542,7 @@ fn missing_zookeeper_install_is_a_clear_error() {
 #[test]
 fn zookeeper_unreachable_is_a_clear_error() {
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let opts = ConnectOptions {
         connect_deadline: Duration::from_secs(2),
         ..ConnectOptions::default()
@@ -575,35 +571,25 @@ fn zookeeper_restart_keeps_data_and_sessions_reconnect() {
     zk.restart().unwrap();
     c.wait_connected(WAIT).unwrap();
     // Requests work again (retry through the reconnect window).
-    let deadline = Instant::now() + WAIT;
-    let data = loop {
-        match c.get("/map/l0") {
-            Ok((d, _)) => break d,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("retrying after restart: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let (data, _) = retry("a read after the restart", WAIT, || c.get("/map/l0"));
     assert_eq!(data, b"before");
     assert!(
         c.exists("/gw").unwrap().is_some(),
         "session survived a restart shorter than its timeout"
     );
     c.set("/map/l0", b"after", None).unwrap();
-    let deadline = Instant::now() + WAIT;
     let mut saw_resync = false;
-    loop {
-        match w.recv_timeout(Duration::from_millis(200)) {
-            Some(WatchEvent::Resync) => saw_resync = true,
-            Some(WatchEvent::DataChanged(p)) if p == "/map/l0" => break,
-            other => {
-                eprintln!("event: {other:?}");
-                assert!(Instant::now() < deadline, "no event after restart")
-            }
+    next_event(&w, "the change after the restart", WAIT, |e| match e {
+        WatchEvent::Resync => {
+            saw_resync = true;
+            false
         }
-    }
+        WatchEvent::DataChanged(p) => p == "/map/l0",
+        other => {
+            eprintln!("event: {other:?}");
+            false
+        }
+    });
     assert!(saw_resync, "a reconnect is reported as Resync");
     // A fresh client sees the same map.
     let d = ZkCoord::connect(&zk.connect_string(), "/restart", &opts).unwrap();

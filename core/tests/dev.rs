@@ -4,31 +4,34 @@
 use std::process::Command;
 use std::time::Duration;
 
-use blocklab::dev::provision::{self, ProvisionGuard, ProvisionState, TeardownOutcome};
+use blocklab::dev::provision::{self, LoopDevice, ProvisionGuard, ProvisionState, TeardownOutcome};
 use blocklab::dev::{
     AlignedBuf, DevError, Device, DeviceKind, IoEngine, IoRequest, Pattern, StreamLimit, StreamOp,
     StreamSpec, UringEngine,
 };
-use blocklab::testing::{is_root, scratch_dir, set_read_only, wait_for, LoopDevices};
+use blocklab::testing::{
+    assert_success, file_device, output_text, pattern_buf, require_root, scratch, set_read_only,
+    wait_for, LoopDevices, REQUIRE_ROOT_VAR,
+};
 
-/// These tests exercise provisioning itself, so they hold the `ProvisionGuard` directly.
-fn state_dir() -> tempfile::TempDir {
-    scratch_dir("blocklab-test-")
-}
+/// The loop-device tests here exercise provisioning itself, so they hold the
+/// `ProvisionGuard` directly (in a scratch state directory) and check root themselves.
+const LOOP: &str = "loop devices need root";
 
-fn file_device(dir: &tempfile::TempDir, size: u64) -> Device {
-    let p = dir.path().join("dev.img");
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    Device::open(&p).unwrap()
-}
-
-fn pattern_buf(len: usize, seed: u8) -> AlignedBuf {
-    let mut b = AlignedBuf::new(len);
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (i as u8).wrapping_mul(31).wrapping_add(seed);
+/// After a teardown: no device is attached any more and no backing file is left.
+fn assert_gone(devices: &[LoopDevice]) {
+    for d in devices {
+        assert!(
+            !provision::is_attached(d).unwrap(),
+            "{:?} still attached",
+            d.device
+        );
+        assert!(
+            !d.backing_file.exists(),
+            "{} left behind",
+            d.backing_file.display()
+        );
     }
-    b
 }
 
 /// Writes 64 distinct 4 KiB blocks plus a 1 MiB block in one batch at queue depth `qd`,
@@ -36,7 +39,7 @@ fn pattern_buf(len: usize, seed: u8) -> AlignedBuf {
 fn write_read_back(dev: &Device, qd: u32) {
     let mut eng = UringEngine::with_queue_depth(qd).unwrap();
     let bufs: Vec<AlignedBuf> = (0..64)
-        .map(|i| pattern_buf(4096, i as u8 + qd as u8))
+        .map(|i| pattern_buf(4096, i + u64::from(qd)))
         .collect();
     let big = pattern_buf(1 << 20, 99);
     let mut reqs: Vec<IoRequest<'_>> = bufs
@@ -69,8 +72,8 @@ fn write_read_back(dev: &Device, qd: u32) {
 
 #[test]
 fn engine_round_trip_on_a_regular_file() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let dev = file_device(&dir, 4 << 20);
+    let dir = scratch();
+    let dev = file_device(dir.path(), 4 << 20);
     assert_eq!(dev.kind(), DeviceKind::File);
     for qd in [1, 4, 32] {
         write_read_back(&dev, qd);
@@ -79,8 +82,8 @@ fn engine_round_trip_on_a_regular_file() {
 
 #[test]
 fn engine_refuses_misaligned_io_and_reads_past_end() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let dev = file_device(&dir, 1 << 20);
+    let dir = scratch();
+    let dev = file_device(dir.path(), 1 << 20);
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
     let buf = AlignedBuf::new(8192);
     let err = eng.write_at(&dev, 100, &buf[..4096]).unwrap_err();
@@ -116,7 +119,7 @@ fn engine_refuses_misaligned_io_and_reads_past_end() {
 
 #[test]
 fn open_reports_bad_paths() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     assert!(matches!(
         Device::open(dir.path().join("nope")),
         Err(DevError::NotFound { .. })
@@ -133,8 +136,8 @@ fn open_reports_bad_paths() {
 
 #[test]
 fn stream_covers_every_option_on_a_file() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let dev = file_device(&dir, 8 << 20);
+    let dir = scratch();
+    let dev = file_device(dir.path(), 8 << 20);
     let mut eng = UringEngine::with_queue_depth(8).unwrap();
     for (op, fixed) in [
         (StreamOp::Write, false),
@@ -167,11 +170,10 @@ fn stream_covers_every_option_on_a_file() {
 
 #[test]
 fn loop_devices_round_trip_and_teardown() {
-    if !is_root() {
-        eprintln!("skipping: loop devices need root");
+    if !require_root(LOOP) {
         return;
     }
-    let sd = state_dir();
+    let sd = scratch();
     let guard = ProvisionGuard::new(sd.path(), "t-rt", 3, 64 << 20).unwrap();
     let paths = guard.paths();
     assert_eq!(paths.len(), 3);
@@ -192,28 +194,49 @@ fn loop_devices_round_trip_and_teardown() {
     let devices = guard.state().devices.clone();
     let out = guard.teardown().unwrap();
     assert!(out.iter().all(|(_, o)| *o == TeardownOutcome::Detached));
-    for d in &devices {
-        assert!(
-            !provision::is_attached(d).unwrap(),
-            "{:?} still attached",
-            d.device
-        );
-        assert!(
-            !d.backing_file.exists(),
-            "{} left behind",
-            d.backing_file.display()
-        );
-    }
+    assert_gone(&devices);
     assert!(provision::list_sets(sd.path()).unwrap().is_empty());
+}
+
+/// The root rule end to end (as root): this test binary, run as `nobody` on the
+/// loop-device test above, fails with `BLOCKLAB_REQUIRE_ROOT=1` and skips without it.
+#[test]
+fn a_loop_device_test_run_as_non_root_fails_when_root_is_required() {
+    if !require_root("running a test as another user needs root") {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let run_as_nobody = |require: Option<&str>| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(["--exact", "loop_devices_round_trip_and_teardown"])
+            .current_dir("/")
+            .env_remove(REQUIRE_ROOT_VAR);
+        if let Some(v) = require {
+            c.env(REQUIRE_ROOT_VAR, v);
+        }
+        c.output().expect("running setpriv")
+    };
+    let o = run_as_nobody(Some("1"));
+    let text = output_text(&o);
+    assert!(!o.status.success(), "passed without root: {text}");
+    assert!(
+        text.contains("loop devices need root, and this process is not root")
+            && text.contains("BLOCKLAB_REQUIRE_ROOT=1 forbids skipping"),
+        "{text}"
+    );
+    let o = run_as_nobody(None);
+    assert_success(&o);
+    assert!(output_text(&o).contains("1 passed"), "{}", output_text(&o));
 }
 
 #[test]
 fn teardown_after_a_crash_cleans_up() {
-    if !is_root() {
-        eprintln!("skipping: loop devices need root");
+    if !require_root(LOOP) {
         return;
     }
-    let sd = state_dir();
+    let sd = scratch();
     // A "crashed" run: devices attached and the state file present, nobody to tear down.
     let state = ProvisionGuard::new(sd.path(), "t-crash", 2, 16 << 20)
         .unwrap()
@@ -234,17 +257,14 @@ fn teardown_after_a_crash_cleans_up() {
     assert_eq!(out.len(), 2);
     assert!(!stale.exists());
     assert!(!sd.path().join(&state.set).exists());
-    for d in &state.devices {
-        assert!(!provision::is_attached(d).unwrap());
-        assert!(!d.backing_file.exists());
-    }
+    assert_gone(&state.devices);
     // A second teardown of the same set is a clear error, not a silent success.
     assert!(provision::teardown(sd.path(), &state.set).is_err());
 }
 
 #[test]
 fn provision_refuses_bad_sizes_and_names() {
-    let sd = state_dir();
+    let sd = scratch();
     assert!(provision::provision(sd.path(), "x", 1, 1000).is_err());
     assert!(provision::provision(sd.path(), "x", 1, 0).is_err());
     assert!(provision::provision(sd.path(), "../evil", 1, 4096).is_err());
@@ -256,11 +276,10 @@ fn provision_refuses_bad_sizes_and_names() {
 /// inode, detaches it, and removes the unrecorded file too.
 #[test]
 fn teardown_finds_attachments_the_state_did_not_record() {
-    if !is_root() {
-        eprintln!("skipping: loop devices need root");
+    if !require_root(LOOP) {
         return;
     }
-    let sd = state_dir();
+    let sd = scratch();
     let state = ProvisionGuard::new(sd.path(), "t-norec", 2, 16 << 20)
         .unwrap()
         .forget();
@@ -291,10 +310,7 @@ fn teardown_finds_attachments_the_state_did_not_record() {
         assert_eq!(*outcome, TeardownOutcome::Detached);
         assert_eq!(&d.device, dev, "the record names the loop device found");
     }
-    for d in &state.devices {
-        assert!(!provision::is_attached(d).unwrap());
-        assert!(!d.backing_file.exists());
-    }
+    assert_gone(&state.devices);
     assert!(!set_dir.exists(), "set directory left behind");
 }
 
@@ -302,11 +318,10 @@ fn teardown_finds_attachments_the_state_did_not_record() {
 /// claiming it detached, and the kernel detaches it when the last user closes it.
 #[test]
 fn teardown_of_a_device_still_open_is_pending() {
-    if !is_root() {
-        eprintln!("skipping: loop devices need root");
+    if !require_root(LOOP) {
         return;
     }
-    let sd = state_dir();
+    let sd = scratch();
     let guard = ProvisionGuard::new(sd.path(), "t-busy", 1, 16 << 20).unwrap();
     let d = guard.state().devices[0].clone();
     let held = Device::open(d.device.as_ref().unwrap()).unwrap();
@@ -338,8 +353,8 @@ fn open_exclusive_refuses_a_held_device() {
     drop(first);
     Device::open_exclusive(p).unwrap();
 
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let f = file_device(&dir, 1 << 20);
+    let dir = scratch();
+    let f = file_device(dir.path(), 1 << 20);
     let _a = Device::open_exclusive(f.path()).unwrap();
     Device::open_exclusive(f.path()).unwrap();
 }
@@ -347,11 +362,14 @@ fn open_exclusive_refuses_a_held_device() {
 /// EPERM/EACCES is a permission error, not "read-only"; EROFS (or BLKROGET) is read-only.
 #[test]
 fn permission_errors_are_not_read_only() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let p = file_device(&dir, 1 << 20).path().to_path_buf();
+    if !require_root("chattr +i needs root") {
+        return;
+    }
+    let dir = scratch();
+    let p = file_device(dir.path(), 1 << 20).path().to_path_buf();
     let immutable = Command::new("chattr").arg("+i").arg(&p).status();
     if !immutable.is_ok_and(|s| s.success()) {
-        eprintln!("skipping: chattr +i is not available here (needs root and ext4/xfs)");
+        eprintln!("skipping: chattr +i is not available here (needs ext4/xfs)");
         return;
     }
     // Opening an immutable file for writing fails with EPERM, even for root.
@@ -375,8 +393,8 @@ fn permission_errors_are_not_read_only() {
 /// A stream may not ask for more in flight than the engine allows (nor for nothing).
 #[test]
 fn stream_refuses_a_queue_depth_beyond_the_engine() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let dev = file_device(&dir, 1 << 20);
+    let dir = scratch();
+    let dev = file_device(dir.path(), 1 << 20);
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
     for qd in [0, 5, 64] {
         let spec = StreamSpec {
@@ -401,8 +419,8 @@ fn stream_refuses_a_queue_depth_beyond_the_engine() {
 /// size or of registration works.
 #[test]
 fn stream_buffers_survive_calls_of_other_shapes() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let dev = file_device(&dir, 8 << 20);
+    let dir = scratch();
+    let dev = file_device(dir.path(), 8 << 20);
     let mut eng = UringEngine::with_queue_depth(8).unwrap();
     let spec = |op, bs: usize, fixed, off: u64| StreamSpec {
         op,

@@ -9,6 +9,7 @@ use blocklab::failover::coord_journal::CoordJournal;
 use blocklab::failover::dispatcher::Epoch;
 use blocklab::failover::journal::{FileJournal, OpJournal, OpState, Record};
 use blocklab::failover::wire::{Op, OpResult};
+use blocklab::testing::scratch;
 
 fn started(id: &str, e: Epoch) -> Record {
     Record::Started {
@@ -72,14 +73,14 @@ fn exercise(open: &dyn Fn() -> Box<dyn OpJournal>) {
 
 #[test]
 fn file_journal_survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let p = dir.path().join("journal.jsonl");
     exercise(&|| Box::new(FileJournal::open(&p).unwrap()));
 }
 
 #[test]
 fn coord_journal_on_the_embedded_store_survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let spec = CoordSpec::Embedded(dir.path().join("coord.store"));
     exercise(&|| {
         let c = connect(&spec, &ConnectOptions::default()).unwrap();

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blocklab::failover::client::Client;
 use blocklab::failover::dispatcher::Timing;
@@ -17,7 +17,7 @@ use blocklab::failover::node::{run_node, Mode, NodeConfig};
 use blocklab::failover::service::{JournalSpec, Service, ServiceConfig};
 use blocklab::failover::vip::VipBackend;
 use blocklab::failover::wire::{Conn, Msg, Op, OpResult};
-use blocklab::testing::{free_port, scratch_dir, sparse_file};
+use blocklab::testing::{free_port, scratch_dir, sparse_file, wait_for};
 use blocklab::volume::StoreConfig;
 
 const MIB: u64 = 1 << 20;
@@ -62,11 +62,9 @@ fn delivered_results_are_answered_only_for_the_same_operation() {
         let stop = stop.clone();
         thread::spawn(move || run_node(cfg, stop))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(vip).is_err() {
-        assert!(Instant::now() < deadline, "the node never took the VIP");
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the node to take the VIP", Duration::from_secs(30), || {
+        TcpStream::connect(vip).is_ok()
+    });
     let create = |name: &str| Op::Create {
         name: name.into(),
         size: 4 * MIB,

@@ -13,7 +13,7 @@ use blocklab::failover::dispatcher::Epoch;
 use blocklab::failover::journal::{read_records, FileJournal, OpJournal, Record};
 use blocklab::failover::service::{JournalSpec, Service, ServiceConfig};
 use blocklab::failover::wire::{Conn, Msg, Op, OpResult};
-use blocklab::testing::sparse_file;
+use blocklab::testing::{scratch_dir, sparse_file, wait_for_some};
 use blocklab::volume::{StoreConfig, VolumeStore};
 
 const MIB: u64 = 1 << 20;
@@ -25,17 +25,15 @@ struct Setup {
     vip: TcpListener,
 }
 
-fn scratch() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("blocklab-svc-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+/// A scratch directory with the service's one device, `d0.img`.
+fn with_device() -> tempfile::TempDir {
+    let dir = scratch_dir("blocklab-svc-");
     sparse_file(&dir.path().join("d0.img"), 64 * MIB);
     dir
 }
 
 fn start() -> Setup {
-    start_in(scratch())
+    start_in(with_device())
 }
 
 fn start_in(dir: tempfile::TempDir) -> Setup {
@@ -74,6 +72,17 @@ impl Setup {
         let s = TcpStream::connect(self.addr()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         Conn::new(s).unwrap()
+    }
+    /// The connection on which the service delivers a result to the VIP (fails, rather
+    /// than hangs, if nothing is delivered).
+    fn delivery(&self) -> Conn {
+        self.vip.set_nonblocking(true).unwrap();
+        let (v, _) = wait_for_some("a delivery to the VIP", Duration::from_secs(60), || {
+            self.vip.accept().ok()
+        });
+        v.set_nonblocking(false).unwrap();
+        v.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        Conn::new(v).unwrap()
     }
     fn journal(&self) -> Vec<Record> {
         read_records(&self.dir.path().join("state/journal.jsonl")).unwrap()
@@ -192,10 +201,7 @@ fn a_result_whose_submitter_died_is_delivered_to_the_vip_and_kept() {
         assert!(matches!(c.recv().unwrap(), Msg::Accepted { .. }));
     }
     // The VIP (whoever holds it now) receives the result and acknowledges it.
-    s.vip.set_nonblocking(false).unwrap();
-    let (v, _) = s.vip.accept().unwrap();
-    v.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut vc = Conn::new(v).unwrap();
+    let mut vc = s.delivery();
     match vc.recv().unwrap() {
         Msg::Deliver { op_id, op, result } => {
             assert_eq!(op_id, "cp");
@@ -292,21 +298,7 @@ fn a_newer_claim_orphans_a_silent_submitter_and_the_result_goes_to_the_vip() {
     assert!(matches!(dead_host.recv().unwrap(), Msg::Accepted { .. }));
     // `dead_host` is neither read nor closed from now on.
     assert!(matches!(claim(&s, e2), Msg::Ack { .. }));
-    // Fail (not hang) if nothing is delivered.
-    s.vip.set_nonblocking(true).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let v = loop {
-        match s.vip.accept() {
-            Ok((v, _)) => break v,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("no delivery to the VIP: {e}"),
-        }
-    };
-    v.set_nonblocking(false).unwrap();
-    v.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut vc = Conn::new(v).unwrap();
+    let mut vc = s.delivery();
     match vc.recv().unwrap() {
         Msg::Deliver { op_id, op, result } => {
             assert_eq!(op_id, "cp");
@@ -331,7 +323,7 @@ fn a_newer_claim_orphans_a_silent_submitter_and_the_result_goes_to_the_vip() {
 /// comes from the catalog: delivered, not re-run, and not reported as a failure.
 #[test]
 fn an_execution_cut_short_after_the_catalog_commit_is_done_not_rerun() {
-    let dir = scratch();
+    let dir = with_device();
     let state = dir.path().join("state");
     let e = epoch(3, 1);
     {
@@ -449,7 +441,7 @@ fn a_journal_write_failure_after_execution_stops_the_service_with_an_error() {
     use blocklab::coord::zk_server::ZkServer;
     let mut zk = ZkServer::start().expect("a private ZooKeeper server");
     let mut s = start_with(
-        scratch(),
+        with_device(),
         JournalSpec::Coord {
             spec: zk.spec("/svc"),
             root: "/fo".into(),

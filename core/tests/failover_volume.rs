@@ -10,32 +10,32 @@ use std::path::{Path, PathBuf};
 use blocklab::daemon::{mkfs, mount, MkfsRequest, Mounted};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::format::Layout;
-use blocklab::testing::{scratch_dir, sparse_files, LoopDevices};
+use blocklab::testing::{pattern, scratch_dir, sparse_files, LoopDevices};
 use blocklab::volume::{Applied, StoreConfig, VolumeError, VolumeStore, APPLIED_KEEP};
 
 const MIB: u64 = 1 << 20;
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("blocklab-vol-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
+/// `n` sparse files of `size` bytes as devices, in a scratch directory (which also holds
+/// the store's metadata).
+fn files(n: usize, size: u64) -> (tempfile::TempDir, Vec<PathBuf>) {
+    let dir = scratch_dir("blocklab-vol-");
+    let devs = sparse_files(dir.path(), n, size);
+    (dir, devs)
 }
 
-fn files(dir: &tempfile::TempDir, n: usize, size: u64) -> Vec<PathBuf> {
-    sparse_files(dir.path(), n, size)
+/// Runs `check(devices, metadata directory)` on `n` sparse files of `size` bytes.
+fn on_files(n: usize, size: u64, check: impl FnOnce(&[PathBuf], &Path)) {
+    let (dir, devs) = files(n, size);
+    check(&devs, &dir.path().join("meta"));
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+/// Runs `check(devices, metadata directory)` on `n` loop devices of `size` bytes (root).
+fn on_loop_devices(set: &str, n: usize, size: u64, check: impl FnOnce(&[PathBuf], &Path)) {
+    let Some(g) = LoopDevices::provision(set, n, size) else {
+        return;
+    };
+    let dir = scratch_dir("blocklab-vol-");
+    check(&g.paths(), &dir.path().join("meta"));
 }
 
 fn small_cfg() -> StoreConfig {
@@ -120,24 +120,17 @@ fn size_of_src(st: &VolumeStore) -> u64 {
 
 #[test]
 fn copy_is_byte_exact_and_catalog_survives_restart_on_files() {
-    let dir = tmp();
-    let devs = files(&dir, 2, 24 * MIB);
-    copy_and_restart(&devs, &dir.path().join("meta"));
+    on_files(2, 24 * MIB, copy_and_restart);
 }
 
 #[test]
 fn copy_is_byte_exact_and_catalog_survives_restart_on_loop_devices() {
-    let Some(g) = LoopDevices::provision("fo-vol", 2, 24 * MIB) else {
-        return;
-    };
-    let dir = scratch_dir("blocklab-test-");
-    copy_and_restart(&g.paths(), &dir.path().join("meta"));
+    on_loop_devices("fo-vol", 2, 24 * MIB, copy_and_restart);
 }
 
 #[test]
 fn bad_input_is_refused_and_leaves_the_store_unchanged() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 24 * MIB);
+    let (dir, devs) = files(1, 24 * MIB);
     let meta = dir.path().join("meta");
     let mut st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
     st.create("v", 2 * MIB, None).unwrap();
@@ -197,8 +190,7 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
 
 #[test]
 fn bad_settings_are_refused_with_one_line() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 24 * MIB);
+    let (dir, devs) = files(1, 24 * MIB);
     let meta = dir.path().join("meta");
     for (chunk, depth, what) in [
         (0, 8, "copy chunk 0"),
@@ -221,8 +213,7 @@ fn bad_settings_are_refused_with_one_line() {
 
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 24 * MIB);
+    let (dir, devs) = files(1, 24 * MIB);
     let meta = dir.path().join("meta");
     let st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
     let e = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap_err();
@@ -233,8 +224,7 @@ fn a_second_store_on_the_same_directory_is_refused() {
 
 #[test]
 fn a_copy_goes_to_another_device_than_its_source() {
-    let dir = tmp();
-    let devs = files(&dir, 2, 24 * MIB);
+    let (dir, devs) = files(2, 24 * MIB);
     let mut st = VolumeStore::open(&dir.path().join("meta"), &devs, small_cfg(), false).unwrap();
     st.create("a", 4 * MIB, None).unwrap();
     let src_devs: Vec<usize> = st
@@ -251,8 +241,7 @@ fn a_copy_goes_to_another_device_than_its_source() {
 
 #[test]
 fn the_applied_window_is_bounded() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 24 * MIB);
+    let (dir, devs) = files(1, 24 * MIB);
     let meta = dir.path().join("meta");
     let mut st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
     for i in 0..APPLIED_KEEP + 5 {
@@ -269,8 +258,7 @@ fn the_applied_window_is_bounded() {
 
 #[test]
 fn a_catalog_naming_a_missing_device_or_a_newer_version_is_an_error() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 24 * MIB);
+    let (dir, devs) = files(1, 24 * MIB);
     let meta = dir.path().join("meta");
     {
         let mut st = VolumeStore::open(&meta, &devs, small_cfg(), false).unwrap();
@@ -293,8 +281,7 @@ fn a_catalog_naming_a_missing_device_or_a_newer_version_is_an_error() {
 
 #[test]
 fn foreign_data_is_refused_without_force() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 32 * MIB);
+    let (dir, devs) = files(1, 32 * MIB);
     std::fs::write(&devs[0], vec![0xAB; 8192]).unwrap();
     std::fs::File::options()
         .write(true)
@@ -423,27 +410,26 @@ fn formatted_devices_use_the_on_device_bitmap_and_stay_mountable(devs: &[PathBuf
 
 #[test]
 fn formatted_devices_use_the_on_device_bitmap_and_stay_mountable_on_files() {
-    let dir = tmp();
-    let devs = files(&dir, 2, 32 * MIB);
-    formatted_devices_use_the_on_device_bitmap_and_stay_mountable(&devs, &dir.path().join("meta"));
+    on_files(
+        2,
+        32 * MIB,
+        formatted_devices_use_the_on_device_bitmap_and_stay_mountable,
+    );
 }
 
 #[test]
 fn formatted_devices_use_the_on_device_bitmap_and_stay_mountable_on_loop_devices() {
-    let Some(g) = LoopDevices::provision("fo-volfmt", 2, 32 * MIB) else {
-        return;
-    };
-    let dir = scratch_dir("blocklab-test-");
-    formatted_devices_use_the_on_device_bitmap_and_stay_mountable(
-        &g.paths(),
-        &dir.path().join("meta"),
+    on_loop_devices(
+        "fo-volfmt",
+        2,
+        32 * MIB,
+        formatted_devices_use_the_on_device_bitmap_and_stay_mountable,
     );
 }
 
 #[test]
 fn a_formatted_device_that_now_reads_blank_is_named_not_used_raw() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 32 * MIB);
+    let (dir, devs) = files(1, 32 * MIB);
     format_device(&devs[0], 0);
     let uuid = mounted(&devs[0]).label.daemon_uuid;
     let meta = dir.path().join("meta");
@@ -466,8 +452,7 @@ fn a_formatted_device_that_now_reads_blank_is_named_not_used_raw() {
 
 #[test]
 fn a_corrupt_superblock_is_noticed() {
-    let dir = tmp();
-    let devs = files(&dir, 1, 32 * MIB);
+    let (dir, devs) = files(1, 32 * MIB);
     let l = format_device(&devs[0], 0);
     let meta = dir.path().join("meta");
     VolumeStore::open(&meta, &devs, StoreConfig::default(), false).unwrap();

@@ -2,13 +2,10 @@
 //! foreign data (another cluster's label, ext4), of a damaged or different format of the
 //! same daemon, and `force`, crash after each phase, corruption of each region.
 
-use std::path::Path;
-use std::process::Command;
-
 use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::format::LayoutParams;
-use blocklab::testing::{sparse_file, LoopDevices};
+use blocklab::testing::{ext4_intact, make_ext4, scratch, sparse_file, LoopDevices};
 use uuid::Uuid;
 
 fn eng() -> UringEngine {
@@ -190,28 +187,13 @@ fn crash_after_each_phase_then_mount_rejects_and_mkfs_completes() {
     }
 }
 
-fn ext4_intact(path: &Path) -> bool {
-    Command::new("e2fsck")
-        .args(["-n", "-f"])
-        .arg(path)
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
 #[test]
 fn refuses_ext4_and_data_and_too_small_devices() {
     let Some(g) = LoopDevices::provision("init-foreign", 2, 64 << 20) else {
         return;
     };
     let paths = g.paths();
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&paths[0])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    make_ext4(&paths[0]);
     let fsid = Uuid::new_v4();
     let mut e = eng();
     let dev = Device::open(&paths[0]).unwrap();
@@ -219,10 +201,8 @@ fn refuses_ext4_and_data_and_too_small_devices() {
     assert!(err.to_string().contains("ext2/3/4 filesystem"), "{err}");
     assert!(err.to_string().contains("--force"), "{err}");
     drop(dev);
-    assert!(
-        ext4_intact(&paths[0]),
-        "the refused ext4 filesystem was damaged"
-    );
+    let (intact, fsck) = ext4_intact(&paths[0]);
+    assert!(intact, "the refused ext4 filesystem was damaged: {fsck}");
     // --force formats it.
     let dev = Device::open(&paths[0]).unwrap();
     let mut req = MkfsRequest::new(fsid, 0);
@@ -243,7 +223,7 @@ fn refuses_ext4_and_data_and_too_small_devices() {
     assert!(daemon::inspect(&mut e, &dev).is_err());
 
     // Too small for the layout: a clear error, nothing written.
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = scratch();
     let p = dir.path().join("tiny.img");
     sparse_file(&p, 1 << 20);
     let tiny = Device::open(&p).unwrap();

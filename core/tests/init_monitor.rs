@@ -8,7 +8,7 @@ use std::time::Duration;
 use blocklab::monitor::{
     DaemonState, FileJournal, Monitor, MonitorClient, MonitorError, Outcome, ProposeConfig, Slot,
 };
-use blocklab::testing::wait_for;
+use blocklab::testing::{free_port, scratch, wait_for};
 use uuid::Uuid;
 
 fn try_start(journal: &std::path::Path, interval_ms: u64) -> Result<Monitor, MonitorError> {
@@ -30,7 +30,7 @@ fn client(m: &Monitor) -> MonitorClient {
 
 #[test]
 fn restart_keeps_the_map() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let j = dir.path().join("mon.journal");
     let m = start(&j, 20);
     let mut c = client(&m);
@@ -68,7 +68,7 @@ fn restart_keeps_the_map() {
 
 #[test]
 fn concurrent_batch_allocation_gives_distinct_smallest_free_ids() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let m = start(&dir.path().join("j"), 30);
     let addr = m.addr().to_string();
     // Make holes: allocate 0..6, remove 1 and 4.
@@ -104,7 +104,7 @@ fn concurrent_batch_allocation_gives_distinct_smallest_free_ids() {
 
 #[test]
 fn bad_requests_get_clear_errors() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let m = start(&dir.path().join("j"), 0);
     let mut c = client(&m);
     let e = c.register(42, Uuid::new_v4(), "k").unwrap_err();
@@ -151,7 +151,7 @@ fn bad_requests_get_clear_errors() {
 
 #[test]
 fn one_monitor_per_journal_and_a_corrupt_journal_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let j = dir.path().join("mon.journal");
     let m = start(&j, 0);
     let mut c = client(&m);
@@ -182,7 +182,7 @@ fn one_monitor_per_journal_and_a_corrupt_journal_is_refused() {
 
 #[test]
 fn stopping_answers_a_client_whose_change_waits_for_the_interval() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     // An hour between proposals: the second change cannot be committed before the stop.
     let m = start(&dir.path().join("j"), 3_600_000);
     let mut c = client(&m);
@@ -219,11 +219,7 @@ fn stopping_answers_a_client_whose_change_waits_for_the_interval() {
 #[test]
 fn unreachable_monitor_fails_after_a_bounded_retry() {
     // A port nobody listens on: bind, note it, close.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let e = MonitorClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(300))
         .unwrap_err();
     assert!(matches!(e, MonitorError::Unreachable { attempts, .. } if attempts >= 2));
@@ -288,7 +284,7 @@ fn restart_on_coord(spec: &blocklab::coord::CoordSpec) {
 
 #[test]
 fn restart_keeps_the_map_on_the_embedded_coord_backend() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     // Embedded stores are owned by one process at a time; every session here lives in this
     // process (connect hands out sessions of the store already open), so a second writer
     // of the map can be tried too.

@@ -7,14 +7,13 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use blocklab::daemon;
 use blocklab::dev::{Device, UringEngine};
 use blocklab::init::{self, InitError, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
 use blocklab::monitor::{DaemonState, FileJournal, Monitor, MonitorClient, ProposeConfig};
-use blocklab::testing::{scratch_dir, sparse_files, LoopDevices};
+use blocklab::testing::{ext4_intact, free_port, make_ext4, scratch, sparse_files, LoopDevices};
 
 const RETRY: Duration = Duration::from_secs(30);
 
@@ -28,6 +27,11 @@ fn monitor(dir: &Path, interval_ms: u64) -> Monitor {
         None,
     )
     .unwrap()
+}
+
+/// Runs init with `strategy` against `mon` on `nodes`.
+fn run_init(strategy: Strategy, mon: &Monitor, nodes: &[&dyn Node], force: bool) -> init::InitRun {
+    init::run(strategy, &mon.addr().to_string(), nodes, force, RETRY).unwrap()
 }
 
 fn agents(paths: &[PathBuf], nodes: usize, mon: &Monitor) -> Vec<NodeAgent> {
@@ -68,7 +72,7 @@ fn all_four_strategies_leave_every_daemon_up_and_mountable() {
     let Some(g) = LoopDevices::provision("init-strat", 6, 64 << 20) else {
         return;
     };
-    let sd = scratch_dir("blocklab-test-");
+    let sd = scratch();
     let paths = g.paths();
     for strategy in Strategy::ALL {
         // A longer interval for `parallel` so that "all in flight at once" does not
@@ -82,7 +86,7 @@ fn all_four_strategies_leave_every_daemon_up_and_mountable() {
         let ag = agents(&paths, 3, &mon);
         let nodes: Vec<&dyn Node> = ag.iter().map(|a| a as &dyn Node).collect();
         // force: the devices hold the previous strategy's cluster.
-        let run = init::run(strategy, &mon.addr().to_string(), &nodes, true, RETRY).unwrap();
+        let run = run_init(strategy, &mon, &nodes, true);
         check_all_up(&mon, &run, 6);
         // Never fewer proposals than the strategy's critical path of committed changes.
         let proposals = run.monitor_proposals.unwrap();
@@ -119,15 +123,10 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
     let Some(g) = LoopDevices::provision("init-remote", 4, 64 << 20) else {
         return;
     };
-    let sd = scratch_dir("blocklab-test-");
+    let sd = scratch();
     let paths = g.paths();
     // An ext4 filesystem on one device: that daemon fails, the others come up.
-    assert!(Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&paths[1])
-        .status()
-        .unwrap()
-        .success());
+    make_ext4(&paths[1]);
     let mon = monitor(sd.path(), 20);
     let servers: Vec<_> = agents(&paths, 2, &mon)
         .into_iter()
@@ -138,14 +137,7 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
         .map(|s| RemoteNode::new(&s.addr().to_string()))
         .collect();
     let nodes: Vec<&dyn Node> = remotes.iter().map(|r| r as &dyn Node).collect();
-    let run = init::run(
-        Strategy::Parallel,
-        &mon.addr().to_string(),
-        &nodes,
-        false,
-        RETRY,
-    )
-    .unwrap();
+    let run = run_init(Strategy::Parallel, &mon, &nodes, false);
     let failed: Vec<_> = run.failed().collect();
     assert_eq!(failed.len(), 1);
     assert!(failed[0].error.as_ref().unwrap().contains("ext2/3/4"));
@@ -164,13 +156,8 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
         .count();
     assert_eq!(up, 3);
     // The ext4 filesystem is intact.
-    assert!(Command::new("e2fsck")
-        .args(["-n", "-f"])
-        .arg(&paths[1])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let (intact, fsck) = ext4_intact(&paths[1]);
+    assert!(intact, "{fsck}");
 
     // The operator wipes the filesystem and runs the same init again: the failed daemon
     // gets its id back and comes up, the others are left alone, no id is stranded.
@@ -183,14 +170,7 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
             f.sync_all()
         })
         .unwrap();
-    let again = init::run(
-        Strategy::Parallel,
-        &mon.addr().to_string(),
-        &nodes,
-        false,
-        RETRY,
-    )
-    .unwrap();
+    let again = run_init(Strategy::Parallel, &mon, &nodes, false);
     check_all_up(&mon, &again, 4);
     for (d, before) in again.daemons.iter().zip(&run.daemons) {
         assert_eq!(d.id, before.id);
@@ -215,7 +195,7 @@ fn all_zero(paths: &[PathBuf]) -> bool {
 
 #[test]
 fn bad_input_is_refused_before_anything_is_formatted() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = scratch();
     let paths = files(dir.path(), 3);
     let mon = monitor(dir.path(), 10);
     let addr = mon.addr().to_string();
@@ -255,11 +235,7 @@ fn bad_input_is_refused_before_anything_is_formatted() {
 
     // An unreachable monitor: clear error after a bounded retry, nothing formatted.
     drop(mon);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let a = NodeAgent::new("a", &paths[0..2], &format!("127.0.0.1:{port}"))
         .unwrap()
         .with_connect_retry(Duration::from_millis(300));
@@ -279,18 +255,18 @@ fn bad_input_is_refused_before_anything_is_formatted() {
 
 #[test]
 fn a_failed_node_and_an_interrupted_init_resume_with_the_same_ids() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = scratch();
     let paths = files(dir.path(), 4);
     let mon = monitor(dir.path(), 5);
     let addr = mon.addr().to_string();
     let a = NodeAgent::new("a", &paths[0..2], &addr).unwrap();
     // Node b cannot reach the monitor (a wrong address): it fails as a whole after the
     // orchestrator allocated its batch ids.
-    let dead = format!("127.0.0.1:{}", blocklab::testing::free_port());
+    let dead = format!("127.0.0.1:{}", free_port());
     let b_dead = NodeAgent::new("b", &paths[2..4], &dead)
         .unwrap()
         .with_connect_retry(Duration::from_millis(100));
-    let run = init::run(Strategy::Parallel, &addr, &[&a, &b_dead], false, RETRY).unwrap();
+    let run = run_init(Strategy::Parallel, &mon, &[&a, &b_dead], false);
     assert_eq!(run.daemons.len(), 4);
     assert!(run.daemons[..2].iter().all(|d| d.is_up()));
     let failed: Vec<_> = run.failed().collect();
@@ -308,7 +284,7 @@ fn a_failed_node_and_an_interrupted_init_resume_with_the_same_ids() {
     }
     // b fixed, the same init again: b's daemons come up under their ids, a's are left.
     let b = NodeAgent::new("b", &paths[2..4], &addr).unwrap();
-    let again = init::run(Strategy::Parallel, &addr, &[&a, &b], false, RETRY).unwrap();
+    let again = run_init(Strategy::Parallel, &mon, &[&a, &b], false);
     check_all_up(&mon, &again, 4);
     let ids = |r: &init::InitRun| r.daemons.iter().map(|d| d.id).collect::<Vec<_>>();
     assert_eq!(ids(&again), ids(&run));
@@ -323,7 +299,7 @@ fn a_failed_node_and_an_interrupted_init_resume_with_the_same_ids() {
     let mut cl = MonitorClient::connect(&addr, RETRY).unwrap();
     let stranded = cl.alloc_batch(&c_slots(&c)).unwrap();
     // Each daemon asks for its own id this time, and gets the stranded one.
-    let run = init::run(Strategy::ParallelDaemons, &addr, &[&c], false, RETRY).unwrap();
+    let run = run_init(Strategy::ParallelDaemons, &mon, &[&c], false);
     assert!(run.failed().next().is_none(), "{:?}", run.daemons);
     assert_eq!(
         run.daemons
@@ -350,19 +326,12 @@ fn c_slots(n: &NodeAgent) -> Vec<blocklab::monitor::Slot> {
 #[test]
 fn strategies_on_files_without_root() {
     // The orchestration on regular files (O_DIRECT), so it is exercised without root too.
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = scratch();
     let paths = files(dir.path(), 4);
     let mon = monitor(dir.path(), 5);
     let ag = agents(&paths, 2, &mon);
     let nodes: Vec<&dyn Node> = ag.iter().map(|a| a as &dyn Node).collect();
-    let run = init::run(
-        Strategy::ParallelNodes,
-        &mon.addr().to_string(),
-        &nodes,
-        false,
-        RETRY,
-    )
-    .unwrap();
+    let run = run_init(Strategy::ParallelNodes, &mon, &nodes, false);
     check_all_up(&mon, &run, 4);
     // Nodes in parallel, each node's daemons one by one.
     assert!(run.max_in_flight <= 2);

@@ -14,9 +14,9 @@ use blocklab::lunmap::follow::follow_coord;
 use blocklab::lunmap::gateway::{GatewayClient, GatewayServer};
 use blocklab::lunmap::view::{Change, MapView, NodeEvent};
 use blocklab::lunmap::{filesync, Backing, Layout, Lun, LunMapError, Target};
-use blocklab::testing::{is_root, scratch_dir, sparse_file, wait_for, LoopDevices};
+use blocklab::testing::{pattern_buf, retry, scratch, sparse_file, wait_for, TestDevices};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a test waits for a condition before failing.
 const WAIT: Duration = Duration::from_secs(30);
@@ -26,6 +26,13 @@ const H1: &str = "iqn.2026-11.lab.host:h1";
 const H2: &str = "iqn.2026-11.lab.host:h2";
 const H3: &str = "iqn.2026-11.lab.host:h3";
 const T1: &str = "iqn.2026-11.lab.blocklab:t1";
+
+/// A fresh embedded store in a scratch directory (removed when the directory is dropped).
+fn embedded() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+    let dir = scratch();
+    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    (dir, store)
+}
 
 fn target(iqn: &str) -> Target {
     Target {
@@ -192,8 +199,7 @@ fn lunmap_operations_on_zookeeper_readable_with_zkcli() {
 
 #[test]
 fn lunmap_operations_on_embedded() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let (_dir, store) = embedded();
     operations(&store.session());
 }
 
@@ -242,33 +248,15 @@ fn concurrent_editors_lose_nothing_on_zookeeper() {
 
 #[test]
 fn concurrent_editors_lose_nothing_on_embedded() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let (_dir, store) = embedded();
     concurrent_editors(&|| Box::new(store.session()));
-}
-
-fn pattern(len: usize, seed: u8) -> AlignedBuf {
-    let mut b = AlignedBuf::new(len);
-    for (i, x) in b.iter_mut().enumerate() {
-        *x = (i as u8).wrapping_mul(7).wrapping_add(seed);
-    }
-    b
 }
 
 #[test]
 fn gateway_refuses_unmapped_initiator_on_a_real_device() {
-    let state = scratch_dir("blocklab-lunmap-");
     // A loop device when root, else a regular file.
-    let (_guard, dev_path) = if is_root() {
-        let g = LoopDevices::provision("lunmap-gw", 1, 64 << 20).unwrap();
-        let p = g.paths()[0].clone();
-        (Some(g), p)
-    } else {
-        eprintln!("not root: using a regular file instead of a loop device");
-        let p = state.path().join("dev.img");
-        sparse_file(&p, 64 << 20);
-        (None, p)
-    };
+    let devs = TestDevices::loop_or_files("lunmap-gw", 1, 64 << 20);
+    let dev_path = devs.paths()[0].clone();
     let zk = ZkServer::start().unwrap();
     let editor = zk_connect(&zk, "/gw");
     let m = LunMap::open(&*editor, "c1").unwrap();
@@ -290,7 +278,7 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
     let server = GatewayServer::start("127.0.0.1:0".parse().unwrap(), Arc::clone(&view)).unwrap();
     let mut cl = GatewayClient::connect(server.addr()).unwrap();
 
-    let a = pattern(8192, 1);
+    let a = pattern_buf(8192, 1);
     let r = cl.write("db0", T0, H1, 4096, &a).unwrap();
     assert!(r.ok, "{}", r.error);
     let (r, data) = cl.read("db0", T0, H1, 4096, 8192).unwrap();
@@ -304,7 +292,7 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
     assert_eq!(&on_disk[..], &a[..]);
 
     // H2 is not mapped: refused, and nothing is written.
-    let b = pattern(8192, 99);
+    let b = pattern_buf(8192, 99);
     let r = cl.write("db0", T0, H2, 4096, &b).unwrap();
     assert!(!r.ok && r.refused, "{r:?}");
     assert!(r.error.contains("not mapped"), "{}", r.error);
@@ -365,7 +353,7 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
 
 #[test]
 fn a_confirming_gateway_serves_a_mapping_its_view_has_not_seen_yet() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let dev = dir.path().join("dev.img");
     sparse_file(&dev, 4 << 20);
     let zk = ZkServer::start().unwrap();
@@ -379,13 +367,13 @@ fn a_confirming_gateway_serves_a_mapping_its_view_has_not_seen_yet() {
     let gw: Arc<dyn Coord> = Arc::from(zk_connect(&zk, "/confirm"));
     let server = GatewayServer::start_confirming("127.0.0.1:0".parse().unwrap(), view, gw).unwrap();
     let mut cl = GatewayClient::connect(server.addr()).unwrap();
-    let data = pattern(4096, 5);
+    let data = pattern_buf(4096, 5);
     let r = cl.write("db0", T0, H1, 0, &data).unwrap();
     assert!(r.ok, "{r:?}");
     let (r, back) = cl.read("db0", T0, H1, 0, 4096).unwrap();
     assert!(r.ok && back[..] == data[..]);
     // An initiator the backend does not map is still refused, with nothing written.
-    let r = cl.write("db0", T0, H2, 0, &pattern(4096, 6)).unwrap();
+    let r = cl.write("db0", T0, H2, 0, &pattern_buf(4096, 6)).unwrap();
     assert!(!r.ok && r.refused, "{r:?}");
     let (_, back) = cl.read("db0", T0, H1, 0, 4096).unwrap();
     assert_eq!(&back[..], &data[..]);
@@ -422,16 +410,9 @@ fn gateway_follows_the_map_across_a_zookeeper_restart() {
     assert!(view.read().unwrap().check("db0", T0, H1).is_ok());
     zk.restart().unwrap();
     // The editor's next change (retried through the reconnect) reaches the gateway.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match m.map("db0", &target(T0), H2) {
-            Ok(_) => break,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    retry("mapping after the restart", WAIT, || {
+        m.map("db0", &target(T0), H2)
+    });
 
     wait_for("change after restart reaches the gateway", WAIT, || {
         view.read().unwrap().check("db0", T0, H2).is_ok()
@@ -443,7 +424,7 @@ fn gateway_follows_the_map_across_a_zookeeper_restart() {
 
 #[test]
 fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let master = dir.path().join("master.json");
     let gw_dir = dir.path().join("gw1");
     let hb = dir.path().join("hb");
@@ -468,10 +449,13 @@ fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
     );
     let view = Arc::new(RwLock::new(MapView::new(Layout::new("c1").unwrap())));
     let downs = Arc::new(Mutex::new(Vec::new()));
-    let _poll = filesync::follow_file(
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&refused);
+    let _poll = filesync::follow_file_reporting(
         gw_dir.clone(),
         Arc::clone(&view),
         Box::new(|_, _| {}),
+        Box::new(move |e: &LunMapError| r.lock().unwrap().push(e.to_string())),
         Duration::from_millis(20),
     );
     assert!(ed.map("db0", &target(T0), H1).unwrap());
@@ -498,9 +482,18 @@ fn filesync_baseline_propagates_by_copy_and_detects_a_silent_gateway() {
             .unwrap()
             .contains(&Change::GatewayDown { node: "gw2".into() })
     });
-    // A corrupt copy is skipped: the gateway keeps its last good map.
-    std::fs::write(gw_dir.join(filesync::MAP_FILE), b"{not json").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // A corrupt copy is refused (the follower says so): the gateway keeps its last good
+    // map. Written atomically, so the follower reads the whole corrupt file at once.
+    assert!(refused.lock().unwrap().is_empty(), "{refused:?}");
+    filesync::write_atomic(&gw_dir.join(filesync::MAP_FILE), b"{not json").unwrap();
+    wait_for("the follower to refuse the corrupt map", WAIT, || {
+        !refused.lock().unwrap().is_empty()
+    });
+    let why = refused.lock().unwrap().clone();
+    assert!(
+        why.len() == 1 && why[0].contains(filesync::MAP_FILE),
+        "one refusal, naming the file: {why:?}"
+    );
     assert!(view.read().unwrap().check("db0", T0, H1).is_ok());
     let _ = CoordSpec::parse("embedded:/x").unwrap();
 }
@@ -643,8 +636,7 @@ fn delete_racing_map(new: &dyn Fn() -> Box<dyn Coord>) {
 
 #[test]
 fn delete_racing_a_map_reports_the_mapping_on_embedded() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let (_dir, store) = embedded();
     delete_racing_map(&|| Box::new(store.session()));
 }
 
@@ -656,8 +648,7 @@ fn delete_racing_a_map_reports_the_mapping_on_zookeeper() {
 
 #[test]
 fn a_layout_edited_by_hand_fails_clearly_instead_of_retrying() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let (_dir, store) = embedded();
     let c = store.session();
     let m = LunMap::open(&c, "c1").unwrap();
     m.create_lun(1, "db0", 1 << 20, range("/d")).unwrap();
@@ -718,8 +709,7 @@ fn follow(store: &Arc<EmbeddedStore>, cluster: &str) -> Followed {
 
 #[test]
 fn followers_classify_by_position_so_layout_names_are_fine_as_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let (_dir, store) = embedded();
     let c = store.session();
     // A cluster named "initiators": new LUNs and their mappings reach the view.
     let (_f, view, _) = follow(&store, "initiators");
@@ -746,8 +736,7 @@ fn followers_classify_by_position_so_layout_names_are_fine_as_names() {
 
 #[test]
 fn a_corrupt_lun_node_is_reported_and_not_served_while_the_rest_is() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path().join("c.store")).unwrap();
+    let (_dir, store) = embedded();
     let c = store.session();
     let m = LunMap::open(&c, "c1").unwrap();
     for (id, lun) in [(1, "good"), (2, "bad")] {
@@ -801,7 +790,7 @@ fn a_corrupt_lun_node_is_reported_and_not_served_while_the_rest_is() {
 
 #[test]
 fn gateway_answers_a_write_of_a_bad_length_and_keeps_the_connection() {
-    let dir = scratch_dir("blocklab-lunmap-len-");
+    let dir = scratch();
     let dev = dir.path().join("dev.img");
     sparse_file(&dev, 4 << 20);
     let layout = Layout::new("c1").unwrap();

@@ -382,6 +382,17 @@ fn every_policy_applies_everything_despite_drops_reordering_and_duplicates() {
 }
 
 impl Sim {
+    /// Idle period `period`: a burst of `period` writes, delivered, then `ticks` quiet
+    /// ticks, and what they sent delivered.
+    fn burst_then_quiet(&mut self, period: u64, ticks: u32) {
+        for i in 0..period {
+            self.propose(format!("p{period}-{i}").as_bytes());
+        }
+        self.deliver_all();
+        self.tick(ticks);
+        self.deliver_all();
+    }
+
     fn settle_primary_commit(&mut self, upto: u64) {
         for _ in 0..5_000 {
             self.deliver_all();
@@ -401,13 +412,7 @@ fn idle_sends_exactly_one_empty_message_per_idle_period() {
     s.deliver_all();
     let base = s.empty_sent();
     for period in 1..=5u64 {
-        // A burst of writes, then quiet.
-        for i in 0..period {
-            s.propose(format!("p{period}-{i}").as_bytes());
-        }
-        s.deliver_all();
-        s.tick(3);
-        s.deliver_all();
+        s.burst_then_quiet(period, 3);
         // Exactly one empty message to each of the 2 secondaries per idle period.
         assert_eq!(s.empty_sent() - base, 2 * period, "period {period}");
         let last = s.nodes[&PRIMARY].node.last_index();
@@ -790,12 +795,7 @@ fn idle_notifies_the_live_secondaries_while_one_is_unreachable() {
         s.deliver_all();
         let base = s.empty_sent();
         for period in 1..=4u64 {
-            for i in 0..period {
-                s.propose(format!("p{period}-{i}").as_bytes());
-            }
-            s.deliver_all();
-            s.tick(25);
-            s.deliver_all();
+            s.burst_then_quiet(period, 25);
             let last = s.nodes[&PRIMARY].node.last_index();
             assert_eq!(
                 s.applied(1) as u64,

@@ -7,22 +7,20 @@ use blocklab::repl::apply::Applier;
 use blocklab::repl::kv::{put_payload, slots_for, Invalid, KvError, KvStore, MAX_VALUE};
 use blocklab::repl::log::{record_size, LogError, LogStore};
 use blocklab::repl::Entry;
-use blocklab::testing::{set_read_only, sparse_file, LoopDevices};
+use blocklab::testing::{pattern, scratch, set_read_only, sparse_file, LoopDevices};
 
-fn file_dev(dir: &tempfile::TempDir, size: u64) -> std::path::PathBuf {
-    let p = dir.path().join("dev.img");
-    sparse_file(&p, size);
-    p
+/// A sparse file of `size` bytes as the device, in a scratch directory.
+fn file_dev(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = scratch();
+    let p = sparse_file(&dir.path().join("dev.img"), size);
+    (dir, p)
 }
 
 fn e(term: u64, index: u64, n: usize) -> Entry {
     Entry {
         term,
         index,
-        payload: (0..n)
-            .map(|i| (i as u64 * 7 + index) as u8)
-            .collect::<Vec<u8>>()
-            .into(),
+        payload: pattern(n, index).into(),
     }
 }
 
@@ -158,8 +156,7 @@ fn log_per_entry_round_trip(path: &std::path::Path) {
 
 #[test]
 fn log_on_a_regular_file() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let p = file_dev(&dir, 4 << 20);
+    let (_dir, p) = file_dev(4 << 20);
     log_round_trip(&p);
     log_per_entry_round_trip(&p);
     // Not a log / bad region: clear errors.
@@ -315,8 +312,7 @@ fn kv_round_trip(path: &std::path::Path) {
 
 #[test]
 fn a_full_store_refuses_new_keys_up_front_and_skips_them_when_applied() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let p = file_dev(&dir, 4 << 20);
+    let (_dir, p) = file_dev(4 << 20);
     let mut eng = UringEngine::with_queue_depth(8).unwrap();
     // Three slots.
     let mut kv = KvStore::create(&mut eng, Device::open(&p).unwrap(), 1 << 20, 16 << 10).unwrap();
@@ -376,8 +372,7 @@ fn a_full_store_refuses_new_keys_up_front_and_skips_them_when_applied() {
 
 #[test]
 fn store_on_a_regular_file() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let p = file_dev(&dir, 16 << 20);
+    let (_dir, p) = file_dev(16 << 20);
     kv_round_trip(&p);
 }
 
@@ -385,8 +380,7 @@ fn store_on_a_regular_file() {
 fn a_formatted_daemon_device_holds_the_log_in_its_log_region() {
     use blocklab::format::{Label, Layout, LayoutParams, LABEL_FLAG_READY};
     use blocklab::repl::replica::Regions;
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let p = file_dev(&dir, 64 << 20);
+    let (_dir, p) = file_dev(64 << 20);
     let layout = Layout::compute(64 << 20, LayoutParams::default()).unwrap();
     // Not formatted: the plain regions.
     let (r, formatted) = Regions::detect(&p, 8 << 20, 1 << 20).unwrap();

@@ -11,7 +11,7 @@ use blocklab::alloc::node::{proc_path, Attached};
 use blocklab::alloc::segs::ProcSeg;
 use blocklab::alloc::{BlockRef, DeviceRegion, DeviceSpec, Strategy};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
-use blocklab::testing::{free_port, sparse_files, LoopDevices};
+use blocklab::testing::{free_port, regions_of, scratch, sparse_files, wait_for, LoopDevices};
 use harness::cli::alloc::{NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -23,14 +23,7 @@ fn exe() -> PathBuf {
 
 /// Block regions (after the first MiB) of devices of `size` bytes.
 fn regions(paths: Vec<PathBuf>, size: u64) -> Vec<DeviceRegion> {
-    paths
-        .into_iter()
-        .map(|path| DeviceRegion {
-            path,
-            offset: 1 << 20,
-            len: (size - (1 << 20)) / BLOCK * BLOCK,
-        })
-        .collect()
+    regions_of(&paths, size, BLOCK)
 }
 
 /// Sparse regular files as devices (O_DIRECT works on them).
@@ -68,10 +61,7 @@ fn spec(
 }
 
 fn shm_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("blocklab-alloc-test-")
-        .tempdir_in("/dev/shm")
-        .unwrap()
+    blocklab::testing::shm_dir("blocklab-alloc-test-")
 }
 
 /// Spawns `n` workers at once and waits until each is ready.
@@ -142,7 +132,7 @@ fn finish(mut ws: Vec<WorkerProc>, node_dir: &Path) {
 
 #[test]
 fn processes_allocating_and_freeing_concurrently_never_share_a_block() {
-    let files = tempfile::tempdir_in("/var/tmp").unwrap();
+    let files = scratch();
     for strategy in Strategy::ALL {
         let node = shm_dir();
         let devs = file_devices(files.path(), 2, 8 << 20);
@@ -178,7 +168,7 @@ fn processes_allocating_and_freeing_concurrently_never_share_a_block() {
 
 #[test]
 fn simultaneous_starts_elect_exactly_one_leader() {
-    let files = tempfile::tempdir_in("/var/tmp").unwrap();
+    let files = scratch();
     let node = shm_dir();
     let s = spec(
         node.path(),
@@ -205,7 +195,7 @@ fn simultaneous_starts_elect_exactly_one_leader() {
 fn leader_death_a_follower_takes_over_and_reclaims() {
     // `central` too: its clients reach the new leader's server and go on.
     for strategy in [Strategy::Shm, Strategy::Central] {
-        let files = tempfile::tempdir_in("/var/tmp").unwrap();
+        let files = scratch();
         let node = shm_dir();
         let s = spec(
             node.path(),
@@ -235,19 +225,15 @@ fn leader_death_a_follower_takes_over_and_reclaims() {
         old.kill().unwrap();
         // A follower notices, wins the election and records itself as leader.
         let at = Attached::open(node.path()).unwrap();
-        let deadline = std::time::Instant::now() + WAIT;
         let survivors: Vec<u32> = ws.iter().map(|w| w.pid()).collect();
-        loop {
-            let p = at.node.leader_pid().load(Ordering::SeqCst) as u32;
-            if p != old_pid && survivors.contains(&p) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{strategy}: no follower took over"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for(
+            &format!("{strategy}: a follower to take over"),
+            WAIT,
+            || {
+                let p = at.node.leader_pid().load(Ordering::SeqCst) as u32;
+                p != old_pid && survivors.contains(&p)
+            },
+        );
         // The old leader restarts with its id: it is now a follower, and the new leader
         // had already returned its in-flight block (exactly once).
         let mut again = WorkerProc::spawn(&s, leader).unwrap();
@@ -341,7 +327,7 @@ fn killed_writer_restarts_and_its_in_flight_block_is_recovered() {
 
 #[test]
 fn a_lock_holder_that_is_killed_does_not_wedge_the_others() {
-    let files = tempfile::tempdir_in("/var/tmp").unwrap();
+    let files = scratch();
     let node = shm_dir();
     let s = spec(
         node.path(),

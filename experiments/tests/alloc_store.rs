@@ -13,7 +13,7 @@ use blocklab::alloc::node::Attached;
 use blocklab::alloc::store::{client_fetch, client_store};
 use blocklab::alloc::{AllocError, BlockRef, DeviceRegion, DeviceSpec};
 use blocklab::testing::{
-    free_port, scratch_dir, sparse_file, spawn_announcing, KillOnDrop, LoopDevices,
+    free_port, scratch_dir, shm_dir, sparse_file, spawn_announcing, KillOnDrop, LoopDevices,
 };
 
 const BLOCK: u64 = 64 << 10;
@@ -28,11 +28,7 @@ fn spawn(args: &[String]) -> (KillOnDrop, String) {
 }
 
 fn region(p: &Path, blocks: u64) -> DeviceRegion {
-    DeviceRegion {
-        path: p.to_path_buf(),
-        offset: 1 << 20,
-        len: blocks * BLOCK,
-    }
+    blocklab::testing::region(p, blocks, BLOCK)
 }
 
 fn node_args(
@@ -81,8 +77,8 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
     let index = line.strip_prefix("listening ").unwrap().to_string();
 
     let dirs = [
-        tempfile::tempdir_in("/dev/shm").unwrap(),
-        tempfile::tempdir_in("/dev/shm").unwrap(),
+        shm_dir("blocklab-alloc-test-"),
+        shm_dir("blocklab-alloc-test-"),
     ];
     let mut procs = Vec::new();
     for (n, name) in ["node-a", "node-b"].iter().enumerate() {
@@ -204,7 +200,7 @@ fn stores_go_on_when_a_node_process_dies_or_restarts_on_another_port() {
     assert!(matches!(e, AllocError::NoNode), "{e}");
     assert!(e.to_string().contains("no node"), "{e}");
 
-    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dir = shm_dir("blocklab-alloc-test-");
     let port = free_port();
     let args = |id: u16| {
         let mut a = node_args(dir.path(), port, id, "node-a", &index, &[]);

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use blocklab::testing::{wait_for, KillOnDrop};
+use blocklab::testing::{scratch, KillOnDrop};
 
 const COLUMNS: &str = "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,writes,apply_lag_p50_us,apply_lag_p99_us,apply_lag_max_us,commit_lag_p99_us,extra_messages,extra_messages_per_write,log_flushes,write_p50_us,write_p99_us";
 
@@ -26,10 +26,10 @@ fn num(r: &Record, k: &str) -> i64 {
 
 #[test]
 fn writes_rows_and_samples_that_never_apply_early() {
-    let files = tempfile::tempdir_in("/var/tmp").unwrap();
-    let out = tempfile::tempdir().unwrap();
+    let files = scratch();
+    let out = scratch();
     let stderr_path = files.path().join("stderr");
-    let mut child = KillOnDrop(
+    let mut child = KillOnDrop::spawn(
         Command::new(env!("CARGO_BIN_EXE_exp-commit"))
             .arg("--files")
             .arg(files.path())
@@ -56,21 +56,12 @@ fn writes_rows_and_samples_that_never_apply_early() {
             .arg(out.path())
             .stdout(Stdio::null())
             // A file, not a pipe: a child blocked on a full pipe would look hung.
-            .stderr(std::fs::File::create(&stderr_path).expect("creating the stderr file"))
-            .spawn()
-            .expect("spawn exp-commit"),
+            .stderr(std::fs::File::create(&stderr_path).expect("creating the stderr file")),
     );
     // A hung replica (a deadlock, a lost wake-up) fails the test instead of hanging it.
-    let mut status = None;
-    wait_for("exp-commit to finish", Duration::from_secs(300), || {
-        status = child.0.try_wait().expect("waiting for exp-commit");
-        status.is_some()
-    });
+    let status = child.wait_exit("exp-commit to finish", Duration::from_secs(300));
     let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    assert!(
-        status.expect("finished").success(),
-        "exp-commit failed: {err}"
-    );
+    assert!(status.success(), "exp-commit failed: {err}");
     let (header, rows) = read_csv(&out.path().join("exp-commit.csv"));
     assert_eq!(header.join(","), COLUMNS);
     assert_eq!(rows.len(), 4, "2 policies x 2 workloads");

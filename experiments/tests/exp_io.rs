@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use blocklab::dev::provision;
 use blocklab::dev::Device;
-use blocklab::testing::{scratch_dir, set_read_only, wait_for, KillOnDrop, LoopDevices};
+use blocklab::testing::{
+    ext4_intact, make_ext4, require_root, scratch, set_read_only, wait_for, KillOnDrop, LoopDevices,
+};
 
 const COLUMNS: &str = "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device";
 
@@ -14,11 +16,28 @@ fn exp_io() -> Command {
     Command::new(env!("CARGO_BIN_EXE_exp-io"))
 }
 
+/// Whether fio is installed; prints that the test skips when it is not.
 fn have_fio() -> bool {
-    Command::new("fio")
+    let fio = Command::new("fio")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !fio {
+        eprintln!("skipping: fio is not installed (scripts/test installs it)");
+    }
+    fio
+}
+
+/// A quick run on `--files FILES` (16 MiB, an 8 MiB region, steps of `seconds`, one
+/// repetition) into `out`.
+fn on_files(files: &Path, seconds: &str, out: &Path) -> Command {
+    let mut c = exp_io();
+    c.arg("--files")
+        .arg(files)
+        .args(["--size", "16M", "--region", "8M", "--seconds", seconds])
+        .args(["--repetitions", "1", "--out"])
+        .arg(out);
+    c
 }
 
 /// Runs and returns (success, stderr).
@@ -33,26 +52,11 @@ fn run(cmd: &mut Command) -> (bool, String) {
 #[test]
 fn writes_the_documented_csv_and_meta() {
     if !have_fio() {
-        eprintln!("skipping: fio is not installed (scripts/test installs it)");
         return;
     }
-    let files = tempfile::tempdir_in("/var/tmp").unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let (ok, err) = run(exp_io()
-        .args(["--files"])
-        .arg(files.path())
-        .args([
-            "--size",
-            "16M",
-            "--region",
-            "8M",
-            "--seconds",
-            "0.2",
-            "--repetitions",
-            "1",
-            "--out",
-        ])
-        .arg(out.path()));
+    let files = scratch();
+    let out = scratch();
+    let (ok, err) = run(&mut on_files(files.path(), "0.2", out.path()));
     assert!(ok, "exp-io failed: {err}");
     let text = std::fs::read_to_string(out.path().join("exp-io.csv")).unwrap();
     let mut lines = text.lines();
@@ -84,21 +88,7 @@ fn writes_the_documented_csv_and_meta() {
     assert_eq!(meta["experiment"], "exp-io");
     assert_eq!(meta["devices"]["kind"], "file");
     // A second run into the same directory refuses to overwrite.
-    let (ok, err) = run(exp_io()
-        .args(["--files"])
-        .arg(files.path())
-        .args([
-            "--size",
-            "16M",
-            "--region",
-            "8M",
-            "--seconds",
-            "0.1",
-            "--repetitions",
-            "1",
-            "--out",
-        ])
-        .arg(out.path()));
+    let (ok, err) = run(&mut on_files(files.path(), "0.1", out.path()));
     assert!(!ok && err.contains("already exists"), "{err}");
     // Its files were cleaned up.
     assert_eq!(std::fs::read_dir(files.path()).unwrap().count(), 0);
@@ -106,7 +96,7 @@ fn writes_the_documented_csv_and_meta() {
 
 #[test]
 fn bad_device_arguments_are_one_line_errors() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = scratch();
     let out = dir.path().join("out");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
@@ -162,16 +152,11 @@ fn refuses_devices_with_data_and_read_only_devices() {
     let Some(g) = LoopDevices::provision("t-expio", 2, 64 << 20) else {
         return;
     };
-    let sd = scratch_dir("blocklab-test-");
+    let sd = scratch();
     let paths = g.paths();
     let out = sd.path().join("out");
     // An ext4 filesystem on the first device: refused, and still intact afterwards.
-    let mk = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&paths[0])
-        .output()
-        .unwrap();
-    assert!(mk.status.success());
+    make_ext4(&paths[0]);
     let (ok, err) = run(exp_io()
         .arg("--devices")
         .arg(&paths[0])
@@ -182,16 +167,8 @@ fn refuses_devices_with_data_and_read_only_devices() {
         !ok && err.contains("ext2/3/4 filesystem") && err.contains("--force"),
         "{err}"
     );
-    let fsck = Command::new("e2fsck")
-        .args(["-n", "-f"])
-        .arg(&paths[0])
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "filesystem damaged: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    let (intact, fsck) = ext4_intact(&paths[0]);
+    assert!(intact, "filesystem damaged: {fsck}");
     // A read-only device.
     set_read_only(&paths[1], true);
     let (ok, err) = run(exp_io()
@@ -247,13 +224,6 @@ fn refuses_devices_with_data_and_read_only_devices() {
     assert!(!ok && err.contains("listed twice"), "{err}");
 }
 
-/// Sends SIGINT to the child (as Ctrl-C would) and waits for it to exit.
-fn interrupt(child: &mut KillOnDrop) -> std::process::ExitStatus {
-    let pid = rustix::process::Pid::from_child(&child.0);
-    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-    child.0.wait().unwrap()
-}
-
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
@@ -269,26 +239,16 @@ fn entries(dir: &Path) -> Vec<String> {
 #[test]
 fn ctrl_c_removes_the_files_directory() {
     if !have_fio() {
-        eprintln!("skipping: fio is not installed (scripts/test installs it)");
         return;
     }
-    let files = tempfile::tempdir_in("/var/tmp").unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let mut child = KillOnDrop(
-        exp_io()
-            .arg("--files")
-            .arg(files.path())
-            .args(["--size", "16M", "--region", "8M", "--seconds", "30"])
-            .arg("--out")
-            .arg(out.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let files = scratch();
+    let out = scratch();
+    let mut child =
+        KillOnDrop::spawn(on_files(files.path(), "30", out.path()).stderr(Stdio::null()));
     wait_for("the files directory", Duration::from_secs(60), || {
         !entries(files.path()).is_empty()
     });
-    let status = interrupt(&mut child);
+    let status = child.interrupt();
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert_eq!(entries(files.path()), Vec::<String>::new(), "left behind");
 }
@@ -316,16 +276,15 @@ fn ctrl_c_mid_run_exits_130_after_the_teardown() {
 /// interrupts it and checks the set is gone.
 fn ctrl_c_tears_the_set_down(seconds: &str, ready: impl Fn(&str) -> bool) {
     if !have_fio() {
-        eprintln!("skipping: fio is not installed (scripts/test installs it)");
         return;
     }
-    let Some(_g) = LoopDevices::provision("t-expio-int", 1, 16 << 20) else {
-        return; // not root (the devices are not used: only the root check)
-    };
-    let sd = scratch_dir("blocklab-test-");
-    let out = tempfile::tempdir().unwrap();
+    if !require_root("loop devices need root") {
+        return;
+    }
+    let sd = scratch();
+    let out = scratch();
     let stderr_path = out.path().join("stderr");
-    let mut child = KillOnDrop(
+    let mut child = KillOnDrop::spawn(
         exp_io()
             .args(["--provision", "1", "--size", "16M", "--region", "8M"])
             .args(["--seconds", seconds])
@@ -333,9 +292,7 @@ fn ctrl_c_tears_the_set_down(seconds: &str, ready: impl Fn(&str) -> bool) {
             .arg(sd.path())
             .arg("--out")
             .arg(out.path())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .unwrap(),
+            .stderr(std::fs::File::create(&stderr_path).unwrap()),
     );
     wait_for(
         "the run to be ready for Ctrl-C",
@@ -345,7 +302,7 @@ fn ctrl_c_tears_the_set_down(seconds: &str, ready: impl Fn(&str) -> bool) {
                 && ready(&std::fs::read_to_string(&stderr_path).unwrap_or_default())
         },
     );
-    let status = interrupt(&mut child);
+    let status = child.interrupt();
     let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     assert_eq!(status.code(), Some(130), "{status:?}: {stderr}");
     assert!(provision::list_sets(sd.path()).unwrap().is_empty());

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::{connect, ConnectOptions, CoordSpec};
@@ -18,42 +18,26 @@ use blocklab::failover::client::Client;
 use blocklab::failover::coord_journal::CoordJournal;
 use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::wire::{Op, OpResult};
-use blocklab::testing::{is_root, scratch_dir, sparse_files, LoopDevices};
+use blocklab::testing::{pattern, require_root, scratch_dir, wait_for, TestDevices};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use harness::cli::failover::cluster::{enter_netns, Cluster, ClusterSpec, Mode, VipKind};
 
 const MIB: u64 = 1 << 20;
 
-struct Devs {
-    _loops: Option<LoopDevices>,
-    paths: Vec<PathBuf>,
-}
-
-/// Two 96 MiB devices: loop devices as root, sparse files in `dir` otherwise.
-fn devices(dir: &tempfile::TempDir, name: &str) -> Devs {
-    if is_root() {
-        let g = LoopDevices::provision(name, 2, 96 * MIB).expect("root");
-        Devs {
-            paths: g.paths(),
-            _loops: Some(g),
-        }
-    } else {
-        Devs {
-            paths: sparse_files(dir.path(), 2, 96 * MIB),
-            _loops: None,
-        }
-    }
+/// Two 96 MiB devices: loop devices as root, sparse files otherwise.
+fn devices(name: &str) -> TestDevices {
+    TestDevices::loop_or_files(name, 2, 96 * MIB)
 }
 
 fn tmp() -> tempfile::TempDir {
     scratch_dir("blocklab-fo-")
 }
 
-fn spec(dir: &tempfile::TempDir, devs: &Devs, mode: Mode, backend: VipKind) -> ClusterSpec {
+fn spec(dir: &tempfile::TempDir, devs: &TestDevices, mode: Mode, backend: VipKind) -> ClusterSpec {
     ClusterSpec {
         bin: PathBuf::from(env!("CARGO_BIN_EXE_blocklab")),
         dir: dir.path().join("cluster"),
-        devices: devs.paths.clone(),
+        devices: devs.paths().to_vec(),
         force: false,
         nodes: 3,
         mode,
@@ -89,18 +73,15 @@ fn client(c: &Cluster) -> Client {
 
 /// Polls the journal until `op_id` has started (generous deadline).
 fn wait_started(c: &Cluster, op_id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let recs = records(c);
-        if recs
-            .iter()
-            .any(|r| matches!(r, Record::Started { op_id: id, .. } if id == op_id))
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{op_id} never started");
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(
+        &format!("{op_id} to start"),
+        Duration::from_secs(30),
+        || {
+            records(c)
+                .iter()
+                .any(|r| matches!(r, Record::Started { op_id: id, .. } if id == op_id))
+        },
+    );
 }
 
 fn count(c: &Cluster, op_id: &str) -> (usize, usize, usize) {
@@ -147,17 +128,14 @@ fn fill_pattern(c: &mut Cluster, name: &str, size: u64) {
             false,
         )
         .unwrap();
-        let data: Vec<u8> = (0..size as usize)
-            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1])
-            .collect();
-        st.write(name, 0, &data).unwrap();
+        st.write(name, 0, &pattern(size as usize, 1)).unwrap();
     }
     c.start_service().unwrap();
 }
 
 fn kill_during_copy(backend: VipKind, journal: Option<String>) {
     let dir = tmp();
-    let devs = devices(&dir, &format!("fo-e2e-{backend}"));
+    let devs = devices(&format!("fo-e2e-{backend}"));
     let mut sp = spec(&dir, &devs, Mode::VipHandoff, backend);
     sp.journal = journal;
     let mut c = Cluster::start(sp).unwrap();
@@ -258,8 +236,7 @@ fn loopback_with_the_journal_in_zookeeper_holder_killed_during_copy_runs_once() 
 
 #[test]
 fn netns_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
-    if !is_root() {
-        eprintln!("skipping: the netns VIP backend needs root");
+    if !require_root("the netns VIP backend needs root") {
         return;
     }
     kill_during_copy(VipKind::Netns, None);
@@ -268,11 +245,11 @@ fn netns_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
 #[test]
 fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
     let dir = tmp();
-    let devs = devices(&dir, "fo-e2e-bad");
+    let devs = devices("fo-e2e-bad");
     // This cluster's devices are formatted daemon devices (`daemon::mkfs`).
     let fsid = uuid::Uuid::new_v4();
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
-    for (i, p) in devs.paths.iter().enumerate() {
+    for (i, p) in devs.paths().iter().enumerate() {
         let dev = Device::open(p).unwrap();
         mkfs(&mut eng, &dev, &MkfsRequest::new(fsid, i as u32)).unwrap();
     }
@@ -357,7 +334,7 @@ fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
     // After the volume operations the formatted devices still mount, with the volumes'
     // units (8 MiB in 4 KiB units) marked used in their on-device bitmaps.
     let mut used = 0;
-    for p in &devs.paths {
+    for p in devs.paths() {
         let dev = Device::open(p).unwrap();
         let m = mount(&mut eng, &dev).unwrap_or_else(|e| panic!("{e}"));
         assert!(!m.used_units_stale());
@@ -369,7 +346,7 @@ fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
 #[test]
 fn client_retry_baseline_reexecutes_the_interrupted_copy() {
     let dir = tmp();
-    let devs = devices(&dir, "fo-e2e-retry");
+    let devs = devices("fo-e2e-retry");
     let mut c = Cluster::start(spec(&dir, &devs, Mode::ClientRetry, VipKind::Loopback)).unwrap();
     c.wait_event_from_all("listening", Duration::from_secs(30))
         .unwrap();
@@ -427,7 +404,7 @@ fn client_retry_baseline_reexecutes_the_interrupted_copy() {
 #[test]
 fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
     let dir = tmp();
-    let devs = devices(&dir, "fo-e2e-crash");
+    let devs = devices("fo-e2e-crash");
     let mut sp = spec(&dir, &devs, Mode::VipHandoff, VipKind::Loopback);
     sp.service_args = vec!["--crash-after-commit".into(), "copy-c".into()];
     let mut c = Cluster::start(sp).unwrap();
@@ -479,8 +456,7 @@ fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
 /// by the gratuitous ARP alone; giving the VIP up removes the address.
 #[test]
 fn netns_vip_acquire_sends_a_gratuitous_arp() {
-    if !is_root() {
-        eprintln!("skipping: the netns VIP backend needs root");
+    if !require_root("the netns VIP backend needs root") {
         return;
     }
     use blocklab::failover::vip::VipBackend;
@@ -516,15 +492,9 @@ fn netns_vip_acquire_sends_a_gratuitous_arp() {
             let listener = b.acquire(7200).unwrap();
             assert_eq!(listener.local_addr().unwrap().ip(), vip);
             // The client host learns the virtual MAC without sending anything.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while !neigh(&net.client).contains(mac) {
-                assert!(
-                    Instant::now() < deadline,
-                    "no gratuitous ARP seen: {}",
-                    neigh(&net.client)
-                );
-                thread::sleep(Duration::from_millis(20));
-            }
+            wait_for("a gratuitous ARP", Duration::from_secs(20), || {
+                neigh(&net.client).contains(mac)
+            });
             drop(listener);
             b.release();
             let out = std::process::Command::new("ip")

@@ -4,7 +4,10 @@
 //! leaves a device that does not mount and that a second `mkfs` completes; `monitor
 //! remove`; a monitor whose commit fails exits with an error.
 
-use blocklab::testing::{scratch_dir, sparse_files, spawn_announcing, KillOnDrop, LoopDevices};
+use blocklab::testing::{
+    assert_success, free_port, make_ext4, output_text as text, scratch, sparse_files,
+    spawn_announcing, KillOnDrop, LoopDevices,
+};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output, Stdio};
 
@@ -26,17 +29,13 @@ fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+fn daemons(map: &serde_json::Value) -> &Vec<serde_json::Value> {
+    map["daemons"].as_array().expect("a list of daemons")
 }
 
 fn map_json(mon: &str) -> serde_json::Value {
     let o = run(&["monitor", "map", "--monitor", mon, "--json"]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert_success(&o);
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
@@ -45,7 +44,7 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     let Some(g) = LoopDevices::provision("init-cli", 4, 64 << 20) else {
         return;
     };
-    let sd = scratch_dir("blocklab-test-");
+    let sd = scratch();
     let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
     let journal = sd.path().join("mon.journal");
     let j = journal.to_str().unwrap();
@@ -92,14 +91,14 @@ fn monitor_nodes_and_orchestrator_as_processes() {
         "--strategy",
         "parallel",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert_success(&o);
     let map = map_json(&addr);
-    let daemons = map["daemons"].as_array().unwrap();
-    assert_eq!(daemons.len(), 4);
-    for d in daemons {
+    let ds = daemons(&map);
+    assert_eq!(ds.len(), 4);
+    for d in ds {
         assert_eq!(d["state"], "up", "{d}");
         let o = run(&["inspect", d["device"].as_str().unwrap(), "--json"]);
-        assert!(o.status.success(), "{}", text(&o));
+        assert_success(&o);
         let ins: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(ins["label"]["daemon_id"], d["id"]);
         assert_eq!(ins["label"]["cluster_fsid"], map["fsid"]);
@@ -108,7 +107,7 @@ fn monitor_nodes_and_orchestrator_as_processes() {
 
     // The same init again: every daemon is up already, nothing happens.
     let o = run(&["init", "--monitor", &addr, "--node", &a0, "--node", &a1]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert_success(&o);
     assert_eq!(text(&o).matches("(already up)").count(), 4, "{}", text(&o));
     assert_eq!(map_json(&addr), map);
 
@@ -144,11 +143,7 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     );
 
     // Unreachable monitor: clear error, non-zero exit.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let o = run(&[
         "node",
         "init",
@@ -178,14 +173,10 @@ fn monitor_nodes_and_orchestrator_as_processes() {
         "0",
         "--force",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert_success(&o);
     let after = map_json(&addr2);
-    assert_eq!(after["daemons"].as_array().unwrap().len(), 3);
-    assert!(after["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|d| d["id"] != 0));
+    assert_eq!(daemons(&after).len(), 3);
+    assert!(daemons(&after).iter().all(|d| d["id"] != 0));
     let o = run(&["monitor", "remove", "--monitor", &addr2, "--id", "0"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("no daemon 0"), "{}", text(&o));
@@ -218,7 +209,7 @@ fn a_monitor_whose_commit_fails_exits_with_the_error() {
     let e = c.alloc("n", &["/dev/b".into()]).unwrap_err();
     assert!(e.to_string().contains("commit failed"), "{e}");
     // The process exits by itself, non-zero, saying why.
-    let status = mon.0.wait().unwrap();
+    let status = mon.wait_exit("the monitor to exit", std::time::Duration::from_secs(60));
     assert!(!status.success());
     let mut err = String::new();
     std::io::Read::read_to_string(&mut mon.0.stderr.take().unwrap(), &mut err).unwrap();
@@ -269,11 +260,7 @@ fn mkfs_killed_after_each_phase_then_completes() {
         text(&o)
     );
     let last = &paths[phases.len()];
-    assert!(Command::new("mkfs.ext4")
-        .args(["-q", "-F", last])
-        .status()
-        .unwrap()
-        .success());
+    make_ext4(std::path::Path::new(last));
     let o = mkfs(last, &fsid, "9", &[]);
     assert!(!o.status.success());
     assert!(text(&o).contains("ext2/3/4"), "{}", text(&o));
@@ -281,13 +268,13 @@ fn mkfs_killed_after_each_phase_then_completes() {
     assert!(!o.status.success());
     assert!(text(&o).contains("no blocklab label"), "{}", text(&o));
     let o = mkfs(last, &fsid, "9", &["--force"]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert_success(&o);
 }
 
 #[test]
 fn monitor_on_the_embedded_coord_store_and_node_init() {
     // Regular files as devices: no root needed.
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = scratch();
     let devs: Vec<String> = sparse_files(dir.path(), 2, 32 << 20)
         .iter()
         .map(|p| p.display().to_string())
@@ -316,12 +303,10 @@ fn monitor_on_the_embedded_coord_store_and_node_init() {
         &devs[1],
         "--parallel",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert_success(&o);
     let map = map_json(&addr);
-    assert_eq!(map["daemons"].as_array().unwrap().len(), 2);
-    assert!(map["daemons"]
-        .as_array()
-        .unwrap()
+    assert_eq!(daemons(&map).len(), 2);
+    assert!(daemons(&map)
         .iter()
         .all(|d| d["state"] == "up" && d["node"] == "solo"));
     drop(mon);

@@ -2,14 +2,15 @@
 //! a SIGKILLed gateway's ephemeral node disappears after its session timeout and watchers
 //! (`blocklab lunmap watch` among them) learn it; CLI errors are one clear line.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::{connect, ConnectOptions, WatchEvent};
 use blocklab::lunmap::gateway::GatewayClient;
-use blocklab::testing::{sparse_file, KillOnDrop};
+use blocklab::testing::{
+    assert_success, free_port, next_event, next_line_where, scratch, sparse_file, spawn_lines,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_blocklab");
 const T0: &str = "iqn.2026-11.lab.blocklab:t0";
@@ -23,7 +24,7 @@ fn cli(args: &[&str]) -> std::process::Output {
 fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
     let zk = ZkServer::start().unwrap();
     let spec = zk.spec("/cli").to_string();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let dev = dir.path().join("dev.img");
     sparse_file(&dev, 8 << 20);
     let dev_s = dev.display().to_string();
@@ -34,23 +35,15 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         &["db0", "--id", "0", "--size", "1M", "--device", &dev_s],
     ]
     .concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 
     // `lunmap watch` follows the map from the start.
-    let mut watcher = Command::new(BIN)
-        .args(["lunmap", "watch"])
-        .args(common)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let watch_out = watcher.stdout.take().unwrap();
-    let _watcher = KillOnDrop(watcher);
-    let mut watched = BufReader::new(watch_out).lines();
+    let (_watcher, mut watched) = spawn_lines(
+        Command::new(BIN)
+            .args(["lunmap", "watch"])
+            .args(common)
+            .stderr(Stdio::null()),
+    );
     assert!(
         watched
             .next()
@@ -60,29 +53,15 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         "the existing LUN comes first"
     );
 
-    let mut child = Command::new(BIN)
-        .args([
-            "gateway",
-            "--node",
-            "gw1",
-            "--events",
-            "--session-timeout-ms",
-            "2000",
-        ])
-        .args(common)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut gw = KillOnDrop(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let l = lines.next().expect("gateway exited").unwrap();
-        if let Some(a) = l.strip_prefix("ready ") {
-            break a.parse().unwrap();
-        }
-    };
+    let (mut gw, mut lines) = spawn_lines(
+        Command::new(BIN)
+            .args(["gateway", "--node", "gw1", "--events"])
+            .args(["--session-timeout-ms", "2000"])
+            .args(common)
+            .stderr(Stdio::null()),
+    );
+    let ready = next_line_where(&mut lines, "the gateway", |l| l.starts_with("ready "));
+    let addr = ready["ready ".len()..].parse().unwrap();
     let mut client = GatewayClient::connect(addr).unwrap();
     assert!(client.read("db0", T0, H1, 0, 4096).unwrap().0.refused);
     let out = cli(&[
@@ -91,18 +70,10 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         &["db0", "--target", T0, "--initiator", H1],
     ]
     .concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // The gateway reports the change it applied; then it serves the initiator.
-    loop {
-        let l = lines.next().expect("gateway exited").unwrap();
-        if l.starts_with(&format!("mapped db0 {T0} {H1} ")) {
-            break;
-        }
-    }
+    let mapped = format!("mapped db0 {T0} {H1} ");
+    next_line_where(&mut lines, "the gateway", |l| l.starts_with(&mapped));
     let (r, _) = client.read("db0", T0, H1, 0, 4096).unwrap();
     assert!(r.ok, "{r:?}");
     let out = cli(&[&["lunmap", "gateways"][..], &common].concat());
@@ -113,7 +84,7 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         format!("mapped db0 {T0} {H1} "),
     ];
     while !want.is_empty() {
-        let l = watched.next().expect("watch exited").unwrap();
+        let l = next_line_where(&mut watched, "lunmap watch", |_| true);
         want.retain(|w| !l.starts_with(w.as_str()));
     }
 
@@ -124,39 +95,27 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
         .exists("/blocklab/c1/gateways/gw1")
         .unwrap()
         .is_some());
-    gw.0.kill().unwrap();
-    let _ = gw.0.wait();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match w.recv_timeout(Duration::from_millis(100)) {
-            Some(WatchEvent::Deleted(p)) if p == "/blocklab/c1/gateways/gw1" => break,
-            _ => assert!(
-                Instant::now() < deadline,
-                "the dead gateway was never removed"
-            ),
-        }
-    }
+    gw.kill();
+    next_event(
+        &w,
+        "the dead gateway's removal",
+        Duration::from_secs(30),
+        |e| *e == WatchEvent::Deleted("/blocklab/c1/gateways/gw1".into()),
+    );
     assert!(observer
         .exists("/blocklab/c1/gateways/gw1")
         .unwrap()
         .is_none());
-    loop {
-        let l = watched.next().expect("watch exited").unwrap();
-        if l.starts_with("gateway-down gw1 ") {
-            break;
-        }
-    }
+    next_line_where(&mut watched, "lunmap watch", |l| {
+        l.starts_with("gateway-down gw1 ")
+    });
 }
 
 #[test]
 fn cli_errors_are_one_clear_line() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = free_port();
     let zk = format!("zk://127.0.0.1:{free}/x");
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let bad_store = dir.path().join("bad.store");
     std::fs::write(&bad_store, b"not a store").unwrap();
     let bad_store_spec = format!("embedded:{}", bad_store.display());

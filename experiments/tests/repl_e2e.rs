@@ -22,7 +22,7 @@ use blocklab::repl::replica::Regions;
 use blocklab::repl::wire::{encode_to_vec, read_frame, Frame, Status, WIRE_VERSION};
 use blocklab::repl::{Entry, Message};
 use blocklab::testing::{
-    scratch_dir, sparse_files, spawn_announcing, wait_for, KillOnDrop, LoopDevices,
+    free_port, spawn_announcing, wait_for, KillOnDrop, LoopDevices, TestDevices,
 };
 
 /// How long a test waits for a condition before failing.
@@ -40,27 +40,8 @@ type Procs = Vec<KillOnDrop>;
 
 /// `n` devices of `size` bytes: loop devices when root, else sparse files. Declare it
 /// before the processes using it, so they are killed before the devices go.
-struct Devs {
-    paths: Vec<PathBuf>,
-    _loop: Option<LoopDevices>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-fn devices(name: &str, n: usize, size: u64) -> Devs {
-    if let Some(g) = LoopDevices::provision(&format!("repl-{name}-{}", std::process::id()), n, size)
-    {
-        return Devs {
-            paths: g.paths(),
-            _loop: Some(g),
-            _dir: None,
-        };
-    }
-    let dir = scratch_dir("repl-e2e-");
-    Devs {
-        paths: sparse_files(dir.path(), n, size),
-        _loop: None,
-        _dir: Some(dir),
-    }
+fn devices(name: &str, n: usize, size: u64) -> TestDevices {
+    TestDevices::loop_or_files(&format!("repl-{name}-{}", std::process::id()), n, size)
 }
 
 /// Starts `blocklab repl serve` and waits for its `listening on ADDR` line.
@@ -116,7 +97,7 @@ fn status(addr: SocketAddr) -> Option<Status> {
         .ok()
 }
 
-/// Polls until `f` holds, with a generous deadline.
+/// The log entries and the storage engine's (index, key, value) on a replica's device.
 fn read_device(path: &Path) -> (Vec<Entry>, Vec<Write>) {
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
     let r = Regions::plain(LOG_SIZE, DATA_SIZE);
@@ -209,8 +190,7 @@ fn kill_9_the_primary_mid_stream_and_recover() {
         acked.lock().unwrap().len() >= 150
     });
     // SIGKILL mid-stream.
-    procs[p0].0.kill().unwrap();
-    procs[p0].0.wait().unwrap();
+    procs[p0].kill();
     let before_kill = acked.lock().unwrap().len();
     // Restart on the same device: it recovers its log with a new term.
     let (_, a0) = serve(&mut procs, &pargs);
@@ -273,12 +253,10 @@ fn kill_9_the_primary_mid_stream_and_recover() {
 fn the_primary_keeps_committing_and_notifying_with_a_secondary_unreachable() {
     let devs = devices("unreachable", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs.paths[1], "idle"));
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle"));
     // Secondary 2's address: a port nobody listens on.
-    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a2 = dead.local_addr().unwrap();
-    drop(dead);
-    let mut pargs = common(0, &devs.paths[0], "idle");
+    let a2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut pargs = common(0, &devs.paths()[0], "idle");
     pargs.extend(peers(a1, a2));
     let (_, a0) = serve(&mut procs, &pargs);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -301,7 +279,7 @@ fn the_primary_keeps_committing_and_notifying_with_a_secondary_unreachable() {
 fn a_full_log_region_refuses_writes_with_a_clear_error() {
     let devs = devices("full-log", 3, 32 << 20);
     let mut procs = Procs::new();
-    let small = |id: u32| with_log_size(common(id, &devs.paths[id as usize], "eager"), "64K");
+    let small = |id: u32| with_log_size(common(id, &devs.paths()[id as usize], "eager"), "64K");
     let (_, a1) = serve(&mut procs, &small(1));
     let (_, a2) = serve(&mut procs, &small(2));
     let mut pargs = small(0);
@@ -330,7 +308,7 @@ fn a_full_log_region_refuses_writes_with_a_clear_error() {
             .all(|a| status(*a).is_some_and(|s| s.applied == ok))
     });
     drop(procs);
-    for d in &devs.paths {
+    for d in devs.paths() {
         assert_eq!(read_log(d, 64 << 10).len() as u64, ok);
     }
 }
@@ -361,10 +339,10 @@ fn a_secondary_with_a_full_log_keeps_serving_while_the_others_commit() {
     // Secondary 1 has a 64 KiB log, the others the default.
     let (_, a1) = serve(
         &mut procs,
-        &with_log_size(common(1, &devs.paths[1], "idle"), "64K"),
+        &with_log_size(common(1, &devs.paths()[1], "idle"), "64K"),
     );
-    let (_, a2) = serve(&mut procs, &common(2, &devs.paths[2], "idle"));
-    let mut pargs = common(0, &devs.paths[0], "idle");
+    let (_, a2) = serve(&mut procs, &common(2, &devs.paths()[2], "idle"));
+    let mut pargs = common(0, &devs.paths()[0], "idle");
     pargs.extend(peers(a1, a2));
     let (_, a0) = serve(&mut procs, &pargs);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -384,8 +362,8 @@ fn a_secondary_with_a_full_log_keeps_serving_while_the_others_commit() {
     });
     let s1 = status(a1).unwrap();
     drop(procs);
-    let log1 = read_log(&devs.paths[1], 64 << 10);
-    let log0 = read_log(&devs.paths[0], LOG_SIZE);
+    let log1 = read_log(&devs.paths()[1], 64 << 10);
+    let log0 = read_log(&devs.paths()[0], LOG_SIZE);
     assert_eq!(log1.len() as u64, s1.durable_index);
     assert_eq!(
         &log0[..log1.len()],
@@ -402,7 +380,7 @@ fn read_one(s: &mut TcpStream) -> Option<Frame> {
 fn bad_and_forged_frames_are_refused_and_the_replica_keeps_serving() {
     let devs = devices("bad-frames", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs.paths[1], "idle"));
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle"));
     let bad: Vec<Vec<u8>> = vec![
         // Another wire version.
         {
@@ -496,9 +474,9 @@ fn bad_and_forged_frames_are_refused_and_the_replica_keeps_serving() {
 fn bad_writes_are_refused_before_they_reach_the_log() {
     let devs = devices("bad-writes", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs.paths[1], "idle"));
-    let (_, a2) = serve(&mut procs, &common(2, &devs.paths[2], "idle"));
-    let mut pargs = common(0, &devs.paths[0], "idle");
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle"));
+    let (_, a2) = serve(&mut procs, &common(2, &devs.paths()[2], "idle"));
+    let mut pargs = common(0, &devs.paths()[0], "idle");
     pargs.extend(peers(a1, a2));
     let (_, a0) = serve(&mut procs, &pargs);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -542,7 +520,7 @@ fn a_secondary_speaking_another_wire_version_is_reported_and_a_client_times_out_
         }
     });
     let mut procs = Procs::new();
-    let mut args = common(0, &devs.paths[0], "idle");
+    let mut args = common(0, &devs.paths()[0], "idle");
     let i = args.iter().position(|x| x == "0,1,2").unwrap();
     args[i] = "0,1".into();
     args.extend(["--peer".to_string(), format!("1={fake_addr}")]);
@@ -600,7 +578,7 @@ fn a_secondary_speaking_another_wire_version_is_reported_and_a_client_times_out_
 #[test]
 fn a_device_with_other_data_is_refused_without_force() {
     let devs = devices("foreign", 1, 32 << 20);
-    let p = &devs.paths[0];
+    let p = &devs.paths()[0];
     {
         let mut f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
         f.write_all(&[0xabu8; 8192]).unwrap();
@@ -628,7 +606,7 @@ fn a_formatted_daemon_device_is_used_through_its_layout_with_force_once() {
     use blocklab::daemon::{mkfs, MkfsRequest};
     use blocklab::format::Label;
     let devs = devices("formatted", 1, 64 << 20);
-    let p = &devs.paths[0];
+    let p = &devs.paths()[0];
     let fsid = uuid::Uuid::new_v4();
     let mut eng = UringEngine::with_queue_depth(4).unwrap();
     mkfs(
@@ -722,7 +700,7 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
         primary: 0,
         peers,
         listener: TcpListener::bind("127.0.0.1:0").unwrap(),
-        device: devs.paths[id as usize].clone(),
+        device: devs.paths()[id as usize].clone(),
         regions,
         policy: PolicySpec::parse("eager").unwrap(),
         tick: Duration::from_micros(100),

@@ -813,6 +813,7 @@ impl UringEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{file_device, pattern_buf, scratch};
 
     /// What `execute` submitted and reaped, in order (request indexes).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -851,20 +852,6 @@ mod tests {
         }
     }
 
-    fn file_device(dir: &tempfile::TempDir, size: u64) -> Device {
-        let p = dir.path().join("dev.img");
-        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-        Device::open(&p).unwrap()
-    }
-
-    fn filled(len: usize, seed: u8) -> AlignedBuf {
-        let mut b = AlignedBuf::new(len);
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = (i as u8).wrapping_mul(7).wrapping_add(seed);
-        }
-        b
-    }
-
     /// Position of the first / last event matching `e` in the trace.
     fn first(trace: &[Event], e: Event) -> usize {
         trace.iter().position(|&x| x == e).unwrap()
@@ -889,12 +876,12 @@ mod tests {
     /// is resumed (each part is submitted durable on its own).
     #[test]
     fn dsync_writes_land_whole_even_when_resumed() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let dev = file_device(&dir, 1 << 20);
+        let dir = scratch();
+        let dev = file_device(dir.path(), 1 << 20);
         for split in [false, true] {
             let mut eng = UringEngine::with_queue_depth(4).unwrap();
             eng.hooks.split_first = split;
-            let bufs: Vec<AlignedBuf> = (0..8).map(|i| filled(32 << 10, i as u8 + 9)).collect();
+            let bufs: Vec<AlignedBuf> = (0..8).map(|i| pattern_buf(32 << 10, i + 9)).collect();
             let mut reqs: Vec<IoRequest<'_>> = bufs
                 .iter()
                 .enumerate()
@@ -916,12 +903,12 @@ mod tests {
     /// byte lands.
     #[test]
     fn a_flush_is_a_barrier_even_for_resumed_writes() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let dev = file_device(&dir, 4 << 20);
+        let dir = scratch();
+        let dev = file_device(dir.path(), 4 << 20);
         for split in [false, true] {
             let mut eng = UringEngine::with_queue_depth(8).unwrap();
             eng.hooks.split_first = split;
-            let bufs: Vec<AlignedBuf> = (0..40).map(|i| filled(16 << 10, i as u8 + 1)).collect();
+            let bufs: Vec<AlignedBuf> = (0..40).map(|i| pattern_buf(16 << 10, i + 1)).collect();
             let mut reqs: Vec<IoRequest<'_>> = Vec::new();
             for (i, b) in bufs.iter().enumerate() {
                 if i == 20 {
@@ -962,9 +949,9 @@ mod tests {
     /// Reads are resumed as well, and the queue depth bounds what is in flight.
     #[test]
     fn resumed_reads_and_queue_depth() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let dev = file_device(&dir, 1 << 20);
-        let data = filled(1 << 20, 3);
+        let dir = scratch();
+        let dev = file_device(dir.path(), 1 << 20);
+        let data = pattern_buf(1 << 20, 3);
         let mut eng = UringEngine::with_queue_depth(4).unwrap();
         eng.write_at(&dev, 0, &data).unwrap();
         eng.hooks.split_first = true;

@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn replay_restores_states_and_epoch() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testing::scratch();
         let p = dir.path().join("j");
         let e = Epoch {
             counter: 3,

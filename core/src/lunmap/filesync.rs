@@ -129,11 +129,27 @@ fn sleep_unless(stop: &std::sync::atomic::AtomicBool, d: Duration) {
     }
 }
 
+/// Called when a polled map file does not parse, with the error
+/// ([`LunMapError::Corrupt`]): the file is refused and the view keeps its last good map.
+/// Called once per distinct content of the file.
+pub type OnRefused = Box<dyn FnMut(&LunMapError) + Send>;
+
 /// Polls `dir/lunmap.json` every `poll` and applies differences to `view`.
 pub fn follow_file(
     dir: PathBuf,
     view: Arc<RwLock<MapView>>,
+    on_change: OnChange,
+    poll: Duration,
+) -> Follower {
+    follow_file_reporting(dir, view, on_change, Box::new(|_| {}), poll)
+}
+
+/// [`follow_file`] that also reports each map file it refuses to `on_refused`.
+pub fn follow_file_reporting(
+    dir: PathBuf,
+    view: Arc<RwLock<MapView>>,
     mut on_change: OnChange,
+    mut on_refused: OnRefused,
     poll: Duration,
 ) -> Follower {
     Follower::spawn("filesync-poll", move |stop| {
@@ -142,11 +158,15 @@ pub fn follow_file(
         while !stop.load(Ordering::SeqCst) {
             if let Ok(bytes) = std::fs::read(&path) {
                 if last.as_deref() != Some(&bytes[..]) {
-                    // A file that does not parse is skipped; the previous map stays.
-                    if let Ok(doc) = serde_json::from_slice::<MapDoc>(&bytes) {
-                        emit(&view, &mut on_change, |v| {
+                    // A file that does not parse is refused; the previous map stays.
+                    match serde_json::from_slice::<MapDoc>(&bytes) {
+                        Ok(doc) => emit(&view, &mut on_change, |v| {
                             v.replace_map(luns_from_doc(&doc))
-                        });
+                        }),
+                        Err(e) => on_refused(&LunMapError::Corrupt {
+                            path: path.display().to_string(),
+                            reason: e.to_string(),
+                        }),
                     }
                     last = Some(bytes);
                 }

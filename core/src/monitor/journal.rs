@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn replays_and_cuts_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testing::scratch();
         let path = dir.path().join("mon.journal");
         let fsid = Uuid::new_v4();
         let mut j = FileJournal::new(&path);
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn a_line_that_does_not_replay_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testing::scratch();
         let path = dir.path().join("mon.journal");
         let mut j = FileJournal::new(&path);
         let fsid = Uuid::new_v4();
