@@ -2,7 +2,7 @@
 //! `blocklab` binary.
 //!
 //! * [`args`]: the common clap arguments (`--profile`, `--out`, device selection,
-//!   `--repetitions`) and size parsing.
+//!   `--repetitions`) and the one size and one duration parser every CLI argument uses.
 //! * [`devices`]: device set-up and teardown (provisioned loop devices are torn down on
 //!   every exit path, Ctrl-C included).
 //! * [`output`]: one CSV per run (csv + serde) and its `meta.json`.

@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     processes: Vec<u16>,
     /// Seconds each configuration runs (default: quick 0.8, full 3).
-    #[arg(long)]
+    #[arg(long, value_parser = harness::args::parse_secs_f64)]
     seconds: Option<f64>,
     /// Block size (multiple of 4 KiB).
     #[arg(long, default_value = "64K", value_parser = harness::args::parse_size)]

@@ -24,6 +24,8 @@ use blocklab::repl::kv::{put_payload, slots_for};
 use blocklab::repl::replica::{self, Hooks, PolicySpec, Regions, ReplicaOptions, ReplicaReport};
 use blocklab::repl::{Entry, NodeId, Stats};
 use clap::{Parser, ValueEnum};
+use harness::args::{parse_bytes, parse_ms, parse_ms_f64, parse_secs_f64, parse_us};
+use harness::cli::repl::parse_policy;
 use harness::progress::Progress;
 use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, LatencyHist, RunMeta};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -79,7 +81,7 @@ struct Args {
     common: CommonArgs,
     /// Policies to compare: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms
     /// (default: all, with H ∈ {50, 200} ms and d ∈ {1, 10} ms).
-    #[arg(long, value_delimiter = ',', value_parser = PolicySpec::parse)]
+    #[arg(long, value_delimiter = ',', value_parser = parse_policy)]
     policies: Vec<PolicySpec>,
     /// Workloads (default: all four).
     #[arg(long, value_delimiter = ',', value_enum)]
@@ -89,13 +91,13 @@ struct Args {
     replicas: Vec<usize>,
     /// Injected round-trip times in ms, applied as RTT/2 one-way on every frame
     /// (default quick: 0,1; full: 0,1,10).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_parser = parse_ms_f64, value_delimiter = ',')]
     rtt_ms: Vec<f64>,
     /// Poisson arrival rates per second (default quick: 200; full: 50,200,1000).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
     /// Idle gap G of single and bursty, in ms (default quick: 300; full: 1000).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_ms)]
     gap_ms: Option<u64>,
     /// Writes per burst in bursty.
     #[arg(long, default_value_t = 10)]
@@ -108,7 +110,7 @@ struct Args {
     #[arg(long)]
     bursts: Option<u64>,
     /// Seconds of Poisson arrivals per run (default quick: 0.6; full: 10).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_secs_f64)]
     poisson_secs: Option<f64>,
     /// Measured writes per run of closed (default quick: 1000; full: 20000).
     #[arg(long)]
@@ -117,10 +119,10 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     depth: usize,
     /// Bytes of value per write (key is 8 more).
-    #[arg(long, default_value_t = 56)]
-    value_bytes: usize,
+    #[arg(long, value_parser = parse_bytes, default_value_t = 56)]
+    value_bytes: u64,
     /// Protocol tick in microseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = parse_us, default_value_t = 100)]
     tick_us: u64,
     /// Group commit: each replica appends everything pending with one flush. Off by
     /// default: every entry is then flushed on its own, so `log_flushes` counts exactly the
@@ -492,7 +494,7 @@ fn run_one(
         depth: args.depth.max(1),
         total,
         duration,
-        value: vec![0x5a; args.value_bytes],
+        value: vec![0x5a; args.value_bytes as usize],
         rng: StdRng::seed_from_u64(spec.repetition as u64 * 7919 + 1),
         peers: (n - 1) as u64,
         connected: 0,
@@ -653,7 +655,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             "idle_delayed:10",
         ]
         .iter()
-        .map(|s| PolicySpec::parse(s).expect("valid"))
+        .map(|s| parse_policy(s).expect("valid"))
         .collect()
     } else {
         args.policies.clone()

@@ -44,6 +44,7 @@ use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use clap::Parser;
+use harness::args::{parse_mib, parse_ms};
 use harness::cli::failover::cluster::{enter_netns, unix_us, Cluster, ClusterSpec, Mode, VipKind};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
@@ -71,13 +72,13 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     backends: Vec<VipKind>,
     /// Heartbeat periods in ms (default: quick 100; full 50,100,200).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_parser = parse_ms, value_delimiter = ',')]
     heartbeats_ms: Vec<u64>,
     /// Kills per configuration and repetition (default: quick 20, full 100).
     #[arg(long)]
     kills: Option<usize>,
     /// Size of each volume in MiB (default: quick 16, full 64).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_mib)]
     volume_mib: Option<u64>,
     /// Copy throughput cap of the block service in MiB/s, so copies last long enough to be
     /// killed in the middle of (default: quick 64, full 128; 0 = device speed).
@@ -85,11 +86,11 @@ struct Args {
     copy_rate_mib: Option<u64>,
     /// vip_handoff client: re-send the same operation id after this many ms without an
     /// answer (cheap: the journal makes re-sends idempotent).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 500)]
     resend_ms: u64,
     /// client_retry client: give up on a request after this many ms without an answer and
     /// issue a new one (must exceed the longest operation, or copies re-run needlessly).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 2000)]
     retry_timeout_ms: u64,
     /// The `blocklab` binary (default: next to this one).
     #[arg(long)]
@@ -99,7 +100,7 @@ struct Args {
     seed: u64,
     /// Size in MiB of the copy-throughput measurement (default: quick 256, full 1024;
     /// 0 = skip it).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_mib)]
     copy_bench_mib: Option<u64>,
     /// The fio binary for the copy measurement's device reference (skipped with a note if
     /// it cannot be run).

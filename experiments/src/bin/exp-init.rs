@@ -25,7 +25,7 @@ use blocklab::dev::Device;
 use blocklab::init::{self, BoundInput, Node, NodeAgent, Strategy};
 use blocklab::monitor::{FileJournal, Monitor, ProposeConfig};
 use clap::Parser;
-use harness::args::parse_size;
+use harness::args::{parse_ms, parse_size};
 use harness::devices::precondition;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Profile, RunMeta};
@@ -54,7 +54,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     device_sizes: Vec<u64>,
     /// Monitor propose intervals to sweep, in ms (default: the profile's).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_parser = parse_ms, value_delimiter = ',')]
     propose_intervals_ms: Vec<u64>,
     /// Strategies to run (default: all four), alternating within each configuration.
     #[arg(long, value_delimiter = ',')]

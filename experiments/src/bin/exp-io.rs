@@ -22,7 +22,7 @@ struct Args {
     #[command(flatten)]
     common: CommonArgs,
     /// Seconds each tool runs each pattern (default: 2 quick, 10 full).
-    #[arg(long)]
+    #[arg(long, value_parser = harness::args::parse_secs_f64)]
     seconds: Option<f64>,
     /// Bytes at the start of the device the patterns cover, at least 8M (default: 256M
     /// quick, 1G full). A given device must be at least this large; provisioned devices

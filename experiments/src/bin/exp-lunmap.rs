@@ -30,6 +30,7 @@ use blocklab::lunmap::gateway::GatewayClient;
 use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{mono_ns, Backing, Layout, Lun, Target};
 use clap::{Parser, ValueEnum};
+use harness::args::parse_ms;
 use harness::cli::lunmap::parse_zk;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
 use serde::Serialize;
@@ -78,21 +79,21 @@ struct Args {
     #[arg(long)]
     changes: Option<usize>,
     /// Pause of each editor between its changes, in milliseconds.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 25)]
     change_gap_ms: u64,
     /// ZooKeeper session timeout of gateways and observer, in milliseconds (the private
     /// server runs with tickTime 500 ms, so 1000..10000 are possible).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 2000)]
     session_timeout_ms: u64,
     /// filesync: interval of the rsync-like copy to every gateway, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
     sync_interval_ms: u64,
     /// filesync: how often gateways poll their copy, in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 100)]
     poll_ms: u64,
     /// filesync: heartbeat advert interval in milliseconds (keepalived default 1000;
     /// a gateway is declared dead after 3 × advert + skew ≈ 3.6 × advert).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
     advert_ms: u64,
 }
 
