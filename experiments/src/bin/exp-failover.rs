@@ -709,13 +709,7 @@ fn run_fio(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let start = out
-        .stdout
-        .iter()
-        .position(|&b| b == b'{')
-        .context("fio printed no JSON")?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout[start..]).context("parsing fio's JSON output")?;
+    let v = harness::fio::json(&out.stdout)?;
     let bw_kib = v["jobs"][0][rw]["bw"]
         .as_f64()
         .with_context(|| format!("fio JSON lacks jobs[0].{rw}.bw"))?;
