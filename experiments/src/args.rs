@@ -79,6 +79,15 @@ impl CommonArgs {
     }
 }
 
+/// A list flag's values, or `default` when it was not given (an empty list).
+pub fn or_default<T: Clone>(given: &[T], default: Vec<T>) -> Vec<T> {
+    if given.is_empty() {
+        default
+    } else {
+        given.to_vec()
+    }
+}
+
 // Every size and duration argument of every CLI goes through `parse_size_in` and
 // `parse_duration` below; the other functions only say which unit a bare number is in
 // (the one the flag's name carries, as in `--volume-mib 16`) and what the value must be.

@@ -26,7 +26,7 @@ use blocklab::repl::replica::{
 };
 use blocklab::repl::{Entry, NodeId, Stats};
 use clap::{Parser, ValueEnum};
-use harness::args::{parse_bytes, parse_ms, parse_ms_f64, parse_secs_f64, parse_us};
+use harness::args::{or_default, parse_bytes, parse_ms, parse_ms_f64, parse_secs_f64, parse_us};
 use harness::cli::repl::parse_policy;
 use harness::progress::Progress;
 use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, LatencyHist, RunMeta};
@@ -498,15 +498,6 @@ struct Plan {
     gap: Duration,
     sizes: Sizes,
     reps: u32,
-}
-
-/// `given`, or `default` when the flag was not given.
-fn or_default<T: Clone>(given: &[T], default: Vec<T>) -> Vec<T> {
-    if given.is_empty() {
-        default
-    } else {
-        given.to_vec()
-    }
 }
 
 impl Plan {

@@ -44,7 +44,7 @@ use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use clap::Parser;
-use harness::args::{parse_mib, parse_ms};
+use harness::args::{or_default, parse_mib, parse_ms};
 use harness::cli::failover::cluster::{enter_netns, unix_us, Cluster, ClusterSpec, Mode, VipKind};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
@@ -723,15 +723,12 @@ fn main() -> std::process::ExitCode {
 /// The VIP backends to run: `--backends`, else every one that can run (netns needs root).
 fn backends(args: &Args) -> Vec<VipKind> {
     let root = rustix::process::geteuid().is_root();
-    let wanted = if args.backends.is_empty() {
-        if root {
-            VipKind::ALL.to_vec()
-        } else {
-            vec![VipKind::Loopback]
-        }
+    let all = if root {
+        VipKind::ALL.to_vec()
     } else {
-        args.backends.clone()
+        vec![VipKind::Loopback]
     };
+    let wanted = or_default(&args.backends, all);
     let mut backends = Vec::new();
     for b in wanted {
         if b == VipKind::Netns && !root {
@@ -748,11 +745,10 @@ fn backends(args: &Args) -> Vec<VipKind> {
 /// client waits for its timeout as it would on real hosts.
 fn configs(args: &Args) -> anyhow::Result<Vec<Config>> {
     let backends = backends(args);
-    let heartbeats = if args.heartbeats_ms.is_empty() {
-        args.common.pick(vec![100], vec![50, 100, 200])
-    } else {
-        args.heartbeats_ms.clone()
-    };
+    let heartbeats = or_default(
+        &args.heartbeats_ms,
+        args.common.pick(vec![100], vec![50, 100, 200]),
+    );
     if heartbeats.contains(&0) {
         bail!("--heartbeats-ms: a heartbeat period must be at least 1 ms");
     }

@@ -25,7 +25,7 @@ use blocklab::dev::Device;
 use blocklab::init::{self, BoundInput, Node, NodeAgent, Strategy};
 use blocklab::monitor::{FileJournal, Monitor, ProposeConfig};
 use clap::Parser;
-use harness::args::{parse_ms, parse_size};
+use harness::args::{or_default, parse_ms, parse_size};
 use harness::devices::precondition;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Profile, RunMeta};
@@ -182,15 +182,6 @@ struct Sweep {
     intervals: Vec<u64>,
     strategies: Vec<Strategy>,
     reps: u32,
-}
-
-/// `given`, or `default` when the flag was not given.
-fn or_default<T: Clone>(given: &[T], default: Vec<T>) -> Vec<T> {
-    if given.is_empty() {
-        default
-    } else {
-        given.to_vec()
-    }
 }
 
 impl Sweep {
