@@ -2,9 +2,10 @@
 //! `blocklab` binary.
 //!
 //! * [`args`]: the common clap arguments (`--profile`, `--out`, device selection,
-//!   `--repetitions`) and size parsing.
+//!   `--repetitions`) and the one size and one duration parser every CLI argument uses.
 //! * [`devices`]: device set-up and teardown (provisioned loop devices are torn down on
 //!   every exit path, Ctrl-C included).
+//! * [`fio`]: fio's JSON output.
 //! * [`output`]: one CSV per run (csv + serde) and its `meta.json`.
 //! * [`stats`]: hdrhistogram percentiles (p50/p90/p99/p999/max).
 //! * [`progress`]: progress bars for runs longer than a few seconds.
@@ -12,6 +13,7 @@
 pub mod args;
 pub mod cli;
 pub mod devices;
+pub mod fio;
 pub mod output;
 pub mod progress;
 pub mod stats;

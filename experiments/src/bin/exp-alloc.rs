@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     processes: Vec<u16>,
     /// Seconds each configuration runs (default: quick 0.8, full 3).
-    #[arg(long)]
+    #[arg(long, value_parser = harness::args::parse_secs_f64)]
     seconds: Option<f64>,
     /// Block size (multiple of 4 KiB).
     #[arg(long, default_value = "64K", value_parser = harness::args::parse_size)]
@@ -113,44 +113,47 @@ impl Drop for NodeDir {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_config(
-    exe: &Path,
-    dir: &Path,
+/// What every run shares.
+struct Env<'a> {
+    exe: &'a Path,
+    /// The node directory (shared-memory segments), made anew for each run.
+    dir: &'a Path,
+    block_size: u64,
+    devices: &'a [DeviceRegion],
+}
+
+/// One run: `procs` processes of `strategy` for `seconds`.
+#[derive(Debug, Clone, Copy)]
+struct RunSpec {
     strategy: Strategy,
     procs: u16,
     with_io: bool,
     seconds: f64,
-    block_size: u64,
-    devices: &[DeviceRegion],
     crash: Crash,
-) -> anyhow::Result<Outcome> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let _cleanup = NodeDir(dir.to_path_buf());
-    let spec = WorkerSpec {
-        exe: exe.to_path_buf(),
-        node: NodeArgs {
-            dir: dir.to_path_buf(),
-            proc_id: 0,
-            internal_port: free_port()?,
-            strategy,
-            block_size,
-            // By path: the leader resolves each to the region `regions` computed.
-            devices: devices.iter().map(|r| DeviceSpec::path(&r.path)).collect(),
-            unfilled_capacity: 256,
-        },
-        seconds,
-        with_io,
-        hold: 4,
-    };
-    let wait = Duration::from_secs(60);
+}
+
+impl RunSpec {
+    /// The strategy column: the strategy, and which process a crash run killed.
+    fn name(&self) -> String {
+        match self.crash {
+            Crash::None => self.strategy.name().to_string(),
+            Crash::Follower => format!("{}-crash-follower", self.strategy.name()),
+            Crash::Leader => format!("{}-crash-leader", self.strategy.name()),
+        }
+    }
+}
+
+/// How long a worker may take to answer.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Starts `procs` workers and waits until each is ready; the leader's process id.
+fn start_workers(spec: &WorkerSpec, procs: u16) -> anyhow::Result<(Vec<WorkerProc>, u16)> {
     let mut workers: Vec<WorkerProc> = (1..=procs)
-        .map(|i| WorkerProc::spawn(&spec, i))
+        .map(|i| WorkerProc::spawn(spec, i))
         .collect::<anyhow::Result<_>>()?;
     let mut leader = None;
     for w in &mut workers {
-        match w.event(wait)? {
+        match w.event(WAIT)? {
             WorkerEvent::Ready {
                 leader: true,
                 proc_id,
@@ -164,43 +167,68 @@ fn run_config(
             e => bail!("unexpected {e:?}"),
         }
     }
-    let leader = leader.context("no leader was elected")?;
-    let victim = match crash {
+    Ok((workers, leader.context("no leader was elected")?))
+}
+
+/// Lets every worker go; a crash run's victim stops with a block written but not
+/// committed, dies there (SIGKILL) and is restarted. The victim's id and its block.
+fn go_and_crash(
+    spec: &WorkerSpec,
+    run: &RunSpec,
+    workers: &mut Vec<WorkerProc>,
+    leader: u16,
+) -> anyhow::Result<Option<(u16, BlockRef)>> {
+    let victim = match run.crash {
         Crash::None => None,
         Crash::Follower => workers.iter().position(|w| w.proc_id != leader),
         Crash::Leader => workers.iter().position(|w| w.proc_id == leader),
     };
     for (i, w) in workers.iter_mut().enumerate() {
         if Some(i) == victim {
-            w.go_stop_in_flight(seconds * 0.4)?;
+            w.go_stop_in_flight(run.seconds * 0.4)?;
         } else {
             w.go()?;
         }
     }
-    // The victim stops with a block written but not committed; it dies there.
-    let mut in_flight = None;
-    if let Some(v) = victim {
-        let mut w = workers.remove(v);
-        let b = match w.event(wait)? {
-            WorkerEvent::InFlight { block, .. } => block,
-            e => bail!("unexpected {e:?}"),
-        };
-        let id = w.proc_id;
-        w.kill()?;
-        in_flight = Some((id, b));
-        let mut again = WorkerProc::spawn(&spec, id)?;
-        match again.event(wait)? {
-            WorkerEvent::Ready { .. } => {}
-            e => bail!("unexpected {e:?}"),
-        }
-        again.go()?;
-        workers.push(again);
+    let Some(v) = victim else {
+        return Ok(None);
+    };
+    let mut w = workers.remove(v);
+    let b = match w.event(WAIT)? {
+        WorkerEvent::InFlight { block, .. } => block,
+        e => bail!("unexpected {e:?}"),
+    };
+    let id = w.proc_id;
+    w.kill()?;
+    let mut again = WorkerProc::spawn(spec, id)?;
+    match again.event(WAIT)? {
+        WorkerEvent::Ready { .. } => {}
+        e => bail!("unexpected {e:?}"),
     }
-    let mut hist = harness::LatencyHist::new();
-    let (mut ops, mut records) = (0u64, Vec::new());
-    let mut rate = 0.0;
-    for w in &mut workers {
-        match w.event(wait + Duration::from_secs_f64(seconds))? {
+    again.go()?;
+    workers.push(again);
+    Ok(Some((id, b)))
+}
+
+/// What the workers reported at the end.
+struct Done {
+    ops: u64,
+    /// Sum of each process's own rate (each ran the same wall time).
+    rate: f64,
+    hist: harness::LatencyHist,
+    /// The blocks they hold, for the audit.
+    records: Vec<Record>,
+}
+
+fn collect_done(workers: &mut [WorkerProc], seconds: f64) -> anyhow::Result<Done> {
+    let mut done = Done {
+        ops: 0,
+        rate: 0.0,
+        hist: harness::LatencyHist::new(),
+        records: Vec::new(),
+    };
+    for w in workers {
+        match w.event(WAIT + Duration::from_secs_f64(seconds))? {
             WorkerEvent::Done {
                 ops: o,
                 elapsed_ns,
@@ -208,12 +236,12 @@ fn run_config(
                 held,
                 ..
             } => {
-                ops += o;
-                rate += o as f64 / (elapsed_ns.max(1) as f64 / 1e9);
+                done.ops += o;
+                done.rate += o as f64 / (elapsed_ns.max(1) as f64 / 1e9);
                 for (v, c) in alloc_ns {
-                    hist.record_n(v, c);
+                    done.hist.record_n(v, c);
                 }
-                records.extend(held.into_iter().map(|b| Record {
+                done.records.extend(held.into_iter().map(|b| Record {
                     block: b,
                     offset: 0,
                     len: 4096,
@@ -222,31 +250,77 @@ fn run_config(
             e => bail!("unexpected {e:?}"),
         }
     }
-    // Audit while every worker is up and idle (quiescent).
-    let at = Attached::open(dir).context("attaching the node for the audit")?;
-    let mut recovered_at_restart = None;
-    let mut returned_block = None;
-    if let Some((id, b)) = in_flight {
-        let rec = ProcSeg::attach(&proc_path(dir, id))?;
-        let n = rec.recovered().load(Ordering::Acquire);
-        let last = BlockRef::unpack(rec.last_recovered().load(Ordering::Acquire));
-        if n != 1 || last != Some(b) {
-            bail!(
-                "process {id} was killed with block {b} in flight, but recovery returned {n} block(s), the last {last:?}"
-            );
-        }
-        recovered_at_restart = Some(n);
-        let state = at
-            .device(b.dev)
-            .map(|d| format!("{:?}", d.load_state(b.block)));
-        returned_block = Some(format!(
+    Ok(done)
+}
+
+/// Checks that the restarted victim's recovery returned exactly its in-flight block `b`;
+/// the count and the block with its state after the run.
+fn check_recovery(
+    at: &Attached,
+    dir: &Path,
+    id: u16,
+    b: BlockRef,
+) -> anyhow::Result<(u64, String)> {
+    let rec = ProcSeg::attach(&proc_path(dir, id))?;
+    let n = rec.recovered().load(Ordering::Acquire);
+    let last = BlockRef::unpack(rec.last_recovered().load(Ordering::Acquire));
+    if n != 1 || last != Some(b) {
+        bail!(
+            "process {id} was killed with block {b} in flight, but recovery returned {n} block(s), the last {last:?}"
+        );
+    }
+    let state = at
+        .device(b.dev)
+        .map(|d| format!("{:?}", d.load_state(b.block)));
+    Ok((
+        n,
+        format!(
             "{b} (after the run: {})",
             state.unwrap_or_else(|e| e.to_string())
-        ));
-    }
-    let rep = audit(&at, &records)?;
+        ),
+    ))
+}
+
+fn run_config(env: &Env<'_>, run: RunSpec) -> anyhow::Result<Outcome> {
+    let dir = env.dir;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _cleanup = NodeDir(dir.to_path_buf());
+    let spec = WorkerSpec {
+        exe: env.exe.to_path_buf(),
+        node: NodeArgs {
+            dir: dir.to_path_buf(),
+            proc_id: 0,
+            internal_port: free_port()?,
+            strategy: run.strategy,
+            block_size: env.block_size,
+            // By path: the leader resolves each to the region `regions` computed.
+            devices: env
+                .devices
+                .iter()
+                .map(|r| DeviceSpec::path(&r.path))
+                .collect(),
+            unfilled_capacity: 256,
+        },
+        seconds: run.seconds,
+        with_io: run.with_io,
+        hold: 4,
+    };
+    let (mut workers, leader) = start_workers(&spec, run.procs)?;
+    let in_flight = go_and_crash(&spec, &run, &mut workers, leader)?;
+    let done = collect_done(&mut workers, run.seconds)?;
+    // Audit while every worker is up and idle (quiescent).
+    let at = Attached::open(dir).context("attaching the node for the audit")?;
+    let recovered = match in_flight {
+        Some((id, b)) => Some(check_recovery(&at, dir, id, b)?),
+        None => None,
+    };
+    let rep = audit(&at, &done.records)?;
     if !rep.problems.is_empty() {
-        eprintln!("audit of {strategy} x{procs}: {:?}", rep.problems);
+        eprintln!(
+            "audit of {} x{}: {:?}",
+            run.strategy, run.procs, rep.problems
+        );
     }
     // Followers first, then the current leader (which serves them until the end; after a
     // leader crash it is whichever follower took over).
@@ -255,28 +329,22 @@ fn run_config(
     for w in workers {
         w.finish()?;
     }
-    let name = match crash {
-        Crash::None => strategy.name().to_string(),
-        Crash::Follower => format!("{}-crash-follower", strategy.name()),
-        Crash::Leader => format!("{}-crash-leader", strategy.name()),
-    };
-    let pct = hist.percentiles();
+    let pct = done.hist.percentiles();
     Ok(Outcome {
         row: Row {
-            strategy: name,
-            processes: procs as u32,
-            with_io,
+            strategy: run.name(),
+            processes: run.procs as u32,
+            with_io: run.with_io,
             repetition: 0,
-            ops,
-            // Sum of each process's own rate (each ran the same wall time).
-            ops_per_s: rate,
+            ops: done.ops,
+            ops_per_s: done.rate,
             alloc_p50_ns: pct.p50,
             alloc_p99_ns: pct.p99,
             leaked_blocks: rep.leaked_blocks,
             double_allocated: rep.double_allocated,
         },
-        recovered_at_restart,
-        returned_block,
+        recovered_at_restart: recovered.as_ref().map(|r| r.0),
+        returned_block: recovered.map(|r| r.1),
     })
 }
 
@@ -334,6 +402,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         vec![Crash::Follower, Crash::Leader]
     };
+    let env = Env {
+        exe: &exe,
+        dir: &dir,
+        block_size: args.block_size,
+        devices: &devices,
+    };
     let total = reps as u64
         * (args.processes.len() as u64 * 2 * args.strategies.len() as u64
             + crash_runs.len() as u64);
@@ -344,18 +418,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             for with_io in [false, true] {
                 for &s in &args.strategies {
                     prog.step(&format!("rep {rep} {s} x{procs} io={with_io}"));
-                    let mut out = run_config(
-                        &exe,
-                        &dir,
-                        s,
+                    let run = RunSpec {
+                        strategy: s,
                         procs,
                         with_io,
                         seconds,
-                        args.block_size,
-                        &devices,
-                        Crash::None,
-                    )
-                    .with_context(|| format!("{s} with {procs} processes, io={with_io}"))?;
+                        crash: Crash::None,
+                    };
+                    let mut out = run_config(&env, run)
+                        .with_context(|| format!("{s} with {procs} processes, io={with_io}"))?;
                     out.row.repetition = rep;
                     csv.write(&out.row)?;
                 }
@@ -363,18 +434,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         for &crash in &crash_runs {
             prog.step(&format!("rep {rep} crash {crash:?}"));
-            let mut out = run_config(
-                &exe,
-                &dir,
-                Strategy::Shm,
-                4,
-                true,
-                seconds.max(0.5),
-                args.block_size,
-                &devices,
+            let run = RunSpec {
+                strategy: Strategy::Shm,
+                procs: 4,
+                with_io: true,
+                seconds: seconds.max(0.5),
                 crash,
-            )
-            .with_context(|| format!("crash run ({crash:?})"))?;
+            };
+            let mut out =
+                run_config(&env, run).with_context(|| format!("crash run ({crash:?})"))?;
             out.row.repetition = rep;
             recovered.push(serde_json::json!({
                 "repetition": rep,

@@ -21,9 +21,13 @@ use anyhow::{bail, Context};
 use blocklab::daemon::{self, MkfsRequest};
 use blocklab::dev::{Device, UringEngine};
 use blocklab::repl::kv::{put_payload, slots_for};
-use blocklab::repl::replica::{self, Hooks, PolicySpec, Regions, ReplicaOptions, ReplicaReport};
+use blocklab::repl::replica::{
+    self, Hooks, PolicySpec, Regions, ReplicaHandle, ReplicaOptions, ReplicaReport,
+};
 use blocklab::repl::{Entry, NodeId, Stats};
 use clap::{Parser, ValueEnum};
+use harness::args::{or_default, parse_bytes, parse_ms, parse_ms_f64, parse_secs_f64, parse_us};
+use harness::cli::repl::parse_policy;
 use harness::progress::Progress;
 use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, LatencyHist, RunMeta};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -79,7 +83,7 @@ struct Args {
     common: CommonArgs,
     /// Policies to compare: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms
     /// (default: all, with H ∈ {50, 200} ms and d ∈ {1, 10} ms).
-    #[arg(long, value_delimiter = ',', value_parser = PolicySpec::parse)]
+    #[arg(long, value_delimiter = ',', value_parser = parse_policy)]
     policies: Vec<PolicySpec>,
     /// Workloads (default: all four).
     #[arg(long, value_delimiter = ',', value_enum)]
@@ -89,13 +93,13 @@ struct Args {
     replicas: Vec<usize>,
     /// Injected round-trip times in ms, applied as RTT/2 one-way on every frame
     /// (default quick: 0,1; full: 0,1,10).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_parser = parse_ms_f64, value_delimiter = ',')]
     rtt_ms: Vec<f64>,
     /// Poisson arrival rates per second (default quick: 200; full: 50,200,1000).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
     /// Idle gap G of single and bursty, in ms (default quick: 300; full: 1000).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_ms)]
     gap_ms: Option<u64>,
     /// Writes per burst in bursty.
     #[arg(long, default_value_t = 10)]
@@ -108,7 +112,7 @@ struct Args {
     #[arg(long)]
     bursts: Option<u64>,
     /// Seconds of Poisson arrivals per run (default quick: 0.6; full: 10).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_secs_f64)]
     poisson_secs: Option<f64>,
     /// Measured writes per run of closed (default quick: 1000; full: 20000).
     #[arg(long)]
@@ -117,10 +121,10 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     depth: usize,
     /// Bytes of value per write (key is 8 more).
-    #[arg(long, default_value_t = 56)]
-    value_bytes: usize,
+    #[arg(long, value_parser = parse_bytes, default_value_t = 56)]
+    value_bytes: u64,
     /// Protocol tick in microseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = parse_us, default_value_t = 100)]
     tick_us: u64,
     /// Group commit: each replica appends everything pending with one flush. Off by
     /// default: every entry is then flushed on its own, so `log_flushes` counts exactly the
@@ -306,6 +310,91 @@ impl Primary {
     }
 }
 
+impl Primary {
+    fn new(args: &Args, spec: &RunSpec, plan: &Plan, rec: Arc<Mutex<Rec>>) -> Primary {
+        let sizes = plan.sizes;
+        let (total, duration) = match spec.workload {
+            Workload::Single => (sizes.single_writes, Duration::ZERO),
+            Workload::Bursty => (sizes.bursts * args.burst as u64, Duration::ZERO),
+            Workload::Poisson => (u64::MAX, Duration::from_secs_f64(sizes.poisson_secs)),
+            Workload::Closed => (sizes.closed_writes, Duration::ZERO),
+        };
+        Primary {
+            rec,
+            kind: spec.workload,
+            gap: plan.gap,
+            burst: args.burst.max(1),
+            rate: spec.rate,
+            depth: args.depth.max(1),
+            total,
+            duration,
+            value: vec![0x5a; args.value_bytes as usize],
+            rng: StdRng::seed_from_u64(spec.repetition as u64 * 7919 + 1),
+            peers: (spec.replicas - 1) as u64,
+            connected: 0,
+            t0: None,
+            issued: 0,
+            next_arrival: None,
+            queue: Default::default(),
+            committed: 0,
+            carrier_proposed: false,
+        }
+    }
+    fn issue(&mut self, at: Instant, out: &mut Vec<Vec<u8>>) {
+        self.issued += 1;
+        out.push(self.payload(self.issued));
+        self.queue.push_back(at);
+    }
+    /// Closed loop: keeps `depth` writes outstanding from `t0` on.
+    fn issue_closed(&mut self, now: Instant, t0: Instant, out: &mut Vec<Vec<u8>>) {
+        if now < t0 {
+            return;
+        }
+        while self.issued < self.total
+            && self.issued - self.committed.min(self.issued) < self.depth as u64
+        {
+            self.issue(now, out);
+        }
+    }
+    /// Single, bursty and Poisson: every arrival due by `now`, then schedules the next.
+    fn issue_scheduled(&mut self, now: Instant, t0: Instant, out: &mut Vec<Vec<u8>>) {
+        while let Some(at) = self.next_arrival {
+            if at > now {
+                break;
+            }
+            let n = if self.kind == Workload::Bursty {
+                self.burst as u64
+            } else {
+                1
+            };
+            for _ in 0..n {
+                self.issue(at, out);
+            }
+            self.next_arrival = match self.kind {
+                Workload::Poisson => {
+                    let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
+                    let next = at + Duration::from_secs_f64(-u.ln() / self.rate);
+                    (next < t0 + self.duration).then_some(next)
+                }
+                _ => (self.issued < self.total).then_some(at + self.gap),
+            };
+        }
+    }
+    /// Once every measured write committed and a gap passed: the unmeasured carrier
+    /// write. Returns when to poll again.
+    fn propose_carrier(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) -> Option<Instant> {
+        let last = self.rec.lock().expect("lock").last_arrival;
+        let carrier_at = last.map(|t| t + self.gap).unwrap_or(now);
+        if self.committed >= self.issued && now >= carrier_at {
+            self.carrier_proposed = true;
+            out.push(self.payload(self.issued + 1));
+            self.queue.push_back(now);
+            return None;
+        }
+        Some(carrier_at.max(now + Duration::from_millis(1)))
+    }
+}
+
 impl Hooks for Primary {
     fn poll(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) -> Option<Instant> {
         if self.connected < self.peers {
@@ -317,58 +406,15 @@ impl Hooks for Primary {
         }
         if !self.finished_issuing() {
             match self.kind {
-                Workload::Closed => {
-                    if now >= t0 {
-                        while self.issued < self.total
-                            && self.issued - self.committed.min(self.issued) < self.depth as u64
-                        {
-                            self.issued += 1;
-                            out.push(self.payload(self.issued));
-                            self.queue.push_back(now);
-                        }
-                    }
-                }
-                _ => {
-                    while let Some(at) = self.next_arrival {
-                        if at > now {
-                            break;
-                        }
-                        let n = if self.kind == Workload::Bursty {
-                            self.burst as u64
-                        } else {
-                            1
-                        };
-                        for _ in 0..n {
-                            self.issued += 1;
-                            out.push(self.payload(self.issued));
-                            self.queue.push_back(at);
-                        }
-                        self.next_arrival = match self.kind {
-                            Workload::Poisson => {
-                                let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
-                                let next = at + Duration::from_secs_f64(-u.ln() / self.rate);
-                                (next < t0 + self.duration).then_some(next)
-                            }
-                            _ => (self.issued < self.total).then_some(at + self.gap),
-                        };
-                    }
-                }
+                Workload::Closed => self.issue_closed(now, t0, out),
+                _ => self.issue_scheduled(now, t0, out),
             }
             if self.finished_issuing() {
-                let mut r = self.rec.lock().expect("lock");
-                r.measured = Some(self.issued);
+                self.rec.lock().expect("lock").measured = Some(self.issued);
             }
         }
         if self.finished_issuing() && !self.carrier_proposed {
-            let last = self.rec.lock().expect("lock").last_arrival;
-            let carrier_at = last.map(|t| t + self.gap).unwrap_or(now);
-            if self.committed >= self.issued && now >= carrier_at {
-                self.carrier_proposed = true;
-                out.push(self.payload(self.issued + 1));
-                self.queue.push_back(now);
-                return None;
-            }
-            return Some(carrier_at.max(now + Duration::from_millis(1)));
+            return self.propose_carrier(now, out);
         }
         if self.carrier_proposed {
             return None;
@@ -419,231 +465,45 @@ struct RunSpec {
     repetition: u32,
 }
 
-fn run_one(
-    args: &Args,
-    set: &DeviceSet,
-    spec: &RunSpec,
-    gap: Duration,
-    sizes: (u64, u64, f64, u64),
-) -> anyhow::Result<(Row, Vec<Sample>)> {
-    let (single_writes, bursts, poisson_secs, closed_writes) = sizes;
-    let n = spec.replicas;
-    let members: Vec<u32> = (0..n as u32).collect();
-    let delay = Duration::from_secs_f64(spec.rtt_ms / 2.0 / 1000.0);
-    let tick = Duration::from_micros(args.tick_us.max(1));
-    let rec = Arc::new(Mutex::new(Rec {
-        learned: vec![Vec::new(); n - 1],
-        applied: vec![Vec::new(); n - 1],
-        flush_starts: vec![Vec::new(); n],
-        persisted_at: vec![Vec::new(); n],
-        ..Rec::default()
-    }));
-    let opts =
-        |id: u32, peers: Vec<(u32, std::net::SocketAddr)>| -> anyhow::Result<ReplicaOptions> {
-            let path = &set.paths()[id as usize];
-            let (regions, formatted) = Regions::detect(path, LOG_LEN, DATA_LEN)?;
-            if !formatted {
-                bail!("{} is not a formatted daemon device", path.display());
-            }
-            Ok(ReplicaOptions {
-                id,
-                members: members.clone(),
-                primary: 0,
-                peers,
-                listener: std::net::TcpListener::bind("127.0.0.1:0").context("binding a port")?,
-                device: set.paths()[id as usize].clone(),
-                regions,
-                policy: spec.policy,
-                tick,
-                retransmit: Duration::from_millis(1000),
-                delay,
-                fresh: true,
-                force: true,
-                group_commit: args.group_commit,
-            })
-        };
-    let mut secondaries = Vec::new();
-    let mut peers = Vec::new();
-    for id in 1..n as u32 {
-        let h = replica::spawn(
-            opts(id, Vec::new())?,
-            Box::new(Secondary {
-                slot: id as usize - 1,
-                rec: rec.clone(),
-                learned: 0,
-            }),
+impl std::fmt::Display for RunSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} / {} / {} replicas / rtt {} ms / repetition {}",
+            self.policy,
+            self.workload.name(),
+            self.replicas,
+            self.rtt_ms,
+            self.repetition
         )
-        .with_context(|| format!("starting secondary {id}"))?;
-        peers.push((id, h.addr()));
-        secondaries.push(h);
     }
-    let (total, duration) = match spec.workload {
-        Workload::Single => (single_writes, Duration::ZERO),
-        Workload::Bursty => (bursts * args.burst as u64, Duration::ZERO),
-        Workload::Poisson => (u64::MAX, Duration::from_secs_f64(poisson_secs)),
-        Workload::Closed => (closed_writes, Duration::ZERO),
-    };
-    let hook = Primary {
-        rec: rec.clone(),
-        kind: spec.workload,
-        gap,
-        burst: args.burst.max(1),
-        rate: spec.rate,
-        depth: args.depth.max(1),
-        total,
-        duration,
-        value: vec![0x5a; args.value_bytes],
-        rng: StdRng::seed_from_u64(spec.repetition as u64 * 7919 + 1),
-        peers: (n - 1) as u64,
-        connected: 0,
-        t0: None,
-        issued: 0,
-        next_arrival: None,
-        queue: Default::default(),
-        committed: 0,
-        carrier_proposed: false,
-    };
-    let primary =
-        replica::spawn(opts(0, peers)?, Box::new(hook)).context("starting the primary")?;
-    // Wait until every secondary applied the carrier (everything measured is then applied).
-    let expected = match spec.workload {
-        Workload::Single => gap * (single_writes as u32 + 1),
-        Workload::Bursty => gap * (bursts as u32 + 1),
-        Workload::Poisson => Duration::from_secs_f64(poisson_secs) + gap,
-        Workload::Closed => gap,
-    };
-    let deadline = Instant::now() + expected + Duration::from_secs(120);
-    loop {
-        {
-            let r = rec.lock().expect("lock");
-            // The carrier's own commit may never reach the secondaries (piggyback); it
-            // carries the commit of every measured write.
-            if let (Some(_), Some(m)) = (r.carrier, r.measured) {
-                if r.applied
-                    .iter()
-                    .all(|a| a.get(m as usize).is_some_and(|t| t.is_some()))
-                    && r.empties_at_carrier.is_some()
-                    && r.all_durable(m)
-                {
-                    break;
-                }
-            }
-        }
-        if primary.is_finished() || secondaries.iter().any(|s| s.is_finished()) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "run did not finish within {:?}",
-                expected + Duration::from_secs(120)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let preport: ReplicaReport = primary.stop().context("primary")?;
-    for (i, s) in secondaries.into_iter().enumerate() {
-        s.stop().with_context(|| format!("secondary {}", i + 1))?;
-    }
-    let r = rec.lock().expect("lock");
-    let measured = r.measured.context("workload never finished")?;
-    let mut apply = LatencyHist::new();
-    let mut learn = LatencyHist::new();
-    let mut write = LatencyHist::new();
-    let mut samples = Vec::new();
-    // Signed µs from the commit `c` to `t`.
-    let rel = |t: Instant, c: Instant| -> i64 {
-        if t >= c {
-            (t - c).as_micros() as i64
-        } else {
-            -((c - t).as_micros() as i64)
-        }
-    };
-    let persisted = |replica: usize, i: usize| -> anyhow::Result<Instant> {
-        r.persisted_at[replica]
-            .get(i)
-            .copied()
-            .flatten()
-            .with_context(|| format!("replica {replica} never reported write {i} durable"))
-    };
-    for i in 1..=measured as usize {
-        let c = r.commit[i].context("measured write never committed")?;
-        let arrival = r.arrival[i].context("no arrival")?;
-        write.record_us(c.saturating_duration_since(arrival));
-        for s in 0..r.learned.len() {
-            let a = r.applied[s][i].context("measured write never applied")?;
-            apply.record_us(a.saturating_duration_since(c));
-            let l = r.learned[s][i].context("commit never learned")?;
-            learn.record_us(l.saturating_duration_since(c));
-            if args.samples {
-                let mut other = None;
-                for o in (0..r.learned.len()).filter(|&o| o != s) {
-                    other = other.max(Some(rel(persisted(o + 1, i)?, c)));
-                }
-                samples.push(Sample {
-                    policy: spec.policy.name(),
-                    param_ms: spec.policy.param_ms(),
-                    workload: spec.workload.name(),
-                    replicas: n,
-                    rtt_ms: spec.rtt_ms,
-                    repetition: spec.repetition,
-                    index: i as u64,
-                    secondary: s + 1,
-                    arrival_us: rel(arrival, c),
-                    primary_persisted_us: rel(persisted(0, i)?, c),
-                    persisted_us: rel(persisted(s + 1, i)?, c),
-                    other_persisted_max_us: other,
-                    learned_us: rel(l, c),
-                    applied_us: rel(a, c),
-                });
-            }
-        }
-    }
-    let extra = r.empties_at_carrier.unwrap_or(preport.stats.empty_appends);
-    let active = match (r.first_arrival, r.last_arrival) {
-        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
-        _ => 0.0,
-    };
-    let rate = match spec.workload {
-        Workload::Poisson => spec.rate,
-        Workload::Closed => {
-            let end = r.commit[measured as usize].expect("checked");
-            measured as f64 / (end - r.first_arrival.expect("set")).as_secs_f64()
-        }
-        _ if active > 0.0 => measured as f64 / (active + gap.as_secs_f64()),
-        _ => 0.0,
-    };
-    let a = apply.percentiles();
-    let w = write.percentiles();
-    let row = Row {
-        policy: spec.policy.name(),
-        param_ms: spec.policy.param_ms(),
-        workload: spec.workload.name(),
-        rate_per_s: (rate * 100.0).round() / 100.0,
-        replicas: n,
-        rtt_ms: spec.rtt_ms,
-        repetition: spec.repetition,
-        writes: measured,
-        apply_lag_p50_us: a.p50,
-        apply_lag_p99_us: a.p99,
-        apply_lag_max_us: a.max,
-        commit_lag_p99_us: learn.percentiles().p99,
-        extra_messages: extra,
-        extra_messages_per_write: (extra as f64 / measured as f64 * 10_000.0).round() / 10_000.0,
-        log_flushes: r.measured_flushes(measured),
-        write_p50_us: w.p50,
-        write_p99_us: w.p99,
-    };
-    Ok((row, samples))
 }
 
-fn main() -> std::process::ExitCode {
-    harness::exit_on_error("exp-commit", run(Args::parse()))
+/// Run lengths per workload.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    single_writes: u64,
+    bursts: u64,
+    poisson_secs: f64,
+    closed_writes: u64,
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let c = &args.common;
-    let policies = if args.policies.is_empty() {
-        [
+/// What the whole run sweeps, from the flags and the profile.
+struct Plan {
+    policies: Vec<PolicySpec>,
+    workloads: Vec<Workload>,
+    replicas: Vec<usize>,
+    rtts: Vec<f64>,
+    rates: Vec<f64>,
+    gap: Duration,
+    sizes: Sizes,
+    reps: u32,
+}
+
+impl Plan {
+    fn new(args: &Args) -> anyhow::Result<Plan> {
+        let c = &args.common;
+        let default_policies = [
             "piggyback",
             "periodic:50",
             "periodic:200",
@@ -653,57 +513,367 @@ fn run(args: Args) -> anyhow::Result<()> {
             "idle_delayed:10",
         ]
         .iter()
-        .map(|s| PolicySpec::parse(s).expect("valid"))
-        .collect()
-    } else {
-        args.policies.clone()
-    };
-    let workloads = if args.workloads.is_empty() {
-        vec![
+        .map(|s| parse_policy(s).expect("valid"))
+        .collect();
+        let all_workloads = vec![
             Workload::Single,
             Workload::Bursty,
             Workload::Poisson,
             Workload::Closed,
-        ]
-    } else {
-        args.workloads.clone()
-    };
-    let replicas = if args.replicas.is_empty() {
-        c.pick(vec![3], vec![3, 5])
-    } else {
-        args.replicas.clone()
-    };
-    if let Some(&r) = replicas.iter().find(|&&r| r < 2) {
-        bail!("--replicas {r}: a cluster needs a primary and at least one secondary");
+        ];
+        let plan = Plan {
+            policies: or_default(&args.policies, default_policies),
+            workloads: or_default(&args.workloads, all_workloads),
+            replicas: or_default(&args.replicas, c.pick(vec![3], vec![3, 5])),
+            rtts: or_default(&args.rtt_ms, c.pick(vec![0.0, 1.0], vec![0.0, 1.0, 10.0])),
+            rates: or_default(&args.rates, c.pick(vec![200.0], vec![50.0, 200.0, 1000.0])),
+            gap: Duration::from_millis(args.gap_ms.unwrap_or(c.pick(300, 1000))),
+            sizes: Sizes {
+                single_writes: args.single_writes.unwrap_or(c.pick(100, 100)),
+                bursts: args.bursts.unwrap_or(c.pick(15, 20)),
+                poisson_secs: args.poisson_secs.unwrap_or(c.pick(0.6, 10.0)),
+                closed_writes: args.closed_writes.unwrap_or(c.pick(1000, 20000)),
+            },
+            reps: c.repetitions_or(3, 3),
+        };
+        plan.check()?;
+        Ok(plan)
     }
-    let rtts = if args.rtt_ms.is_empty() {
-        c.pick(vec![0.0, 1.0], vec![0.0, 1.0, 10.0])
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(&r) = self.replicas.iter().find(|&&r| r < 2) {
+            bail!("--replicas {r}: a cluster needs a primary and at least one secondary");
+        }
+        if self.rtts.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
+            bail!("--rtt-ms values must be ≥ 0");
+        }
+        if self.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+            bail!("--rates values must be > 0");
+        }
+        let s = &self.sizes;
+        if s.single_writes == 0 || s.bursts == 0 || s.closed_writes == 0 || s.poisson_secs <= 0.0 {
+            bail!("--single-writes, --bursts, --poisson-secs and --closed-writes must be > 0");
+        }
+        Ok(())
+    }
+    /// Every run in order: repetitions outermost, policies innermost (alternating, so a
+    /// noisy moment hits all alike).
+    fn specs(&self) -> Vec<RunSpec> {
+        let mut specs = Vec::new();
+        for repetition in 0..self.reps {
+            for &workload in &self.workloads {
+                let rates = if workload == Workload::Poisson {
+                    self.rates.clone()
+                } else {
+                    vec![0.0]
+                };
+                for &rate in &rates {
+                    for &replicas in &self.replicas {
+                        for &rtt_ms in &self.rtts {
+                            for &policy in &self.policies {
+                                specs.push(RunSpec {
+                                    policy,
+                                    workload,
+                                    rate,
+                                    replicas,
+                                    rtt_ms,
+                                    repetition,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        specs
+    }
+    /// How long a run's workload is expected to last.
+    fn expected(&self, workload: Workload) -> Duration {
+        let (gap, s) = (self.gap, self.sizes);
+        match workload {
+            Workload::Single => gap * (s.single_writes as u32 + 1),
+            Workload::Bursty => gap * (s.bursts as u32 + 1),
+            Workload::Poisson => Duration::from_secs_f64(s.poisson_secs) + gap,
+            Workload::Closed => gap,
+        }
+    }
+}
+
+impl Rec {
+    fn new(replicas: usize) -> Rec {
+        Rec {
+            learned: vec![Vec::new(); replicas - 1],
+            applied: vec![Vec::new(); replicas - 1],
+            flush_starts: vec![Vec::new(); replicas],
+            persisted_at: vec![Vec::new(); replicas],
+            ..Rec::default()
+        }
+    }
+    /// Whether the run is over: every secondary applied the last measured write (the
+    /// carrier's own commit may never reach them, with piggyback: it carries the commit
+    /// of every measured write) and every replica has it durable.
+    fn finished(&self) -> bool {
+        let (Some(_), Some(m)) = (self.carrier, self.measured) else {
+            return false;
+        };
+        self.applied
+            .iter()
+            .all(|a| a.get(m as usize).is_some_and(|t| t.is_some()))
+            && self.empties_at_carrier.is_some()
+            && self.all_durable(m)
+    }
+}
+
+/// Replica `id` of one run: device `id` of the set, the run's policy, tick and delay.
+fn replica_options(
+    args: &Args,
+    set: &DeviceSet,
+    spec: &RunSpec,
+    id: u32,
+    peers: Vec<(u32, std::net::SocketAddr)>,
+) -> anyhow::Result<ReplicaOptions> {
+    let path = &set.paths()[id as usize];
+    let (regions, formatted) = Regions::detect(path, LOG_LEN, DATA_LEN)?;
+    if !formatted {
+        bail!("{} is not a formatted daemon device", path.display());
+    }
+    Ok(ReplicaOptions {
+        id,
+        members: (0..spec.replicas as u32).collect(),
+        primary: 0,
+        peers,
+        listener: std::net::TcpListener::bind("127.0.0.1:0").context("binding a port")?,
+        device: path.clone(),
+        regions,
+        policy: spec.policy,
+        tick: Duration::from_micros(args.tick_us.max(1)),
+        retransmit: Duration::from_millis(1000),
+        delay: Duration::from_secs_f64(spec.rtt_ms / 2.0 / 1000.0),
+        fresh: true,
+        force: true,
+        group_commit: args.group_commit,
+    })
+}
+
+/// The replicas of one run.
+struct Cluster {
+    primary: ReplicaHandle,
+    secondaries: Vec<ReplicaHandle>,
+}
+
+impl Cluster {
+    /// Starts the secondaries, then the primary, which runs the workload.
+    fn start(
+        args: &Args,
+        set: &DeviceSet,
+        spec: &RunSpec,
+        plan: &Plan,
+        rec: &Arc<Mutex<Rec>>,
+    ) -> anyhow::Result<Cluster> {
+        let mut secondaries = Vec::new();
+        let mut peers = Vec::new();
+        for id in 1..spec.replicas as u32 {
+            let hooks = Secondary {
+                slot: id as usize - 1,
+                rec: rec.clone(),
+                learned: 0,
+            };
+            let h = replica::spawn(
+                replica_options(args, set, spec, id, Vec::new())?,
+                Box::new(hooks),
+            )
+            .with_context(|| format!("starting secondary {id}"))?;
+            peers.push((id, h.addr()));
+            secondaries.push(h);
+        }
+        let hook = Primary::new(args, spec, plan, rec.clone());
+        let primary = replica::spawn(replica_options(args, set, spec, 0, peers)?, Box::new(hook))
+            .context("starting the primary")?;
+        Ok(Cluster {
+            primary,
+            secondaries,
+        })
+    }
+    /// Waits until every secondary applied the carrier (everything measured is then
+    /// applied), a replica stopped, or `expected` plus two minutes passed.
+    fn await_end(&self, rec: &Mutex<Rec>, expected: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + expected + Duration::from_secs(120);
+        loop {
+            if rec.lock().expect("lock").finished() {
+                return Ok(());
+            }
+            if self.primary.is_finished() || self.secondaries.iter().any(|s| s.is_finished()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "run did not finish within {:?}",
+                    expected + Duration::from_secs(120)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    /// Stops every replica; the primary's report.
+    fn stop(self) -> anyhow::Result<ReplicaReport> {
+        let report = self.primary.stop().context("primary")?;
+        for (i, s) in self.secondaries.into_iter().enumerate() {
+            s.stop().with_context(|| format!("secondary {}", i + 1))?;
+        }
+        Ok(report)
+    }
+}
+
+fn run_one(
+    args: &Args,
+    set: &DeviceSet,
+    spec: &RunSpec,
+    plan: &Plan,
+) -> anyhow::Result<(Row, Vec<Sample>)> {
+    let rec = Arc::new(Mutex::new(Rec::new(spec.replicas)));
+    let cluster = Cluster::start(args, set, spec, plan, &rec)?;
+    cluster.await_end(&rec, plan.expected(spec.workload))?;
+    let report = cluster.stop()?;
+    let r = rec.lock().expect("lock");
+    measure(&r, spec, plan.gap, &report, args.samples)
+}
+
+/// Signed µs from the commit `c` to `t`.
+fn rel(t: Instant, c: Instant) -> i64 {
+    if t >= c {
+        (t - c).as_micros() as i64
     } else {
-        args.rtt_ms.clone()
+        -((c - t).as_micros() as i64)
+    }
+}
+
+/// The latencies of one run's measured writes.
+#[derive(Default)]
+struct Latencies {
+    /// From commit to each secondary's apply.
+    apply: LatencyHist,
+    /// From commit to each secondary learning it.
+    learn: LatencyHist,
+    /// From arrival to commit.
+    write: LatencyHist,
+    samples: Vec<Sample>,
+}
+
+impl Rec {
+    /// When `replica` (0 = primary) reported write `i` durable.
+    fn persisted_of(&self, replica: usize, i: usize) -> anyhow::Result<Instant> {
+        self.persisted_at[replica]
+            .get(i)
+            .copied()
+            .flatten()
+            .with_context(|| format!("replica {replica} never reported write {i} durable"))
+    }
+    /// Write `i` as secondary `s` saw it, relative to its commit `c`.
+    fn sample(&self, spec: &RunSpec, i: usize, s: usize, c: Instant) -> anyhow::Result<Sample> {
+        let mut other = None;
+        for o in (0..self.learned.len()).filter(|&o| o != s) {
+            other = other.max(Some(rel(self.persisted_of(o + 1, i)?, c)));
+        }
+        let arrival = self.arrival[i].context("no arrival")?;
+        let a = self.applied[s][i].context("measured write never applied")?;
+        let l = self.learned[s][i].context("commit never learned")?;
+        Ok(Sample {
+            policy: spec.policy.name(),
+            param_ms: spec.policy.param_ms(),
+            workload: spec.workload.name(),
+            replicas: spec.replicas,
+            rtt_ms: spec.rtt_ms,
+            repetition: spec.repetition,
+            index: i as u64,
+            secondary: s + 1,
+            arrival_us: rel(arrival, c),
+            primary_persisted_us: rel(self.persisted_of(0, i)?, c),
+            persisted_us: rel(self.persisted_of(s + 1, i)?, c),
+            other_persisted_max_us: other,
+            learned_us: rel(l, c),
+            applied_us: rel(a, c),
+        })
+    }
+    /// The latencies of writes 1..=measured (and their samples, with `samples`).
+    fn latencies(&self, spec: &RunSpec, measured: u64, samples: bool) -> anyhow::Result<Latencies> {
+        let mut out = Latencies::default();
+        for i in 1..=measured as usize {
+            let c = self.commit[i].context("measured write never committed")?;
+            let arrival = self.arrival[i].context("no arrival")?;
+            out.write.record_us(c.saturating_duration_since(arrival));
+            for s in 0..self.learned.len() {
+                let a = self.applied[s][i].context("measured write never applied")?;
+                out.apply.record_us(a.saturating_duration_since(c));
+                let l = self.learned[s][i].context("commit never learned")?;
+                out.learn.record_us(l.saturating_duration_since(c));
+                if samples {
+                    out.samples.push(self.sample(spec, i, s, c)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+    /// The achieved arrival rate of writes 1..=measured.
+    fn rate(&self, spec: &RunSpec, measured: u64, gap: Duration) -> f64 {
+        let active = match (self.first_arrival, self.last_arrival) {
+            (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+            _ => 0.0,
+        };
+        match spec.workload {
+            Workload::Poisson => spec.rate,
+            Workload::Closed => {
+                let end = self.commit[measured as usize].expect("checked");
+                measured as f64 / (end - self.first_arrival.expect("set")).as_secs_f64()
+            }
+            _ if active > 0.0 => measured as f64 / (active + gap.as_secs_f64()),
+            _ => 0.0,
+        }
+    }
+}
+
+/// The row (and samples) of one finished run.
+fn measure(
+    r: &Rec,
+    spec: &RunSpec,
+    gap: Duration,
+    report: &ReplicaReport,
+    samples: bool,
+) -> anyhow::Result<(Row, Vec<Sample>)> {
+    let measured = r.measured.context("workload never finished")?;
+    let lat = r.latencies(spec, measured, samples)?;
+    let extra = r.empties_at_carrier.unwrap_or(report.stats.empty_appends);
+    let rate = r.rate(spec, measured, gap);
+    let a = lat.apply.percentiles();
+    let w = lat.write.percentiles();
+    let row = Row {
+        policy: spec.policy.name(),
+        param_ms: spec.policy.param_ms(),
+        workload: spec.workload.name(),
+        rate_per_s: (rate * 100.0).round() / 100.0,
+        replicas: spec.replicas,
+        rtt_ms: spec.rtt_ms,
+        repetition: spec.repetition,
+        writes: measured,
+        apply_lag_p50_us: a.p50,
+        apply_lag_p99_us: a.p99,
+        apply_lag_max_us: a.max,
+        commit_lag_p99_us: lat.learn.percentiles().p99,
+        extra_messages: extra,
+        extra_messages_per_write: (extra as f64 / measured as f64 * 10_000.0).round() / 10_000.0,
+        log_flushes: r.measured_flushes(measured),
+        write_p50_us: w.p50,
+        write_p99_us: w.p99,
     };
-    if rtts.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
-        bail!("--rtt-ms values must be ≥ 0");
-    }
-    let rates = if args.rates.is_empty() {
-        c.pick(vec![200.0], vec![50.0, 200.0, 1000.0])
-    } else {
-        args.rates.clone()
-    };
-    if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
-        bail!("--rates values must be > 0");
-    }
-    let gap = Duration::from_millis(args.gap_ms.unwrap_or(c.pick(300, 1000)));
-    let sizes = (
-        args.single_writes.unwrap_or(c.pick(100, 100)),
-        args.bursts.unwrap_or(c.pick(15, 20)),
-        args.poisson_secs.unwrap_or(c.pick(0.6, 10.0)),
-        args.closed_writes.unwrap_or(c.pick(1000, 20000)),
-    );
-    if sizes.0 == 0 || sizes.1 == 0 || sizes.3 == 0 || sizes.2 <= 0.0 {
-        bail!("--single-writes, --bursts, --poisson-secs and --closed-writes must be > 0");
-    }
-    let reps = c.repetitions_or(3, 3);
-    let max_replicas = *replicas.iter().max().expect("non-empty");
+    Ok((row, lat.samples))
+}
+
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-commit", run(Args::parse()))
+}
+
+/// The device set: `max_replicas` devices, provisioned ones on tmpfs with `--backing
+/// memory`; and how they are backed, for meta.json.
+fn setup_devices(args: &Args, max_replicas: usize) -> anyhow::Result<(DeviceSet, String)> {
+    let c = &args.common;
     let mut common = c.clone();
     if args.backing == Backing::Memory {
         if !std::path::Path::new("/dev/shm").is_dir() {
@@ -725,8 +895,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         harness::devices::Source::Given => "the given devices".to_string(),
         harness::devices::Source::Files => "regular files (--files)".to_string(),
     };
-    // Format every device as a daemon device (core::daemon::mkfs): the replication log
-    // lives in its log region, the storage engine at the start of its data region.
+    Ok((set, backing))
+}
+
+/// Formats every device as a daemon device (core::daemon::mkfs): the replication log
+/// lives in its log region, the storage engine at the start of its data region. Every
+/// run starts a fresh log and store in these regions: they are written once now so no
+/// run pays for filling the sparse backing file.
+fn format_devices(set: &DeviceSet) -> anyhow::Result<()> {
     let fsid = uuid::Uuid::new_v4();
     for (i, p) in set.paths().iter().enumerate() {
         let dev = Device::open(p).with_context(|| format!("opening {}", p.display()))?;
@@ -737,16 +913,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         req.params.log_len = LOG_LEN;
         daemon::mkfs(&mut eng, &dev, &req)
             .with_context(|| format!("formatting {}", p.display()))?;
-        // Every run starts a fresh log and store in these regions: write them once now so
-        // no run pays for filling the sparse backing file.
         let (r, _) = Regions::detect(p, LOG_LEN, DATA_LEN)?;
         harness::devices::precondition(&dev, r.log_offset, r.log_len)?;
         harness::devices::precondition(&dev, r.data_offset, r.data_len)?;
     }
-    let mut meta = RunMeta::start("exp-commit", c.profile);
-    meta.devices = set.describe();
-    meta.extra = serde_json::json!({
-        "gap_ms": gap.as_millis() as u64,
+    Ok(())
+}
+
+/// meta.json's `extra`: the run's settings.
+fn meta_extra(args: &Args, plan: &Plan, backing: &str) -> serde_json::Value {
+    let s = &plan.sizes;
+    serde_json::json!({
+        "gap_ms": plan.gap.as_millis() as u64,
         "burst": args.burst,
         "depth": args.depth,
         "value_bytes": args.value_bytes,
@@ -754,61 +932,64 @@ fn run(args: Args) -> anyhow::Result<()> {
         "group_commit": args.group_commit,
         "backing": backing,
         "preconditioned": "log and data regions written once before the first run",
-        "single_writes": sizes.0, "bursts": sizes.1, "poisson_secs": sizes.2, "closed_writes": sizes.3,
+        "single_writes": s.single_writes, "bursts": s.bursts, "poisson_secs": s.poisson_secs, "closed_writes": s.closed_writes,
         "replicas_in_one_process": "replicas are threads of this process talking over loopback TCP, so commit and apply times share one monotonic clock",
         "log_region_bytes": LOG_LEN, "data_region_bytes": DATA_LEN,
         "devices_formatted": "core::daemon::mkfs; log in the format's log region, storage engine at the start of its data region",
-    });
-    let mut csv = CsvOut::<Row>::create(&c.out, "exp-commit.csv", c.overwrite)?;
-    let mut samples_csv = if args.samples {
-        Some(CsvOut::<Sample>::create(
-            &c.out,
-            "exp-commit-samples.csv",
-            c.overwrite,
-        )?)
-    } else {
-        None
-    };
-    let mut specs = Vec::new();
-    for repetition in 0..reps {
-        for &workload in &workloads {
-            let wrates = if workload == Workload::Poisson {
-                rates.clone()
-            } else {
-                vec![0.0]
-            };
-            for &rate in &wrates {
-                for &replicas in &replicas {
-                    for &rtt_ms in &rtts {
-                        // Policies alternate innermost, so a noisy moment hits all alike.
-                        for &policy in &policies {
-                            specs.push(RunSpec {
-                                policy,
-                                workload,
-                                rate,
-                                replicas,
-                                rtt_ms,
-                                repetition,
-                            });
-                        }
-                    }
-                }
-            }
+    })
+}
+
+/// exp-commit.csv and, with `--samples`, exp-commit-samples.csv.
+struct Outputs {
+    rows: CsvOut<Row>,
+    samples: Option<CsvOut<Sample>>,
+}
+
+impl Outputs {
+    fn create(args: &Args) -> anyhow::Result<Outputs> {
+        let c = &args.common;
+        let rows = CsvOut::<Row>::create(&c.out, "exp-commit.csv", c.overwrite)?;
+        let samples = if args.samples {
+            Some(CsvOut::<Sample>::create(
+                &c.out,
+                "exp-commit-samples.csv",
+                c.overwrite,
+            )?)
+        } else {
+            None
+        };
+        Ok(Outputs { rows, samples })
+    }
+    fn write(&mut self, row: &Row, samples: &[Sample]) -> anyhow::Result<()> {
+        self.rows.write(row)?;
+        if let Some(out) = self.samples.as_mut() {
+            out.write_all(samples)?;
+        }
+        Ok(())
+    }
+    fn report(&self) {
+        eprintln!("wrote {}", self.rows.path().display());
+        if let Some(out) = &self.samples {
+            eprintln!("wrote {}", out.path().display());
         }
     }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let c = &args.common;
+    let plan = Plan::new(&args)?;
+    let max_replicas = *plan.replicas.iter().max().expect("non-empty");
+    let (set, backing) = setup_devices(&args, max_replicas)?;
+    format_devices(&set)?;
+    let mut meta = RunMeta::start("exp-commit", c.profile);
+    meta.devices = set.describe();
+    meta.extra = meta_extra(&args, &plan, &backing);
+    let mut out = Outputs::create(&args)?;
+    let specs = plan.specs();
     let mut progress = Progress::new("exp-commit", specs.len() as u64);
     for spec in &specs {
         let cpu_before = CpuTimes::now();
-        let (row, samples) = run_one(&args, &set, spec, gap, sizes).with_context(|| {
-            format!(
-                "{} / {} / {} replicas / rtt {} ms / repetition {}",
-                spec.policy,
-                spec.workload.name(),
-                spec.replicas,
-                spec.rtt_ms,
-                spec.repetition
-            )
-        })?;
+        let (row, samples) = run_one(&args, &set, spec, &plan).with_context(|| spec.to_string())?;
         // The VM's steal time during the run: multi-ms stalls that decide a p99 come with it.
         let steal = CpuTimes::steal_percent_since(cpu_before)
             .map_or_else(|| "?".into(), |p| format!("{p}%"));
@@ -820,17 +1001,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             row.apply_lag_p99_us,
             row.extra_messages_per_write
         ));
-        csv.write(&row)?;
-        if let Some(out) = samples_csv.as_mut() {
-            out.write_all(&samples)?;
-        }
+        out.write(&row, &samples)?;
     }
     progress.finish();
     meta.finish(&c.out, c.overwrite)?;
-    eprintln!("wrote {}", csv.path().display());
-    if let Some(out) = &samples_csv {
-        eprintln!("wrote {}", out.path().display());
-    }
+    out.report();
     set.teardown()?;
     Ok(())
 }

@@ -44,6 +44,7 @@ use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use clap::Parser;
+use harness::args::{or_default, parse_mib, parse_ms};
 use harness::cli::failover::cluster::{enter_netns, unix_us, Cluster, ClusterSpec, Mode, VipKind};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
@@ -71,13 +72,13 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     backends: Vec<VipKind>,
     /// Heartbeat periods in ms (default: quick 100; full 50,100,200).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_parser = parse_ms, value_delimiter = ',')]
     heartbeats_ms: Vec<u64>,
     /// Kills per configuration and repetition (default: quick 20, full 100).
     #[arg(long)]
     kills: Option<usize>,
     /// Size of each volume in MiB (default: quick 16, full 64).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_mib)]
     volume_mib: Option<u64>,
     /// Copy throughput cap of the block service in MiB/s, so copies last long enough to be
     /// killed in the middle of (default: quick 64, full 128; 0 = device speed).
@@ -85,11 +86,11 @@ struct Args {
     copy_rate_mib: Option<u64>,
     /// vip_handoff client: re-send the same operation id after this many ms without an
     /// answer (cheap: the journal makes re-sends idempotent).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 500)]
     resend_ms: u64,
     /// client_retry client: give up on a request after this many ms without an answer and
     /// issue a new one (must exceed the longest operation, or copies re-run needlessly).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 2000)]
     retry_timeout_ms: u64,
     /// The `blocklab` binary (default: next to this one).
     #[arg(long)]
@@ -99,7 +100,7 @@ struct Args {
     seed: u64,
     /// Size in MiB of the copy-throughput measurement (default: quick 256, full 1024;
     /// 0 = skip it).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_mib)]
     copy_bench_mib: Option<u64>,
     /// The fio binary for the copy measurement's device reference (skipped with a note if
     /// it cannot be run).
@@ -196,33 +197,38 @@ fn workload(i: u64, size: u64) -> Op {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn client_loop(
-    sh: Arc<Shared>,
+/// What the client thread needs.
+struct ClientSpec {
     mode: Mode,
     vip: std::net::SocketAddr,
     nodes: Vec<std::net::SocketAddr>,
+    /// The network namespace the client runs in (netns backend).
     netns: Option<String>,
+    /// Prefix of the operations' tags.
     run: String,
     size: u64,
     resend_ms: u64,
     retry_timeout_ms: u64,
-) -> anyhow::Result<()> {
-    if let Some(ns) = netns {
-        enter_netns(&ns)?;
+}
+
+/// Runs the workload until told to stop, recording each operation's end and whether it
+/// got its result.
+fn client_loop(sh: Arc<Shared>, spec: ClientSpec) -> anyhow::Result<()> {
+    if let Some(ns) = &spec.netns {
+        enter_netns(ns)?;
     }
-    let mut vip_client = Client::new(vec![vip]);
-    vip_client.resend_after = Duration::from_millis(resend_ms);
+    let mut vip_client = Client::new(vec![spec.vip]);
+    vip_client.resend_after = Duration::from_millis(spec.resend_ms);
     vip_client.give_up = Duration::from_secs(30);
-    let mut retry_client = Client::new(nodes);
-    retry_client.resend_after = Duration::from_millis(retry_timeout_ms);
+    let mut retry_client = Client::new(spec.nodes);
+    retry_client.resend_after = Duration::from_millis(spec.retry_timeout_ms);
     retry_client.give_up = Duration::from_secs(30);
     let mut i = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
-        let op = workload(i, size);
-        let tag = format!("{run}-{i}");
+        let op = workload(i, spec.size);
+        let tag = format!("{}-{i}", spec.run);
         *sh.in_flight.lock().unwrap() = Some(op.kind());
-        let res = match mode {
+        let res = match spec.mode {
             Mode::VipHandoff => vip_client
                 .call(&tag, &op, Some(tag.clone()))
                 .map(|(r, _)| r),
@@ -260,162 +266,296 @@ struct KillRec {
     vip_move_us: Option<u128>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_config(
-    set: &DeviceSet,
-    bin: &std::path::Path,
+/// The settings every configuration runs with.
+struct Settings {
+    /// The `blocklab` binary the nodes run.
+    bin: PathBuf,
+    kills: usize,
+    /// Bytes of each volume.
+    size: u64,
+    /// MiB/s cap of copies (0: none).
+    copy_rate: u64,
+    resend_ms: u64,
+    retry_timeout_ms: u64,
+}
+
+/// The CSVs every configuration writes rows to.
+struct Outputs {
+    rows: CsvOut<Row>,
+    kills: CsvOut<KillRow>,
+}
+
+/// Polls `f` every 2 ms until it returns a value or `timeout` passes.
+fn poll_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// One configuration's cluster and the client running against it.
+struct Run<'a> {
     cfg: Config,
     rep: u32,
-    kills: usize,
-    size: u64,
-    copy_rate: u64,
-    timeouts: (u64, u64),
-    rng: &mut rand::rngs::StdRng,
-    prog: &mut Progress,
-    csv: &mut CsvOut<Row>,
-    kcsv: &mut CsvOut<KillRow>,
-) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("exp-failover-")
-        .tempdir_in("/var/tmp")?;
-    let spec = ClusterSpec {
-        bin: bin.to_path_buf(),
-        dir: dir.path().join("cluster"),
-        devices: set.paths().to_vec(),
-        // The devices were provisioned for this run (or given with --force): earlier
-        // configurations' volumes are ours to overwrite.
-        force: true,
-        nodes: 3,
-        mode: cfg.mode,
-        heartbeat_ms: cfg.heartbeat_ms,
-        backend: cfg.backend,
-        copy_rate_mib: copy_rate,
-        journal: None,
-        service_args: Vec::new(),
-    };
-    let mut cluster = Cluster::start(spec).context("starting the cluster")?;
-    // Long enough for the restarted node to be heard by its peers before the next kill.
-    let settle = Duration::from_millis(cfg.heartbeat_ms * 3 + 200);
-    if cfg.mode == Mode::VipHandoff {
-        cluster.wait_holder(None, Duration::from_secs(30))?;
-    } else {
-        cluster.wait_event_from_all("listening", Duration::from_secs(30))?;
+    settings: &'a Settings,
+    cluster: Cluster,
+    sh: Arc<Shared>,
+}
+
+impl Run<'_> {
+    /// Starts the three nodes in `dir` and waits until they serve.
+    fn start_cluster(
+        set: &DeviceSet,
+        cfg: Config,
+        settings: &Settings,
+        dir: &Path,
+    ) -> anyhow::Result<Cluster> {
+        let spec = ClusterSpec {
+            bin: settings.bin.clone(),
+            dir: dir.join("cluster"),
+            devices: set.paths().to_vec(),
+            // The devices were provisioned for this run (or given with --force): earlier
+            // configurations' volumes are ours to overwrite.
+            force: true,
+            nodes: 3,
+            mode: cfg.mode,
+            heartbeat_ms: cfg.heartbeat_ms,
+            backend: cfg.backend,
+            copy_rate_mib: settings.copy_rate,
+            journal: None,
+            service_args: Vec::new(),
+        };
+        let cluster = Cluster::start(spec).context("starting the cluster")?;
+        if cfg.mode == Mode::VipHandoff {
+            cluster.wait_holder(None, Duration::from_secs(30))?;
+        } else {
+            cluster.wait_event_from_all("listening", Duration::from_secs(30))?;
+        }
+        Ok(cluster)
     }
-    let sh = Arc::new(Shared::default());
-    let run = format!("r{rep}{}", unix_us() % 100000);
-    let client = {
-        let sh = sh.clone();
-        let (vip, nodes) = (cluster.vip, cluster.node_addrs.clone());
-        let ns = cluster.net.as_ref().map(|n| n.client.clone());
-        let mode = cfg.mode;
-        let run = run.clone();
-        let (rs, rt) = (timeouts.0, timeouts.1);
-        thread::spawn(move || client_loop(sh, mode, vip, nodes, ns, run, size, rs, rt))
-    };
-    let mut recs: Vec<KillRec> = Vec::new();
-    for k in 0..kills {
+    /// Starts the client thread.
+    fn start_client(&self) -> thread::JoinHandle<anyhow::Result<()>> {
+        let spec = ClientSpec {
+            mode: self.cfg.mode,
+            vip: self.cluster.vip,
+            nodes: self.cluster.node_addrs.clone(),
+            netns: self.cluster.net.as_ref().map(|n| n.client.clone()),
+            run: format!("r{}{}", self.rep, unix_us() % 100000),
+            size: self.settings.size,
+            resend_ms: self.settings.resend_ms,
+            retry_timeout_ms: self.settings.retry_timeout_ms,
+        };
+        let sh = self.sh.clone();
+        thread::spawn(move || client_loop(sh, spec))
+    }
+    /// Kill `k`: at a random point, SIGKILLs the serving node, waits for the client's
+    /// next result and (vip_handoff) the VIP's move, restarts the node and lets it settle.
+    fn kill_once(
+        &mut self,
+        k: usize,
+        rng: &mut rand::rngs::StdRng,
+        prog: &mut Progress,
+    ) -> anyhow::Result<KillRec> {
+        let (cfg, settings) = (self.cfg, self.settings);
         // A random point: 50..(copy time + 400) ms into the stream.
-        let copy_ms = if copy_rate > 0 {
-            size * 1000 / (copy_rate * MIB)
+        let copy_ms = if settings.copy_rate > 0 {
+            settings.size * 1000 / (settings.copy_rate * MIB)
         } else {
             50
         };
         let wait = rng.random_range(50..(copy_ms + 400));
         thread::sleep(Duration::from_millis(wait));
         let victim = match cfg.mode {
-            Mode::VipHandoff => cluster.wait_holder(None, Duration::from_secs(30))?,
-            Mode::ClientRetry => sh.target.load(Ordering::Relaxed) % 3,
+            Mode::VipHandoff => self.cluster.wait_holder(None, Duration::from_secs(30))?,
+            Mode::ClientRetry => self.sh.target.load(Ordering::Relaxed) % 3,
         };
-        let kind = sh.in_flight.lock().unwrap().unwrap_or("idle");
-        let t_kill = cluster.kill_node(victim)?;
+        let kind = self.sh.in_flight.lock().unwrap().unwrap_or("idle");
+        let t_kill = self.cluster.kill_node(victim)?;
         // Delivery: the first result the client receives after the kill.
-        let deadline = std::time::Instant::now() + Duration::from_secs(40);
-        let (delivery, next_kind) = loop {
-            let d = sh.done.lock().unwrap();
-            if let Some(x) = d.iter().find(|x| x.end_us >= t_kill) {
-                break (Some(x.end_us - t_kill), x.kind);
-            }
-            drop(d);
-            if std::time::Instant::now() > deadline {
-                break (None, kind);
-            }
-            thread::sleep(Duration::from_millis(2));
+        let delivered = poll_for(Duration::from_secs(40), || {
+            let d = self.sh.done.lock().unwrap();
+            d.iter()
+                .find(|x| x.end_us >= t_kill)
+                .map(|x| (x.end_us - t_kill, x.kind))
+        });
+        let delivery = delivered.map(|(d, _)| d);
+        let kind = match (kind, delivered) {
+            ("idle", Some((_, next_kind))) => next_kind,
+            _ => kind,
         };
-        let kind = if kind == "idle" { next_kind } else { kind };
         let vip_move = match cfg.mode {
-            Mode::VipHandoff => {
-                let deadline = std::time::Instant::now() + Duration::from_secs(30);
-                loop {
-                    if let Some(e) = cluster.acquisition_after(t_kill) {
-                        break Some(e.unix_us - t_kill);
-                    }
-                    if std::time::Instant::now() > deadline {
-                        break None;
-                    }
-                    thread::sleep(Duration::from_millis(2));
-                }
-            }
+            Mode::VipHandoff => poll_for(Duration::from_secs(30), || {
+                self.cluster
+                    .acquisition_after(t_kill)
+                    .map(|e| e.unix_us - t_kill)
+            }),
             Mode::ClientRetry => None,
         };
-        recs.push(KillRec {
-            kind,
-            delivery_us: delivery,
-            vip_move_us: vip_move,
-        });
-        cluster.start_node(victim)?;
-        thread::sleep(settle);
+        self.cluster.start_node(victim)?;
+        // Long enough for the restarted node to be heard by its peers before the next kill.
+        thread::sleep(Duration::from_millis(cfg.heartbeat_ms * 3 + 200));
         prog.step(&format!(
-            "{} {} hb={}ms rep {rep}: kill {}/{kills} during {kind}: delivered after {}",
+            "{} {} hb={}ms rep {}: kill {}/{} during {kind}: delivered after {}",
             cfg.mode.name(),
             cfg.backend.name(),
             cfg.heartbeat_ms,
+            self.rep,
             k + 1,
+            settings.kills,
             delivery.map_or("never".into(), |d| format!("{:.0} ms", d as f64 / 1000.0))
         ));
+        Ok(KillRec {
+            kind,
+            delivery_us: delivery,
+            vip_move_us: vip_move,
+        })
     }
-    sh.stop.store(true, Ordering::Relaxed);
-    match client.join() {
-        Ok(r) => r?,
-        Err(_) => bail!("the client thread panicked"),
-    }
-    let done = sh.done.lock().unwrap().clone();
-    cluster.stop_service()?;
-    let journal = read_records(&cluster.journal_path())?;
+}
 
-    // Journal accounting per logical operation (tag).
-    let mut op_tag: HashMap<String, String> = HashMap::new();
-    let mut op_kind: HashMap<String, &'static str> = HashMap::new();
-    let mut ok_execs: HashMap<String, u64> = HashMap::new();
-    let mut bytes_by_tag: HashMap<String, u64> = HashMap::new();
-    for r in &journal {
-        match r {
-            Record::Started { op_id, op, tag, .. } => {
-                let t = tag.clone().unwrap_or_else(|| op_id.clone());
-                op_tag.insert(op_id.clone(), t);
-                op_kind.insert(op_id.clone(), op.kind());
-            }
-            Record::Done {
-                op_id,
-                result,
-                bytes,
-            } => {
-                if let Some(t) = op_tag.get(op_id) {
-                    if result.is_ok() {
-                        *ok_execs.entry(t.clone()).or_default() += 1;
+/// The journal per logical operation (tag).
+#[derive(Default)]
+struct Accounting {
+    /// op_id → tag.
+    op_tag: HashMap<String, String>,
+    /// op_id → kind.
+    op_kind: HashMap<String, &'static str>,
+    /// tag → successful executions.
+    ok_execs: HashMap<String, u64>,
+    /// tag → bytes copied (done and aborted).
+    bytes_by_tag: HashMap<String, u64>,
+}
+
+impl Accounting {
+    fn of(journal: &[Record]) -> Accounting {
+        let mut a = Accounting::default();
+        for r in journal {
+            match r {
+                Record::Started { op_id, op, tag, .. } => {
+                    let t = tag.clone().unwrap_or_else(|| op_id.clone());
+                    a.op_tag.insert(op_id.clone(), t);
+                    a.op_kind.insert(op_id.clone(), op.kind());
+                }
+                Record::Done {
+                    op_id,
+                    result,
+                    bytes,
+                } => {
+                    if let Some(t) = a.op_tag.get(op_id) {
+                        if result.is_ok() {
+                            *a.ok_execs.entry(t.clone()).or_default() += 1;
+                        }
+                        *a.bytes_by_tag.entry(t.clone()).or_default() += bytes;
                     }
-                    *bytes_by_tag.entry(t.clone()).or_default() += bytes;
                 }
-            }
-            Record::Aborted { op_id, bytes } => {
-                if let Some(t) = op_tag.get(op_id) {
-                    *bytes_by_tag.entry(t.clone()).or_default() += bytes;
+                Record::Aborted { op_id, bytes } => {
+                    if let Some(t) = a.op_tag.get(op_id) {
+                        *a.bytes_by_tag.entry(t.clone()).or_default() += bytes;
+                    }
                 }
+                Record::Epoch { .. } => {}
             }
-            Record::Epoch { .. } => {}
+        }
+        a
+    }
+    /// tag → kind.
+    fn tag_kind(&self) -> HashMap<&String, &'static str> {
+        self.op_tag
+            .iter()
+            .map(|(id, t)| (t, self.op_kind.get(id).copied().unwrap_or("list")))
+            .collect()
+    }
+    /// Successful executions beyond the first, of the operations `sel` selects.
+    fn duplicates(&self, tag_kind: &HashMap<&String, &str>, sel: impl Fn(&str) -> bool) -> u64 {
+        self.ok_execs
+            .iter()
+            .filter(|(t, _)| tag_kind.get(t).is_some_and(|k| sel(k)))
+            .map(|(_, n)| n.saturating_sub(1))
+            .sum()
+    }
+    /// Bytes copied beyond one copy of each successful copy `sel` selects.
+    fn reexecuted_bytes(
+        &self,
+        tag_kind: &HashMap<&String, &str>,
+        sel: impl Fn(&str) -> bool,
+        size: u64,
+    ) -> u64 {
+        let mut reexec = 0u64;
+        for (t, b) in &self.bytes_by_tag {
+            if tag_kind.get(t).is_some_and(|k| *k == "copy" && sel(k)) {
+                let once = if self.ok_execs.get(t).copied().unwrap_or(0) > 0 {
+                    size
+                } else {
+                    0
+                };
+                reexec += b.saturating_sub(once);
+            }
+        }
+        reexec
+    }
+}
+
+/// The row of one `operation` (`create`, `copy`, `delete` or `all`).
+fn operation_row(
+    operation: &str,
+    run: (Config, u32, u64),
+    recs: &[KillRec],
+    done: &[Done],
+    acct: &Accounting,
+) -> Row {
+    let (cfg, rep, size) = run;
+    let sel = |k: &str| operation == "all" || k == operation;
+    let tag_kind = acct.tag_kind();
+    let mut delivery = LatencyHist::new();
+    let mut moves = LatencyHist::new();
+    let mut nk = 0u64;
+    let mut undelivered = 0u64;
+    for r in recs.iter().filter(|r| sel(r.kind)) {
+        nk += 1;
+        match r.delivery_us {
+            Some(d) => delivery.record(d as u64),
+            None => undelivered += 1,
+        }
+        if let Some(m) = r.vip_move_us {
+            moves.record(m as u64);
         }
     }
+    let lost = done.iter().filter(|d| sel(d.kind) && !d.correct).count() as u64;
+    let p = delivery.percentiles();
+    Row {
+        mode: cfg.mode.name().into(),
+        vip_backend: cfg.backend.name().into(),
+        heartbeat_ms: cfg.heartbeat_ms,
+        operation: operation.into(),
+        repetition: rep,
+        kills: nk,
+        ops: done.iter().filter(|d| sel(d.kind)).count() as u64,
+        delivery_after_kill_p50_ms: p.p50 as f64 / 1000.0,
+        delivery_after_kill_p99_ms: p.p99 as f64 / 1000.0,
+        vip_move_p50_ms: (!moves.is_empty()).then(|| moves.percentiles().p50 as f64 / 1000.0),
+        lost_results: lost + undelivered,
+        duplicate_executions: acct.duplicates(&tag_kind, sel),
+        reexecuted_bytes: acct.reexecuted_bytes(&tag_kind, sel, size),
+    }
+}
+
+/// Writes the kill rows, then one row per operation kind and `all`.
+fn write_rows(
+    out: &mut Outputs,
+    run: (Config, u32, u64),
+    recs: &[KillRec],
+    done: &[Done],
+    journal: &[Record],
+) -> anyhow::Result<()> {
+    let (cfg, rep, _) = run;
+    let acct = Accounting::of(journal);
     for (k, r) in recs.iter().enumerate() {
-        kcsv.write(&KillRow {
+        out.kills.write(&KillRow {
             mode: cfg.mode.name().into(),
             vip_backend: cfg.backend.name().into(),
             heartbeat_ms: cfg.heartbeat_ms,
@@ -426,63 +566,47 @@ fn run_config(
             vip_move_ms: r.vip_move_us.map(|d| d as f64 / 1000.0),
         })?;
     }
-    let tag_kind: HashMap<&String, &'static str> = op_tag
-        .iter()
-        .map(|(id, t)| (t, op_kind.get(id).copied().unwrap_or("list")))
-        .collect();
-
     for operation in ["create", "copy", "delete", "all"] {
-        let sel = |k: &str| operation == "all" || k == operation;
-        let mut delivery = LatencyHist::new();
-        let mut moves = LatencyHist::new();
-        let mut nk = 0u64;
-        let mut undelivered = 0u64;
-        for r in recs.iter().filter(|r| sel(r.kind)) {
-            nk += 1;
-            match r.delivery_us {
-                Some(d) => delivery.record(d as u64),
-                None => undelivered += 1,
-            }
-            if let Some(m) = r.vip_move_us {
-                moves.record(m as u64);
-            }
-        }
-        let ops = done.iter().filter(|d| sel(d.kind)).count() as u64;
-        let lost = done.iter().filter(|d| sel(d.kind) && !d.correct).count() as u64;
-        let dups: u64 = ok_execs
-            .iter()
-            .filter(|(t, _)| tag_kind.get(t).is_some_and(|k| sel(k)))
-            .map(|(_, n)| n.saturating_sub(1))
-            .sum();
-        let mut reexec = 0u64;
-        for (t, b) in &bytes_by_tag {
-            if tag_kind.get(t).is_some_and(|k| *k == "copy" && sel(k)) {
-                let once = if ok_execs.get(t).copied().unwrap_or(0) > 0 {
-                    size
-                } else {
-                    0
-                };
-                reexec += b.saturating_sub(once);
-            }
-        }
-        let p = delivery.percentiles();
-        csv.write(&Row {
-            mode: cfg.mode.name().into(),
-            vip_backend: cfg.backend.name().into(),
-            heartbeat_ms: cfg.heartbeat_ms,
-            operation: operation.into(),
-            repetition: rep,
-            kills: nk,
-            ops,
-            delivery_after_kill_p50_ms: p.p50 as f64 / 1000.0,
-            delivery_after_kill_p99_ms: p.p99 as f64 / 1000.0,
-            vip_move_p50_ms: (!moves.is_empty()).then(|| moves.percentiles().p50 as f64 / 1000.0),
-            lost_results: lost + undelivered,
-            duplicate_executions: dups,
-            reexecuted_bytes: reexec,
-        })?;
+        out.rows
+            .write(&operation_row(operation, run, recs, done, &acct))?;
     }
     Ok(())
+}
+
+/// One configuration and repetition: the cluster, the client, `kills` kills, the rows.
+fn run_config(
+    set: &DeviceSet,
+    cfg: Config,
+    rep: u32,
+    settings: &Settings,
+    rng: &mut rand::rngs::StdRng,
+    prog: &mut Progress,
+    out: &mut Outputs,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("exp-failover-")
+        .tempdir_in("/var/tmp")?;
+    let mut run = Run {
+        cfg,
+        rep,
+        settings,
+        cluster: Run::start_cluster(set, cfg, settings, dir.path())?,
+        sh: Arc::new(Shared::default()),
+    };
+    let client = run.start_client();
+    let mut recs = Vec::new();
+    for k in 0..settings.kills {
+        recs.push(run.kill_once(k, rng, prog)?);
+    }
+    run.sh.stop.store(true, Ordering::Relaxed);
+    match client.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the client thread panicked"),
+    }
+    let done = run.sh.done.lock().unwrap().clone();
+    run.cluster.stop_service()?;
+    let journal = read_records(&run.cluster.journal_path())?;
+    write_rows(out, (cfg, rep, settings.size), &recs, &done, &journal)
 }
 
 /// Copies a written `mib` MiB volume from device 0 to device 1 `reps` times with the block
@@ -585,13 +709,7 @@ fn run_fio(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let start = out
-        .stdout
-        .iter()
-        .position(|&b| b == b'{')
-        .context("fio printed no JSON")?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout[start..]).context("parsing fio's JSON output")?;
+    let v = harness::fio::json(&out.stdout)?;
     let bw_kib = v["jobs"][0][rw]["bw"]
         .as_f64()
         .with_context(|| format!("fio JSON lacks jobs[0].{rw}.bw"))?;
@@ -602,19 +720,15 @@ fn main() -> std::process::ExitCode {
     harness::exit_on_error("exp-failover", run(Args::parse()))
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let c = &args.common;
+/// The VIP backends to run: `--backends`, else every one that can run (netns needs root).
+fn backends(args: &Args) -> Vec<VipKind> {
     let root = rustix::process::geteuid().is_root();
-    let modes = args.modes.clone();
-    let wanted = if args.backends.is_empty() {
-        if root {
-            VipKind::ALL.to_vec()
-        } else {
-            vec![VipKind::Loopback]
-        }
+    let all = if root {
+        VipKind::ALL.to_vec()
     } else {
-        args.backends.clone()
+        vec![VipKind::Loopback]
     };
+    let wanted = or_default(&args.backends, all);
     let mut backends = Vec::new();
     for b in wanted {
         if b == VipKind::Netns && !root {
@@ -623,29 +737,24 @@ fn run(args: Args) -> anyhow::Result<()> {
             backends.push(b);
         }
     }
-    let heartbeats = if args.heartbeats_ms.is_empty() {
-        c.pick(vec![100], vec![50, 100, 200])
-    } else {
-        args.heartbeats_ms.clone()
-    };
+    backends
+}
+
+/// The configurations: every heartbeat × mode × backend. `client_retry` has no VIP but
+/// runs on the same network: on netns a dead node's link is down, so the baseline's
+/// client waits for its timeout as it would on real hosts.
+fn configs(args: &Args) -> anyhow::Result<Vec<Config>> {
+    let backends = backends(args);
+    let heartbeats = or_default(
+        &args.heartbeats_ms,
+        args.common.pick(vec![100], vec![50, 100, 200]),
+    );
     if heartbeats.contains(&0) {
         bail!("--heartbeats-ms: a heartbeat period must be at least 1 ms");
     }
-    let kills = args.kills.unwrap_or(c.pick(20, 100));
-    if kills == 0 {
-        bail!("--kills must be at least 1");
-    }
-    let size = args.volume_mib.unwrap_or(c.pick(16, 64)) * MIB;
-    let copy_rate = args.copy_rate_mib.unwrap_or(c.pick(64, 128));
-    let reps = c.repetitions_or(1, 3);
-    let bin = harness::blocklab_bin(args.blocklab_bin.as_deref())?;
-
-    // The configurations: every heartbeat × mode × backend. `client_retry` has no VIP but
-    // runs on the same network: on netns a dead node's link is down, so the baseline's
-    // client waits for its timeout as it would on real hosts.
     let mut configs = Vec::new();
     for &heartbeat_ms in &heartbeats {
-        for &mode in &modes {
+        for &mode in &args.modes {
             for &backend in &backends {
                 configs.push(Config {
                     mode,
@@ -655,19 +764,32 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    let copy_mib = args.copy_bench_mib.unwrap_or(c.pick(256, 1024));
-    // A live volume set needs at most two volumes of `size` at once; leave room. The copy
-    // measurement needs its volume on each device.
-    let dev_size = (size * 4 + 64 * MIB)
-        .max(copy_mib * MIB + 64 * MIB)
-        .max(128 * MIB);
-    let set = DeviceSet::setup(c, 2, dev_size / 2, dev_size).context("setting up devices")?;
-    let mut meta = RunMeta::start("exp-failover", c.profile);
-    meta.devices = set.describe();
-    meta.extra = serde_json::json!({
-        "kills_per_config": kills,
-        "volume_bytes": size,
-        "copy_rate_mib_s": copy_rate,
+    Ok(configs)
+}
+
+/// The settings from the flags and the profile.
+fn settings(args: &Args) -> anyhow::Result<Settings> {
+    let c = &args.common;
+    let kills = args.kills.unwrap_or(c.pick(20, 100));
+    if kills == 0 {
+        bail!("--kills must be at least 1");
+    }
+    Ok(Settings {
+        bin: PathBuf::new(),
+        kills,
+        size: args.volume_mib.unwrap_or(c.pick(16, 64)) * MIB,
+        copy_rate: args.copy_rate_mib.unwrap_or(c.pick(64, 128)),
+        resend_ms: args.resend_ms,
+        retry_timeout_ms: args.retry_timeout_ms,
+    })
+}
+
+/// meta.json's `extra`: the run's settings.
+fn meta_extra(args: &Args, settings: &Settings, copy_mib: u64) -> serde_json::Value {
+    serde_json::json!({
+        "kills_per_config": settings.kills,
+        "volume_bytes": settings.size,
+        "copy_rate_mib_s": settings.copy_rate,
         "nodes": 3,
         "dead_after_periods": 3,
         "takeover_after_periods": 4,
@@ -675,47 +797,55 @@ fn run(args: Args) -> anyhow::Result<()> {
         "retry_client_timeout_ms": args.retry_timeout_ms,
         "seed": args.seed,
         "copy_bench_mib": copy_mib,
-    });
+    })
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let c = &args.common;
+    let configs = configs(&args)?;
+    let mut settings = settings(&args)?;
+    let reps = c.repetitions_or(1, 3);
+    settings.bin = harness::blocklab_bin(args.blocklab_bin.as_deref())?;
+    let copy_mib = args.copy_bench_mib.unwrap_or(c.pick(256, 1024));
+    // A live volume set needs at most two volumes of `size` at once; leave room. The copy
+    // measurement needs its volume on each device.
+    let dev_size = (settings.size * 4 + 64 * MIB)
+        .max(copy_mib * MIB + 64 * MIB)
+        .max(128 * MIB);
+    let set = DeviceSet::setup(c, 2, dev_size / 2, dev_size).context("setting up devices")?;
+    let mut meta = RunMeta::start("exp-failover", c.profile);
+    meta.devices = set.describe();
+    meta.extra = meta_extra(&args, &settings, copy_mib);
     if copy_mib > 0 {
         let mut ccsv = CsvOut::<CopyRow>::create(&c.out, "exp-failover-copy.csv", c.overwrite)?;
         copy_bench(&set, copy_mib, reps, &args.fio, &mut ccsv).context("copy measurement")?;
     }
-    let mut csv = CsvOut::<Row>::create(&c.out, "exp-failover.csv", c.overwrite)?;
-    let mut kcsv = CsvOut::<KillRow>::create(&c.out, "exp-failover-kills.csv", c.overwrite)?;
+    let mut out = Outputs {
+        rows: CsvOut::<Row>::create(&c.out, "exp-failover.csv", c.overwrite)?,
+        kills: CsvOut::<KillRow>::create(&c.out, "exp-failover-kills.csv", c.overwrite)?,
+    };
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(args.seed);
     let mut prog = Progress::new(
         "exp-failover",
-        (configs.len() * reps as usize * kills) as u64,
+        (configs.len() * reps as usize * settings.kills) as u64,
     );
     // Repetitions outermost so configurations alternate within the run.
     for rep in 0..reps {
         for cfg in &configs {
-            run_config(
-                &set,
-                &bin,
-                *cfg,
-                rep,
-                kills,
-                size,
-                copy_rate,
-                (args.resend_ms, args.retry_timeout_ms),
-                &mut rng,
-                &mut prog,
-                &mut csv,
-                &mut kcsv,
-            )
-            .with_context(|| {
-                format!(
-                    "{} {} hb={} ms rep {rep}",
-                    cfg.mode.name(),
-                    cfg.backend.name(),
-                    cfg.heartbeat_ms
-                )
-            })?;
+            run_config(&set, *cfg, rep, &settings, &mut rng, &mut prog, &mut out).with_context(
+                || {
+                    format!(
+                        "{} {} hb={} ms rep {rep}",
+                        cfg.mode.name(),
+                        cfg.backend.name(),
+                        cfg.heartbeat_ms
+                    )
+                },
+            )?;
         }
     }
     prog.finish();
     meta.finish(&c.out, c.overwrite)?;
-    eprintln!("wrote {}", csv.path().display());
+    eprintln!("wrote {}", out.rows.path().display());
     Ok(())
 }

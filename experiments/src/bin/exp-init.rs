@@ -25,7 +25,7 @@ use blocklab::dev::Device;
 use blocklab::init::{self, BoundInput, Node, NodeAgent, Strategy};
 use blocklab::monitor::{FileJournal, Monitor, ProposeConfig};
 use clap::Parser;
-use harness::args::parse_size;
+use harness::args::{or_default, parse_ms, parse_size};
 use harness::devices::precondition;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Profile, RunMeta};
@@ -54,7 +54,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     device_sizes: Vec<u64>,
     /// Monitor propose intervals to sweep, in ms (default: the profile's).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_parser = parse_ms, value_delimiter = ',')]
     propose_intervals_ms: Vec<u64>,
     /// Strategies to run (default: all four), alternating within each configuration.
     #[arg(long, value_delimiter = ',')]
@@ -173,140 +173,215 @@ fn main() -> std::process::ExitCode {
     harness::exit_on_error("exp-init", run(Cli::parse()))
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let a = &cli.common;
-    let quick = a.profile == Profile::Quick;
-    let nodes = if cli.nodes.is_empty() {
-        a.pick(vec![3], vec![1, 2, 3, 4])
-    } else {
-        cli.nodes.clone()
-    };
-    let dpns = if cli.daemons.is_empty() {
-        a.pick(vec![1, 4, 8], vec![1, 4, 8, 12])
-    } else {
-        cli.daemons.clone()
-    };
-    let sizes = if let (true, Some(s)) = (cli.device_sizes.is_empty(), a.size) {
-        vec![s]
-    } else if cli.device_sizes.is_empty() {
-        a.pick(vec![256 << 20], vec![1 << 30, 16 << 30])
-    } else {
-        cli.device_sizes.clone()
-    };
-    let intervals = if cli.propose_intervals_ms.is_empty() {
-        a.pick(vec![50], vec![50, 1000])
-    } else {
-        cli.propose_intervals_ms.clone()
-    };
-    let strategies = if cli.strategies.is_empty() {
-        Strategy::ALL.to_vec()
-    } else {
-        cli.strategies.clone()
-    };
-    if nodes.contains(&0) || dpns.contains(&0) {
-        bail!("--nodes and --daemons must be at least 1");
-    }
-    let reps = a.repetitions_or(3, 3);
-    let max_devices = nodes.iter().max().unwrap() * dpns.iter().max().unwrap();
-    let sizes: Vec<u64> = if a.devices.is_empty() { sizes } else { vec![0] };
-    let configs_per_size = nodes.len() * dpns.len() * intervals.len();
-    if cli.bandwidth_bytes < 1 << 20 {
-        bail!("--bandwidth-bytes must be at least 1M");
-    }
-    let total_steps = (sizes.len() * configs_per_size * reps as usize * strategies.len()) as u64;
+/// What the run sweeps, from the flags and the profile.
+struct Sweep {
+    nodes: Vec<usize>,
+    dpns: Vec<usize>,
+    /// Device sizes (`[0]` with --devices: the given devices' size).
+    sizes: Vec<u64>,
+    intervals: Vec<u64>,
+    strategies: Vec<Strategy>,
+    reps: u32,
+}
 
-    let mut csv = CsvOut::<Row>::create(&a.out, "exp-init.csv", a.overwrite)?;
-    let mut phases = CsvOut::<PhaseRow>::create(&a.out, "exp-init-phases.csv", a.overwrite)?;
-    let mut meta = RunMeta::start("exp-init", a.profile);
-    let mut prog = Progress::new("exp-init", total_steps);
-    let journal_dir = tempfile::Builder::new()
-        .prefix("exp-init-mon-")
-        .tempdir_in("/var/tmp")
-        .context("creating the monitors' journal directory")?;
-    let mut described = Vec::new();
-    let mut measured = Vec::new();
-
-    for &size in &sizes {
-        let mut args = a.clone();
-        if size != 0 {
-            args.size = Some(size);
+impl Sweep {
+    fn new(cli: &Cli) -> anyhow::Result<Sweep> {
+        let a = &cli.common;
+        let nodes = or_default(&cli.nodes, a.pick(vec![3], vec![1, 2, 3, 4]));
+        let dpns = or_default(&cli.daemons, a.pick(vec![1, 4, 8], vec![1, 4, 8, 12]));
+        let sizes = match (cli.device_sizes.is_empty(), a.size) {
+            (true, Some(s)) => vec![s],
+            (true, None) => a.pick(vec![256 << 20], vec![1 << 30, 16 << 30]),
+            (false, _) => cli.device_sizes.clone(),
+        };
+        let intervals = or_default(&cli.propose_intervals_ms, a.pick(vec![50], vec![50, 1000]));
+        let strategies = or_default(&cli.strategies, Strategy::ALL.to_vec());
+        if nodes.contains(&0) || dpns.contains(&0) {
+            bail!("--nodes and --daemons must be at least 1");
         }
-        let set = DeviceSet::setup(&args, max_devices, 64 << 20, size.max(64 << 20))?;
-        described.push(set.describe());
-        let size = set.size();
-        prog.note(&format!(
-            "{max_devices} devices of {size} bytes: {}",
-            set.paths()[0].display()
-        ));
-        for &n in &nodes {
-            for &d in &dpns {
-                let paths = &set.paths()[..n * d];
-                for rep in 0..reps {
-                    // The bound's measurements, once per (nodes, daemons, size, repetition).
-                    let bw = aggregate_bandwidth(paths, cli.bandwidth_bytes)?;
-                    let (lone, per_mkfs) = lone_mkfs(paths)?;
-                    let all_at_once =
-                        Duration::from_secs_f64(per_mkfs as f64 * paths.len() as f64 / bw);
-                    let lone_by_node: Vec<Vec<Duration>> =
-                        lone.chunks(d).map(|c| c.to_vec()).collect();
-                    measured.push(serde_json::json!({
-                        "nodes": n, "daemons_per_node": d, "device_size_bytes": size,
-                        "repetition": rep, "aggregate_write_mib_s": bw / (1 << 20) as f64,
-                        "lone_mkfs_ms": lone.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
-                        "mkfs_bytes": per_mkfs, "all_at_once_ms": ms(all_at_once),
-                    }));
-                    // Alternate: each repetition starts with the next strategy.
-                    let mut order = strategies.clone();
-                    order.rotate_left(rep as usize % strategies.len());
-                    for &interval_ms in &intervals {
-                        let c = Config {
-                            nodes: n,
-                            dpn: d,
-                            size,
-                            interval_ms,
-                        };
-                        for &strategy in &order {
-                            let bound = strategy.lower_bound(&BoundInput {
-                                lone_mkfs: &lone_by_node,
-                                all_at_once,
-                                propose_interval: Duration::from_millis(interval_ms),
-                            });
-                            let row = run_one(
-                                &c,
-                                strategy,
-                                rep,
-                                paths,
-                                journal_dir.path(),
-                                ms(bound),
-                                &mut phases,
-                            )?;
-                            prog.step(&format!(
-                                "{strategy} {n}x{d} {size} B {interval_ms} ms: {:.1} ms (bound {:.1} ms)",
-                                row.total_ms, row.bound_ms
-                            ));
-                            csv.write(&row)?;
-                        }
-                    }
-                }
+        let sizes: Vec<u64> = if a.devices.is_empty() { sizes } else { vec![0] };
+        if cli.bandwidth_bytes < 1 << 20 {
+            bail!("--bandwidth-bytes must be at least 1M");
+        }
+        Ok(Sweep {
+            nodes,
+            dpns,
+            sizes,
+            intervals,
+            strategies,
+            reps: a.repetitions_or(3, 3),
+        })
+    }
+    fn max_devices(&self) -> usize {
+        self.nodes.iter().max().unwrap() * self.dpns.iter().max().unwrap()
+    }
+    fn steps(&self) -> u64 {
+        let configs_per_size = self.nodes.len() * self.dpns.len() * self.intervals.len();
+        (self.sizes.len() * configs_per_size * self.reps as usize * self.strategies.len()) as u64
+    }
+}
+
+/// What the strategies' lower bounds are computed from, measured once per (nodes,
+/// daemons, size, repetition).
+struct BoundInputs {
+    /// Each device's lone mkfs, by node.
+    lone_by_node: Vec<Vec<Duration>>,
+    /// Every device's mkfs bytes written at the aggregate bandwidth.
+    all_at_once: Duration,
+}
+
+/// Measures the bound's inputs on `paths` (`d` daemons per node); the measurement's
+/// record for meta.json.
+fn measure_bound(
+    paths: &[PathBuf],
+    d: usize,
+    bandwidth_bytes: u64,
+) -> anyhow::Result<(BoundInputs, serde_json::Value)> {
+    let bw = aggregate_bandwidth(paths, bandwidth_bytes)?;
+    let (lone, per_mkfs) = lone_mkfs(paths)?;
+    let all_at_once = Duration::from_secs_f64(per_mkfs as f64 * paths.len() as f64 / bw);
+    let record = serde_json::json!({
+        "aggregate_write_mib_s": bw / (1 << 20) as f64,
+        "lone_mkfs_ms": lone.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
+        "mkfs_bytes": per_mkfs, "all_at_once_ms": ms(all_at_once),
+    });
+    let inputs = BoundInputs {
+        lone_by_node: lone.chunks(d).map(|c| c.to_vec()).collect(),
+        all_at_once,
+    };
+    Ok((inputs, record))
+}
+
+/// The run's outputs and progress.
+struct Out {
+    csv: CsvOut<Row>,
+    phases: CsvOut<PhaseRow>,
+    prog: Progress,
+    journal_dir: tempfile::TempDir,
+    /// The bound measurements, for meta.json.
+    measured: Vec<serde_json::Value>,
+}
+
+impl Out {
+    fn create(a: &CommonArgs, steps: u64) -> anyhow::Result<Out> {
+        Ok(Out {
+            csv: CsvOut::<Row>::create(&a.out, "exp-init.csv", a.overwrite)?,
+            phases: CsvOut::<PhaseRow>::create(&a.out, "exp-init-phases.csv", a.overwrite)?,
+            prog: Progress::new("exp-init", steps),
+            journal_dir: tempfile::Builder::new()
+                .prefix("exp-init-mon-")
+                .tempdir_in("/var/tmp")
+                .context("creating the monitors' journal directory")?,
+            measured: Vec::new(),
+        })
+    }
+}
+
+/// One repetition of `n` nodes × `d` daemons on `paths`: the bound's measurements, then
+/// every interval and strategy (each repetition starts with the next strategy).
+fn run_repetition(
+    cli: &Cli,
+    sweep: &Sweep,
+    (n, d, size, rep): (usize, usize, u64, u32),
+    paths: &[PathBuf],
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    let (bound_in, mut record) = measure_bound(paths, d, cli.bandwidth_bytes)?;
+    record["nodes"] = n.into();
+    record["daemons_per_node"] = d.into();
+    record["device_size_bytes"] = size.into();
+    record["repetition"] = rep.into();
+    out.measured.push(record);
+    let mut order = sweep.strategies.clone();
+    order.rotate_left(rep as usize % sweep.strategies.len());
+    for &interval_ms in &sweep.intervals {
+        let c = Config {
+            nodes: n,
+            dpn: d,
+            size,
+            interval_ms,
+        };
+        for &strategy in &order {
+            let bound = strategy.lower_bound(&BoundInput {
+                lone_mkfs: &bound_in.lone_by_node,
+                all_at_once: bound_in.all_at_once,
+                propose_interval: Duration::from_millis(interval_ms),
+            });
+            let row = run_one(
+                &c,
+                strategy,
+                rep,
+                paths,
+                out.journal_dir.path(),
+                ms(bound),
+                &mut out.phases,
+            )?;
+            out.prog.step(&format!(
+                "{strategy} {n}x{d} {size} B {interval_ms} ms: {:.1} ms (bound {:.1} ms)",
+                row.total_ms, row.bound_ms
+            ));
+            out.csv.write(&row)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every configuration on devices of `size` bytes (0: the given devices); the device
+/// set's description.
+fn run_size(
+    cli: &Cli,
+    sweep: &Sweep,
+    size: u64,
+    out: &mut Out,
+) -> anyhow::Result<serde_json::Value> {
+    let mut args = cli.common.clone();
+    if size != 0 {
+        args.size = Some(size);
+    }
+    let max_devices = sweep.max_devices();
+    let set = DeviceSet::setup(&args, max_devices, 64 << 20, size.max(64 << 20))?;
+    let described = set.describe();
+    let size = set.size();
+    out.prog.note(&format!(
+        "{max_devices} devices of {size} bytes: {}",
+        set.paths()[0].display()
+    ));
+    for &n in &sweep.nodes {
+        for &d in &sweep.dpns {
+            let paths = &set.paths()[..n * d];
+            for rep in 0..sweep.reps {
+                run_repetition(cli, sweep, (n, d, size, rep), paths, out)?;
             }
         }
-        set.teardown()?;
     }
-    prog.finish();
+    set.teardown()?;
+    Ok(described)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let a = &cli.common;
+    let sweep = Sweep::new(&cli)?;
+    let mut out = Out::create(a, sweep.steps())?;
+    let mut meta = RunMeta::start("exp-init", a.profile);
+    let mut described = Vec::new();
+    for &size in &sweep.sizes {
+        described.push(run_size(&cli, &sweep, size, &mut out)?);
+    }
+    out.prog.finish();
     meta.devices = serde_json::Value::Array(described);
     meta.extra = serde_json::json!({
-        "nodes": nodes, "daemons_per_node": dpns, "propose_intervals_ms": intervals,
-        "strategies": strategies.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "repetitions": reps, "quick": quick, "bandwidth_bytes": cli.bandwidth_bytes,
-        "bound_measurements": measured,
+        "nodes": sweep.nodes, "daemons_per_node": sweep.dpns, "propose_intervals_ms": sweep.intervals,
+        "strategies": sweep.strategies.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "repetitions": sweep.reps, "quick": a.profile == Profile::Quick, "bandwidth_bytes": cli.bandwidth_bytes,
+        "bound_measurements": out.measured,
     });
     let m = meta.finish(&a.out, a.overwrite)?;
     eprintln!(
         "wrote {} ({} rows), {} ({} rows), {}",
-        csv.path().display(),
-        csv.rows(),
-        phases.path().display(),
-        phases.rows(),
+        out.csv.path().display(),
+        out.csv.rows(),
+        out.phases.path().display(),
+        out.phases.rows(),
         m.display()
     );
     Ok(())

@@ -22,7 +22,7 @@ struct Args {
     #[command(flatten)]
     common: CommonArgs,
     /// Seconds each tool runs each pattern (default: 2 quick, 10 full).
-    #[arg(long)]
+    #[arg(long, value_parser = harness::args::parse_secs_f64)]
     seconds: Option<f64>,
     /// Bytes at the start of the device the patterns cover, at least 8M (default: 256M
     /// quick, 1G full). A given device must be at least this large; provisioned devices
@@ -186,13 +186,7 @@ fn run_fio(
 
 /// Extracts IOPS, bandwidth and completion-latency percentiles from fio's JSON output.
 fn parse_fio(json: &[u8], op: StreamOp) -> anyhow::Result<Measured> {
-    // fio may print warnings before the JSON document.
-    let start = json
-        .iter()
-        .position(|&b| b == b'{')
-        .context("fio printed no JSON")?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&json[start..]).context("parsing fio's JSON output")?;
+    let v = harness::fio::json(json)?;
     let side = if op == StreamOp::Read {
         "read"
     } else {
@@ -218,6 +212,88 @@ fn main() -> std::process::ExitCode {
     harness::exit_on_error("exp-io", run(Args::parse()))
 }
 
+/// fio's version, or an error saying how to install it.
+fn fio_version(fio: &str) -> anyhow::Result<String> {
+    match Command::new(fio).arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        _ => bail!("{fio} not found: install Debian's fio package (scripts/test does)"),
+    }
+}
+
+/// One run's settings.
+struct Settings<'a> {
+    args: &'a Args,
+    secs: f64,
+    region: u64,
+    reps: u32,
+}
+
+/// Every repetition of workload `w`, alternating which tool goes first so drift affects
+/// both alike; the sums of blocklab's and fio's figures (IOPS for 4 KiB, MiB/s for 1 MiB).
+fn run_workload(
+    st: &Settings<'_>,
+    dev: &Device,
+    w: &Workload,
+    csv: &mut CsvOut<Row>,
+    progress: &mut Progress,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut sum_b, mut sum_f) = (0.0, 0.0);
+    for rep in 0..st.reps {
+        let order: [&str; 2] = if rep % 2 == 0 {
+            ["blocklab", "fio"]
+        } else {
+            ["fio", "blocklab"]
+        };
+        for tool in order {
+            let (args, region, secs) = (st.args, st.region, st.secs);
+            let m = if tool == "blocklab" {
+                run_blocklab(dev, w, region, secs, args.fixed, 0x1000 + rep as u64)?
+            } else {
+                run_fio(&args.fio, dev.path(), w, region, secs, args.fixed)?
+            };
+            let figure = if w.block_size >= 1 << 20 {
+                m.mib_s
+            } else {
+                m.iops
+            };
+            if tool == "blocklab" {
+                sum_b += figure;
+            } else {
+                sum_f += figure;
+            }
+            csv.write(&Row {
+                tool,
+                pattern: w.name,
+                block_size_bytes: w.block_size,
+                queue_depth: w.queue_depth,
+                repetition: rep,
+                iops: m.iops,
+                bandwidth_mib_s: m.mib_s,
+                lat_p50_us: m.p50_us,
+                lat_p99_us: m.p99_us,
+                device: dev.path().display().to_string(),
+            })?;
+            progress.step(&format!(
+                "{tool} {} bs={} qd={} rep {rep}: {:.0} IOPS {:.0} MiB/s",
+                w.name, w.block_size, w.queue_depth, m.iops, m.mib_s
+            ));
+        }
+    }
+    Ok((sum_b, sum_f))
+}
+
+/// Prints blocklab / fio per workload; the ratios by workload, for meta.json.
+fn ratios(reps: u32, sums: &[(String, f64, f64)]) -> serde_json::Map<String, serde_json::Value> {
+    println!("blocklab / fio (IOPS for 4 KiB, MiB/s for 1 MiB; mean over {reps} repetitions):");
+    let mut summary = serde_json::Map::new();
+    for (name, b, f) in sums {
+        let r = if *f > 0.0 { b / f } else { f64::NAN };
+        println!("  {name:<28} {r:.3}");
+        summary.insert(name.clone(), serde_json::json!(r));
+    }
+    summary
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let secs = args.seconds.unwrap_or(c.pick(2.0, 10.0));
@@ -229,14 +305,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("--region must be at least 8 MiB (1 MiB blocks at QD 8)");
     }
     let reps = c.repetitions_or(2, 5);
-    let which = Command::new(&args.fio).arg("--version").output();
-    let fio_version = match which {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        _ => bail!(
-            "{} not found: install Debian's fio package (scripts/test does)",
-            args.fio
-        ),
-    };
+    let fio_version = fio_version(&args.fio)?;
 
     // The set is at least `region` bytes (given devices are checked, the others made so).
     let set = DeviceSet::setup(c, 1, region, region)?;
@@ -246,65 +315,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     meta.devices = set.describe();
     harness::devices::precondition(&dev, 0, region)?;
 
+    let st = Settings {
+        args: &args,
+        secs,
+        region,
+        reps,
+    };
     let mut progress = Progress::new("exp-io", (reps as usize * WORKLOADS.len() * 2) as u64);
-    let mut ratios: Vec<(String, f64, f64)> = Vec::new();
+    let mut sums: Vec<(String, f64, f64)> = Vec::new();
     for w in &WORKLOADS {
-        let (mut sum_b, mut sum_f) = (0.0, 0.0);
-        for rep in 0..reps {
-            // Alternate which tool goes first, so drift affects both alike.
-            let order: [&str; 2] = if rep % 2 == 0 {
-                ["blocklab", "fio"]
-            } else {
-                ["fio", "blocklab"]
-            };
-            for tool in order {
-                let m = if tool == "blocklab" {
-                    run_blocklab(&dev, w, region, secs, args.fixed, 0x1000 + rep as u64)?
-                } else {
-                    run_fio(&args.fio, dev.path(), w, region, secs, args.fixed)?
-                };
-                let figure = if w.block_size >= 1 << 20 {
-                    m.mib_s
-                } else {
-                    m.iops
-                };
-                if tool == "blocklab" {
-                    sum_b += figure;
-                } else {
-                    sum_f += figure;
-                }
-                csv.write(&Row {
-                    tool,
-                    pattern: w.name,
-                    block_size_bytes: w.block_size,
-                    queue_depth: w.queue_depth,
-                    repetition: rep,
-                    iops: m.iops,
-                    bandwidth_mib_s: m.mib_s,
-                    lat_p50_us: m.p50_us,
-                    lat_p99_us: m.p99_us,
-                    device: dev.path().display().to_string(),
-                })?;
-                progress.step(&format!(
-                    "{tool} {} bs={} qd={} rep {rep}: {:.0} IOPS {:.0} MiB/s",
-                    w.name, w.block_size, w.queue_depth, m.iops, m.mib_s
-                ));
-            }
-        }
-        ratios.push((
+        let (sum_b, sum_f) = run_workload(&st, &dev, w, &mut csv, &mut progress)?;
+        sums.push((
             format!("{} bs={} qd={}", w.name, w.block_size, w.queue_depth),
             sum_b,
             sum_f,
         ));
     }
     progress.finish();
-    println!("blocklab / fio (IOPS for 4 KiB, MiB/s for 1 MiB; mean over {reps} repetitions):");
-    let mut summary = serde_json::Map::new();
-    for (name, b, f) in &ratios {
-        let r = if *f > 0.0 { b / f } else { f64::NAN };
-        println!("  {name:<28} {r:.3}");
-        summary.insert(name.clone(), serde_json::json!(r));
-    }
+    let summary = ratios(reps, &sums);
     meta.extra = serde_json::json!({
         "seconds_per_run": secs, "region_bytes": region, "fixed": args.fixed,
         "fio_version": fio_version, "ratio_blocklab_over_fio": summary,

@@ -25,13 +25,14 @@ use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::{self, ConnectOptions, Coord, CoordSpec};
 use blocklab::lunmap::editor::LunMap;
 use blocklab::lunmap::filesync::{self, FileEditor};
-use blocklab::lunmap::follow::{follow_coord, Follower};
+use blocklab::lunmap::follow::{follow_coord, Follower, OnChange};
 use blocklab::lunmap::gateway::GatewayClient;
 use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{mono_ns, Backing, Layout, Lun, Target};
 use clap::{Parser, ValueEnum};
+use harness::args::parse_ms;
 use harness::cli::lunmap::parse_zk;
-use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
+use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Percentiles, RunMeta};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -78,21 +79,21 @@ struct Args {
     #[arg(long)]
     changes: Option<usize>,
     /// Pause of each editor between its changes, in milliseconds.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 25)]
     change_gap_ms: u64,
     /// ZooKeeper session timeout of gateways and observer, in milliseconds (the private
     /// server runs with tickTime 500 ms, so 1000..10000 are possible).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 2000)]
     session_timeout_ms: u64,
     /// filesync: interval of the rsync-like copy to every gateway, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
     sync_interval_ms: u64,
     /// filesync: how often gateways poll their copy, in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 100)]
     poll_ms: u64,
     /// filesync: heartbeat advert interval in milliseconds (keepalived default 1000;
     /// a gateway is declared dead after 3 × advert + skew ≈ 3.6 × advert).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
     advert_ms: u64,
 }
 
@@ -153,6 +154,34 @@ impl Drop for Gateways {
     }
 }
 
+/// Records what a gateway's `--events` stdout reports (`ready ADDR`, `mapped LUN TARGET
+/// INITIATOR NS`, `gateway-down NODE NS`) until it closes; `ready` goes to `ready`.
+fn read_events(
+    gw: usize,
+    out: std::process::ChildStdout,
+    ready: mpsc::Sender<String>,
+    log: &Mutex<EventLog>,
+) {
+    // The first report of (gateway, key) counts.
+    let first = |map: &mut HashMap<(usize, String), u64>, key: &str, ns: &str| {
+        if let Ok(ns) = ns.parse() {
+            map.entry((gw, key.to_string())).or_insert(ns);
+        }
+    };
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { return };
+        let f: Vec<&str> = line.split(' ').collect();
+        match f.as_slice() {
+            ["ready", addr] => {
+                let _ = ready.send(addr.to_string());
+            }
+            ["mapped", _lun, _t, init, ns] => first(&mut log.lock().unwrap().mapped, init, ns),
+            ["gateway-down", node, ns] => first(&mut log.lock().unwrap().down, node, ns),
+            _ => {}
+        }
+    }
+}
+
 fn spawn_gateways(
     bin: &Path,
     count: usize,
@@ -184,36 +213,7 @@ fn spawn_gateways(
         let (tx, rx) = mpsc::channel();
         readies.push(rx);
         let log = Arc::clone(log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { return };
-                let f: Vec<&str> = line.split(' ').collect();
-                match f.as_slice() {
-                    ["ready", addr] => {
-                        let _ = tx.send(addr.to_string());
-                    }
-                    ["mapped", _lun, _t, init, ns] => {
-                        if let Ok(ns) = ns.parse() {
-                            log.lock()
-                                .unwrap()
-                                .mapped
-                                .entry((i, init.to_string()))
-                                .or_insert(ns);
-                        }
-                    }
-                    ["gateway-down", node, ns] => {
-                        if let Ok(ns) = ns.parse() {
-                            log.lock()
-                                .unwrap()
-                                .down
-                                .entry((i, node.to_string()))
-                                .or_insert(ns);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        });
+        std::thread::spawn(move || read_events(i, out, tx, &log));
     }
     for (i, rx) in readies.into_iter().enumerate() {
         let addr = rx.recv_timeout(Duration::from_secs(60)).with_context(|| {
@@ -262,208 +262,269 @@ struct RunCfg<'a> {
     device: &'a str,
 }
 
-fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> anyhow::Result<Row> {
-    let cluster = format!(
-        "{}-{}-g{}-e{}-r{}",
-        cfg.run_tag, cfg.backend, cfg.gateways, cfg.editors, cfg.rep
-    );
-    let layout = Layout::new(&cluster)?;
-    let tmp = tempfile::Builder::new()
-        .prefix("exp-lunmap-")
-        .tempdir()
-        .context("temporary directory")?;
-    let lun = Lun {
-        id: 0,
-        name: LUN.into(),
-        size_bytes: LUN_SIZE,
-        backing: Backing::Range {
-            device: cfg.device.into(),
-            offset: 0,
-        },
-    };
-    let session_timeout = Duration::from_millis(a.session_timeout_ms);
-    let opts = ConnectOptions {
-        session_timeout,
-        connect_deadline: Duration::from_secs(10),
-    };
-    let log = Arc::new(Mutex::new(EventLog::default()));
-    let observer_view = Arc::new(RwLock::new(MapView::new(layout.clone())));
-    let observer_down: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-    let on_obs = {
-        let d = Arc::clone(&observer_down);
+/// What one run's parts share: its map, its directory, the gateways' reports and the
+/// observer's view. Declared before the backend so the directory outlives the processes.
+struct RunCtx {
+    cluster: String,
+    layout: Layout,
+    tmp: tempfile::TempDir,
+    lun: Lun,
+    opts: ConnectOptions,
+    log: Arc<Mutex<EventLog>>,
+    observer_view: Arc<RwLock<MapView>>,
+    /// Dead node → when the observer noticed.
+    observer_down: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl RunCtx {
+    fn new(a: &Args, cfg: &RunCfg<'_>) -> anyhow::Result<RunCtx> {
+        let cluster = format!(
+            "{}-{}-g{}-e{}-r{}",
+            cfg.run_tag, cfg.backend, cfg.gateways, cfg.editors, cfg.rep
+        );
+        let layout = Layout::new(&cluster)?;
+        let tmp = tempfile::Builder::new()
+            .prefix("exp-lunmap-")
+            .tempdir()
+            .context("temporary directory")?;
+        let lun = Lun {
+            id: 0,
+            name: LUN.into(),
+            size_bytes: LUN_SIZE,
+            backing: Backing::Range {
+                device: cfg.device.into(),
+                offset: 0,
+            },
+        };
+        let opts = ConnectOptions {
+            session_timeout: Duration::from_millis(a.session_timeout_ms),
+            connect_deadline: Duration::from_secs(10),
+        };
+        Ok(RunCtx {
+            observer_view: Arc::new(RwLock::new(MapView::new(layout.clone()))),
+            cluster,
+            layout,
+            tmp,
+            lun,
+            opts,
+            log: Arc::default(),
+            observer_down: Arc::default(),
+        })
+    }
+    /// The observer's change callback: records when it noticed each dead gateway.
+    fn on_observed(&self) -> OnChange {
+        let d = Arc::clone(&self.observer_down);
         Box::new(move |c: &Change, ns: u64| {
             if let Change::GatewayDown { node } = c {
                 d.lock().unwrap().entry(node.clone()).or_insert(ns);
             }
         })
-    };
-    // Backend set-up: the LUN exists before gateways start.
-    let (editors, gws, _observer, _syncer): (Editors, Gateways, Follower, Option<Follower>) =
-        match cfg.backend {
-            BackendKind::Zookeeper | BackendKind::ZookeeperConfirm => {
-                let spec = zk.context("no ZooKeeper")?.clone();
-                let confirm = cfg.backend == BackendKind::ZookeeperConfirm;
-                let c = coord::connect(&spec, &opts)?;
-                LunMap::open(&*c, &cluster)?.create_lun(
-                    lun.id,
-                    LUN,
-                    LUN_SIZE,
-                    lun.backing.clone(),
-                )?;
-                let spec_s = spec.to_string();
-                let cl = cluster.clone();
-                let st = a.session_timeout_ms.to_string();
-                let gws = spawn_gateways(
-                    bin,
-                    cfg.gateways,
-                    &|_| {
-                        let mut v: Vec<String> = vec![
-                            "--coord".into(),
-                            spec_s.clone(),
-                            "--cluster".into(),
-                            cl.clone(),
-                            "--session-timeout-ms".into(),
-                            st.clone(),
-                        ];
-                        if confirm {
-                            v.push("--confirm-refusals".into());
-                        }
-                        v
-                    },
-                    tmp.path(),
-                    &log,
-                )?;
-                let obs: Arc<dyn Coord> = Arc::from(coord::connect(&spec, &opts)?);
-                let f = follow_coord(obs, layout.clone(), Arc::clone(&observer_view), on_obs)?;
-                (
-                    Editors::Zk {
-                        spec,
-                        opts: opts.clone(),
-                    },
-                    gws,
-                    f,
-                    None,
-                )
-            }
-            BackendKind::Filesync => {
-                let master = tmp.path().join("master.json");
-                let hb = tmp.path().join("heartbeats");
-                std::fs::create_dir_all(&hb)?;
-                let ed = FileEditor::new(&master);
-                ed.create_lun(lun.clone())?;
-                let dirs: Vec<PathBuf> = (0..cfg.gateways)
-                    .map(|i| tmp.path().join(format!("gw{i}")))
-                    .collect();
-                for d in &dirs {
-                    std::fs::create_dir_all(d)?;
-                }
-                let syncer = filesync::start_syncer(
-                    master.clone(),
-                    dirs.clone(),
-                    Duration::from_millis(a.sync_interval_ms),
-                );
-                let (hb_s, adv, poll) = (
-                    hb.display().to_string(),
-                    a.advert_ms.to_string(),
-                    a.poll_ms.to_string(),
-                );
-                let cl = cluster.clone();
-                let gws = spawn_gateways(
-                    bin,
-                    cfg.gateways,
-                    &|i| {
-                        vec![
-                            "--filesync-dir".into(),
-                            dirs[i].display().to_string(),
-                            "--heartbeat-dir".into(),
-                            hb_s.clone(),
-                            "--advert-ms".into(),
-                            adv.clone(),
-                            "--poll-ms".into(),
-                            poll.clone(),
-                            "--cluster".into(),
-                            cl.clone(),
-                        ]
-                    },
-                    tmp.path(),
-                    &log,
-                )?;
-                let f = filesync::follow_heartbeats(
-                    hb,
-                    Arc::clone(&observer_view),
-                    on_obs,
-                    Duration::from_millis(a.advert_ms),
-                );
-                (Editors::File(ed), gws, f, Some(syncer))
-            }
-        };
-    // Everyone sees every gateway before the measurement starts.
-    wait_until(
-        "the observer to see every gateway",
-        Duration::from_secs(60),
-        || {
-            let v = observer_view.read().unwrap();
-            gws.nodes.iter().all(|n| v.gateways.contains_key(n))
-        },
-    )?;
+    }
+}
 
-    // Editors.
-    let per_editor = cfg.changes.div_ceil(cfg.editors);
-    let acked: Mutex<Vec<Acked>> = Mutex::new(Vec::new());
-    let stale = std::sync::atomic::AtomicU64::new(0);
-    let gap = Duration::from_millis(a.change_gap_ms);
-    let target = Target {
-        iqn: TARGET.into(),
-        portal: "127.0.0.1:3260".into(),
+/// One backend at work: (filesync) the copier, the observer, the gateway processes and
+/// its editors. Fields drop in this order: the copier and the observer stop before the
+/// gateways are killed.
+struct Backend {
+    syncer: Option<Follower>,
+    observer: Follower,
+    gws: Gateways,
+    editors: Editors,
+}
+
+/// The ZooKeeper backend: the LUN created in ZooKeeper, gateways and the observer
+/// watching it.
+fn start_zookeeper(
+    a: &Args,
+    bin: &Path,
+    zk: Option<&CoordSpec>,
+    cfg: &RunCfg<'_>,
+    ctx: &RunCtx,
+) -> anyhow::Result<Backend> {
+    let spec = zk.context("no ZooKeeper")?.clone();
+    let c = coord::connect(&spec, &ctx.opts)?;
+    LunMap::open(&*c, &ctx.cluster)?.create_lun(
+        ctx.lun.id,
+        LUN,
+        LUN_SIZE,
+        ctx.lun.backing.clone(),
+    )?;
+    let mut args: Vec<String> = vec![
+        "--coord".into(),
+        spec.to_string(),
+        "--cluster".into(),
+        ctx.cluster.clone(),
+        "--session-timeout-ms".into(),
+        a.session_timeout_ms.to_string(),
+    ];
+    if cfg.backend == BackendKind::ZookeeperConfirm {
+        args.push("--confirm-refusals".into());
+    }
+    let gws = spawn_gateways(
+        bin,
+        cfg.gateways,
+        &|_| args.clone(),
+        ctx.tmp.path(),
+        &ctx.log,
+    )?;
+    let obs: Arc<dyn Coord> = Arc::from(coord::connect(&spec, &ctx.opts)?);
+    let observer = follow_coord(
+        obs,
+        ctx.layout.clone(),
+        Arc::clone(&ctx.observer_view),
+        ctx.on_observed(),
+    )?;
+    Ok(Backend {
+        editors: Editors::Zk {
+            spec,
+            opts: ctx.opts.clone(),
+        },
+        gws,
+        observer,
+        syncer: None,
+    })
+}
+
+/// The filesync baseline: a master file copied to one directory per gateway, gateways
+/// polling their copy and writing heartbeats, the observer following the heartbeats.
+fn start_filesync(a: &Args, bin: &Path, cfg: &RunCfg<'_>, ctx: &RunCtx) -> anyhow::Result<Backend> {
+    let master = ctx.tmp.path().join("master.json");
+    let hb = ctx.tmp.path().join("heartbeats");
+    std::fs::create_dir_all(&hb)?;
+    let ed = FileEditor::new(&master);
+    ed.create_lun(ctx.lun.clone())?;
+    let dirs: Vec<PathBuf> = (0..cfg.gateways)
+        .map(|i| ctx.tmp.path().join(format!("gw{i}")))
+        .collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d)?;
+    }
+    let syncer = filesync::start_syncer(
+        master.clone(),
+        dirs.clone(),
+        Duration::from_millis(a.sync_interval_ms),
+    );
+    let args_for = |i: usize| -> Vec<String> {
+        vec![
+            "--filesync-dir".into(),
+            dirs[i].display().to_string(),
+            "--heartbeat-dir".into(),
+            hb.display().to_string(),
+            "--advert-ms".into(),
+            a.advert_ms.to_string(),
+            "--poll-ms".into(),
+            a.poll_ms.to_string(),
+            "--cluster".into(),
+            ctx.cluster.clone(),
+        ]
     };
+    let gws = spawn_gateways(bin, cfg.gateways, &args_for, ctx.tmp.path(), &ctx.log)?;
+    let observer = filesync::follow_heartbeats(
+        hb,
+        Arc::clone(&ctx.observer_view),
+        ctx.on_observed(),
+        Duration::from_millis(a.advert_ms),
+    );
+    Ok(Backend {
+        editors: Editors::File(ed),
+        gws,
+        observer,
+        syncer: Some(syncer),
+    })
+}
+
+/// What the editor threads share.
+struct EditCtx<'a> {
+    editors: &'a Editors,
+    gws: &'a Gateways,
+    cluster: &'a str,
+    target: Target,
+    gap: Duration,
+    acked: Mutex<Vec<Acked>>,
+    /// Reads a gateway refused after the change was acknowledged.
+    stale: std::sync::atomic::AtomicU64,
+}
+
+impl EditCtx<'_> {
+    /// Editor `e`: `n` new initiators mapped to the LUN, each change followed by one
+    /// read per gateway as the new initiator.
+    fn edit(&self, e: usize, n: usize) -> anyhow::Result<()> {
+        let zk_session = match self.editors {
+            Editors::Zk { spec, opts } => Some(coord::connect(spec, opts)?),
+            Editors::File(_) => None,
+        };
+        let map = match &zk_session {
+            Some(c) => Some(LunMap::open(&**c, self.cluster)?),
+            None => None,
+        };
+        let mut clients = self
+            .gws
+            .addrs
+            .iter()
+            .map(|a| GatewayClient::connect(*a))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for k in 0..n {
+            let initiator = format!("iqn.2026-11.lab.host:e{e}-c{k}");
+            match (&map, self.editors) {
+                (Some(m), _) => {
+                    m.map(LUN, &self.target, &initiator)?;
+                }
+                (None, Editors::File(f)) => {
+                    f.map(LUN, &self.target, &initiator)?;
+                }
+                _ => unreachable!("editor without backend"),
+            }
+            let ack_ns = mono_ns();
+            self.acked.lock().unwrap().push(Acked {
+                initiator: initiator.clone(),
+                ack_ns,
+            });
+            self.read_each(&mut clients, &initiator)?;
+            std::thread::sleep(self.gap);
+        }
+        Ok(())
+    }
+    /// One read per gateway as `initiator`; a refusal is a stale read.
+    fn read_each(&self, clients: &mut [GatewayClient], initiator: &str) -> anyhow::Result<()> {
+        for c in clients.iter_mut() {
+            let (r, _) = c.read(LUN, TARGET, initiator, 0, 4096)?;
+            if r.refused {
+                self.stale
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else if !r.ok {
+                bail!("gateway I/O failed: {}", r.error);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the editor threads to the end: the acknowledged changes and the stale reads.
+fn run_editors(
+    a: &Args,
+    cfg: &RunCfg<'_>,
+    be: &Backend,
+    ctx: &RunCtx,
+) -> anyhow::Result<(Vec<Acked>, u64)> {
+    let ed = EditCtx {
+        editors: &be.editors,
+        gws: &be.gws,
+        cluster: &ctx.cluster,
+        target: Target {
+            iqn: TARGET.into(),
+            portal: "127.0.0.1:3260".into(),
+        },
+        gap: Duration::from_millis(a.change_gap_ms),
+        acked: Mutex::new(Vec::new()),
+        stale: Default::default(),
+    };
+    let per_editor = cfg.changes.div_ceil(cfg.editors);
     std::thread::scope(|s| -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for e in 0..cfg.editors {
-            let (editors, acked, stale, target, gws, cluster) =
-                (&editors, &acked, &stale, &target, &gws, &cluster);
             let n = per_editor.min(cfg.changes.saturating_sub(e * per_editor));
-            handles.push(s.spawn(move || -> anyhow::Result<()> {
-                let zk_session = match editors {
-                    Editors::Zk { spec, opts } => Some(coord::connect(spec, opts)?),
-                    Editors::File(_) => None,
-                };
-                let map = match &zk_session {
-                    Some(c) => Some(LunMap::open(&**c, cluster)?),
-                    None => None,
-                };
-                let mut clients = gws
-                    .addrs
-                    .iter()
-                    .map(|a| GatewayClient::connect(*a))
-                    .collect::<std::io::Result<Vec<_>>>()?;
-                for k in 0..n {
-                    let initiator = format!("iqn.2026-11.lab.host:e{e}-c{k}");
-                    match (&map, editors) {
-                        (Some(m), _) => {
-                            m.map(LUN, target, &initiator)?;
-                        }
-                        (None, Editors::File(f)) => {
-                            f.map(LUN, target, &initiator)?;
-                        }
-                        _ => unreachable!("editor without backend"),
-                    }
-                    let ack_ns = mono_ns();
-                    acked.lock().unwrap().push(Acked {
-                        initiator: initiator.clone(),
-                        ack_ns,
-                    });
-                    for c in clients.iter_mut() {
-                        let (r, _) = c.read(LUN, TARGET, &initiator, 0, 4096)?;
-                        if r.refused {
-                            stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        } else if !r.ok {
-                            bail!("gateway I/O failed: {}", r.error);
-                        }
-                    }
-                    std::thread::sleep(gap);
-                }
-                Ok(())
-            }));
+            let ed = &ed;
+            handles.push(s.spawn(move || ed.edit(e, n)));
         }
         for h in handles {
             h.join()
@@ -471,10 +532,16 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
         }
         Ok(())
     })?;
-    let acked = acked.into_inner().unwrap();
+    Ok((ed.acked.into_inner().unwrap(), ed.stale.into_inner()))
+}
 
-    // The final map: acknowledged changes missing from it are lost updates.
-    let final_initiators: std::collections::HashSet<String> = match &editors {
+/// The initiators of the final map: acknowledged changes missing from it are lost
+/// updates.
+fn final_initiators(
+    editors: &Editors,
+    layout: &Layout,
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    Ok(match editors {
         Editors::Zk { spec, opts } => {
             let c = coord::connect(spec, opts)?;
             LunMap::attach(&*c, layout.clone())
@@ -490,16 +557,18 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
             .filter(|t| t.target.iqn == TARGET)
             .flat_map(|t| t.initiators.iter().cloned())
             .collect(),
-    };
-    let lost_updates = acked
-        .iter()
-        .filter(|x| !final_initiators.contains(&x.initiator))
-        .count();
-    let surviving: Vec<&Acked> = acked
-        .iter()
-        .filter(|x| final_initiators.contains(&x.initiator))
-        .collect();
-    // Wait until every gateway applied every surviving change.
+    })
+}
+
+/// Waits (up to a budget) until every gateway applied every surviving change, then the
+/// propagation of each: from its acknowledgement to the last gateway applying it (changes
+/// that did not arrive are left out, with a warning).
+fn propagation(
+    a: &Args,
+    cfg: &RunCfg<'_>,
+    log: &Mutex<EventLog>,
+    surviving: &[&Acked],
+) -> Percentiles {
     let settle =
         Duration::from_millis(3 * (a.sync_interval_ms + a.poll_ms)) + Duration::from_secs(30);
     let arrived = wait_until("every gateway to apply every change", settle, || {
@@ -514,24 +583,29 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
         );
     }
     let mut hist = LatencyHist::new();
-    {
-        let l = log.lock().unwrap();
-        for x in &surviving {
-            let last = (0..cfg.gateways)
-                .map(|g| l.mapped.get(&(g, x.initiator.clone())).copied())
-                .collect::<Option<Vec<u64>>>();
-            if let Some(ts) = last {
-                let max = ts.into_iter().max().unwrap_or(x.ack_ns);
-                // A gateway can apply a change before the editor sees its acknowledgement.
-                hist.record(max.saturating_sub(x.ack_ns) / 1000);
-            }
+    let l = log.lock().unwrap();
+    for x in surviving {
+        let last = (0..cfg.gateways)
+            .map(|g| l.mapped.get(&(g, x.initiator.clone())).copied())
+            .collect::<Option<Vec<u64>>>();
+        if let Some(ts) = last {
+            let max = ts.into_iter().max().unwrap_or(x.ack_ns);
+            // A gateway can apply a change before the editor sees its acknowledgement.
+            hist.record(max.saturating_sub(x.ack_ns) / 1000);
         }
     }
-    let p = hist.percentiles();
+    hist.percentiles()
+}
 
-    // Failure detection: SIGKILL gw0; every other gateway and the observer must notice.
+/// Failure detection: SIGKILLs gateway 0 and waits until every other gateway and the
+/// observer noticed. Returns the ns from the kill to the last of them noticing.
+fn detect_dead(
+    a: &Args,
+    cfg: &RunCfg<'_>,
+    ctx: &RunCtx,
+    gws: &mut Gateways,
+) -> anyhow::Result<u64> {
     let victim = gws.nodes[0].clone();
-    let mut gws = gws;
     let kill_ns;
     {
         let child = gws.children[0].as_mut().context("gateway 0")?;
@@ -540,31 +614,66 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
         let _ = child.wait();
     }
     gws.children[0] = None;
-    let detect_budget = session_timeout
+    let detect_budget = ctx
+        .opts
+        .session_timeout
         .max(filesync::master_down(Duration::from_millis(a.advert_ms)))
         + Duration::from_secs(30);
     wait_until(
         "every party to notice the dead gateway",
         detect_budget,
         || {
-            let l = log.lock().unwrap();
-            observer_down.lock().unwrap().contains_key(&victim)
+            let l = ctx.log.lock().unwrap();
+            ctx.observer_down.lock().unwrap().contains_key(&victim)
                 && (1..cfg.gateways).all(|g| l.down.contains_key(&(g, victim.clone())))
         },
     )?;
-    let detected = {
-        let l = log.lock().unwrap();
-        let mut t = observer_down.lock().unwrap()[&victim];
-        for g in 1..cfg.gateways {
-            t = t.max(l.down[&(g, victim.clone())]);
+    let l = ctx.log.lock().unwrap();
+    let mut detected = ctx.observer_down.lock().unwrap()[&victim];
+    for g in 1..cfg.gateways {
+        detected = detected.max(l.down[&(g, victim.clone())]);
+    }
+    Ok(detected.saturating_sub(kill_ns))
+}
+
+fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> anyhow::Result<Row> {
+    let ctx = RunCtx::new(a, cfg)?;
+    // Backend set-up: the LUN exists before gateways start.
+    let be = match cfg.backend {
+        BackendKind::Zookeeper | BackendKind::ZookeeperConfirm => {
+            start_zookeeper(a, bin, zk, cfg, &ctx)?
         }
-        t
+        BackendKind::Filesync => start_filesync(a, bin, cfg, &ctx)?,
     };
+    // Everyone sees every gateway before the measurement starts.
+    wait_until(
+        "the observer to see every gateway",
+        Duration::from_secs(60),
+        || {
+            let v = ctx.observer_view.read().unwrap();
+            be.gws.nodes.iter().all(|n| v.gateways.contains_key(n))
+        },
+    )?;
+    let (acked, stale_reads) = run_editors(a, cfg, &be, &ctx)?;
+    let final_initiators = final_initiators(&be.editors, &ctx.layout)?;
+    let (surviving, lost): (Vec<&Acked>, Vec<&Acked>) = acked
+        .iter()
+        .partition(|x| final_initiators.contains(&x.initiator));
+    let p = propagation(a, cfg, &ctx.log, &surviving);
+    // The gateways go first (a SIGKILL, then the rest at drop); the copier and the
+    // observer stop at the end.
+    let Backend {
+        editors,
+        mut gws,
+        observer: _observer,
+        syncer: _syncer,
+    } = be;
+    let detect_ns = detect_dead(a, cfg, &ctx, &mut gws)?;
     drop(gws);
     if let Editors::Zk { spec, opts } = &editors {
         // Leave the shared server small: remove this run's subtree.
         if let Ok(c) = coord::connect(spec, opts) {
-            let _ = coord::delete_recursive(&*c, &layout.root());
+            let _ = coord::delete_recursive(&*c, &ctx.layout.root());
         }
     }
     let ms = |us: u64| us as f64 / 1000.0;
@@ -577,14 +686,45 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
         propagation_p50_ms: ms(p.p50),
         propagation_p99_ms: ms(p.p99),
         propagation_max_ms: ms(p.max),
-        lost_updates,
-        stale_reads: stale.into_inner(),
-        detect_dead_ms: detected.saturating_sub(kill_ns) as f64 / 1e6,
+        lost_updates: lost.len(),
+        stale_reads,
+        detect_dead_ms: detect_ns as f64 / 1e6,
     })
 }
 
 fn main() -> std::process::ExitCode {
     harness::exit_on_error("exp-lunmap", run(Args::parse()))
+}
+
+/// The ZooKeeper the runs use: `--coord`, else a private server when a backend needs one
+/// (kept running while the first value lives).
+fn zookeeper(a: &Args) -> anyhow::Result<(Option<ZkServer>, Option<CoordSpec>)> {
+    let needs_zk = a.backends.iter().any(|b| *b != BackendKind::Filesync);
+    Ok(match (&a.coord, needs_zk) {
+        (Some(s), _) => (None, Some(s.clone())),
+        (None, true) => {
+            eprintln!("starting a private ZooKeeper server");
+            let z = ZkServer::start().context("starting ZooKeeper (Debian package zookeeper)")?;
+            let spec = z.spec("/exp-lunmap");
+            (Some(z), Some(spec))
+        }
+        (None, false) => (None, None),
+    })
+}
+
+/// meta.json's `extra`: the run's settings.
+fn meta_extra(a: &Args, zk: Option<&CoordSpec>, changes: usize) -> serde_json::Value {
+    serde_json::json!({
+        "zookeeper": zk.map(|s| s.to_string()),
+        "session_timeout_ms": a.session_timeout_ms,
+        "sync_interval_ms": a.sync_interval_ms,
+        "poll_ms": a.poll_ms,
+        "advert_ms": a.advert_ms,
+        "master_down_ms": filesync::master_down(Duration::from_millis(a.advert_ms)).as_millis() as u64,
+        "change_gap_ms": a.change_gap_ms,
+        "changes": changes,
+        "lun_size_bytes": LUN_SIZE,
+    })
 }
 
 fn run(a: Args) -> anyhow::Result<()> {
@@ -604,29 +744,8 @@ fn run(a: Args) -> anyhow::Result<()> {
     let mut meta = RunMeta::start("exp-lunmap", a.common.profile);
     meta.devices = set.describe();
     let mut csv = CsvOut::<Row>::create(&a.common.out, "exp-lunmap.csv", a.common.overwrite)?;
-
-    let needs_zk = a.backends.iter().any(|b| *b != BackendKind::Filesync);
-    let (_server, zk_spec) = match (&a.coord, needs_zk) {
-        (Some(s), _) => (None, Some(s.clone())),
-        (None, true) => {
-            eprintln!("starting a private ZooKeeper server");
-            let z = ZkServer::start().context("starting ZooKeeper (Debian package zookeeper)")?;
-            let spec = z.spec("/exp-lunmap");
-            (Some(z), Some(spec))
-        }
-        (None, false) => (None, None),
-    };
-    meta.extra = serde_json::json!({
-        "zookeeper": zk_spec.as_ref().map(|s| s.to_string()),
-        "session_timeout_ms": a.session_timeout_ms,
-        "sync_interval_ms": a.sync_interval_ms,
-        "poll_ms": a.poll_ms,
-        "advert_ms": a.advert_ms,
-        "master_down_ms": filesync::master_down(Duration::from_millis(a.advert_ms)).as_millis() as u64,
-        "change_gap_ms": a.change_gap_ms,
-        "changes": changes,
-        "lun_size_bytes": LUN_SIZE,
-    });
+    let (_server, zk_spec) = zookeeper(&a)?;
+    meta.extra = meta_extra(&a, zk_spec.as_ref(), changes);
     let run_tag = format!("x{}", &meta.run_id[..8]);
     let total = reps as u64 * (a.gateways.len() * a.editors.len() * a.backends.len()) as u64;
     let mut progress = harness::progress::Progress::new("exp-lunmap", total);

@@ -22,7 +22,7 @@ use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
-use crate::args::parse_size;
+use crate::args::{parse_secs_f64, parse_size};
 
 /// One allocation in this many is timed for the latency histogram.
 const LATENCY_SAMPLE: u64 = 8;
@@ -277,7 +277,7 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub node: NodeArgs,
     /// How long to run after `go`, in seconds.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = parse_secs_f64, default_value_t = 1.0)]
     pub seconds: f64,
     /// Write 4 KiB into each allocated block (io_uring, O_DIRECT) before freeing it.
     #[arg(long)]

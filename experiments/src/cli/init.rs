@@ -18,6 +18,8 @@ use blocklab::monitor::{
 use clap::{Args, Subcommand};
 use uuid::Uuid;
 
+use crate::args::{parse_ms, parse_secs};
+
 /// `blocklab mkfs`.
 #[derive(Debug, Args)]
 pub struct MkfsArgs {
@@ -63,11 +65,11 @@ pub enum MonitorCmd {
         #[arg(long)]
         store: Option<String>,
         /// Least time between two proposals, in milliseconds (Ceph's default: 1000).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
         propose_interval_ms: u64,
         /// Least time a change waits for company when the monitor was idle, in
         /// milliseconds (Ceph's paxos_min_wait: 50; capped at the propose interval).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, value_parser = parse_ms, default_value_t = 0)]
         min_wait_ms: u64,
         /// fsid of a new cluster (default: random); must match an existing journal.
         #[arg(long)]
@@ -110,7 +112,7 @@ pub struct NodeArgs {
     #[arg(long = "device", required = true, num_args = 1.., value_delimiter = ',')]
     pub devices: Vec<PathBuf>,
     /// How long to keep retrying an unreachable monitor, in seconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = parse_secs, default_value_t = 5)]
     pub connect_retry_s: u64,
 }
 

@@ -17,19 +17,10 @@ use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{validate_simple_name, Backing, GatewayInfo, Layout};
 use clap::{Args, Subcommand};
 
-use crate::args::parse_size;
+use crate::args::{parse_ms, parse_offset, parse_size};
 
 /// Default coordination backend: the embedded store.
 pub const DEFAULT_COORD: &str = "embedded:/var/tmp/blocklab/coord.store";
-
-/// A byte offset: 0, or a size as `parse_size` reads it.
-fn parse_offset(s: &str) -> Result<u64, String> {
-    if s.trim() == "0" {
-        Ok(0)
-    } else {
-        parse_size(s)
-    }
-}
 
 fn parse_coord(s: &str) -> Result<CoordSpec, String> {
     CoordSpec::parse(s).map_err(|e| e.to_string())
@@ -65,10 +56,10 @@ pub struct MapArgs {
     #[arg(long, default_value = "default")]
     pub cluster: String,
     /// ZooKeeper session timeout in milliseconds.
-    #[arg(long, default_value_t = 6000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 6000)]
     pub session_timeout_ms: u64,
     /// How long to retry an unreachable ZooKeeper before giving up, in milliseconds.
-    #[arg(long, default_value_t = 10000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 10000)]
     pub connect_timeout_ms: u64,
 }
 
@@ -110,10 +101,10 @@ pub struct GatewayArgs {
     #[arg(long, requires = "filesync_dir")]
     pub heartbeat_dir: Option<PathBuf>,
     /// Baseline mode: heartbeat advert interval in milliseconds (keepalived's default: 1000).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
     pub advert_ms: u64,
     /// Baseline mode: how often the copied map file is polled, in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 100)]
     pub poll_ms: u64,
     /// Confirm each refusal with the coordination backend (sync + read) before returning
     /// it, so a mapping acknowledged but not yet delivered by the watch is served.

@@ -13,7 +13,7 @@ use blocklab::repl::replica::{self, NoHooks, PolicySpec, Regions, ReplicaOptions
 use blocklab::repl::NodeId;
 use clap::Subcommand;
 
-use crate::args::parse_size;
+use crate::args::{parse_duration, parse_ms, parse_ms_f64, parse_size, parse_us, TimeUnit};
 
 #[derive(Debug, Subcommand)]
 pub enum ReplCmd {
@@ -43,16 +43,16 @@ pub enum ReplCmd {
         #[arg(long)]
         device: PathBuf,
         /// Commit notification: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms.
-        #[arg(long, default_value = "idle", value_parser = PolicySpec::parse)]
+        #[arg(long, default_value = "idle", value_parser = parse_policy)]
         policy: PolicySpec,
         /// Length of a protocol tick in microseconds.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, value_parser = parse_us, default_value_t = 100)]
         tick_us: u64,
         /// Resend unacknowledged entries or notifications after this many milliseconds.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, value_parser = parse_ms, default_value_t = 200)]
         retransmit_ms: u64,
         /// Injected one-way delay on every frame this replica sends, in milliseconds.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, value_parser = parse_ms_f64, default_value_t = 0.0)]
         delay_ms: f64,
         /// Size of the log region (K/M/G) on a device that is not formatted; on a formatted
         /// daemon device the log lives in its log region.
@@ -85,6 +85,19 @@ pub enum ReplCmd {
         #[arg(long)]
         to: SocketAddr,
     },
+}
+
+/// A commit-notification policy (`--policy` here, exp-commit's `--policies`): as
+/// [`PolicySpec::parse`], with the duration of `periodic:H` and `idle_delayed:D` read by
+/// the one duration parser (a bare number is milliseconds: `periodic:50`, `periodic:50ms`,
+/// `idle_delayed:0.5ms`).
+pub fn parse_policy(s: &str) -> Result<PolicySpec, String> {
+    let duration = |p: &str| parse_duration(p, TimeUnit::Millis).map_err(|e| format!("{s:?}: {e}"));
+    match s.split_once(':') {
+        Some(("periodic", p)) => Ok(PolicySpec::Periodic(duration(p)?)),
+        Some(("idle_delayed", p)) => Ok(PolicySpec::IdleDelayed(duration(p)?)),
+        _ => PolicySpec::parse(s),
+    }
 }
 
 fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr), String> {

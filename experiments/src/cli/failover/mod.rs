@@ -17,7 +17,7 @@ use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::StoreConfig;
 use clap::{Args, Subcommand};
 
-use crate::args::parse_size;
+use crate::args::{parse_ms, parse_secs, parse_size};
 
 pub mod cluster;
 
@@ -53,7 +53,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Heartbeat period in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 100)]
     pub heartbeat_ms: u64,
     /// A peer silent for more than this many periods is dead.
     #[arg(long, default_value_t = 3)]
@@ -105,7 +105,7 @@ pub struct BlockServiceArgs {
     pub copy_rate_mib: u64,
     /// A node whose pings stop for this many ms is dead: its session-bound (client_retry)
     /// operations are abandoned.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 500)]
     pub session_timeout_ms: u64,
     /// Where the operation journal lives: `file` (journal.jsonl in --state-dir),
     /// `embedded:PATH` or `zk://host:port[,...][/chroot]` (the coordination backend).
@@ -130,11 +130,11 @@ pub struct VolumeArgs {
     pub op_id: Option<String>,
     /// Re-send the same operation id after this many ms without any message (the holder
     /// forwards keepalives while an operation runs).
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, value_parser = parse_ms, default_value_t = 5000)]
     pub resend_ms: u64,
     /// Give up after this many seconds without any message (not of total time: a long
     /// copy that keeps sending keepalives is waited for).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, value_parser = parse_secs, default_value_t = 60)]
     pub give_up_s: u64,
     #[command(subcommand)]
     pub cmd: VolumeCmd,
