@@ -75,7 +75,7 @@ enum Backing {
 /// Where memory-backed loop devices live.
 const MEMORY_STATE_DIR: &str = "/dev/shm/blocklab";
 
-/// Apply lag of commit-notification policies (see the README, "Idle-commit notification").
+/// Apply lag of commit-notification policies (see docs/repl.md).
 #[derive(Debug, Parser)]
 #[command(name = "exp-commit", version)]
 struct Args {
