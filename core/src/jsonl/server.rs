@@ -258,10 +258,7 @@ fn finish(shared: &Shared, handlers: Option<Vec<JoinHandle<()>>>) {
     }
     let mut conns = shared.conns();
     while !conns.is_empty() {
-        conns = shared
-            .closed
-            .wait(conns)
-            .unwrap_or_else(|p| p.into_inner());
+        conns = shared.closed.wait(conns).unwrap_or_else(|p| p.into_inner());
     }
 }
 
