@@ -147,7 +147,7 @@ pub fn records(addr: &str) -> Result<Vec<(u64, Location)>, AllocError> {
 #[derive(Debug)]
 pub struct IndexServer {
     pub addr: SocketAddr,
-    server: Option<Server<TcpListener>>,
+    server: Server<TcpListener>,
 }
 
 impl IndexServer {
@@ -162,26 +162,14 @@ impl IndexServer {
         let server = Server::serve(l, "index", move |mut conn: Conn<TcpStream>| {
             wire::converse(&mut conn, |req, _| Answer::Reply(handle(&state, req)))
         })
-        .map_err(|e| AllocError::net("starting the index server", e))?;
-        Ok(IndexServer {
-            addr,
-            server: Some(server),
-        })
+        .map_err(|e| AllocError::net("starting the index server", e))?
+        .keep_serving_when_dropped();
+        Ok(IndexServer { addr, server })
     }
 
     /// Stops the server; returns once its connections are closed.
-    pub fn stop(mut self) {
-        if let Some(s) = self.server.take() {
-            s.stop();
-        }
-    }
-}
-
-impl Drop for IndexServer {
-    fn drop(&mut self) {
-        if let Some(s) = self.server.take() {
-            s.detach();
-        }
+    pub fn stop(self) {
+        self.server.stop();
     }
 }
 

@@ -358,31 +358,18 @@ impl Leader {
 /// rest of the OS process (the leader role outlives a dropped [`NodeProcess`] handle, as
 /// it did before the servers could stop).
 struct LeaderServices {
-    internal: Option<Server<TcpListener>>,
+    internal: Server<TcpListener>,
     central: Option<Server<UnixListener>>,
 }
 
 impl LeaderServices {
     /// Stops the central allocator, then the internal port (whose end releases the
     /// central service's owner lock).
-    fn stop(mut self) {
-        if let Some(s) = self.central.take() {
+    fn stop(self) {
+        if let Some(s) = self.central {
             s.stop();
         }
-        if let Some(s) = self.internal.take() {
-            s.stop();
-        }
-    }
-}
-
-impl Drop for LeaderServices {
-    fn drop(&mut self) {
-        if let Some(s) = self.internal.take() {
-            s.detach();
-        }
-        if let Some(s) = self.central.take() {
-            s.detach();
-        }
+        self.internal.stop();
     }
 }
 
@@ -404,7 +391,8 @@ fn start_leader_services(
         rec.pid()
             .store(std::process::id() as u64, Ordering::Release);
         rec.busy().store(0, Ordering::Release);
-        central_server = Some(central::serve(at.clone(), rec, &central_socket(&cfg.dir))?);
+        let s = central::serve(at.clone(), rec, &central_socket(&cfg.dir))?;
+        central_server = Some(s.keep_serving_when_dropped());
     }
     let leader = Leader {
         cfg: cfg.clone(),
@@ -412,9 +400,10 @@ fn start_leader_services(
         _central_lock: central_lock,
     };
     let internal = Server::serve(listener, "alloc-leader", move |conn| leader.handle(conn))
-        .map_err(|e| AllocError::net("starting the leader's server", e))?;
+        .map_err(|e| AllocError::net("starting the leader's server", e))?
+        .keep_serving_when_dropped();
     Ok(LeaderServices {
-        internal: Some(internal),
+        internal,
         central: central_server,
     })
 }

@@ -137,7 +137,8 @@ fn shut_connections(shared: &Shared) {
     }
 }
 
-/// A running server. Dropping it stops it (see [`Server::stop`]).
+/// A running server. Dropping it stops it (see [`Server::stop`]), unless it was made to
+/// [`keep_serving_when_dropped`](Server::keep_serving_when_dropped).
 pub struct Server<L: Listener> {
     addr: L::Addr,
     name: String,
@@ -146,6 +147,7 @@ pub struct Server<L: Listener> {
     wake: OwnedFd,
     /// The accept loop; it returns the threads of the connections it started.
     acceptor: Option<JoinHandle<Vec<JoinHandle<()>>>>,
+    stop_on_drop: bool,
 }
 
 /// The server of the JSON-line request/response ports over TCP (monitor, node agents).
@@ -187,7 +189,16 @@ impl<L: Listener> Server<L> {
             shared,
             wake,
             acceptor: Some(acceptor),
+            stop_on_drop: true,
         })
+    }
+
+    /// Dropping the handle will leave the server running for the rest of the process (for
+    /// an owner that keeps only its address, as the binaries and tests do with the
+    /// allocation ports); [`stop`](Self::stop) still stops it.
+    pub fn keep_serving_when_dropped(mut self) -> Server<L> {
+        self.stop_on_drop = false;
+        self
     }
 
     pub fn addr(&self) -> L::Addr {
@@ -210,7 +221,10 @@ impl<L: Listener> Server<L> {
     /// returns), no further requests read from the open ones (a request being handled
     /// still gets its answer); returns once every connection is closed and its thread
     /// ended.
-    pub fn stop(self) {}
+    pub fn stop(mut self) {
+        let handlers = self.close_listener();
+        finish(&self.shared, handlers);
+    }
 
     /// [`stop`](Self::stop), except that the waiting for the open connections happens on
     /// a thread of its own: this returns once the listening socket is closed. For a
@@ -223,12 +237,6 @@ impl<L: Listener> Server<L> {
         if let Err(e) = std::thread::Builder::new().name(name).spawn(drain) {
             eprintln!("{}: no thread to wait for the connections: {e}", self.name);
         }
-    }
-
-    /// Leaves the server running, unstoppable, for the rest of the process (a server
-    /// whose handle its owner does not keep).
-    pub fn detach(mut self) {
-        drop(self.acceptor.take());
     }
 
     /// Stops accepting and shuts the connections' reading sides; returns the connection
@@ -264,7 +272,8 @@ fn finish(shared: &Shared, handlers: Option<Vec<JoinHandle<()>>>) {
 
 impl<L: Listener> Drop for Server<L> {
     fn drop(&mut self) {
-        if self.acceptor.is_some() {
+        // Not after `stop`, `wait` or `stop_in_background`, which took the accept loop.
+        if self.stop_on_drop && self.acceptor.is_some() {
             let handlers = self.close_listener();
             finish(&self.shared, handlers);
         }
