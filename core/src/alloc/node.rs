@@ -713,3 +713,42 @@ pub fn ask_leader<T: DeserializeOwned>(
 ) -> Result<T, AllocError> {
     wire::call(&format!("127.0.0.1:{internal_port}"), req)?.into_result()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn shutdown_stops_the_leader_servers_and_closes_their_connections() {
+        let files = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dev = files.path().join("a");
+        let f = std::fs::File::create(&dev).unwrap();
+        f.set_len((1 << 20) + 8 * 65536).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let cfg = NodeConfig {
+            dir: files.path().join("node"),
+            internal_port: port,
+            proc_id: 1,
+            strategy: Strategy::Central,
+            block_size: 65536,
+            devices: vec![DeviceSpec::path(&dev)],
+            unfilled_capacity: 4,
+        };
+        let p = NodeProcess::start(cfg.clone()).unwrap();
+        assert!(p.is_leader());
+        // The central allocator answers, and a client is connected to the internal port.
+        let mut a = p.allocator().unwrap();
+        let b = a.alloc(0).unwrap();
+        a.free(b).unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        p.shutdown();
+        assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0, "connection closed");
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert!(UnixStream::connect(central_socket(&cfg.dir)).is_err());
+    }
+}
