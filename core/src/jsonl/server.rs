@@ -116,6 +116,13 @@ impl<S: AsFd + From<OwnedFd>> Conn<S> {
     }
 }
 
+/// The descriptor of a connection, for code that polls several.
+impl<S: AsFd> AsFd for Conn<S> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
         let mut conns = self.shared.conns();
@@ -446,13 +453,6 @@ impl Server<TcpListener> {
                 Err(e) => Answer::ReplyAndClose(handler(Err(e))),
             });
         })
-    }
-}
-
-/// The descriptor of a connection, for code that polls several.
-impl<S: AsFd> AsFd for Conn<S> {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
     }
 }
 
