@@ -1,13 +1,16 @@
 //! Newline-delimited JSON over a byte stream: one message per line. The one codec of the
 //! crate's JSON-line protocols (monitor, node agents, allocation node / index / store
-//! ports, failover service and nodes); each protocol only defines its message types.
-//! [`tcp`]: the shared server (accept loop, connection registry, stop) and connect retry.
+//! ports, failover service and nodes, lunmap gateways); each protocol only defines its
+//! message types. [`server`]: the one server of every socket port (accept loop,
+//! connection registry, stop; connection and request/response modes), JSON-line or not;
+//! [`tcp`]: the client's connect retry.
 
 use std::io::{BufRead, Write};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub mod server;
 pub mod tcp;
 
 /// Longest accepted message line (a map of thousands of daemons fits easily).

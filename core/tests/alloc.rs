@@ -9,12 +9,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use blocklab::alloc::attached::{central_socket, proc_path, Attached};
 use blocklab::alloc::audit::{audit, Record};
 use blocklab::alloc::central::CentralClient;
 use blocklab::alloc::index::IndexServer;
-use blocklab::alloc::node::{
-    central_socket, proc_path, Attached, NodeConfig, NodeProcess, MAX_REQUEST_LINE,
-};
+use blocklab::alloc::node::{NodeConfig, NodeProcess};
 use blocklab::alloc::recovery;
 use blocklab::alloc::region::{region_of, resolve, RegionSource, RAW_OFFSET};
 use blocklab::alloc::segs::{
@@ -22,6 +21,7 @@ use blocklab::alloc::segs::{
 };
 use blocklab::alloc::shm::Segment;
 use blocklab::alloc::store::StoreService;
+use blocklab::alloc::wire::MAX_REQUEST_LINE;
 use blocklab::alloc::{
     AllocError, BlockAllocator, BlockRef, BlockState, ByteRange, DeviceRegion, DeviceSpec,
     LocalAllocator, Strategy,

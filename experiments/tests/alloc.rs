@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use blocklab::alloc::attached::{proc_path, Attached};
 use blocklab::alloc::audit::{audit, AuditReport, Record};
-use blocklab::alloc::node::{proc_path, Attached};
 use blocklab::alloc::segs::ProcSeg;
 use blocklab::alloc::{BlockRef, DeviceRegion, DeviceSpec, Strategy};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};

@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use blocklab::alloc::attached::Attached;
 use blocklab::alloc::audit::{audit, Record};
-use blocklab::alloc::index::{call, IndexRequest};
-use blocklab::alloc::node::Attached;
+use blocklab::alloc::index::records;
 use blocklab::alloc::store::{client_fetch, client_store};
 use blocklab::alloc::{AllocError, BlockRef, DeviceRegion, DeviceSpec};
 use blocklab::testing::{
@@ -124,7 +124,7 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
         assert_eq!(got, vec![data.clone()], "channel {ch}");
     }
     // Both nodes took data (the index moved on when one was full).
-    let recs = call(&index, &IndexRequest::Records).unwrap().records;
+    let recs = records(&index).unwrap();
     for name in ["node-a", "node-b"] {
         assert!(
             recs.iter().any(|(_, l)| l.node == name),
@@ -156,7 +156,7 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
     assert_eq!(client_fetch(&index, 999).unwrap(), vec![big]);
 
     // The audit of each node against the index's records: nothing leaked or doubled.
-    let recs = call(&index, &IndexRequest::Records).unwrap().records;
+    let recs = records(&index).unwrap();
     for (n, name) in ["node-a", "node-b"].iter().enumerate() {
         let at = Attached::open(dirs[n].path()).unwrap();
         let mine: Vec<Record> = recs
@@ -232,7 +232,7 @@ fn stores_go_on_when_a_node_process_dies_or_restarts_on_another_port() {
     drop(follower);
     store_all(200);
 
-    let recs = call(&index, &IndexRequest::Records).unwrap().records;
+    let recs = records(&index).unwrap();
     assert_eq!(recs.len(), 24);
     let at = Attached::open(dir.path()).unwrap();
     let mine: Vec<Record> = recs

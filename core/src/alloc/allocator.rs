@@ -18,7 +18,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::node::Attached;
+use super::attached::Attached;
 use super::segs::{BlockRef, BlockState, NodeSeg, ProcSeg, MAX_DEVICES};
 use super::{AllocError, Strategy, UNIT};
 

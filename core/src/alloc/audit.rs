@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use super::node::Attached;
+use super::attached::Attached;
 use super::segs::{BlockRef, BlockState};
 use super::AllocError;
 

@@ -13,6 +13,9 @@
 //!
 //! A client whose connection breaks (the leader died) connects again to the new leader's
 //! server, once per call, and repeats the call.
+//!
+//! The socket runs on the shared server ([`crate::jsonl::server`], connection mode): each
+//! accepted connection is handed to the one thread that serves them all.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,10 +25,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::allocator::{alloc_for, commit_for, free_with, BlockAllocator, Hints};
-use super::node::{proc_path, Attached, CENTRAL_PROC_ID};
+use super::attached::{proc_path, Attached};
 use super::recovery;
 use super::segs::{BlockRef, ProcSeg};
 use super::{AllocError, Strategy};
+use crate::jsonl::server::{Conn, Server};
+
+/// The proc id of the leader's central-allocation service record.
+pub const CENTRAL_PROC_ID: u16 = 0;
 
 const OP_ALLOC: u8 = 1;
 const OP_FREE: u8 = 2;
@@ -87,33 +94,33 @@ fn error_reply(e: &AllocError, dev: u16, block: u32) -> Vec<u8> {
     m
 }
 
-/// Serves central allocation on `path` (the leader). `rec` is the service's own busy
-/// record (proc id 0).
-pub fn serve(at: Arc<Attached>, rec: Arc<ProcSeg>, path: &Path) -> Result<(), AllocError> {
+/// Serves central allocation on `path` (the leader) until the returned server is stopped.
+/// `rec` is the service's own busy record (proc id 0).
+pub fn serve(
+    at: Arc<Attached>,
+    rec: Arc<ProcSeg>,
+    path: &Path,
+) -> Result<Server<UnixListener>, AllocError> {
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path).map_err(|e| AllocError::Os {
         path: path.to_path_buf(),
         op: "bind",
         source: e,
     })?;
-    // One server thread serialises every allocation: the point of the baseline.
-    let (tx, rx) = std::sync::mpsc::channel::<UnixStream>();
-    std::thread::Builder::new()
-        .name("alloc-central-accept".into())
-        .spawn(move || {
-            for s in l.incoming().flatten() {
-                if tx.send(s).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| AllocError::net("spawning", e))?;
+    // One server thread serialises every allocation: the point of the baseline. It ends
+    // once the server stopped (the channel's sender is gone) and its connections closed.
+    let (tx, rx) = std::sync::mpsc::channel::<UnixConn>();
     std::thread::Builder::new()
         .name("alloc-central".into())
         .spawn(move || serve_loop(at, rec, rx))
         .map_err(|e| AllocError::net("spawning", e))?;
-    Ok(())
+    Server::serve(l, "alloc-central", move |c| {
+        let _ = tx.send(c);
+    })
+    .map_err(|e| AllocError::net("starting the central allocator's server", e))
 }
+
+type UnixConn = Conn<UnixStream>;
 
 /// Checks a hello: `id` is a registered process and the peer is that process. On a
 /// reconnect, returns the caller's orphaned in-flight blocks.
@@ -148,8 +155,8 @@ fn hello(at: &Attached, s: &UnixStream, id: u16, flags: u8) -> Result<(), AllocE
 }
 
 /// Polls every connection in turn (one thread; the allocator itself is single-threaded).
-fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receiver<UnixStream>) {
-    let mut conns: Vec<(UnixStream, Option<u16>)> = Vec::new();
+fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receiver<UnixConn>) {
+    let mut conns: Vec<(UnixConn, Option<u16>)> = Vec::new();
     let mut hints = Hints::new(rec.proc_id());
     loop {
         loop {
@@ -185,10 +192,11 @@ fn serve_loop(at: Arc<Attached>, rec: Arc<ProcSeg>, rx: std::sync::mpsc::Receive
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
         let mut dead = Vec::new();
-        for (i, (s, who)) in conns.iter_mut().enumerate() {
+        for (i, (c, who)) in conns.iter_mut().enumerate() {
             if !ready[i] {
                 continue;
             }
+            let s = c.stream_mut();
             let reply = match *who {
                 None => {
                     let mut h = [0u8; 4];

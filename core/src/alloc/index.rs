@@ -1,5 +1,6 @@
 //! The index server: per node, the external endpoint of each of its processes; per
-//! channel, where its data went. JSON lines over TCP.
+//! channel, where its data went. JSON lines over TCP ([`super::wire::IndexRequest`]), on
+//! the shared server ([`crate::jsonl::server`]).
 //!
 //! * `register_process {node, proc_id, endpoint}`: a node process announces its external
 //!   port; a restarted process (same node and proc id) replaces its old endpoint.
@@ -13,109 +14,19 @@
 //! * `device_online {node, device}`: tells one of the node's processes that a device came
 //!   online; the node's leader initialises it.
 //!
-//! A line that is not a valid request gets `{ok: false, kind: "bad_request", error}`.
+//! A line that is not a valid request gets `{ok: false, kind: "bad_request", error}`
+//! ([`super::wire::Reply`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
-use super::node::{next_request, recv_line, send_line, Incoming, KIND_BAD_REQUEST};
-use super::region::DeviceSpec;
+use super::wire::{
+    self, Body, DeviceAdded, Done, ErrorKind, IndexRequest, Located, Location, Records, Reply,
+    Routed, StoreRequest,
+};
 use super::AllocError;
-
-/// Where a piece of a channel's data lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Location {
-    pub node: String,
-    pub device: PathBuf,
-    pub dev: u16,
-    pub block: u32,
-    /// Byte offset of the data on the device.
-    pub device_offset: u64,
-    /// Offset of the data inside its block.
-    pub offset_in_block: u64,
-    pub len: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum IndexRequest {
-    RegisterProcess {
-        node: String,
-        proc_id: u16,
-        endpoint: String,
-    },
-    Route {
-        channel: u64,
-        exclude: Vec<String>,
-    },
-    Unreachable {
-        node: String,
-        endpoint: String,
-    },
-    NodeFull {
-        node: String,
-    },
-    Record {
-        channel: u64,
-        loc: Location,
-    },
-    Lookup {
-        channel: u64,
-    },
-    Records,
-    DeviceOnline {
-        node: String,
-        device: DeviceSpec,
-    },
-}
-
-/// Error kinds a client can act on.
-pub const KIND_NOT_FOUND: &str = "not_found";
-pub const KIND_CLUSTER_FULL: &str = "cluster_full";
-pub const KIND_NODE_FULL: &str = "node_full";
-pub const KIND_TOO_LARGE: &str = "too_large";
-pub const KIND_NO_NODE: &str = "no_node";
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct IndexReply {
-    pub ok: bool,
-    #[serde(default)]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub kind: Option<String>,
-    #[serde(default)]
-    pub node: Option<String>,
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default)]
-    pub locs: Vec<Location>,
-    #[serde(default)]
-    pub records: Vec<(u64, Location)>,
-    #[serde(default)]
-    pub dev: Option<u16>,
-}
-
-impl IndexReply {
-    pub fn ok() -> IndexReply {
-        IndexReply {
-            ok: true,
-            ..Default::default()
-        }
-    }
-    pub fn err(kind: Option<&str>, e: impl std::fmt::Display) -> IndexReply {
-        IndexReply {
-            ok: false,
-            error: Some(e.to_string()),
-            kind: kind.map(str::to_string),
-            ..Default::default()
-        }
-    }
-}
+use crate::jsonl::server::{Answer, Conn, Server};
 
 #[derive(Debug, Default)]
 struct NodeEntry {
@@ -134,7 +45,8 @@ pub struct IndexState {
 
 impl IndexState {
     /// Handles one request that needs no forwarding.
-    pub fn apply(&mut self, req: IndexRequest) -> IndexReply {
+    pub fn apply(&mut self, req: IndexRequest) -> Reply<Body> {
+        let done = || Reply::Ok(Body::Done(Done {}));
         match req {
             IndexRequest::RegisterProcess {
                 node,
@@ -143,57 +55,28 @@ impl IndexState {
             } => {
                 let e = self.nodes.entry(node).or_default();
                 e.endpoints.insert(proc_id, endpoint);
-                IndexReply::ok()
+                done()
             }
-            IndexRequest::Route { channel, exclude } => {
-                if self.nodes.values().all(|e| e.endpoints.is_empty()) {
-                    return IndexReply::err(
-                        Some(KIND_NO_NODE),
-                        "no node process is registered with the index",
-                    );
-                }
-                let cands: Vec<(&String, &NodeEntry)> = self
-                    .nodes
-                    .iter()
-                    .filter(|(n, e)| !e.full && !exclude.contains(n) && !e.endpoints.is_empty())
-                    .collect();
-                if cands.is_empty() {
-                    return IndexReply::err(
-                        Some(KIND_CLUSTER_FULL),
-                        "the cluster is full: no node has room",
-                    );
-                }
-                let (n, e) = cands[self.next % cands.len()];
-                self.next = self.next.wrapping_add(1);
-                let i = (channel % e.endpoints.len() as u64) as usize;
-                IndexReply {
-                    node: Some(n.clone()),
-                    endpoint: e.endpoints.values().nth(i).cloned(),
-                    ..IndexReply::ok()
-                }
-            }
+            IndexRequest::Route { channel, exclude } => self.route(channel, &exclude).into_body(),
             IndexRequest::Unreachable { node, endpoint } => {
                 if let Some(e) = self.nodes.get_mut(&node) {
                     e.endpoints.retain(|_, ep| *ep != endpoint);
                 }
-                IndexReply::ok()
+                done()
             }
             IndexRequest::NodeFull { node } => {
                 if let Some(e) = self.nodes.get_mut(&node) {
                     e.full = true;
                 }
-                IndexReply::ok()
+                done()
             }
             IndexRequest::Record { channel, loc } => {
                 self.records.entry(channel).or_default().push(loc);
-                IndexReply::ok()
+                done()
             }
             IndexRequest::Lookup { channel } => match self.records.get(&channel) {
-                Some(l) => IndexReply {
-                    locs: l.clone(),
-                    ..IndexReply::ok()
-                },
-                None => IndexReply::err(Some(KIND_NOT_FOUND), AllocError::NotFound { channel }),
+                Some(l) => Reply::Ok(Body::Located(Located { locs: l.clone() })),
+                None => Reply::refused(Some(ErrorKind::NotFound), AllocError::NotFound { channel }),
             },
             IndexRequest::Records => {
                 let mut records: Vec<(u64, Location)> = self
@@ -202,19 +85,45 @@ impl IndexState {
                     .flat_map(|(c, ls)| ls.iter().map(|l| (*c, l.clone())))
                     .collect();
                 records.sort_by_key(|r| r.0);
-                IndexReply {
-                    records,
-                    ..IndexReply::ok()
-                }
+                Reply::Ok(Body::Records(Records { records }))
             }
             IndexRequest::DeviceOnline { node, .. } => {
                 // A device coming online gives the node room again.
                 if let Some(e) = self.nodes.get_mut(&node) {
                     e.full = false;
                 }
-                IndexReply::ok()
+                done()
             }
         }
+    }
+
+    fn route(&mut self, channel: u64, exclude: &[String]) -> Reply<Routed> {
+        if self.nodes.values().all(|e| e.endpoints.is_empty()) {
+            return Reply::refused(
+                Some(ErrorKind::NoNode),
+                "no node process is registered with the index",
+            );
+        }
+        let cands: Vec<(&String, &NodeEntry)> = self
+            .nodes
+            .iter()
+            .filter(|(n, e)| !e.full && !exclude.contains(n) && !e.endpoints.is_empty())
+            .collect();
+        if cands.is_empty() {
+            return Reply::refused(
+                Some(ErrorKind::ClusterFull),
+                "the cluster is full: no node has room",
+            );
+        }
+        let (n, e) = cands[self.next % cands.len()];
+        self.next = self.next.wrapping_add(1);
+        let i = (channel % e.endpoints.len() as u64) as usize;
+        // `i` is below the number of endpoints, which is not zero.
+        let endpoint = e.endpoints.values().nth(i).cloned().unwrap_or_default();
+        Reply::Ok(Routed {
+            node: n.clone(),
+            endpoint,
+        })
     }
 
     fn endpoints(&self, node: &str) -> Vec<String> {
@@ -225,20 +134,20 @@ impl IndexState {
     }
 }
 
-/// Sends one request to `addr` and reads the reply.
-pub fn call<Q: Serialize>(addr: &str, req: &Q) -> Result<IndexReply, AllocError> {
-    let mut s = TcpStream::connect(addr)
-        .map_err(|e| AllocError::net(format!("connecting to {addr}"), e))?;
-    send_line(&mut s, req).map_err(|e| AllocError::net(format!("sending to {addr}"), e))?;
-    let mut r = BufReader::new(s);
-    recv_line::<IndexReply>(&mut r)?
-        .ok_or_else(|| AllocError::Protocol(format!("{addr} closed the connection")))
+/// Every record of the index at `addr`, by channel.
+pub fn records(addr: &str) -> Result<Vec<(u64, Location)>, AllocError> {
+    Ok(wire::call::<_, Records>(addr, &IndexRequest::Records)?
+        .into_result()?
+        .records)
 }
 
-/// A running index server.
+/// A running index server. Dropping the handle leaves it running for the rest of the
+/// process (the `index serve` process and the tests keep only its address);
+/// [`stop`](Self::stop) stops it.
 #[derive(Debug)]
 pub struct IndexServer {
     pub addr: SocketAddr,
+    server: Server<TcpListener>,
 }
 
 impl IndexServer {
@@ -250,77 +159,65 @@ impl IndexServer {
             .local_addr()
             .map_err(|e| AllocError::net("local_addr", e))?;
         let state = Arc::new(Mutex::new(IndexState::default()));
-        std::thread::Builder::new()
-            .name("index-accept".into())
-            .spawn(move || {
-                for s in l.incoming().flatten() {
-                    let st = state.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("index-conn".into())
-                        .spawn(move || serve_conn(st, s));
-                }
-            })
-            .map_err(|e| AllocError::net("spawning", e))?;
-        Ok(IndexServer { addr })
+        let server = Server::serve(l, "index", move |mut conn: Conn<TcpStream>| {
+            wire::converse(&mut conn, |req, _| Answer::Reply(handle(&state, req)))
+        })
+        .map_err(|e| AllocError::net("starting the index server", e))?
+        .keep_serving_when_dropped();
+        Ok(IndexServer { addr, server })
+    }
+
+    /// Stops the server; returns once its connections are closed.
+    pub fn stop(self) {
+        self.server.stop();
     }
 }
 
-fn serve_conn(state: Arc<Mutex<IndexState>>, s: TcpStream) {
-    let Ok(mut w) = s.try_clone() else { return };
-    let mut r = BufReader::new(s);
+/// One request, with the forwarding and checks that need the network (outside the
+/// state's lock).
+fn handle(state: &Mutex<IndexState>, req: IndexRequest) -> Reply<Body> {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let (reply, close) = match next_request::<IndexRequest>(&mut r) {
-            Incoming::End => break,
-            Incoming::Bad { error, fatal } => {
-                (IndexReply::err(Some(KIND_BAD_REQUEST), error), fatal)
-            }
-            Incoming::Request(IndexRequest::DeviceOnline { node, device }) => {
-                let eps = lock().endpoints(&node);
-                let fwd = super::store::StoreRequest::DeviceOnline {
-                    device: device.clone(),
-                };
-                let mut rep = IndexReply::err(None, format!("node {node:?} has no process"));
-                for ep in eps {
-                    match call(&ep, &fwd) {
-                        Ok(r) if r.ok => {
-                            lock().apply(IndexRequest::DeviceOnline {
-                                node: node.clone(),
-                                device: device.clone(),
-                            });
-                            rep = r;
-                            break;
-                        }
-                        Ok(r) => rep = r,
-                        Err(e) => rep = IndexReply::err(None, e),
+    match req {
+        IndexRequest::DeviceOnline { node, device } => {
+            let eps = lock().endpoints(&node);
+            let fwd = StoreRequest::DeviceOnline {
+                device: device.clone(),
+            };
+            let mut rep = Reply::refused(None, format!("node {node:?} has no process"));
+            for ep in eps {
+                match wire::call::<_, DeviceAdded>(&ep, &fwd) {
+                    Ok(Reply::Ok(added)) => {
+                        lock().apply(IndexRequest::DeviceOnline {
+                            node: node.clone(),
+                            device: device.clone(),
+                        });
+                        return Reply::Ok(Body::DeviceAdded(added));
                     }
+                    Ok(Reply::Refused(r)) => rep = Reply::Refused(r),
+                    Err(e) => rep = Reply::refused(None, e),
                 }
-                (rep, false)
             }
-            Incoming::Request(IndexRequest::Unreachable { node, endpoint }) => {
-                // Forget the endpoint only if the index cannot reach it either.
-                let reachable = endpoint.parse::<SocketAddr>().is_ok_and(|a| {
-                    TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok()
-                });
-                let rep = if reachable {
-                    IndexReply::ok()
-                } else {
-                    lock().apply(IndexRequest::Unreachable { node, endpoint })
-                };
-                (rep, false)
-            }
-            Incoming::Request(other) => (lock().apply(other), false),
-        };
-        if send_line(&mut w, &reply).is_err() || close {
-            break;
+            rep
         }
-        let _ = w.flush();
+        IndexRequest::Unreachable { node, endpoint } => {
+            // Forget the endpoint only if the index cannot reach it either.
+            let reachable = endpoint.parse::<SocketAddr>().is_ok_and(|a| {
+                TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok()
+            });
+            if reachable {
+                Reply::Ok(Body::Done(Done {}))
+            } else {
+                lock().apply(IndexRequest::Unreachable { node, endpoint })
+            }
+        }
+        other => lock().apply(other),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alloc::region::DeviceSpec;
 
     fn loc(node: &str) -> Location {
         Location {
@@ -334,66 +231,57 @@ mod tests {
         }
     }
 
+    fn kind(r: &Reply<Body>) -> Option<ErrorKind> {
+        match r {
+            Reply::Refused(f) => f.kind,
+            Reply::Ok(_) => None,
+        }
+    }
+
+    fn route(s: &mut IndexState, channel: u64, exclude: &[&str]) -> Reply<Body> {
+        s.apply(IndexRequest::Route {
+            channel,
+            exclude: exclude.iter().map(|n| n.to_string()).collect(),
+        })
+    }
+
+    /// The (node, endpoint) a route picked.
+    fn routed(r: Reply<Body>) -> (String, String) {
+        match r {
+            Reply::Ok(Body::Routed(r)) => (r.node, r.endpoint),
+            other => panic!("not routed: {other:?}"),
+        }
+    }
+
     #[test]
     fn routing_skips_full_and_excluded_nodes_then_reports_cluster_full() {
         let mut s = IndexState::default();
-        let r = s.apply(IndexRequest::Route {
-            channel: 1,
-            exclude: vec![],
-        });
-        assert_eq!(
-            r.kind.as_deref(),
-            Some(KIND_NO_NODE),
-            "empty cluster: {r:?}"
-        );
+        let r = route(&mut s, 1, &[]);
+        assert_eq!(kind(&r), Some(ErrorKind::NoNode), "empty cluster: {r:?}");
         for (n, id, ep) in [("a", 1, "1"), ("a", 2, "2"), ("b", 1, "3")] {
-            assert!(
-                s.apply(IndexRequest::RegisterProcess {
-                    node: n.into(),
-                    proc_id: id,
-                    endpoint: ep.into()
-                })
-                .ok
-            );
+            let r = s.apply(IndexRequest::RegisterProcess {
+                node: n.into(),
+                proc_id: id,
+                endpoint: ep.into(),
+            });
+            assert_eq!(r, Reply::Ok(Body::Done(Done {})));
         }
-        let r = s.apply(IndexRequest::Route {
-            channel: 1,
-            exclude: vec![],
-        });
-        assert!(r.ok);
-        let r = s.apply(IndexRequest::Route {
-            channel: 1,
-            exclude: vec!["a".into()],
-        });
-        assert_eq!(r.node.as_deref(), Some("b"));
-        assert_eq!(r.endpoint.as_deref(), Some("3"));
+        routed(route(&mut s, 1, &[]));
+        assert_eq!(routed(route(&mut s, 1, &["a"])), ("b".into(), "3".into()));
         s.apply(IndexRequest::NodeFull { node: "b".into() });
-        let r = s.apply(IndexRequest::Route {
-            channel: 3,
-            exclude: vec![],
-        });
-        assert_eq!(r.node.as_deref(), Some("a"));
         assert_eq!(
-            r.endpoint.as_deref(),
-            Some("2"),
+            routed(route(&mut s, 3, &[])),
+            ("a".into(), "2".into()),
             "process picked by channel"
         );
-        let r = s.apply(IndexRequest::Route {
-            channel: 3,
-            exclude: vec!["a".into()],
-        });
-        assert!(!r.ok);
-        assert_eq!(r.kind.as_deref(), Some(KIND_CLUSTER_FULL));
+        let r = route(&mut s, 3, &["a"]);
+        assert_eq!(kind(&r), Some(ErrorKind::ClusterFull), "{r:?}");
         // A device coming online on b makes it routable again.
         s.apply(IndexRequest::DeviceOnline {
             node: "b".into(),
             device: DeviceSpec::path("/dev/y"),
         });
-        let r = s.apply(IndexRequest::Route {
-            channel: 3,
-            exclude: vec!["a".into()],
-        });
-        assert_eq!(r.node.as_deref(), Some("b"));
+        assert_eq!(routed(route(&mut s, 3, &["a"])).0, "b");
     }
 
     #[test]
@@ -410,16 +298,7 @@ mod tests {
         reg(&mut s, 2, "ep-2");
         // Process 1 restarts on another port: its old endpoint is gone.
         reg(&mut s, 1, "new-1");
-        let eps: Vec<String> = (0..4)
-            .map(|ch| {
-                s.apply(IndexRequest::Route {
-                    channel: ch,
-                    exclude: vec![],
-                })
-                .endpoint
-                .unwrap()
-            })
-            .collect();
+        let eps: Vec<String> = (0..4).map(|ch| routed(route(&mut s, ch, &[])).1).collect();
         assert_eq!(eps, ["new-1", "ep-2", "new-1", "ep-2"]);
         // Process 2 died without a restart: once reported, every channel goes to 1.
         s.apply(IndexRequest::Unreachable {
@@ -427,32 +306,30 @@ mod tests {
             endpoint: "ep-2".into(),
         });
         for ch in 0..4 {
-            let r = s.apply(IndexRequest::Route {
-                channel: ch,
-                exclude: vec![],
-            });
-            assert_eq!(r.endpoint.as_deref(), Some("new-1"));
+            assert_eq!(routed(route(&mut s, ch, &[])).1, "new-1");
         }
         // Every process gone: no node, rather than a full cluster.
         s.apply(IndexRequest::Unreachable {
             node: "a".into(),
             endpoint: "new-1".into(),
         });
-        let r = s.apply(IndexRequest::Route {
-            channel: 0,
-            exclude: vec![],
-        });
-        assert_eq!(r.kind.as_deref(), Some(KIND_NO_NODE), "{r:?}");
-        assert!(r.error.unwrap().contains("no node"));
+        match route(&mut s, 0, &[]) {
+            Reply::Refused(f) => {
+                assert_eq!(f.kind, Some(ErrorKind::NoNode), "{f:?}");
+                assert!(f.error.contains("no node"), "{f:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn lookup_of_a_channel_never_stored_is_a_clear_not_found() {
         let mut s = IndexState::default();
         let r = s.apply(IndexRequest::Lookup { channel: 42 });
-        assert!(!r.ok);
-        assert_eq!(r.kind.as_deref(), Some(KIND_NOT_FOUND));
-        assert_eq!(r.error.as_deref(), Some("channel 42 was never stored"));
+        assert_eq!(
+            r,
+            Reply::refused(Some(ErrorKind::NotFound), "channel 42 was never stored")
+        );
         s.apply(IndexRequest::Record {
             channel: 42,
             loc: loc("a"),
@@ -462,7 +339,33 @@ mod tests {
             loc: loc("b"),
         });
         let r = s.apply(IndexRequest::Lookup { channel: 42 });
-        assert_eq!(r.locs, vec![loc("a"), loc("b")]);
-        assert_eq!(s.apply(IndexRequest::Records).records.len(), 2);
+        assert_eq!(
+            r,
+            Reply::Ok(Body::Located(Located {
+                locs: vec![loc("a"), loc("b")]
+            }))
+        );
+        match s.apply(IndexRequest::Records) {
+            Reply::Ok(Body::Records(r)) => assert_eq!(r.records.len(), 2),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_server_answers_and_stops_with_a_client_connected() {
+        use std::io::{BufRead, BufReader, Write};
+        let s = IndexServer::start("127.0.0.1:0").unwrap();
+        let addr = s.addr.to_string();
+        assert_eq!(records(&addr).unwrap(), vec![]);
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.write_all(b"{\"op\":\"records\"}\n").unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true,\"records\":[]}\n");
+        s.stop();
+        line.clear();
+        assert_eq!(r.read_line(&mut line).unwrap(), 0, "closed by the stop");
+        assert!(records(&addr).is_err(), "no longer listening");
     }
 }

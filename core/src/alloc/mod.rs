@@ -17,13 +17,16 @@
 //!
 //! Crash recovery ([`recovery`]) pauses the node, waits until no live process is inside
 //! an allocator operation, returns a dead process's in-flight blocks and rebuilds the free
-//! structures from the per-block state words. [`region`] resolves a device to its block
+//! structures from the per-block state words. [`attached`] is a process's view of the
+//! node's segments and where each lives. [`region`] resolves a device to its block
 //! region. [`audit`] walks every block of every device.
-//! [`index`] is the index server, [`store`] the process's external port and the client.
+//! [`index`] is the index server, [`store`] the process's external port and the client;
+//! [`wire`] holds the messages of the node, index and store ports.
 //!
 //! `unsafe` lives only in [`shm`] and [`shm_lock`] (the crate denies it elsewhere).
 
 pub mod allocator;
+pub mod attached;
 pub mod audit;
 pub mod central;
 pub mod index;
@@ -36,6 +39,7 @@ pub mod shm;
 #[allow(unsafe_code)]
 pub mod shm_lock;
 pub mod store;
+pub mod wire;
 
 use std::path::PathBuf;
 

@@ -8,6 +8,9 @@
 //!   recover every process record whose process is dead (this releases what a previous
 //!   leader incarnation left), then serve the port. Failure → follower: connect and
 //!   register. Both roles refuse a node of another strategy or block size.
+//! * The leader serves the internal port ([`super::wire::NodeRequest`]) on the shared
+//!   server ([`crate::jsonl::server`]), and under the `central` strategy the central
+//!   allocator ([`super::central`]); [`NodeProcess::shutdown`] stops both.
 //! * Registration (`{"op":"register",...}` JSON line): the leader creates
 //!   `proc-<id>.shm` for a first-time process; a process that ran before hands over the
 //!   path of its existing segment, whose in-flight block the leader returns (unless that
@@ -23,32 +26,37 @@
 //!   are handed out in order; once all [`MAX_DEVICES`] were used, the lowest index whose
 //!   segment is gone is reused (processes then replace their mapping of it).
 //! * Everything that creates or removes segments or recovers records runs under the
-//!   process's `admin` lock ([`Attached`]); only the leader does it.
+//!   process's `admin` lock ([`Attached`], [`super::attached`]); only the leader does it.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 
 use super::allocator::{BlockAllocator, LocalAllocator};
-use super::central::{self, CentralClient};
+use super::attached::{
+    central_socket, device_path, io, node_path, proc_path, unfilled_path, Attached,
+};
+use super::central::{self, CentralClient, CENTRAL_PROC_ID};
 use super::recovery;
 use super::region::{self, DeviceSpec};
 use super::segs::{
     check_block_size, DeviceSeg, NodeSeg, OwnerLock, ProcSeg, UnfilledSeg, MAX_DEVICES,
     STATUS_OFFLINE,
 };
-use super::shm::RetainingSlot;
+use super::wire::{
+    self, recv_reply, send, Body, DeviceAdded, Done, NodeRequest, Registered, Reply,
+};
 use super::{AllocError, Strategy};
+use crate::jsonl::server::{Answer, Conn, Server};
 
 /// How long a process keeps trying to become leader or reach one.
 pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// The proc id of the leader's central-allocation service record.
-pub const CENTRAL_PROC_ID: u16 = 0;
 
 /// Settings of one node process.
 #[derive(Debug, Clone)]
@@ -63,299 +71,6 @@ pub struct NodeConfig {
     /// Devices this process sees on the node (its scan).
     pub devices: Vec<DeviceSpec>,
     pub unfilled_capacity: usize,
-}
-
-/// The segments a process has attached.
-#[derive(Debug)]
-pub struct Attached {
-    pub dir: PathBuf,
-    pub node: NodeSeg,
-    /// The node's fence protocol is asymmetric (read once at attach).
-    pub asym: bool,
-    pub unfilled: UnfilledSeg,
-    devices: Vec<RetainingSlot<DeviceSeg>>,
-    epoch_seen: AtomicU64,
-    refresh_lock: Mutex<()>,
-    /// Serialises this process's segment creation and removal, registrations and
-    /// recoveries (the leader's connection threads, its own scan, a takeover).
-    admin: Mutex<()>,
-}
-
-pub fn node_path(dir: &Path) -> PathBuf {
-    dir.join("node.shm")
-}
-pub fn unfilled_path(dir: &Path) -> PathBuf {
-    dir.join("unfilled.shm")
-}
-pub fn device_path(dir: &Path, i: u16) -> PathBuf {
-    dir.join(format!("dev-{i}.shm"))
-}
-pub fn proc_path(dir: &Path, id: u16) -> PathBuf {
-    dir.join(format!("proc-{id}.shm"))
-}
-pub fn central_socket(dir: &Path) -> PathBuf {
-    dir.join("central.sock")
-}
-
-fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> AllocError + 'a {
-    move |source| AllocError::Os {
-        path: path.to_path_buf(),
-        op,
-        source,
-    }
-}
-
-impl Attached {
-    /// Attaches the node's segments in `dir` (refusing wrong magic/version).
-    pub fn open(dir: &Path) -> Result<Attached, AllocError> {
-        let node = NodeSeg::attach(&node_path(dir))?;
-        let at = Attached {
-            dir: dir.to_path_buf(),
-            asym: node.asymmetric_fence(),
-            node,
-            unfilled: UnfilledSeg::attach(&unfilled_path(dir))?,
-            devices: (0..MAX_DEVICES).map(|_| RetainingSlot::default()).collect(),
-            epoch_seen: AtomicU64::new(u64::MAX),
-            refresh_lock: Mutex::new(()),
-            admin: Mutex::new(()),
-        };
-        at.refresh()?;
-        Ok(at)
-    }
-
-    /// [`open`](Self::open), refusing a node created with another strategy or block size.
-    pub fn open_checked(
-        dir: &Path,
-        strategy: Strategy,
-        block_size: u64,
-    ) -> Result<Attached, AllocError> {
-        let at = Self::open(dir)?;
-        let (s, bs) = (at.node.strategy(), at.node.block_size());
-        if s != Some(strategy) || bs != block_size {
-            return Err(AllocError::BadSegment {
-                path: node_path(dir),
-                reason: format!(
-                    "node was created with strategy {} and block size {bs}, this process runs {strategy} with {block_size}",
-                    s.map_or("unknown".to_string(), |s| s.to_string()),
-                ),
-            });
-        }
-        Ok(at)
-    }
-
-    fn admin(&self) -> MutexGuard<'_, ()> {
-        self.admin.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Attaches device segments that appeared since the last look, replacing an offline
-    /// one whose index was given to a new segment (cheap when the node's device epoch did
-    /// not move).
-    pub fn refresh(&self) -> Result<(), AllocError> {
-        let epoch = self.node.device_epoch().load(Ordering::Acquire);
-        if self.epoch_seen.load(Ordering::Acquire) == epoch {
-            return Ok(());
-        }
-        self.rescan(epoch)
-    }
-
-    /// [`refresh`](Self::refresh) whatever the epoch says: for the leader's segment
-    /// changes and recovery, which must also see a segment whose creator died before it
-    /// bumped the epoch.
-    pub fn rescan_devices(&self) -> Result<(), AllocError> {
-        self.rescan(self.node.device_epoch().load(Ordering::Acquire))
-    }
-
-    fn rescan(&self, epoch: u64) -> Result<(), AllocError> {
-        let _g = self.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, slot) in self.devices.iter().enumerate() {
-            // An online segment keeps its index: it goes offline before it is unlinked.
-            let cur = slot.get();
-            if cur.is_some_and(|d| d.is_online()) {
-                continue;
-            }
-            let path = device_path(&self.dir, i as u16);
-            match DeviceSeg::attach(&path) {
-                Ok(d) if d.index() != i as u16 => {
-                    // Its header is shared memory: an index that does not match the file
-                    // would alias another device's slot.
-                    return Err(AllocError::BadSegment {
-                        path,
-                        reason: format!(
-                            "segment of device {} in the file of device {i}",
-                            d.index()
-                        ),
-                    });
-                }
-                Ok(d) => {
-                    if cur.map(|c| c.serial()) != Some(d.serial()) {
-                        slot.set(d);
-                    }
-                }
-                Err(AllocError::NoSegment { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.epoch_seen.store(epoch, Ordering::Release);
-        Ok(())
-    }
-
-    /// Device segment `i` (attaching it if it appeared).
-    #[inline]
-    pub fn device(&self, i: u16) -> Result<&DeviceSeg, AllocError> {
-        let slot = self
-            .devices
-            .get(i as usize)
-            .ok_or(AllocError::NoDevice { dev: i })?;
-        if let Some(d) = slot.get() {
-            return Ok(d);
-        }
-        self.refresh()?;
-        slot.get().ok_or(AllocError::NoDevice { dev: i })
-    }
-
-    /// After `old` (device `i`) was found offline: the newer segment that took index `i`
-    /// since, if any.
-    pub fn reattach(&self, i: u16, old: &DeviceSeg) -> Result<Option<&DeviceSeg>, AllocError> {
-        self.refresh()?;
-        let d = self.device(i)?;
-        Ok((!std::ptr::eq(d, old) && d.is_online()).then_some(d))
-    }
-
-    /// Every attached device segment (online or not).
-    pub fn attached_devices(&self) -> impl Iterator<Item = &DeviceSeg> {
-        self.devices.iter().filter_map(|d| d.get())
-    }
-
-    /// Indexes of the online devices.
-    pub fn online_devices(&self) -> Vec<u16> {
-        let _ = self.refresh();
-        self.attached_devices()
-            .filter(|d| d.is_online())
-            .map(|d| d.index())
-            .collect()
-    }
-
-    /// Every process record in the node directory.
-    pub fn proc_records(&self) -> Result<Vec<(PathBuf, ProcSeg)>, AllocError> {
-        let mut out = Vec::new();
-        let rd = std::fs::read_dir(&self.dir).map_err(io(&self.dir, "readdir"))?;
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("proc-") && name.ends_with(".shm") {
-                match ProcSeg::attach(&e.path()) {
-                    Ok(p) => out.push((e.path(), p)),
-                    Err(AllocError::NoSegment { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
-    }
-}
-
-// ------------------------------------------------------------------ protocol
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    Register {
-        proc_id: u16,
-        pid: u32,
-        /// The process's existing segment (a restart), if any: the process holds its
-        /// owner lock.
-        existing: Option<PathBuf>,
-    },
-    DeviceOnline {
-        device: DeviceSpec,
-    },
-    DeviceOffline {
-        dev: u16,
-    },
-}
-
-/// The `kind` of a reply to a line that is not a valid request.
-pub const KIND_BAD_REQUEST: &str = "bad_request";
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(default)]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub kind: Option<String>,
-    #[serde(default)]
-    pub proc_seg: Option<PathBuf>,
-    #[serde(default)]
-    pub dev: Option<u16>,
-    #[serde(default)]
-    pub recovered_blocks: usize,
-}
-
-impl Reply {
-    fn ok() -> Reply {
-        Reply {
-            ok: true,
-            error: None,
-            kind: None,
-            proc_seg: None,
-            dev: None,
-            recovered_blocks: 0,
-        }
-    }
-    fn err(e: impl std::fmt::Display) -> Reply {
-        Reply {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Reply::ok()
-        }
-    }
-}
-
-pub(crate) use crate::jsonl::send as send_line;
-
-/// One JSON-line message (`None` at a clean end of stream), as an allocation error.
-pub(crate) fn recv_line<T: serde::de::DeserializeOwned>(
-    r: &mut impl BufRead,
-) -> Result<Option<T>, AllocError> {
-    crate::jsonl::recv(r).map_err(|e| match e {
-        crate::jsonl::LineError::Io(e) => AllocError::net("reading a message", e),
-        e => AllocError::Protocol(e.to_string()),
-    })
-}
-
-/// Longest request line the allocation ports (node, index, store) accept.
-pub const MAX_REQUEST_LINE: usize = 64 << 10;
-
-/// What a server read from a connection.
-pub(crate) enum Incoming<T> {
-    Request(T),
-    /// Not a valid request: answer `bad_request` with `error`; `fatal` when the stream
-    /// cannot be read on (a line over the limit), so the connection closes after the reply.
-    Bad {
-        error: String,
-        fatal: bool,
-    },
-    /// End of stream, or the peer is gone.
-    End,
-}
-
-/// The next request of a JSON-line server connection.
-pub(crate) fn next_request<T: serde::de::DeserializeOwned>(r: &mut impl BufRead) -> Incoming<T> {
-    use crate::jsonl::LineError;
-    match crate::jsonl::recv_limited(r, MAX_REQUEST_LINE) {
-        Ok(Some(t)) => Incoming::Request(t),
-        Ok(None) => Incoming::End,
-        Err(LineError::Malformed(e)) => Incoming::Bad {
-            error: format!("malformed request: {e}"),
-            fatal: false,
-        },
-        Err(e @ LineError::TooLong(_)) => Incoming::Bad {
-            error: e.to_string(),
-            fatal: true,
-        },
-        Err(LineError::Truncated) | Err(LineError::Io(_)) => Incoming::End,
-    }
 }
 
 // ------------------------------------------------------------------ leader side
@@ -571,12 +286,13 @@ fn register_proc(
 }
 
 /// After a follower's connection dropped: once its owner lock is free (its process is
-/// gone), return what it left, unless it registered again meanwhile.
-fn recover_if_gone(at: &Attached, proc_id: u16, pid: u32) {
+/// gone), return what it left, unless it registered again meanwhile. Gives up when the
+/// leader's server stops.
+fn recover_if_gone(at: &Attached, proc_id: u16, pid: u32, stopping: &dyn Fn() -> bool) {
     let path = proc_path(&at.dir, proc_id);
     let deadline = Instant::now() + Duration::from_secs(10);
     while ProcSeg::owner_alive(&path).unwrap_or(false) {
-        if Instant::now() > deadline {
+        if Instant::now() > deadline || stopping() {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -594,97 +310,76 @@ fn recover_if_gone(at: &Attached, proc_id: u16, pid: u32) {
 }
 
 impl Leader {
-    fn handle(self: &Arc<Self>, stream: TcpStream) {
-        let mut w = match stream.try_clone() {
-            Ok(w) => w,
-            Err(_) => return,
-        };
-        let mut r = BufReader::new(stream);
+    /// One connection of the internal port.
+    fn handle(&self, mut conn: Conn<TcpStream>) {
         let mut registered: Option<(u16, u32)> = None;
-        loop {
-            let (reply, close) = match next_request::<Request>(&mut r) {
-                Incoming::End => break,
-                Incoming::Bad { error, fatal } => (
-                    Reply {
-                        kind: Some(KIND_BAD_REQUEST.into()),
-                        ..Reply::err(error)
-                    },
-                    fatal,
-                ),
-                Incoming::Request(req) => (self.apply(req, &mut registered), false),
-            };
-            if send_line(&mut w, &reply).is_err() || close {
-                break;
-            }
-        }
+        wire::converse(&mut conn, |req, _| {
+            Answer::Reply(self.apply(req, &mut registered))
+        });
         // The connection is gone. If it was a registered follower and its process died,
         // return what it held.
         if let Some((proc_id, pid)) = registered {
-            recover_if_gone(&self.at, proc_id, pid);
+            recover_if_gone(&self.at, proc_id, pid, &|| conn.stopping());
         }
     }
 
-    fn apply(&self, req: Request, registered: &mut Option<(u16, u32)>) -> Reply {
+    fn apply(&self, req: NodeRequest, registered: &mut Option<(u16, u32)>) -> Reply<Body> {
         let (at, cfg) = (&self.at, &self.cfg);
         match req {
-            Request::Register {
+            NodeRequest::Register {
                 proc_id,
                 pid,
                 existing,
-            } => match register_proc(at, proc_id, pid, existing.as_deref()) {
-                Ok((p, n)) => {
+            } => {
+                let r = register_proc(at, proc_id, pid, existing.as_deref());
+                if r.is_ok() {
                     *registered = Some((proc_id, pid));
-                    Reply {
-                        proc_seg: Some(p),
-                        recovered_blocks: n,
-                        ..Reply::ok()
-                    }
                 }
-                Err(e) => Reply::err(e),
-            },
-            Request::DeviceOnline { device } => {
-                match add_device(at, &device, cfg.strategy, cfg.block_size) {
-                    Ok(i) => Reply {
-                        dev: Some(i),
-                        ..Reply::ok()
-                    },
-                    Err(e) => Reply::err(e),
-                }
+                Reply::from(r.map(|(proc_seg, recovered_blocks)| Registered {
+                    proc_seg,
+                    recovered_blocks,
+                }))
+                .into_body()
             }
-            Request::DeviceOffline { dev } => match remove_device(at, dev) {
-                Ok(()) => Reply::ok(),
-                Err(e) => Reply::err(e),
-            },
+            NodeRequest::DeviceOnline { device } => Reply::from(
+                add_device(at, &device, cfg.strategy, cfg.block_size)
+                    .map(|dev| DeviceAdded { dev }),
+            )
+            .into_body(),
+            NodeRequest::DeviceOffline { dev } => {
+                Reply::from(remove_device(at, dev).map(|()| Done {})).into_body()
+            }
         }
     }
 }
 
-fn serve_leader(leader: Arc<Leader>, listener: TcpListener, stop: Arc<AtomicBool>) {
-    std::thread::Builder::new()
-        .name("alloc-leader".into())
-        .spawn(move || {
-            for s in listener.incoming() {
-                if stop.load(Ordering::Acquire) {
-                    break;
-                }
-                if let Ok(s) = s {
-                    let l = leader.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("alloc-leader-conn".into())
-                        .spawn(move || l.handle(s));
-                }
-            }
-        })
-        .expect("spawning the leader thread");
+/// The servers a leader runs: its internal port and, under the `central` strategy, the
+/// central allocator. Dropped without [`stop`](Self::stop), they keep running for the
+/// rest of the OS process (the leader role outlives a dropped [`NodeProcess`] handle, as
+/// it did before the servers could stop).
+struct LeaderServices {
+    internal: Server<TcpListener>,
+    central: Option<Server<UnixListener>>,
+}
+
+impl LeaderServices {
+    /// Stops the central allocator, then the internal port (whose end releases the
+    /// central service's owner lock).
+    fn stop(self) {
+        if let Some(s) = self.central {
+            s.stop();
+        }
+        self.internal.stop();
+    }
 }
 
 fn start_leader_services(
     cfg: &NodeConfig,
     at: &Arc<Attached>,
     listener: TcpListener,
-    stop: Arc<AtomicBool>,
-) -> Result<(), AllocError> {
+) -> Result<LeaderServices, AllocError> {
     let mut central_lock = None;
+    let mut central_server = None;
     if cfg.strategy == Strategy::Central {
         let path = proc_path(&cfg.dir, CENTRAL_PROC_ID);
         if !path.exists() {
@@ -696,15 +391,21 @@ fn start_leader_services(
         rec.pid()
             .store(std::process::id() as u64, Ordering::Release);
         rec.busy().store(0, Ordering::Release);
-        central::serve(at.clone(), rec, &central_socket(&cfg.dir))?;
+        let s = central::serve(at.clone(), rec, &central_socket(&cfg.dir))?;
+        central_server = Some(s.keep_serving_when_dropped());
     }
-    let leader = Arc::new(Leader {
+    let leader = Leader {
         cfg: cfg.clone(),
         at: at.clone(),
         _central_lock: central_lock,
-    });
-    serve_leader(leader, listener, stop);
-    Ok(())
+    };
+    let internal = Server::serve(listener, "alloc-leader", move |conn| leader.handle(conn))
+        .map_err(|e| AllocError::net("starting the leader's server", e))?
+        .keep_serving_when_dropped();
+    Ok(LeaderServices {
+        internal,
+        central: central_server,
+    })
 }
 
 // ------------------------------------------------------------------ process
@@ -723,6 +424,8 @@ pub struct NodeProcess {
     pub me: Arc<ProcSeg>,
     role: Arc<Mutex<Role>>,
     stop: Arc<AtomicBool>,
+    /// The leader's servers, once this process leads.
+    services: Arc<Mutex<Option<LeaderServices>>>,
     /// Blocks returned for this process's previous incarnation when it (re)registered.
     pub recovered_at_start: usize,
     /// Held for the life of the process: how the others know it is alive.
@@ -746,32 +449,30 @@ fn bind_internal(port: u16) -> std::io::Result<TcpListener> {
 fn register_with_leader(
     cfg: &NodeConfig,
     existing: Option<&Path>,
-) -> Result<Option<(TcpStream, Reply)>, AllocError> {
+) -> Result<Option<(TcpStream, Registered)>, AllocError> {
     let mut s = match TcpStream::connect(("127.0.0.1", cfg.internal_port)) {
         Ok(s) => s,
         Err(_) => return Ok(None),
     };
-    let req = Request::Register {
+    let req = NodeRequest::Register {
         proc_id: cfg.proc_id,
         pid: std::process::id(),
         existing: existing.map(Path::to_path_buf),
     };
-    if send_line(&mut s, &req).is_err() {
+    if send(&mut s, &req).is_err() {
         return Ok(None);
     }
     let mut r = BufReader::new(s.try_clone().map_err(|e| AllocError::net("clone", e))?);
-    match recv_line::<Reply>(&mut r) {
-        Ok(Some(rep)) if rep.ok => Ok(Some((s, rep))),
-        Ok(Some(rep)) => Err(AllocError::Protocol(
-            rep.error.unwrap_or_else(|| "registration refused".into()),
-        )),
+    match recv_reply::<Registered>(&mut r) {
+        Ok(Some(Reply::Ok(rep))) => Ok(Some((s, rep))),
+        Ok(Some(Reply::Refused(r))) => Err(AllocError::Protocol(r.error)),
         Ok(None) | Err(_) => Ok(None),
     }
 }
 
 enum Elected {
     Leader(TcpListener),
-    Follower(TcpStream, Reply),
+    Follower(TcpStream, Registered),
 }
 
 fn elect(cfg: &NodeConfig, existing: Option<&Path>) -> Result<Elected, AllocError> {
@@ -824,12 +525,12 @@ impl NodeProcess {
             None
         };
         let existing = early_lock.as_ref().map(|_| own.as_path());
-        let stop = Arc::new(AtomicBool::new(false));
+        let mut services = None;
         let (at, me_path, role, recovered, conn) = match elect(&cfg, existing)? {
             Elected::Leader(l) => {
                 let at = leader_setup(&cfg)?;
                 let (p, n) = register_proc(&at, cfg.proc_id, std::process::id(), existing)?;
-                start_leader_services(&cfg, &at, l, stop.clone())?;
+                services = Some(start_leader_services(&cfg, &at, l)?);
                 (at, p, Role::Leader, n, None)
             }
             Elected::Follower(s, rep) => {
@@ -838,11 +539,13 @@ impl NodeProcess {
                     cfg.strategy,
                     cfg.block_size,
                 )?);
-                let p = rep
-                    .proc_seg
-                    .clone()
-                    .ok_or_else(|| AllocError::Protocol("no segment in reply".into()))?;
-                (at, p, Role::Follower, rep.recovered_blocks, Some(s))
+                (
+                    at,
+                    rep.proc_seg,
+                    Role::Follower,
+                    rep.recovered_blocks,
+                    Some(s),
+                )
             }
         };
         let owner_lock = match early_lock {
@@ -854,18 +557,20 @@ impl NodeProcess {
             cfg,
             at,
             role: Arc::new(Mutex::new(role)),
-            stop,
+            stop: Arc::new(AtomicBool::new(false)),
+            services: Arc::new(Mutex::new(services)),
             recovered_at_start: recovered,
             _owner_lock: owner_lock,
         };
         if let Some(s) = conn {
-            p.watch_leader(s);
+            p.watch_leader(s)
+                .map_err(|e| AllocError::net("starting the follower's watch thread", e))?;
         }
         Ok(p)
     }
 
     pub fn role(&self) -> Role {
-        *self.role.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.role)
     }
 
     pub fn is_leader(&self) -> bool {
@@ -890,11 +595,12 @@ impl NodeProcess {
 
     /// Watches the registration connection; when the leader goes away, runs the
     /// election again (and takes over as leader if it wins).
-    fn watch_leader(&self, s: TcpStream) {
+    fn watch_leader(&self, s: TcpStream) -> std::io::Result<()> {
         let cfg = self.cfg.clone();
         let at = self.at.clone();
         let role = self.role.clone();
         let stop = self.stop.clone();
+        let services = self.services.clone();
         std::thread::Builder::new()
             .name("alloc-follower-watch".into())
             .spawn(move || {
@@ -914,12 +620,21 @@ impl NodeProcess {
                     match elect(&cfg, Some(&own)) {
                         Ok(Elected::Leader(l)) => {
                             let r = leader_takeover(&cfg, &at)
-                                .and_then(|()| start_leader_services(&cfg, &at, l, stop.clone()));
-                            if let Err(e) = r {
-                                eprintln!("alloc: taking over as leader failed: {e}");
-                                return;
+                                .and_then(|()| start_leader_services(&cfg, &at, l));
+                            match r {
+                                Ok(s) => *lock(&services) = Some(s),
+                                Err(e) => {
+                                    eprintln!("alloc: taking over as leader failed: {e}");
+                                    return;
+                                }
                             }
-                            *role.lock().unwrap_or_else(|e| e.into_inner()) = Role::Leader;
+                            *lock(&role) = Role::Leader;
+                            // A shutdown during the takeover did not see these servers.
+                            if stop.load(Ordering::Acquire) {
+                                if let Some(s) = lock(&services).take() {
+                                    s.stop();
+                                }
+                            }
                             return;
                         }
                         Ok(Elected::Follower(s, _)) => conn = s,
@@ -930,7 +645,7 @@ impl NodeProcess {
                     }
                 }
             })
-            .expect("spawning the follower watch thread");
+            .map(drop)
     }
 
     /// Asks the leader (or, as leader, does it) to bring `device` online; returns its index.
@@ -938,12 +653,14 @@ impl NodeProcess {
         if self.is_leader() {
             return add_device(&self.at, device, self.cfg.strategy, self.cfg.block_size);
         }
-        let rep = self.ask_leader(&Request::DeviceOnline {
-            device: device.clone(),
-        })?;
+        let rep: DeviceAdded = ask_leader(
+            self.cfg.internal_port,
+            &NodeRequest::DeviceOnline {
+                device: device.clone(),
+            },
+        )?;
         self.at.refresh()?;
-        rep.dev
-            .ok_or_else(|| AllocError::Protocol("no device index in reply".into()))
+        Ok(rep.dev)
     }
 
     /// Asks the leader (or, as leader, does it) to take device `dev` offline.
@@ -951,7 +668,7 @@ impl NodeProcess {
         if self.is_leader() {
             return remove_device(&self.at, dev);
         }
-        self.ask_leader(&Request::DeviceOffline { dev })?;
+        ask_leader::<Done>(self.cfg.internal_port, &NodeRequest::DeviceOffline { dev })?;
         Ok(())
     }
 
@@ -974,27 +691,64 @@ impl NodeProcess {
         Ok(out)
     }
 
-    fn ask_leader(&self, req: &Request) -> Result<Reply, AllocError> {
-        ask_leader(self.cfg.internal_port, req)
-    }
-
-    /// Stops serving (best effort; the process normally just exits).
+    /// Stops the leader's servers (internal port, central allocator; their connections
+    /// are closed when this returns) and keeps a follower from taking over. The process
+    /// normally just exits; a handle dropped without this leaves the servers running.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
+        if let Some(s) = lock(&self.services).take() {
+            s.stop();
+        }
     }
 }
 
-/// Sends one request to the leader on `internal_port` and returns its (successful) reply.
-pub fn ask_leader(internal_port: u16, req: &Request) -> Result<Reply, AllocError> {
-    let mut s = TcpStream::connect(("127.0.0.1", internal_port))
-        .map_err(|e| AllocError::net("connecting to the leader", e))?;
-    send_line(&mut s, req).map_err(|e| AllocError::net("asking the leader", e))?;
-    let mut r = BufReader::new(s);
-    match recv_line::<Reply>(&mut r)? {
-        Some(rep) if rep.ok => Ok(rep),
-        Some(rep) => Err(AllocError::Protocol(
-            rep.error.unwrap_or_else(|| "refused".into()),
-        )),
-        None => Err(AllocError::Protocol("leader closed the connection".into())),
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends one request to the leader on `internal_port` and returns its answer.
+pub fn ask_leader<T: DeserializeOwned>(
+    internal_port: u16,
+    req: &NodeRequest,
+) -> Result<T, AllocError> {
+    wire::call(&format!("127.0.0.1:{internal_port}"), req)?.into_result()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn shutdown_stops_the_leader_servers_and_closes_their_connections() {
+        let files = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dev = files.path().join("a");
+        let f = std::fs::File::create(&dev).unwrap();
+        f.set_len((1 << 20) + 8 * 65536).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let cfg = NodeConfig {
+            dir: files.path().join("node"),
+            internal_port: port,
+            proc_id: 1,
+            strategy: Strategy::Central,
+            block_size: 65536,
+            devices: vec![DeviceSpec::path(&dev)],
+            unfilled_capacity: 4,
+        };
+        let p = NodeProcess::start(cfg.clone()).unwrap();
+        assert!(p.is_leader());
+        // The central allocator answers, and a client is connected to the internal port.
+        let mut a = p.allocator().unwrap();
+        let b = a.alloc(0).unwrap();
+        a.free(b).unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        p.shutdown();
+        assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0, "connection closed");
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert!(UnixStream::connect(central_socket(&cfg.dir)).is_err());
     }
 }

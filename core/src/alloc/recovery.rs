@@ -16,7 +16,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::node::Attached;
+use super::attached::Attached;
 use super::segs::{BlockRef, BlockState, ProcSeg, Unfilled};
 use super::shm_lock::LockGuard;
 use super::{AllocError, UNIT};

@@ -1,4 +1,5 @@
-//! The store path: a node process's external port, and the client.
+//! The store path: a node process's external port (on the shared server,
+//! [`crate::jsonl::server`]; its messages are in [`super::wire`]), and the client.
 //!
 //! Client: `route` at the index server → the chosen process's endpoint → `store`
 //! (a JSON header line, then the data). The process takes a block with room (first the
@@ -21,31 +22,19 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
 use super::allocator::BlockAllocator;
-use super::index::{
-    self, IndexReply, IndexRequest, Location, KIND_CLUSTER_FULL, KIND_NODE_FULL, KIND_NOT_FOUND,
-    KIND_NO_NODE, KIND_TOO_LARGE,
-};
-use super::node::{next_request, recv_line, send_line, Incoming, NodeProcess, KIND_BAD_REQUEST};
-use super::region::DeviceSpec;
+use super::node::NodeProcess;
 use super::segs::{BlockRef, BlockState, DeviceSeg, Unfilled, MAX_DEVICES};
+use super::wire::{
+    self, recv_reply, send, Body, DeviceAdded, Done, ErrorKind, IndexRequest, Located, Location,
+    Refusal, Reply, Routed, StoreRequest, Stored,
+};
 use super::{AllocError, UNIT};
 use crate::dev::{AlignedBuf, Device, IoEngine, UringEngine};
+use crate::jsonl::server::{Answer, Conn, Server};
 
 /// How many endpoints a client may find unreachable for one store before it gives up.
 const MAX_UNREACHABLE: usize = 8;
-
-/// Requests on a process's external port.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum StoreRequest {
-    /// Followed by `len` bytes of data.
-    Store { channel: u64, len: u64 },
-    /// The index server says a device came online on this node.
-    DeviceOnline { device: DeviceSpec },
-}
 
 /// One process's store service.
 pub struct StoreService {
@@ -53,6 +42,8 @@ pub struct StoreService {
     index: String,
     p: Arc<NodeProcess>,
     inner: Mutex<Inner>,
+    /// The external port's server, once [`serve`](Self::serve) started it.
+    server: Mutex<Option<Server<TcpListener>>>,
 }
 
 impl std::fmt::Debug for StoreService {
@@ -112,94 +103,77 @@ impl StoreService {
                 next: p.cfg.proc_id as usize,
             }),
             p,
+            server: Mutex::new(None),
         })
     }
 
-    /// Serves the external port (forever, one thread per connection) and registers the
-    /// endpoint with the index server.
+    /// Registers the endpoint of `l` with the index server, then serves it (one thread
+    /// per connection) until [`stop`](Self::stop). Returns the endpoint.
     pub fn serve(self: Arc<Self>, l: TcpListener) -> Result<String, AllocError> {
         let ep = l
             .local_addr()
             .map_err(|e| AllocError::net("local_addr", e))?
             .to_string();
-        let rep = index::call(
+        wire::call::<_, Done>(
             &self.index,
             &IndexRequest::RegisterProcess {
                 node: self.node_name.clone(),
                 proc_id: self.p.cfg.proc_id,
                 endpoint: ep.clone(),
             },
-        )?;
-        if !rep.ok {
-            return Err(AllocError::Protocol(rep.error.unwrap_or_default()));
-        }
+        )?
+        .into_result()?;
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("store-accept".into())
-            .spawn(move || {
-                for s in l.incoming().flatten() {
-                    let me = me.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("store-conn".into())
-                        .spawn(move || me.conn(s));
-                }
-            })
-            .map_err(|e| AllocError::net("spawning", e))?;
+        let server = Server::serve(l, "store", move |mut c| me.conn(&mut c))
+            .map_err(|e| AllocError::net("starting the store server", e))?;
+        *self.server.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
         Ok(ep)
     }
 
-    fn conn(&self, s: TcpStream) {
-        let Ok(mut w) = s.try_clone() else { return };
-        let mut r = BufReader::new(s);
-        loop {
-            let (reply, close) = match next_request::<StoreRequest>(&mut r) {
-                Incoming::End => break,
-                Incoming::Bad { error, fatal } => {
-                    (IndexReply::err(Some(KIND_BAD_REQUEST), error), fatal)
-                }
-                Incoming::Request(StoreRequest::Store { channel, len }) => {
-                    let bs = self.p.at.node.block_size();
-                    if len > bs {
-                        // Drain what the client sent, then refuse.
-                        let _ = std::io::copy(&mut (&mut r).take(len), &mut std::io::sink());
-                        let e = AllocError::TooLarge {
-                            len,
-                            block_size: bs,
-                        };
-                        (IndexReply::err(Some(KIND_TOO_LARGE), e), false)
-                    } else {
-                        let mut data = vec![0u8; len as usize];
-                        if r.read_exact(&mut data).is_err() {
-                            break;
-                        }
-                        let rep = match self.store(channel, &data) {
-                            Ok(loc) => IndexReply {
-                                locs: vec![loc],
-                                ..IndexReply::ok()
-                            },
-                            Err(AllocError::NodeFull) => {
-                                IndexReply::err(Some(KIND_NODE_FULL), AllocError::NodeFull)
-                            }
-                            Err(e) => IndexReply::err(None, e),
-                        };
-                        (rep, false)
-                    }
-                }
-                Incoming::Request(StoreRequest::DeviceOnline { device }) => {
-                    let rep = match self.p.device_online(&device) {
-                        Ok(i) => IndexReply {
-                            dev: Some(i),
-                            ..IndexReply::ok()
-                        },
-                        Err(e) => IndexReply::err(None, e),
-                    };
-                    (rep, false)
-                }
-            };
-            if send_line(&mut w, &reply).is_err() || close {
-                break;
-            }
+    /// Stops the external port's server; returns once its connections are closed.
+    pub fn stop(&self) {
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(s) = server {
+            s.stop();
         }
+    }
+
+    fn conn(&self, c: &mut Conn<TcpStream>) {
+        wire::converse(c, |req, r| match req {
+            StoreRequest::Store { channel, len } => self.store_request(r, channel, len),
+            StoreRequest::DeviceOnline { device } => Answer::Reply(
+                Reply::from(self.p.device_online(&device).map(|dev| DeviceAdded { dev }))
+                    .into_body(),
+            ),
+        })
+    }
+
+    /// A `store` request: its `len` bytes of data follow on `r`.
+    fn store_request(
+        &self,
+        r: &mut BufReader<TcpStream>,
+        channel: u64,
+        len: u64,
+    ) -> Answer<Reply<Body>> {
+        let bs = self.p.at.node.block_size();
+        if len > bs {
+            // Drain what the client sent, then refuse.
+            let _ = std::io::copy(&mut r.take(len), &mut std::io::sink());
+            let e = AllocError::TooLarge {
+                len,
+                block_size: bs,
+            };
+            return Answer::Reply(Reply::refused(Some(ErrorKind::TooLarge), e));
+        }
+        let mut data = vec![0u8; len as usize];
+        if r.read_exact(&mut data).is_err() {
+            return Answer::Close;
+        }
+        Answer::Reply(match self.store(channel, &data) {
+            Ok(loc) => Reply::Ok(Body::Stored(Stored { loc })),
+            Err(e @ AllocError::NodeFull) => Reply::refused(Some(ErrorKind::NodeFull), e),
+            Err(e) => Reply::refused(None, e),
+        })
     }
 
     /// Places, writes, commits and records `data` for `channel`.
@@ -248,18 +222,18 @@ impl StoreService {
                 offset_in_block: off_in_block,
                 len: data.len() as u64,
             };
-            let recorded = index::call(
+            let recorded = wire::call::<_, Done>(
                 &self.index,
                 &IndexRequest::Record {
                     channel,
                     loc: loc.clone(),
                 },
             )
-            .and_then(|rep| match rep.ok {
-                true => Ok(()),
-                false => Err(AllocError::Protocol(format!(
+            .and_then(|rep| match rep {
+                Reply::Ok(Done {}) => Ok(()),
+                Reply::Refused(r) => Err(AllocError::Protocol(format!(
                     "the index did not record channel {channel}: {}",
-                    rep.error.unwrap_or_default()
+                    r.error
                 ))),
             });
             if let Err(e) = recorded {
@@ -372,26 +346,22 @@ pub fn client_store(index: &str, channel: u64, data: &[u8]) -> Result<Location, 
     let mut exclude: Vec<String> = Vec::new();
     let mut unreachable = 0;
     loop {
-        let r = index::call(
-            index,
-            &IndexRequest::Route {
-                channel,
-                exclude: exclude.clone(),
-            },
-        )?;
-        if !r.ok {
-            return Err(match r.kind.as_deref() {
-                Some(KIND_CLUSTER_FULL) => AllocError::ClusterFull {
-                    len: data.len() as u64,
-                },
-                Some(KIND_NO_NODE) => AllocError::NoNode,
-                _ => AllocError::Protocol(r.error.unwrap_or_default()),
-            });
-        }
-        let node = r.node.unwrap_or_default();
-        let ep = r
-            .endpoint
-            .ok_or_else(|| AllocError::Protocol("route without endpoint".into()))?;
+        let route = IndexRequest::Route {
+            channel,
+            exclude: exclude.clone(),
+        };
+        let Routed { node, endpoint: ep } = match wire::call::<_, Routed>(index, &route)? {
+            Reply::Ok(r) => r,
+            Reply::Refused(Refusal { kind, error }) => {
+                return Err(match kind {
+                    Some(ErrorKind::ClusterFull) => AllocError::ClusterFull {
+                        len: data.len() as u64,
+                    },
+                    Some(ErrorKind::NoNode) => AllocError::NoNode,
+                    _ => AllocError::Protocol(error),
+                })
+            }
+        };
         let mut s = match TcpStream::connect(&ep) {
             Ok(s) => s,
             Err(e) => {
@@ -401,11 +371,12 @@ pub fn client_store(index: &str, channel: u64, data: &[u8]) -> Result<Location, 
                 }
                 // A process that died (or restarted on another port): tell the index,
                 // then route again.
-                let _ = index::call(index, &IndexRequest::Unreachable { node, endpoint: ep });
+                let gone = IndexRequest::Unreachable { node, endpoint: ep };
+                let _ = wire::call::<_, Done>(index, &gone);
                 continue;
             }
         };
-        send_line(
+        send(
             &mut s,
             &StoreRequest::Store {
                 channel,
@@ -415,40 +386,40 @@ pub fn client_store(index: &str, channel: u64, data: &[u8]) -> Result<Location, 
         .and_then(|()| std::io::Write::write_all(&mut s, data))
         .map_err(|e| AllocError::net(format!("sending to {ep}"), e))?;
         let mut rd = BufReader::new(s);
-        let rep: IndexReply = recv_line(&mut rd)?
+        let rep = recv_reply::<Stored>(&mut rd)?
             .ok_or_else(|| AllocError::Protocol(format!("{ep} closed the connection")))?;
-        if rep.ok {
-            return rep
-                .locs
-                .into_iter()
-                .next()
-                .ok_or_else(|| AllocError::Protocol("store reply without location".into()));
-        }
-        match rep.kind.as_deref() {
-            Some(KIND_NODE_FULL) => {
-                let _ = index::call(index, &IndexRequest::NodeFull { node: node.clone() });
+        match rep {
+            Reply::Ok(Stored { loc }) => return Ok(loc),
+            Reply::Refused(Refusal {
+                kind: Some(ErrorKind::NodeFull),
+                ..
+            }) => {
+                let _ =
+                    wire::call::<_, Done>(index, &IndexRequest::NodeFull { node: node.clone() });
                 exclude.push(node);
             }
-            Some(KIND_TOO_LARGE) => {
-                return Err(AllocError::BadInput(rep.error.unwrap_or_default()));
-            }
-            _ => return Err(AllocError::Protocol(rep.error.unwrap_or_default())),
+            Reply::Refused(Refusal {
+                kind: Some(ErrorKind::TooLarge),
+                error,
+            }) => return Err(AllocError::BadInput(error)),
+            Reply::Refused(r) => return Err(AllocError::Protocol(r.error)),
         }
     }
 }
 
 /// Every piece stored for `channel`, read back from the devices (in store order).
 pub fn client_fetch(index: &str, channel: u64) -> Result<Vec<Vec<u8>>, AllocError> {
-    let r = index::call(index, &IndexRequest::Lookup { channel })?;
-    if !r.ok {
-        if r.kind.as_deref() == Some(KIND_NOT_FOUND) {
-            return Err(AllocError::NotFound { channel });
-        }
-        return Err(AllocError::Protocol(r.error.unwrap_or_default()));
-    }
+    let locs = match wire::call::<_, Located>(index, &IndexRequest::Lookup { channel })? {
+        Reply::Ok(l) => l.locs,
+        Reply::Refused(Refusal {
+            kind: Some(ErrorKind::NotFound),
+            ..
+        }) => return Err(AllocError::NotFound { channel }),
+        Reply::Refused(r) => return Err(AllocError::Protocol(r.error)),
+    };
     let mut eng = UringEngine::with_queue_depth(1)?;
     let mut out = Vec::new();
-    for l in r.locs {
+    for l in locs {
         let dev = Device::open_read_only(&l.device)?;
         let mut buf = AlignedBuf::new(l.len.div_ceil(UNIT).max(1) as usize * UNIT as usize);
         eng.read_at(&dev, l.device_offset, &mut buf)?;

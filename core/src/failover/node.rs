@@ -5,7 +5,8 @@
 //! UDP; in between it receives the peers' heartbeats. `Acquire` announces the epoch to the
 //! block service (`Claim`) and takes the VIP through the [`VipBackend`]; `Release` drops it.
 //!
-//! While holding, a listener thread accepts clients on `VIP:port`: each request is looked up
+//! While holding, the shared server ([`crate::jsonl::server`]) accepts clients on
+//! `VIP:port`: each request is looked up
 //! in the node's cache of delivered results (answered from it only if the cached operation
 //! has the same arguments), else submitted to the block service with the holder's epoch;
 //! the service's `Accepted` keepalives are forwarded to the client while the operation
@@ -30,6 +31,7 @@ use super::dispatcher::{Action, Dispatcher, Epoch, Heartbeat, Input, NodeId, Tim
 use super::service::CONN_IDLE_TIMEOUT;
 use super::vip::{VipBackend, VipError};
 use super::wire::{Conn, Msg, Op, OpResult, WireError};
+use crate::jsonl::server::{self, Server};
 
 /// How management requests survive a node failure.
 #[derive(
@@ -98,6 +100,12 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("serving {addr}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Vip(#[from] VipError),
 }
@@ -119,9 +127,9 @@ fn event(line: &str) {
 /// Results delivered to the VIP, by operation id, with the operation they belong to.
 type Cache = Arc<Mutex<HashMap<String, (Op, OpResult)>>>;
 
+/// The management port while this node holds the VIP.
 struct Holding {
-    stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<()>,
+    server: Server<TcpListener>,
 }
 
 /// Runs the node until `stop` is set.
@@ -144,16 +152,18 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError>
             "event=listening node={} addr={}",
             cfg.id, cfg.listen
         ));
+        let server = serve(l, &cfg, cache, epoch).map_err(|source| NodeError::Serve {
+            addr: cfg.listen,
+            source,
+        })?;
         // The node still pings its block service every period (its liveness there).
-        let (c2, s2) = (cfg.clone(), stop.clone());
-        let server = thread::spawn(move || serve(l, &c2, cache, epoch, s2));
         let mut probe: Option<Conn> = None;
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
             probe_service(&mut probe, cfg.service, cfg.id, cfg.heartbeat);
             thread::sleep(cfg.heartbeat.saturating_sub(t.elapsed()));
         }
-        let _ = server.join();
+        server.stop_in_background();
         return Ok(());
     }
 
@@ -188,8 +198,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError>
         apply(&acts, &cfg, &udp, &mut d, &mut holding, &cache, &epoch);
     }
     if let Some(h) = holding.take() {
-        h.stop.store(true, Ordering::Relaxed);
-        let _ = h.thread.join();
+        h.server.stop_in_background();
         cfg.vip.release();
     }
     Ok(())
@@ -261,36 +270,35 @@ fn apply(
                     d.acquire_failed(seen);
                     continue;
                 }
-                match cfg.vip.acquire(cfg.port) {
-                    Ok(l) => {
+                let served = match cfg.vip.acquire(cfg.port) {
+                    Ok(l) => serve(l, cfg, cache.clone(), epoch.clone()).map_err(|e| {
+                        cfg.vip.release();
+                        format!("serving the management port: {e}")
+                    }),
+                    Err(e) => Err(e.to_string()),
+                };
+                match served {
+                    Ok(server) => {
                         *epoch.lock().unwrap_or_else(|p| p.into_inner()) = *e;
                         event(&format!(
                             "event=vip_acquired node={} epoch={}.{}",
                             cfg.id, e.counter, e.node
                         ));
-                        let hstop = Arc::new(AtomicBool::new(false));
-                        let (c2, cache2, ep2, s2) =
-                            (cfg.clone(), cache.clone(), epoch.clone(), hstop.clone());
-                        let t = thread::spawn(move || serve(l, &c2, cache2, ep2, s2));
-                        *holding = Some(Holding {
-                            stop: hstop,
-                            thread: t,
-                        });
+                        *holding = Some(Holding { server });
                     }
                     Err(err) => {
                         event(&format!(
-                            "event=vip_acquire_failed node={} error={:?}",
-                            cfg.id,
-                            err.to_string()
+                            "event=vip_acquire_failed node={} error={err:?}",
+                            cfg.id
                         ));
                         d.acquire_failed(None);
                     }
                 }
             }
             Action::Release => {
+                // The port closes now; requests in progress finish on their own.
                 if let Some(h) = holding.take() {
-                    h.stop.store(true, Ordering::Relaxed);
-                    let _ = h.thread.join();
+                    h.server.stop_in_background();
                 }
                 cfg.vip.release();
                 event(&format!("event=vip_released node={}", cfg.id));
@@ -299,37 +307,26 @@ fn apply(
     }
 }
 
-/// Accepts clients (and deliveries) on `l` until `stop`.
+/// Serves clients (and deliveries) on `l` until the server is stopped.
 fn serve(
     l: TcpListener,
     cfg: &NodeConfig,
     cache: Cache,
     epoch: Arc<Mutex<Epoch>>,
-    stop: Arc<AtomicBool>,
-) {
-    let _ = l.set_nonblocking(true);
-    while !stop.load(Ordering::Relaxed) {
-        match l.accept() {
-            Ok((s, _)) => {
-                let _ = s.set_nonblocking(false);
-                let (cfg, cache, epoch, stop) =
-                    (cfg.clone(), cache.clone(), epoch.clone(), stop.clone());
-                thread::spawn(move || {
-                    let _ = handle_client(s, &cfg, &cache, &epoch, &stop);
-                });
-            }
-            Err(_) => thread::sleep(Duration::from_millis(2)),
-        }
-    }
+) -> std::io::Result<Server<TcpListener>> {
+    let cfg = cfg.clone();
+    Server::serve(l, "mgmt", move |accepted| {
+        let _ = handle_client(accepted, &cfg, &cache, &epoch);
+    })
 }
 
 fn handle_client(
-    s: TcpStream,
+    accepted: server::Conn<TcpStream>,
     cfg: &NodeConfig,
     cache: &Cache,
     epoch: &Mutex<Epoch>,
-    stop: &AtomicBool,
 ) -> Result<(), WireError> {
+    let s = accepted.try_clone()?;
     s.set_read_timeout(Some(CONN_IDLE_TIMEOUT))?;
     let mut conn = Conn::new(s)?;
     while let Some(m) = conn.recv_or_refuse()? {
@@ -342,7 +339,7 @@ fn handle_client(
                 conn.send(&Msg::Ack { op_id })?;
             }
             Msg::Request { op_id, op, tag } => {
-                if stop.load(Ordering::Relaxed) {
+                if accepted.stopping() {
                     return Ok(());
                 }
                 let cached = cache

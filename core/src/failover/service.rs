@@ -28,6 +28,7 @@ use super::coord_journal::CoordJournal;
 use super::dispatcher::Epoch;
 use super::journal::{FileJournal, JournalError, OpJournal, OpState, Record};
 use super::wire::{Conn, Msg, Op, OpResult, VolumeInfo, WireError, KEEPALIVE};
+use crate::jsonl::server::{self, Server};
 use crate::volume::{Applied, StoreConfig, VolumeError, VolumeStore};
 
 /// A service connection silent for this long is closed (a peer whose host died never
@@ -130,11 +131,13 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A running block service (threads stop when `stop` is set).
+/// A running block service: the executor thread, and the port on the shared server
+/// ([`crate::jsonl::server`]).
 pub struct Service {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    threads: Vec<thread::JoinHandle<()>>,
+    executor: Option<thread::JoinHandle<()>>,
+    server: Option<Server<TcpListener>>,
     work: Sender<Work>,
     shared: Arc<Mutex<Shared>>,
 }
@@ -185,9 +188,6 @@ impl Service {
                 addr: cfg.listen,
                 source,
             })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| ServiceError::Listen { addr, source })?;
         let shared = Arc::new(Mutex::new(Shared {
             journal,
             waiters: HashMap::new(),
@@ -197,51 +197,42 @@ impl Service {
         let stop = Arc::new(AtomicBool::new(false));
         let pings: Pings = Arc::new(Mutex::new(HashMap::new()));
         let (work_tx, work_rx) = mpsc::channel::<Work>();
-        let mut threads = Vec::new();
-        {
+        let executor = {
             let (shared, stop, cfg, volumes) =
                 (shared.clone(), stop.clone(), cfg.clone(), volumes.clone());
-            threads.push(thread::spawn(move || {
-                executor(store, work_rx, shared, volumes, stop, cfg)
-            }));
-        }
-        {
-            let (stop, shared, work) = (stop.clone(), shared.clone(), work_tx.clone());
-            threads.push(thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((s, _)) => {
-                            let h = Handler {
-                                shared: shared.clone(),
-                                work: work.clone(),
-                                volumes: volumes.clone(),
-                                pings: pings.clone(),
-                                session_timeout: cfg.session_timeout,
-                            };
-                            thread::spawn(move || {
-                                let _ = h.handle(s);
-                            });
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            }));
-        }
+            thread::spawn(move || executor(store, work_rx, shared, volumes, stop, cfg))
+        };
+        let handler = Handler {
+            shared: shared.clone(),
+            work: work_tx.clone(),
+            volumes,
+            pings,
+            session_timeout: cfg.session_timeout,
+        };
+        let server = Server::serve(listener, "block-service", move |conn| {
+            let _ = handler.handle(conn);
+        })
+        .map_err(|source| ServiceError::Listen { addr, source })?;
         Ok(Service {
             addr,
             stop,
-            threads,
+            executor: Some(executor),
+            server: Some(server),
             work: work_tx,
             shared,
         })
     }
 
-    /// Stops accepting and joins the service threads.
+    /// Stops the service: the executor finishes the operation it runs (its submitters
+    /// get the result), then the port stops; returns once every connection is closed.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.work.send(Work::Stop);
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.executor.take() {
             let _ = t.join();
+        }
+        if let Some(s) = self.server.take() {
+            s.stop();
         }
     }
 
@@ -280,7 +271,7 @@ fn applied_result(a: &Applied) -> (OpResult, u64) {
     }
 }
 
-/// One connection's view of the service.
+/// The connections' view of the service.
 struct Handler {
     shared: Arc<Mutex<Shared>>,
     work: Sender<Work>,
@@ -290,9 +281,10 @@ struct Handler {
 }
 
 impl Handler {
-    fn handle(&self, stream: TcpStream) -> Result<(), WireError> {
+    /// One connection (it stays registered with the server while this runs).
+    fn handle(&self, accepted: server::Conn<TcpStream>) -> Result<(), WireError> {
         let (shared, pings, session_timeout) = (&self.shared, &self.pings, self.session_timeout);
-        stream.set_nonblocking(false)?;
+        let stream = accepted.try_clone()?;
         stream.set_read_timeout(Some(CONN_IDLE_TIMEOUT))?;
         let mut conn = Conn::new(stream)?;
         while let Some(m) = conn.recv_or_refuse()? {

@@ -1,5 +1,5 @@
 //! Node agents as their own processes: a [`NodeAgent`] behind the shared JSON-line TCP
-//! server ([`crate::jsonl::tcp`]) and the orchestrator's client for it.
+//! server ([`crate::jsonl::server`]) and the orchestrator's client for it.
 
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener};
@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::jsonl as wire;
-use crate::jsonl::tcp::{connect_with_retry, LineServer};
+use crate::jsonl::server::LineServer;
+use crate::jsonl::tcp::connect_with_retry;
 
 use super::agent::{NodeAgent, NodeInfo, NodeInitRequest, NodeReport};
 use super::error::{InitError, Result};

@@ -13,21 +13,23 @@
 //! successful reads by `len` bytes. A write whose `len` is 0 or not a multiple of 4096 is
 //! answered with an error, and its `len` bytes are still consumed so the connection stays
 //! usable; a request over [`MAX_IO`] is answered with an error and the connection closed.
+//!
+//! The port runs on the shared server ([`crate::jsonl::server`], connection mode).
 
 use super::view::MapView;
 use super::{validate_iqn, validate_simple_name, Backing, Layout, Lun, LunMapError};
 use crate::coord::{self, Coord, CoordError, ReadResult};
 use crate::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use crate::jsonl;
+use crate::jsonl::server::{self, Server};
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::thread::JoinHandle;
 
 /// Largest single request.
 pub const MAX_IO: u64 = 4 << 20;
@@ -88,11 +90,10 @@ impl std::fmt::Display for Stats {
     }
 }
 
-/// A running gateway server; stops when dropped.
+/// A running gateway server; stops when dropped (its connections closed).
 pub struct GatewayServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
+    _server: Server<TcpListener>,
     stats: Arc<Stats>,
 }
 
@@ -127,28 +128,14 @@ impl GatewayServer {
     ) -> std::io::Result<GatewayServer> {
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
-        let (s, st) = (Arc::clone(&stop), Arc::clone(&stats));
-        let accept = std::thread::Builder::new()
-            .name("gateway-accept".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if s.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let (v, st, s2) = (Arc::clone(&view), Arc::clone(&st), Arc::clone(&s));
-                    let confirm = confirm.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("gateway-conn".into())
-                        .spawn(move || serve_conn(conn, v, st, s2, confirm));
-                }
-            })?;
+        let st = Arc::clone(&stats);
+        let server = Server::serve(listener, "gateway", move |conn| {
+            serve_conn(conn, &view, Arc::clone(&st), confirm.clone())
+        })?;
         Ok(GatewayServer {
             addr,
-            stop,
-            accept: Some(accept),
+            _server: server,
             stats,
         })
     }
@@ -159,16 +146,6 @@ impl GatewayServer {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
-    }
-}
-
-impl Drop for GatewayServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -194,12 +171,14 @@ fn bad_len(len: u64) -> Option<String> {
 }
 
 fn serve_conn(
-    stream: TcpStream,
-    view: Arc<RwLock<MapView>>,
+    accepted: server::Conn<TcpStream>,
+    view: &RwLock<MapView>,
     stats: Arc<Stats>,
-    stop: Arc<AtomicBool>,
     confirm: Option<Arc<dyn Coord>>,
 ) {
+    let Ok(stream) = accepted.try_clone() else {
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let Ok(mut out) = stream.try_clone() else {
         return;
@@ -211,7 +190,7 @@ fn serve_conn(
         confirm,
         stats: Arc::clone(&stats),
     };
-    while !stop.load(Ordering::SeqCst) {
+    while !accepted.stopping() {
         // A bounded line: a client sending bytes without a newline cannot grow the buffer.
         let req: Request = match jsonl::recv_limited(&mut input, MAX_REQUEST_LINE) {
             Ok(Some(r)) => r,
@@ -257,7 +236,7 @@ fn serve_conn(
         } else {
             None
         };
-        let (reply, data) = handle(&mut conn, &view, &req, payload.as_ref());
+        let (reply, data) = handle(&mut conn, view, &req, payload.as_ref());
         let counter = if reply.ok {
             &stats.served
         } else if reply.refused {

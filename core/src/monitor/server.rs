@@ -1,4 +1,4 @@
-//! The monitor's TCP server: the shared JSON-line server ([`crate::jsonl::tcp`]) with a
+//! The monitor's TCP server: the shared JSON-line server ([`crate::jsonl::server`]) with a
 //! thread per connection, and one proposer thread that batches staged changes into
 //! proposals, makes each durable and only then answers the waiting clients.
 //!
@@ -20,7 +20,7 @@ use super::journal::MapStore;
 use super::map::ClusterMap;
 use super::proto::{Request, Response};
 use super::state::{MonitorState, ProposeConfig};
-use crate::jsonl::tcp::LineServer;
+use crate::jsonl::server::LineServer;
 
 type Waiter = mpsc::Sender<Response>;
 

@@ -1,5 +1,6 @@
 //! A replica: the protocol [`Node`] driven by a loop that owns the log, the storage engine,
-//! the TCP connections and the clock.
+//! the TCP connections and the clock. Inbound connections arrive through the shared server
+//! ([`crate::jsonl::server`], connection mode), each read on its own thread.
 //!
 //! The primary connects to every secondary (and reconnects with exponential backoff when a
 //! connection breaks). Each side of a replica connection first sends a `Hello` (wire
@@ -32,6 +33,7 @@ use super::log::{record_size, LogError, LogStore};
 use super::protocol::{Config, Entry, Message, Node, NodeId, Policy, ProtocolError, Stats};
 use super::transport::{read_frames, Bytes, Link};
 use super::wire::{self, Frame, Status, WireError, WIRE_VERSION};
+use crate::jsonl::server::Server;
 
 /// Errors of a replica.
 #[derive(Debug, thiserror::Error)]
@@ -578,36 +580,20 @@ pub fn run(
         let what = what.to_string();
         move |source| ReplicaError::Io { what, source }
     };
-    // Accept connections (blocking; stopping shuts the listener down to wake it).
-    opts.listener
-        .set_nonblocking(false)
-        .map_err(io("listener"))?;
+    // Accept connections on the shared server; each one's frames are read on its thread.
     let listener = opts.listener.try_clone().map_err(io("listener"))?;
-    {
+    let server = {
         let (tx, stopper, streams) = (tx.clone(), stopper.clone(), streams.clone());
-        let me = opts.id;
-        threads.push(std::thread::spawn(move || {
-            let mut last_err = None;
-            loop {
-                match listener.accept() {
-                    Ok((s, _)) if !stopper.stopped() => {
-                        last_err = None;
-                        serve_conn(s, None, &tx, &streams, &stopper);
-                    }
-                    Err(e) if !stopper.stopped() => {
-                        if e.kind() != std::io::ErrorKind::Interrupted {
-                            if last_err != Some(e.kind()) {
-                                eprintln!("blocklab repl {me}: accepting a connection: {e}");
-                                last_err = Some(e.kind());
-                            }
-                            stopper.sleep(Duration::from_millis(50));
-                        }
-                    }
-                    _ => return,
-                }
+        Server::serve(listener, "repl", move |accepted| {
+            let Ok(s) = accepted.try_clone() else {
+                return;
+            };
+            if let Some(conn) = register_conn(&s, None, &tx, &streams, &stopper) {
+                read_conn(&s, conn, &tx, &streams);
             }
-        }));
-    }
+        })
+        .map_err(io("listener"))?
+    };
     // The primary connects to every secondary, again whenever a connection breaks.
     if is_primary {
         for &(peer, addr) in &opts.peers {
@@ -651,10 +637,10 @@ pub fn run(
     let mut wakeups = 0u64;
     let result = d.run_loop(&inbox, &stopper, &mut wakeups);
     stopper.stop();
-    let _ = rustix::net::shutdown(&opts.listener, rustix::net::Shutdown::Read);
     for s in streams.lock().unwrap_or_else(|e| e.into_inner()).values() {
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
+    server.stop();
     d.conns.clear();
     // Everything handed to the apply worker is applied before the replica stops.
     let applied = d.applier.finish();
@@ -1093,8 +1079,24 @@ fn serve_conn(
     streams: &Streams,
     stopper: &Stopper,
 ) -> Option<JoinHandle<()>> {
+    let conn = register_conn(&s, peer, tx, streams, stopper)?;
+    let (tx, streams) = (tx.clone(), streams.clone());
+    std::thread::Builder::new()
+        .name("repl-read".into())
+        .spawn(move || read_conn(&s, conn, &tx, &streams))
+        .ok()
+}
+
+/// Registers a connection with the loop; returns its id.
+fn register_conn(
+    s: &TcpStream,
+    peer: Option<NodeId>,
+    tx: &mpsc::Sender<Event>,
+    streams: &Streams,
+    stopper: &Stopper,
+) -> Option<u64> {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-    let link = Link::spawn(&s).ok()?;
+    let link = Link::spawn(s).ok()?;
     let stream = s.try_clone().ok()?;
     streams
         .lock()
@@ -1103,7 +1105,6 @@ fn serve_conn(
     if stopper.stopped() {
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
-    let tx = tx.clone();
     tx.send(Event::Conn {
         conn,
         link,
@@ -1111,22 +1112,21 @@ fn serve_conn(
         peer,
     })
     .ok()?;
-    let streams = streams.clone();
-    std::thread::Builder::new()
-        .name("repl-read".into())
-        .spawn(move || {
-            let r = read_frames(&s, |frame| tx.send(Event::Frame { conn, frame }).is_ok());
-            if let Err(e) = r {
-                eprintln!("blocklab repl: closing connection: {e}");
-            }
-            let _ = s.shutdown(std::net::Shutdown::Both);
-            streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&conn);
-            let _ = tx.send(Event::Closed { conn });
-        })
-        .ok()
+    Some(conn)
+}
+
+/// Reads a registered connection's frames into the loop until it ends.
+fn read_conn(s: &TcpStream, conn: u64, tx: &mpsc::Sender<Event>, streams: &Streams) {
+    let r = read_frames(s, |frame| tx.send(Event::Frame { conn, frame }).is_ok());
+    if let Err(e) = r {
+        eprintln!("blocklab repl: closing connection: {e}");
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&conn);
+    let _ = tx.send(Event::Closed { conn });
 }
 
 #[cfg(test)]

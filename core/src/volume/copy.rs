@@ -6,7 +6,7 @@
 
 use crate::dev::{AlignedBuf, DevError, Device, IoEngine, IoRequest};
 
-use super::store::Extent;
+use super::extent::Extent;
 
 /// What a copy did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -21,6 +21,8 @@
 //!   operation did under its operation id ([`Applied`], the last [`APPLIED_KEEP`]), so a
 //!   caller that crashed after the commit learns the outcome instead of re-running it.
 //! * Copy destinations go to other devices than the source's where there is room.
+//! * Files: [`store`] (the store and its catalog), [`copy`] (the copy pipeline),
+//!   [`extent`] (the [`Extent`] both use).
 //! * Opening a store for the first time probes every device and refuses one with foreign
 //!   data (a filesystem, a partition table, another blocklab cluster's label, non-zero
 //!   bytes) unless `force` is set.
@@ -28,9 +30,11 @@
 //! [`Layout`]: crate::format::Layout
 
 pub mod copy;
+pub mod extent;
 pub mod store;
 
 pub use copy::{copy_extents, CopyBuffers, CopyStats};
+pub use extent::Extent;
 pub use store::{
-    Applied, Extent, StoreConfig, Volume, VolumeError, VolumeStore, APPLIED_KEEP, MAX_COPY_DEPTH,
+    Applied, StoreConfig, Volume, VolumeError, VolumeStore, APPLIED_KEEP, MAX_COPY_DEPTH,
 };

@@ -12,14 +12,7 @@ use crate::dev::{probe, AlignedBuf, DevError, Device, Found, IoEngine, IoRequest
 use crate::format::{Bitmap, Layout, LayoutParams, Superblock, BLOCK};
 
 use super::copy::{copy_extents, CopyBuffers, CopyStats};
-
-/// A contiguous byte range of one device (by index into the store's device list).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Extent {
-    pub device: usize,
-    pub offset: u64,
-    pub len: u64,
-}
+use super::extent::Extent;
 
 /// One volume of the catalog.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

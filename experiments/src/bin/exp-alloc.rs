@@ -24,8 +24,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use blocklab::alloc::attached::{proc_path, Attached};
 use blocklab::alloc::audit::{audit, Record};
-use blocklab::alloc::node::{proc_path, Attached};
 use blocklab::alloc::region::{region_of, RegionSource};
 use blocklab::alloc::segs::ProcSeg;
 use blocklab::alloc::BlockRef;

@@ -15,8 +15,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use blocklab::alloc::attached::Attached;
 use blocklab::alloc::node::{self, NodeConfig, NodeProcess};
 use blocklab::alloc::segs::MAX_DEVICES;
+use blocklab::alloc::wire::{DeviceAdded, Done, NodeRequest};
 use blocklab::alloc::{AllocError, BlockAllocator, BlockRef, ByteRange, DeviceSpec, Strategy};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use clap::{Args, Subcommand};
@@ -189,8 +191,9 @@ pub enum IndexCmd {
 }
 
 pub fn run_index(cmd: IndexCmd) -> anyhow::Result<()> {
-    use blocklab::alloc::index::{self, IndexRequest, IndexServer};
+    use blocklab::alloc::index::IndexServer;
     use blocklab::alloc::store;
+    use blocklab::alloc::wire::{self, IndexRequest};
     match cmd {
         IndexCmd::Serve { listen } => {
             let s = IndexServer::start(&listen)
@@ -236,17 +239,15 @@ pub fn run_index(cmd: IndexCmd) -> anyhow::Result<()> {
             node,
             device,
         } => {
-            let rep = index::call(
-                &index,
-                &IndexRequest::DeviceOnline {
-                    node: node.clone(),
-                    device,
-                },
-            )?;
-            if !rep.ok {
-                bail!("node {node}: {}", rep.error.unwrap_or_default());
-            }
-            println!("device {} online on {node}", rep.dev.unwrap_or(u16::MAX));
+            let req = IndexRequest::DeviceOnline {
+                node: node.clone(),
+                device,
+            };
+            let rep = match wire::call::<_, DeviceAdded>(&index, &req)? {
+                wire::Reply::Ok(rep) => rep,
+                wire::Reply::Refused(r) => bail!("node {node}: {}", r.error),
+            };
+            println!("device {} online on {node}", rep.dev);
             Ok(())
         }
     }
@@ -473,7 +474,7 @@ pub fn run(cmd: AllocCmd) -> anyhow::Result<()> {
         AllocCmd::Worker(a) => worker(a),
         AllocCmd::Node(a) => node_serve(a),
         AllocCmd::HoldLock { dir, dev } => {
-            let at = blocklab::alloc::node::Attached::open(&dir)?;
+            let at = Attached::open(&dir)?;
             let d = at.device(dev)?;
             let g = d.mutex().lock()?;
             println!("locked");
@@ -484,7 +485,7 @@ pub fn run(cmd: AllocCmd) -> anyhow::Result<()> {
             }
         }
         AllocCmd::DeviceOffline { internal_port, dev } => {
-            node::ask_leader(internal_port, &node::Request::DeviceOffline { dev })
+            node::ask_leader::<Done>(internal_port, &NodeRequest::DeviceOffline { dev })
                 .with_context(|| format!("taking device {dev} offline"))?;
             println!("device {dev} offline");
             Ok(())
@@ -493,18 +494,18 @@ pub fn run(cmd: AllocCmd) -> anyhow::Result<()> {
             internal_port,
             device,
         } => {
-            let rep = node::ask_leader(
+            let rep: DeviceAdded = node::ask_leader(
                 internal_port,
-                &node::Request::DeviceOnline {
+                &NodeRequest::DeviceOnline {
                     device: device.clone(),
                 },
             )
             .with_context(|| format!("bringing {} online", device.path.display()))?;
-            println!("{}", rep.dev.unwrap_or(u16::MAX));
+            println!("{}", rep.dev);
             Ok(())
         }
         AllocCmd::Audit { dir } => {
-            let at = blocklab::alloc::node::Attached::open(&dir)?;
+            let at = Attached::open(&dir)?;
             let rep = blocklab::alloc::audit::audit(&at, &[])?;
             println!("{}", serde_json::to_string_pretty(&rep)?);
             Ok(())
