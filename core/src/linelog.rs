@@ -21,12 +21,11 @@ use serde::Serialize;
 /// Errors of a line log.
 #[derive(Debug, thiserror::Error)]
 pub enum LineLogError {
-    #[error("{path}: {what}: {source}")]
+    #[error("{path}: {what}: {cause}")]
     Io {
         path: PathBuf,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} line {line}: {reason}")]
     Corrupt {
@@ -50,7 +49,7 @@ fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> 
     move |source| LineLogError::Io {
         path: path.to_path_buf(),
         what,
-        source,
+        cause: source,
     }
 }
 

@@ -90,7 +90,10 @@ fn suite_multi(new: Factory<'_>, base: &str) {
         ])
         .unwrap_err();
     match err {
-        CoordError::MultiFailed { index, source } => {
+        CoordError::MultiFailed {
+            index,
+            cause: source,
+        } => {
             assert_eq!(index, 2);
             assert!(
                 matches!(*source, CoordError::BadVersion { expected: 7, .. }),
@@ -112,7 +115,10 @@ fn suite_multi(new: Factory<'_>, base: &str) {
             .multi(&[Op::create(p("a"), b"a".to_vec()), op])
             .unwrap_err()
         {
-            CoordError::MultiFailed { index: 1, source } => assert!(
+            CoordError::MultiFailed {
+                index: 1,
+                cause: source,
+            } => assert!(
                 matches!(*source, CoordError::BadVersion { expected, .. } if expected == want),
                 "{source}"
             ),

@@ -50,7 +50,7 @@ pub(super) fn io<'a>(
     move |source| AllocError::Os {
         path: path.to_path_buf(),
         op,
-        source,
+        cause: source,
     }
 }
 

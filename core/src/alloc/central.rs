@@ -105,7 +105,7 @@ pub fn serve(
     let l = UnixListener::bind(path).map_err(|e| AllocError::Os {
         path: path.to_path_buf(),
         op: "bind",
-        source: e,
+        cause: e,
     })?;
     // One server thread serialises every allocation: the point of the baseline. It ends
     // once the server stopped (the channel's sender is gone) and its connections closed.

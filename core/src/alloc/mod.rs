@@ -112,12 +112,11 @@ impl crate::names::Named for Strategy {
 /// Errors of the allocation mechanism.
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed: {cause}")]
     Os {
         path: PathBuf,
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: refusing to attach shared-memory segment: {reason}")]
     BadSegment { path: PathBuf, reason: String },
@@ -125,11 +124,10 @@ pub enum AllocError {
     NoSegment { path: PathBuf },
     #[error("{path}: shared-memory segment already exists")]
     AlreadyExists { path: PathBuf },
-    #[error("robust lock: {op} failed: {source}")]
+    #[error("robust lock: {op} failed: {cause}")]
     Lock {
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("device {dev}: no free block (device full)")]
     DeviceFull { dev: u16 },
@@ -149,12 +147,8 @@ pub enum AllocError {
     NoNode,
     #[error("block {dev}:{block} is not held by this process")]
     NotHeld { dev: u16, block: u32 },
-    #[error("{what}: {source}")]
-    Net {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{what}: {cause}")]
+    Net { what: String, cause: std::io::Error },
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("{0}")]
@@ -169,7 +163,7 @@ impl AllocError {
     pub(crate) fn net(what: impl Into<String>, source: std::io::Error) -> AllocError {
         AllocError::Net {
             what: what.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -53,7 +53,7 @@ pub fn quiesce(at: &Attached) -> Result<Quiesced<'_>, AllocError> {
         rustix::thread::membarrier(rustix::thread::MembarrierCommand::Global).map_err(|e| {
             AllocError::Lock {
                 op: "membarrier(MEMBARRIER_CMD_GLOBAL)",
-                source: e.into(),
+                cause: e.into(),
             }
         })?;
     }

@@ -701,7 +701,7 @@ fn open_for_lock(path: &Path) -> Result<Option<std::fs::File>, AllocError> {
         Err(e) => Err(AllocError::Os {
             path: path.to_path_buf(),
             op: "open",
-            source: e,
+            cause: e,
         }),
     }
 }
@@ -745,7 +745,7 @@ impl ProcSeg {
                     return Err(AllocError::Os {
                         path: path.to_path_buf(),
                         op: "flock",
-                        source: e.into(),
+                        cause: e.into(),
                     })
                 }
             }
@@ -769,7 +769,7 @@ impl ProcSeg {
             Err(e) => Err(AllocError::Os {
                 path: path.to_path_buf(),
                 op: "flock",
-                source: e.into(),
+                cause: e.into(),
             }),
         }
     }

@@ -56,7 +56,7 @@ fn os(path: &Path, op: &'static str, source: std::io::Error) -> AllocError {
     AllocError::Os {
         path: path.to_path_buf(),
         op,
-        source,
+        cause: source,
     }
 }
 

@@ -42,7 +42,7 @@ impl LockGuard<'_> {
 fn pthread_err(op: &'static str, rc: i32) -> AllocError {
     AllocError::Lock {
         op,
-        source: std::io::Error::from_raw_os_error(rc),
+        cause: std::io::Error::from_raw_os_error(rc),
     }
 }
 

@@ -132,7 +132,7 @@ impl std::fmt::Debug for EmbeddedStore {
 fn io_err(path: &Path, source: std::io::Error) -> CoordError {
     CoordError::Io {
         path: path.display().to_string(),
-        source,
+        cause: source,
     }
 }
 
@@ -322,7 +322,7 @@ impl EmbeddedStore {
                     return Err(if multi {
                         CoordError::MultiFailed {
                             index,
-                            source: Box::new(e),
+                            cause: Box::new(e),
                         }
                     } else {
                         e

@@ -83,11 +83,10 @@ pub enum CoordError {
     NoChildrenForEphemerals(String),
     #[error("invalid path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
-    #[error("atomic operation failed at op {index}: {source}")]
+    #[error("atomic operation failed at op {index}: {cause}")]
     MultiFailed {
         index: usize,
-        #[source]
-        source: Box<CoordError>,
+        cause: Box<CoordError>,
     },
     #[error("invalid coordination spec {spec:?}: {reason}")]
     InvalidSpec { spec: String, reason: String },
@@ -112,12 +111,8 @@ pub enum CoordError {
     CorruptStore { path: String, reason: String },
     #[error("embedded store {path} is in use by another process (lock {lock})")]
     StoreLocked { path: String, lock: String },
-    #[error("I/O error on {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("I/O error on {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("ZooKeeper server: {0}")]
     Server(String),
 }

@@ -63,7 +63,7 @@ fn script_path() -> PathBuf {
 fn free_port() -> Result<u16> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| CoordError::Io {
         path: "127.0.0.1:0".into(),
-        source: e,
+        cause: e,
     })?;
     Ok(l.local_addr().map(|a| a.port()).unwrap_or(0))
 }
@@ -105,7 +105,7 @@ impl ZkServer {
         ));
         std::fs::create_dir_all(dir.join("data")).map_err(|e| CoordError::Io {
             path: dir.display().to_string(),
-            source: e,
+            cause: e,
         })?;
         let mut server = ZkServer {
             dir,
@@ -135,7 +135,7 @@ impl ZkServer {
         );
         let io = |e| CoordError::Io {
             path: cfg.display().to_string(),
-            source: e,
+            cause: e,
         };
         std::fs::write(&cfg, text).map_err(io)?;
         let log = std::fs::OpenOptions::new()
@@ -144,11 +144,11 @@ impl ZkServer {
             .open(self.log_path())
             .map_err(|e| CoordError::Io {
                 path: self.log_path().display().to_string(),
-                source: e,
+                cause: e,
             })?;
         let log2 = log.try_clone().map_err(|e| CoordError::Io {
             path: self.log_path().display().to_string(),
-            source: e,
+            cause: e,
         })?;
         let child = Command::new(&self.opts.script)
             .arg("start-foreground")

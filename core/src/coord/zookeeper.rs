@@ -87,7 +87,7 @@ impl ZkCoord {
             .build()
             .map_err(|e| CoordError::Io {
                 path: "tokio runtime".into(),
-                source: e,
+                cause: e,
             })?;
         let start = Instant::now();
         let mut attempts = 0u32;
@@ -293,7 +293,7 @@ impl Coord for ZkCoord {
             };
             CoordError::MultiFailed {
                 index,
-                source: Box::new(map_err(e, op.path(), expected)),
+                cause: Box::new(map_err(e, op.path(), expected)),
             }
         };
         for (index, op) in ops.iter().enumerate() {

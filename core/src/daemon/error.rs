@@ -11,12 +11,8 @@ use super::Phase;
 pub enum DaemonError {
     #[error(transparent)]
     Dev(#[from] DevError),
-    #[error("{path}: {source}")]
-    Format {
-        path: PathBuf,
-        #[source]
-        source: FormatError,
-    },
+    #[error("{path}: {cause}")]
+    Format { path: PathBuf, cause: FormatError },
     #[error("{path}: refusing to format: the device holds {found}; use --force to overwrite it")]
     Refused { path: PathBuf, found: String },
     #[error("{path}: not mountable: {reason}")]

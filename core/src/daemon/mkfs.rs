@@ -137,7 +137,7 @@ pub fn mkfs(eng: &mut dyn IoEngine, dev: &Device, req: &MkfsRequest) -> Result<M
     let path = dev.path().to_path_buf();
     let layout = Layout::compute(dev.size(), req.params).map_err(|source| DaemonError::Format {
         path: path.clone(),
-        source,
+        cause: source,
     })?;
     let mut run = Run {
         dev,

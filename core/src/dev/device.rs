@@ -104,11 +104,11 @@ impl Device {
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::EROFS) if write => DevError::ReadOnly {
                     path: path.clone(),
-                    source: e,
+                    cause: e,
                 },
                 Some(libc::EACCES) | Some(libc::EPERM) => DevError::PermissionDenied {
                     path: path.clone(),
-                    source: e,
+                    cause: e,
                 },
                 Some(libc::EBUSY) if exclusive => DevError::InUse { path: path.clone() },
                 _ => DevError::os(&path, "open(O_DIRECT)", e),
@@ -119,7 +119,7 @@ impl Device {
             if ro {
                 return Err(DevError::ReadOnly {
                     path,
-                    source: std::io::Error::from_raw_os_error(libc::EROFS),
+                    cause: std::io::Error::from_raw_os_error(libc::EROFS),
                 });
             }
         }

@@ -270,7 +270,7 @@ impl UringEngine {
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
             .map_err(|source| DevError::Ring {
                 op: "io_uring_setup",
-                source,
+                cause: source,
             })?;
         Ok(UringEngine {
             ring,
@@ -364,7 +364,7 @@ impl UringEngine {
                     if started.elapsed() >= LOST_COMPLETION {
                         return Err(DevError::Ring {
                             op: "io_uring_enter (no completion within 120 s)",
-                            source: e,
+                            cause: e,
                         });
                     }
                     continue;
@@ -374,7 +374,7 @@ impl UringEngine {
                 Err(source) => {
                     return Err(DevError::Ring {
                         op: "io_uring_enter",
-                        source,
+                        cause: source,
                     })
                 }
             }
@@ -458,7 +458,7 @@ impl UringEngine {
                         op: req.name(),
                         offset: req.offset + *done as u64,
                         len: (req.len() - *done) as u64,
-                        source: std::io::Error::from_raw_os_error(errno),
+                        cause: std::io::Error::from_raw_os_error(errno),
                     });
                     continue;
                 }
@@ -538,7 +538,7 @@ impl UringEngine {
             unsafe { self.ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
                 DevError::Ring {
                     op: "register_buffers",
-                    source,
+                    cause: source,
                 }
             })?;
             sb.registered = true;
@@ -636,7 +636,7 @@ impl IoEngine for UringEngine {
                 .register_files(&[dev.raw_fd()])
                 .map_err(|source| DevError::Ring {
                     op: "register_files",
-                    source,
+                    cause: source,
                 })?;
         }
         let mut sb = std::mem::take(&mut self.stream_bufs);
@@ -747,7 +747,7 @@ impl UringEngine {
                                 op,
                                 offset: offsets[slot],
                                 len: bs as u64,
-                                source: std::io::Error::from_raw_os_error(-res),
+                                cause: std::io::Error::from_raw_os_error(-res),
                             }
                         } else {
                             DevError::Short {

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 /// An error of the block-device layer.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
-    #[error("{path}: {op} failed: {source}")]
+    #[error("{path}: {op} failed: {cause}")]
     Os {
         path: PathBuf,
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: no such file or device")]
     NotFound { path: PathBuf },
@@ -19,17 +18,15 @@ pub enum DevError {
     IsDirectory { path: PathBuf },
     #[error("{path}: is neither a block device nor a regular file")]
     UnsupportedKind { path: PathBuf },
-    #[error("{path}: is read-only (opened for writing: {source})")]
+    #[error("{path}: is read-only (opened for writing: {cause})")]
     ReadOnly {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: permission denied (root needed for block devices?): {source}")]
+    #[error("{path}: permission denied (root needed for block devices?): {cause}")]
     PermissionDenied {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: in use (mounted, held by another driver such as device-mapper, md or LVM, or opened exclusively by another process)")]
     InUse { path: PathBuf },
@@ -55,14 +52,13 @@ pub enum DevError {
         len: u64,
         size: u64,
     },
-    #[error("{path}: {op} at offset {offset} ({len} bytes) failed: {source}")]
+    #[error("{path}: {op} at offset {offset} ({len} bytes) failed: {cause}")]
     Io {
         path: PathBuf,
         op: &'static str,
         offset: u64,
         len: u64,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: short {op} at offset {offset}: {done} of {len} bytes, then end of device")]
     Short {
@@ -78,11 +74,10 @@ pub enum DevError {
         size: u64,
         needed: u64,
     },
-    #[error("io_uring: {op} failed: {source}")]
+    #[error("io_uring: {op} failed: {cause}")]
     Ring {
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid engine configuration: {0}")]
     Config(String),
@@ -101,7 +96,7 @@ impl DevError {
         DevError::Os {
             path: path.into(),
             op,
-            source,
+            cause: source,
         }
     }
 }

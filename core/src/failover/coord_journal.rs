@@ -47,7 +47,7 @@ fn hex(s: &str) -> String {
 fn err(root: &str, source: CoordError) -> JournalError {
     JournalError::Coord {
         root: root.to_string(),
-        source,
+        cause: source,
     }
 }
 

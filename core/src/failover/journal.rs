@@ -60,11 +60,10 @@ impl OpState {
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("journal {path}: {source}")]
+    #[error("journal {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("journal {path} line {line}: {msg}")]
     Corrupt {
@@ -73,11 +72,10 @@ pub enum JournalError {
         msg: String,
     },
     /// The coordination backend failed (a [`super::coord_journal::CoordJournal`]).
-    #[error("journal {root} in the coordination backend: {source}")]
+    #[error("journal {root} in the coordination backend: {cause}")]
     Coord {
         root: String,
-        #[source]
-        source: crate::coord::CoordError,
+        cause: crate::coord::CoordError,
     },
     /// A record in the coordination backend does not decode.
     #[error("journal {root}: {path}: {msg}")]
@@ -165,7 +163,14 @@ pub struct FileJournal {
 impl From<LineLogError> for JournalError {
     fn from(e: LineLogError) -> JournalError {
         match e {
-            LineLogError::Io { path, source, .. } => JournalError::Io { path, source },
+            LineLogError::Io {
+                path,
+                cause: source,
+                ..
+            } => JournalError::Io {
+                path,
+                cause: source,
+            },
             LineLogError::Corrupt { path, line, reason } => JournalError::Corrupt {
                 path,
                 line,
@@ -173,7 +178,7 @@ impl From<LineLogError> for JournalError {
             },
             LineLogError::Locked { path } => JournalError::Io {
                 path,
-                source: std::io::Error::new(
+                cause: std::io::Error::new(
                     std::io::ErrorKind::ResourceBusy,
                     "in use by another block service (locked)",
                 ),

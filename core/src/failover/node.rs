@@ -94,11 +94,10 @@ pub struct NodeConfig {
 pub enum NodeError {
     #[error("node {0} is not in the peer list")]
     NotInPeers(NodeId),
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("serving {addr}")]
     Serve {
@@ -146,7 +145,7 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError>
     if cfg.mode == Mode::ClientRetry {
         let l = TcpListener::bind(cfg.listen).map_err(|source| NodeError::Bind {
             addr: cfg.listen,
-            source,
+            cause: source,
         })?;
         event(&format!(
             "event=listening node={} addr={}",
@@ -168,7 +167,10 @@ pub fn run_node(cfg: NodeConfig, stop: Arc<AtomicBool>) -> Result<(), NodeError>
     }
 
     cfg.vip.clean();
-    let udp = UdpSocket::bind(me).map_err(|source| NodeError::Bind { addr: me, source })?;
+    let udp = UdpSocket::bind(me).map_err(|source| NodeError::Bind {
+        addr: me,
+        cause: source,
+    })?;
     let ids: Vec<NodeId> = cfg.peers.iter().map(|(id, _)| *id).collect();
     let mut d = Dispatcher::new(cfg.id, &ids, cfg.timing);
     let mut probe: Option<Conn> = None;

@@ -84,11 +84,10 @@ pub enum ServiceError {
     Coord(String),
     #[error("the block service stopped: {0}")]
     Fatal(String),
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}: {cause}")]
     Listen {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -180,13 +179,13 @@ impl Service {
         let volumes: Snapshot = Arc::new(RwLock::new(snapshot(&store)));
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServiceError::Listen {
             addr: cfg.listen,
-            source,
+            cause: source,
         })?;
         let addr = listener
             .local_addr()
             .map_err(|source| ServiceError::Listen {
                 addr: cfg.listen,
-                source,
+                cause: source,
             })?;
         let shared = Arc::new(Mutex::new(Shared {
             journal,
@@ -212,7 +211,10 @@ impl Service {
         let server = Server::serve(listener, "block-service", move |conn| {
             let _ = handler.handle(conn);
         })
-        .map_err(|source| ServiceError::Listen { addr, source })?;
+        .map_err(|source| ServiceError::Listen {
+            addr,
+            cause: source,
+        })?;
         Ok(Service {
             addr,
             stop,

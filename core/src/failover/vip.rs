@@ -16,11 +16,10 @@ use std::process::Command;
 /// Errors of the VIP backends.
 #[derive(Debug, thiserror::Error)]
 pub enum VipError {
-    #[error("binding the VIP {addr}: {source}")]
+    #[error("binding the VIP {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("`{cmd}` failed: {msg}")]
     Command { cmd: String, msg: String },
@@ -196,7 +195,10 @@ impl VipBackend {
             Ok(l) => Ok(l),
             Err(source) => {
                 self.clean();
-                Err(VipError::Bind { addr, source })
+                Err(VipError::Bind {
+                    addr,
+                    cause: source,
+                })
             }
         }
     }

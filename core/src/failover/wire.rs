@@ -172,7 +172,7 @@ pub enum WireError {
     Malformed(String),
     #[error("message longer than {MAX_LINE} bytes")]
     TooLong,
-    #[error("i/o: {0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

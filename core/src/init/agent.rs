@@ -157,10 +157,10 @@ impl NodeAgent {
             let c = std::fs::canonicalize(d).map_err(|e| InitError::Device {
                 node: name.into(),
                 path: d.clone(),
-                source: crate::dev::DevError::Os {
+                cause: crate::dev::DevError::Os {
                     path: d.clone(),
                     op: "resolve path",
-                    source: e,
+                    cause: e,
                 },
             })?;
             if canon.contains(&c) {

@@ -18,12 +18,11 @@ pub enum InitError {
         first: String,
         second: String,
     },
-    #[error("node {node}: device {}: {source}", path.display())]
+    #[error("node {node}: device {}: {cause}", path.display())]
     Device {
         node: String,
         path: PathBuf,
-        #[source]
-        source: DevError,
+        cause: DevError,
     },
     #[error("node {node}: {ids} ids for {devices} devices")]
     IdCount {
@@ -44,14 +43,13 @@ pub enum InitError {
     Node { node: String, message: String },
     #[error("no nodes to initialise")]
     NoNodes,
-    #[error("node agent {0}")]
+    #[error(transparent)]
     NodeUnreachable(#[from] crate::jsonl::tcp::Unreachable),
-    #[error("node agent at {addr}: {what}: {source}")]
+    #[error("node agent at {addr}: {what}: {cause}")]
     NodeIo {
         addr: String,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

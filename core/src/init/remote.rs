@@ -91,7 +91,11 @@ impl RemoteNode {
     fn call(&self, req: &NodeRequest) -> Result<NodeResponse> {
         let io = |what| {
             let addr = self.addr.clone();
-            move |source| InitError::NodeIo { addr, what, source }
+            move |source| InitError::NodeIo {
+                addr,
+                what,
+                cause: source,
+            }
         };
         let s = connect_with_retry(&self.addr, self.connect_retry)?;
         let mut w = s.try_clone().map_err(io("clone socket"))?;

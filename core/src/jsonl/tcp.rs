@@ -6,13 +6,12 @@ use std::time::{Duration, Instant};
 
 /// A connect that kept failing for the whole retry time.
 #[derive(Debug, thiserror::Error)]
-#[error("{addr} unreachable after {attempts} attempts over {waited:?}: {source}")]
+#[error("{addr} unreachable after {attempts} attempts over {waited:?}: {cause}")]
 pub struct Unreachable {
     pub addr: String,
     pub attempts: u32,
     pub waited: Duration,
-    #[source]
-    pub source: std::io::Error,
+    pub cause: std::io::Error,
 }
 
 /// Connects to `addr` (TCP_NODELAY), retrying with backoff (20 ms doubling up to 500 ms)
@@ -43,7 +42,7 @@ pub fn connect_with_retry(addr: &str, retry_for: Duration) -> Result<TcpStream, 
                         addr: addr.into(),
                         attempts,
                         waited,
-                        source,
+                        cause: source,
                     });
                 }
                 std::thread::sleep(backoff);

@@ -58,7 +58,7 @@ enum Step<T> {
 fn is_race(e: &CoordError) -> bool {
     matches!(
         e,
-        CoordError::MultiFailed { source, .. } if matches!(
+        CoordError::MultiFailed { cause: source, .. } if matches!(
             **source,
             CoordError::BadVersion { .. }
                 | CoordError::NoNode(_)
@@ -71,7 +71,7 @@ fn is_race(e: &CoordError) -> bool {
 /// The node a failed multi names.
 fn failed_path(e: &CoordError) -> String {
     match e {
-        CoordError::MultiFailed { source, .. } => failed_path(source),
+        CoordError::MultiFailed { cause: source, .. } => failed_path(source),
         CoordError::NoNode(p) | CoordError::NodeExists(p) | CoordError::NotEmpty(p) => p.clone(),
         CoordError::BadVersion { path, .. } => path.clone(),
         other => other.to_string(),
@@ -179,9 +179,10 @@ impl<'c> LunMap<'c> {
             Op::create(self.layout.id(id), json(&claim)),
         ]) {
             Ok(()) => Ok(lun),
-            Err(CoordError::MultiFailed { index, source })
-                if matches!(*source, CoordError::NodeExists(_)) =>
-            {
+            Err(CoordError::MultiFailed {
+                index,
+                cause: source,
+            }) if matches!(*source, CoordError::NodeExists(_)) => {
                 if index < 2 {
                     return Err(LunMapError::LunExists(name.into()));
                 }
@@ -344,9 +345,10 @@ impl<'c> LunMap<'c> {
                     attempts: attempt,
                     changed: true,
                 })),
-                Err(CoordError::MultiFailed { index, source })
-                    if index == at && matches!(*source, CoordError::NodeExists(_)) =>
-                {
+                Err(CoordError::MultiFailed {
+                    index,
+                    cause: source,
+                }) if index == at && matches!(*source, CoordError::NodeExists(_)) => {
                     Ok(Step::Done(Ack {
                         attempts: attempt,
                         changed: false,

@@ -21,7 +21,7 @@ pub const MAP_FILE: &str = "lunmap.json";
 fn io(path: &Path, source: std::io::Error) -> LunMapError {
     LunMapError::Io {
         path: path.display().to_string(),
-        source,
+        cause: source,
     }
 }
 

@@ -148,14 +148,10 @@ pub enum LunMapError {
     },
     #[error("the {0} thread panicked")]
     Panicked(String),
-    #[error("coordination: {0}")]
+    #[error(transparent)]
     Coord(#[from] CoordError),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
 }
 
 pub type Result<T, E = LunMapError> = std::result::Result<T, E>;

@@ -31,12 +31,12 @@ impl MonitorClient {
             addr: e.addr,
             attempts: e.attempts,
             waited: e.waited,
-            source: e.source,
+            cause: e.cause,
         })?;
         let writer = s.try_clone().map_err(|source| MonitorError::Io {
             addr: addr.into(),
             what: "clone socket",
-            source,
+            cause: source,
         })?;
         Ok(MonitorClient {
             addr: addr.into(),
@@ -52,7 +52,13 @@ impl MonitorClient {
     /// Sends a request and waits for its answer; a refusal becomes [`MonitorError::Remote`].
     pub fn call(&mut self, req: &Request) -> Result<Response> {
         let addr = self.addr.clone();
-        let io = |what| move |source| MonitorError::Io { addr, what, source };
+        let io = |what| {
+            move |source| MonitorError::Io {
+                addr,
+                what,
+                cause: source,
+            }
+        };
         wire::send(&mut self.writer, req).map_err(io("send"))?;
         let addr = self.addr.clone();
         match wire::recv::<Response>(&mut self.reader) {
@@ -61,7 +67,7 @@ impl MonitorClient {
             Ok(None) => Err(MonitorError::Io {
                 addr,
                 what: "receive",
-                source: std::io::Error::new(
+                cause: std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "the monitor closed the connection",
                 ),
@@ -69,7 +75,7 @@ impl MonitorClient {
             Err(source) => Err(MonitorError::Io {
                 addr,
                 what: "receive",
-                source: source.into(),
+                cause: source.into(),
             }),
         }
     }

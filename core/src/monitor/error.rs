@@ -11,31 +11,28 @@ pub enum MonitorError {
     Conflict(String),
     #[error("bad request: {0}")]
     BadRequest(String),
-    #[error("monitor at {addr} unreachable after {attempts} attempts over {waited:?}: {source}")]
+    #[error("monitor at {addr} unreachable after {attempts} attempts over {waited:?}: {cause}")]
     Unreachable {
         addr: String,
         attempts: u32,
         waited: Duration,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("monitor connection ({addr}): {what}: {source}")]
+    #[error("monitor connection ({addr}): {what}: {cause}")]
     Io {
         addr: String,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("monitor protocol: {0}")]
     Protocol(String),
     #[error("the monitor refused: {0}")]
     Remote(String),
-    #[error("journal {path}: {what}: {source}")]
+    #[error("journal {path}: {what}: {cause}")]
     Journal {
         path: PathBuf,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("journal {path}: line {line} is corrupt: {reason}")]
     JournalCorrupt {

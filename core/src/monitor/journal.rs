@@ -44,7 +44,15 @@ pub struct FileJournal {
 impl From<LineLogError> for MonitorError {
     fn from(e: LineLogError) -> MonitorError {
         match e {
-            LineLogError::Io { path, what, source } => MonitorError::Journal { path, what, source },
+            LineLogError::Io {
+                path,
+                what,
+                cause: source,
+            } => MonitorError::Journal {
+                path,
+                what,
+                cause: source,
+            },
             LineLogError::Corrupt { path, line, reason } => {
                 MonitorError::JournalCorrupt { path, line, reason }
             }

@@ -103,7 +103,7 @@ impl Monitor {
             move |source| MonitorError::Io {
                 addr: "listener".into(),
                 what,
-                source,
+                cause: source,
             }
         };
         let addr = listener.local_addr().map_err(io("local_addr"))?;

@@ -10,18 +10,13 @@ use super::wire::{encode_to_vec, read_frame, Frame, ReadError, Status, WireError
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{addr}: {source}")]
+    #[error("{addr}: {cause}")]
     Io {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{addr}: {source}")]
-    Wire {
-        addr: SocketAddr,
-        #[source]
-        source: WireError,
-    },
+    #[error("{addr}: {cause}")]
+    Wire { addr: SocketAddr, cause: WireError },
     #[error("{addr}: no answer within {secs} s (is a majority of the replicas reachable?)")]
     Timeout { addr: SocketAddr, secs: f64 },
     #[error("{addr}: connection closed before the answer")]
@@ -47,7 +42,10 @@ pub struct Client {
 impl Client {
     /// Connects within `timeout`, which is also how long a call waits for its answer.
     pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client, ClientError> {
-        let io = |source| ClientError::Io { addr, source };
+        let io = |source| ClientError::Io {
+            addr,
+            cause: source,
+        };
         let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
@@ -64,10 +62,16 @@ impl Client {
 
     fn call(&mut self, f: &Frame) -> Result<Frame, ClientError> {
         let addr = self.addr;
-        let bytes = encode_to_vec(f).map_err(|source| ClientError::Wire { addr, source })?;
+        let bytes = encode_to_vec(f).map_err(|source| ClientError::Wire {
+            addr,
+            cause: source,
+        })?;
         self.stream
             .write_all(&bytes)
-            .map_err(|source| ClientError::Io { addr, source })?;
+            .map_err(|source| ClientError::Io {
+                addr,
+                cause: source,
+            })?;
         match read_frame(&mut self.reader, &mut self.body) {
             Ok(Some(fr)) => Ok(fr),
             Ok(None) => Err(ClientError::Closed { addr }),
@@ -83,8 +87,14 @@ impl Client {
                     secs: self.timeout.as_secs_f64(),
                 })
             }
-            Err(ReadError::Io(source)) => Err(ClientError::Io { addr, source }),
-            Err(ReadError::Wire(source)) => Err(ClientError::Wire { addr, source }),
+            Err(ReadError::Io(source)) => Err(ClientError::Io {
+                addr,
+                cause: source,
+            }),
+            Err(ReadError::Wire(source)) => Err(ClientError::Wire {
+                addr,
+                cause: source,
+            }),
         }
     }
 

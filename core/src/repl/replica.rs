@@ -40,22 +40,18 @@ use crate::jsonl::server::Server;
 pub enum ReplicaError {
     #[error(transparent)]
     Dev(#[from] DevError),
-    #[error("replication log: {0}")]
+    #[error(transparent)]
     Log(#[from] LogError),
-    #[error("storage engine: {0}")]
+    #[error(transparent)]
     Kv(#[from] KvError),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    #[error("write refused: {0}")]
+    #[error(transparent)]
     Refused(#[from] AdmitError),
     #[error("{path}: holds {found}; refusing to overwrite it without --force")]
     Foreign { path: PathBuf, found: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
     #[error("bad replica configuration: {0}")]
     Config(String),
 }
@@ -339,7 +335,7 @@ pub fn spawn(opts: ReplicaOptions, hooks: Box<dyn Hooks>) -> Result<ReplicaHandl
         .local_addr()
         .map_err(|source| ReplicaError::Io {
             what: "listener address".into(),
-            source,
+            cause: source,
         })?;
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -349,7 +345,7 @@ pub fn spawn(opts: ReplicaOptions, hooks: Box<dyn Hooks>) -> Result<ReplicaHandl
         .spawn(move || run(opts, hooks, stop2, Some(ready_tx)))
         .map_err(|source| ReplicaError::Io {
             what: "spawning the replica thread".into(),
-            source,
+            cause: source,
         })?;
     let mut h = ReplicaHandle {
         addr,
@@ -578,7 +574,10 @@ pub fn run(
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let io = |what: &str| {
         let what = what.to_string();
-        move |source| ReplicaError::Io { what, source }
+        move |source| ReplicaError::Io {
+            what,
+            cause: source,
+        }
     };
     // Accept connections on the shared server; each one's frames are read on its thread.
     let listener = opts.listener.try_clone().map_err(io("listener"))?;

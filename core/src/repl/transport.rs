@@ -11,18 +11,10 @@ use super::wire::{self, Frame, ReadError, WireError};
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("connection to {peer}: {source}")]
-    Io {
-        peer: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("bad frame from {peer}: {source}")]
-    Wire {
-        peer: String,
-        #[source]
-        source: WireError,
-    },
+    #[error("connection to {peer}: {cause}")]
+    Io { peer: String, cause: std::io::Error },
+    #[error("bad frame from {peer}: {cause}")]
+    Wire { peer: String, cause: WireError },
 }
 
 /// An encoded frame, shared when the same frame goes to several connections.
@@ -129,8 +121,18 @@ pub fn read_frames(
                 }
             }
             Ok(None) => return Ok(()),
-            Err(ReadError::Io(source)) => return Err(TransportError::Io { peer, source }),
-            Err(ReadError::Wire(source)) => return Err(TransportError::Wire { peer, source }),
+            Err(ReadError::Io(source)) => {
+                return Err(TransportError::Io {
+                    peer,
+                    cause: source,
+                })
+            }
+            Err(ReadError::Wire(source)) => {
+                return Err(TransportError::Wire {
+                    peer,
+                    cause: source,
+                })
+            }
         }
     }
 }

@@ -128,11 +128,10 @@ pub enum VolumeError {
     Stopped(String),
     #[error(transparent)]
     Dev(#[from] DevError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -246,7 +245,7 @@ fn lock_dir(dir: &Path) -> Result<File, VolumeError> {
         .open(&path)
         .map_err(|source| VolumeError::Io {
             path: path.clone(),
-            source,
+            cause: source,
         })?;
     rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .map_err(|_| VolumeError::Locked(dir.to_path_buf()))?;
@@ -258,7 +257,12 @@ fn read_catalog(dir: &Path) -> Result<Option<Catalog>, VolumeError> {
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(VolumeError::Io { path, source }),
+        Err(source) => {
+            return Err(VolumeError::Io {
+                path,
+                cause: source,
+            })
+        }
     };
     let bad = |msg: String| VolumeError::Catalog {
         path: path.clone(),
@@ -307,7 +311,7 @@ impl VolumeStore {
         cfg.validate()?;
         fs::create_dir_all(dir).map_err(|source| VolumeError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let lock = lock_dir(dir)?;
         let mut engine = UringEngine::with_queue_depth(cfg.copy_depth.max(2) as u32 * 2)?;
@@ -891,5 +895,8 @@ fn write_catalog(dir: &Path, c: &Catalog) -> Result<(), VolumeError> {
         path: path.clone(),
         msg: e.to_string(),
     })?;
-    crate::fsutil::write_atomic(&path, &bytes).map_err(|source| VolumeError::Io { path, source })
+    crate::fsutil::write_atomic(&path, &bytes).map_err(|source| VolumeError::Io {
+        path,
+        cause: source,
+    })
 }

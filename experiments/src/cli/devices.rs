@@ -74,7 +74,7 @@ pub fn run(cmd: DevicesCmd) -> anyhow::Result<()> {
                     let state = match provision::is_attached(d) {
                         Ok(true) => "attached".to_string(),
                         Ok(false) => "not attached".to_string(),
-                        Err(DevError::Os { source, .. })
+                        Err(DevError::Os { cause: source, .. })
                             if source.kind() == std::io::ErrorKind::PermissionDenied =>
                         {
                             "unknown (needs root)".to_string()
