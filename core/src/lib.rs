@@ -25,6 +25,7 @@ pub mod linelog;
 pub mod lunmap;
 pub mod monitor;
 pub mod names;
+pub mod netutil;
 pub mod repl;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -13,7 +13,7 @@
 
 use super::{CoordError, CoordSpec, Result};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,11 +61,10 @@ fn script_path() -> PathBuf {
 }
 
 fn free_port() -> Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| CoordError::Io {
+    crate::netutil::free_port().map_err(|e| CoordError::Io {
         path: "127.0.0.1:0".into(),
         cause: e,
-    })?;
-    Ok(l.local_addr().map(|a| a.port()).unwrap_or(0))
+    })
 }
 
 /// Sends a four-letter word and returns the answer.

@@ -56,8 +56,5 @@ pub fn shm_dir(prefix: &str) -> tempfile::TempDir {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (also: a port nobody listens on).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
+    crate::netutil::free_port().expect("binding 127.0.0.1:0")
 }

@@ -32,7 +32,7 @@ use blocklab::alloc::BlockRef;
 use blocklab::alloc::{DeviceRegion, DeviceSpec, Strategy};
 use blocklab::dev::UringEngine;
 use clap::Parser;
-use harness::cli::alloc::{free_port, NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
+use harness::cli::alloc::{NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, RunMeta};
 use serde::Serialize;
@@ -291,7 +291,7 @@ fn run_config(env: &Env<'_>, run: RunSpec) -> anyhow::Result<Outcome> {
         node: NodeArgs {
             dir: dir.to_path_buf(),
             proc_id: 0,
-            internal_port: free_port()?,
+            internal_port: blocklab::netutil::free_port().context("finding a free port")?,
             strategy: run.strategy,
             block_size: env.block_size,
             // By path: the leader resolves each to the region `regions` computed.

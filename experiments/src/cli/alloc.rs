@@ -657,10 +657,3 @@ impl Drop for WorkerProc {
         let _ = self.child.wait();
     }
 }
-
-/// A free TCP port (bound to port 0 and released).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
