@@ -1,23 +1,19 @@
 //! The names of enum values on command lines and in CSVs (`shm`, `parallel_nodes`,
-//! `vip_handoff`): one derive set and one error for every such enum.
+//! `vip_handoff`): one way to declare such an enum (`named_enum!`) and one error for a
+//! name that is none of its values.
 //!
-//! An enum derives `strum::Display`, `strum::IntoStaticStr`, `strum::VariantNames` and
-//! `strum::EnumString` with `#[strum(serialize_all = "snake_case")]`, implements [`Named`]
-//! and points its parse error at [`unknown`], so that a bad name reads
-//! `unknown strategy "x" (one of: shm, mutex, central)`:
-//!
+//! ```text
+//! named_enum! {
+//!     /// How daemons are initialised.
+//!     #[derive(serde::Serialize, serde::Deserialize)]
+//!     #[serde(rename_all = "snake_case")]
+//!     pub enum Strategy("strategy", case = "snake_case") { Sequential, ParallelNodes }
+//! }
 //! ```
-//! #[derive(Debug, PartialEq, strum::Display, strum::IntoStaticStr, strum::VariantNames, strum::EnumString)]
-//! #[strum(serialize_all = "snake_case")]
-//! #[strum(parse_err_ty = blocklab::names::UnknownName, parse_err_fn = blocklab::names::unknown::<Colour>)]
-//! enum Colour { DeepRed, Blue }
-//! impl blocklab::names::Named for Colour { const WHAT: &'static str = "colour"; }
 //!
-//! assert_eq!("deep_red".parse::<Colour>().unwrap(), Colour::DeepRed);
-//! assert_eq!(Colour::Blue.to_string(), "blue");
-//! let e = "green".parse::<Colour>().unwrap_err();
-//! assert_eq!(e.to_string(), r#"unknown colour "green" (one of: deep_red, blue)"#);
-//! ```
+//! declares the enum (`Debug, Clone, Copy, PartialEq, Eq, Hash` and strum's `Display`,
+//! `IntoStaticStr`, `VariantNames`, `EnumString`), `Strategy::name()`, and a `FromStr`
+//! whose error reads `unknown strategy "x" (one of: sequential, parallel_nodes)`.
 
 /// A name that is none of an enum's values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,11 +30,74 @@ pub trait Named: strum::VariantNames {
     const WHAT: &'static str;
 }
 
-/// The parse error of a [`Named`] enum (its `parse_err_fn`).
+/// The parse error of a [`Named`] enum (its strum `parse_err_fn`).
 pub fn unknown<T: Named>(given: &str) -> UnknownName {
     UnknownName {
         what: T::WHAT,
         given: given.to_string(),
         one_of: T::VARIANTS,
+    }
+}
+
+/// Declares a named enum (see the module docs). `case` is strum's `serialize_all`
+/// (`"snake_case"`, `"lowercase"`); a variant can add spellings with
+/// `#[strum(to_string = "...", serialize = "...")]`.
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident ($what:literal, case = $case:literal) {
+            $($(#[$vmeta:meta])* $variant:ident),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash,
+            ::strum::Display, ::strum::IntoStaticStr, ::strum::VariantNames, ::strum::EnumString,
+        )]
+        #[strum(
+            serialize_all = $case,
+            parse_err_ty = $crate::names::UnknownName,
+            parse_err_fn = $crate::names::unknown::<$name>
+        )]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// The name on the command line and in the CSV.
+            pub fn name(self) -> &'static str {
+                self.into()
+            }
+        }
+
+        impl $crate::names::Named for $name {
+            const WHAT: &'static str = $what;
+        }
+    };
+}
+pub(crate) use named_enum;
+
+#[cfg(test)]
+mod tests {
+    named_enum! {
+        /// A test enum.
+        pub enum Colour("colour", case = "snake_case") {
+            DeepRed,
+            #[strum(to_string = "blue", serialize = "azure")]
+            Blue,
+        }
+    }
+
+    #[test]
+    fn names_parse_print_and_refuse_with_the_list() {
+        assert_eq!("deep_red".parse::<Colour>().unwrap(), Colour::DeepRed);
+        assert_eq!("azure".parse::<Colour>().unwrap(), Colour::Blue);
+        assert_eq!(Colour::Blue.to_string(), "blue");
+        assert_eq!(Colour::DeepRed.name(), "deep_red");
+        let e = "green".parse::<Colour>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"unknown colour "green" (one of: deep_red, blue)"#
+        );
     }
 }

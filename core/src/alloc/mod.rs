@@ -50,39 +50,19 @@ pub use segs::{BlockRef, BlockState, DeviceRegion, FreeMode};
 /// Allocation unit inside a block (data is appended in multiples of it; O_DIRECT).
 pub const UNIT: u64 = 4096;
 
-/// The allocation strategy of a node.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    strum::Display,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-    strum::EnumString,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-#[strum(
-    parse_err_ty = crate::names::UnknownName,
-    parse_err_fn = crate::names::unknown::<Strategy>
-)]
-pub enum Strategy {
-    Shm,
-    Mutex,
-    Central,
+crate::names::named_enum! {
+    /// The allocation strategy of a node.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Strategy("strategy", case = "lowercase") {
+        Shm,
+        Mutex,
+        Central,
+    }
 }
 
 impl Strategy {
     pub const ALL: [Strategy; 3] = [Strategy::Shm, Strategy::Mutex, Strategy::Central];
-
-    pub fn name(self) -> &'static str {
-        self.into()
-    }
 
     /// The free structure the device segments use under this strategy.
     pub fn free_mode(self) -> FreeMode {
@@ -103,10 +83,6 @@ impl Strategy {
     pub fn from_code(c: u64) -> Option<Strategy> {
         Strategy::ALL.into_iter().find(|s| s.code() == c)
     }
-}
-
-impl crate::names::Named for Strategy {
-    const WHAT: &'static str = "strategy";
 }
 
 /// Errors of the allocation mechanism.

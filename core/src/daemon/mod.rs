@@ -29,35 +29,19 @@ pub fn mkfs_path(path: &std::path::Path, req: &MkfsRequest) -> Result<MkfsReport
     mkfs(&mut eng, &dev, req)
 }
 
-/// The phases of mkfs, in order.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    strum::Display,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-    strum::EnumString,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-#[strum(
-    parse_err_ty = crate::names::UnknownName,
-    parse_err_fn = crate::names::unknown::<Phase>
-)]
-pub enum Phase {
-    Probe,
-    Label,
-    Superblock,
-    Log,
-    Bitmap,
-    Flush,
-    Commit,
+crate::names::named_enum! {
+    /// The phases of mkfs, in order.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Phase("phase", case = "snake_case") {
+        Probe,
+        Label,
+        Superblock,
+        Log,
+        Bitmap,
+        Flush,
+        Commit,
+    }
 }
 
 impl Phase {
@@ -70,12 +54,4 @@ impl Phase {
         Phase::Flush,
         Phase::Commit,
     ];
-
-    pub fn name(self) -> &'static str {
-        self.into()
-    }
-}
-
-impl crate::names::Named for Phase {
-    const WHAT: &'static str = "phase";
 }

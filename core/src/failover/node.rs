@@ -33,43 +33,20 @@ use super::vip::{VipBackend, VipError};
 use super::wire::{Conn, Msg, Op, OpResult, WireError};
 use crate::jsonl::server::{self, Server};
 
-/// How management requests survive a node failure.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    strum::Display,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-    strum::EnumString,
-)]
-#[strum(serialize_all = "snake_case")]
-#[strum(
-    parse_err_ty = crate::names::UnknownName,
-    parse_err_fn = crate::names::unknown::<Mode>
-)]
-pub enum Mode {
-    /// The VIP moves to a healthy node; results are delivered through it.
-    #[strum(to_string = "vip_handoff", serialize = "vip-handoff")]
-    VipHandoff,
-    /// The baseline: no VIP; a node's death abandons its work; the client re-issues.
-    #[strum(to_string = "client_retry", serialize = "client-retry")]
-    ClientRetry,
+crate::names::named_enum! {
+    /// How management requests survive a node failure.
+    pub enum Mode("mode", case = "snake_case") {
+        /// The VIP moves to a healthy node; results are delivered through it.
+        #[strum(to_string = "vip_handoff", serialize = "vip-handoff")]
+        VipHandoff,
+        /// The baseline: no VIP; a node's death abandons its work; the client re-issues.
+        #[strum(to_string = "client_retry", serialize = "client-retry")]
+        ClientRetry,
+    }
 }
 
 impl Mode {
     pub const ALL: [Mode; 2] = [Mode::VipHandoff, Mode::ClientRetry];
-
-    /// The name used on the command line and in the CSV (`vip_handoff`, `client_retry`).
-    pub fn name(&self) -> &'static str {
-        (*self).into()
-    }
-}
-
-impl crate::names::Named for Mode {
-    const WHAT: &'static str = "mode";
 }
 
 /// Settings of one node.

@@ -27,39 +27,16 @@ pub enum VipError {
     NotLoopback(IpAddr),
 }
 
-/// Which kind of VIP backend (the name on the command line and in the CSV).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::Display,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-    strum::EnumString,
-)]
-#[strum(serialize_all = "lowercase")]
-#[strum(
-    parse_err_ty = crate::names::UnknownName,
-    parse_err_fn = crate::names::unknown::<VipKind>
-)]
-pub enum VipKind {
-    Loopback,
-    Netns,
+crate::names::named_enum! {
+    /// Which kind of VIP backend (the name on the command line and in the CSV).
+    pub enum VipKind("VIP backend", case = "lowercase") {
+        Loopback,
+        Netns,
+    }
 }
 
 impl VipKind {
     pub const ALL: [VipKind; 2] = [VipKind::Loopback, VipKind::Netns];
-
-    pub fn name(&self) -> &'static str {
-        (*self).into()
-    }
-}
-
-impl crate::names::Named for VipKind {
-    const WHAT: &'static str = "VIP backend";
 }
 
 /// Which backend, with its settings.

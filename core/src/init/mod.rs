@@ -28,32 +28,16 @@ pub use error::{InitError, Result};
 pub use orchestrate::{run, InitRun, Node};
 pub use remote::{serve_node, NodeServer, RemoteNode};
 
-/// How daemons are initialised.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    strum::Display,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-    strum::EnumString,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-#[strum(
-    parse_err_ty = crate::names::UnknownName,
-    parse_err_fn = crate::names::unknown::<Strategy>
-)]
-pub enum Strategy {
-    Sequential,
-    ParallelNodes,
-    ParallelDaemons,
-    Parallel,
+crate::names::named_enum! {
+    /// How daemons are initialised.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Strategy("strategy", case = "snake_case") {
+        Sequential,
+        ParallelNodes,
+        ParallelDaemons,
+        Parallel,
+    }
 }
 
 impl Strategy {
@@ -63,10 +47,6 @@ impl Strategy {
         Strategy::ParallelDaemons,
         Strategy::Parallel,
     ];
-
-    pub fn name(self) -> &'static str {
-        self.into()
-    }
 
     /// Are a node's daemons initialised in parallel?
     pub fn parallel_daemons(self) -> bool {
@@ -90,8 +70,4 @@ impl Strategy {
             Strategy::Parallel => 1,
         }
     }
-}
-
-impl crate::names::Named for Strategy {
-    const WHAT: &'static str = "strategy";
 }
