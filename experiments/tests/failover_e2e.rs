@@ -43,6 +43,14 @@ fn copy_op(src: &str, dst: &str) -> Op {
     }
 }
 
+fn copied(src: &str, dst: &str, bytes: u64) -> OpResult {
+    OpResult::Copied {
+        src: src.into(),
+        dst: dst.into(),
+        bytes,
+    }
+}
+
 fn tmp() -> tempfile::TempDir {
     scratch_dir("blocklab-fo-")
 }
@@ -192,14 +200,7 @@ fn kill_during_copy(backend: VipKind, journal: Option<String>) {
     let holder = c.wait_holder(None, Duration::from_secs(30)).unwrap();
     c.kill_node(holder).unwrap();
     let (result, info) = h.join().unwrap();
-    assert_eq!(
-        result,
-        OpResult::Copied {
-            src: "src".into(),
-            dst: "dst".into(),
-            bytes: size
-        }
-    );
+    assert_eq!(result, copied("src", "dst", size));
     assert!(info.attempts >= 2, "the client had to re-send: {info:?}");
     let new_holder = c
         .wait_holder(Some(holder), Duration::from_secs(30))
@@ -384,14 +385,7 @@ fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
     c.spec.service_args.clear();
     c.start_service().unwrap();
     let (result, _) = h.join().unwrap();
-    assert_eq!(
-        result,
-        OpResult::Copied {
-            src: "src".into(),
-            dst: "dst".into(),
-            bytes: size
-        }
-    );
+    assert_eq!(result, copied("src", "dst", size));
     assert_eq!(count(&c, "copy-c"), (1, 1, 0), "delivered, not re-run");
 }
 
