@@ -11,6 +11,7 @@ use blocklab::alloc::attached::Attached;
 use blocklab::alloc::audit::{audit, Record};
 use blocklab::alloc::index::records;
 use blocklab::alloc::store::{client_fetch, client_store};
+use blocklab::alloc::wire::Location;
 use blocklab::alloc::{AllocError, BlockRef, DeviceRegion, DeviceSpec};
 use blocklab::testing::{
     free_port, scratch_dir, shm_dir, sparse_file, spawn_announcing, KillOnDrop, LoopDevices,
@@ -158,24 +159,30 @@ fn channels_are_stored_and_fetched_end_to_end_until_the_cluster_is_full() {
     // The audit of each node against the index's records: nothing leaked or doubled.
     let recs = records(&index).unwrap();
     for (n, name) in ["node-a", "node-b"].iter().enumerate() {
-        let at = Attached::open(dirs[n].path()).unwrap();
-        let mine: Vec<Record> = recs
-            .iter()
-            .filter(|(_, l)| l.node == *name)
-            .map(|(_, l)| Record {
-                block: BlockRef {
-                    dev: l.dev,
-                    block: l.block,
-                },
-                offset: l.offset_in_block,
-                len: l.len,
-            })
-            .collect();
-        let rep = audit(&at, &mine).unwrap();
-        assert_eq!(rep.leaked_blocks, 0, "{name}: {rep:?}");
-        assert_eq!(rep.double_allocated, 0, "{name}: {rep:?}");
+        assert_audit_clean(dirs[n].path(), &recs, name);
     }
     drop(procs);
+}
+
+/// Audits the node attached at `dir` against the index's records of node `name`: no
+/// block leaked, none allocated twice.
+fn assert_audit_clean(dir: &Path, recs: &[(u64, Location)], name: &str) {
+    let at = Attached::open(dir).unwrap();
+    let mine: Vec<Record> = recs
+        .iter()
+        .filter(|(_, l)| l.node == name)
+        .map(|(_, l)| Record {
+            block: BlockRef {
+                dev: l.dev,
+                block: l.block,
+            },
+            offset: l.offset_in_block,
+            len: l.len,
+        })
+        .collect();
+    let rep = audit(&at, &mine).unwrap();
+    assert_eq!(rep.leaked_blocks, 0, "{name}: {rep:?}");
+    assert_eq!(rep.double_allocated, 0, "{name}: {rep:?}");
 }
 
 /// Spawns an index server; returns it and its address.
@@ -234,20 +241,6 @@ fn stores_go_on_when_a_node_process_dies_or_restarts_on_another_port() {
 
     let recs = records(&index).unwrap();
     assert_eq!(recs.len(), 24);
-    let at = Attached::open(dir.path()).unwrap();
-    let mine: Vec<Record> = recs
-        .iter()
-        .map(|(_, l)| Record {
-            block: BlockRef {
-                dev: l.dev,
-                block: l.block,
-            },
-            offset: l.offset_in_block,
-            len: l.len,
-        })
-        .collect();
-    let rep = audit(&at, &mine).unwrap();
-    assert_eq!(rep.leaked_blocks, 0, "{rep:?}");
-    assert_eq!(rep.double_allocated, 0, "{rep:?}");
+    assert_audit_clean(dir.path(), &recs, "node-a");
     drop(leader);
 }

@@ -29,6 +29,28 @@ fn devices(name: &str) -> TestDevices {
     TestDevices::loop_or_files(name, 2, 96 * MIB)
 }
 
+fn create_op(name: &str, size: u64) -> Op {
+    Op::Create {
+        name: name.into(),
+        size,
+    }
+}
+
+fn copy_op(src: &str, dst: &str) -> Op {
+    Op::Copy {
+        src: src.into(),
+        dst: dst.into(),
+    }
+}
+
+fn copied(src: &str, dst: &str, bytes: u64) -> OpResult {
+    OpResult::Copied {
+        src: src.into(),
+        dst: dst.into(),
+        bytes,
+    }
+}
+
 fn tmp() -> tempfile::TempDir {
     scratch_dir("blocklab-fo-")
 }
@@ -101,16 +123,21 @@ fn count(c: &Cluster, op_id: &str) -> (usize, usize, usize) {
     (started, done, aborted)
 }
 
-/// Compares two volumes byte for byte through a store opened after stopping the service.
-fn check_copy_bytes(c: &mut Cluster, src: &str, dst: &str, size: u64) {
+/// Stops the service and opens the volume store it owned.
+fn stop_and_open_store(c: &mut Cluster) -> VolumeStore {
     c.stop_service().unwrap();
-    let mut st = VolumeStore::open(
+    VolumeStore::open(
         &c.service_dir(),
         &c.spec.devices,
         StoreConfig::default(),
         false,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Compares two volumes byte for byte through a store opened after stopping the service.
+fn check_copy_bytes(c: &mut Cluster, src: &str, dst: &str, size: u64) {
+    let mut st = stop_and_open_store(c);
     let a = st.read(src, 0, size as usize).unwrap();
     let b = st.read(dst, 0, size as usize).unwrap();
     assert!(a == b, "{dst} differs from {src}");
@@ -119,15 +146,8 @@ fn check_copy_bytes(c: &mut Cluster, src: &str, dst: &str, size: u64) {
 
 fn fill_pattern(c: &mut Cluster, name: &str, size: u64) {
     // The store belongs to the service process: stop it, write, restart it.
-    c.stop_service().unwrap();
     {
-        let mut st = VolumeStore::open(
-            &c.service_dir(),
-            &c.spec.devices,
-            StoreConfig::default(),
-            false,
-        )
-        .unwrap();
+        let mut st = stop_and_open_store(c);
         st.write(name, 0, &pattern(size as usize, 1)).unwrap();
     }
     c.start_service().unwrap();
@@ -159,22 +179,12 @@ fn kill_during_copy(backend: VipKind, journal: Option<String>) {
         })
     };
 
-    let r = call(
-        &c,
-        "create-src",
-        Op::Create {
-            name: "src".into(),
-            size,
-        },
-    );
+    let r = call(&c, "create-src", create_op("src", size));
     assert!(r.is_ok(), "{r:?}");
     fill_pattern(&mut c, "src", size);
 
     // The copy runs in a client thread; the holder dies once the service has started it.
-    let copy = Op::Copy {
-        src: "src".into(),
-        dst: "dst".into(),
-    };
+    let copy = copy_op("src", "dst");
     let cl = client(&c);
     let enter = c.net.as_ref().map(|n| n.client.clone());
     let copy2 = copy.clone();
@@ -190,14 +200,7 @@ fn kill_during_copy(backend: VipKind, journal: Option<String>) {
     let holder = c.wait_holder(None, Duration::from_secs(30)).unwrap();
     c.kill_node(holder).unwrap();
     let (result, info) = h.join().unwrap();
-    assert_eq!(
-        result,
-        OpResult::Copied {
-            src: "src".into(),
-            dst: "dst".into(),
-            bytes: size
-        }
-    );
+    assert_eq!(result, copied("src", "dst", size));
     assert!(info.attempts >= 2, "the client had to re-send: {info:?}");
     let new_holder = c
         .wait_holder(Some(holder), Duration::from_secs(30))
@@ -261,57 +264,19 @@ fn bad_input_over_the_wire_is_refused_and_the_cluster_unchanged() {
         OpResult::Error { message } => message,
         other => panic!("expected an error, got {other:?}"),
     };
-    assert!(call(
-        "c1",
-        Op::Create {
-            name: "v".into(),
-            size: 4 * MIB
-        }
-    )
-    .is_ok());
-    assert!(call(
-        "c2",
-        Op::Create {
-            name: "w".into(),
-            size: 4 * MIB
-        }
-    )
-    .is_ok());
+    assert!(call("c1", create_op("v", 4 * MIB)).is_ok());
+    assert!(call("c2", create_op("w", 4 * MIB)).is_ok());
     let listed = |cl: &Client| cl.list().unwrap();
     let before = listed(&cl);
     let journal_before = read_records(&c.journal_path()).unwrap().len();
 
-    let m = err(call(
-        "c3",
-        Op::Copy {
-            src: "v".into(),
-            dst: "w".into(),
-        },
-    ));
+    let m = err(call("c3", copy_op("v", "w")));
     assert_eq!(m, "volume \"w\" already exists");
-    let m = err(call(
-        "c4",
-        Op::Create {
-            name: "huge".into(),
-            size: 1 << 40,
-        },
-    ));
+    let m = err(call("c4", create_op("huge", 1 << 40)));
     assert!(m.contains("exceeds the free space"), "{m}");
-    let m = err(call(
-        "c5",
-        Op::Copy {
-            src: "nope".into(),
-            dst: "x".into(),
-        },
-    ));
+    let m = err(call("c5", copy_op("nope", "x")));
     assert_eq!(m, "no volume named \"nope\"");
-    let m = err(call(
-        "c1",
-        Op::Create {
-            name: "other".into(),
-            size: MIB,
-        },
-    ));
+    let m = err(call("c1", create_op("other", MIB)));
     assert!(m.contains("already used with different arguments"), "{m}");
     // A malformed request: a clear error line, nothing run.
     {
@@ -355,21 +320,11 @@ fn client_retry_baseline_reexecutes_the_interrupted_copy() {
     let size = 32 * MIB;
     let mut next = 0usize;
     let r = cl
-        .call_retry(
-            "create",
-            &Op::Create {
-                name: "src".into(),
-                size,
-            },
-            &mut next,
-        )
+        .call_retry("create", &create_op("src", size), &mut next)
         .unwrap()
         .0;
     assert!(r.is_ok(), "{r:?}");
-    let copy = Op::Copy {
-        src: "src".into(),
-        dst: "dst".into(),
-    };
+    let copy = copy_op("src", "dst");
     let cl2 = cl.clone();
     let h = thread::spawn(move || {
         let mut next = 0usize;
@@ -412,21 +367,11 @@ fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
     let size = 8 * MIB;
     let cl = client(&c);
     let r = cl
-        .call(
-            "create-c",
-            &Op::Create {
-                name: "src".into(),
-                size,
-            },
-            None,
-        )
+        .call("create-c", &create_op("src", size), None)
         .unwrap()
         .0;
     assert!(r.is_ok(), "{r:?}");
-    let copy = Op::Copy {
-        src: "src".into(),
-        dst: "dst".into(),
-    };
+    let copy = copy_op("src", "dst");
     let h = thread::spawn(move || cl.call("copy-c", &copy, None).unwrap());
     let status = c.wait_service_exit(Duration::from_secs(60)).unwrap();
     assert!(!status.success(), "the injected crash stops the service");
@@ -440,14 +385,7 @@ fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
     c.spec.service_args.clear();
     c.start_service().unwrap();
     let (result, _) = h.join().unwrap();
-    assert_eq!(
-        result,
-        OpResult::Copied {
-            src: "src".into(),
-            dst: "dst".into(),
-            bytes: size
-        }
-    );
+    assert_eq!(result, copied("src", "dst", size));
     assert_eq!(count(&c, "copy-c"), (1, 1, 0), "delivered, not re-run");
 }
 

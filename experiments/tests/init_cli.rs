@@ -25,6 +25,11 @@ fn serve(args: &[&str]) -> (KillOnDrop, String) {
     (p, addr)
 }
 
+/// `monitor serve` on an ephemeral port with `args` (its journal or store, options).
+fn serve_monitor(args: &[&str]) -> (KillOnDrop, String) {
+    serve(&[&["monitor", "serve", "--listen", "127.0.0.1:0"], args].concat())
+}
+
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
@@ -48,16 +53,7 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
     let journal = sd.path().join("mon.journal");
     let j = journal.to_str().unwrap();
-    let (mon, addr) = serve(&[
-        "monitor",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--journal",
-        j,
-        "--propose-interval-ms",
-        "50",
-    ]);
+    let (mon, addr) = serve_monitor(&["--journal", j, "--propose-interval-ms", "50"]);
     let (_n0, a0) = serve(&[
         "node",
         "serve",
@@ -113,14 +109,7 @@ fn monitor_nodes_and_orchestrator_as_processes() {
 
     // SIGKILL the monitor, restart it on the same journal: same map.
     drop(mon);
-    let (_mon, addr2) = serve(&[
-        "monitor",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--journal",
-        j,
-    ]);
+    let (_mon, addr2) = serve_monitor(&["--journal", j]);
     assert_eq!(map_json(&addr2), map);
 
     // A node listing another node's device is refused before anything happens.
@@ -280,16 +269,7 @@ fn monitor_on_the_embedded_coord_store_and_node_init() {
         .map(|p| p.display().to_string())
         .collect();
     let store = format!("embedded:{}", dir.path().join("coord.store").display());
-    let (mon, addr) = serve(&[
-        "monitor",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        &store,
-        "--propose-interval-ms",
-        "20",
-    ]);
+    let (mon, addr) = serve_monitor(&["--store", &store, "--propose-interval-ms", "20"]);
     let o = run(&[
         "node",
         "init",
@@ -310,14 +290,7 @@ fn monitor_on_the_embedded_coord_store_and_node_init() {
         .iter()
         .all(|d| d["state"] == "up" && d["node"] == "solo"));
     drop(mon);
-    let (_mon, addr) = serve(&[
-        "monitor",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        &store,
-    ]);
+    let (_mon, addr) = serve_monitor(&["--store", &store]);
     assert_eq!(map_json(&addr), map);
     // Neither --journal nor --store: a clear error.
     let o = run(&["monitor", "serve", "--listen", "127.0.0.1:0"]);

@@ -120,6 +120,20 @@ fn cli_errors_are_one_clear_line() {
     std::fs::write(&bad_store, b"not a store").unwrap();
     let bad_store_spec = format!("embedded:{}", bad_store.display());
     let store_spec = format!("embedded:{}", dir.path().join("ok.store").display());
+    // Mapping a LUN that does not exist, for `initiator`.
+    let map_nolun = |initiator: &'static str| {
+        vec![
+            "lunmap",
+            "map",
+            "--coord",
+            &store_spec,
+            "nolun",
+            "--target",
+            T0,
+            "--initiator",
+            initiator,
+        ]
+    };
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -140,34 +154,8 @@ fn cli_errors_are_one_clear_line() {
             vec!["lunmap", "list", "--coord", "etcd://x"],
             "expected embedded:PATH",
         ),
-        (
-            vec![
-                "lunmap",
-                "map",
-                "--coord",
-                &store_spec,
-                "nolun",
-                "--target",
-                T0,
-                "--initiator",
-                H1,
-            ],
-            "does not exist",
-        ),
-        (
-            vec![
-                "lunmap",
-                "map",
-                "--coord",
-                &store_spec,
-                "nolun",
-                "--target",
-                T0,
-                "--initiator",
-                "bogus",
-            ],
-            "invalid initiator",
-        ),
+        (map_nolun(H1), "does not exist"),
+        (map_nolun("bogus"), "invalid initiator"),
         // Gateways and watchers need a backend other processes reach.
         (
             vec!["gateway", "--node", "gw1", "--coord", &store_spec],

@@ -372,6 +372,13 @@ mod tests {
     }
 
     impl Sim {
+        /// Three nodes after ten ticks: the smallest, node 0, holds the VIP.
+        fn started() -> Sim {
+            let mut s = Sim::new(3);
+            s.run(10);
+            assert_eq!(s.holders(), vec![0]);
+            s
+        }
         fn new(n: usize) -> Sim {
             let ids: Vec<NodeId> = (0..n as NodeId).collect();
             Sim {
@@ -490,16 +497,13 @@ mod tests {
 
     #[test]
     fn smallest_healthy_node_takes_the_vip_at_start() {
-        let mut s = Sim::new(3);
-        s.run(10);
-        assert_eq!(s.holders(), vec![0]);
+        let s = Sim::started(); // asserts that node 0 holds
         assert_eq!(s.acquisitions.len(), 1);
     }
 
     #[test]
     fn holder_dead_next_smallest_takes_over_once() {
-        let mut s = Sim::new(3);
-        s.run(10);
+        let mut s = Sim::started();
         s.kill(0);
         s.run(10);
         assert_eq!(s.holders(), vec![1]);
@@ -516,8 +520,7 @@ mod tests {
 
     #[test]
     fn two_nodes_dead_leaves_no_holder_without_majority() {
-        let mut s = Sim::new(3);
-        s.run(10);
+        let mut s = Sim::started();
         s.kill(0);
         s.kill(1);
         s.run(20);
@@ -546,9 +549,7 @@ mod tests {
 
     #[test]
     fn network_split_never_gives_two_holders() {
-        let mut s = Sim::new(3);
-        s.run(10);
-        assert_eq!(s.holders(), vec![0]);
+        let mut s = Sim::started();
         // The holder is cut off from both peers: it steps down, the majority side elects 1.
         s.split(&[&[0], &[1, 2]]);
         s.run(20); // Sim::tick asserts "never two holders" at every tick.
@@ -574,8 +575,7 @@ mod tests {
 
     #[test]
     fn asymmetric_link_does_not_give_two_holders() {
-        let mut s = Sim::new(3);
-        s.run(10);
+        let mut s = Sim::started();
         // One-way loss: in the tick 1 takes over, 0 still holds until 1's heartbeat
         // arrives (the service fences 0 meanwhile), so only the overlap is bounded.
         s.strict = false;
@@ -626,19 +626,25 @@ mod tests {
         assert_eq!(d.holding(), Some(mine));
     }
 
+    /// One tick of node 0 of three: its probe succeeds and both peers, healthy and not
+    /// holding, send a heartbeat; the tick's actions.
+    fn round(d: &mut Dispatcher) -> Vec<Action> {
+        d.step(Input::Probe { ok: true });
+        for p in [1, 2] {
+            d.step(Input::Heartbeat(Heartbeat {
+                from: p,
+                healthy: true,
+                holding: None,
+                max_epoch: Epoch::ZERO,
+            }));
+        }
+        d.step(Input::Tick)
+    }
+
     fn holding_node_0() -> Dispatcher {
         let mut d = Dispatcher::new(0, &[0, 1, 2], Timing::default());
         for _ in 0..10 {
-            d.step(Input::Probe { ok: true });
-            for p in [1, 2] {
-                d.step(Input::Heartbeat(Heartbeat {
-                    from: p,
-                    healthy: true,
-                    holding: None,
-                    max_epoch: Epoch::ZERO,
-                }));
-            }
-            d.step(Input::Tick);
+            round(&mut d);
         }
         assert!(d.holding().is_some());
         d
@@ -668,16 +674,7 @@ mod tests {
         let mut d = Dispatcher::new(0, &[0, 1, 2], Timing::default());
         let mut acquired = None;
         for _ in 0..10 {
-            d.step(Input::Probe { ok: true });
-            for p in [1, 2] {
-                d.step(Input::Heartbeat(Heartbeat {
-                    from: p,
-                    healthy: true,
-                    holding: None,
-                    max_epoch: Epoch::ZERO,
-                }));
-            }
-            let acts = d.step(Input::Tick);
+            let acts = round(&mut d);
             if let Some(Action::Acquire(e)) = acts.first() {
                 acquired = Some(*e);
                 let service = Epoch {
@@ -700,9 +697,7 @@ mod tests {
 
     #[test]
     fn every_node_restarting_below_the_service_epoch_gets_a_holder_quickly() {
-        let mut s = Sim::new(3);
-        s.run(10);
-        assert_eq!(s.holders(), vec![0]);
+        let mut s = Sim::started();
         // The journal has seen many takeovers; every management node restarts at epoch 0.
         s.service_epoch = Epoch {
             counter: 50,
@@ -739,9 +734,7 @@ mod tests {
 
     #[test]
     fn non_transitive_split_leaves_no_lasting_second_holder() {
-        let mut s = Sim::new(3);
-        s.run(10);
-        assert_eq!(s.holders(), vec![0]);
+        let mut s = Sim::started();
         // 0 and 1 no longer hear each other; both still hear 2 (and 2 both of them).
         s.strict = false;
         s.link[0][1] = false;

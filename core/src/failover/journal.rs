@@ -228,30 +228,23 @@ mod tests {
             counter: 3,
             node: 1,
         };
+        let delete_started = |op_id: &str, name: &str| Record::Started {
+            op_id: op_id.into(),
+            op: Op::Delete { name: name.into() },
+            epoch: e,
+            node: 1,
+            tag: None,
+        };
         {
             let mut j = FileJournal::open(&p).unwrap();
-            j.append(Record::Started {
-                op_id: "a".into(),
-                op: Op::Delete { name: "x".into() },
-                epoch: e,
-                node: 1,
-                tag: None,
-            })
-            .unwrap();
+            j.append(delete_started("a", "x")).unwrap();
             j.append(Record::Done {
                 op_id: "a".into(),
                 result: OpResult::Deleted { name: "x".into() },
                 bytes: 0,
             })
             .unwrap();
-            j.append(Record::Started {
-                op_id: "b".into(),
-                op: Op::Delete { name: "y".into() },
-                epoch: e,
-                node: 1,
-                tag: None,
-            })
-            .unwrap();
+            j.append(delete_started("b", "y")).unwrap();
         }
         // A torn tail from a crash mid-append is ignored.
         use std::io::Write;

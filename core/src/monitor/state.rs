@@ -286,6 +286,36 @@ mod tests {
         )
     }
 
+    fn register(id: u32, uuid: Uuid, key: &str) -> Request {
+        Request::Register {
+            id,
+            uuid,
+            key: key.into(),
+        }
+    }
+
+    fn up(id: u32) -> Request {
+        Request::Report {
+            id,
+            outcome: Outcome::Up,
+        }
+    }
+
+    fn failed(id: u32, reason: &str) -> Request {
+        Request::Report {
+            id,
+            outcome: Outcome::Failed {
+                reason: reason.into(),
+            },
+        }
+    }
+
+    /// Proposes what is staged and commits it, both at `t`.
+    fn propose_and_commit(s: &mut MonitorState<u32>, t: Instant) {
+        s.take_proposal(t).unwrap();
+        s.committed(t);
+    }
+
     #[test]
     fn changes_batch_into_one_proposal_per_interval() {
         let t0 = Instant::now();
@@ -387,15 +417,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = state(10);
         let e = s
-            .submit(
-                Request::Register {
-                    id: 9,
-                    uuid: Uuid::new_v4(),
-                    key: "k".into(),
-                },
-                1,
-                t0,
-            )
+            .submit(register(9, Uuid::new_v4(), "k"), 1, t0)
             .unwrap_err();
         assert!(matches!(e, MonitorError::UnknownDaemon { id: 9 }));
         assert!(s.submit(alloc("a", &["/d", "/d"]), 2, t0).is_err());
@@ -413,41 +435,12 @@ mod tests {
         let t0 = Instant::now();
         let mut s = state(0);
         s.submit(alloc("a", &["/d0", "/d1"]), 1, t0).unwrap();
-        s.take_proposal(t0).unwrap();
-        s.committed(t0);
+        propose_and_commit(&mut s, t0);
         let u = Uuid::new_v4();
-        s.submit(
-            Request::Register {
-                id: 0,
-                uuid: u,
-                key: "k0".into(),
-            },
-            2,
-            t0,
-        )
-        .unwrap();
-        s.submit(
-            Request::Report {
-                id: 0,
-                outcome: Outcome::Up,
-            },
-            3,
-            t0,
-        )
-        .unwrap();
-        s.submit(
-            Request::Report {
-                id: 1,
-                outcome: Outcome::Failed {
-                    reason: "refused".into(),
-                },
-            },
-            4,
-            t0,
-        )
-        .unwrap();
-        s.take_proposal(t0).unwrap();
-        s.committed(t0);
+        s.submit(register(0, u, "k0"), 2, t0).unwrap();
+        s.submit(up(0), 3, t0).unwrap();
+        s.submit(failed(1, "refused"), 4, t0).unwrap();
+        propose_and_commit(&mut s, t0);
         let m = s.committed_map();
         assert_eq!(m.daemons[&0].state, DaemonState::Up);
         assert_eq!(m.daemons[&0].uuid, Some(u));
@@ -510,44 +503,14 @@ mod tests {
         let t0 = Instant::now();
         let mut s = state(0);
         s.submit(alloc("a", &["/d0", "/d1", "/d2"]), 1, t0).unwrap();
-        s.take_proposal(t0).unwrap();
-        s.committed(t0);
+        propose_and_commit(&mut s, t0);
         // d0 up, d1 failed, d2 left `new` by an interrupted run.
         let u = Uuid::new_v4();
-        s.submit(
-            Request::Register {
-                id: 0,
-                uuid: u,
-                key: "k".into(),
-            },
-            2,
-            t0,
-        )
-        .unwrap();
-        s.submit(
-            Request::Report {
-                id: 1,
-                outcome: Outcome::Failed {
-                    reason: "refused".into(),
-                },
-            },
-            3,
-            t0,
-        )
-        .unwrap();
-        s.take_proposal(t0).unwrap();
-        s.committed(t0);
-        s.submit(
-            Request::Report {
-                id: 0,
-                outcome: Outcome::Up,
-            },
-            4,
-            t0,
-        )
-        .unwrap();
-        s.take_proposal(t0).unwrap();
-        s.committed(t0);
+        s.submit(register(0, u, "k"), 2, t0).unwrap();
+        s.submit(failed(1, "refused"), 3, t0).unwrap();
+        propose_and_commit(&mut s, t0);
+        s.submit(up(0), 4, t0).unwrap();
+        propose_and_commit(&mut s, t0);
         // Running init again for d1, d2 and a new device: ids 1 and 2 again, 3 new.
         s.submit(alloc("a", &["/d1", "/d2", "/d3"]), 5, t0).unwrap();
         let p = s.take_proposal(t0).unwrap();
