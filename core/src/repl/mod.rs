@@ -7,15 +7,29 @@
 //! * [`kv`]: the key → value storage engine committed entries are applied to.
 //! * [`apply`]: the worker thread that applies committed entries to it.
 //! * [`transport`]: TCP links with an optional injected one-way delay.
-//! * [`replica`]: a replica process: protocol + log + storage engine + transport.
+//! * [`replica`]: a replica process: protocol + log + storage engine + transport; its
+//!   options, [`replica::spawn`]/[`replica::run`] and the event loop. Its parts, private
+//!   and re-exported from [`replica`] where public:
+//!   * `error.rs`: [`replica::ReplicaError`] and [`replica::AdmitError`];
+//!   * `spec.rs`: [`replica::PolicySpec`], a policy with durations, parsed and printed;
+//!   * `storage.rs`: [`replica::Regions`] of the device, and opening the log and the
+//!     storage engine in them;
+//!   * `hooks.rs`: [`replica::Hooks`], in-process observers of the loop;
+//!   * `peers.rs`: the connection threads: accepting, the primary's connections to its
+//!     secondaries with handshake and reconnect backoff, reading frames into the loop.
 //! * [`client`]: a blocking client for writes and status queries.
 
 pub mod apply;
 pub mod client;
+mod error;
+mod hooks;
 pub mod kv;
 pub mod log;
+mod peers;
 pub mod protocol;
 pub mod replica;
+mod spec;
+mod storage;
 pub mod transport;
 pub mod wire;
 

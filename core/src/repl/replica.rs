@@ -1,6 +1,7 @@
 //! A replica: the protocol [`Node`] driven by a loop that owns the log, the storage engine,
-//! the TCP connections and the clock. Inbound connections arrive through the shared server
-//! ([`crate::jsonl::server`], connection mode), each read on its own thread.
+//! the TCP connections and the clock: what it is started with ([`ReplicaOptions`]),
+//! starting it ([`spawn`], [`run`]), and its loop. Its connections are made and read in
+//! `peers.rs`, its device regions opened in `storage.rs`.
 //!
 //! The primary connects to every secondary (and reconnects with exponential backoff when a
 //! connection breaks). Each side of a replica connection first sends a `Hello` (wire
@@ -15,191 +16,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::daemon::{self, DaemonError};
-use crate::dev::{probe_head, DevError, Device, Found, UringEngine};
-use crate::format::{Label, Layout};
+use super::apply::Applier;
+use super::kv::KvStore;
+use super::log::{record_size, LogError};
+use super::peers::{self, Event, Stopper, Streams};
+use super::protocol::{Config, Entry, Message, Node, NodeId, Stats};
+use super::storage::{open_storage, Storage};
+use super::transport::{Bytes, Link};
+use super::wire::{self, Frame, Status, WIRE_VERSION};
 
-use super::apply::{Applied, Applier};
-use super::kv::{Invalid, KvError, KvStore};
-use super::log::{record_size, LogError, LogStore};
-use super::protocol::{Config, Entry, Message, Node, NodeId, Policy, ProtocolError, Stats};
-use super::transport::{read_frames, Bytes, Link};
-use super::wire::{self, Frame, Status, WireError, WIRE_VERSION};
-use crate::jsonl::server::Server;
-
-/// Errors of a replica.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicaError {
-    #[error(transparent)]
-    Dev(#[from] DevError),
-    #[error(transparent)]
-    Log(#[from] LogError),
-    #[error(transparent)]
-    Kv(#[from] KvError),
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    #[error(transparent)]
-    Refused(#[from] AdmitError),
-    #[error("{path}: holds {found}; refusing to overwrite it without --force")]
-    Foreign { path: PathBuf, found: String },
-    #[error("{what}: {cause}")]
-    Io { what: String, cause: std::io::Error },
-    #[error("bad replica configuration: {0}")]
-    Config(String),
-}
-
-/// Why the primary refuses a write before it enters the log.
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    #[error("log region full: {left} bytes left, the write needs {need}")]
-    LogFull { need: u64, left: u64 },
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-}
-
-/// Where on the device the log and the storage engine live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Regions {
-    pub log_offset: u64,
-    pub log_len: u64,
-    pub data_offset: u64,
-    pub data_len: u64,
-}
-
-impl Regions {
-    /// The layout used on a device that is not formatted as a daemon device: the first MiB
-    /// is left alone, then a log of `log_len` bytes, then a data region of `data_len`.
-    pub fn plain(log_len: u64, data_len: u64) -> Regions {
-        Regions {
-            log_offset: 1 << 20,
-            log_len,
-            data_offset: (1 << 20) + log_len,
-            data_len,
-        }
-    }
-    pub fn end(&self) -> u64 {
-        (self.log_offset + self.log_len).max(self.data_offset + self.data_len)
-    }
-
-    /// The regions of a formatted daemon device (`core::format`): the log region after its
-    /// init record block, and the first `data_len` bytes of the data region (all of it
-    /// when smaller).
-    pub fn formatted(layout: &Layout, data_len: u64) -> Regions {
-        let block = crate::format::BLOCK as u64;
-        Regions {
-            log_offset: layout.log_offset + block,
-            log_len: layout.log_len.saturating_sub(block),
-            data_offset: layout.data_offset,
-            data_len: data_len.min(layout.data_len) / block * block,
-        }
-    }
-
-    /// Formatted regions when `path` carries a ready blocklab label (read with the daemon's
-    /// own label reader), else [`Regions::plain`]`(log_len, data_len)`. Returns whether
-    /// the device was formatted.
-    pub fn detect(
-        path: &Path,
-        log_len: u64,
-        data_len: u64,
-    ) -> Result<(Regions, bool), ReplicaError> {
-        let dev = Device::open_read_only(path)?;
-        let mut eng = UringEngine::with_queue_depth(1)?;
-        match daemon::read_label(&mut eng, &dev) {
-            Ok(l) if l.is_ready() => Ok((Regions::formatted(&l.layout, data_len), true)),
-            Err(DaemonError::Dev(e)) => Err(e.into()),
-            _ => Ok((Regions::plain(log_len, data_len), false)),
-        }
-    }
-}
-
-/// Policy with durations, converted to ticks for the protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PolicySpec {
-    Piggyback,
-    Periodic(Duration),
-    Eager,
-    Idle,
-    IdleDelayed(Duration),
-}
-
-impl PolicySpec {
-    /// Parses `piggyback`, `periodic:50ms`/`periodic:50`, `eager`, `idle`,
-    /// `idle_delayed:1ms`/`idle_delayed:1` (milliseconds when no unit).
-    pub fn parse(s: &str) -> Result<PolicySpec, String> {
-        let (name, param) = match s.split_once(':') {
-            Some((n, p)) => (n, Some(p)),
-            None => (s, None),
-        };
-        let ms = |p: Option<&str>| -> Result<Duration, String> {
-            let p = p.ok_or_else(|| format!("{s:?}: {name} needs a duration, e.g. {name}:50ms"))?;
-            let num = p.trim_end_matches("ms");
-            let v: f64 = num
-                .parse()
-                .map_err(|_| format!("{s:?}: {p:?} is not a duration in milliseconds"))?;
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("{s:?}: duration must be ≥ 0"));
-            }
-            Ok(Duration::from_secs_f64(v / 1000.0))
-        };
-        let no_param = |p: Option<&str>| match p {
-            Some(_) => Err(format!("{s:?}: {name} takes no parameter")),
-            None => Ok(()),
-        };
-        match name {
-            "piggyback" => no_param(param).map(|_| PolicySpec::Piggyback),
-            "eager" => no_param(param).map(|_| PolicySpec::Eager),
-            "idle" => no_param(param).map(|_| PolicySpec::Idle),
-            "periodic" => Ok(PolicySpec::Periodic(ms(param)?)),
-            "idle_delayed" => Ok(PolicySpec::IdleDelayed(ms(param)?)),
-            _ => Err(format!(
-                "{s:?}: unknown policy (piggyback, periodic:H, eager, idle, idle_delayed:D)"
-            )),
-        }
-    }
-    /// The protocol policy's name ([`Policy::name`]).
-    pub fn name(&self) -> &'static str {
-        self.to_policy(Duration::from_millis(1)).name()
-    }
-    /// H or d in milliseconds (0 when the policy has no parameter).
-    pub fn param_ms(&self) -> f64 {
-        match self {
-            PolicySpec::Periodic(d) | PolicySpec::IdleDelayed(d) => d.as_secs_f64() * 1000.0,
-            _ => 0.0,
-        }
-    }
-    pub fn to_policy(&self, tick: Duration) -> Policy {
-        let ticks = |d: &Duration| (d.as_nanos() / tick.as_nanos().max(1)).max(1) as u64;
-        match self {
-            PolicySpec::Piggyback => Policy::Piggyback,
-            PolicySpec::Periodic(d) => Policy::Periodic { every: ticks(d) },
-            PolicySpec::Eager => Policy::Eager,
-            PolicySpec::Idle => Policy::Idle,
-            PolicySpec::IdleDelayed(d) if d.is_zero() => Policy::IdleDelayed { delay: 0 },
-            PolicySpec::IdleDelayed(d) => Policy::IdleDelayed { delay: ticks(d) },
-        }
-    }
-}
-
-impl std::fmt::Display for PolicySpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PolicySpec::Periodic(_) | PolicySpec::IdleDelayed(_) => {
-                write!(f, "{}:{}ms", self.name(), self.param_ms())
-            }
-            _ => f.write_str(self.name()),
-        }
-    }
-}
+pub use super::error::{AdmitError, ReplicaError};
+pub use super::hooks::{Hooks, NoHooks};
+pub use super::spec::PolicySpec;
+pub use super::storage::Regions;
 
 /// What a replica is started with.
 #[derive(Debug)]
@@ -232,33 +68,6 @@ pub struct ReplicaOptions {
     pub group_commit: bool,
 }
 
-/// In-process hooks into the replica loop (all optional).
-pub trait Hooks: Send {
-    /// Primary: payloads to propose now; returns when to be asked again.
-    fn poll(&mut self, _now: Instant, _propose: &mut Vec<Vec<u8>>) -> Option<Instant> {
-        None
-    }
-    /// Primary: a proposal was appended at `index`.
-    fn proposed(&mut self, _index: u64, _now: Instant) {}
-    /// The commit index advanced to `commit` (on a secondary: the commit it learned).
-    fn committed(&mut self, _commit: u64, _now: Instant) {}
-    /// Entries were applied to the storage engine.
-    fn applied(&mut self, _entries: &[Entry], _now: Instant) {}
-    /// Entries `first..=last` were appended to the log with one durable write (one call per
-    /// write the log reports, in index order: one per batch with group commit, one per
-    /// entry without); `flushes` is the log's flush count since start, this one included.
-    fn persisted(&mut self, _first: u64, _last: u64, _flushes: u64) {}
-    /// Primary: the connection to secondary `peer` is up (handshake done).
-    fn peer_connected(&mut self, _peer: NodeId) {}
-    /// The loop handled everything pending; the node's counters.
-    fn loop_done(&mut self, _stats: &Stats) {}
-}
-
-/// No hooks.
-#[derive(Debug, Default)]
-pub struct NoHooks;
-impl Hooks for NoHooks {}
-
 /// What a replica did, reported when it stops.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReplicaReport {
@@ -273,25 +82,6 @@ pub struct ReplicaReport {
     /// Times the loop woke up (a frame, a timer, a poll or its 20 ms ceiling): an idle
     /// replica wakes about 50 times a second, a spinning one millions of times.
     pub wakeups: u64,
-}
-
-enum Event {
-    Conn {
-        conn: u64,
-        link: Link,
-        stream: TcpStream,
-        /// Outgoing replica connections: the peer, whose handshake is done.
-        peer: Option<NodeId>,
-    },
-    Frame {
-        conn: u64,
-        frame: Frame,
-    },
-    Closed {
-        conn: u64,
-    },
-    /// The apply worker applied a batch (`None`: an error stopped it).
-    Applied(Option<Applied>),
 }
 
 /// A running replica (its loop on its own thread).
@@ -362,98 +152,8 @@ pub fn spawn(opts: ReplicaOptions, hooks: Box<dyn Hooks>) -> Result<ReplicaHandl
     Ok(h)
 }
 
-struct Storage {
-    eng: UringEngine,
-    log: LogStore,
-}
-
-/// Opens (or, with `fresh` or on a device without a log, creates) the log and the store.
-/// Ownership is decided from the log region's first block alone: a replication log there
-/// is ours; anything else needs `force` unless the device is empty.
-fn open_storage(opts: &ReplicaOptions) -> Result<(Storage, KvStore, Vec<Entry>), ReplicaError> {
-    let mut eng = UringEngine::with_queue_depth(64)?;
-    let r = opts.regions;
-    let open = || Device::open(&opts.device);
-    let dev = open()?;
-    dev.require_size(r.end())?;
-    let ours = LogStore::holds_log(&mut eng, &dev, r.log_offset)?;
-    if ours && !opts.fresh {
-        let (log, entries) = LogStore::open(&mut eng, dev, r.log_offset, r.log_len)?;
-        let kv = KvStore::open(&mut eng, open()?, r.data_offset, r.data_len)?;
-        return Ok((Storage { eng, log }, kv, entries));
-    }
-    if !ours && !opts.force {
-        refuse_foreign(&mut eng, &dev)?;
-    }
-    let log = LogStore::create(&mut eng, dev, r.log_offset, r.log_len)?;
-    let kv = KvStore::create(&mut eng, open()?, r.data_offset, r.data_len)?;
-    Ok((Storage { eng, log }, kv, Vec::new()))
-}
-
-/// Errs unless the device's first MiB is empty, naming what it holds (a daemon device's
-/// cluster and daemon id).
-fn refuse_foreign(eng: &mut UringEngine, dev: &Device) -> Result<(), ReplicaError> {
-    // One read: the label is decoded from the bytes the probe read.
-    let probed = probe_head(eng, dev)?;
-    let found = match probed.found {
-        Found::Empty => return Ok(()),
-        Found::Blocklab => match Label::decode(probed.head()) {
-            Ok(l) => format!(
-                "a blocklab label of cluster {} daemon {} and no replication log",
-                l.cluster_fsid, l.daemon_id
-            ),
-            Err(e) => format!("a damaged blocklab label ({e})"),
-        },
-        other => other.to_string(),
-    };
-    Err(ReplicaError::Foreign {
-        path: dev.path().to_path_buf(),
-        found,
-    })
-}
-
-static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-
-/// Shortest and longest wait before the primary connects to a secondary again.
-const MIN_BACKOFF: Duration = Duration::from_millis(20);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// A connection that lasted this long resets the backoff.
-const STABLE: Duration = Duration::from_secs(1);
-/// How long the primary waits for a secondary's `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The same report is printed at most once per this period.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
-
-/// Exponential backoff: twice the last wait, at most [`MAX_BACKOFF`].
-fn next_backoff(last: Duration) -> Duration {
-    (last * 2).clamp(MIN_BACKOFF, MAX_BACKOFF)
-}
-
-/// The stop flag, and a way to wake the threads that sleep on it.
-struct Stopper {
-    flag: Arc<AtomicBool>,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-impl Stopper {
-    fn stopped(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-    fn stop(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.cv.notify_all();
-    }
-    /// Sleeps `d`, or less when stopped.
-    fn sleep(&self, d: Duration) {
-        let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.cv.wait_timeout_while(g, d, |_| !self.stopped());
-    }
-}
-
-/// Every connection's stream, so that stopping can end its reader.
-type Streams = Arc<Mutex<HashMap<u64, TcpStream>>>;
 
 /// Errors of the operator's attention, printed at most once per [`REPORT_EVERY`] each.
 struct Reporter {
@@ -517,61 +217,12 @@ pub fn run(
     stop: Arc<AtomicBool>,
     started: Option<mpsc::Sender<()>>,
 ) -> Result<ReplicaReport, ReplicaError> {
-    if !opts.members.contains(&opts.primary) {
-        return Err(ReplicaError::Config(format!(
-            "primary {} is not among the members {:?}",
-            opts.primary, opts.members
-        )));
-    }
-    if opts.tick.is_zero() {
-        return Err(ReplicaError::Config("tick must be > 0".into()));
-    }
-    let is_primary = opts.id == opts.primary;
-    if is_primary {
-        if let Some(m) = opts
-            .members
-            .iter()
-            .find(|&&m| m != opts.id && !opts.peers.iter().any(|(p, _)| p == &m))
-        {
-            return Err(ReplicaError::Config(format!(
-                "the primary needs the address of every secondary (--peer {m}=HOST:PORT)"
-            )));
-        }
-    }
-    let (mut st, mut kv, recovered) = open_storage(&opts)?;
-    let mut cfg = Config::new(
-        opts.id,
-        opts.primary,
-        opts.members.clone(),
-        opts.policy.to_policy(opts.tick),
-    );
-    cfg.retransmit_ticks = (opts.retransmit.as_nanos() / opts.tick.as_nanos()).max(1) as u64;
-    let mut node = if is_primary {
-        // The recovered log's keys hold slots even before they are applied again.
-        for e in &recovered {
-            if let Ok(key) = kv.check(&e.payload) {
-                kv.reserve(key);
-            }
-        }
-        let term = st.log.term() + 1;
-        st.log.set_term(&mut st.eng, term)?;
-        Node::new_primary(cfg, term, recovered)?
-    } else {
-        Node::new_secondary(cfg, recovered)?
-    };
-    // No connection exists yet: each secondary is probed once its connection is up.
-    for &(peer, _) in &opts.peers {
-        node.peer_disconnected(peer);
-    }
+    check_options(&opts)?;
+    let (st, kv, node) = open_node(&opts)?;
 
-    let stopper = Arc::new(Stopper {
-        flag: stop,
-        lock: Mutex::new(()),
-        cv: Condvar::new(),
-    });
+    let stopper = Arc::new(Stopper::new(stop));
     let streams: Streams = Arc::default();
     let (tx, inbox) = mpsc::channel::<Event>();
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let io = |what: &str| {
         let what = what.to_string();
         move |source| ReplicaError::Io {
@@ -579,30 +230,13 @@ pub fn run(
             cause: source,
         }
     };
-    // Accept connections on the shared server; each one's frames are read on its thread.
     let listener = opts.listener.try_clone().map_err(io("listener"))?;
-    let server = {
-        let (tx, stopper, streams) = (tx.clone(), stopper.clone(), streams.clone());
-        Server::serve(listener, "repl", move |accepted| {
-            let Ok(s) = accepted.try_clone() else {
-                return;
-            };
-            if let Some(conn) = register_conn(&s, None, &tx, &streams, &stopper) {
-                read_conn(&s, conn, &tx, &streams);
-            }
-        })
-        .map_err(io("listener"))?
+    let server = peers::accept(listener, &tx, &streams, &stopper).map_err(io("listener"))?;
+    let threads: Vec<JoinHandle<()>> = if opts.id == opts.primary {
+        peers::connect_all(opts.id, &opts.peers, &tx, &streams, &stopper)
+    } else {
+        Vec::new()
     };
-    // The primary connects to every secondary, again whenever a connection breaks.
-    if is_primary {
-        for &(peer, addr) in &opts.peers {
-            let (tx, stopper, streams) = (tx.clone(), stopper.clone(), streams.clone());
-            let me = opts.id;
-            threads.push(std::thread::spawn(move || {
-                connect_loop(me, peer, addr, &tx, &streams, &stopper)
-            }));
-        }
-    }
     let applier = {
         let tx = tx.clone();
         Applier::spawn(kv, move |a| {
@@ -659,6 +293,63 @@ pub fn run(
         term: d.node.term(),
         wakeups,
     })
+}
+
+/// Errs on options no replica can run with.
+fn check_options(opts: &ReplicaOptions) -> Result<(), ReplicaError> {
+    if !opts.members.contains(&opts.primary) {
+        return Err(ReplicaError::Config(format!(
+            "primary {} is not among the members {:?}",
+            opts.primary, opts.members
+        )));
+    }
+    if opts.tick.is_zero() {
+        return Err(ReplicaError::Config("tick must be > 0".into()));
+    }
+    if opts.id == opts.primary {
+        if let Some(m) = opts
+            .members
+            .iter()
+            .find(|&&m| m != opts.id && !opts.peers.iter().any(|(p, _)| p == &m))
+        {
+            return Err(ReplicaError::Config(format!(
+                "the primary needs the address of every secondary (--peer {m}=HOST:PORT)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the device and starts the protocol node on what it holds: a primary starts a new
+/// term. No connection exists yet.
+fn open_node(opts: &ReplicaOptions) -> Result<(Storage, KvStore, Node), ReplicaError> {
+    let (mut st, mut kv, recovered) =
+        open_storage(&opts.device, opts.regions, opts.fresh, opts.force)?;
+    let mut cfg = Config::new(
+        opts.id,
+        opts.primary,
+        opts.members.clone(),
+        opts.policy.to_policy(opts.tick),
+    );
+    cfg.retransmit_ticks = (opts.retransmit.as_nanos() / opts.tick.as_nanos()).max(1) as u64;
+    let mut node = if opts.id == opts.primary {
+        // The recovered log's keys hold slots even before they are applied again.
+        for e in &recovered {
+            if let Ok(key) = kv.check(&e.payload) {
+                kv.reserve(key);
+            }
+        }
+        let term = st.log.term() + 1;
+        st.log.set_term(&mut st.eng, term)?;
+        Node::new_primary(cfg, term, recovered)?
+    } else {
+        Node::new_secondary(cfg, recovered)?
+    };
+    // No connection exists yet: each secondary is probed once its connection is up.
+    for &(peer, _) in &opts.peers {
+        node.peer_disconnected(peer);
+    }
+    Ok((st, kv, node))
 }
 
 impl Driver<'_> {
@@ -980,212 +671,5 @@ impl Driver<'_> {
             c.peer = Some(id);
             self.peer_conn.insert(id, conn);
         }
-    }
-}
-
-/// Why a connection to a secondary was not made.
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("unreachable: {0}")]
-    Unreachable(std::io::Error),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    #[error("speaks wire version {got}, this replica speaks version {WIRE_VERSION}")]
-    Version { got: u8 },
-    #[error("answers as replica {got}")]
-    WrongId { got: NodeId },
-    #[error("no handshake answer: {0}")]
-    NoHello(String),
-}
-
-/// Connects to secondary `peer` and exchanges `Hello`s.
-fn greet(me: NodeId, peer: NodeId, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
-    let s =
-        TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(ConnectError::Unreachable)?;
-    s.set_nodelay(true)?;
-    (&s).write_all(&wire::encode_to_vec(&Frame::hello(me))?)?;
-    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let mut body = Vec::new();
-    match wire::read_frame(&mut &s, &mut body) {
-        Ok(Some(Frame::Hello { version, .. })) if version != WIRE_VERSION => {
-            return Err(ConnectError::Version { got: version })
-        }
-        Ok(Some(Frame::Hello { id, .. })) if id != peer => {
-            return Err(ConnectError::WrongId { got: id })
-        }
-        Ok(Some(Frame::Hello { .. })) => {}
-        Ok(Some(_)) => return Err(ConnectError::NoHello("another frame came first".into())),
-        Ok(None) => return Err(ConnectError::NoHello("connection closed".into())),
-        Err(e) => return Err(ConnectError::NoHello(e.to_string())),
-    }
-    s.set_read_timeout(None)?;
-    Ok(s)
-}
-
-/// The primary's connection to one secondary: connect, greet, serve until it breaks, and
-/// again after an exponential backoff; failures are reported when they change.
-fn connect_loop(
-    me: NodeId,
-    peer: NodeId,
-    addr: SocketAddr,
-    tx: &mpsc::Sender<Event>,
-    streams: &Streams,
-    stopper: &Stopper,
-) {
-    let mut backoff = MIN_BACKOFF;
-    let mut last_err: Option<String> = None;
-    while !stopper.stopped() {
-        match greet(me, peer, addr) {
-            Ok(s) => {
-                if last_err.take().is_some() {
-                    eprintln!("blocklab repl {me}: secondary {peer} at {addr}: connected");
-                }
-                let began = Instant::now();
-                if let Some(h) = serve_conn(s, Some(peer), tx, streams, stopper) {
-                    let _ = h.join();
-                }
-                backoff = if began.elapsed() >= STABLE {
-                    MIN_BACKOFF
-                } else {
-                    next_backoff(backoff)
-                };
-            }
-            Err(e) => {
-                let m = e.to_string();
-                if last_err.as_deref() != Some(m.as_str()) {
-                    eprintln!(
-                        "blocklab repl {me}: secondary {peer} at {addr}: {m}; retrying with \
-                         backoff (up to {} s)",
-                        MAX_BACKOFF.as_secs()
-                    );
-                    last_err = Some(m);
-                }
-                backoff = next_backoff(backoff);
-            }
-        }
-        stopper.sleep(backoff);
-    }
-}
-
-/// Registers a connection with the loop and reads its frames on a thread. Returns the
-/// reader thread.
-fn serve_conn(
-    s: TcpStream,
-    peer: Option<NodeId>,
-    tx: &mpsc::Sender<Event>,
-    streams: &Streams,
-    stopper: &Stopper,
-) -> Option<JoinHandle<()>> {
-    let conn = register_conn(&s, peer, tx, streams, stopper)?;
-    let (tx, streams) = (tx.clone(), streams.clone());
-    std::thread::Builder::new()
-        .name("repl-read".into())
-        .spawn(move || read_conn(&s, conn, &tx, &streams))
-        .ok()
-}
-
-/// Registers a connection with the loop; returns its id.
-fn register_conn(
-    s: &TcpStream,
-    peer: Option<NodeId>,
-    tx: &mpsc::Sender<Event>,
-    streams: &Streams,
-    stopper: &Stopper,
-) -> Option<u64> {
-    let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-    let link = Link::spawn(s).ok()?;
-    let stream = s.try_clone().ok()?;
-    streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(conn, s.try_clone().ok()?);
-    if stopper.stopped() {
-        let _ = s.shutdown(std::net::Shutdown::Both);
-    }
-    tx.send(Event::Conn {
-        conn,
-        link,
-        stream,
-        peer,
-    })
-    .ok()?;
-    Some(conn)
-}
-
-/// Reads a registered connection's frames into the loop until it ends.
-fn read_conn(s: &TcpStream, conn: u64, tx: &mpsc::Sender<Event>, streams: &Streams) {
-    let r = read_frames(s, |frame| tx.send(Event::Frame { conn, frame }).is_ok());
-    if let Err(e) = r {
-        eprintln!("blocklab repl: closing connection: {e}");
-    }
-    let _ = s.shutdown(std::net::Shutdown::Both);
-    streams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&conn);
-    let _ = tx.send(Event::Closed { conn });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn policy_specs_parse_and_bad_ones_say_why() {
-        assert_eq!(PolicySpec::parse("idle"), Ok(PolicySpec::Idle));
-        assert_eq!(
-            PolicySpec::parse("periodic:50"),
-            Ok(PolicySpec::Periodic(Duration::from_millis(50)))
-        );
-        assert_eq!(
-            PolicySpec::parse("idle_delayed:1ms"),
-            Ok(PolicySpec::IdleDelayed(Duration::from_millis(1)))
-        );
-        let tick = Duration::from_micros(100);
-        assert_eq!(
-            PolicySpec::parse("periodic:200").unwrap().to_policy(tick),
-            Policy::Periodic { every: 2000 }
-        );
-        assert!(PolicySpec::parse("periodic")
-            .unwrap_err()
-            .contains("needs a duration"));
-        assert!(PolicySpec::parse("eager:5")
-            .unwrap_err()
-            .contains("takes no parameter"));
-        assert!(PolicySpec::parse("sometimes")
-            .unwrap_err()
-            .contains("unknown policy"));
-        assert!(PolicySpec::parse("periodic:-1").is_err());
-        assert!(PolicySpec::parse("periodic:abc").is_err());
-        // Names come from the protocol's policies, and print back to what parses.
-        for s in [
-            "piggyback",
-            "periodic:50",
-            "eager",
-            "idle",
-            "idle_delayed:0",
-        ] {
-            let p = PolicySpec::parse(s).unwrap();
-            assert_eq!(PolicySpec::parse(&p.to_string()), Ok(p), "{s}");
-        }
-        assert_eq!(
-            PolicySpec::parse("idle_delayed:0").unwrap().name(),
-            "idle_delayed"
-        );
-    }
-
-    #[test]
-    fn reconnect_backoff_doubles_up_to_its_ceiling() {
-        let mut d = MIN_BACKOFF;
-        let mut seen = vec![d];
-        for _ in 0..10 {
-            d = next_backoff(d);
-            seen.push(d);
-        }
-        assert_eq!(seen[1], MIN_BACKOFF * 2);
-        assert!(seen.windows(2).all(|w| w[1] >= w[0]));
-        assert_eq!(*seen.last().unwrap(), MAX_BACKOFF);
     }
 }

@@ -376,6 +376,54 @@ fn prefill(regions: &[DeviceRegion]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The devices' block regions, each written once, and where each region came from.
+fn prefilled_regions(
+    set: &DeviceSet,
+    block_size: u64,
+) -> anyhow::Result<(Vec<DeviceRegion>, Vec<String>)> {
+    let with_src = regions(set, block_size)?;
+    let devices: Vec<DeviceRegion> = with_src.iter().map(|r| r.0.clone()).collect();
+    let sources: Vec<String> = with_src.iter().map(|r| format!("{:?}", r.1)).collect();
+    eprintln!("exp-alloc: writing the block regions once (no sparse-file allocation during runs)");
+    prefill(&devices)?;
+    Ok((devices, sources))
+}
+
+/// One run of the comparison, in repetition `rep`: its row.
+fn compared_run(env: &Env<'_>, run: RunSpec, rep: u32) -> anyhow::Result<Row> {
+    let (s, procs, with_io) = (run.strategy, run.procs, run.with_io);
+    let mut out = run_config(env, run)
+        .with_context(|| format!("{s} with {procs} processes, io={with_io}"))?;
+    out.row.repetition = rep;
+    Ok(out.row)
+}
+
+/// The crash run killing `crash`'s process, in repetition `rep`: its row, and what
+/// recovery returned at the restart.
+fn crash_run(
+    env: &Env<'_>,
+    crash: Crash,
+    seconds: f64,
+    rep: u32,
+) -> anyhow::Result<(Row, serde_json::Value)> {
+    let run = RunSpec {
+        strategy: Strategy::Shm,
+        procs: 4,
+        with_io: true,
+        seconds: seconds.max(0.5),
+        crash,
+    };
+    let mut out = run_config(env, run).with_context(|| format!("crash run ({crash:?})"))?;
+    out.row.repetition = rep;
+    let restart = serde_json::json!({
+        "repetition": rep,
+        "victim": format!("{crash:?}").to_lowercase(),
+        "in_flight_blocks_returned": out.recovered_at_restart,
+        "returned_block": out.returned_block,
+    });
+    Ok((out.row, restart))
+}
+
 fn main() -> std::process::ExitCode {
     harness::exit_on_error("exp-alloc", run(Args::parse()))
 }
@@ -386,11 +434,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let seconds = args.seconds.unwrap_or(c.pick(0.8, 3.0));
     let exe = harness::blocklab_bin(None)?;
     let set = DeviceSet::setup(c, 2, 64 << 20, 256 << 20)?;
-    let with_src = regions(&set, args.block_size)?;
-    let devices: Vec<DeviceRegion> = with_src.iter().map(|r| r.0.clone()).collect();
-    let sources: Vec<String> = with_src.iter().map(|r| format!("{:?}", r.1)).collect();
-    eprintln!("exp-alloc: writing the block regions once (no sparse-file allocation during runs)");
-    prefill(&devices)?;
+    let (devices, sources) = prefilled_regions(&set, args.block_size)?;
     let mut meta = RunMeta::start("exp-alloc", c.profile);
     meta.devices = set.describe();
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-alloc.csv", c.overwrite)?;
@@ -425,32 +469,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                         seconds,
                         crash: Crash::None,
                     };
-                    let mut out = run_config(&env, run)
-                        .with_context(|| format!("{s} with {procs} processes, io={with_io}"))?;
-                    out.row.repetition = rep;
-                    csv.write(&out.row)?;
+                    csv.write(&compared_run(&env, run, rep)?)?;
                 }
             }
         }
         for &crash in &crash_runs {
             prog.step(&format!("rep {rep} crash {crash:?}"));
-            let run = RunSpec {
-                strategy: Strategy::Shm,
-                procs: 4,
-                with_io: true,
-                seconds: seconds.max(0.5),
-                crash,
-            };
-            let mut out =
-                run_config(&env, run).with_context(|| format!("crash run ({crash:?})"))?;
-            out.row.repetition = rep;
-            recovered.push(serde_json::json!({
-                "repetition": rep,
-                "victim": format!("{crash:?}").to_lowercase(),
-                "in_flight_blocks_returned": out.recovered_at_restart,
-                "returned_block": out.returned_block,
-            }));
-            csv.write(&out.row)?;
+            let (row, restart) = crash_run(&env, crash, seconds, rep)?;
+            recovered.push(restart);
+            csv.write(&row)?;
         }
     }
     prog.finish();

@@ -359,6 +359,67 @@ fn alloc_any(
     Err(AllocError::NodeFull)
 }
 
+/// The worker's block writes (with `--with-io`): the devices it opened, an engine and a
+/// block of its process id's byte.
+struct BlockWriter {
+    /// Device index (from the scan) -> the open device, its region offset, block size.
+    opened: Vec<Option<(Device, u64, u64)>>,
+    eng: UringEngine,
+    buf: AlignedBuf,
+}
+
+impl BlockWriter {
+    /// Opens the scanned devices `devs` of `p` when `with_io` (none otherwise).
+    fn open(p: &NodeProcess, devs: &[u16], with_io: bool, proc_id: u16) -> anyhow::Result<Self> {
+        let mut opened: Vec<Option<(Device, u64, u64)>> = (0..MAX_DEVICES).map(|_| None).collect();
+        if with_io {
+            for &i in devs {
+                let d = p.at.device(i)?;
+                let r = d.region();
+                let dev = Device::open(&r.path)
+                    .with_context(|| format!("opening {}", r.path.display()))?;
+                opened[i as usize % MAX_DEVICES] = Some((dev, r.offset, d.block_size()));
+            }
+        }
+        let eng = UringEngine::with_queue_depth(1)?;
+        let mut buf = AlignedBuf::new(4096);
+        buf.fill(proc_id as u8);
+        Ok(BlockWriter { opened, eng, buf })
+    }
+
+    fn write(&mut self, b: BlockRef) -> anyhow::Result<()> {
+        let (dev, offset, bs) = self.opened[b.dev as usize % MAX_DEVICES]
+            .as_ref()
+            .context("block on a device this process did not open")?;
+        self.eng
+            .write_at(dev, offset + b.block as u64 * bs, &self.buf)?;
+        Ok(())
+    }
+}
+
+/// Allocates a block as [`alloc_any`] and, when given a writer, writes it.
+fn alloc_written(
+    a: &mut dyn BlockAllocator,
+    devs: &[u16],
+    next: &mut usize,
+    writer: Option<&mut BlockWriter>,
+) -> anyhow::Result<BlockRef> {
+    let b = alloc_any(a, devs, next)?;
+    if let Some(w) = writer {
+        w.write(b)?;
+    }
+    Ok(b)
+}
+
+/// Reads (and drops) stdin until the driver closes it.
+fn wait_for_eof(stdin: &mut impl BufRead) -> anyhow::Result<()> {
+    let mut rest = String::new();
+    while stdin.read_line(&mut rest)? > 0 {
+        rest.clear();
+    }
+    Ok(())
+}
+
 fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let cfg = args.node.config();
     let p = NodeProcess::start(cfg.clone()).context("starting the node process")?;
@@ -374,31 +435,11 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let mut line = String::new();
     stdin.read_line(&mut line)?;
     let go = parse_go(&line)?;
-    // Device index (from the scan) -> the open device, its region offset, block size.
-    let mut opened: Vec<Option<(Device, u64, u64)>> = (0..MAX_DEVICES).map(|_| None).collect();
-    if args.with_io {
-        for &i in &devs {
-            let d = p.at.device(i)?;
-            let r = d.region();
-            let dev =
-                Device::open(&r.path).with_context(|| format!("opening {}", r.path.display()))?;
-            opened[i as usize % MAX_DEVICES] = Some((dev, r.offset, d.block_size()));
-        }
-    }
-    let mut eng = UringEngine::with_queue_depth(1)?;
-    let mut buf = AlignedBuf::new(4096);
-    buf.fill(cfg.proc_id as u8);
+    let mut w = BlockWriter::open(&p, &devs, args.with_io, cfg.proc_id)?;
     let mut hist = crate::LatencyHist::new();
     let clock = quanta::Clock::new();
     let mut next = cfg.proc_id as usize;
     let mut ops = 0u64;
-    let write = |eng: &mut UringEngine, b: BlockRef, buf: &AlignedBuf| -> anyhow::Result<()> {
-        let (dev, offset, bs) = opened[b.dev as usize % MAX_DEVICES]
-            .as_ref()
-            .context("block on a device this process did not open")?;
-        eng.write_at(dev, offset + b.block as u64 * bs, buf)?;
-        Ok(())
-    };
     let run_for = match go {
         Go::Run => args.seconds,
         Go::StopInFlightAfter(s) => s,
@@ -422,7 +463,7 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             alloc_any(a.as_mut(), &devs, &mut next)?
         };
         if args.with_io {
-            write(&mut eng, b, &buf)?;
+            w.write(b)?;
         }
         a.free(b)?;
         ops += 1;
@@ -430,26 +471,17 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let elapsed_ns = start.elapsed().as_nanos() as u64;
     if go != Go::Run {
         // Allocated and written, never committed: what a crash mid-write leaves.
-        let b = alloc_any(a.as_mut(), &devs, &mut next)?;
-        if args.with_io {
-            write(&mut eng, b, &buf)?;
-        }
+        let b = alloc_written(a.as_mut(), &devs, &mut next, args.with_io.then_some(&mut w))?;
         emit(&WorkerEvent::InFlight {
             proc_id: cfg.proc_id,
             block: b,
         })?;
-        let mut rest = String::new();
-        while stdin.read_line(&mut rest)? > 0 {
-            rest.clear();
-        }
+        wait_for_eof(&mut stdin)?;
         bail!("worker {}: stopped with block {b} in flight", cfg.proc_id);
     }
     let mut held = Vec::new();
     for _ in 0..args.hold {
-        let b = alloc_any(a.as_mut(), &devs, &mut next)?;
-        if args.with_io {
-            write(&mut eng, b, &buf)?;
-        }
+        let b = alloc_written(a.as_mut(), &devs, &mut next, args.with_io.then_some(&mut w))?;
         a.commit(b, 4096)?;
         held.push(b);
     }
@@ -462,11 +494,7 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         held,
     })?;
     // Stay up (a leader serves the others) until the driver closes stdin.
-    let mut rest = String::new();
-    while stdin.read_line(&mut rest)? > 0 {
-        rest.clear();
-    }
-    Ok(())
+    wait_for_eof(&mut stdin)
 }
 
 pub fn run(cmd: AllocCmd) -> anyhow::Result<()> {

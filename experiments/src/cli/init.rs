@@ -250,22 +250,7 @@ pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
             min_wait_ms,
             fsid,
         } => {
-            let (backend, what): (Box<dyn MapStore>, String) = match (journal, store) {
-                (Some(j), _) => (
-                    Box::new(FileJournal::new(&j)),
-                    format!("journal {}", j.display()),
-                ),
-                (None, Some(s)) => {
-                    let spec = CoordSpec::parse(&s)?;
-                    let c = coord::connect(&spec, &ConnectOptions::default())
-                        .with_context(|| format!("connecting to {spec}"))?;
-                    (
-                        Box::new(CoordStore::new(c, DEFAULT_MAP_PATH)),
-                        format!("store {spec}"),
-                    )
-                }
-                (None, None) => bail!("give --journal or --store"),
-            };
+            let (backend, what) = map_store(journal, store)?;
             let l = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
             let config = ProposeConfig {
                 propose_interval: Duration::from_millis(propose_interval_ms),
@@ -284,47 +269,76 @@ pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
             // Serves until a commit fails; then there is nothing left to serve.
             Err(m.wait()).context("the monitor stopped")
         }
-        MonitorCmd::Remove { monitor, id, force } => {
-            let mut c = MonitorClient::connect(&monitor, blocklab::monitor::DEFAULT_CONNECT_RETRY)?;
-            let map = c.map()?;
-            let Some(d) = map.daemons.get(&id) else {
-                bail!("the map has no daemon {id}");
-            };
-            if d.state == DaemonState::Up && !force {
-                bail!(
-                    "daemon {id} ({} of node {}) is up; use --force to remove it anyway",
-                    d.device,
-                    d.node
-                );
-            }
-            let epoch = c.remove(id)?;
-            println!(
-                "removed daemon {id} ({} of node {}) in epoch {epoch}",
-                d.device, d.node
-            );
-            Ok(())
+        MonitorCmd::Remove { monitor, id, force } => remove_daemon(&monitor, id, force),
+        MonitorCmd::Map { monitor, json } => print_map(&monitor, json),
+    }
+}
+
+/// Where `monitor serve` keeps the map (`--journal` or `--store`), and its description.
+fn map_store(
+    journal: Option<PathBuf>,
+    store: Option<String>,
+) -> anyhow::Result<(Box<dyn MapStore>, String)> {
+    Ok(match (journal, store) {
+        (Some(j), _) => (
+            Box::new(FileJournal::new(&j)),
+            format!("journal {}", j.display()),
+        ),
+        (None, Some(s)) => {
+            let spec = CoordSpec::parse(&s)?;
+            let c = coord::connect(&spec, &ConnectOptions::default())
+                .with_context(|| format!("connecting to {spec}"))?;
+            (
+                Box::new(CoordStore::new(c, DEFAULT_MAP_PATH)),
+                format!("store {spec}"),
+            )
         }
-        MonitorCmd::Map { monitor, json } => {
-            let mut c = MonitorClient::connect(&monitor, blocklab::monitor::DEFAULT_CONNECT_RETRY)?;
-            let map = c.map()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&map)?);
-            } else {
-                println!("cluster {} epoch {}", map.fsid, map.epoch);
-                for d in map.daemons.values() {
-                    println!(
-                        "{}\t{}\t{}\t{}\t{}",
-                        d.id,
-                        d.state,
-                        d.node,
-                        d.device,
-                        d.reason.as_deref().unwrap_or("")
-                    );
-                }
-            }
-            Ok(())
+        (None, None) => bail!("give --journal or --store"),
+    })
+}
+
+/// `monitor remove`.
+fn remove_daemon(monitor: &str, id: u32, force: bool) -> anyhow::Result<()> {
+    let mut c = MonitorClient::connect(monitor, blocklab::monitor::DEFAULT_CONNECT_RETRY)?;
+    let map = c.map()?;
+    let Some(d) = map.daemons.get(&id) else {
+        bail!("the map has no daemon {id}");
+    };
+    if d.state == DaemonState::Up && !force {
+        bail!(
+            "daemon {id} ({} of node {}) is up; use --force to remove it anyway",
+            d.device,
+            d.node
+        );
+    }
+    let epoch = c.remove(id)?;
+    println!(
+        "removed daemon {id} ({} of node {}) in epoch {epoch}",
+        d.device, d.node
+    );
+    Ok(())
+}
+
+/// `monitor map`.
+fn print_map(monitor: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = MonitorClient::connect(monitor, blocklab::monitor::DEFAULT_CONNECT_RETRY)?;
+    let map = c.map()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&map)?);
+    } else {
+        println!("cluster {} epoch {}", map.fsid, map.epoch);
+        for d in map.daemons.values() {
+            println!(
+                "{}\t{}\t{}\t{}\t{}",
+                d.id,
+                d.state,
+                d.node,
+                d.device,
+                d.reason.as_deref().unwrap_or("")
+            );
         }
     }
+    Ok(())
 }
 
 fn agent(n: &NodeArgs) -> anyhow::Result<NodeAgent> {

@@ -79,6 +79,12 @@ impl MapArgs {
         )
         .with_context(|| format!("connecting to {}", self.coord))
     }
+
+    /// Connects and runs `f` on the cluster's map (the connection ends after it).
+    fn edit<T>(&self, f: impl FnOnce(&LunMap<'_>) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let c = self.connect()?;
+        f(&LunMap::open(&*c, &self.cluster)?)
+    }
 }
 
 /// `blocklab gateway`.
@@ -181,74 +187,14 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
-    validate_simple_name("node name", &a.node)?;
-    if a.filesync_dir.is_none() {
-        shared_coord(
-            "a gateway follows a map that editors (other processes) change",
-            a.map.coord.clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
-    }
+    check_gateway_args(&a)?;
     let layout = Layout::new(&a.map.cluster)?;
     let view = Arc::new(RwLock::new(MapView::new(layout.clone())));
     let stop = stop_flag()?;
-    let mut followers: Vec<Follower> = Vec::new();
-    let mut coord_handle: Option<Arc<dyn Coord>> = None;
-    match &a.filesync_dir {
-        Some(dir) => {
-            followers.push(filesync::follow_file(
-                dir.clone(),
-                Arc::clone(&view),
-                reporter(a.events),
-                Duration::from_millis(a.poll_ms),
-            ));
-        }
-        None => {
-            let c: Arc<dyn Coord> = Arc::from(a.map.connect()?);
-            followers.push(
-                follow_coord(
-                    Arc::clone(&c),
-                    layout.clone(),
-                    Arc::clone(&view),
-                    reporter(a.events),
-                )
-                .context("following the map")?,
-            );
-            coord_handle = Some(c);
-        }
-    }
-    let server = match (&coord_handle, a.confirm_refusals) {
-        (Some(c), true) => {
-            GatewayServer::start_confirming(a.listen, Arc::clone(&view), Arc::clone(c))
-        }
-        _ => GatewayServer::start(a.listen, Arc::clone(&view)),
-    }
-    .with_context(|| format!("listening on {}", a.listen))?;
-    let info = GatewayInfo {
-        node: a.node.clone(),
-        addr: server.addr().to_string(),
-        pid: std::process::id(),
-    };
-    if let Some(c) = &coord_handle {
-        LunMap::open(&**c, &a.map.cluster)?
-            .register_gateway(&info)
-            .with_context(|| format!("registering gateway {}", a.node))?;
-    }
-    if let (Some(_), Some(hb)) = (&a.filesync_dir, &a.heartbeat_dir) {
-        std::fs::create_dir_all(hb).with_context(|| format!("creating {}", hb.display()))?;
-        let advert = Duration::from_millis(a.advert_ms);
-        followers.push(filesync::start_heartbeat(
-            hb.clone(),
-            a.node.clone(),
-            advert,
-        ));
-        followers.push(filesync::follow_heartbeats(
-            hb.clone(),
-            Arc::clone(&view),
-            printer(a.events),
-            advert,
-        ));
-    }
+    let (follower, coord_handle) = follow_map(&a, &layout, &view)?;
+    let mut followers = vec![follower];
+    let server = start_gateway_server(&a, &view, coord_handle.as_ref())?;
+    followers.extend(heartbeats(&a, &view)?);
     println!("ready {}", server.addr());
     eprintln!(
         "gateway {} serving on {} ({})",
@@ -265,6 +211,100 @@ pub fn run_gateway(a: GatewayArgs) -> anyhow::Result<()> {
         c.close();
     }
     ended
+}
+
+/// Errs on a bad node name, or on a map backend other processes cannot reach (outside
+/// the filesync baseline).
+fn check_gateway_args(a: &GatewayArgs) -> anyhow::Result<()> {
+    validate_simple_name("node name", &a.node)?;
+    if a.filesync_dir.is_none() {
+        shared_coord(
+            "a gateway follows a map that editors (other processes) change",
+            a.map.coord.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// Starts following the map into `view`: the copied map file (filesync baseline) or the
+/// coordination backend, whose connection is returned.
+fn follow_map(
+    a: &GatewayArgs,
+    layout: &Layout,
+    view: &Arc<RwLock<MapView>>,
+) -> anyhow::Result<(Follower, Option<Arc<dyn Coord>>)> {
+    match &a.filesync_dir {
+        Some(dir) => {
+            let f = filesync::follow_file(
+                dir.clone(),
+                Arc::clone(view),
+                reporter(a.events),
+                Duration::from_millis(a.poll_ms),
+            );
+            Ok((f, None))
+        }
+        None => {
+            let c: Arc<dyn Coord> = Arc::from(a.map.connect()?);
+            let f = follow_coord(
+                Arc::clone(&c),
+                layout.clone(),
+                Arc::clone(view),
+                reporter(a.events),
+            )
+            .context("following the map")?;
+            Ok((f, Some(c)))
+        }
+    }
+}
+
+/// Starts serving block I/O decided on `view` and registers the gateway on the
+/// coordination backend (when there is one).
+fn start_gateway_server(
+    a: &GatewayArgs,
+    view: &Arc<RwLock<MapView>>,
+    coord_handle: Option<&Arc<dyn Coord>>,
+) -> anyhow::Result<GatewayServer> {
+    let server = match (coord_handle, a.confirm_refusals) {
+        (Some(c), true) => {
+            GatewayServer::start_confirming(a.listen, Arc::clone(view), Arc::clone(c))
+        }
+        _ => GatewayServer::start(a.listen, Arc::clone(view)),
+    }
+    .with_context(|| format!("listening on {}", a.listen))?;
+    let info = GatewayInfo {
+        node: a.node.clone(),
+        addr: server.addr().to_string(),
+        pid: std::process::id(),
+    };
+    if let Some(c) = coord_handle {
+        LunMap::open(&**c, &a.map.cluster)?
+            .register_gateway(&info)
+            .with_context(|| format!("registering gateway {}", a.node))?;
+    }
+    Ok(server)
+}
+
+/// Filesync baseline with a heartbeat directory: this gateway's heartbeat, and the
+/// follower of everyone's (none otherwise).
+fn heartbeats(a: &GatewayArgs, view: &Arc<RwLock<MapView>>) -> anyhow::Result<Vec<Follower>> {
+    let mut followers = Vec::new();
+    if let (Some(_), Some(hb)) = (&a.filesync_dir, &a.heartbeat_dir) {
+        std::fs::create_dir_all(hb).with_context(|| format!("creating {}", hb.display()))?;
+        let advert = Duration::from_millis(a.advert_ms);
+        followers.push(filesync::start_heartbeat(
+            hb.clone(),
+            a.node.clone(),
+            advert,
+        ));
+        followers.push(filesync::follow_heartbeats(
+            hb.clone(),
+            Arc::clone(view),
+            printer(a.events),
+            advert,
+        ));
+    }
+    Ok(followers)
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,28 +341,17 @@ pub enum LunmapCmd {
     /// Allow an initiator to reach a LUN through a target (atomic).
     Map {
         #[command(flatten)]
-        map: MapArgs,
-        lun: String,
-        /// Target IQN (created under the LUN if new).
-        #[arg(long)]
-        target: String,
-        /// Portal of the target: a new target is created with it (default 0.0.0.0:3260);
-        /// an existing target must have it (a target's portal is fixed at creation).
+        mapping: MappingArgs,
+        /// Portal of the target: a new target is created under the LUN with it (default
+        /// 0.0.0.0:3260); an existing target must have it (a target's portal is fixed at
+        /// creation).
         #[arg(long)]
         portal: Option<String>,
-        /// Initiator IQN.
-        #[arg(long)]
-        initiator: String,
     },
     /// Remove an initiator's mapping (atomic).
     Unmap {
         #[command(flatten)]
-        map: MapArgs,
-        lun: String,
-        #[arg(long)]
-        target: String,
-        #[arg(long)]
-        initiator: String,
+        mapping: MappingArgs,
     },
     /// Print the whole map (JSON).
     List {
@@ -348,24 +377,42 @@ pub enum LunmapCmd {
         map: MapArgs,
     },
     /// Read (or write a repeated byte) through a gateway, as an initiator.
-    Io {
-        /// Gateway address (printed by `blocklab gateway`).
-        #[arg(long)]
-        gateway: SocketAddr,
-        #[arg(long)]
-        lun: String,
-        #[arg(long)]
-        target: String,
-        #[arg(long)]
-        initiator: String,
-        #[arg(long, value_parser = parse_offset, default_value = "0")]
-        offset: u64,
-        #[arg(long, value_parser = parse_size, default_value = "4096")]
-        len: u64,
-        /// Write this byte value instead of reading.
-        #[arg(long)]
-        write_byte: Option<u8>,
-    },
+    Io(IoArgs),
+}
+
+// The map, a LUN, a target and an initiator: what `lunmap map` and `lunmap unmap` name.
+#[derive(Debug, Args)]
+pub struct MappingArgs {
+    #[command(flatten)]
+    map: MapArgs,
+    lun: String,
+    /// Target IQN.
+    #[arg(long)]
+    target: String,
+    /// Initiator IQN.
+    #[arg(long)]
+    initiator: String,
+}
+
+// `lunmap io`.
+#[derive(Debug, Args)]
+pub struct IoArgs {
+    /// Gateway address (printed by `blocklab gateway`).
+    #[arg(long)]
+    gateway: SocketAddr,
+    #[arg(long)]
+    lun: String,
+    #[arg(long)]
+    target: String,
+    #[arg(long)]
+    initiator: String,
+    #[arg(long, value_parser = parse_offset, default_value = "0")]
+    offset: u64,
+    #[arg(long, value_parser = parse_size, default_value = "4096")]
+    len: u64,
+    /// Write this byte value instead of reading.
+    #[arg(long)]
+    write_byte: Option<u8>,
 }
 
 pub fn run(cmd: LunmapCmd) -> anyhow::Result<()> {
@@ -377,121 +424,117 @@ pub fn run(cmd: LunmapCmd) -> anyhow::Result<()> {
             size,
             device,
             offset,
-        } => {
-            let c = map.connect()?;
-            let m = LunMap::open(&*c, &map.cluster)?;
+        } => map.edit(|m| {
             let lun = m.create_lun(id, &name, size, Backing::Range { device, offset })?;
             println!("{}", serde_json::to_string(&lun)?);
-        }
-        LunmapCmd::DeleteLun { map, name, force } => {
-            let c = map.connect()?;
-            LunMap::open(&*c, &map.cluster)?.delete_lun(&name, force)?;
+            Ok(())
+        }),
+        LunmapCmd::DeleteLun { map, name, force } => map.edit(|m| {
+            m.delete_lun(&name, force)?;
             println!("deleted LUN {name}");
-        }
-        LunmapCmd::Map {
-            map,
-            lun,
-            target,
-            portal,
-            initiator,
-        } => {
-            let c = map.connect()?;
-            let ack = LunMap::open(&*c, &map.cluster)?.map_via(
-                &lun,
-                &target,
-                portal.as_deref(),
-                &initiator,
-            )?;
+            Ok(())
+        }),
+        LunmapCmd::Map { mapping: a, portal } => a.map.edit(|m| {
+            let ack = m.map_via(&a.lun, &a.target, portal.as_deref(), &a.initiator)?;
             println!(
-                "mapped {initiator} to {lun} via {target}{}",
+                "mapped {} to {} via {}{}",
+                a.initiator,
+                a.lun,
+                a.target,
                 if ack.changed { "" } else { " (already mapped)" }
             );
-        }
-        LunmapCmd::Unmap {
-            map,
-            lun,
-            target,
-            initiator,
-        } => {
-            let c = map.connect()?;
-            LunMap::open(&*c, &map.cluster)?.unmap(&lun, &target, &initiator)?;
-            println!("unmapped {initiator} from {lun} via {target}");
-        }
-        LunmapCmd::List { map } => {
-            let c = map.connect()?;
-            let v = LunMap::open(&*c, &map.cluster)?.load()?;
-            for (name, st) in &v.luns {
-                if let Err(reason) = &st.lun {
-                    eprintln!(
-                        "warning: LUN {name}: node {} does not decode ({reason}); left out",
-                        v.layout.lun(name)
-                    );
-                }
-            }
-            println!("{}", serde_json::to_string_pretty(&v.to_doc())?);
-        }
-        LunmapCmd::Query { map, initiator } => {
-            let c = map.connect()?;
-            for (l, t) in LunMap::open(&*c, &map.cluster)?.query_initiator(&initiator)? {
+            Ok(())
+        }),
+        LunmapCmd::Unmap { mapping: a } => a.map.edit(|m| {
+            m.unmap(&a.lun, &a.target, &a.initiator)?;
+            println!("unmapped {} from {} via {}", a.initiator, a.lun, a.target);
+            Ok(())
+        }),
+        LunmapCmd::List { map } => map.edit(list),
+        LunmapCmd::Query { map, initiator } => map.edit(|m| {
+            for (l, t) in m.query_initiator(&initiator)? {
                 println!("{l}\t{t}");
             }
-        }
-        LunmapCmd::Gateways { map } => {
-            let c = map.connect()?;
-            for (n, info) in LunMap::open(&*c, &map.cluster)?.gateways()? {
+            Ok(())
+        }),
+        LunmapCmd::Gateways { map } => map.edit(|m| {
+            for (n, info) in m.gateways()? {
                 match info {
                     Some(i) => println!("{n}\t{}\tpid {}", i.addr, i.pid),
                     None => println!("{n}"),
                 }
             }
-        }
-        LunmapCmd::Watch { map } => {
-            shared_coord(
-                "watch follows changes that other processes make",
-                map.coord.clone(),
-            )
-            .map_err(anyhow::Error::msg)?;
-            let layout = Layout::new(&map.cluster)?;
-            let stop = stop_flag()?;
-            let c: Arc<dyn Coord> = Arc::from(map.connect()?);
-            let view = Arc::new(RwLock::new(MapView::new(layout.clone())));
-            let f = follow_coord(Arc::clone(&c), layout, view, reporter(true))
-                .context("following the map")?;
-            let ended = run_until_stopped(&stop, vec![f]);
-            c.close();
-            ended?;
-        }
-        LunmapCmd::Io {
-            gateway,
-            lun,
-            target,
-            initiator,
-            offset,
-            len,
-            write_byte,
-        } => {
-            let mut cl = GatewayClient::connect(gateway)
-                .with_context(|| format!("connecting to gateway {gateway}"))?;
-            let reply = match write_byte {
-                Some(b) => cl.write(&lun, &target, &initiator, offset, &vec![b; len as usize])?,
-                None => {
-                    let (r, data) = cl.read(&lun, &target, &initiator, offset, len)?;
-                    if r.ok {
-                        let nz = data.iter().filter(|&&x| x != 0).count();
-                        println!(
-                            "read {} bytes ({nz} non-zero), first byte {:#04x}",
-                            data.len(),
-                            data.first().copied().unwrap_or(0)
-                        );
-                    }
-                    r
-                }
-            };
-            if !reply.ok {
-                bail!("{}", reply.error);
-            }
-            println!("ok");
+            Ok(())
+        }),
+        LunmapCmd::Watch { map } => watch(&map),
+        LunmapCmd::Io(a) => gateway_io(a),
+    }
+}
+
+/// `lunmap list`: the whole map as JSON, with a warning for each LUN left out.
+fn list(m: &LunMap<'_>) -> anyhow::Result<()> {
+    let v = m.load()?;
+    for (name, st) in &v.luns {
+        if let Err(reason) = &st.lun {
+            eprintln!(
+                "warning: LUN {name}: node {} does not decode ({reason}); left out",
+                v.layout.lun(name)
+            );
         }
     }
+    println!("{}", serde_json::to_string_pretty(&v.to_doc())?);
+    Ok(())
+}
+
+/// `lunmap watch`: prints the map's changes until Ctrl-C.
+fn watch(map: &MapArgs) -> anyhow::Result<()> {
+    shared_coord(
+        "watch follows changes that other processes make",
+        map.coord.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let layout = Layout::new(&map.cluster)?;
+    let stop = stop_flag()?;
+    let c: Arc<dyn Coord> = Arc::from(map.connect()?);
+    let view = Arc::new(RwLock::new(MapView::new(layout.clone())));
+    let f =
+        follow_coord(Arc::clone(&c), layout, view, reporter(true)).context("following the map")?;
+    let ended = run_until_stopped(&stop, vec![f]);
+    c.close();
+    ended
+}
+
+/// `lunmap io`: one read (or write) through a gateway.
+fn gateway_io(a: IoArgs) -> anyhow::Result<()> {
+    let IoArgs {
+        gateway,
+        lun,
+        target,
+        initiator,
+        offset,
+        len,
+        write_byte,
+    } = a;
+    let mut cl = GatewayClient::connect(gateway)
+        .with_context(|| format!("connecting to gateway {gateway}"))?;
+    let reply = match write_byte {
+        Some(b) => cl.write(&lun, &target, &initiator, offset, &vec![b; len as usize])?,
+        None => {
+            let (r, data) = cl.read(&lun, &target, &initiator, offset, len)?;
+            if r.ok {
+                let nz = data.iter().filter(|&&x| x != 0).count();
+                println!(
+                    "read {} bytes ({nz} non-zero), first byte {:#04x}",
+                    data.len(),
+                    data.first().copied().unwrap_or(0)
+                );
+            }
+            r
+        }
+    };
+    if !reply.ok {
+        bail!("{}", reply.error);
+    }
+    println!("ok");
     Ok(())
 }

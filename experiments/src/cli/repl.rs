@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use blocklab::repl::client::Client;
 use blocklab::repl::kv::put_payload;
-use blocklab::repl::replica::{self, NoHooks, PolicySpec, Regions, ReplicaOptions};
+use blocklab::repl::replica::{self, NoHooks, PolicySpec, Regions, ReplicaOptions, ReplicaReport};
 use blocklab::repl::NodeId;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use crate::args::{parse_duration, parse_ms, parse_ms_f64, parse_size, parse_us, TimeUnit};
 
@@ -23,53 +23,7 @@ pub enum ReplCmd {
     /// log is recovered (restart); an empty device gets a new log; anything else (a
     /// formatted daemon device without a replication log included) is refused unless
     /// --force.
-    Serve {
-        /// This replica's id.
-        #[arg(long)]
-        id: NodeId,
-        /// Every member's id, comma separated (this one included).
-        #[arg(long, value_delimiter = ',', required = true)]
-        members: Vec<NodeId>,
-        /// The primary's id.
-        #[arg(long, default_value_t = 0)]
-        primary: NodeId,
-        /// Address to listen on (port 0: any free port).
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-        /// Primary only: a secondary's address, as ID=HOST:PORT (repeat for each).
-        #[arg(long = "peer", value_parser = parse_peer)]
-        peers: Vec<(NodeId, SocketAddr)>,
-        /// Block device (or regular file) holding the log and the storage engine.
-        #[arg(long)]
-        device: PathBuf,
-        /// Commit notification: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms.
-        #[arg(long, default_value = "idle", value_parser = parse_policy)]
-        policy: PolicySpec,
-        /// Length of a protocol tick in microseconds.
-        #[arg(long, value_parser = parse_us, default_value_t = 100)]
-        tick_us: u64,
-        /// Resend unacknowledged entries or notifications after this many milliseconds.
-        #[arg(long, value_parser = parse_ms, default_value_t = 200)]
-        retransmit_ms: u64,
-        /// Injected one-way delay on every frame this replica sends, in milliseconds.
-        #[arg(long, value_parser = parse_ms_f64, default_value_t = 0.0)]
-        delay_ms: f64,
-        /// Size of the log region (K/M/G) on a device that is not formatted; on a formatted
-        /// daemon device the log lives in its log region.
-        #[arg(long, default_value = "64M", value_parser = parse_size)]
-        log_size: u64,
-        /// Size of the storage engine's data region (K/M/G).
-        #[arg(long, default_value = "16M", value_parser = parse_size)]
-        data_size: u64,
-        /// Start a new, empty log even if the device holds one.
-        #[arg(long)]
-        fresh: bool,
-        /// Use a device that holds anything but a replication log (another daemon's or
-        /// cluster's format, a file system, other data): its log and data regions are
-        /// overwritten.
-        #[arg(long)]
-        force: bool,
-    },
+    Serve(ServeArgs),
     /// Write KEY=VALUE through the primary; prints the committed index.
     Write {
         /// The primary's address.
@@ -85,6 +39,56 @@ pub enum ReplCmd {
         #[arg(long)]
         to: SocketAddr,
     },
+}
+
+// `repl serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// This replica's id.
+    #[arg(long)]
+    id: NodeId,
+    /// Every member's id, comma separated (this one included).
+    #[arg(long, value_delimiter = ',', required = true)]
+    members: Vec<NodeId>,
+    /// The primary's id.
+    #[arg(long, default_value_t = 0)]
+    primary: NodeId,
+    /// Address to listen on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Primary only: a secondary's address, as ID=HOST:PORT (repeat for each).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(NodeId, SocketAddr)>,
+    /// Block device (or regular file) holding the log and the storage engine.
+    #[arg(long)]
+    device: PathBuf,
+    /// Commit notification: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms.
+    #[arg(long, default_value = "idle", value_parser = parse_policy)]
+    policy: PolicySpec,
+    /// Length of a protocol tick in microseconds.
+    #[arg(long, value_parser = parse_us, default_value_t = 100)]
+    tick_us: u64,
+    /// Resend unacknowledged entries or notifications after this many milliseconds.
+    #[arg(long, value_parser = parse_ms, default_value_t = 200)]
+    retransmit_ms: u64,
+    /// Injected one-way delay on every frame this replica sends, in milliseconds.
+    #[arg(long, value_parser = parse_ms_f64, default_value_t = 0.0)]
+    delay_ms: f64,
+    /// Size of the log region (K/M/G) on a device that is not formatted; on a formatted
+    /// daemon device the log lives in its log region.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    log_size: u64,
+    /// Size of the storage engine's data region (K/M/G).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    data_size: u64,
+    /// Start a new, empty log even if the device holds one.
+    #[arg(long)]
+    fresh: bool,
+    /// Use a device that holds anything but a replication log (another daemon's or
+    /// cluster's format, a file system, other data): its log and data regions are
+    /// overwritten.
+    #[arg(long)]
+    force: bool,
 }
 
 /// A commit-notification policy (`--policy` here, exp-commit's `--policies`): as
@@ -115,90 +119,7 @@ fn parse_peer(s: &str) -> Result<(NodeId, SocketAddr), String> {
 
 pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
     match cmd {
-        ReplCmd::Serve {
-            id,
-            members,
-            primary,
-            listen,
-            peers,
-            device,
-            policy,
-            tick_us,
-            retransmit_ms,
-            delay_ms,
-            log_size,
-            data_size,
-            fresh,
-            force,
-        } => {
-            if !members.contains(&id) {
-                bail!("--id {id} is not among --members {members:?}");
-            }
-            if !(delay_ms.is_finite() && delay_ms >= 0.0) {
-                bail!("--delay-ms must be ≥ 0");
-            }
-            let (regions, formatted) = Regions::detect(&device, log_size, data_size)
-                .with_context(|| format!("reading {}", device.display()))?;
-            if formatted {
-                eprintln!(
-                    "{}: formatted daemon device: log in its log region ({} bytes at {}), storage engine in its data region",
-                    device.display(),
-                    regions.log_len,
-                    regions.log_offset
-                );
-            }
-            let listener =
-                TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-            let addr = listener.local_addr()?;
-            let opts = ReplicaOptions {
-                id,
-                members,
-                primary,
-                peers,
-                listener,
-                device: device.clone(),
-                regions,
-                policy,
-                tick: Duration::from_micros(tick_us.max(1)),
-                retransmit: Duration::from_millis(retransmit_ms.max(1)),
-                delay: Duration::from_secs_f64(delay_ms / 1000.0),
-                fresh,
-                force,
-                group_commit: true,
-            };
-            let stop = Arc::new(AtomicBool::new(false));
-            let s2 = stop.clone();
-            ctrlc::set_handler(move || s2.store(true, Ordering::SeqCst))
-                .context("installing the SIGTERM/SIGINT handler")?;
-            let (tx, rx) = std::sync::mpsc::channel();
-            let t =
-                std::thread::spawn(move || replica::run(opts, Box::new(NoHooks), stop, Some(tx)));
-            if rx.recv().is_ok() {
-                use std::io::Write;
-                println!("listening on {addr}");
-                std::io::stdout().flush()?;
-            }
-            let report = t
-                .join()
-                .map_err(|_| anyhow::anyhow!("replica thread panicked"))?
-                .with_context(|| format!("replica {id} on {}", device.display()))?;
-            let s = report.stats;
-            eprintln!(
-                "replica {id} stopped: term {} last_index {} commit {} applied {} \
-                 apply_rejected {} log_flushes {} appends_with_entries {} empty_appends {} \
-                 probes {} retransmits {}",
-                report.term,
-                report.last_index,
-                report.commit,
-                report.applied,
-                report.apply_rejected,
-                report.log_flushes,
-                s.appends_with_entries,
-                s.empty_appends,
-                s.probes,
-                s.retransmits
-            );
-        }
+        ReplCmd::Serve(a) => serve(a)?,
         ReplCmd::Write { to, key, value } => {
             let mut c = Client::connect(to, Duration::from_secs(10))?;
             let index = c.write(put_payload(key, value.as_bytes()))?;
@@ -214,4 +135,103 @@ pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `repl serve`: runs the replica until SIGTERM/SIGINT, then prints what it did.
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let (id, device) = (a.id, a.device.clone());
+    let (opts, addr) = replica_options(a)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    ctrlc::set_handler(move || s2.store(true, Ordering::SeqCst))
+        .context("installing the SIGTERM/SIGINT handler")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || replica::run(opts, Box::new(NoHooks), stop, Some(tx)));
+    if rx.recv().is_ok() {
+        use std::io::Write;
+        println!("listening on {addr}");
+        std::io::stdout().flush()?;
+    }
+    let report = t
+        .join()
+        .map_err(|_| anyhow::anyhow!("replica thread panicked"))?
+        .with_context(|| format!("replica {id} on {}", device.display()))?;
+    print_report(id, &report);
+    Ok(())
+}
+
+/// Checks the arguments, finds the device's regions and binds the listener: the replica's
+/// options and the address it listens on.
+fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)> {
+    let ServeArgs {
+        id,
+        members,
+        primary,
+        listen,
+        peers,
+        device,
+        policy,
+        tick_us,
+        retransmit_ms,
+        delay_ms,
+        log_size,
+        data_size,
+        fresh,
+        force,
+    } = a;
+    if !members.contains(&id) {
+        bail!("--id {id} is not among --members {members:?}");
+    }
+    if !(delay_ms.is_finite() && delay_ms >= 0.0) {
+        bail!("--delay-ms must be ≥ 0");
+    }
+    let (regions, formatted) = Regions::detect(&device, log_size, data_size)
+        .with_context(|| format!("reading {}", device.display()))?;
+    if formatted {
+        eprintln!(
+            "{}: formatted daemon device: log in its log region ({} bytes at {}), storage engine in its data region",
+            device.display(),
+            regions.log_len,
+            regions.log_offset
+        );
+    }
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let opts = ReplicaOptions {
+        id,
+        members,
+        primary,
+        peers,
+        listener,
+        device,
+        regions,
+        policy,
+        tick: Duration::from_micros(tick_us.max(1)),
+        retransmit: Duration::from_millis(retransmit_ms.max(1)),
+        delay: Duration::from_secs_f64(delay_ms / 1000.0),
+        fresh,
+        force,
+        group_commit: true,
+    };
+    Ok((opts, addr))
+}
+
+/// The line `repl serve` prints when its replica stopped.
+fn print_report(id: NodeId, report: &ReplicaReport) {
+    let s = report.stats;
+    eprintln!(
+        "replica {id} stopped: term {} last_index {} commit {} applied {} \
+         apply_rejected {} log_flushes {} appends_with_entries {} empty_appends {} \
+         probes {} retransmits {}",
+        report.term,
+        report.last_index,
+        report.commit,
+        report.applied,
+        report.apply_rejected,
+        report.log_flushes,
+        s.appends_with_entries,
+        s.empty_appends,
+        s.probes,
+        s.retransmits
+    );
 }

@@ -179,84 +179,93 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
 pub fn run_mgmt(cmd: MgmtCmd) -> anyhow::Result<()> {
     match cmd {
         MgmtCmd::Serve(a) => {
-            if a.peers.is_empty() {
-                bail!("--peers is empty");
-            }
-            let mode = a.mode;
-            let listen = match (mode, a.listen) {
-                (Mode::ClientRetry, None) => bail!("--mode client_retry needs --listen"),
-                (_, Some(l)) => l,
-                (_, None) => SocketAddr::new(a.vip, a.port),
-            };
-            let vip = match a.vip_backend {
-                VipKind::Loopback => {
-                    if !a.vip.is_loopback() {
-                        bail!(
-                            "--vip {} is not in 127.0.0.0/8 (the loopback backend)",
-                            a.vip
-                        );
-                    }
-                    VipBackend::Loopback { vip: a.vip }
-                }
-                VipKind::Netns => VipBackend::Netns {
-                    vip: a.vip,
-                    lower: a.netns_lower,
-                    vip_dev: a.netns_vip_dev,
-                    mac: a.netns_mac,
-                },
-            };
-            if a.takeover_after <= a.dead_after {
-                bail!("--takeover-after must exceed --dead-after");
-            }
-            let cfg = NodeConfig {
-                id: a.node,
-                peers: a.peers,
-                service: a.service,
-                vip,
-                port: a.port,
-                listen,
-                mode,
-                heartbeat: Duration::from_millis(a.heartbeat_ms.max(1)),
-                timing: Timing {
-                    dead_after: a.dead_after,
-                    takeover_after: a.takeover_after,
-                },
-            };
+            let cfg = node_config(a)?;
             let stop = stop_flag()?;
             run_node(cfg, stop).context("management node")?;
         }
         MgmtCmd::BlockService(a) => {
-            let svc = Service::start(ServiceConfig {
-                listen: a.listen,
-                vip: a.vip,
-                state_dir: a.state_dir,
-                devices: a.devices,
-                store: StoreConfig {
-                    copy_chunk: a.copy_chunk,
-                    copy_depth: a.copy_depth,
-                    ..StoreConfig::default()
-                },
-                force: a.force,
-                deliver_for: Duration::from_secs(120),
-                copy_rate: (a.copy_rate_mib > 0).then_some(a.copy_rate_mib << 20),
-                session_timeout: Duration::from_millis(a.session_timeout_ms.max(1)),
-                journal: if a.journal == "file" {
-                    JournalSpec::File
-                } else {
-                    JournalSpec::Coord {
-                        spec: CoordSpec::parse(&a.journal).context("--journal")?,
-                        root: a.journal_root,
-                    }
-                },
-                crash_after_commit: a.crash_after_commit,
-            })
-            .context("starting the block service")?;
+            let svc = Service::start(service_config(a)?).context("starting the block service")?;
             println!("event=service_listening addr={}", svc.addr);
             let stop = stop_flag()?;
             svc.wait(&stop).context("block service")?;
         }
     }
     Ok(())
+}
+
+/// `mgmt serve`'s node, from its checked arguments.
+fn node_config(a: ServeArgs) -> anyhow::Result<NodeConfig> {
+    if a.peers.is_empty() {
+        bail!("--peers is empty");
+    }
+    let mode = a.mode;
+    let listen = match (mode, a.listen) {
+        (Mode::ClientRetry, None) => bail!("--mode client_retry needs --listen"),
+        (_, Some(l)) => l,
+        (_, None) => SocketAddr::new(a.vip, a.port),
+    };
+    let vip = match a.vip_backend {
+        VipKind::Loopback => {
+            if !a.vip.is_loopback() {
+                bail!(
+                    "--vip {} is not in 127.0.0.0/8 (the loopback backend)",
+                    a.vip
+                );
+            }
+            VipBackend::Loopback { vip: a.vip }
+        }
+        VipKind::Netns => VipBackend::Netns {
+            vip: a.vip,
+            lower: a.netns_lower,
+            vip_dev: a.netns_vip_dev,
+            mac: a.netns_mac,
+        },
+    };
+    if a.takeover_after <= a.dead_after {
+        bail!("--takeover-after must exceed --dead-after");
+    }
+    Ok(NodeConfig {
+        id: a.node,
+        peers: a.peers,
+        service: a.service,
+        vip,
+        port: a.port,
+        listen,
+        mode,
+        heartbeat: Duration::from_millis(a.heartbeat_ms.max(1)),
+        timing: Timing {
+            dead_after: a.dead_after,
+            takeover_after: a.takeover_after,
+        },
+    })
+}
+
+/// `mgmt block-service`'s service, from its arguments.
+fn service_config(a: BlockServiceArgs) -> anyhow::Result<ServiceConfig> {
+    Ok(ServiceConfig {
+        listen: a.listen,
+        vip: a.vip,
+        state_dir: a.state_dir,
+        devices: a.devices,
+        store: StoreConfig {
+            copy_chunk: a.copy_chunk,
+            copy_depth: a.copy_depth,
+            ..StoreConfig::default()
+        },
+        force: a.force,
+        deliver_for: Duration::from_secs(120),
+        copy_rate: (a.copy_rate_mib > 0).then_some(a.copy_rate_mib << 20),
+        session_timeout: Duration::from_millis(a.session_timeout_ms.max(1)),
+        journal: if a.journal == "file" {
+            JournalSpec::File
+        } else {
+            JournalSpec::Coord {
+                spec: CoordSpec::parse(&a.journal).context("--journal")?,
+                root: a.journal_root,
+            }
+        },
+        crash_after_commit: a.crash_after_commit,
+    })
 }
 
 pub fn run_volume(a: VolumeArgs) -> anyhow::Result<()> {
