@@ -3,7 +3,7 @@
 
 Every CSV has exactly its documented columns and at least one row per configuration the
 quick profile runs; every figure the paper cites exists; claims.json parses and names
-every claim. Exits non-zero with one line per problem.
+every claim, each from at least one sample. Exits non-zero with one line per problem.
 """
 import itertools
 import json
@@ -82,14 +82,16 @@ def check(results: Path, figures: Path):
             problems.append(f"figure {f}: missing in {figures}")
     cj = results / "claims.json"
     try:
-        rows = json.loads(cj.read_text())
+        rows = json.loads(cj.read_text())["claims"]
         keys = {r["key"] for r in rows}
         missing = {c.key for c in claims.CLAIMS} - keys
         if missing:
             problems.append(f"claims.json lacks {sorted(missing)}")
         for r in rows:
-            if r["status"] == "not run" or r["status"].startswith("error"):
-                problems.append(f"claim {r['key']}: {r['status']}")
+            # A claim whose inputs are empty fails the run (it would otherwise be a verdict
+            # from nothing).
+            if r["n"] == 0 or r["value"] is None:
+                problems.append(f"claim {r['key']}: no samples ({r['status']})")
     except (OSError, ValueError, KeyError) as e:
         problems.append(f"claims.json: {e}")
     return problems

@@ -3,11 +3,19 @@
 
     python notebooks/claims.py RESULTS_DIR [--tex paper/generated] [--json FILE]
 
-Prints a summary table (claim, measured figure, target, holds), writes
-`claims.json` into RESULTS_DIR (or --json) and, with --tex, one LaTeX macro per claim
-(`paper/generated/claims.tex`) and the claims table (`paper/generated/claims-table.tex`),
-so the paper never carries a hand-typed number. A claim whose CSV is missing is reported
-as "not run" and does not count as holding.
+Each claim is one value per repetition (a ratio is taken between the two arms of the
+same repetition). Its estimate is the median over repetitions with a 95% percentile-
+bootstrap interval (2,000 resamples of the repetitions, fixed seed); a count the claim says
+is 0 (lost, leaked, duplicated) is summed over all repetitions and has no interval. The
+verdict comes from the interval: holds when all of it is on the target's side, does not
+hold when all of it is on the other side, inconclusive when it straddles the target. A
+claim without samples (no CSV, no rows, a missing arm) does not hold. A quick-profile run's
+verdicts are labelled indicative.
+
+Prints the table (claim, estimate, interval, n, target, verdict), writes `claims.json`
+into RESULTS_DIR (or --json) and, with --tex, LaTeX macros per claim
+(`paper/generated/claims.tex`: value, Interval, N, Status) and the claims table
+(`paper/generated/claims-table.tex`), so the paper never carries a hand-typed number.
 """
 import argparse
 import json
@@ -17,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pandas as pd
+
+
+# Bootstrap: resamples of the repetitions, and a fixed seed so a run's table is repeatable.
+RESAMPLES = 2000
+SEED = 20261207
 
 
 @dataclass
@@ -28,21 +42,36 @@ class Claim:
     column: str
     figure: str
     unit: str
-    target: str
-    compute: Callable[[pd.DataFrame], float]
-    holds: Callable[[float], bool]
+    target: str  # ">= 0.95", "<= 100", "= 0"
+    # One value per repetition (a Series indexed by repetition). For a ratio, the ratio of
+    # the two arms of the same repetition (paired).
+    per_rep: Callable[[pd.DataFrame], pd.Series]
+    # "estimate": the median over repetitions with a bootstrap interval; "count": a count
+    # the claim says is 0, summed over repetitions (exact, no interval).
+    kind: str = "estimate"
 
 
-def mean_ratio(df, num_filter, den_filter, col):
-    a = df.loc[num_filter(df), col].mean()
-    b = df.loc[den_filter(df), col].mean()
-    return a / b if b else math.nan
+def by_rep(df, f):
+    """f(rows of one repetition) for each repetition, as a Series without NaNs."""
+    if df.empty:
+        return pd.Series(dtype=float)
+    return df.groupby("repetition").apply(f, include_groups=False).astype(float).dropna()
+
+
+def paired_ratio(df, num, den, col):
+    """Per repetition: mean of `col` over the rows `num` selects / over the rows `den` selects."""
+    def f(g):
+        a, b = g.loc[num(g), col], g.loc[den(g), col]
+        if a.empty or b.empty or b.mean() == 0:
+            return math.nan
+        return a.mean() / b.mean()
+    return by_rep(df, f)
 
 
 def io_ratio(pattern, bs, qd, col):
     def f(df):
-        sel = (df.pattern == pattern) & (df.block_size_bytes == bs) & (df.queue_depth == qd)
-        return mean_ratio(df, lambda d: sel & (d.tool == "blocklab"), lambda d: sel & (d.tool == "fio"), col)
+        sel = df[(df.pattern == pattern) & (df.block_size_bytes == bs) & (df.queue_depth == qd)]
+        return paired_ratio(sel, lambda d: d.tool == "blocklab", lambda d: d.tool == "fio", col)
     return f
 
 
@@ -55,40 +84,48 @@ def init_at(df, nodes=3, dpn=8):
 
 
 def init_speedup(df):
-    d = init_at(df)
-    return mean_ratio(d, lambda x: x.strategy == "sequential", lambda x: x.strategy == "parallel", "total_ms")
+    return paired_ratio(init_at(df), lambda x: x.strategy == "sequential", lambda x: x.strategy == "parallel", "total_ms")
 
 
 def init_over_bound(df):
-    d = init_at(df)
-    p = d[d.strategy == "parallel"]
-    return (p.total_ms / p.bound_ms).mean() if len(p) else math.nan
+    p = init_at(df)
+    p = p[p.strategy == "parallel"]
+    return by_rep(p, lambda g: (g.total_ms / g.bound_ms).mean())
 
 
 def alloc_sel(df, strategy, processes):
     return (df.strategy == strategy) & (df.processes == processes) & (~df.with_io.astype(str).str.lower().eq("true"))
 
 
+def alloc_p50(df):
+    return by_rep(df[alloc_sel(df, "shm", 1)], lambda g: g.alloc_p50_ns.median())
+
+
 def alloc_ratio(other):
     def f(df):
-        return mean_ratio(df, lambda d: alloc_sel(d, "shm", 2), lambda d: alloc_sel(d, other, 2), "ops_per_s")
+        return paired_ratio(df, lambda d: alloc_sel(d, "shm", 2), lambda d: alloc_sel(d, other, 2), "ops_per_s")
+    return f
+
+
+def count(cols, sel=lambda df: df.index == df.index):
+    """Per repetition: the sum of the counters `cols` over the rows `sel` picks."""
+    def f(df):
+        d = df[sel(df)]
+        return by_rep(d, lambda g: sum(g[c].sum() for c in cols))
     return f
 
 
 def lunmap_p99_8gw(df):
-    """Median over repetitions of propagation p99, 8 gateways; the worse editor count."""
+    """Per repetition: propagation p99 to 8 gateways through ZooKeeper, the worse editor count."""
     sel = df.loc[(df.backend == "zookeeper") & (df.gateways == 8)]
-    return sel.groupby("editors")["propagation_p99_ms"].median().max()
-
-
-def lunmap_lost_4_editors(df):
-    return df.loc[df.backend.str.startswith("zookeeper") & (df.editors == 4), "lost_updates"].sum()
+    return by_rep(sel, lambda g: g.propagation_p99_ms.max())
 
 
 def lunmap_detect_excess(df):
-    """Worst detect_dead_ms of the ZooKeeper backends minus the session timeout (2000 ms
-    unless the run's meta says otherwise), in ms."""
-    return df.loc[df.backend.str.startswith("zookeeper"), "detect_dead_ms"].max() - 2000.0
+    """Per repetition: worst detect_dead_ms of the ZooKeeper backends minus the session
+    timeout (2000 ms), in ms."""
+    sel = df.loc[df.backend.str.startswith("zookeeper")]
+    return by_rep(sel, lambda g: g.detect_dead_ms.max() - 2000.0)
 
 
 def failover_sel(df):
@@ -96,90 +133,135 @@ def failover_sel(df):
 
 
 def failover_p99(df):
-    return df.loc[failover_sel(df), "delivery_after_kill_p99_ms"].max()
-
-
-def failover_kills(df):
-    """Kills per VIP backend (the smaller)."""
-    return df.loc[failover_sel(df)].groupby("vip_backend")["kills"].sum().min()
-
-
-def failover_bad(df):
-    sel = df["mode"] == "vip_handoff"
-    return df.loc[sel, "lost_results"].sum() + df.loc[sel, "duplicate_executions"].sum()
+    """Per repetition: result delivery after a kill, p99, the worse VIP backend."""
+    return by_rep(df.loc[failover_sel(df)], lambda g: g.delivery_after_kill_p99_ms.max())
 
 
 def commit_lag_ratio(other, workloads=("single", "bursty")):
-    """Worst (over workloads and RTTs) ratio of idle's apply-lag p99 to another policy's,
-    each the median over repetitions (one VM stall in one repetition does not decide)."""
+    """Per repetition: the worst (over workloads and RTTs) ratio of idle's apply-lag p99 to
+    another policy's in the same repetition."""
     def f(df):
-        worst = 0.0
-        for (w, rtt), g in df[df.workload.isin(workloads)].groupby(["workload", "rtt_ms"]):
-            idle = g.loc[g.policy == "idle", "apply_lag_p99_us"].median()
-            base = g.loc[g.policy == other, "apply_lag_p99_us"].median()
-            if base:
-                worst = max(worst, idle / base)
-        return worst
+        d = df[df.workload.isin(workloads)]
+
+        def worst(g):
+            w = math.nan
+            for _, c in g.groupby(["workload", "rtt_ms"]):
+                idle = c.loc[c.policy == "idle", "apply_lag_p99_us"]
+                base = c.loc[c.policy == other, "apply_lag_p99_us"]
+                if idle.empty or base.empty or base.mean() == 0:
+                    return math.nan  # a missing arm fails the repetition, not reads as 0
+                r = idle.mean() / base.mean()
+                w = r if math.isnan(w) else max(w, r)
+            return w
+        return by_rep(d, worst)
     return f
 
 
 def commit_extra(policy):
     def f(df):
-        return df.loc[(df.policy == policy) & (df.workload == "closed"), "extra_messages_per_write"].max()
+        d = df[(df.policy == policy) & (df.workload == "closed")]
+        return by_rep(d, lambda g: g.extra_messages_per_write.max())
     return f
 
 
 def commit_flush_spread(df):
-    """Largest relative spread of log_flushes across policies for the same workload, RTT and
-    repetition (0 = equal)."""
-    worst = 0.0
-    for _, g in df.groupby(["workload", "rtt_ms", "repetition", "replicas"]):
-        lo, hi = g.log_flushes.min(), g.log_flushes.max()
-        if hi:
-            worst = max(worst, (hi - lo) / hi)
-    return worst
+    """Per repetition: the largest relative spread of log_flushes across policies for the
+    same workload, RTT and replicas (0 = equal)."""
+    def f(g):
+        worst = 0.0
+        for _, c in g.groupby(["workload", "rtt_ms", "replicas"]):
+            lo, hi = c.log_flushes.min(), c.log_flushes.max()
+            if hi:
+                worst = max(worst, (hi - lo) / hi)
+        return worst
+    return by_rep(df, f)
 
 
 CLAIMS = [
     Claim("ioRandWriteRatio", "blocklab/fio IOPS, 4 KiB random write QD 32", "exp-io.csv", "iops", "exp-io.pdf",
-          "x", ">= 0.95", io_ratio("randwrite", 4096, 32, "iops"), lambda v: v >= 0.95),
+          "x", ">= 0.95", io_ratio("randwrite", 4096, 32, "iops")),
     Claim("ioSeqWriteRatio", "blocklab/fio bandwidth, 1 MiB sequential write QD 8", "exp-io.csv", "bandwidth_mib_s", "exp-io.pdf",
-          "x", ">= 0.95", io_ratio("write", 1 << 20, 8, "bandwidth_mib_s"), lambda v: v >= 0.95),
+          "x", ">= 0.95", io_ratio("write", 1 << 20, 8, "bandwidth_mib_s")),
     Claim("initSpeedup", "parallel init vs sequential, 3 nodes x 8 daemons (total time ratio)", "exp-init.csv", "total_ms",
-          "exp-init-speedup.pdf", "x", ">= 10", init_speedup, lambda v: v >= 10),
+          "exp-init-speedup.pdf", "x", ">= 10", init_speedup),
     Claim("initOverBound", "parallel init total / physical bound, 3 nodes x 8 daemons", "exp-init.csv", "bound_ms",
-          "exp-init.pdf", "x", "<= 1.5", init_over_bound, lambda v: v <= 1.5),
+          "exp-init.pdf", "x", "<= 1.5", init_over_bound),
     Claim("allocShmPfifty", "shm allocation p50, 1 process", "exp-alloc.csv", "alloc_p50_ns", "exp-alloc-p50.pdf",
-          "ns", "<= 100", lambda df: df.loc[alloc_sel(df, "shm", 1), "alloc_p50_ns"].median(), lambda v: v <= 100),
+          "ns", "<= 100", alloc_p50),
     Claim("allocShmOverMutex", "shm / mutex allocations per second, 2 processes", "exp-alloc.csv", "ops_per_s", "exp-alloc.pdf",
-          "x", ">= 3", alloc_ratio("mutex"), lambda v: v >= 3),
+          "x", ">= 3", alloc_ratio("mutex")),
     Claim("allocShmOverCentral", "shm / central allocations per second, 2 processes", "exp-alloc.csv", "ops_per_s", "exp-alloc.pdf",
-          "x", ">= 20", alloc_ratio("central"), lambda v: v >= 20),
+          "x", ">= 20", alloc_ratio("central")),
     Claim("allocLost", "leaked + double-allocated blocks, all runs", "exp-alloc.csv", "leaked_blocks,double_allocated", "exp-alloc.pdf",
-          "", "= 0", lambda df: df.leaked_blocks.sum() + df.double_allocated.sum(), lambda v: v == 0),
-    Claim("lunmapPropagation", "ZooKeeper map propagation p99, 8 gateways (median run, worse editor count)", "exp-lunmap.csv", "propagation_p99_ms",
-          "exp-lunmap.pdf", "ms", "<= 20", lunmap_p99_8gw, lambda v: v <= 20),
+          "", "= 0", count(["leaked_blocks", "double_allocated"]), "count"),
+    Claim("lunmapPropagation", "ZooKeeper map propagation p99, 8 gateways (worse editor count)", "exp-lunmap.csv", "propagation_p99_ms",
+          "exp-lunmap.pdf", "ms", "<= 20", lunmap_p99_8gw),
     Claim("lunmapLost", "lost updates with 4 editors on ZooKeeper", "exp-lunmap.csv", "lost_updates", "exp-lunmap.pdf",
-          "", "= 0", lunmap_lost_4_editors, lambda v: v == 0),
-    Claim("lunmapDetect", "dead-gateway detection beyond the session timeout (worst)", "exp-lunmap.csv", "detect_dead_ms",
-          "exp-lunmap.pdf", "ms", "<= 1000", lunmap_detect_excess, lambda v: v <= 1000),
-    Claim("failoverDelivery", "result delivery after a kill, p99, VIP handoff, 100 ms heartbeat (worst backend)", "exp-failover.csv",
-          "delivery_after_kill_p99_ms", "exp-failover.pdf", "ms", "<= 1000", failover_p99, lambda v: v <= 1000),
-    Claim("failoverKills", "holder kills per VIP backend in the VIP-handoff runs", "exp-failover.csv", "kills", "exp-failover.pdf",
-          "", ">= 20", failover_kills, lambda v: v >= 20),
+          "", "= 0", count(["lost_updates"], lambda d: d.backend.str.startswith("zookeeper") & (d.editors == 4)), "count"),
+    Claim("lunmapDetect", "dead-gateway detection beyond the session timeout (worst gateway)", "exp-lunmap.csv", "detect_dead_ms",
+          "exp-lunmap.pdf", "ms", "<= 1000", lunmap_detect_excess),
+    Claim("failoverDelivery", "result delivery after a kill, p99, VIP handoff, 100 ms heartbeat (worse backend)", "exp-failover.csv",
+          "delivery_after_kill_p99_ms", "exp-failover.pdf", "ms", "<= 1000", failover_p99),
     Claim("failoverLostDup", "lost results + duplicate executions with VIP handoff", "exp-failover.csv",
-          "lost_results,duplicate_executions", "exp-failover.pdf", "", "= 0", failover_bad, lambda v: v == 0),
+          "lost_results,duplicate_executions", "exp-failover.pdf", "", "= 0",
+          count(["lost_results", "duplicate_executions"], lambda d: d["mode"] == "vip_handoff"), "count"),
     Claim("commitIdleOverEager", "idle / eager apply-lag p99, single and bursty (worst case)", "exp-commit.csv",
-          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 1.5", commit_lag_ratio("eager"), lambda v: v <= 1.5),
+          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 1.5", commit_lag_ratio("eager")),
     Claim("commitIdleOverPiggyback", "idle / piggyback apply-lag p99, single and bursty (worst case)", "exp-commit.csv",
-          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 0.1", commit_lag_ratio("piggyback"), lambda v: v <= 0.1),
+          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 0.1", commit_lag_ratio("piggyback")),
     Claim("commitIdleExtra", "idle extra messages per write, closed loop", "exp-commit.csv", "extra_messages_per_write",
-          "exp-commit-overhead.pdf", "", "<= 0.05", commit_extra("idle"), lambda v: v <= 0.05),
+          "exp-commit-overhead.pdf", "", "<= 0.05", commit_extra("idle")),
     Claim("commitEagerExtra", "eager extra messages per write, closed loop", "exp-commit.csv", "extra_messages_per_write",
-          "exp-commit-overhead.pdf", "", ">= 0.5", commit_extra("eager"), lambda v: v >= 0.5),
+          "exp-commit-overhead.pdf", "", ">= 0.5", commit_extra("eager")),
     Claim("commitFlushSpread", "spread of log flushes across policies (same writes)", "exp-commit.csv", "log_flushes",
-          "exp-commit.pdf", "", "= 0", commit_flush_spread, lambda v: v == 0),
+          "exp-commit.pdf", "", "= 0", commit_flush_spread, "count"),
 ]
+
+
+def failover_kills(df):
+    """Kills per VIP backend (the smaller) in the VIP-handoff runs: a setting of the run."""
+    return df.loc[failover_sel(df)].groupby("vip_backend")["kills"].sum().min()
+
+
+# Settings the run chose, printed with the claims but not claims (a run cannot fail them).
+PARAMETERS = [
+    ("failoverKills", "holder kills per VIP backend, VIP handoff", "exp-failover.csv", failover_kills),
+]
+
+
+def bootstrap_median(values, resamples=RESAMPLES, seed=SEED):
+    """The median of `values` and a 95% percentile-bootstrap interval of it (resampling the
+    repetitions with replacement)."""
+    v = np.asarray(values, dtype=float)
+    est = float(np.median(v))
+    if len(v) < 2:
+        return est, est, est
+    rng = np.random.default_rng(seed)
+    meds = np.median(rng.choice(v, size=(resamples, len(v)), replace=True), axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return est, float(lo), float(hi)
+
+
+def verdict(target: str, lo: float, hi: float) -> str:
+    """holds when the whole interval is on the target's side, does not hold when all of it
+    is on the other side, inconclusive when it straddles the target."""
+    op, t = target.split()
+    t = float(t)
+    if op == ">=":
+        return "holds" if lo >= t else "does not hold" if hi < t else "inconclusive"
+    if op == "<=":
+        return "holds" if hi <= t else "does not hold" if lo > t else "inconclusive"
+    if op == "=":
+        return "holds" if lo == t and hi == t else "does not hold"
+    raise ValueError(f"unknown target {target!r}")
+
+
+def profile_of(results: Path, csv: str) -> Optional[str]:
+    meta = results / (csv.removesuffix(".csv").split("-phases")[0] + ".meta.json")
+    try:
+        return json.loads(meta.read_text()).get("profile")
+    except (OSError, ValueError):
+        return None
 
 
 def evaluate(results: Path):
@@ -187,23 +269,46 @@ def evaluate(results: Path):
     cache = {}
     for c in CLAIMS:
         path = results / c.csv
-        value: Optional[float] = None
-        status = "not run"
+        row = {"key": c.key, "claim": c.text, "csv": c.csv, "column": c.column, "figure": c.figure,
+               "target": c.target, "unit": c.unit, "kind": c.kind, "value": None, "low": None, "high": None,
+               "n": 0, "profile": profile_of(results, c.csv)}
+        if not path.exists():
+            row["status"] = "does not hold (not run)"
+            out.append(row)
+            continue
+        if c.csv not in cache:
+            cache[c.csv] = pd.read_csv(path)
+        try:
+            reps = c.per_rep(cache[c.csv])
+        except Exception as e:  # a claim that cannot be computed is reported, not hidden
+            row["status"] = f"does not hold (error: {e})"
+            out.append(row)
+            continue
+        row["n"] = int(len(reps))
+        if reps.empty:
+            # Missing samples fail the claim; they never read as 0.
+            row["status"] = "does not hold (no samples)"
+        else:
+            if c.kind == "count":
+                est = lo = hi = float(reps.sum())
+            else:
+                est, lo, hi = bootstrap_median(reps.values)
+            row.update(value=est, low=lo, high=hi, status=verdict(c.target, lo, hi))
+        out.append(row)
+    return out
+
+
+def parameters(results: Path):
+    out = []
+    for key, text, csv, f in PARAMETERS:
+        path = results / csv
+        v = None
         if path.exists():
-            if c.csv not in cache:
-                cache[c.csv] = pd.read_csv(path)
             try:
-                value = float(c.compute(cache[c.csv]))
-            except Exception as e:  # a claim that cannot be computed is reported, not hidden
-                status = f"error: {e}"
-                value = None
-            if value is not None:
-                status = "holds" if (not math.isnan(value) and c.holds(value)) else "does not hold"
-        out.append({
-            "key": c.key, "claim": c.text, "csv": c.csv, "column": c.column, "figure": c.figure,
-            "target": c.target, "unit": c.unit,
-            "value": None if value is None or math.isnan(value) else value, "status": status,
-        })
+                v = float(f(pd.read_csv(path)))
+            except Exception:
+                v = None
+        out.append({"key": key, "text": text, "value": None if v is None or math.isnan(v) else v})
     return out
 
 
@@ -217,22 +322,43 @@ def fmt(v, unit):
     return f"{v:.3g} {unit}".strip()
 
 
+def fmt_interval(r) -> str:
+    """`[low, high]` of an estimate; empty for a count or a claim without samples."""
+    if r["kind"] == "count" or r["low"] is None:
+        return ""
+    return f"[{fmt(r['low'], r['unit'])}, {fmt(r['high'], r['unit'])}]"
+
+
+def label(r) -> str:
+    """The verdict, marked indicative when the run is a quick one."""
+    if r.get("profile") == "quick":
+        return f"{r['status']} (indicative, n = {r['n']})"
+    return r["status"]
+
+
 def tex_escape(s: str) -> str:
     return (s.replace("\\", "\\textbackslash{}").replace("&", "\\&").replace("%", "\\%")
              .replace("_", "\\_").replace("#", "\\#").replace(">=", "$\\geq$").replace("<=", "$\\leq$"))
 
 
-def write_tex(rows, d: Path):
+def write_tex(rows, params, d: Path):
     d.mkdir(parents=True, exist_ok=True)
     macros = ["% generated by notebooks/claims.py; do not edit"]
     for r in rows:
         macros.append(f"\\newcommand{{\\claim{r['key']}}}{{{tex_escape(fmt(r['value'], r['unit']))}}}")
+        macros.append(f"\\newcommand{{\\claim{r['key']}Interval}}{{{tex_escape(fmt_interval(r))}}}")
+        macros.append(f"\\newcommand{{\\claim{r['key']}N}}{{{r['n']}}}")
         macros.append(f"\\newcommand{{\\claim{r['key']}Status}}{{{tex_escape(r['status'])}}}")
+    for p in params:
+        macros.append(f"\\newcommand{{\\claim{p['key']}}}{{{tex_escape(fmt(p['value'], ''))}}}")
     (d / "claims.tex").write_text("\n".join(macros) + "\n")
     lines = ["% generated by notebooks/claims.py; do not edit",
-             "\\begin{tabular}{p{9.5cm}lll}", "\\toprule", "Claim & Target & Measured & Holds \\\\", "\\midrule"]
+             "\\begin{tabular}{p{7cm}llrl}", "\\toprule",
+             "Claim & Target & Estimate [95\\% CI] & $n$ & Verdict \\\\", "\\midrule"]
     for r in rows:
-        lines.append(f"{tex_escape(r['claim'])} & {tex_escape(r['target'])} & {tex_escape(fmt(r['value'], r['unit']))} & {tex_escape(r['status'])} \\\\")
+        est = f"{fmt(r['value'], r['unit'])} {fmt_interval(r)}".strip()
+        lines.append(f"{tex_escape(r['claim'])} & {tex_escape(r['target'])} & {tex_escape(est)} & {r['n']} & "
+                     f"{tex_escape(r['status'])} \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     (d / "claims-table.tex").write_text("\n".join(lines) + "\n")
 
@@ -262,12 +388,13 @@ def steal_line(steal: dict) -> str:
 
 def markdown(rows, results: Path) -> str:
     lines = [f"<!-- generated by notebooks/claims.py from {results}; do not edit by hand -->",
-             "| claim | command | CSV column | figure | target | measured | holds |", "|---|---|---|---|---|---|---|"]
+             "| claim | command | CSV column | target | estimate [95% CI] | n | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         cmd = r["csv"].removesuffix(".csv")
         cols = ", ".join(f"`{c}`" for c in r["column"].split(","))
-        lines.append(f"| {r['claim']} | `{cmd}` | `{r['csv']}`: {cols} | `{r['figure']}` | {r['target']} | "
-                     f"{fmt(r['value'], r['unit'])} | {r['status']} |")
+        lines.append(f"| {r['claim']} | `{cmd}` | `{r['csv']}`: {cols} | {r['target']} | "
+                     f"{fmt(r['value'], r['unit'])} {fmt_interval(r)} | {r['n']} | {label(r)} |")
     note = steal_line(steal_by_experiment(results))
     if note:
         lines += ["", note]
@@ -294,21 +421,28 @@ def main():
     if not a.results.is_dir():
         sys.exit(f"{a.results}: not a directory")
     rows = evaluate(a.results)
-    (a.json or a.results / "claims.json").write_text(json.dumps(rows, indent=2) + "\n")
+    params = parameters(a.results)
+    (a.json or a.results / "claims.json").write_text(
+        json.dumps({"claims": rows, "parameters": params, "resamples": RESAMPLES, "seed": SEED}, indent=2) + "\n")
     if a.tex:
-        write_tex(rows, a.tex)
+        write_tex(rows, params, a.tex)
     if a.readme:
         update_readme(a.readme, markdown(rows, a.results))
     w = max(len(r["claim"]) for r in rows)
-    print(f"{'claim':<{w}}  {'measured':>12}  {'target':>10}  status")
+    print(f"{'claim':<{w}}  {'estimate':>10}  {'95% interval':>22}  {'n':>3}  {'target':>9}  verdict")
     for r in rows:
-        print(f"{r['claim']:<{w}}  {fmt(r['value'], r['unit']):>12}  {r['target']:>10}  {r['status']}")
+        print(f"{r['claim']:<{w}}  {fmt(r['value'], r['unit']):>10}  {fmt_interval(r):>22}  {r['n']:>3}  "
+              f"{r['target']:>9}  {label(r)}")
     held = sum(r["status"] == "holds" for r in rows)
-    print(f"{held} of {len(rows)} claims hold")
+    print(f"{held} of {len(rows)} claims hold", end="")
+    if any(r.get("profile") == "quick" for r in rows):
+        print(" (quick profile: indicative only)", end="")
+    print()
+    for p in params:
+        print(f"run parameter: {p['text']}: {fmt(p['value'], '')}")
     note = steal_line(steal_by_experiment(a.results))
     if note:
         print(note)
-
 
 if __name__ == "__main__":
     main()
