@@ -22,10 +22,11 @@ ensure_system_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 }
 
-# Creates the notebooks' virtual environment and installs notebooks/requirements.txt
-# into it (again only when the requirements changed).
+# Creates the notebooks' virtual environment and installs the exact versions of
+# notebooks/requirements.lock into it (again only when the lock changed);
+# notebooks/requirements.txt lists what the lock was resolved from.
 ensure_venv() {
-  local req="$BLOCKLAB_ROOT/notebooks/requirements.txt" stamp="$VENV/.requirements.sha256"
+  local req="$BLOCKLAB_ROOT/notebooks/requirements.lock" stamp="$VENV/.requirements.sha256"
   local sum; sum="$(sha256sum "$req" | cut -d' ' -f1)"
   if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ]; then
     return 0
