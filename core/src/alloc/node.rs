@@ -717,7 +717,7 @@ pub fn ask_leader<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{BufRead, Read, Write};
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -746,6 +746,16 @@ mod tests {
         let b = a.alloc(0).unwrap();
         a.free(b).unwrap();
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // One exchange first, so the server has accepted and registered the connection: a
+        // connection still in the listen backlog is reset by the kernel when the listener
+        // closes, which is not what this test is about.
+        c.write_all(b"{\"op\":\"device_offline\",\"dev\":99}\n")
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(c.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("\"ok\":false"), "{line}");
         p.shutdown();
         assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0, "connection closed");
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
