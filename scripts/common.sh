@@ -22,6 +22,32 @@ ensure_system_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 }
 
+# The Rust toolchain rust-toolchain.toml pins. rustup installs it when it can reach its
+# servers; where it cannot (a machine without network access) but the default `stable`
+# toolchain is exactly that version, the pinned name is made to point at it (a symlink in
+# rustup's toolchains directory; nothing existing is changed). Otherwise it stops and says
+# why.
+ensure_toolchain() {
+  command -v rustup >/dev/null 2>&1 || return 0
+  local want; want="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$BLOCKLAB_ROOT/rust-toolchain.toml")"
+  rustup run "$want" rustc -V >/dev/null 2>&1 && return 0
+  log "installing the Rust toolchain $want"
+  if rustup toolchain install "$want" --profile minimal -c rustfmt -c clippy >/dev/null 2>&1; then
+    return 0
+  fi
+  local stable host home dir
+  stable="$(rustup run stable rustc -V 2>/dev/null | awk '{print $2}')"
+  if [ "$stable" != "$want" ]; then
+    echo "rust-toolchain.toml pins Rust $want, which rustup cannot install here, and stable is ${stable:-missing}" >&2
+    return 1
+  fi
+  host="$(rustup run stable rustc -vV | sed -n 's/^host: //p')"
+  home="${RUSTUP_HOME:-$HOME/.rustup}"
+  dir="$(rustup run stable rustc --print sysroot)"
+  ln -s "$dir" "$home/toolchains/$want-$host"
+  echo "rustup cannot download Rust $want here; stable is $want, so $home/toolchains/$want-$host now points at it" >&2
+}
+
 # Creates the notebooks' virtual environment and installs the exact versions of
 # notebooks/requirements.lock into it (again only when the lock changed);
 # notebooks/requirements.txt lists what the lock was resolved from.
