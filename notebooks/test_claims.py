@@ -60,6 +60,22 @@ def test_missing_samples_and_counts_fail():
     assert r["value"] == 1 and r["status"] == "does not hold"
 
 
+def test_paper_cites_every_claim_and_its_figure():
+    import re
+    tex = (Path(__file__).resolve().parent.parent / "paper" / "paper.tex").read_text()
+    figures = set(re.findall(r"\\fig\{([^}]+)\}", tex))
+    for c in claims.CLAIMS:
+        assert c.figure in figures, f"{c.figure} (claim {c.key}) is not in the paper"
+        assert f"{{{c.key}}}" in tex, f"claim {c.key} is not cited in the paper"
+
+
+def test_verdict_codes_pick_the_outcome_sentence():
+    assert claims.verdict_code("holds") == 0
+    assert claims.verdict_code("inconclusive") == 1
+    assert claims.verdict_code("does not hold") == 2
+    assert claims.verdict_code("does not hold (no samples)") == 2
+
+
 def main():
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_")]
     failed = 0
