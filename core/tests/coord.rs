@@ -8,7 +8,7 @@ use blocklab::coord::{
     connect, ensure_path, ConnectOptions, Coord, CoordError, CoordSpec, NodeKind, Op, Read,
     ReadResult, WatchEvent,
 };
-use blocklab::testing::{free_port, next_event, retry, scratch_dir, wait_for};
+use blocklab::testing::{free_port, next_event, require_zookeeper, retry, scratch_dir, wait_for};
 use std::time::{Duration, Instant};
 
 type Factory<'a> = &'a dyn Fn() -> Box<dyn Coord>;
@@ -378,6 +378,9 @@ fn embedded_conformance() {
 
 #[test]
 fn zookeeper_conformance() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = ZkServer::start().unwrap();
     let spec = zk.spec("/suite");
     let opts = ConnectOptions::default();
@@ -564,6 +567,9 @@ fn zookeeper_unreachable_is_a_clear_error() {
 
 #[test]
 fn zookeeper_restart_keeps_data_and_sessions_reconnect() {
+    if !require_zookeeper() {
+        return;
+    }
     let mut zk = ZkServer::start().unwrap();
     let opts = ConnectOptions {
         session_timeout: Duration::from_secs(10),

@@ -10,8 +10,8 @@ use blocklab::dev::{
     StreamSpec, UringEngine,
 };
 use blocklab::testing::{
-    assert_success, file_device, output_text, pattern_buf, require_root, scratch, set_read_only,
-    wait_for, LoopDevices, REQUIRE_ROOT_VAR,
+    assert_success, file_device, output_text, pattern_buf, require_program, require_root, scratch,
+    set_read_only, wait_for, LoopDevices, REQUIRE_ROOT_VAR, SKIP_LOG_VAR,
 };
 
 /// The loop-device tests here exercise provisioning itself, so they hold the
@@ -212,7 +212,8 @@ fn a_loop_device_test_run_as_non_root_fails_when_root_is_required() {
             .arg(&exe)
             .args(["--exact", "loop_devices_round_trip_and_teardown"])
             .current_dir("/")
-            .env_remove(REQUIRE_ROOT_VAR);
+            .env_remove(REQUIRE_ROOT_VAR)
+            .env_remove(SKIP_LOG_VAR);
         if let Some(v) = require {
             c.env(REQUIRE_ROOT_VAR, v);
         }
@@ -363,6 +364,9 @@ fn open_exclusive_refuses_a_held_device() {
 #[test]
 fn permission_errors_are_not_read_only() {
     if !require_root("chattr +i needs root") {
+        return;
+    }
+    if !require_program("chattr", "e2fsprogs") {
         return;
     }
     let dir = scratch();

@@ -9,7 +9,7 @@ use blocklab::failover::coord_journal::CoordJournal;
 use blocklab::failover::dispatcher::Epoch;
 use blocklab::failover::journal::{FileJournal, OpJournal, OpState, Record};
 use blocklab::failover::wire::{Op, OpResult};
-use blocklab::testing::scratch;
+use blocklab::testing::{require_zookeeper, scratch};
 
 fn started(id: &str, e: Epoch) -> Record {
     Record::Started {
@@ -90,6 +90,9 @@ fn coord_journal_on_the_embedded_store_survives_reopen() {
 
 #[test]
 fn coord_journal_on_zookeeper_survives_reopen_and_refuses_a_second_start() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = match ZkServer::start() {
         Ok(z) => z,
         Err(e) => panic!("a private ZooKeeper server is needed for this test: {e}"),

@@ -13,7 +13,7 @@ use blocklab::failover::dispatcher::Epoch;
 use blocklab::failover::journal::{read_records, FileJournal, OpJournal, Record};
 use blocklab::failover::service::{JournalSpec, Service, ServiceConfig};
 use blocklab::failover::wire::{Conn, Msg, Op, OpResult};
-use blocklab::testing::{scratch_dir, sparse_file, wait_for_some};
+use blocklab::testing::{require_zookeeper, scratch_dir, sparse_file, wait_for_some};
 use blocklab::volume::{StoreConfig, VolumeStore};
 
 const MIB: u64 = 1 << 20;
@@ -438,6 +438,9 @@ fn an_over_long_request_gets_one_refusal_line() {
 /// leaving the operation running forever.
 #[test]
 fn a_journal_write_failure_after_execution_stops_the_service_with_an_error() {
+    if !require_zookeeper() {
+        return;
+    }
     use blocklab::coord::zk_server::ZkServer;
     let mut zk = ZkServer::start().expect("a private ZooKeeper server");
     let mut s = start_with(

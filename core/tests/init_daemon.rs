@@ -5,7 +5,9 @@
 use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
 use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use blocklab::format::LayoutParams;
-use blocklab::testing::{ext4_intact, make_ext4, scratch, sparse_file, LoopDevices};
+use blocklab::testing::{
+    ext4_intact, make_ext4, require_program, scratch, sparse_file, LoopDevices,
+};
 use uuid::Uuid;
 
 fn eng() -> UringEngine {
@@ -192,6 +194,9 @@ fn refuses_ext4_and_data_and_too_small_devices() {
     let Some(g) = LoopDevices::provision("init-foreign", 2, 64 << 20) else {
         return;
     };
+    if !require_program("mkfs.ext4", "e2fsprogs") {
+        return;
+    }
     let paths = g.paths();
     make_ext4(&paths[0]);
     let fsid = Uuid::new_v4();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use blocklab::monitor::{
     DaemonState, FileJournal, Monitor, MonitorClient, MonitorError, Outcome, ProposeConfig, Slot,
 };
-use blocklab::testing::{free_port, scratch, wait_for};
+use blocklab::testing::{free_port, require_zookeeper, scratch, wait_for};
 use uuid::Uuid;
 
 fn try_start(journal: &std::path::Path, interval_ms: u64) -> Result<Monitor, MonitorError> {
@@ -294,6 +294,9 @@ fn restart_keeps_the_map_on_the_embedded_coord_backend() {
 
 #[test]
 fn restart_keeps_the_map_on_zookeeper() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = blocklab::coord::zk_server::ZkServer::start().unwrap();
     restart_on_coord(&zk.spec("/"));
 }

@@ -13,7 +13,9 @@ use blocklab::daemon;
 use blocklab::dev::{Device, UringEngine};
 use blocklab::init::{self, InitError, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
 use blocklab::monitor::{DaemonState, FileJournal, Monitor, MonitorClient, ProposeConfig};
-use blocklab::testing::{ext4_intact, free_port, make_ext4, scratch, sparse_files, LoopDevices};
+use blocklab::testing::{
+    ext4_intact, free_port, make_ext4, require_program, scratch, sparse_files, LoopDevices,
+};
 
 const RETRY: Duration = Duration::from_secs(30);
 
@@ -123,6 +125,9 @@ fn remote_node_agents_over_tcp_and_a_refused_device_fails_alone() {
     let Some(g) = LoopDevices::provision("init-remote", 4, 64 << 20) else {
         return;
     };
+    if !require_program("mkfs.ext4", "e2fsprogs") {
+        return;
+    }
     let sd = scratch();
     let paths = g.paths();
     // An ext4 filesystem on one device: that daemon fails, the others come up.

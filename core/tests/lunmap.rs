@@ -14,7 +14,9 @@ use blocklab::lunmap::follow::follow_coord;
 use blocklab::lunmap::gateway::{GatewayClient, GatewayServer};
 use blocklab::lunmap::view::{Change, MapView, NodeEvent};
 use blocklab::lunmap::{filesync, Backing, Layout, Lun, LunMapError, Target};
-use blocklab::testing::{pattern_buf, retry, scratch, sparse_file, wait_for, TestDevices};
+use blocklab::testing::{
+    pattern_buf, require_zookeeper, retry, scratch, sparse_file, wait_for, TestDevices,
+};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -174,6 +176,9 @@ fn operations(c: &dyn Coord) {
 
 #[test]
 fn lunmap_operations_on_zookeeper_readable_with_zkcli() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = ZkServer::start().unwrap();
     let c = zk_connect(&zk, "/");
     operations(&*c);
@@ -242,6 +247,9 @@ fn concurrent_editors(new: &(dyn Fn() -> Box<dyn Coord> + Sync)) {
 
 #[test]
 fn concurrent_editors_lose_nothing_on_zookeeper() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = ZkServer::start().unwrap();
     concurrent_editors(&|| zk_connect(&zk, "/race"));
 }
@@ -254,6 +262,9 @@ fn concurrent_editors_lose_nothing_on_embedded() {
 
 #[test]
 fn gateway_refuses_unmapped_initiator_on_a_real_device() {
+    if !require_zookeeper() {
+        return;
+    }
     // A loop device when root, else a regular file.
     let devs = TestDevices::loop_or_files("lunmap-gw", 1, 64 << 20);
     let dev_path = devs.paths()[0].clone();
@@ -353,6 +364,9 @@ fn gateway_refuses_unmapped_initiator_on_a_real_device() {
 
 #[test]
 fn a_confirming_gateway_serves_a_mapping_its_view_has_not_seen_yet() {
+    if !require_zookeeper() {
+        return;
+    }
     let dir = scratch();
     let dev = dir.path().join("dev.img");
     sparse_file(&dev, 4 << 20);
@@ -388,6 +402,9 @@ fn a_confirming_gateway_serves_a_mapping_its_view_has_not_seen_yet() {
 
 #[test]
 fn gateway_follows_the_map_across_a_zookeeper_restart() {
+    if !require_zookeeper() {
+        return;
+    }
     let mut zk = ZkServer::start().unwrap();
     let opts = ConnectOptions {
         session_timeout: Duration::from_secs(10),
@@ -642,6 +659,9 @@ fn delete_racing_a_map_reports_the_mapping_on_embedded() {
 
 #[test]
 fn delete_racing_a_map_reports_the_mapping_on_zookeeper() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = ZkServer::start().unwrap();
     delete_racing_map(&|| zk_connect(&zk, "/race-del"));
 }

@@ -7,25 +7,14 @@ use std::time::Duration;
 use blocklab::dev::provision;
 use blocklab::dev::Device;
 use blocklab::testing::{
-    ext4_intact, make_ext4, require_root, scratch, set_read_only, wait_for, KillOnDrop, LoopDevices,
+    ext4_intact, make_ext4, require_program, require_root, scratch, set_read_only, wait_for,
+    KillOnDrop, LoopDevices,
 };
 
 const COLUMNS: &str = "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device";
 
 fn exp_io() -> Command {
     Command::new(env!("CARGO_BIN_EXE_exp-io"))
-}
-
-/// Whether fio is installed; prints that the test skips when it is not.
-fn have_fio() -> bool {
-    let fio = Command::new("fio")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !fio {
-        eprintln!("skipping: fio is not installed (scripts/test installs it)");
-    }
-    fio
 }
 
 /// A quick run on `--files FILES` (16 MiB, an 8 MiB region, steps of `seconds`, one
@@ -51,7 +40,7 @@ fn run(cmd: &mut Command) -> (bool, String) {
 
 #[test]
 fn writes_the_documented_csv_and_meta() {
-    if !have_fio() {
+    if !require_program("fio", "fio") {
         return;
     }
     let files = scratch();
@@ -152,6 +141,9 @@ fn refuses_devices_with_data_and_read_only_devices() {
     let Some(g) = LoopDevices::provision("t-expio", 2, 64 << 20) else {
         return;
     };
+    if !require_program("mkfs.ext4", "e2fsprogs") {
+        return;
+    }
     let sd = scratch();
     let paths = g.paths();
     let out = sd.path().join("out");
@@ -238,7 +230,7 @@ fn entries(dir: &Path) -> Vec<String> {
 /// exits without running destructors).
 #[test]
 fn ctrl_c_removes_the_files_directory() {
-    if !have_fio() {
+    if !require_program("fio", "fio") {
         return;
     }
     let files = scratch();
@@ -275,7 +267,7 @@ fn ctrl_c_mid_run_exits_130_after_the_teardown() {
 /// its set directory exists and `ready` holds for what it printed on stderr so far,
 /// interrupts it and checks the set is gone.
 fn ctrl_c_tears_the_set_down(seconds: &str, ready: impl Fn(&str) -> bool) {
-    if !have_fio() {
+    if !require_program("fio", "fio") {
         return;
     }
     if !require_root("loop devices need root") {

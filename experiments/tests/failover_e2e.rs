@@ -18,7 +18,9 @@ use blocklab::failover::client::Client;
 use blocklab::failover::coord_journal::CoordJournal;
 use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::wire::{Op, OpResult};
-use blocklab::testing::{pattern, require_root, scratch_dir, wait_for, TestDevices};
+use blocklab::testing::{
+    pattern, require_program, require_root, require_zookeeper, scratch_dir, wait_for, TestDevices,
+};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use harness::cli::failover::cluster::{enter_netns, Cluster, ClusterSpec, Mode, VipKind};
 
@@ -233,6 +235,9 @@ fn loopback_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
 
 #[test]
 fn loopback_with_the_journal_in_zookeeper_holder_killed_during_copy_runs_once() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = ZkServer::start().expect("a private ZooKeeper server");
     kill_during_copy(VipKind::Loopback, Some(zk.spec("/fo").to_string()));
 }
@@ -240,6 +245,9 @@ fn loopback_with_the_journal_in_zookeeper_holder_killed_during_copy_runs_once() 
 #[test]
 fn netns_holder_killed_during_copy_copy_runs_once_and_client_gets_result() {
     if !require_root("the netns VIP backend needs root") {
+        return;
+    }
+    if !require_program("ip", "iproute2") {
         return;
     }
     kill_during_copy(VipKind::Netns, None);
@@ -395,6 +403,9 @@ fn service_crash_between_catalog_commit_and_done_delivers_without_rerunning() {
 #[test]
 fn netns_vip_acquire_sends_a_gratuitous_arp() {
     if !require_root("the netns VIP backend needs root") {
+        return;
+    }
+    if !require_program("ip", "iproute2") {
         return;
     }
     use blocklab::failover::vip::VipBackend;

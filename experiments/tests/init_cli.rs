@@ -5,8 +5,8 @@
 //! remove`; a monitor whose commit fails exits with an error.
 
 use blocklab::testing::{
-    assert_success, free_port, make_ext4, output_text as text, scratch, sparse_files,
-    spawn_announcing, KillOnDrop, LoopDevices,
+    assert_success, free_port, make_ext4, output_text as text, require_program, require_zookeeper,
+    scratch, sparse_files, spawn_announcing, KillOnDrop, LoopDevices,
 };
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output, Stdio};
@@ -173,6 +173,9 @@ fn monitor_nodes_and_orchestrator_as_processes() {
 
 #[test]
 fn a_monitor_whose_commit_fails_exits_with_the_error() {
+    if !require_zookeeper() {
+        return;
+    }
     use blocklab::coord::{connect, ConnectOptions};
     use blocklab::monitor::{CoordStore, MapStore, MonitorClient};
     let zk = blocklab::coord::zk_server::ZkServer::start().unwrap();
@@ -218,6 +221,9 @@ fn mkfs_killed_after_each_phase_then_completes() {
     let Some(g) = LoopDevices::provision("init-cli-crash", phases.len() + 1, 64 << 20) else {
         return;
     };
+    if !require_program("mkfs.ext4", "e2fsprogs") {
+        return;
+    }
     let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
     let fsid = uuid::Uuid::new_v4().to_string();
     for (i, phase) in phases.iter().enumerate() {

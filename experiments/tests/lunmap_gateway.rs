@@ -9,7 +9,8 @@ use blocklab::coord::zk_server::ZkServer;
 use blocklab::coord::{connect, ConnectOptions, WatchEvent};
 use blocklab::lunmap::gateway::GatewayClient;
 use blocklab::testing::{
-    assert_success, free_port, next_event, next_line_where, scratch, sparse_file, spawn_lines,
+    assert_success, free_port, next_event, next_line_where, require_zookeeper, scratch,
+    sparse_file, spawn_lines,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_blocklab");
@@ -22,6 +23,9 @@ fn cli(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
+    if !require_zookeeper() {
+        return;
+    }
     let zk = ZkServer::start().unwrap();
     let spec = zk.spec("/cli").to_string();
     let dir = scratch();

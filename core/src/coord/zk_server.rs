@@ -54,7 +54,8 @@ pub struct ZkServer {
     opts: ZkServerOptions,
 }
 
-fn script_path() -> PathBuf {
+/// The start script: `BLOCKLAB_ZKSERVER`, else [`DEFAULT_SCRIPT`].
+pub fn script_path() -> PathBuf {
     std::env::var_os("BLOCKLAB_ZKSERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SCRIPT))

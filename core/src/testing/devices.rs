@@ -159,7 +159,7 @@ pub fn region_file(path: &Path, blocks: u64, block: u64) -> PathBuf {
 /// Puts an ext4 file system on `dev` (`mkfs.ext4 -q -F`): data a tool must refuse to
 /// overwrite.
 pub fn make_ext4(dev: &Path) {
-    let out = Command::new("mkfs.ext4")
+    let out = Command::new(super::program_path("mkfs.ext4"))
         .args(["-q", "-F"])
         .arg(dev)
         .output()
@@ -175,7 +175,7 @@ pub fn make_ext4(dev: &Path) {
 /// Whether the ext4 file system on `dev` is intact (`e2fsck -n -f` finds nothing), with
 /// e2fsck's output for the assertion message.
 pub fn ext4_intact(dev: &Path) -> (bool, String) {
-    let out = Command::new("e2fsck")
+    let out = Command::new(super::program_path("e2fsck"))
         .args(["-n", "-f"])
         .arg(dev)
         .output()

@@ -2,8 +2,10 @@
 //! (feature `testing`), so each piece exists once:
 //!
 //! - scratch directories ([`scratch`], [`scratch_dir`], [`shm_dir`]) and [`free_port`];
-//! - the root check ([`require_root`]: with `BLOCKLAB_REQUIRE_ROOT=1` a test that needs
-//!   root fails instead of skipping) — see [`root`];
+//! - the root check ([`require_root`]) and the installed-program check
+//!   ([`require_program`], [`require_zookeeper`]): a test that lacks either skips, saying
+//!   so — unless `BLOCKLAB_REQUIRE_ROOT=1` ("require everything"), when it fails — see
+//!   [`root`] and [`program`];
 //! - devices: loop devices ([`LoopDevices`]), loop devices or sparse files
 //!   ([`TestDevices`]), sparse files, [`file_device`], read-only switching, and
 //!   [`DeviceRegion`](crate::alloc::DeviceRegion) builders ([`region`], [`regions_of`]);
@@ -15,6 +17,7 @@
 pub mod devices;
 pub mod fill;
 pub mod process;
+pub mod program;
 pub mod root;
 pub mod wait;
 
@@ -26,7 +29,8 @@ pub use fill::{fill_pattern, pattern, pattern_buf};
 pub use process::{
     assert_success, next_line_where, output_text, spawn_announcing, spawn_lines, KillOnDrop,
 };
-pub use root::{is_root, require_root, REQUIRE_ROOT_VAR};
+pub use program::{find_program, program_path, require_program, require_zookeeper};
+pub use root::{is_root, require_root, REQUIRE_ROOT_VAR, SKIP_LOG_VAR};
 pub use wait::{next_event, retry, wait_for, wait_for_some};
 
 /// A fresh directory under `/var/tmp` whose name starts with `prefix`, removed on drop.
