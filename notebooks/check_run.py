@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Checks one quick-profile run: python notebooks/check_run.py RESULTS FIGURES
+"""Checks one quick-profile run: python notebooks/check_run.py RESULTS FIGURES [--skip EXP]...
 
 Every CSV has exactly its documented columns and at least one row per configuration the
 quick profile runs; every figure the paper cites exists; claims.json parses and names
-every claim, each from at least one sample. Exits non-zero with one line per problem.
+every claim, each from at least one sample. `--skip EXP` (e.g. exp-io, an experiment that
+could not run for lack of a package) leaves out EXP's CSVs, figures and claims. Exits
+non-zero with one line per problem.
 """
+import argparse
 import itertools
 import json
 import sys
@@ -53,9 +56,21 @@ def norm(v):
     return v
 
 
-def check(results: Path, figures: Path):
+def of_experiment(name: str, exp: str) -> bool:
+    """Whether file `name` (a CSV or figure) belongs to experiment `exp`: exp-init.csv,
+    exp-init-phases.csv and exp-init-speedup.pdf belong to exp-init."""
+    stem = name.rsplit(".", 1)[0]
+    return stem == exp or stem.startswith(exp + "-")
+
+
+def check(results: Path, figures: Path, skip=()):
+    def skipped(name):
+        return any(of_experiment(name, e) for e in skip)
+
     problems = []
     for name, cols in COLUMNS.items():
+        if skipped(name):
+            continue
         path = results / name
         if not path.exists():
             problems.append(f"{name}: missing")
@@ -78,16 +93,18 @@ def check(results: Path, figures: Path):
         else:
             json.loads(meta.read_text())
     for f in sorted(set(FIGURES) | {c.figure for c in claims.CLAIMS}):
-        if not (figures / f).exists():
+        if not skipped(f) and not (figures / f).exists():
             problems.append(f"figure {f}: missing in {figures}")
     cj = results / "claims.json"
     try:
         rows = json.loads(cj.read_text())["claims"]
         keys = {r["key"] for r in rows}
-        missing = {c.key for c in claims.CLAIMS} - keys
+        missing = {c.key for c in claims.CLAIMS if not skipped(c.csv)} - keys
         if missing:
             problems.append(f"claims.json lacks {sorted(missing)}")
         for r in rows:
+            if skipped(r["csv"]):
+                continue
             # A claim whose inputs are empty fails the run (it would otherwise be a verdict
             # from nothing).
             if r["n"] == 0 or r["value"] is None:
@@ -98,9 +115,18 @@ def check(results: Path, figures: Path):
 
 
 def main():
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    problems = check(Path(sys.argv[1]), Path(sys.argv[2]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path)
+    ap.add_argument("figures", type=Path)
+    ap.add_argument("--skip", action="append", default=[], metavar="EXP",
+                    help="an experiment that did not run (repeatable)")
+    a = ap.parse_args()
+    unknown = [e for e in a.skip if not any(of_experiment(n, e) for n in COLUMNS)]
+    if unknown:
+        sys.exit(f"--skip: no such experiment: {', '.join(unknown)}")
+    problems = check(a.results, a.figures, a.skip)
+    if a.skip:
+        print(f"check_run: not checked (skipped): {', '.join(a.skip)}")
     for p in problems:
         print(p)
     print(f"check_run: {len(problems)} problems")

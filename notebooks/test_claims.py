@@ -2,7 +2,9 @@
 """Tests of claims.py's statistics: python notebooks/test_claims.py (the notebooks' venv).
 
 Each claim must be able to fail: missing samples do not hold, a non-zero count does not
-hold, an interval that straddles the target is inconclusive."""
+hold, an interval that straddles the target is inconclusive. Also check_run.py's --skip
+(an experiment that could not run is left out, and nothing else)."""
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import check_run  # noqa: E402
 import claims  # noqa: E402
 
 
@@ -74,6 +77,24 @@ def test_verdict_codes_pick_the_outcome_sentence():
     assert claims.verdict_code("inconclusive") == 1
     assert claims.verdict_code("does not hold") == 2
     assert claims.verdict_code("does not hold (no samples)") == 2
+
+
+def test_check_run_leaves_out_only_the_skipped_experiment():
+    assert check_run.of_experiment("exp-init-phases.csv", "exp-init")
+    assert check_run.of_experiment("exp-init-speedup.pdf", "exp-init")
+    assert not check_run.of_experiment("exp-io.pdf", "exp-init")
+    assert not check_run.of_experiment("exp-init.csv", "exp-io")
+    d = Path(tempfile.mkdtemp())
+    (d / "figures").mkdir()
+    (d / "claims.json").write_text(json.dumps({"claims": [
+        {"key": "ioRandWriteRatio", "csv": "exp-io.csv", "n": 0, "value": None, "status": "does not hold"}]}))
+    every = check_run.check(d, d / "figures")
+    assert "exp-io.csv: missing" in every and "exp-init.csv: missing" in every
+    assert any(p.startswith("claim ioRandWriteRatio: no samples") for p in every)
+    left = check_run.check(d, d / "figures", ["exp-io"])
+    assert not [p for p in left if "exp-io" in p or "ioRandWriteRatio" in p], left
+    assert "exp-init.csv: missing" in left and any("exp-init-speedup.pdf" in p for p in left)
+    assert len(left) < len(every)
 
 
 def main():

@@ -5,21 +5,96 @@ VENV="${BLOCKLAB_VENV:-$BLOCKLAB_ROOT/notebooks/.venv}"
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 
-# Installs the Debian packages the tests and experiments need (fio, ZooKeeper), as root.
+# The Debian packages the tests and experiments need, each known by one program it installs.
+SYSTEM_PACKAGES="fio zookeeper iproute2 e2fsprogs"
+
+# The program that shows Debian package $1 is installed (ZooKeeper: the start script the
+# tests and exp-lunmap run, BLOCKLAB_ZKSERVER overriding it as in core/src/coord/zk_server.rs).
+package_program() {
+  case "$1" in
+    fio) echo fio ;;
+    zookeeper) echo "${BLOCKLAB_ZKSERVER:-/usr/share/zookeeper/bin/zkServer.sh}" ;;
+    iproute2) echo ip ;;
+    e2fsprogs) echo mkfs.ext4 ;;
+    *) echo "package_program: unknown package $1" >&2; return 1 ;;
+  esac
+}
+
+# Whether program $1 (a name, or a path) is installed; the sbin directories count although
+# an ordinary user's PATH lacks them (as blocklab::testing::find_program does).
+have_program() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
+
+# Whether the scripts act as root. BLOCKLAB_PRETEND_NONROOT=1 makes a root shell take the
+# non-root path (to try it; the processes still run as root).
+is_root() { [ "$(id -u)" -eq 0 ] && [ "${BLOCKLAB_PRETEND_NONROOT:-0}" = 0 ]; }
+
+# Prints the packages of SYSTEM_PACKAGES that are not installed, on one line. Without root,
+# BLOCKLAB_PRETEND_MISSING="fio zookeeper" counts those as missing too (to try the
+# non-root path on a machine that has them); as root it is ignored: root installs
+# everything and nothing may be skipped.
+missing_packages() {
+  local pkg miss=()
+  for pkg in $SYSTEM_PACKAGES; do
+    if ! is_root && [[ " ${BLOCKLAB_PRETEND_MISSING:-} " == *" $pkg "* ]]; then
+      miss+=("$pkg")
+    elif ! have_program "$(package_program "$pkg")"; then
+      miss+=("$pkg")
+    fi
+  done
+  echo "${miss[*]}"
+}
+
+# As root, installs the missing Debian packages (apt-get). Without root, prints one
+# message listing every missing package and the command that installs them all, and goes
+# on: what needs a missing package is skipped (tests: blocklab::testing::require_program;
+# experiments: missing_for). Either way it exports BLOCKLAB_MISSING_PACKAGES (empty when
+# nothing is missing; missing_for does not read it, it looks again).
 ensure_system_packages() {
-  local need=()
-  command -v fio >/dev/null 2>&1 || need+=(fio)
-  [ -x /usr/share/zookeeper/bin/zkServer.sh ] || need+=(zookeeper)
-  command -v ip >/dev/null 2>&1 || need+=(iproute2)
-  command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
-  [ ${#need[@]} -eq 0 ] && return 0
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing packages: ${need[*]} (install them as root: apt-get install ${need[*]})" >&2
+  local need said="${BLOCKLAB_MISSING_PACKAGES-unset}"
+  need="$(missing_packages)"
+  export BLOCKLAB_MISSING_PACKAGES="$need"
+  [ -z "$need" ] && return 0
+  if ! is_root; then
+    # Said once: a script started by one that said it (scripts/test runs scripts/reproduce)
+    # inherits the same list and does not repeat it.
+    [ "$said" = "$need" ] && return 0
+    echo "not root, so these Debian packages stay missing: $need. The tests and experiments that need them are skipped; to install them all, as root: apt-get install $need" >&2
+    return 0
+  fi
+  log "installing $need"
+  apt-get update -qq
+  # shellcheck disable=SC2086 # one word per package
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+  BLOCKLAB_MISSING_PACKAGES="$(missing_packages)"
+  if [ -n "$BLOCKLAB_MISSING_PACKAGES" ]; then
+    echo "installed $need, but still missing: $BLOCKLAB_MISSING_PACKAGES" >&2
     return 1
   fi
-  log "installing ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
+# The Debian packages experiment $1 (an exp-* binary) cannot run without, on one line.
+# Optional uses are not listed: exp-failover's fio reference for its copy measurement is
+# left out with a note when fio is missing, and its netns backend (ip, iproute2) runs only
+# as root, so without root it needs nothing.
+experiment_needs() {
+  case "$1" in
+    exp-io) echo fio ;;
+    exp-lunmap) echo zookeeper ;;
+    exp-failover) if [ "$(id -u)" -eq 0 ]; then echo iproute2; else echo; fi ;; # the binary asks the real user
+    exp-init|exp-commit|exp-alloc) echo ;;
+    *) echo "experiment_needs: unknown experiment $1 (say what it needs in scripts/common.sh)" >&2; return 1 ;;
+  esac
+}
+
+# The packages experiment $1 needs that are missing, on one line (empty: it can run).
+missing_for() {
+  local needs missing pkg out=()
+  needs="$(experiment_needs "$1")" || return 1
+  missing=" $(missing_packages) "
+  for pkg in $needs; do
+    [[ "$missing" == *" $pkg "* ]] && out+=("$pkg")
+  done
+  echo "${out[*]}"
 }
 
 # The Rust toolchain rust-toolchain.toml pins. rustup installs it when it can reach its
