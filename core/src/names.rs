@@ -7,7 +7,7 @@
 //!     /// How daemons are initialised.
 //!     #[derive(serde::Serialize, serde::Deserialize)]
 //!     #[serde(rename_all = "snake_case")]
-//!     pub enum Strategy("strategy", case = "snake_case") { Sequential, ParallelNodes }
+//!     pub enum Strategy("strategy") { Sequential, ParallelNodes }
 //! }
 //! ```
 //!
@@ -39,13 +39,13 @@ pub fn unknown<T: Named>(given: &str) -> UnknownName {
     }
 }
 
-/// Declares a named enum (see the module docs). `case` is strum's `serialize_all`
-/// (`"snake_case"`, `"lowercase"`); a variant can add spellings with
-/// `#[strum(to_string = "...", serialize = "...")]`.
+/// Declares a named enum (see the module docs). Names are snake_case (strum's
+/// `serialize_all`), the one spelling of values on every command line and in every CSV; a
+/// variant can add spellings with `#[strum(to_string = "...", serialize = "...")]`.
 macro_rules! named_enum {
     (
         $(#[$meta:meta])*
-        $vis:vis enum $name:ident ($what:literal, case = $case:literal) {
+        $vis:vis enum $name:ident ($what:literal) {
             $($(#[$vmeta:meta])* $variant:ident),+ $(,)?
         }
     ) => {
@@ -55,7 +55,7 @@ macro_rules! named_enum {
             ::strum::Display, ::strum::IntoStaticStr, ::strum::VariantNames, ::strum::EnumString,
         )]
         #[strum(
-            serialize_all = $case,
+            serialize_all = "snake_case",
             parse_err_ty = $crate::names::UnknownName,
             parse_err_fn = $crate::names::unknown::<$name>
         )]
@@ -81,7 +81,7 @@ pub(crate) use named_enum;
 mod tests {
     named_enum! {
         /// A test enum.
-        pub enum Colour("colour", case = "snake_case") {
+        pub enum Colour("colour") {
             DeepRed,
             #[strum(to_string = "blue", serialize = "azure")]
             Blue,

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 /// How big a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Profile {
     /// Seconds: used by tests and CI.
     Quick,
@@ -89,21 +90,20 @@ pub fn or_default<T: Clone>(given: &[T], default: Vec<T>) -> Vec<T> {
 }
 
 // Every size and duration argument of every CLI goes through `parse_size_in` and
-// `parse_duration` below; the other functions only say which unit a bare number is in
-// (the one the flag's name carries, as in `--volume-mib 16`) and what the value must be.
+// `parse_duration` below. Sizes and durations carry their units in the value, never in the
+// flag's name (`--volume-size 16M`, `--gap 300ms`).
 
 /// The one size parser: `4096`, `256M`, `1.5G`, `64KiB`, `1 GiB`... (parse-size; K, M, G,
 /// T... and KiB, MiB... are all powers of 1024, the B optional, case ignored). A bare number
-/// counts `unit` bytes.
-fn parse_size_in(s: &str, unit: u64) -> Result<u64, String> {
+/// is bytes.
+fn parse_size_in(s: &str) -> Result<u64, String> {
     parse_size::Config::new()
         .with_binary()
-        .with_default_factor(unit)
         .parse_size(s.trim())
         .map_err(|e| format!("{s:?}: not a size (e.g. 4096, 256M, 1.5G, 64KiB): {e}"))
 }
 
-/// A device size or length: positive and a multiple of 4096 bytes (a bare number is bytes).
+/// A device size or length: positive and a multiple of 4096 bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     match parse_offset(s)? {
         0 => Err(format!("{s:?}: size must be positive")),
@@ -113,105 +113,65 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// A byte offset on a device: 0, or a multiple of 4096 bytes.
 pub fn parse_offset(s: &str) -> Result<u64, String> {
-    let bytes = parse_size_in(s, 1)?;
+    let bytes = parse_size_in(s)?;
     if bytes % 4096 != 0 {
         return Err(format!("{s:?} = {bytes} bytes is not a multiple of 4096"));
     }
     Ok(bytes)
 }
 
-/// A number of bytes, any (a bare number is bytes): `56`, `1K`.
+/// A number of bytes, any: `56`, `1K`, `128M` (also a rate in bytes per second, as
+/// `--copy-rate 128M`).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    parse_size_in(s, 1)
+    parse_size_in(s)
 }
 
-/// A whole number of MiB (flags named `-mib`): `16` or `16M`, `1G`, `2048K`.
-pub fn parse_mib(s: &str) -> Result<u64, String> {
-    const MIB: u64 = 1 << 20;
-    let bytes = parse_size_in(s, MIB)?;
-    if bytes % MIB != 0 {
-        return Err(format!("{s:?} is not a whole number of MiB"));
-    }
-    Ok(bytes / MIB)
-}
-
-/// The unit a bare number means in a duration argument: the one the flag's name carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeUnit {
-    Micros,
-    Millis,
-    Secs,
-}
-
-impl TimeUnit {
-    fn suffix(self) -> &'static str {
-        match self {
-            TimeUnit::Micros => "us",
-            TimeUnit::Millis => "ms",
-            TimeUnit::Secs => "s",
-        }
-    }
-    fn nanos(self) -> u128 {
-        match self {
-            TimeUnit::Micros => 1_000,
-            TimeUnit::Millis => 1_000_000,
-            TimeUnit::Secs => 1_000_000_000,
-        }
-    }
-}
-
-/// The one duration parser: `100ms`, `1.5s`, `250us`, `2min`, `1h 30min` (humantime's
-/// spellings), or a bare number, fractions allowed, of `unit` (`--gap-ms 300`,
-/// `--seconds 0.8`).
-pub fn parse_duration(s: &str, unit: TimeUnit) -> Result<Duration, String> {
+/// The one duration parser: a number with a unit, in humantime's spellings: `100us`,
+/// `300ms`, `1.5s`, `2min`, `1h 30min`. A bare number is refused (it used to mean the unit
+/// of the flag's name, `--gap-ms 300`), so an old command line fails instead of changing
+/// meaning.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let bare = t.starts_with(|c: char| c.is_ascii_digit())
-        && t.chars().all(|c| c.is_ascii_digit() || c == '.');
-    let spelled = if bare {
-        format!("{t}{}", unit.suffix())
-    } else {
-        t.to_string()
-    };
-    humantime::parse_duration(&spelled).map_err(|e| {
-        format!(
-            "{s:?}: not a duration (e.g. 100ms, 1.5s, or a number of {}): {e}",
-            unit.suffix()
-        )
-    })
-}
-
-/// A duration as a whole number of `unit`s (the flag's value type when it is an integer).
-fn whole(s: &str, unit: TimeUnit) -> Result<u64, String> {
-    let ns = parse_duration(s, unit)?.as_nanos();
-    if ns % unit.nanos() != 0 {
-        return Err(format!("{s:?} is not a whole number of {}", unit.suffix()));
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!(
+            "{s:?}: a duration needs a unit: add one, e.g. {t}ms, {t}s or {t}us"
+        ));
     }
-    u64::try_from(ns / unit.nanos()).map_err(|_| format!("{s:?}: too long"))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{s:?}: not a duration (e.g. 100us, 300ms, 1.5s, 2min): {e}"))
 }
 
-/// A duration in whole milliseconds (flags named `-ms`): `100`, `100ms`, `2s`.
-pub fn parse_ms(s: &str) -> Result<u64, String> {
-    whole(s, TimeUnit::Millis)
+/// A duration that must be longer than zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be longer than zero")),
+        d => Ok(d),
+    }
 }
 
-/// A duration in milliseconds, fractions kept (`--rtt-ms 0.5`, `--delay-ms 0.5`).
-pub fn parse_ms_f64(s: &str) -> Result<f64, String> {
-    Ok(parse_duration(s, TimeUnit::Millis)?.as_nanos() as f64 / 1e6)
+/// A duration of whole milliseconds, for flags whose CSV column is an integer `_ms`
+/// (`--heartbeats 50ms,100ms`); longer than zero.
+pub fn parse_whole_ms(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s:?}: not a whole number of milliseconds"));
+    }
+    Ok(d)
 }
 
-/// A duration in whole microseconds (flags named `-us`): `100`, `100us`, `1ms`.
-pub fn parse_us(s: &str) -> Result<u64, String> {
-    whole(s, TimeUnit::Micros)
+/// A duration as a command-line value again (`300ms`, `1s 500ms`): what [`parse_duration`]
+/// reads, for arguments passed on to a child process.
+pub fn format_duration(d: Duration) -> String {
+    if d.is_zero() {
+        return "0s".to_string();
+    }
+    humantime::format_duration(d).to_string()
 }
 
-/// A duration in whole seconds (flags named `-s`): `60`, `60s`, `2min`.
-pub fn parse_secs(s: &str) -> Result<u64, String> {
-    whole(s, TimeUnit::Secs)
-}
-
-/// A duration in seconds, fractions kept (`--seconds 0.8`, `--poisson-secs 0.6`).
-pub fn parse_secs_f64(s: &str) -> Result<f64, String> {
-    Ok(parse_duration(s, TimeUnit::Secs)?.as_nanos() as f64 / 1e9)
+/// Milliseconds of `d`, fractions kept: the value of a CSV column or meta.json field
+/// named `_ms`.
+pub fn millis(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1e6
 }
 
 #[cfg(test)]
@@ -235,36 +195,41 @@ mod tests {
         assert_eq!(parse_offset("1M"), Ok(1 << 20));
         assert!(parse_offset("512").is_err());
         assert_eq!(parse_bytes("56"), Ok(56));
-        assert_eq!(parse_mib("16"), Ok(16));
-        assert_eq!(parse_mib("1G"), Ok(1024));
-        assert_eq!(parse_mib("0"), Ok(0));
-        assert!(parse_mib("1500K").is_err());
+        assert_eq!(parse_bytes("128M"), Ok(128 << 20));
+        assert_eq!(parse_bytes("0"), Ok(0));
     }
 
     #[test]
     fn durations() {
-        assert_eq!(parse_ms("100"), Ok(100));
-        assert_eq!(parse_ms("100ms"), Ok(100));
-        assert_eq!(parse_ms("2s"), Ok(2000));
-        assert!(parse_ms("1.5").unwrap_err().contains("whole number"));
-        assert!(parse_ms("-1").is_err());
-        assert!(parse_ms("").is_err());
-        assert!(parse_ms("5 parsecs").is_err());
-        assert_eq!(parse_ms_f64("0.5"), Ok(0.5));
-        assert_eq!(parse_ms_f64("0.1"), Ok(0.1));
-        assert_eq!(parse_ms_f64("10"), Ok(10.0));
-        assert_eq!(parse_ms_f64("250us"), Ok(0.25));
-        assert_eq!(parse_us("100"), Ok(100));
-        assert_eq!(parse_us("1ms"), Ok(1000));
-        assert_eq!(parse_secs("60"), Ok(60));
-        assert_eq!(parse_secs("2min"), Ok(120));
-        assert_eq!(parse_secs_f64("0.8"), Ok(0.8));
-        assert_eq!(parse_secs_f64("0.6"), Ok(0.6));
-        assert_eq!(parse_secs_f64("3"), Ok(3.0));
-        assert_eq!(parse_secs_f64("300ms"), Ok(0.3));
-        assert_eq!(
-            parse_duration("1.5", TimeUnit::Millis),
-            Ok(Duration::from_micros(1500))
-        );
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.5ms"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration(" 0s "), Ok(Duration::ZERO));
+        for bare in ["300", "0.8", "0"] {
+            let e = parse_duration(bare).unwrap_err();
+            assert!(e.contains("needs a unit") && e.contains("ms"), "{e}");
+        }
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_positive_duration("0ms")
+            .unwrap_err()
+            .contains("longer than zero"));
+        assert_eq!(parse_whole_ms("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_whole_ms("1.5ms")
+            .unwrap_err()
+            .contains("whole number"));
+        for d in [
+            Duration::ZERO,
+            Duration::from_micros(100),
+            Duration::from_millis(1500),
+            Duration::from_secs(90),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        assert_eq!(millis(Duration::from_micros(500)), 0.5);
     }
 }

@@ -54,7 +54,7 @@ fn spec(
             devices: devices.iter().map(DeviceSpec::region).collect(),
             unfilled_capacity: 64,
         },
-        seconds,
+        duration: Duration::from_secs_f64(seconds),
         with_io,
         hold,
     }
@@ -210,7 +210,7 @@ fn leader_death_a_follower_takes_over_and_reclaims() {
         // The leader stops with a block in flight and dies there; the others run on.
         for w in &mut ws {
             if w.proc_id == leader {
-                w.go_stop_in_flight(0.3).unwrap();
+                w.go_stop_in_flight(Duration::from_millis(300)).unwrap();
             } else {
                 w.go().unwrap();
             }
@@ -290,7 +290,7 @@ fn killed_writer_restarts_and_its_in_flight_block_is_recovered() {
     let i = ws.iter().position(|w| w.proc_id != leader).unwrap();
     for (j, w) in ws.iter_mut().enumerate() {
         if j == i {
-            w.go_stop_in_flight(0.3).unwrap();
+            w.go_stop_in_flight(Duration::from_millis(300)).unwrap();
         } else {
             w.go().unwrap();
         }

@@ -56,9 +56,13 @@ fn node_args(
         "--block-size".into(),
         BLOCK.to_string(),
     ];
-    for d in devs {
-        a.push("--device".into());
-        a.push(DeviceSpec::region(d).to_string());
+    if !devs.is_empty() {
+        let specs: Vec<String> = devs
+            .iter()
+            .map(|d| DeviceSpec::region(d).to_string())
+            .collect();
+        a.push("--devices".into());
+        a.push(specs.join(","));
     }
     a
 }
@@ -211,7 +215,7 @@ fn stores_go_on_when_a_node_process_dies_or_restarts_on_another_port() {
     let port = free_port();
     let args = |id: u16| {
         let mut a = node_args(dir.path(), port, id, "node-a", &index, &[]);
-        a.push("--device".into());
+        a.push("--devices".into());
         a.push(dev.display().to_string());
         a
     };

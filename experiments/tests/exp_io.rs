@@ -17,13 +17,13 @@ fn exp_io() -> Command {
     Command::new(env!("CARGO_BIN_EXE_exp-io"))
 }
 
-/// A quick run on `--files FILES` (16 MiB, an 8 MiB region, steps of `seconds`, one
+/// A quick run on `--files FILES` (16 MiB, an 8 MiB region, steps of `duration`, one
 /// repetition) into `out`.
-fn on_files(files: &Path, seconds: &str, out: &Path) -> Command {
+fn on_files(files: &Path, duration: &str, out: &Path) -> Command {
     let mut c = exp_io();
     c.arg("--files")
         .arg(files)
-        .args(["--size", "16M", "--region", "8M", "--seconds", seconds])
+        .args(["--size", "16M", "--region", "8M", "--duration", duration])
         .args(["--repetitions", "1", "--out"])
         .arg(out);
     c
@@ -45,7 +45,7 @@ fn writes_the_documented_csv_and_meta() {
     }
     let files = scratch();
     let out = scratch();
-    let (ok, err) = run(&mut on_files(files.path(), "0.2", out.path()));
+    let (ok, err) = run(&mut on_files(files.path(), "200ms", out.path()));
     assert!(ok, "exp-io failed: {err}");
     let text = std::fs::read_to_string(out.path().join("exp-io.csv")).unwrap();
     let mut lines = text.lines();
@@ -77,7 +77,7 @@ fn writes_the_documented_csv_and_meta() {
     assert_eq!(meta["experiment"], "exp-io");
     assert_eq!(meta["devices"]["kind"], "file");
     // A second run into the same directory refuses to overwrite.
-    let (ok, err) = run(&mut on_files(files.path(), "0.1", out.path()));
+    let (ok, err) = run(&mut on_files(files.path(), "100ms", out.path()));
     assert!(!ok && err.contains("already exists"), "{err}");
     // Its files were cleaned up.
     assert_eq!(std::fs::read_dir(files.path()).unwrap().count(), 0);
@@ -236,7 +236,7 @@ fn ctrl_c_removes_the_files_directory() {
     let files = scratch();
     let out = scratch();
     let mut child =
-        KillOnDrop::spawn(on_files(files.path(), "30", out.path()).stderr(Stdio::null()));
+        KillOnDrop::spawn(on_files(files.path(), "30s", out.path()).stderr(Stdio::null()));
     wait_for("the files directory", Duration::from_secs(60), || {
         !entries(files.path()).is_empty()
     });
@@ -252,7 +252,7 @@ fn ctrl_c_removes_the_files_directory() {
 /// in 1 of 6–12 runs of this test.
 #[test]
 fn ctrl_c_during_provisioning_tears_the_set_down() {
-    ctrl_c_tears_the_set_down("30", |_| true);
+    ctrl_c_tears_the_set_down("30s", |_| true);
 }
 
 /// Ctrl-C in the middle of the measurements (after the first of 24 one-second steps, fio
@@ -260,13 +260,13 @@ fn ctrl_c_during_provisioning_tears_the_set_down() {
 /// once the run's descriptors close) and the run exits 130.
 #[test]
 fn ctrl_c_mid_run_exits_130_after_the_teardown() {
-    ctrl_c_tears_the_set_down("1", |stderr| stderr.contains("[exp-io] 1/"));
+    ctrl_c_tears_the_set_down("1s", |stderr| stderr.contains("[exp-io] 1/"));
 }
 
-/// Starts an exp-io run of `seconds` per step on one provisioned loop device, waits until
+/// Starts an exp-io run of `duration` per step on one provisioned loop device, waits until
 /// its set directory exists and `ready` holds for what it printed on stderr so far,
 /// interrupts it and checks the set is gone.
-fn ctrl_c_tears_the_set_down(seconds: &str, ready: impl Fn(&str) -> bool) {
+fn ctrl_c_tears_the_set_down(duration: &str, ready: impl Fn(&str) -> bool) {
     if !require_program("fio", "fio") {
         return;
     }
@@ -279,7 +279,7 @@ fn ctrl_c_tears_the_set_down(seconds: &str, ready: impl Fn(&str) -> bool) {
     let mut child = KillOnDrop::spawn(
         exp_io()
             .args(["--provision", "1", "--size", "16M", "--region", "8M"])
-            .args(["--seconds", seconds])
+            .args(["--duration", duration])
             .arg("--state-dir")
             .arg(sd.path())
             .arg("--out")

@@ -65,9 +65,9 @@ fn spec(dir: &tempfile::TempDir, devs: &TestDevices, mode: Mode, backend: VipKin
         force: false,
         nodes: 3,
         mode,
-        heartbeat_ms: 100,
+        heartbeat: Duration::from_millis(100),
         backend,
-        copy_rate_mib: 16,
+        copy_rate: 16 << 20,
         journal: None,
         service_args: Vec::new(),
     }

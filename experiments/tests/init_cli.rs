@@ -53,7 +53,7 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
     let journal = sd.path().join("mon.journal");
     let j = journal.to_str().unwrap();
-    let (mon, addr) = serve_monitor(&["--journal", j, "--propose-interval-ms", "50"]);
+    let (mon, addr) = serve_monitor(&["--journal", j, "--propose-interval", "50ms"]);
     let (_n0, a0) = serve(&[
         "node",
         "serve",
@@ -61,10 +61,8 @@ fn monitor_nodes_and_orchestrator_as_processes() {
         "n0",
         "--monitor",
         &addr,
-        "--device",
-        &paths[0],
-        "--device",
-        &paths[1],
+        "--devices",
+        &format!("{},{}", paths[0], paths[1]),
     ]);
     let (_n1, a1) = serve(&[
         "node",
@@ -73,17 +71,15 @@ fn monitor_nodes_and_orchestrator_as_processes() {
         "n1",
         "--monitor",
         &addr,
-        "--device",
+        "--devices",
         &format!("{},{}", paths[2], paths[3]),
     ]);
     let o = run(&[
         "init",
         "--monitor",
         &addr,
-        "--node",
-        &a0,
-        "--node",
-        &a1,
+        "--nodes",
+        &format!("{a0},{a1}"),
         "--strategy",
         "parallel",
     ]);
@@ -102,7 +98,7 @@ fn monitor_nodes_and_orchestrator_as_processes() {
     }
 
     // The same init again: every daemon is up already, nothing happens.
-    let o = run(&["init", "--monitor", &addr, "--node", &a0, "--node", &a1]);
+    let o = run(&["init", "--monitor", &addr, "--nodes", &format!("{a0},{a1}")]);
     assert_success(&o);
     assert_eq!(text(&o).matches("(already up)").count(), 4, "{}", text(&o));
     assert_eq!(map_json(&addr), map);
@@ -120,10 +116,16 @@ fn monitor_nodes_and_orchestrator_as_processes() {
         "n2",
         "--monitor",
         &addr2,
-        "--device",
+        "--devices",
         &paths[0],
     ]);
-    let o = run(&["init", "--monitor", &addr2, "--node", &a0, "--node", &a2]);
+    let o = run(&[
+        "init",
+        "--monitor",
+        &addr2,
+        "--nodes",
+        &format!("{a0},{a2}"),
+    ]);
     assert!(!o.status.success());
     assert!(
         text(&o).contains("listed by node n0 and by node n2"),
@@ -140,10 +142,10 @@ fn monitor_nodes_and_orchestrator_as_processes() {
         "x",
         "--monitor",
         &format!("127.0.0.1:{port}"),
-        "--device",
+        "--devices",
         &paths[0],
-        "--connect-retry-s",
-        "1",
+        "--connect-retry",
+        "1s",
     ]);
     assert!(!o.status.success());
     assert!(text(&o).contains("unreachable"), "{}", text(&o));
@@ -184,7 +186,7 @@ fn a_monitor_whose_commit_fails_exits_with_the_error() {
         Command::new(BIN)
             .args(["monitor", "serve", "--listen", "127.0.0.1:0", "--store"])
             .arg(spec.to_string())
-            .args(["--propose-interval-ms", "10"])
+            .args(["--propose-interval", "10ms"])
             .stderr(Stdio::piped()),
     );
     let addr = line.split_whitespace().nth(3).unwrap().to_string();
@@ -275,7 +277,7 @@ fn monitor_on_the_embedded_coord_store_and_node_init() {
         .map(|p| p.display().to_string())
         .collect();
     let store = format!("embedded:{}", dir.path().join("coord.store").display());
-    let (mon, addr) = serve_monitor(&["--store", &store, "--propose-interval-ms", "20"]);
+    let (mon, addr) = serve_monitor(&["--store", &store, "--propose-interval", "20ms"]);
     let o = run(&[
         "node",
         "init",
@@ -283,10 +285,8 @@ fn monitor_on_the_embedded_coord_store_and_node_init() {
         "solo",
         "--monitor",
         &addr,
-        "--device",
-        &devs[0],
-        "--device",
-        &devs[1],
+        "--devices",
+        &format!("{},{}", devs[0], devs[1]),
         "--parallel",
     ]);
     assert_success(&o);

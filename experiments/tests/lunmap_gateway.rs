@@ -60,7 +60,7 @@ fn sigkilled_gateway_disappears_and_cli_edits_reach_it() {
     let (mut gw, mut lines) = spawn_lines(
         Command::new(BIN)
             .args(["gateway", "--node", "gw1", "--events"])
-            .args(["--session-timeout-ms", "2000"])
+            .args(["--session-timeout", "2s"])
             .args(common)
             .stderr(Stdio::null()),
     );
@@ -140,14 +140,7 @@ fn cli_errors_are_one_clear_line() {
     };
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec![
-                "lunmap",
-                "list",
-                "--coord",
-                &zk,
-                "--connect-timeout-ms",
-                "1000",
-            ],
+            vec!["lunmap", "list", "--coord", &zk, "--connect-timeout", "1s"],
             "unreachable",
         ),
         (

@@ -76,18 +76,13 @@ fn common(id: u32, dev: &Path, policy: &str) -> Vec<String> {
         LOG_SIZE.to_string(),
         "--data-size".into(),
         DATA_SIZE.to_string(),
-        "--retransmit-ms".into(),
-        "100".into(),
+        "--retransmit".into(),
+        "100ms".into(),
     ]
 }
 
 fn peers(a1: SocketAddr, a2: SocketAddr) -> Vec<String> {
-    vec![
-        "--peer".into(),
-        format!("1={a1}"),
-        "--peer".into(),
-        format!("2={a2}"),
-    ]
+    vec!["--peers".into(), format!("1={a1},2={a2}")]
 }
 
 fn status(addr: SocketAddr) -> Option<Status> {
@@ -523,7 +518,7 @@ fn a_secondary_speaking_another_wire_version_is_reported_and_a_client_times_out_
     let mut args = common(0, &devs.paths()[0], "idle");
     let i = args.iter().position(|x| x == "0,1,2").unwrap();
     args[i] = "0,1".into();
-    args.extend(["--peer".to_string(), format!("1={fake_addr}")]);
+    args.extend(["--peers".to_string(), format!("1={fake_addr}")]);
     let (child, line) = spawn_announcing(
         Command::new(BIN)
             .args(["repl", "serve"])

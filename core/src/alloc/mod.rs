@@ -53,8 +53,8 @@ pub const UNIT: u64 = 4096;
 crate::names::named_enum! {
     /// The allocation strategy of a node.
     #[derive(serde::Serialize, serde::Deserialize)]
-    #[serde(rename_all = "lowercase")]
-    pub enum Strategy("strategy", case = "lowercase") {
+    #[serde(rename_all = "snake_case")]
+    pub enum Strategy("strategy") {
         Shm,
         Mutex,
         Central,

@@ -33,7 +33,7 @@ crate::names::named_enum! {
     /// The phases of mkfs, in order.
     #[derive(serde::Serialize, serde::Deserialize)]
     #[serde(rename_all = "snake_case")]
-    pub enum Phase("phase", case = "snake_case") {
+    pub enum Phase("phase") {
         Probe,
         Label,
         Superblock,

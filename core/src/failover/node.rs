@@ -35,7 +35,7 @@ use crate::jsonl::server::{self, Server};
 
 crate::names::named_enum! {
     /// How management requests survive a node failure.
-    pub enum Mode("mode", case = "snake_case") {
+    pub enum Mode("mode") {
         /// The VIP moves to a healthy node; results are delivered through it.
         #[strum(to_string = "vip_handoff", serialize = "vip-handoff")]
         VipHandoff,

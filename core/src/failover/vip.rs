@@ -29,7 +29,7 @@ pub enum VipError {
 
 crate::names::named_enum! {
     /// Which kind of VIP backend (the name on the command line and in the CSV).
-    pub enum VipKind("VIP backend", case = "lowercase") {
+    pub enum VipKind("VIP backend") {
         Loopback,
         Netns,
     }

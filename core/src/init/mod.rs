@@ -32,7 +32,7 @@ crate::names::named_enum! {
     /// How daemons are initialised.
     #[derive(serde::Serialize, serde::Deserialize)]
     #[serde(rename_all = "snake_case")]
-    pub enum Strategy("strategy", case = "snake_case") {
+    pub enum Strategy("strategy") {
         Sequential,
         ParallelNodes,
         ParallelDaemons,

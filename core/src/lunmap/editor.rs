@@ -18,7 +18,10 @@ use super::{
 };
 use crate::coord::path::validate_name;
 use crate::coord::{ensure_path, Coord, CoordError, NodeKind, Op, Read, ReadResult};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// How many times an edit is tried when other editors keep changing the same nodes.
@@ -31,6 +34,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 pub struct LunMap<'c> {
     coord: &'c dyn Coord,
     layout: Layout,
+    /// The retry backoff's jitter ([`LunMap::with_seed`]).
+    jitter: Mutex<StdRng>,
 }
 
 /// Result of an acknowledged edit.
@@ -80,11 +85,9 @@ fn failed_path(e: &CoordError) -> String {
 
 /// A random pause before attempt `attempt + 1`: up to 1 ms × 2^(attempt − 1), at most
 /// [`MAX_BACKOFF`], so editors that collided do not collide again in lockstep.
-fn backoff(attempt: u32) {
-    use rand::Rng;
+fn backoff(rng: &mut StdRng, attempt: u32) -> Duration {
     let cap = Duration::from_millis(1 << attempt.saturating_sub(1).min(6)).min(MAX_BACKOFF);
-    let us = rand::rng().random_range(0..=cap.as_micros() as u64);
-    std::thread::sleep(Duration::from_micros(us));
+    Duration::from_micros(rng.random_range(0..=cap.as_micros() as u64))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -103,13 +106,28 @@ impl<'c> LunMap<'c> {
                 ensure_path(coord, dir)?;
             }
         }
-        Ok(LunMap { coord, layout })
+        Ok(LunMap::attach(coord, layout))
     }
 
     /// A handle on the map of `cluster` that does not touch the backend (no directory
     /// creation), for followers that must not fail while the backend is away.
     pub fn attach(coord: &'c dyn Coord, layout: Layout) -> LunMap<'c> {
-        LunMap { coord, layout }
+        LunMap {
+            coord,
+            layout,
+            jitter: Mutex::new(StdRng::from_os_rng()),
+        }
+    }
+
+    /// Draws the retry backoff's jitter from a generator seeded with `seed` (an
+    /// experiment's `--seed`), so a run can be repeated. Without it the generator is seeded
+    /// by the OS, so that separate editors never back off in lockstep; editors given seeds
+    /// need different ones for the same reason.
+    pub fn with_seed(self, seed: u64) -> LunMap<'c> {
+        LunMap {
+            jitter: Mutex::new(StdRng::seed_from_u64(seed)),
+            ..self
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -132,7 +150,11 @@ impl<'c> LunMap<'c> {
                         });
                     }
                     last = Some(seen);
-                    backoff(n);
+                    let pause = {
+                        let mut rng = self.jitter.lock().unwrap_or_else(|p| p.into_inner());
+                        backoff(&mut rng, n)
+                    };
+                    std::thread::sleep(pause);
                 }
             }
         }

@@ -313,7 +313,7 @@ fn check_options(opts: &ReplicaOptions) -> Result<(), ReplicaError> {
             .find(|&&m| m != opts.id && !opts.peers.iter().any(|(p, _)| p == &m))
         {
             return Err(ReplicaError::Config(format!(
-                "the primary needs the address of every secondary (--peer {m}=HOST:PORT)"
+                "the primary needs the address of every secondary (--peers {m}=HOST:PORT,...)"
             )));
         }
     }

@@ -16,8 +16,9 @@ pub enum PolicySpec {
 }
 
 impl PolicySpec {
-    /// Parses `piggyback`, `periodic:50ms`/`periodic:50`, `eager`, `idle`,
-    /// `idle_delayed:1ms`/`idle_delayed:1` (milliseconds when no unit).
+    /// Parses `piggyback`, `periodic:50ms`, `eager`, `idle`, `idle_delayed:1ms` (durations
+    /// in milliseconds, fractions allowed, the unit required; the command lines read the
+    /// durations with any unit and use this for the rest).
     pub fn parse(s: &str) -> Result<PolicySpec, String> {
         let (name, param) = match s.split_once(':') {
             Some((n, p)) => (n, Some(p)),
@@ -25,7 +26,9 @@ impl PolicySpec {
         };
         let ms = |p: Option<&str>| -> Result<Duration, String> {
             let p = p.ok_or_else(|| format!("{s:?}: {name} needs a duration, e.g. {name}:50ms"))?;
-            let num = p.trim_end_matches("ms");
+            let num = p
+                .strip_suffix("ms")
+                .ok_or_else(|| format!("{s:?}: {p:?} needs a unit: add one, e.g. {name}:{p}ms"))?;
             let v: f64 = num
                 .parse()
                 .map_err(|_| format!("{s:?}: {p:?} is not a duration in milliseconds"))?;
@@ -92,16 +95,19 @@ mod tests {
     fn policy_specs_parse_and_bad_ones_say_why() {
         assert_eq!(PolicySpec::parse("idle"), Ok(PolicySpec::Idle));
         assert_eq!(
-            PolicySpec::parse("periodic:50"),
+            PolicySpec::parse("periodic:50ms"),
             Ok(PolicySpec::Periodic(Duration::from_millis(50)))
         );
+        assert!(PolicySpec::parse("periodic:50")
+            .unwrap_err()
+            .contains("needs a unit"));
         assert_eq!(
             PolicySpec::parse("idle_delayed:1ms"),
             Ok(PolicySpec::IdleDelayed(Duration::from_millis(1)))
         );
         let tick = Duration::from_micros(100);
         assert_eq!(
-            PolicySpec::parse("periodic:200").unwrap().to_policy(tick),
+            PolicySpec::parse("periodic:200ms").unwrap().to_policy(tick),
             Policy::Periodic { every: 2000 }
         );
         assert!(PolicySpec::parse("periodic")
@@ -113,21 +119,21 @@ mod tests {
         assert!(PolicySpec::parse("sometimes")
             .unwrap_err()
             .contains("unknown policy"));
-        assert!(PolicySpec::parse("periodic:-1").is_err());
+        assert!(PolicySpec::parse("periodic:-1ms").is_err());
         assert!(PolicySpec::parse("periodic:abc").is_err());
         // Names come from the protocol's policies, and print back to what parses.
         for s in [
             "piggyback",
-            "periodic:50",
+            "periodic:50ms",
             "eager",
             "idle",
-            "idle_delayed:0",
+            "idle_delayed:0ms",
         ] {
             let p = PolicySpec::parse(s).unwrap();
             assert_eq!(PolicySpec::parse(&p.to_string()), Ok(p), "{s}");
         }
         assert_eq!(
-            PolicySpec::parse("idle_delayed:0").unwrap().name(),
+            PolicySpec::parse("idle_delayed:0ms").unwrap().name(),
             "idle_delayed"
         );
     }

@@ -5,7 +5,13 @@ use clap::{Parser, Subcommand};
 use harness::cli;
 
 #[derive(Debug, Parser)]
-#[command(name = "blocklab", version, about = "blocklab: control-plane mechanisms of a distributed block store", long_about = None)]
+#[command(
+    name = "blocklab",
+    version,
+    propagate_version = true,
+    about = "blocklab: control-plane mechanisms of a distributed block store",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

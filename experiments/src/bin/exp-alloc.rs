@@ -10,7 +10,7 @@
 //! time, then keep a few committed blocks. An audit then walks every block of every
 //! device: free, in use and recorded, or neither (leaked); owned twice (double).
 //!
-//! The crash run (`shm-crash-follower`, `shm-crash-leader` rows): 4 processes with I/O;
+//! The crash run (`shm_crash_follower`, `shm_crash_leader` rows): 4 processes with I/O;
 //! one stops 40% into the run with a block allocated and written but not committed, is
 //! SIGKILLed there and restarted with the same process id; recovery must have returned
 //! exactly that block (the run fails otherwise), and the audit after the run must find
@@ -37,10 +37,12 @@ use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, RunMeta};
 use serde::Serialize;
 
-/// Shared-memory block allocation across real node processes vs. a locked free list and
-/// a central allocator; plus a crash run. Writes OUT/exp-alloc.csv.
+/// Measures block-allocation throughput and latency across the real OS processes of one
+/// storage node and compares lock-free shared memory (shm) with a locked free list (mutex)
+/// and a central allocator (central); a crash run checks recovery. Writes
+/// OUT/exp-alloc.csv.
 #[derive(Debug, Parser)]
-#[command(name = "exp-alloc", version, about, long_about = None)]
+#[command(name = "exp-alloc", version)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -50,9 +52,9 @@ struct Args {
     /// Process counts (real OS processes of one node).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     processes: Vec<u16>,
-    /// Seconds each configuration runs (default: quick 0.8, full 3).
-    #[arg(long, value_parser = harness::args::parse_secs_f64)]
-    seconds: Option<f64>,
+    /// How long each configuration runs, e.g. 800ms (default: quick 800ms, full 3s).
+    #[arg(long, value_name = "DURATION", value_parser = harness::args::parse_positive_duration)]
+    duration: Option<Duration>,
     /// Block size (multiple of 4 KiB).
     #[arg(long, default_value = "64K", value_parser = harness::args::parse_size)]
     block_size: u64,
@@ -122,13 +124,13 @@ struct Env<'a> {
     devices: &'a [DeviceRegion],
 }
 
-/// One run: `procs` processes of `strategy` for `seconds`.
+/// One run: `procs` processes of `strategy` for `duration`.
 #[derive(Debug, Clone, Copy)]
 struct RunSpec {
     strategy: Strategy,
     procs: u16,
     with_io: bool,
-    seconds: f64,
+    duration: Duration,
     crash: Crash,
 }
 
@@ -137,8 +139,8 @@ impl RunSpec {
     fn name(&self) -> String {
         match self.crash {
             Crash::None => self.strategy.name().to_string(),
-            Crash::Follower => format!("{}-crash-follower", self.strategy.name()),
-            Crash::Leader => format!("{}-crash-leader", self.strategy.name()),
+            Crash::Follower => format!("{}_crash_follower", self.strategy.name()),
+            Crash::Leader => format!("{}_crash_leader", self.strategy.name()),
         }
     }
 }
@@ -185,7 +187,7 @@ fn go_and_crash(
     };
     for (i, w) in workers.iter_mut().enumerate() {
         if Some(i) == victim {
-            w.go_stop_in_flight(run.seconds * 0.4)?;
+            w.go_stop_in_flight(run.duration.mul_f64(0.4))?;
         } else {
             w.go()?;
         }
@@ -220,7 +222,7 @@ struct Done {
     records: Vec<Record>,
 }
 
-fn collect_done(workers: &mut [WorkerProc], seconds: f64) -> anyhow::Result<Done> {
+fn collect_done(workers: &mut [WorkerProc], duration: Duration) -> anyhow::Result<Done> {
     let mut done = Done {
         ops: 0,
         rate: 0.0,
@@ -228,7 +230,7 @@ fn collect_done(workers: &mut [WorkerProc], seconds: f64) -> anyhow::Result<Done
         records: Vec::new(),
     };
     for w in workers {
-        match w.event(WAIT + Duration::from_secs_f64(seconds))? {
+        match w.event(WAIT + duration)? {
             WorkerEvent::Done {
                 ops: o,
                 elapsed_ns,
@@ -302,13 +304,13 @@ fn run_config(env: &Env<'_>, run: RunSpec) -> anyhow::Result<Outcome> {
                 .collect(),
             unfilled_capacity: 256,
         },
-        seconds: run.seconds,
+        duration: run.duration,
         with_io: run.with_io,
         hold: 4,
     };
     let (mut workers, leader) = start_workers(&spec, run.procs)?;
     let in_flight = go_and_crash(&spec, &run, &mut workers, leader)?;
-    let done = collect_done(&mut workers, run.seconds)?;
+    let done = collect_done(&mut workers, run.duration)?;
     // Audit while every worker is up and idle (quiescent).
     let at = Attached::open(dir).context("attaching the node for the audit")?;
     let recovered = match in_flight {
@@ -403,14 +405,14 @@ fn compared_run(env: &Env<'_>, run: RunSpec, rep: u32) -> anyhow::Result<Row> {
 fn crash_run(
     env: &Env<'_>,
     crash: Crash,
-    seconds: f64,
+    duration: Duration,
     rep: u32,
 ) -> anyhow::Result<(Row, serde_json::Value)> {
     let run = RunSpec {
         strategy: Strategy::Shm,
         procs: 4,
         with_io: true,
-        seconds: seconds.max(0.5),
+        duration: duration.max(Duration::from_millis(500)),
         crash,
     };
     let mut out = run_config(env, run).with_context(|| format!("crash run ({crash:?})"))?;
@@ -431,7 +433,9 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let reps = c.repetitions_or(2, 5);
-    let seconds = args.seconds.unwrap_or(c.pick(0.8, 3.0));
+    let duration = args
+        .duration
+        .unwrap_or(c.pick(Duration::from_secs_f64(0.8), Duration::from_secs_f64(3.0)));
     let exe = harness::blocklab_bin(None)?;
     let set = DeviceSet::setup(c, 2, 64 << 20, 256 << 20)?;
     let (devices, sources) = prefilled_regions(&set, args.block_size)?;
@@ -461,28 +465,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         for &procs in &args.processes {
             for with_io in [false, true] {
                 for &s in &args.strategies {
-                    prog.step(&format!("rep {rep} {s} x{procs} io={with_io}"));
                     let run = RunSpec {
                         strategy: s,
                         procs,
                         with_io,
-                        seconds,
+                        duration,
                         crash: Crash::None,
                     };
-                    csv.write(&compared_run(&env, run, rep)?)?;
+                    let row = compared_run(&env, run, rep)?;
+                    prog.step(&format!(
+                        "rep {rep} {s} x{procs} io={with_io}: {:.0} ops/s",
+                        row.ops_per_s
+                    ));
+                    csv.write(&row)?;
                 }
             }
         }
         for &crash in &crash_runs {
-            prog.step(&format!("rep {rep} crash {crash:?}"));
-            let (row, restart) = crash_run(&env, crash, seconds, rep)?;
+            let (row, restart) = crash_run(&env, crash, duration, rep)?;
+            prog.step(&format!(
+                "rep {rep} {}: leaked {} double {}",
+                row.strategy, row.leaked_blocks, row.double_allocated
+            ));
             recovered.push(restart);
             csv.write(&row)?;
         }
     }
     prog.finish();
     meta.extra = serde_json::json!({
-        "seconds_per_config": seconds,
+        "seconds_per_config": duration.as_secs_f64(),
         "block_size": args.block_size,
         "regions": devices,
         "region_sources": sources,

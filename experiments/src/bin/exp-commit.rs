@@ -26,7 +26,7 @@ use blocklab::repl::replica::{
 };
 use blocklab::repl::{Entry, NodeId, Stats};
 use clap::{Parser, ValueEnum};
-use harness::args::{or_default, parse_bytes, parse_ms, parse_ms_f64, parse_secs_f64, parse_us};
+use harness::args::{millis, or_default, parse_bytes, parse_duration, parse_positive_duration};
 use harness::cli::repl::parse_policy;
 use harness::progress::Progress;
 use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, LatencyHist, RunMeta};
@@ -39,6 +39,7 @@ const KEYS: u64 = slots_for(DATA_LEN);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 enum Workload {
     /// One write, then an idle gap G, repeated.
     Single,
@@ -64,6 +65,7 @@ impl Workload {
 /// Where provisioned loop devices keep their sparse backing files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 enum Backing {
     /// tmpfs (`/dev/shm/blocklab`): a flush costs tens of microseconds, like an NVMe
     /// device with power-loss protection.
@@ -75,14 +77,17 @@ enum Backing {
 /// Where memory-backed loop devices live.
 const MEMORY_STATE_DIR: &str = "/dev/shm/blocklab";
 
-/// Apply lag of commit-notification policies (see docs/repl.md).
+/// Measures how long secondaries take to apply committed writes (apply lag) and what each
+/// commit-notification policy costs in messages and flushes, and compares the policies
+/// (piggyback, periodic, eager, idle, idle_delayed) under four workloads (see docs/repl.md).
 #[derive(Debug, Parser)]
 #[command(name = "exp-commit", version)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Policies to compare: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms
-    /// (default: all, with H ∈ {50, 200} ms and d ∈ {1, 10} ms).
+    /// Policies to compare: piggyback, periodic:H, eager, idle, idle_delayed:D with H and D
+    /// durations, e.g. periodic:50ms,idle (default: all, with H ∈ {50ms, 200ms} and
+    /// D ∈ {1ms, 10ms}).
     #[arg(long, value_delimiter = ',', value_parser = parse_policy)]
     policies: Vec<PolicySpec>,
     /// Workloads (default: all four).
@@ -91,16 +96,16 @@ struct Args {
     /// Cluster sizes (default quick: 3; full: 3,5).
     #[arg(long, value_delimiter = ',')]
     replicas: Vec<usize>,
-    /// Injected round-trip times in ms, applied as RTT/2 one-way on every frame
-    /// (default quick: 0,1; full: 0,1,10).
-    #[arg(long, value_parser = parse_ms_f64, value_delimiter = ',')]
-    rtt_ms: Vec<f64>,
+    /// Injected round-trip times, applied as RTT/2 one-way on every frame, e.g. 0s,1ms
+    /// (default quick: 0s,1ms; full: 0s,1ms,10ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, value_delimiter = ',')]
+    rtt: Vec<Duration>,
     /// Poisson arrival rates per second (default quick: 200; full: 50,200,1000).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
-    /// Idle gap G of single and bursty, in ms (default quick: 300; full: 1000).
-    #[arg(long, value_parser = parse_ms)]
-    gap_ms: Option<u64>,
+    /// Idle gap G of single and bursty, e.g. 300ms (default quick: 300ms; full: 1s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    gap: Option<Duration>,
     /// Writes per burst in bursty.
     #[arg(long, default_value_t = 10)]
     burst: usize,
@@ -111,21 +116,21 @@ struct Args {
     /// Bursts per run of bursty (default quick: 15; full: 20).
     #[arg(long)]
     bursts: Option<u64>,
-    /// Seconds of Poisson arrivals per run (default quick: 0.6; full: 10).
-    #[arg(long, value_parser = parse_secs_f64)]
-    poisson_secs: Option<f64>,
+    /// How long Poisson arrivals last per run, e.g. 600ms (default quick: 600ms; full: 10s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    poisson_duration: Option<Duration>,
     /// Measured writes per run of closed (default quick: 1000; full: 20000).
     #[arg(long)]
     closed_writes: Option<u64>,
     /// Writes outstanding in closed.
     #[arg(long, default_value_t = 4)]
     depth: usize,
-    /// Bytes of value per write (key is 8 more).
-    #[arg(long, value_parser = parse_bytes, default_value_t = 56)]
-    value_bytes: u64,
-    /// Protocol tick in microseconds.
-    #[arg(long, value_parser = parse_us, default_value_t = 100)]
-    tick_us: u64,
+    /// Size of the value of each write, e.g. 56 or 1K (the key is 8 bytes more).
+    #[arg(long, value_parser = parse_bytes, default_value = "56")]
+    value_size: u64,
+    /// Protocol tick, e.g. 100us.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "100us")]
+    tick: Duration,
     /// Group commit: each replica appends everything pending with one flush. Off by
     /// default: every entry is then flushed on its own, so `log_flushes` counts exactly the
     /// writes' flushes and a flush caused by a notification would show; with group commit
@@ -144,6 +149,10 @@ struct Args {
     /// tail comes from.
     #[arg(long)]
     samples: bool,
+    /// Seed of the Poisson arrivals: repetition r uses seed + r (every policy of a
+    /// repetition sees the same arrivals).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 /// One measured write as one secondary saw it (`--samples`). Times are µs relative to the
@@ -316,7 +325,7 @@ impl Primary {
         let (total, duration) = match spec.workload {
             Workload::Single => (sizes.single_writes, Duration::ZERO),
             Workload::Bursty => (sizes.bursts * args.burst as u64, Duration::ZERO),
-            Workload::Poisson => (u64::MAX, Duration::from_secs_f64(sizes.poisson_secs)),
+            Workload::Poisson => (u64::MAX, sizes.poisson),
             Workload::Closed => (sizes.closed_writes, Duration::ZERO),
         };
         Primary {
@@ -328,8 +337,8 @@ impl Primary {
             depth: args.depth.max(1),
             total,
             duration,
-            value: vec![0x5a; args.value_bytes as usize],
-            rng: StdRng::seed_from_u64(spec.repetition as u64 * 7919 + 1),
+            value: vec![0x5a; args.value_size as usize],
+            rng: StdRng::seed_from_u64(args.seed.wrapping_add(spec.repetition as u64)),
             peers: (spec.replicas - 1) as u64,
             connected: 0,
             t0: None,
@@ -461,8 +470,15 @@ struct RunSpec {
     workload: Workload,
     rate: f64,
     replicas: usize,
-    rtt_ms: f64,
+    rtt: Duration,
     repetition: u32,
+}
+
+impl RunSpec {
+    /// The RTT column.
+    fn rtt_ms(&self) -> f64 {
+        millis(self.rtt)
+    }
 }
 
 impl std::fmt::Display for RunSpec {
@@ -473,7 +489,7 @@ impl std::fmt::Display for RunSpec {
             self.policy,
             self.workload.name(),
             self.replicas,
-            self.rtt_ms,
+            self.rtt_ms(),
             self.repetition
         )
     }
@@ -484,7 +500,7 @@ impl std::fmt::Display for RunSpec {
 struct Sizes {
     single_writes: u64,
     bursts: u64,
-    poisson_secs: f64,
+    poisson: Duration,
     closed_writes: u64,
 }
 
@@ -493,7 +509,7 @@ struct Plan {
     policies: Vec<PolicySpec>,
     workloads: Vec<Workload>,
     replicas: Vec<usize>,
-    rtts: Vec<f64>,
+    rtts: Vec<Duration>,
     rates: Vec<f64>,
     gap: Duration,
     sizes: Sizes,
@@ -505,12 +521,12 @@ impl Plan {
         let c = &args.common;
         let default_policies = [
             "piggyback",
-            "periodic:50",
-            "periodic:200",
+            "periodic:50ms",
+            "periodic:200ms",
             "eager",
             "idle",
-            "idle_delayed:1",
-            "idle_delayed:10",
+            "idle_delayed:1ms",
+            "idle_delayed:10ms",
         ]
         .iter()
         .map(|s| parse_policy(s).expect("valid"))
@@ -521,17 +537,23 @@ impl Plan {
             Workload::Poisson,
             Workload::Closed,
         ];
+        let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
         let plan = Plan {
             policies: or_default(&args.policies, default_policies),
             workloads: or_default(&args.workloads, all_workloads),
             replicas: or_default(&args.replicas, c.pick(vec![3], vec![3, 5])),
-            rtts: or_default(&args.rtt_ms, c.pick(vec![0.0, 1.0], vec![0.0, 1.0, 10.0])),
+            rtts: or_default(
+                &args.rtt,
+                c.pick(vec![ms(0.0), ms(1.0)], vec![ms(0.0), ms(1.0), ms(10.0)]),
+            ),
             rates: or_default(&args.rates, c.pick(vec![200.0], vec![50.0, 200.0, 1000.0])),
-            gap: Duration::from_millis(args.gap_ms.unwrap_or(c.pick(300, 1000))),
+            gap: args.gap.unwrap_or(c.pick(ms(300.0), ms(1000.0))),
             sizes: Sizes {
                 single_writes: args.single_writes.unwrap_or(c.pick(100, 100)),
                 bursts: args.bursts.unwrap_or(c.pick(15, 20)),
-                poisson_secs: args.poisson_secs.unwrap_or(c.pick(0.6, 10.0)),
+                poisson: args
+                    .poisson_duration
+                    .unwrap_or(c.pick(ms(600.0), ms(10_000.0))),
                 closed_writes: args.closed_writes.unwrap_or(c.pick(1000, 20000)),
             },
             reps: c.repetitions_or(3, 3),
@@ -543,15 +565,12 @@ impl Plan {
         if let Some(&r) = self.replicas.iter().find(|&&r| r < 2) {
             bail!("--replicas {r}: a cluster needs a primary and at least one secondary");
         }
-        if self.rtts.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
-            bail!("--rtt-ms values must be ≥ 0");
-        }
         if self.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
             bail!("--rates values must be > 0");
         }
         let s = &self.sizes;
-        if s.single_writes == 0 || s.bursts == 0 || s.closed_writes == 0 || s.poisson_secs <= 0.0 {
-            bail!("--single-writes, --bursts, --poisson-secs and --closed-writes must be > 0");
+        if s.single_writes == 0 || s.bursts == 0 || s.closed_writes == 0 {
+            bail!("--single-writes, --bursts and --closed-writes must be > 0");
         }
         Ok(())
     }
@@ -568,14 +587,14 @@ impl Plan {
                 };
                 for &rate in &rates {
                     for &replicas in &self.replicas {
-                        for &rtt_ms in &self.rtts {
+                        for &rtt in &self.rtts {
                             for &policy in &self.policies {
                                 specs.push(RunSpec {
                                     policy,
                                     workload,
                                     rate,
                                     replicas,
-                                    rtt_ms,
+                                    rtt,
                                     repetition,
                                 });
                             }
@@ -592,7 +611,7 @@ impl Plan {
         match workload {
             Workload::Single => gap * (s.single_writes as u32 + 1),
             Workload::Bursty => gap * (s.bursts as u32 + 1),
-            Workload::Poisson => Duration::from_secs_f64(s.poisson_secs) + gap,
+            Workload::Poisson => s.poisson + gap,
             Workload::Closed => gap,
         }
     }
@@ -645,9 +664,9 @@ fn replica_options(
         device: path.clone(),
         regions,
         policy: spec.policy,
-        tick: Duration::from_micros(args.tick_us.max(1)),
+        tick: args.tick,
         retransmit: Duration::from_millis(1000),
-        delay: Duration::from_secs_f64(spec.rtt_ms / 2.0 / 1000.0),
+        delay: spec.rtt / 2,
         fresh: true,
         force: true,
         group_commit: args.group_commit,
@@ -781,7 +800,7 @@ impl Rec {
             param_ms: spec.policy.param_ms(),
             workload: spec.workload.name(),
             replicas: spec.replicas,
-            rtt_ms: spec.rtt_ms,
+            rtt_ms: spec.rtt_ms(),
             repetition: spec.repetition,
             index: i as u64,
             secondary: s + 1,
@@ -850,7 +869,7 @@ fn measure(
         workload: spec.workload.name(),
         rate_per_s: (rate * 100.0).round() / 100.0,
         replicas: spec.replicas,
-        rtt_ms: spec.rtt_ms,
+        rtt_ms: spec.rtt_ms(),
         repetition: spec.repetition,
         writes: measured,
         apply_lag_p50_us: a.p50,
@@ -924,15 +943,16 @@ fn format_devices(set: &DeviceSet) -> anyhow::Result<()> {
 fn meta_extra(args: &Args, plan: &Plan, backing: &str) -> serde_json::Value {
     let s = &plan.sizes;
     serde_json::json!({
-        "gap_ms": plan.gap.as_millis() as u64,
+        "gap_ms": millis(plan.gap),
         "burst": args.burst,
         "depth": args.depth,
-        "value_bytes": args.value_bytes,
-        "tick_us": args.tick_us,
+        "value_bytes": args.value_size,
+        "tick_us": args.tick.as_secs_f64() * 1e6,
+        "seed": args.seed,
         "group_commit": args.group_commit,
         "backing": backing,
         "preconditioned": "log and data regions written once before the first run",
-        "single_writes": s.single_writes, "bursts": s.bursts, "poisson_secs": s.poisson_secs, "closed_writes": s.closed_writes,
+        "single_writes": s.single_writes, "bursts": s.bursts, "poisson_secs": s.poisson.as_secs_f64(), "closed_writes": s.closed_writes,
         "replicas_in_one_process": "replicas are threads of this process talking over loopback TCP, so commit and apply times share one monotonic clock",
         "log_region_bytes": LOG_LEN, "data_region_bytes": DATA_LEN,
         "devices_formatted": "core::daemon::mkfs; log in the format's log region, storage engine at the start of its data region",
@@ -994,10 +1014,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let steal = CpuTimes::steal_percent_since(cpu_before)
             .map_or_else(|| "?".into(), |p| format!("{p}%"));
         progress.step(&format!(
-            "{} {} rtt={} apply_p99={}us extra/write={} steal={steal}",
+            "{} {} rtt={}ms apply_p99={}us extra/write={} steal={steal}",
             spec.policy,
             spec.workload.name(),
-            spec.rtt_ms,
+            spec.rtt_ms(),
             row.apply_lag_p99_us,
             row.extra_messages_per_write
         ));

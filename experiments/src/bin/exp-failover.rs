@@ -25,7 +25,7 @@
 //! Before the kill runs, a copy-throughput measurement on the same devices
 //! (`exp-failover-copy.csv`, one row per repetition:
 //! `repetition,copy_mib,chunk_kib,depth,seconds,mib_per_s,fio_read_mib_per_s,fio_write_mib_per_s`):
-//! the volume store copies a written `--copy-bench-mib` volume from one device to the other
+//! the volume store copies a written `--copy-bench-size` volume from one device to the other
 //! (the service's pipeline, 1 MiB × 8 in flight, no rate cap), and fio reads the source
 //! device and writes the destination device sequentially with the same block size and
 //! queue depth (io_uring, O_DIRECT; columns empty when fio is not installed).
@@ -44,7 +44,9 @@ use blocklab::failover::journal::{read_records, Record};
 use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::{StoreConfig, VolumeStore};
 use clap::Parser;
-use harness::args::{or_default, parse_mib, parse_ms};
+use harness::args::{
+    millis, or_default, parse_bytes, parse_positive_duration, parse_size, parse_whole_ms,
+};
 use harness::cli::failover::cluster::{enter_netns, unix_us, Cluster, ClusterSpec, Mode, VipKind};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
@@ -52,11 +54,12 @@ use rand::Rng;
 
 const MIB: u64 = 1 << 20;
 
+/// Measures result delivery after a SIGKILL of the serving management node, VIP move time,
+/// lost results, duplicate executions and re-executed bytes, and compares VIP failover of
+/// the management service (vip_handoff) with client retry (client_retry). Writes
+/// OUT/exp-failover.csv, exp-failover-kills.csv and exp-failover-copy.csv.
 #[derive(Debug, Parser)]
-#[command(
-    name = "exp-failover",
-    about = "VIP failover of the management service vs. client retry: delivery after a SIGKILL of the serving node, VIP move time, lost results, duplicate executions, re-executed bytes"
-)]
+#[command(name = "exp-failover", version)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -71,37 +74,41 @@ struct Args {
     /// Default: loopback,netns as root, loopback otherwise.
     #[arg(long, value_delimiter = ',')]
     backends: Vec<VipKind>,
-    /// Heartbeat periods in ms (default: quick 100; full 50,100,200).
-    #[arg(long, value_parser = parse_ms, value_delimiter = ',')]
-    heartbeats_ms: Vec<u64>,
+    /// Heartbeat periods, whole milliseconds, e.g. 50ms,100ms (default: quick 100ms; full
+    /// 50ms,100ms,200ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms, value_delimiter = ',')]
+    heartbeats: Vec<Duration>,
     /// Kills per configuration and repetition (default: quick 20, full 100).
     #[arg(long)]
     kills: Option<usize>,
-    /// Size of each volume in MiB (default: quick 16, full 64).
-    #[arg(long, value_parser = parse_mib)]
-    volume_mib: Option<u64>,
-    /// Copy throughput cap of the block service in MiB/s, so copies last long enough to be
-    /// killed in the middle of (default: quick 64, full 128; 0 = device speed).
-    #[arg(long)]
-    copy_rate_mib: Option<u64>,
-    /// vip_handoff client: re-send the same operation id after this many ms without an
-    /// answer (cheap: the journal makes re-sends idempotent).
-    #[arg(long, value_parser = parse_ms, default_value_t = 500)]
-    resend_ms: u64,
-    /// client_retry client: give up on a request after this many ms without an answer and
-    /// issue a new one (must exceed the longest operation, or copies re-run needlessly).
-    #[arg(long, value_parser = parse_ms, default_value_t = 2000)]
-    retry_timeout_ms: u64,
+    /// Size of each volume, e.g. 16M (default: quick 16M, full 64M).
+    #[arg(long, value_parser = parse_size)]
+    volume_size: Option<u64>,
+    /// Copy throughput cap of the block service, bytes per second, e.g. 128M for 128 MiB/s,
+    /// so copies last long enough to be killed in the middle of (default: quick 64M, full
+    /// 128M; 0 = device speed).
+    #[arg(long, value_parser = parse_bytes)]
+    copy_rate: Option<u64>,
+    /// vip_handoff client: re-send the same operation id after this long without an
+    /// answer, e.g. 500ms (cheap: the journal makes re-sends idempotent).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "500ms")]
+    resend: Duration,
+    /// client_retry client: give up on a request after this long without an answer and
+    /// issue a new one, e.g. 2s (must exceed the longest operation, or copies re-run
+    /// needlessly).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "2s")]
+    retry_timeout: Duration,
     /// The `blocklab` binary (default: next to this one).
     #[arg(long)]
     blocklab_bin: Option<PathBuf>,
-    /// Seed of the random kill points.
+    /// Seed of the random kill points: repetition r uses seed + r (every configuration of a
+    /// repetition gets the same kill points).
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Size in MiB of the copy-throughput measurement (default: quick 256, full 1024;
-    /// 0 = skip it).
-    #[arg(long, value_parser = parse_mib)]
-    copy_bench_mib: Option<u64>,
+    /// Size of the copy-throughput measurement's volume, whole MiB, e.g. 256M (default:
+    /// quick 256M, full 1G; 0 = skip it).
+    #[arg(long, value_parser = parse_bytes)]
+    copy_bench_size: Option<u64>,
     /// The fio binary for the copy measurement's device reference (skipped with a note if
     /// it cannot be run).
     #[arg(long, default_value = "fio")]
@@ -163,7 +170,14 @@ struct Done {
 struct Config {
     mode: Mode,
     backend: VipKind,
-    heartbeat_ms: u64,
+    heartbeat: Duration,
+}
+
+impl Config {
+    /// The heartbeat column (whole ms: `--heartbeats` takes whole milliseconds only).
+    fn heartbeat_ms(&self) -> u64 {
+        self.heartbeat.as_millis() as u64
+    }
 }
 
 /// What the client thread shares with the killer.
@@ -207,8 +221,8 @@ struct ClientSpec {
     /// Prefix of the operations' tags.
     run: String,
     size: u64,
-    resend_ms: u64,
-    retry_timeout_ms: u64,
+    resend: Duration,
+    retry_timeout: Duration,
 }
 
 /// Runs the workload until told to stop, recording each operation's end and whether it
@@ -218,10 +232,10 @@ fn client_loop(sh: Arc<Shared>, spec: ClientSpec) -> anyhow::Result<()> {
         enter_netns(ns)?;
     }
     let mut vip_client = Client::new(vec![spec.vip]);
-    vip_client.resend_after = Duration::from_millis(spec.resend_ms);
+    vip_client.resend_after = spec.resend;
     vip_client.give_up = Duration::from_secs(30);
     let mut retry_client = Client::new(spec.nodes);
-    retry_client.resend_after = Duration::from_millis(spec.retry_timeout_ms);
+    retry_client.resend_after = spec.retry_timeout;
     retry_client.give_up = Duration::from_secs(30);
     let mut i = 0u64;
     while !sh.stop.load(Ordering::Relaxed) {
@@ -273,10 +287,10 @@ struct Settings {
     kills: usize,
     /// Bytes of each volume.
     size: u64,
-    /// MiB/s cap of copies (0: none).
+    /// Bytes per second cap of copies (0: none).
     copy_rate: u64,
-    resend_ms: u64,
-    retry_timeout_ms: u64,
+    resend: Duration,
+    retry_timeout: Duration,
 }
 
 /// The CSVs every configuration writes rows to.
@@ -325,9 +339,9 @@ impl Run<'_> {
             force: true,
             nodes: 3,
             mode: cfg.mode,
-            heartbeat_ms: cfg.heartbeat_ms,
+            heartbeat: cfg.heartbeat,
             backend: cfg.backend,
-            copy_rate_mib: settings.copy_rate,
+            copy_rate: settings.copy_rate,
             journal: None,
             service_args: Vec::new(),
         };
@@ -348,8 +362,8 @@ impl Run<'_> {
             netns: self.cluster.net.as_ref().map(|n| n.client.clone()),
             run: format!("r{}{}", self.rep, unix_us() % 100000),
             size: self.settings.size,
-            resend_ms: self.settings.resend_ms,
-            retry_timeout_ms: self.settings.retry_timeout_ms,
+            resend: self.settings.resend,
+            retry_timeout: self.settings.retry_timeout,
         };
         let sh = self.sh.clone();
         thread::spawn(move || client_loop(sh, spec))
@@ -364,11 +378,9 @@ impl Run<'_> {
     ) -> anyhow::Result<KillRec> {
         let (cfg, settings) = (self.cfg, self.settings);
         // A random point: 50..(copy time + 400) ms into the stream.
-        let copy_ms = if settings.copy_rate > 0 {
-            settings.size * 1000 / (settings.copy_rate * MIB)
-        } else {
-            50
-        };
+        let copy_ms = (settings.size * 1000)
+            .checked_div(settings.copy_rate)
+            .unwrap_or(50);
         let wait = rng.random_range(50..(copy_ms + 400));
         thread::sleep(Duration::from_millis(wait));
         let victim = match cfg.mode {
@@ -399,12 +411,12 @@ impl Run<'_> {
         };
         self.cluster.start_node(victim)?;
         // Long enough for the restarted node to be heard by its peers before the next kill.
-        thread::sleep(Duration::from_millis(cfg.heartbeat_ms * 3 + 200));
+        thread::sleep(cfg.heartbeat * 3 + Duration::from_millis(200));
         prog.step(&format!(
             "{} {} hb={}ms rep {}: kill {}/{} during {kind}: delivered after {}",
             cfg.mode.name(),
             cfg.backend.name(),
-            cfg.heartbeat_ms,
+            cfg.heartbeat_ms(),
             self.rep,
             k + 1,
             settings.kills,
@@ -530,7 +542,7 @@ fn operation_row(
     Row {
         mode: cfg.mode.name().into(),
         vip_backend: cfg.backend.name().into(),
-        heartbeat_ms: cfg.heartbeat_ms,
+        heartbeat_ms: cfg.heartbeat_ms(),
         operation: operation.into(),
         repetition: rep,
         kills: nk,
@@ -558,7 +570,7 @@ fn write_rows(
         out.kills.write(&KillRow {
             mode: cfg.mode.name().into(),
             vip_backend: cfg.backend.name().into(),
-            heartbeat_ms: cfg.heartbeat_ms,
+            heartbeat_ms: cfg.heartbeat_ms(),
             repetition: rep,
             kill: k as u64,
             operation: r.kind.into(),
@@ -618,6 +630,7 @@ fn copy_bench(
     reps: u32,
     fio: &str,
     csv: &mut CsvOut<CopyRow>,
+    prog: &mut Progress,
 ) -> anyhow::Result<()> {
     let cfg = StoreConfig::default();
     let dir = tempfile::Builder::new()
@@ -662,10 +675,10 @@ fn copy_bench(
             };
             let fio_read = fio_mib(&set.paths()[0], "read");
             let fio_write = fio_mib(&set.paths()[1], "write");
-            eprintln!(
-                "copy {mib} MiB (to devices {placed:?}): {seconds:.2} s, {:.0} MiB/s",
+            prog.step(&format!(
+                "copy {mib} MiB (to devices {placed:?}) rep {rep}: {seconds:.2} s, {:.0} MiB/s",
                 mib as f64 / seconds
-            );
+            ));
             csv.write(&CopyRow {
                 repetition: rep,
                 copy_mib: mib,
@@ -745,21 +758,20 @@ fn backends(args: &Args) -> Vec<VipKind> {
 /// client waits for its timeout as it would on real hosts.
 fn configs(args: &Args) -> anyhow::Result<Vec<Config>> {
     let backends = backends(args);
+    let ms = Duration::from_millis;
     let heartbeats = or_default(
-        &args.heartbeats_ms,
-        args.common.pick(vec![100], vec![50, 100, 200]),
+        &args.heartbeats,
+        args.common
+            .pick(vec![ms(100)], vec![ms(50), ms(100), ms(200)]),
     );
-    if heartbeats.contains(&0) {
-        bail!("--heartbeats-ms: a heartbeat period must be at least 1 ms");
-    }
     let mut configs = Vec::new();
-    for &heartbeat_ms in &heartbeats {
+    for &heartbeat in &heartbeats {
         for &mode in &args.modes {
             for &backend in &backends {
                 configs.push(Config {
                     mode,
                     backend,
-                    heartbeat_ms,
+                    heartbeat,
                 });
             }
         }
@@ -777,10 +789,10 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
     Ok(Settings {
         bin: PathBuf::new(),
         kills,
-        size: args.volume_mib.unwrap_or(c.pick(16, 64)) * MIB,
-        copy_rate: args.copy_rate_mib.unwrap_or(c.pick(64, 128)),
-        resend_ms: args.resend_ms,
-        retry_timeout_ms: args.retry_timeout_ms,
+        size: args.volume_size.unwrap_or(c.pick(16 * MIB, 64 * MIB)),
+        copy_rate: args.copy_rate.unwrap_or(c.pick(64 * MIB, 128 * MIB)),
+        resend: args.resend,
+        retry_timeout: args.retry_timeout,
     })
 }
 
@@ -789,12 +801,12 @@ fn meta_extra(args: &Args, settings: &Settings, copy_mib: u64) -> serde_json::Va
     serde_json::json!({
         "kills_per_config": settings.kills,
         "volume_bytes": settings.size,
-        "copy_rate_mib_s": settings.copy_rate,
+        "copy_rate_mib_s": settings.copy_rate as f64 / MIB as f64,
         "nodes": 3,
         "dead_after_periods": 3,
         "takeover_after_periods": 4,
-        "vip_client_resend_ms": args.resend_ms,
-        "retry_client_timeout_ms": args.retry_timeout_ms,
+        "vip_client_resend_ms": millis(args.resend),
+        "retry_client_timeout_ms": millis(args.retry_timeout),
         "seed": args.seed,
         "copy_bench_mib": copy_mib,
     })
@@ -806,7 +818,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut settings = settings(&args)?;
     let reps = c.repetitions_or(1, 3);
     settings.bin = harness::blocklab_bin(args.blocklab_bin.as_deref())?;
-    let copy_mib = args.copy_bench_mib.unwrap_or(c.pick(256, 1024));
+    let copy_bytes = args
+        .copy_bench_size
+        .unwrap_or(c.pick(256 * MIB, 1024 * MIB));
+    if copy_bytes % MIB != 0 {
+        bail!("--copy-bench-size must be a whole number of MiB");
+    }
+    let copy_mib = copy_bytes / MIB;
     // A live volume set needs at most two volumes of `size` at once; leave room. The copy
     // measurement needs its volume on each device.
     let dev_size = (settings.size * 4 + 64 * MIB)
@@ -816,29 +834,34 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut meta = RunMeta::start("exp-failover", c.profile);
     meta.devices = set.describe();
     meta.extra = meta_extra(&args, &settings, copy_mib);
+    let copy_steps = if copy_mib > 0 { reps as usize } else { 0 };
+    let mut prog = Progress::new(
+        "exp-failover",
+        (copy_steps + configs.len() * reps as usize * settings.kills) as u64,
+    );
     if copy_mib > 0 {
         let mut ccsv = CsvOut::<CopyRow>::create(&c.out, "exp-failover-copy.csv", c.overwrite)?;
-        copy_bench(&set, copy_mib, reps, &args.fio, &mut ccsv).context("copy measurement")?;
+        copy_bench(&set, copy_mib, reps, &args.fio, &mut ccsv, &mut prog)
+            .context("copy measurement")?;
     }
     let mut out = Outputs {
         rows: CsvOut::<Row>::create(&c.out, "exp-failover.csv", c.overwrite)?,
         kills: CsvOut::<KillRow>::create(&c.out, "exp-failover-kills.csv", c.overwrite)?,
     };
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(args.seed);
-    let mut prog = Progress::new(
-        "exp-failover",
-        (configs.len() * reps as usize * settings.kills) as u64,
-    );
     // Repetitions outermost so configurations alternate within the run.
     for rep in 0..reps {
         for cfg in &configs {
+            // The same kill points for every configuration of a repetition.
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(
+                args.seed.wrapping_add(rep as u64),
+            );
             run_config(&set, *cfg, rep, &settings, &mut rng, &mut prog, &mut out).with_context(
                 || {
                     format!(
                         "{} {} hb={} ms rep {rep}",
                         cfg.mode.name(),
                         cfg.backend.name(),
-                        cfg.heartbeat_ms
+                        cfg.heartbeat_ms()
                     )
                 },
             )?;

@@ -25,13 +25,15 @@ use blocklab::dev::Device;
 use blocklab::init::{self, BoundInput, Node, NodeAgent, Strategy};
 use blocklab::monitor::{FileJournal, Monitor, ProposeConfig};
 use clap::Parser;
-use harness::args::{or_default, parse_ms, parse_size};
+use harness::args::{or_default, parse_size, parse_whole_ms};
 use harness::devices::precondition;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Profile, RunMeta};
 use serde::Serialize;
 
-/// Deploy time of N daemons with four initialisation strategies, and its physical bound.
+/// Measures how long deploying N daemons takes and compares the four initialisation
+/// strategies (sequential, parallel_nodes, parallel_daemons, parallel) with each other and
+/// with the physical lower bound measured in the same run.
 ///
 /// Quick profile: 3 nodes × {1,4,8} daemons per node, 256 MiB devices, 50 ms propose
 /// interval, 3 repetitions (24 loop devices). Full profile: {1,2,3,4} nodes × {1,4,8,12}
@@ -53,15 +55,17 @@ struct Cli {
     /// --devices only the given devices' size is used).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     device_sizes: Vec<u64>,
-    /// Monitor propose intervals to sweep, in ms (default: the profile's).
-    #[arg(long, value_parser = parse_ms, value_delimiter = ',')]
-    propose_intervals_ms: Vec<u64>,
+    /// Monitor propose intervals to sweep, whole milliseconds, e.g. 50ms,1s (default: the
+    /// profile's).
+    #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms, value_delimiter = ',')]
+    propose_intervals: Vec<Duration>,
     /// Strategies to run (default: all four), alternating within each configuration.
     #[arg(long, value_delimiter = ',')]
     strategies: Vec<Strategy>,
-    /// Bytes each device writes in the aggregate-bandwidth measurement (at least 1 MiB).
+    /// How much each device writes in the aggregate-bandwidth measurement, e.g. 16M (at
+    /// least 1M).
     #[arg(long, value_parser = parse_size, default_value = "16M")]
-    bandwidth_bytes: u64,
+    bandwidth_size: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,7 +143,7 @@ fn aggregate_bandwidth(paths: &[PathBuf], per_device: u64) -> anyhow::Result<f64
         .map(|d| per_device.min(d.size()) / MIB * MIB)
         .collect();
     if lens.contains(&0) {
-        bail!("--bandwidth-bytes and the devices must be at least 1 MiB");
+        bail!("--bandwidth-size and the devices must be at least 1 MiB");
     }
     let start = Instant::now();
     let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
@@ -166,7 +170,7 @@ struct Config {
     nodes: usize,
     dpn: usize,
     size: u64,
-    interval_ms: u64,
+    interval: Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -179,7 +183,7 @@ struct Sweep {
     dpns: Vec<usize>,
     /// Device sizes (`[0]` with --devices: the given devices' size).
     sizes: Vec<u64>,
-    intervals: Vec<u64>,
+    intervals: Vec<Duration>,
     strategies: Vec<Strategy>,
     reps: u32,
 }
@@ -194,14 +198,20 @@ impl Sweep {
             (true, None) => a.pick(vec![256 << 20], vec![1 << 30, 16 << 30]),
             (false, _) => cli.device_sizes.clone(),
         };
-        let intervals = or_default(&cli.propose_intervals_ms, a.pick(vec![50], vec![50, 1000]));
+        let intervals = or_default(
+            &cli.propose_intervals,
+            a.pick(
+                vec![Duration::from_millis(50)],
+                vec![Duration::from_millis(50), Duration::from_millis(1000)],
+            ),
+        );
         let strategies = or_default(&cli.strategies, Strategy::ALL.to_vec());
         if nodes.contains(&0) || dpns.contains(&0) {
             bail!("--nodes and --daemons must be at least 1");
         }
         let sizes: Vec<u64> = if a.devices.is_empty() { sizes } else { vec![0] };
-        if cli.bandwidth_bytes < 1 << 20 {
-            bail!("--bandwidth-bytes must be at least 1M");
+        if cli.bandwidth_size < 1 << 20 {
+            bail!("--bandwidth-size must be at least 1M");
         }
         Ok(Sweep {
             nodes,
@@ -235,9 +245,9 @@ struct BoundInputs {
 fn measure_bound(
     paths: &[PathBuf],
     d: usize,
-    bandwidth_bytes: u64,
+    bandwidth_size: u64,
 ) -> anyhow::Result<(BoundInputs, serde_json::Value)> {
-    let bw = aggregate_bandwidth(paths, bandwidth_bytes)?;
+    let bw = aggregate_bandwidth(paths, bandwidth_size)?;
     let (lone, per_mkfs) = lone_mkfs(paths)?;
     let all_at_once = Duration::from_secs_f64(per_mkfs as f64 * paths.len() as f64 / bw);
     let record = serde_json::json!({
@@ -286,7 +296,7 @@ fn run_repetition(
     paths: &[PathBuf],
     out: &mut Out,
 ) -> anyhow::Result<()> {
-    let (bound_in, mut record) = measure_bound(paths, d, cli.bandwidth_bytes)?;
+    let (bound_in, mut record) = measure_bound(paths, d, cli.bandwidth_size)?;
     record["nodes"] = n.into();
     record["daemons_per_node"] = d.into();
     record["device_size_bytes"] = size.into();
@@ -294,18 +304,18 @@ fn run_repetition(
     out.measured.push(record);
     let mut order = sweep.strategies.clone();
     order.rotate_left(rep as usize % sweep.strategies.len());
-    for &interval_ms in &sweep.intervals {
+    for &interval in &sweep.intervals {
         let c = Config {
             nodes: n,
             dpn: d,
             size,
-            interval_ms,
+            interval,
         };
         for &strategy in &order {
             let bound = strategy.lower_bound(&BoundInput {
                 lone_mkfs: &bound_in.lone_by_node,
                 all_at_once: bound_in.all_at_once,
-                propose_interval: Duration::from_millis(interval_ms),
+                propose_interval: interval,
             });
             let row = run_one(
                 &c,
@@ -317,7 +327,7 @@ fn run_repetition(
                 &mut out.phases,
             )?;
             out.prog.step(&format!(
-                "{strategy} {n}x{d} {size} B {interval_ms} ms: {:.1} ms (bound {:.1} ms)",
+                "{strategy} {n}x{d} {size} B {interval:?}: {:.1} ms (bound {:.1} ms)",
                 row.total_ms, row.bound_ms
             ));
             out.csv.write(&row)?;
@@ -370,9 +380,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     out.prog.finish();
     meta.devices = serde_json::Value::Array(described);
     meta.extra = serde_json::json!({
-        "nodes": sweep.nodes, "daemons_per_node": sweep.dpns, "propose_intervals_ms": sweep.intervals,
+        "nodes": sweep.nodes, "daemons_per_node": sweep.dpns,
+        "propose_intervals_ms": sweep.intervals.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
         "strategies": sweep.strategies.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "repetitions": sweep.reps, "quick": a.profile == Profile::Quick, "bandwidth_bytes": cli.bandwidth_bytes,
+        "repetitions": sweep.reps, "quick": a.profile == Profile::Quick, "bandwidth_bytes": cli.bandwidth_size,
         "bound_measurements": out.measured,
     });
     let m = meta.finish(&a.out, a.overwrite)?;
@@ -396,7 +407,7 @@ fn run_one(
     bound_ms: f64,
     phases: &mut CsvOut<PhaseRow>,
 ) -> anyhow::Result<Row> {
-    let interval = Duration::from_millis(c.interval_ms);
+    let interval = c.interval;
     let journal = journal_dir.join(format!("{}-{}.journal", strategy, uuid::Uuid::new_v4()));
     let mon = Monitor::start(
         TcpListener::bind("127.0.0.1:0")?,
@@ -449,7 +460,7 @@ fn run_one(
         nodes: c.nodes,
         daemons_per_node: c.dpn,
         device_size_bytes: c.size,
-        propose_interval_ms: c.interval_ms,
+        propose_interval_ms: c.interval.as_millis() as u64,
         repetition: rep,
         total_ms: ms(run.total),
         bound_ms,

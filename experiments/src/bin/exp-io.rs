@@ -11,19 +11,17 @@ use clap::Parser;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
 
+/// Measures IOPS, bandwidth and latency of blocklab's io_uring engine and compares them
+/// with fio's io_uring engine on the same device: 4 KiB random write/read at QD 1 and 32,
+/// 1 MiB sequential write/read at QD 8. Writes OUT/exp-io.csv.
 #[derive(Debug, Parser)]
-#[command(
-    name = "exp-io",
-    about = "blocklab's io_uring engine vs fio (io_uring engine) on one device: 4 KiB random \
-             write/read at QD 1 and 32, 1 MiB sequential write/read at QD 8",
-    long_about = None
-)]
+#[command(name = "exp-io", version)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Seconds each tool runs each pattern (default: 2 quick, 10 full).
-    #[arg(long, value_parser = harness::args::parse_secs_f64)]
-    seconds: Option<f64>,
+    /// How long each tool runs each pattern, e.g. 2s or 500ms (default: 2s quick, 10s full).
+    #[arg(long, value_name = "DURATION", value_parser = harness::args::parse_positive_duration)]
+    duration: Option<Duration>,
     /// Bytes at the start of the device the patterns cover, at least 8M (default: 256M
     /// quick, 1G full). A given device must be at least this large; provisioned devices
     /// and files are made this large (or --size, if larger).
@@ -35,6 +33,10 @@ struct Args {
     /// Path of the fio binary.
     #[arg(long, default_value = "fio")]
     fio: String,
+    /// Seed of the random offsets, blocklab's and fio's (--randseed) alike: repetition r
+    /// uses seed + r.
+    #[arg(long, default_value_t = 4096)]
+    seed: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,7 +118,7 @@ fn run_blocklab(
     dev: &Device,
     w: &Workload,
     region: u64,
-    secs: f64,
+    duration: Duration,
     fixed: bool,
     seed: u64,
 ) -> anyhow::Result<Measured> {
@@ -132,7 +134,7 @@ fn run_blocklab(
         queue_depth: w.queue_depth,
         region_offset: 0,
         region_len: region,
-        limit: StreamLimit::Time(Duration::from_secs_f64(secs)),
+        limit: StreamLimit::Time(duration),
         fixed_buffers: fixed,
         fixed_file: fixed,
     };
@@ -152,8 +154,9 @@ fn run_fio(
     path: &Path,
     w: &Workload,
     region: u64,
-    secs: f64,
+    duration: Duration,
     fixed: bool,
+    seed: u64,
 ) -> anyhow::Result<Measured> {
     let mut cmd = Command::new(fio);
     cmd.arg("--name=exp-io")
@@ -165,9 +168,9 @@ fn run_fio(
         .arg(format!("--iodepth={}", w.queue_depth))
         .arg(format!("--size={region}"))
         .arg("--time_based")
-        .arg(format!("--runtime={}ms", (secs * 1000.0) as u64))
+        .arg(format!("--runtime={}ms", duration.as_millis()))
         .arg("--norandommap")
-        .arg("--randrepeat=0")
+        .arg(format!("--randseed={seed}"))
         .arg("--output-format=json");
     if fixed {
         cmd.arg("--fixedbufs").arg("--registerfiles");
@@ -223,7 +226,7 @@ fn fio_version(fio: &str) -> anyhow::Result<String> {
 /// One run's settings.
 struct Settings<'a> {
     args: &'a Args,
-    secs: f64,
+    duration: Duration,
     region: u64,
     reps: u32,
 }
@@ -245,11 +248,12 @@ fn run_workload(
             ["fio", "blocklab"]
         };
         for tool in order {
-            let (args, region, secs) = (st.args, st.region, st.secs);
+            let (args, region, duration) = (st.args, st.region, st.duration);
+            let seed = args.seed.wrapping_add(rep as u64);
             let m = if tool == "blocklab" {
-                run_blocklab(dev, w, region, secs, args.fixed, 0x1000 + rep as u64)?
+                run_blocklab(dev, w, region, duration, args.fixed, seed)?
             } else {
-                run_fio(&args.fio, dev.path(), w, region, secs, args.fixed)?
+                run_fio(&args.fio, dev.path(), w, region, duration, args.fixed, seed)?
             };
             let figure = if w.block_size >= 1 << 20 {
                 m.mib_s
@@ -296,10 +300,9 @@ fn ratios(reps: u32, sums: &[(String, f64, f64)]) -> serde_json::Map<String, ser
 
 fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
-    let secs = args.seconds.unwrap_or(c.pick(2.0, 10.0));
-    if !(secs > 0.0 && secs.is_finite()) {
-        bail!("--seconds must be positive");
-    }
+    let duration = args
+        .duration
+        .unwrap_or(c.pick(Duration::from_secs_f64(2.0), Duration::from_secs_f64(10.0)));
     let region = args.region.unwrap_or(c.pick(256 << 20, 1 << 30));
     if region < (8 << 20) {
         bail!("--region must be at least 8 MiB (1 MiB blocks at QD 8)");
@@ -317,7 +320,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let st = Settings {
         args: &args,
-        secs,
+        duration,
         region,
         reps,
     };
@@ -334,7 +337,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     progress.finish();
     let summary = ratios(reps, &sums);
     meta.extra = serde_json::json!({
-        "seconds_per_run": secs, "region_bytes": region, "fixed": args.fixed,
+        "seconds_per_run": duration.as_secs_f64(), "region_bytes": region, "fixed": args.fixed,
+        "seed": args.seed,
         "fio_version": fio_version, "ratio_blocklab_over_fio": summary,
     });
     meta.finish(&c.out, c.overwrite)?;

@@ -30,12 +30,13 @@ use blocklab::lunmap::gateway::GatewayClient;
 use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{mono_ns, Backing, Layout, Lun, Target};
 use clap::{Parser, ValueEnum};
-use harness::args::parse_ms;
+use harness::args::{format_duration, millis, parse_duration, parse_positive_duration};
 use harness::cli::lunmap::parse_zk;
 use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Percentiles, RunMeta};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
 enum BackendKind {
     /// The map in ZooKeeper: atomic multi, recursive watches, ephemeral gateway nodes.
     Zookeeper,
@@ -54,8 +55,9 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
-/// LUN-map propagation, lost updates, stale decisions and failure detection: ZooKeeper
-/// against a copied file.
+/// Measures how fast and how safely a LUN-map change reaches every gateway (propagation,
+/// lost updates, stale reads) and how fast a dead gateway is noticed, and compares the map
+/// in ZooKeeper with a JSON file copied to every gateway (filesync).
 #[derive(Debug, Parser)]
 #[command(name = "exp-lunmap", version)]
 struct Args {
@@ -78,23 +80,27 @@ struct Args {
     /// 24, full 200).
     #[arg(long)]
     changes: Option<usize>,
-    /// Pause of each editor between its changes, in milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 25)]
-    change_gap_ms: u64,
-    /// ZooKeeper session timeout of gateways and observer, in milliseconds (the private
-    /// server runs with tickTime 500 ms, so 1000..10000 are possible).
-    #[arg(long, value_parser = parse_ms, default_value_t = 2000)]
-    session_timeout_ms: u64,
-    /// filesync: interval of the rsync-like copy to every gateway, in milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
-    sync_interval_ms: u64,
-    /// filesync: how often gateways poll their copy, in milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 100)]
-    poll_ms: u64,
-    /// filesync: heartbeat advert interval in milliseconds (keepalived default 1000;
-    /// a gateway is declared dead after 3 × advert + skew ≈ 3.6 × advert).
-    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
-    advert_ms: u64,
+    /// Pause of each editor between its changes, e.g. 25ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "25ms")]
+    change_gap: Duration,
+    /// ZooKeeper session timeout of gateways and observer, e.g. 2s (the private server runs
+    /// with tickTime 500 ms, so 1s..10s are possible).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "2s")]
+    session_timeout: Duration,
+    /// filesync: interval of the rsync-like copy to every gateway, e.g. 1s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "1s")]
+    sync_interval: Duration,
+    /// filesync: how often gateways poll their copy, e.g. 100ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "100ms")]
+    poll_interval: Duration,
+    /// filesync: heartbeat advert interval, e.g. 1s (keepalived's default; a gateway is
+    /// declared dead after 3 × advert + skew ≈ 3.6 × advert).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "1s")]
+    advert_interval: Duration,
+    /// Seed of the editors' retry jitter: repetition r uses seed + r, editor e of it a
+    /// generator derived from that and e.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -260,6 +266,8 @@ struct RunCfg<'a> {
     rep: u32,
     run_tag: &'a str,
     device: &'a str,
+    /// Seed of this run's editors (`--seed` + repetition).
+    seed: u64,
 }
 
 /// What one run's parts share: its map, its directory, the gateways' reports and the
@@ -297,7 +305,7 @@ impl RunCtx {
             },
         };
         let opts = ConnectOptions {
-            session_timeout: Duration::from_millis(a.session_timeout_ms),
+            session_timeout: a.session_timeout,
             connect_deadline: Duration::from_secs(10),
         };
         Ok(RunCtx {
@@ -354,8 +362,8 @@ fn start_zookeeper(
         spec.to_string(),
         "--cluster".into(),
         ctx.cluster.clone(),
-        "--session-timeout-ms".into(),
-        a.session_timeout_ms.to_string(),
+        "--session-timeout".into(),
+        format_duration(a.session_timeout),
     ];
     if cfg.backend == BackendKind::ZookeeperConfirm {
         args.push("--confirm-refusals".into());
@@ -399,21 +407,17 @@ fn start_filesync(a: &Args, bin: &Path, cfg: &RunCfg<'_>, ctx: &RunCtx) -> anyho
     for d in &dirs {
         std::fs::create_dir_all(d)?;
     }
-    let syncer = filesync::start_syncer(
-        master.clone(),
-        dirs.clone(),
-        Duration::from_millis(a.sync_interval_ms),
-    );
+    let syncer = filesync::start_syncer(master.clone(), dirs.clone(), a.sync_interval);
     let args_for = |i: usize| -> Vec<String> {
         vec![
             "--filesync-dir".into(),
             dirs[i].display().to_string(),
             "--heartbeat-dir".into(),
             hb.display().to_string(),
-            "--advert-ms".into(),
-            a.advert_ms.to_string(),
-            "--poll-ms".into(),
-            a.poll_ms.to_string(),
+            "--advert-interval".into(),
+            format_duration(a.advert_interval),
+            "--poll-interval".into(),
+            format_duration(a.poll_interval),
             "--cluster".into(),
             ctx.cluster.clone(),
         ]
@@ -423,7 +427,7 @@ fn start_filesync(a: &Args, bin: &Path, cfg: &RunCfg<'_>, ctx: &RunCtx) -> anyho
         hb,
         Arc::clone(&ctx.observer_view),
         ctx.on_observed(),
-        Duration::from_millis(a.advert_ms),
+        a.advert_interval,
     );
     Ok(Backend {
         editors: Editors::File(ed),
@@ -440,6 +444,8 @@ struct EditCtx<'a> {
     cluster: &'a str,
     target: Target,
     gap: Duration,
+    /// The run's seed; editor `e` seeds its retry jitter with it and `e`.
+    seed: u64,
     acked: Mutex<Vec<Acked>>,
     /// Reads a gateway refused after the change was acknowledged.
     stale: std::sync::atomic::AtomicU64,
@@ -454,7 +460,10 @@ impl EditCtx<'_> {
             Editors::File(_) => None,
         };
         let map = match &zk_session {
-            Some(c) => Some(LunMap::open(&**c, self.cluster)?),
+            Some(c) => Some(
+                LunMap::open(&**c, self.cluster)?
+                    .with_seed(self.seed ^ (e as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            ),
             None => None,
         };
         let mut clients = self
@@ -514,7 +523,8 @@ fn run_editors(
             iqn: TARGET.into(),
             portal: "127.0.0.1:3260".into(),
         },
-        gap: Duration::from_millis(a.change_gap_ms),
+        gap: a.change_gap,
+        seed: cfg.seed,
         acked: Mutex::new(Vec::new()),
         stale: Default::default(),
     };
@@ -569,8 +579,7 @@ fn propagation(
     log: &Mutex<EventLog>,
     surviving: &[&Acked],
 ) -> Percentiles {
-    let settle =
-        Duration::from_millis(3 * (a.sync_interval_ms + a.poll_ms)) + Duration::from_secs(30);
+    let settle = 3 * (a.sync_interval + a.poll_interval) + Duration::from_secs(30);
     let arrived = wait_until("every gateway to apply every change", settle, || {
         let l = log.lock().unwrap();
         surviving
@@ -617,7 +626,7 @@ fn detect_dead(
     let detect_budget = ctx
         .opts
         .session_timeout
-        .max(filesync::master_down(Duration::from_millis(a.advert_ms)))
+        .max(filesync::master_down(a.advert_interval))
         + Duration::from_secs(30);
     wait_until(
         "every party to notice the dead gateway",
@@ -716,12 +725,13 @@ fn zookeeper(a: &Args) -> anyhow::Result<(Option<ZkServer>, Option<CoordSpec>)> 
 fn meta_extra(a: &Args, zk: Option<&CoordSpec>, changes: usize) -> serde_json::Value {
     serde_json::json!({
         "zookeeper": zk.map(|s| s.to_string()),
-        "session_timeout_ms": a.session_timeout_ms,
-        "sync_interval_ms": a.sync_interval_ms,
-        "poll_ms": a.poll_ms,
-        "advert_ms": a.advert_ms,
-        "master_down_ms": filesync::master_down(Duration::from_millis(a.advert_ms)).as_millis() as u64,
-        "change_gap_ms": a.change_gap_ms,
+        "session_timeout_ms": millis(a.session_timeout),
+        "sync_interval_ms": millis(a.sync_interval),
+        "poll_ms": millis(a.poll_interval),
+        "advert_ms": millis(a.advert_interval),
+        "master_down_ms": millis(filesync::master_down(a.advert_interval)),
+        "change_gap_ms": millis(a.change_gap),
+        "seed": a.seed,
         "changes": changes,
         "lun_size_bytes": LUN_SIZE,
     })
@@ -761,6 +771,7 @@ fn run(a: Args) -> anyhow::Result<()> {
                         rep,
                         run_tag: &run_tag,
                         device: &device,
+                        seed: a.seed.wrapping_add(rep as u64),
                     };
                     let row = run_one(&a, &bin, zk_spec.as_ref(), &cfg)
                         .with_context(|| format!("{b} gateways={g} editors={e} rep={rep}"))?;

@@ -24,7 +24,7 @@ use blocklab::dev::{AlignedBuf, Device, IoEngine, UringEngine};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
-use crate::args::{parse_secs_f64, parse_size};
+use crate::args::{format_duration, parse_duration, parse_size};
 
 /// One allocation in this many is timed for the latency histogram.
 const LATENCY_SAMPLE: u64 = 8;
@@ -114,8 +114,8 @@ pub struct NodeArgs {
     pub block_size: u64,
     /// A device blocks are carved from: PATH (the data region of a formatted daemon
     /// device, else everything after the first MiB) or OFFSET:LEN:PATH (an explicit
-    /// region inside that); repeat for several devices.
-    #[arg(long = "device", value_parser = parse_device, required = true)]
+    /// region inside that); several comma-separated.
+    #[arg(long, value_parser = parse_device, value_delimiter = ',', required = true)]
     pub devices: Vec<DeviceSpec>,
     /// Entries of the unfilled-block table.
     #[arg(long, default_value_t = 256)]
@@ -277,9 +277,9 @@ fn node_serve(a: NodeServeArgs) -> anyhow::Result<()> {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// How long to run after `go`, in seconds.
-    #[arg(long, value_parser = parse_secs_f64, default_value_t = 1.0)]
-    pub seconds: f64,
+    /// How long to run after `go`, e.g. 800ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+    pub duration: Duration,
     /// Write 4 KiB into each allocated block (io_uring, O_DIRECT) before freeing it.
     #[arg(long)]
     pub with_io: bool,
@@ -315,8 +315,8 @@ pub enum WorkerEvent {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Go {
     Run,
-    /// Run for this many seconds, then stop with a block in flight.
-    StopInFlightAfter(f64),
+    /// Run this long, then stop with a block in flight.
+    StopInFlightAfter(Duration),
 }
 
 fn parse_go(line: &str) -> anyhow::Result<Go> {
@@ -325,10 +325,8 @@ fn parse_go(line: &str) -> anyhow::Result<Go> {
         return Ok(Go::Run);
     }
     if let Some(v) = line.strip_prefix("go stop-in-flight-after=") {
-        let secs: f64 = v
-            .parse()
-            .with_context(|| format!("bad seconds in {line:?}"))?;
-        return Ok(Go::StopInFlightAfter(secs));
+        let d = parse_duration(v).map_err(|e| anyhow::anyhow!("{line:?}: {e}"))?;
+        return Ok(Go::StopInFlightAfter(d));
     }
     bail!("expected `go` on stdin, got {line:?}")
 }
@@ -441,11 +439,11 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let mut next = cfg.proc_id as usize;
     let mut ops = 0u64;
     let run_for = match go {
-        Go::Run => args.seconds,
-        Go::StopInFlightAfter(s) => s,
+        Go::Run => args.duration,
+        Go::StopInFlightAfter(d) => d,
     };
     let start = Instant::now();
-    let until = start + Duration::from_secs_f64(run_for);
+    let until = start + run_for;
     loop {
         // Check the clock every 64 operations only.
         if ops % 64 == 0 && Instant::now() >= until {
@@ -566,7 +564,7 @@ pub struct WorkerSpec {
     /// The `blocklab` binary.
     pub exe: PathBuf,
     pub node: NodeArgs,
-    pub seconds: f64,
+    pub duration: Duration,
     pub with_io: bool,
     pub hold: usize,
 }
@@ -581,12 +579,11 @@ impl WorkerProc {
             .args(["--internal-port", &n.internal_port.to_string()])
             .args(["--strategy", n.strategy.name()])
             .args(["--block-size", &n.block_size.to_string()])
-            .args(["--seconds", &spec.seconds.to_string()])
+            .args(["--duration", &format_duration(spec.duration)])
             .args(["--hold", &spec.hold.to_string()])
             .args(["--unfilled-capacity", &n.unfilled_capacity.to_string()]);
-        for d in &n.devices {
-            cmd.arg("--device").arg(d.to_string());
-        }
+        let devices: Vec<String> = n.devices.iter().map(|d| d.to_string()).collect();
+        cmd.arg("--devices").arg(devices.join(","));
         if spec.with_io {
             cmd.arg("--with-io");
         }
@@ -640,10 +637,13 @@ impl WorkerProc {
         self.say("go")
     }
 
-    /// `go`, but stop after `seconds` with a block allocated and written and not
+    /// `go`, but stop after `after` with a block allocated and written and not
     /// committed, and say so with an `in_flight` event.
-    pub fn go_stop_in_flight(&mut self, seconds: f64) -> anyhow::Result<()> {
-        self.say(&format!("go stop-in-flight-after={seconds}"))
+    pub fn go_stop_in_flight(&mut self, after: Duration) -> anyhow::Result<()> {
+        self.say(&format!(
+            "go stop-in-flight-after={}",
+            format_duration(after)
+        ))
     }
 
     fn say(&mut self, line: &str) -> anyhow::Result<()> {

@@ -18,7 +18,7 @@ use blocklab::monitor::{
 use clap::{Args, Subcommand};
 use uuid::Uuid;
 
-use crate::args::{parse_ms, parse_secs};
+use crate::args::parse_duration;
 
 /// `blocklab mkfs`.
 #[derive(Debug, Args)]
@@ -64,13 +64,13 @@ pub enum MonitorCmd {
         /// zk://host:port[,host:port...][/chroot] (node /blocklab/monitor/map).
         #[arg(long)]
         store: Option<String>,
-        /// Least time between two proposals, in milliseconds (Ceph's default: 1000).
-        #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
-        propose_interval_ms: u64,
-        /// Least time a change waits for company when the monitor was idle, in
-        /// milliseconds (Ceph's paxos_min_wait: 50; capped at the propose interval).
-        #[arg(long, value_parser = parse_ms, default_value_t = 0)]
-        min_wait_ms: u64,
+        /// Least time between two proposals, e.g. 50ms (Ceph's default: 1s).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+        propose_interval: Duration,
+        /// Least time a change waits for company when the monitor was idle, e.g. 50ms
+        /// (Ceph's paxos_min_wait: 50ms; capped at the propose interval).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+        min_wait: Duration,
         /// fsid of a new cluster (default: random); must match an existing journal.
         #[arg(long)]
         fsid: Option<Uuid>,
@@ -108,12 +108,12 @@ pub struct NodeArgs {
     /// The monitor's address.
     #[arg(long)]
     pub monitor: String,
-    /// The devices this node owns (repeat, or comma-separated).
-    #[arg(long = "device", required = true, num_args = 1.., value_delimiter = ',')]
+    /// The devices this node owns, comma-separated.
+    #[arg(long, required = true, value_delimiter = ',')]
     pub devices: Vec<PathBuf>,
-    /// How long to keep retrying an unreachable monitor, in seconds.
-    #[arg(long, value_parser = parse_secs, default_value_t = 5)]
-    pub connect_retry_s: u64,
+    /// How long to keep retrying an unreachable monitor, e.g. 5s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    pub connect_retry: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,8 +146,8 @@ pub struct InitArgs {
     /// The monitor's address.
     #[arg(long)]
     pub monitor: String,
-    /// Node agents' addresses (`blocklab node serve`), repeat or comma-separated.
-    #[arg(long = "node", required = true, num_args = 1.., value_delimiter = ',')]
+    /// Node agents' addresses (`blocklab node serve`), comma-separated.
+    #[arg(long, required = true, value_delimiter = ',')]
     pub nodes: Vec<String>,
     /// sequential, parallel_nodes, parallel_daemons or parallel.
     #[arg(long, default_value = "parallel")]
@@ -246,15 +246,15 @@ pub fn monitor(cmd: MonitorCmd) -> anyhow::Result<()> {
             listen,
             journal,
             store,
-            propose_interval_ms,
-            min_wait_ms,
+            propose_interval,
+            min_wait,
             fsid,
         } => {
             let (backend, what) = map_store(journal, store)?;
             let l = TcpListener::bind(&listen).with_context(|| format!("binding {listen}"))?;
             let config = ProposeConfig {
-                propose_interval: Duration::from_millis(propose_interval_ms),
-                min_wait: Duration::from_millis(min_wait_ms),
+                propose_interval,
+                min_wait,
             };
             let m = Monitor::start(l, backend, config, fsid)
                 .with_context(|| format!("starting the monitor on {what}"))?;
@@ -342,8 +342,7 @@ fn print_map(monitor: &str, json: bool) -> anyhow::Result<()> {
 }
 
 fn agent(n: &NodeArgs) -> anyhow::Result<NodeAgent> {
-    Ok(NodeAgent::new(&n.name, &n.devices, &n.monitor)?
-        .with_connect_retry(Duration::from_secs(n.connect_retry_s)))
+    Ok(NodeAgent::new(&n.name, &n.devices, &n.monitor)?.with_connect_retry(n.connect_retry))
 }
 
 fn print_outcomes(daemons: &[init::DaemonOutcome]) -> usize {

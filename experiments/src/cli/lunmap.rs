@@ -17,7 +17,7 @@ use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{validate_simple_name, Backing, GatewayInfo, Layout};
 use clap::{Args, Subcommand};
 
-use crate::args::{parse_ms, parse_offset, parse_size};
+use crate::args::{parse_offset, parse_positive_duration, parse_size};
 
 /// Default coordination backend: the embedded store.
 pub const DEFAULT_COORD: &str = "embedded:/var/tmp/blocklab/coord.store";
@@ -55,12 +55,12 @@ pub struct MapArgs {
     /// Cluster name (the map lives under /blocklab/<cluster>).
     #[arg(long, default_value = "default")]
     pub cluster: String,
-    /// ZooKeeper session timeout in milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 6000)]
-    pub session_timeout_ms: u64,
-    /// How long to retry an unreachable ZooKeeper before giving up, in milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 10000)]
-    pub connect_timeout_ms: u64,
+    /// ZooKeeper session timeout, e.g. 6s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "6s")]
+    pub session_timeout: Duration,
+    /// How long to retry an unreachable ZooKeeper before giving up, e.g. 10s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "10s")]
+    pub connect_timeout: Duration,
 }
 
 impl MapArgs {
@@ -73,8 +73,8 @@ impl MapArgs {
         coord::connect(
             &self.coord,
             &ConnectOptions {
-                session_timeout: Duration::from_millis(self.session_timeout_ms),
-                connect_deadline: Duration::from_millis(self.connect_timeout_ms),
+                session_timeout: self.session_timeout,
+                connect_deadline: self.connect_timeout,
             },
         )
         .with_context(|| format!("connecting to {}", self.coord))
@@ -106,12 +106,12 @@ pub struct GatewayArgs {
     /// Baseline mode: directory of heartbeat files shared by all gateways.
     #[arg(long, requires = "filesync_dir")]
     pub heartbeat_dir: Option<PathBuf>,
-    /// Baseline mode: heartbeat advert interval in milliseconds (keepalived's default: 1000).
-    #[arg(long, value_parser = parse_ms, default_value_t = 1000)]
-    pub advert_ms: u64,
-    /// Baseline mode: how often the copied map file is polled, in milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 100)]
-    pub poll_ms: u64,
+    /// Baseline mode: heartbeat advert interval, e.g. 1s (keepalived's default).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "1s")]
+    pub advert_interval: Duration,
+    /// Baseline mode: how often the copied map file is polled, e.g. 100ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "100ms")]
+    pub poll_interval: Duration,
     /// Confirm each refusal with the coordination backend (sync + read) before returning
     /// it, so a mapping acknowledged but not yet delivered by the watch is served.
     #[arg(long, conflicts_with = "filesync_dir")]
@@ -240,7 +240,7 @@ fn follow_map(
                 dir.clone(),
                 Arc::clone(view),
                 reporter(a.events),
-                Duration::from_millis(a.poll_ms),
+                a.poll_interval,
             );
             Ok((f, None))
         }
@@ -291,7 +291,7 @@ fn heartbeats(a: &GatewayArgs, view: &Arc<RwLock<MapView>>) -> anyhow::Result<Ve
     let mut followers = Vec::new();
     if let (Some(_), Some(hb)) = (&a.filesync_dir, &a.heartbeat_dir) {
         std::fs::create_dir_all(hb).with_context(|| format!("creating {}", hb.display()))?;
-        let advert = Duration::from_millis(a.advert_ms);
+        let advert = a.advert_interval;
         followers.push(filesync::start_heartbeat(
             hb.clone(),
             a.node.clone(),

@@ -13,7 +13,7 @@ use blocklab::repl::replica::{self, NoHooks, PolicySpec, Regions, ReplicaOptions
 use blocklab::repl::NodeId;
 use clap::{Args, Subcommand};
 
-use crate::args::{parse_duration, parse_ms, parse_ms_f64, parse_size, parse_us, TimeUnit};
+use crate::args::{parse_duration, parse_positive_duration, parse_size};
 
 #[derive(Debug, Subcommand)]
 pub enum ReplCmd {
@@ -56,24 +56,25 @@ pub struct ServeArgs {
     /// Address to listen on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Primary only: a secondary's address, as ID=HOST:PORT (repeat for each).
-    #[arg(long = "peer", value_parser = parse_peer)]
+    /// Primary only: every secondary's address, as ID=HOST:PORT, comma-separated.
+    #[arg(long, value_parser = parse_peer, value_delimiter = ',')]
     peers: Vec<(NodeId, SocketAddr)>,
     /// Block device (or regular file) holding the log and the storage engine.
     #[arg(long)]
     device: PathBuf,
-    /// Commit notification: piggyback, periodic:Hms, eager, idle, idle_delayed:Dms.
+    /// Commit notification: piggyback, periodic:H, eager, idle, idle_delayed:D with H and D
+    /// durations, e.g. periodic:50ms.
     #[arg(long, default_value = "idle", value_parser = parse_policy)]
     policy: PolicySpec,
-    /// Length of a protocol tick in microseconds.
-    #[arg(long, value_parser = parse_us, default_value_t = 100)]
-    tick_us: u64,
-    /// Resend unacknowledged entries or notifications after this many milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 200)]
-    retransmit_ms: u64,
-    /// Injected one-way delay on every frame this replica sends, in milliseconds.
-    #[arg(long, value_parser = parse_ms_f64, default_value_t = 0.0)]
-    delay_ms: f64,
+    /// Length of a protocol tick, e.g. 100us.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "100us")]
+    tick: Duration,
+    /// Resend unacknowledged entries or notifications after this long, e.g. 200ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "200ms")]
+    retransmit: Duration,
+    /// Injected one-way delay on every frame this replica sends, e.g. 500us.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+    delay: Duration,
     /// Size of the log region (K/M/G) on a device that is not formatted; on a formatted
     /// daemon device the log lives in its log region.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
@@ -93,10 +94,9 @@ pub struct ServeArgs {
 
 /// A commit-notification policy (`--policy` here, exp-commit's `--policies`): as
 /// [`PolicySpec::parse`], with the duration of `periodic:H` and `idle_delayed:D` read by
-/// the one duration parser (a bare number is milliseconds: `periodic:50`, `periodic:50ms`,
-/// `idle_delayed:0.5ms`).
+/// the one duration parser, so it carries a unit (`periodic:50ms`, `idle_delayed:500us`).
 pub fn parse_policy(s: &str) -> Result<PolicySpec, String> {
-    let duration = |p: &str| parse_duration(p, TimeUnit::Millis).map_err(|e| format!("{s:?}: {e}"));
+    let duration = |p: &str| parse_duration(p).map_err(|e| format!("{s:?}: {e}"));
     match s.split_once(':') {
         Some(("periodic", p)) => Ok(PolicySpec::Periodic(duration(p)?)),
         Some(("idle_delayed", p)) => Ok(PolicySpec::IdleDelayed(duration(p)?)),
@@ -171,9 +171,9 @@ fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)>
         peers,
         device,
         policy,
-        tick_us,
-        retransmit_ms,
-        delay_ms,
+        tick,
+        retransmit,
+        delay,
         log_size,
         data_size,
         fresh,
@@ -181,9 +181,6 @@ fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)>
     } = a;
     if !members.contains(&id) {
         bail!("--id {id} is not among --members {members:?}");
-    }
-    if !(delay_ms.is_finite() && delay_ms >= 0.0) {
-        bail!("--delay-ms must be ≥ 0");
     }
     let (regions, formatted) = Regions::detect(&device, log_size, data_size)
         .with_context(|| format!("reading {}", device.display()))?;
@@ -206,9 +203,9 @@ fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)>
         device,
         regions,
         policy,
-        tick: Duration::from_micros(tick_us.max(1)),
-        retransmit: Duration::from_millis(retransmit_ms.max(1)),
-        delay: Duration::from_secs_f64(delay_ms / 1000.0),
+        tick,
+        retransmit,
+        delay,
         fresh,
         force,
         group_commit: true,

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::args::format_duration;
 use anyhow::{bail, Context};
 pub use blocklab::failover::node::{unix_us, Mode};
 use blocklab::failover::vip::run;
@@ -31,9 +32,11 @@ pub struct ClusterSpec {
     pub force: bool,
     pub nodes: usize,
     pub mode: Mode,
-    pub heartbeat_ms: u64,
+    /// The nodes' heartbeat period (the service's session timeout is 5 of them).
+    pub heartbeat: Duration,
     pub backend: VipKind,
-    pub copy_rate_mib: u64,
+    /// Copy throughput cap of the block service, bytes per second (0: none).
+    pub copy_rate: u64,
     /// The block service's `--journal` (None: `file`).
     pub journal: Option<String>,
     /// More arguments for the block service (e.g. the hidden crash injection).
@@ -293,10 +296,10 @@ impl Cluster {
             .arg(self.service_dir())
             .arg("--devices")
             .arg(devices)
-            .arg("--copy-rate-mib")
-            .arg(self.spec.copy_rate_mib.to_string())
-            .arg("--session-timeout-ms")
-            .arg((self.spec.heartbeat_ms * 5).to_string())
+            .arg("--copy-rate")
+            .arg(self.spec.copy_rate.to_string())
+            .arg("--session-timeout")
+            .arg(format_duration(self.spec.heartbeat * 5))
             .arg("--journal")
             .arg(self.spec.journal.as_deref().unwrap_or("file"));
         if self.spec.force {
@@ -333,17 +336,18 @@ impl Cluster {
         let ns = self.net.as_ref().map(|n| n.nodes[i].clone());
         let mut cmd = self.command(ns.as_deref());
         cmd.args(["mgmt", "serve", "--node", &i.to_string()]);
-        for (j, a) in self.hb_addrs.iter().enumerate() {
-            cmd.arg("--peers").arg(format!("{j}={a}"));
-        }
+        let peers: Vec<String> = (self.hb_addrs.iter().enumerate())
+            .map(|(j, a)| format!("{j}={a}"))
+            .collect();
+        cmd.arg("--peers").arg(peers.join(","));
         cmd.arg("--service")
             .arg(self.service.to_string())
             .arg("--vip")
             .arg(self.vip.ip().to_string())
             .arg("--port")
             .arg(self.vip.port().to_string())
-            .arg("--heartbeat-ms")
-            .arg(self.spec.heartbeat_ms.to_string())
+            .arg("--heartbeat")
+            .arg(format_duration(self.spec.heartbeat))
             .arg("--vip-backend")
             .arg(self.spec.backend.name())
             .arg("--mode")

@@ -17,7 +17,7 @@ use blocklab::failover::wire::{Op, OpResult};
 use blocklab::volume::StoreConfig;
 use clap::{Args, Subcommand};
 
-use crate::args::{parse_ms, parse_secs, parse_size};
+use crate::args::{parse_bytes, parse_positive_duration, parse_size};
 
 pub mod cluster;
 
@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// This node's id (must appear in --peers).
     #[arg(long)]
     pub node: u32,
-    /// Every node's heartbeat (UDP) address: `ID=IP:PORT,ID=IP:PORT,...` (or repeat the flag).
+    /// Every node's heartbeat (UDP) address: `ID=IP:PORT,ID=IP:PORT,...`.
     #[arg(long, value_parser = parse_peers, value_delimiter = ',', required = true)]
     pub peers: Vec<(u32, SocketAddr)>,
     /// The block service's address.
@@ -52,9 +52,9 @@ pub struct ServeArgs {
     /// This node's own request address (client_retry only).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Heartbeat period in milliseconds.
-    #[arg(long, value_parser = parse_ms, default_value_t = 100)]
-    pub heartbeat_ms: u64,
+    /// Heartbeat period, e.g. 100ms.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "100ms")]
+    pub heartbeat: Duration,
     /// A peer silent for more than this many periods is dead.
     #[arg(long, default_value_t = 3)]
     pub dead_after: u64,
@@ -99,14 +99,14 @@ pub struct BlockServiceArgs {
     /// Copy chunks in flight (1..=2048).
     #[arg(long, default_value_t = 8)]
     pub copy_depth: usize,
-    /// Cap copy throughput at this many MiB/s (0 = full speed); lets small test volumes copy
-    /// as long as large ones would.
-    #[arg(long, default_value_t = 0)]
-    pub copy_rate_mib: u64,
-    /// A node whose pings stop for this many ms is dead: its session-bound (client_retry)
-    /// operations are abandoned.
-    #[arg(long, value_parser = parse_ms, default_value_t = 500)]
-    pub session_timeout_ms: u64,
+    /// Cap copy throughput at this many bytes per second, e.g. 64M for 64 MiB/s (0 = full
+    /// speed); lets small test volumes copy as long as large ones would.
+    #[arg(long, value_parser = parse_bytes, default_value = "0")]
+    pub copy_rate: u64,
+    /// A node whose pings stop for this long is dead, e.g. 500ms: its session-bound
+    /// (client_retry) operations are abandoned.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "500ms")]
+    pub session_timeout: Duration,
     /// Where the operation journal lives: `file` (journal.jsonl in --state-dir),
     /// `embedded:PATH` or `zk://host:port[,...][/chroot]` (the coordination backend).
     #[arg(long, default_value = "file")]
@@ -128,14 +128,14 @@ pub struct VolumeArgs {
     /// Operation id (default: a fresh UUID). Re-using an id returns the first result.
     #[arg(long)]
     pub op_id: Option<String>,
-    /// Re-send the same operation id after this many ms without any message (the holder
-    /// forwards keepalives while an operation runs).
-    #[arg(long, value_parser = parse_ms, default_value_t = 5000)]
-    pub resend_ms: u64,
-    /// Give up after this many seconds without any message (not of total time: a long
+    /// Re-send the same operation id after this long without any message, e.g. 5s (the
+    /// holder forwards keepalives while an operation runs).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "5s")]
+    pub resend: Duration,
+    /// Give up after this long without any message, e.g. 60s (not of total time: a long
     /// copy that keeps sending keepalives is waited for).
-    #[arg(long, value_parser = parse_secs, default_value_t = 60)]
-    pub give_up_s: u64,
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "60s")]
+    pub give_up: Duration,
     #[command(subcommand)]
     pub cmd: VolumeCmd,
 }
@@ -232,7 +232,7 @@ fn node_config(a: ServeArgs) -> anyhow::Result<NodeConfig> {
         port: a.port,
         listen,
         mode,
-        heartbeat: Duration::from_millis(a.heartbeat_ms.max(1)),
+        heartbeat: a.heartbeat,
         timing: Timing {
             dead_after: a.dead_after,
             takeover_after: a.takeover_after,
@@ -254,8 +254,8 @@ fn service_config(a: BlockServiceArgs) -> anyhow::Result<ServiceConfig> {
         },
         force: a.force,
         deliver_for: Duration::from_secs(120),
-        copy_rate: (a.copy_rate_mib > 0).then_some(a.copy_rate_mib << 20),
-        session_timeout: Duration::from_millis(a.session_timeout_ms.max(1)),
+        copy_rate: (a.copy_rate > 0).then_some(a.copy_rate),
+        session_timeout: a.session_timeout,
         journal: if a.journal == "file" {
             JournalSpec::File
         } else {
@@ -270,8 +270,8 @@ fn service_config(a: BlockServiceArgs) -> anyhow::Result<ServiceConfig> {
 
 pub fn run_volume(a: VolumeArgs) -> anyhow::Result<()> {
     let mut client = Client::new(vec![a.vip]);
-    client.resend_after = Duration::from_millis(a.resend_ms.max(1));
-    client.give_up = Duration::from_secs(a.give_up_s);
+    client.resend_after = a.resend;
+    client.give_up = a.give_up;
     let op = match a.cmd {
         VolumeCmd::Create { name, size } => Op::Create { name, size },
         VolumeCmd::Delete { name } => Op::Delete { name },
