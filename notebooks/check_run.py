@@ -2,10 +2,11 @@
 """Checks one quick-profile run: python notebooks/check_run.py RESULTS FIGURES [--skip EXP]...
 
 Every CSV has exactly its documented columns and at least one row per configuration the
-quick profile runs; every figure the paper cites exists; claims.json parses and names
-every claim, each from at least one sample. `--skip EXP` (e.g. exp-io, an experiment that
-could not run for lack of a package) leaves out EXP's CSVs, figures and claims. Exits
-non-zero with one line per problem.
+quick profile runs; beside each, its raw data: `<exp>-hist.csv` with a decodable histogram
+per row and metric, and exp-io's fio JSON per fio row; every figure the paper cites exists;
+claims.json parses and names every claim, each from at least one sample. `--skip EXP`
+(e.g. exp-io, an experiment that could not run for lack of a package) leaves out EXP's
+CSVs, figures and claims. Exits non-zero with one line per problem.
 """
 import argparse
 import itertools
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from hdrh.histogram import HdrHistogram
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims  # noqa: E402
@@ -46,6 +48,18 @@ CONFIGS = {
     "exp-failover.csv": [{"mode": ["vip_handoff", "client_retry"], "operation": ["create", "delete", "copy", "all"]}],
 }
 
+# `<exp>-hist.csv`: the configuration columns (the key of a row of the CSV), then metric and
+# hdr; one row per metric for every row of the CSV (exp-io: its blocklab rows).
+HISTS = {
+    "exp-io.csv": ("tool,pattern,block_size_bytes,queue_depth,repetition", ["lat_ns"]),
+    "exp-init.csv": ("strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition", ["daemon_us"]),
+    "exp-commit.csv": ("policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition",
+                       ["apply_lag_us", "commit_lag_us", "write_us"]),
+    "exp-alloc.csv": ("strategy,processes,with_io,repetition", ["alloc_ns"]),
+    "exp-lunmap.csv": ("backend,gateways,editors,changes,repetition", ["propagation_us", "detect_dead_us"]),
+    "exp-failover.csv": ("mode,vip_backend,heartbeat_ms,operation,repetition", ["delivery_after_kill_us", "vip_move_us"]),
+}
+
 FIGURES = ["exp-io.pdf", "exp-init.pdf", "exp-init-speedup.pdf", "exp-init-phases.pdf", "exp-commit.pdf",
            "exp-commit-overhead.pdf", "exp-alloc.pdf", "exp-alloc-p50.pdf", "exp-lunmap.pdf", "exp-failover.pdf"]
 
@@ -54,6 +68,39 @@ def norm(v):
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"
     return v
+
+
+def check_raw(results: Path, name: str, df: pd.DataFrame):
+    """The raw data beside `name`: its histograms, and exp-io's fio JSON."""
+    problems = []
+    keys, metrics = HISTS[name]
+    keys = keys.split(",")
+    hname = name.replace(".csv", "-hist.csv")
+    try:
+        h = pd.read_csv(results / hname)
+    except (OSError, ValueError) as e:
+        return [f"{hname}: {e}"]
+    if list(h.columns) != keys + ["metric", "hdr"]:
+        return [f"{hname}: columns {','.join(h.columns)} != {','.join(keys + ['metric', 'hdr'])}"]
+    rows = df[df.tool == "blocklab"] if name == "exp-io.csv" else df
+    want = {tuple(norm(v) for v in r) + (m,) for r in rows[keys].itertuples(index=False) for m in metrics}
+    have = {tuple(norm(v) for v in r) for r in h[keys + ["metric"]].itertuples(index=False)}
+    for k in sorted(want - have, key=str)[:5]:
+        problems.append(f"{hname}: no histogram for {dict(zip(keys + ['metric'], k))}")
+    for i, text in enumerate(h.hdr):
+        try:
+            HdrHistogram.decode(text)
+        except Exception as e:  # any decoding failure is the same problem
+            problems.append(f"{hname}: row {i + 1}: histogram does not decode ({type(e).__name__}: {e})")
+            break
+    if name == "exp-io.csv":
+        for r in df[df.tool == "fio"].itertuples(index=False):
+            f = results / "exp-io-fio" / f"{r.pattern}-bs{r.block_size_bytes}-qd{r.queue_depth}-rep{r.repetition}.json"
+            try:
+                json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                problems.append(f"exp-io-fio: {f.name}: {e}")
+    return problems
 
 
 def of_experiment(name: str, exp: str) -> bool:
@@ -81,6 +128,8 @@ def check(results: Path, figures: Path, skip=()):
             continue
         if df.empty:
             problems.append(f"{name}: no rows")
+        if name in HISTS:
+            problems += check_raw(results, name, df)
         for spec in CONFIGS.get(name, []):
             keys = list(spec)
             have = {tuple(norm(r[k]) for k in keys) for _, r in df[keys].iterrows()}

@@ -6,11 +6,14 @@
 Each claim is one value per repetition (a ratio is taken between the two arms of the
 same repetition). Its estimate is the median over repetitions with a 95% percentile-
 bootstrap interval (2,000 resamples of the repetitions, fixed seed); a count the claim says
-is 0 (lost, leaked, duplicated) is summed over all repetitions and has no interval. The
+is 0 (lost, leaked, duplicated) is summed over all repetitions and has no interval. A
+latency percentile is taken from the repetitions' merged histograms (`<exp>-hist.csv`);
+its interval resamples the repetitions, merging the chosen ones' histograms each time (a
+ratio: the same repetitions for both arms). The
 verdict comes from the interval: holds when all of it is on the target's side, does not
 hold when all of it is on the other side, inconclusive when it straddles the target. A
-claim without samples (no CSV, no rows, a missing arm) does not hold. A quick-profile run's
-verdicts are labelled indicative.
+claim without samples (no CSV, no histograms, no rows, a missing arm) does not hold. A
+quick-profile run's verdicts are labelled indicative.
 
 Prints the table (claim, estimate, interval, n, target, verdict), writes `claims.json`
 into RESULTS_DIR (or --json) and, with --tex, LaTeX macros per claim
@@ -27,6 +30,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from blocklab_nb import load_hists, merge, merged_percentile  # noqa: E402
 
 
 # Bootstrap: resamples of the repetitions, and a fixed seed so a run's table is repeatable.
@@ -47,8 +53,60 @@ class Claim:
     # the two arms of the same repetition (paired).
     per_rep: Callable[[pd.DataFrame], pd.Series]
     # "estimate": the median over repetitions with a bootstrap interval; "count": a count
-    # the claim says is 0, summed over repetitions (exact, no interval).
+    # the claim says is 0, summed over repetitions (exact, no interval); "merged": a
+    # percentile of histograms merged over repetitions (`per_rep` then takes the
+    # `<exp>-hist.csv` rows and returns a Merged; `column` names the metric).
     kind: str = "estimate"
+
+    @property
+    def hist_csv(self) -> str:
+        return self.csv.removesuffix(".csv") + "-hist.csv"
+
+
+@dataclass
+class Merged:
+    """A claim's value from histograms merged over a set of repetitions: `stat` takes a
+    sorted tuple of repetitions (repeats allowed: a bootstrap resample) and returns the
+    value. `reps` are the repetitions in which every arm of every group has samples."""
+    reps: list
+    stat: Callable[[tuple], float]
+
+
+def merged_stat(hists, sel, metric, q, groups=(), ratio=None, scale=1.0, offset=0.0):
+    """The q-th percentile of the `metric` histograms of the rows `sel` picks, merged over
+    the chosen repetitions, separately for each combination of the `groups` columns; the
+    worst (largest) over groups, times `scale` plus `offset`. With `ratio` = (num, den),
+    two row selectors, the value of a group is the percentile of num's rows over den's,
+    both merged over the same repetitions (paired)."""
+    d = hists[(hists.metric == metric) & sel(hists)]
+    arms = [lambda g: g.index == g.index] if ratio is None else list(ratio)
+    by_group = list(d.groupby(list(groups))) if groups else [((), d)]
+    gkeys = [gk for gk, _ in by_group]
+    # One layout for every histogram of the claim, so merging in the bootstrap is fast.
+    top = max([h.highest_trackable_value for h in d["hist"]] + [2])
+    cells = {}  # (group, arm) -> {repetition: the histograms of its rows, merged}
+    for gk, g in by_group:
+        for i, arm in enumerate(arms):
+            a = g[arm(g)]
+            cells[(gk, i)] = {rep: merge(x["hist"], top) for rep, x in a.groupby("repetition")}
+    def stat(chosen):
+        worst = math.nan
+        for gk in gkeys:
+            v = [merged_percentile([cells[(gk, i)][r] for r in chosen], q) for i in range(len(arms))]
+            if ratio is not None:
+                v = [v[0] / v[1] if v[1] else math.nan]
+            if math.isnan(v[0]):
+                return math.nan  # a missing arm fails the value, never reads as 0
+            worst = v[0] if math.isnan(worst) else max(worst, v[0])
+        return worst * scale + offset
+
+    # A repetition counts when every arm of every group has samples in it and its own value
+    # is defined (a ratio's denominator not 0); then so is the value of any resample, since
+    # a percentile of merged histograms is at least the smallest of theirs.
+    reps = sorted(set(d.repetition)) if not d.empty else []
+    reps = [r for r in reps if all(r in c and c[r].get_total_count() > 0 for c in cells.values())
+            and not math.isnan(stat((r,)))]
+    return Merged(reps, stat)
 
 
 def by_rep(df, f):
@@ -97,8 +155,9 @@ def alloc_sel(df, strategy, processes):
     return (df.strategy == strategy) & (df.processes == processes) & (~df.with_io.astype(str).str.lower().eq("true"))
 
 
-def alloc_p50(df):
-    return by_rep(df[alloc_sel(df, "shm", 1)], lambda g: g.alloc_p50_ns.median())
+def alloc_p50(hists):
+    """p50 of shm's allocation latency at 1 process, allocation only, merged."""
+    return merged_stat(hists, lambda d: alloc_sel(d, "shm", 1), "alloc_ns", 50)
 
 
 def alloc_ratio(other):
@@ -115,45 +174,36 @@ def count(cols, sel=lambda df: df.index == df.index):
     return f
 
 
-def lunmap_p99_8gw(df):
-    """Per repetition: propagation p99 to 8 gateways through ZooKeeper, the worse editor count."""
-    sel = df.loc[(df.backend == "zookeeper") & (df.gateways == 8)]
-    return by_rep(sel, lambda g: g.propagation_p99_ms.max())
+def lunmap_p99_8gw(hists):
+    """Propagation p99 (ms) to 8 gateways through ZooKeeper, merged per editor count; the
+    worse editor count."""
+    return merged_stat(hists, lambda d: (d.backend == "zookeeper") & (d.gateways == 8), "propagation_us", 99,
+                       groups=["editors"], scale=1e-3)
 
 
-def lunmap_detect_excess(df):
-    """Per repetition: worst detect_dead_ms of the ZooKeeper backends minus the session
-    timeout (2000 ms), in ms."""
-    sel = df.loc[df.backend.str.startswith("zookeeper")]
-    return by_rep(sel, lambda g: g.detect_dead_ms.max() - 2000.0)
+def lunmap_detect_excess(hists):
+    """The latest detection of a dead gateway (the maximum, ms) over the ZooKeeper
+    backends' runs, minus the session timeout (2000 ms)."""
+    return merged_stat(hists, lambda d: d.backend.str.startswith("zookeeper"), "detect_dead_us", 100,
+                       scale=1e-3, offset=-2000.0)
 
 
 def failover_sel(df):
     return (df["mode"] == "vip_handoff") & (df.heartbeat_ms == 100) & (df.operation == "all")
 
 
-def failover_p99(df):
-    """Per repetition: result delivery after a kill, p99, the worse VIP backend."""
-    return by_rep(df.loc[failover_sel(df)], lambda g: g.delivery_after_kill_p99_ms.max())
+def failover_p99(hists):
+    """Result delivery after a kill, p99 (ms), merged per VIP backend; the worse backend."""
+    return merged_stat(hists, failover_sel, "delivery_after_kill_us", 99, groups=["vip_backend"], scale=1e-3)
 
 
 def commit_lag_ratio(other, workloads=("single", "bursty")):
-    """Per repetition: the worst (over workloads and RTTs) ratio of idle's apply-lag p99 to
-    another policy's in the same repetition."""
-    def f(df):
-        d = df[df.workload.isin(workloads)]
-
-        def worst(g):
-            w = math.nan
-            for _, c in g.groupby(["workload", "rtt_ms"]):
-                idle = c.loc[c.policy == "idle", "apply_lag_p99_us"]
-                base = c.loc[c.policy == other, "apply_lag_p99_us"]
-                if idle.empty or base.empty or base.mean() == 0:
-                    return math.nan  # a missing arm fails the repetition, not reads as 0
-                r = idle.mean() / base.mean()
-                w = r if math.isnan(w) else max(w, r)
-            return w
-        return by_rep(d, worst)
+    """The worst (over workloads and RTTs) ratio of idle's apply-lag p99 to another
+    policy's, each merged over the same repetitions."""
+    def f(hists):
+        return merged_stat(hists, lambda d: d.workload.isin(workloads), "apply_lag_us", 99,
+                           groups=["workload", "rtt_ms"],
+                           ratio=(lambda g: g.policy == "idle", lambda g: g.policy == other))
     return f
 
 
@@ -186,29 +236,29 @@ CLAIMS = [
           "exp-init-speedup.pdf", "x", ">= 10", init_speedup),
     Claim("initOverBound", "parallel init total / physical bound, 3 nodes x 8 daemons", "exp-init.csv", "bound_ms",
           "exp-init.pdf", "x", "<= 1.5", init_over_bound),
-    Claim("allocShmPfifty", "shm allocation p50, 1 process", "exp-alloc.csv", "alloc_p50_ns", "exp-alloc-p50.pdf",
-          "ns", "<= 100", alloc_p50),
+    Claim("allocShmPfifty", "shm allocation p50, 1 process", "exp-alloc.csv", "alloc_ns", "exp-alloc-p50.pdf",
+          "ns", "<= 100", alloc_p50, "merged"),
     Claim("allocShmOverMutex", "shm / mutex allocations per second, 2 processes", "exp-alloc.csv", "ops_per_s", "exp-alloc.pdf",
           "x", ">= 3", alloc_ratio("mutex")),
     Claim("allocShmOverCentral", "shm / central allocations per second, 2 processes", "exp-alloc.csv", "ops_per_s", "exp-alloc.pdf",
           "x", ">= 20", alloc_ratio("central")),
     Claim("allocLost", "leaked + double-allocated blocks, all runs", "exp-alloc.csv", "leaked_blocks,double_allocated", "exp-alloc.pdf",
           "", "= 0", count(["leaked_blocks", "double_allocated"]), "count"),
-    Claim("lunmapPropagation", "ZooKeeper map propagation p99, 8 gateways (worse editor count)", "exp-lunmap.csv", "propagation_p99_ms",
-          "exp-lunmap.pdf", "ms", "<= 20", lunmap_p99_8gw),
+    Claim("lunmapPropagation", "ZooKeeper map propagation p99, 8 gateways (worse editor count)", "exp-lunmap.csv", "propagation_us",
+          "exp-lunmap.pdf", "ms", "<= 20", lunmap_p99_8gw, "merged"),
     Claim("lunmapLost", "lost updates with 4 editors on ZooKeeper", "exp-lunmap.csv", "lost_updates", "exp-lunmap.pdf",
           "", "= 0", count(["lost_updates"], lambda d: d.backend.str.startswith("zookeeper") & (d.editors == 4)), "count"),
-    Claim("lunmapDetect", "dead-gateway detection beyond the session timeout (worst gateway)", "exp-lunmap.csv", "detect_dead_ms",
-          "exp-lunmap.pdf", "ms", "<= 1000", lunmap_detect_excess),
+    Claim("lunmapDetect", "dead-gateway detection beyond the session timeout (worst gateway)", "exp-lunmap.csv", "detect_dead_us",
+          "exp-lunmap.pdf", "ms", "<= 1000", lunmap_detect_excess, "merged"),
     Claim("failoverDelivery", "result delivery after a kill, p99, VIP handoff, 100 ms heartbeat (worse backend)", "exp-failover.csv",
-          "delivery_after_kill_p99_ms", "exp-failover.pdf", "ms", "<= 1000", failover_p99),
+          "delivery_after_kill_us", "exp-failover.pdf", "ms", "<= 1000", failover_p99, "merged"),
     Claim("failoverLostDup", "lost results + duplicate executions with VIP handoff", "exp-failover.csv",
           "lost_results,duplicate_executions", "exp-failover.pdf", "", "= 0",
           count(["lost_results", "duplicate_executions"], lambda d: d["mode"] == "vip_handoff"), "count"),
     Claim("commitIdleOverEager", "idle / eager apply-lag p99, single and bursty (worst case)", "exp-commit.csv",
-          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 1.5", commit_lag_ratio("eager")),
+          "apply_lag_us", "exp-commit.pdf", "x", "<= 1.5", commit_lag_ratio("eager"), "merged"),
     Claim("commitIdleOverPiggyback", "idle / piggyback apply-lag p99, single and bursty (worst case)", "exp-commit.csv",
-          "apply_lag_p99_us", "exp-commit.pdf", "x", "<= 0.1", commit_lag_ratio("piggyback")),
+          "apply_lag_us", "exp-commit.pdf", "x", "<= 0.1", commit_lag_ratio("piggyback"), "merged"),
     Claim("commitIdleExtra", "idle extra messages per write, closed loop", "exp-commit.csv", "extra_messages_per_write",
           "exp-commit-overhead.pdf", "", "<= 0.05", commit_extra("idle")),
     Claim("commitEagerExtra", "eager extra messages per write, closed loop", "exp-commit.csv", "extra_messages_per_write",
@@ -239,6 +289,31 @@ def bootstrap_median(values, resamples=RESAMPLES, seed=SEED):
     rng = np.random.default_rng(seed)
     meds = np.median(rng.choice(v, size=(resamples, len(v)), replace=True), axis=1)
     lo, hi = np.percentile(meds, [2.5, 97.5])
+    return est, float(lo), float(hi)
+
+
+def bootstrap_merged(m: Merged, resamples=RESAMPLES, seed=SEED):
+    """The value of all of `m`'s repetitions merged, and a 95% percentile-bootstrap interval
+    of it: each resample draws the repetitions with replacement (the same draw for both arms
+    of a ratio), merges the drawn repetitions' histograms and takes the value. NaN without
+    repetitions."""
+    reps = list(m.reps)
+    if not reps:
+        return math.nan, math.nan, math.nan
+    cache = {}
+
+    def value(chosen):
+        key = tuple(sorted(chosen))  # merging ignores order: one value per multiset
+        if key not in cache:
+            cache[key] = m.stat(key)
+        return cache[key]
+    est = value(reps)
+    if len(reps) < 2:
+        return est, est, est
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(np.asarray(reps), size=(resamples, len(reps)), replace=True)
+    vals = np.array([value(tuple(int(r) for r in row)) for row in draws])
+    lo, hi = np.percentile(vals, [2.5, 97.5])
     return est, float(lo), float(hi)
 
 
@@ -276,22 +351,37 @@ def evaluate(results: Path):
             row["status"] = "does not hold (not run)"
             out.append(row)
             continue
-        if c.csv not in cache:
-            cache[c.csv] = pd.read_csv(path)
+        if c.kind == "merged":
+            # The histograms beside the CSV; an older run without them has no samples.
+            path = results / c.hist_csv
+            if not path.exists():
+                row["status"] = f"does not hold (no histograms: {c.hist_csv} missing)"
+                out.append(row)
+                continue
         try:
-            reps = c.per_rep(cache[c.csv])
+            if path.name not in cache:
+                cache[path.name] = load_hists(results, c.csv.removesuffix(".csv")) if c.kind == "merged" \
+                    else pd.read_csv(path)
+            if c.kind == "merged":
+                m = c.per_rep(cache[path.name])
+                est, lo, hi = bootstrap_merged(m)
+                n = len(m.reps)
+            else:
+                reps = c.per_rep(cache[path.name])
+                n = len(reps)
         except Exception as e:  # a claim that cannot be computed is reported, not hidden
             row["status"] = f"does not hold (error: {e})"
             out.append(row)
             continue
-        row["n"] = int(len(reps))
-        if reps.empty:
+        row["n"] = int(n)
+        if n == 0 or (c.kind == "merged" and math.isnan(est)):
             # Missing samples fail the claim; they never read as 0.
+            row["n"] = 0
             row["status"] = "does not hold (no samples)"
         else:
             if c.kind == "count":
                 est = lo = hi = float(reps.sum())
-            else:
+            elif c.kind == "estimate":
                 est, lo, hi = bootstrap_median(reps.values)
             row.update(value=est, low=lo, high=hi, status=verdict(c.target, lo, hi))
         out.append(row)

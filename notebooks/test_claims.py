@@ -5,13 +5,17 @@ Each claim must be able to fail: missing samples do not hold, a non-zero count d
 hold, an interval that straddles the target is inconclusive. Also check_run.py's --skip
 (an experiment that could not run is left out, and nothing else)."""
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+from hdrh.histogram import HdrHistogram
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import blocklab_nb  # noqa: E402
 import check_run  # noqa: E402
 import claims  # noqa: E402
 
@@ -95,6 +99,102 @@ def test_check_run_leaves_out_only_the_skipped_experiment():
     assert not [p for p in left if "exp-io" in p or "ioRandWriteRatio" in p], left
     assert "exp-init.csv: missing" in left and any("exp-init-speedup.pdf" in p for p in left)
     assert len(left) < len(every)
+
+
+def hdr(values):
+    """A histogram of `values` as the hist CSVs carry it (V2 deflate, base64)."""
+    h = HdrHistogram(1, 10**7, 3)
+    for v in values:
+        h.record_value(v)
+    return h.encode().decode()
+
+
+def test_rust_histogram_decodes_to_the_same_percentiles():
+    # Written by the Rust side (experiments/src/stats.rs, the same fixture its test
+    # decodes): 1..=1000, p50 500 and p99 990 there.
+    text = (HERE / "testdata" / "hist-1-to-1000.txt").read_text().strip()
+    h = HdrHistogram.decode(text)
+    assert h.get_total_count() == 1000
+    assert blocklab_nb.merged_percentile([h], 50) == 500
+    assert blocklab_nb.merged_percentile([h], 99) == 990
+    assert blocklab_nb.merged_percentile([h], 100) == 1000
+    # Merged with a second copy: the same percentiles, twice the count.
+    assert blocklab_nb.merged_percentile([h, HdrHistogram.decode(text)], 99) == 990
+    assert blocklab_nb.merge([h, h]).get_total_count() == 2000
+    # load_hists decodes the `hdr` column of a run's hist CSV.
+    d = Path(tempfile.mkdtemp())
+    pd.DataFrame([dict(strategy="shm", repetition=0, metric="alloc_ns", hdr=text)]).to_csv(
+        d / "exp-alloc-hist.csv", index=False)
+    df = blocklab_nb.load_hists(d, "exp-alloc")
+    assert list(df.columns) == ["strategy", "repetition", "metric", "hdr", "hist"]
+    assert df["hist"][0].get_value_at_percentile(100) == 1000
+    # No values: no percentile (never a zero).
+    assert math.isnan(blocklab_nb.merged_percentile([HdrHistogram(1, 1000, 3)], 50))
+    assert math.isnan(blocklab_nb.merged_percentile([], 50))
+
+
+def alloc_rows(reps):
+    main = [dict(strategy="shm", processes=1, with_io=False, repetition=r, ops=1, ops_per_s=1.0, alloc_p50_ns=0,
+                 alloc_p99_ns=0, leaked_blocks=0, double_allocated=0) for r in reps]
+    return main
+
+
+def test_merged_percentile_bootstrap():
+    # Three repetitions of shm's allocation latency: 100 x 10 ns, 100 x 20 ns, 300 x 30 ns.
+    # The median of the per-repetition p50s would be 20; merged, the p50 is 30.
+    values = {0: [10] * 100, 1: [20] * 100, 2: [30] * 300}
+    hist = [dict(strategy="shm", processes=1, with_io=False, repetition=r, metric="alloc_ns", hdr=hdr(v))
+            for r, v in values.items()]
+    csvs = {"exp-alloc.csv": alloc_rows(values), "exp-alloc-hist.csv": hist}
+    r = run(csvs)["allocShmPfifty"]
+    assert r["kind"] == "merged" and r["n"] == 3
+    assert r["value"] == 30.0
+    assert 10.0 <= r["low"] <= r["value"] <= r["high"] <= 30.0 and r["low"] < r["high"]
+    assert r["status"] == "holds"  # target <= 100 ns
+    assert run(csvs)["allocShmPfifty"] == r  # fixed seed: repeatable
+    # Empty histograms (nothing measured) are no samples: does not hold, never a zero.
+    empty = [dict(x, hdr=hdr([])) for x in hist]
+    r = run({"exp-alloc.csv": alloc_rows(values), "exp-alloc-hist.csv": empty})["allocShmPfifty"]
+    assert r["n"] == 0 and r["value"] is None and r["status"].startswith("does not hold")
+    # An older run without the hist CSV: does not hold.
+    r = run({"exp-alloc.csv": alloc_rows(values)})["allocShmPfifty"]
+    assert r["n"] == 0 and r["status"].startswith("does not hold (no histograms")
+
+
+def commit_hist(policy, rep, values, workload="single", rtt_ms=0.0):
+    return dict(policy=policy, param_ms=0.0, workload=workload, rate_per_s=1.0, replicas=3, rtt_ms=rtt_ms,
+                repetition=rep, metric="apply_lag_us", hdr=hdr(values))
+
+
+def test_merged_ratio_resamples_paired_repetitions():
+    main = [dict(policy="idle", workload="single", repetition=r) for r in range(4)]
+    # Each repetition's level differs, but within a repetition idle = eager and idle =
+    # piggyback / 20: resampling the same repetitions for both arms gives exactly those
+    # ratios, with no spread.
+    hist = []
+    for r in range(4):
+        lat = [(r + 1) * 100 + i for i in range(100)]
+        hist += [commit_hist("idle", r, lat), commit_hist("eager", r, lat),
+                 commit_hist("piggyback", r, [20 * v for v in lat])]
+    got = run({"exp-commit.csv": main, "exp-commit-hist.csv": hist})
+    r = got["commitIdleOverEager"]
+    assert r["n"] == 4 and abs(r["value"] - 1.0) < 0.01 and abs(r["high"] - r["low"]) < 0.01, r
+    assert r["status"] == "holds"
+    r = got["commitIdleOverPiggyback"]
+    assert r["n"] == 4 and abs(r["value"] - 0.05) < 0.001 and r["status"] == "holds", r
+    # The worst group decides: idle twice eager's p99 at RTT 1 ms.
+    slow = [commit_hist("idle", r, [2 * ((r + 1) * 100 + i) for i in range(100)], rtt_ms=1.0) for r in range(4)]
+    base = [commit_hist("eager", r, [(r + 1) * 100 + i for i in range(100)], rtt_ms=1.0) for r in range(4)]
+    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": hist + slow + base})["commitIdleOverEager"]
+    assert abs(r["value"] - 2.0) < 0.01 and r["status"] == "does not hold", r
+    # An arm without samples in every repetition: no samples, does not hold.
+    no_eager = [dict(x, hdr=hdr([])) if x["policy"] == "eager" else x for x in hist]
+    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": no_eager})["commitIdleOverEager"]
+    assert r["n"] == 0 and r["status"].startswith("does not hold"), r
+    # ... and in one repetition only: that repetition is left out.
+    one_empty = [dict(x, hdr=hdr([])) if x["policy"] == "eager" and x["repetition"] == 3 else x for x in hist]
+    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": one_empty})["commitIdleOverEager"]
+    assert r["n"] == 3, r
 
 
 def main():

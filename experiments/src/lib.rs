@@ -6,8 +6,10 @@
 //! * [`devices`]: device set-up and teardown (provisioned loop devices are torn down on
 //!   every exit path, Ctrl-C included).
 //! * [`fio`]: fio's JSON output.
-//! * [`output`]: one CSV per run (csv + serde) and its `meta.json`.
-//! * [`stats`]: hdrhistogram percentiles (p50/p90/p99/p999/max).
+//! * [`output`]: one CSV per run (csv + serde), its `meta.json`, and the raw data beside
+//!   it (`<experiment>-hist.csv`: latency histograms; fio JSON files).
+//! * [`stats`]: hdrhistogram percentiles (p50/p90/p99/p999/max) and the histograms as
+//!   text (V2 deflate, base64).
 //! * [`progress`]: progress bars for runs longer than a few seconds.
 
 pub mod args;
@@ -57,5 +59,5 @@ pub fn exit_on_error(name: &str, result: anyhow::Result<()>) -> std::process::Ex
     }
 }
 pub use devices::DeviceSet;
-pub use output::{CpuTimes, CsvOut, RunMeta};
+pub use output::{CpuTimes, CsvOut, HistOut, RunMeta};
 pub use stats::{LatencyHist, Percentiles};

@@ -1,4 +1,5 @@
-//! One CSV per experiment run and its `meta.json` sidecar.
+//! One CSV per experiment run, its `meta.json` sidecar, and the raw data kept beside the
+//! CSV (latency histograms, fio's JSON).
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -6,6 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::Serialize;
+
+use crate::stats::LatencyHist;
 
 /// Creates `dir` and refuses to replace an existing file there unless `overwrite`.
 fn new_file(dir: &Path, name: &str, overwrite: bool) -> anyhow::Result<(PathBuf, File)> {
@@ -76,6 +79,61 @@ impl<T: Serialize> CsvOut<T> {
     }
 }
 
+/// Writes `bytes` to `dir/name` (creating `dir`), refusing to replace an existing file
+/// unless `overwrite`: raw output kept beside the CSV as it was produced (fio's JSON).
+pub fn write_raw(dir: &Path, name: &str, bytes: &[u8], overwrite: bool) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let (path, mut f) = new_file(dir, name, overwrite)?;
+    f.write_all(bytes)
+        .and_then(|()| f.flush())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The histogram columns of a `<experiment>-hist.csv` row.
+#[derive(Debug, Serialize)]
+pub struct HistCols {
+    /// What was measured, with the unit in the name (`apply_lag_us`, `alloc_ns`).
+    metric: &'static str,
+    /// The histogram: [`LatencyHist::to_v2_base64`].
+    hdr: String,
+}
+
+/// `<experiment>-hist.csv` beside the experiment's CSV: the latency histograms of every
+/// (configuration, repetition), one row per metric. The columns are the fields of `K` (the
+/// configuration columns of the main CSV's row, `repetition` included), then `metric` and
+/// `hdr` (HdrHistogram V2 deflate, base64), so percentiles can be taken from histograms
+/// merged across repetitions. Every row is flushed, like [`CsvOut`]'s.
+#[derive(Debug)]
+pub struct HistOut<K: Serialize> {
+    csv: CsvOut<(K, HistCols)>,
+}
+
+impl<K: Serialize + Clone> HistOut<K> {
+    /// Creates `dir/<experiment>-hist.csv` (refusing to replace it unless `overwrite`).
+    pub fn create(dir: &Path, experiment: &str, overwrite: bool) -> anyhow::Result<HistOut<K>> {
+        Ok(HistOut {
+            csv: CsvOut::create(dir, &format!("{experiment}-hist.csv"), overwrite)?,
+        })
+    }
+    /// Writes one row per `(metric, histogram)` of configuration `key`, and flushes.
+    pub fn write(&mut self, key: &K, hists: &[(&'static str, &LatencyHist)]) -> anyhow::Result<()> {
+        let rows = hists
+            .iter()
+            .map(|&(metric, h)| {
+                let hdr = h
+                    .to_v2_base64()
+                    .with_context(|| format!("encoding the {metric} histogram"))?;
+                Ok((key.clone(), HistCols { metric, hdr }))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.csv.write_all(&rows)
+    }
+    pub fn path(&self) -> &Path {
+        self.csv.path()
+    }
+}
+
 /// The `meta.json` of a run: where and how it ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunMeta {
@@ -83,8 +141,21 @@ pub struct RunMeta {
     pub run_id: String,
     pub profile: String,
     pub git_revision: String,
+    /// Whether the tracked files matched `git_revision` (`git status --porcelain
+    /// --untracked-files=no` printed nothing); false when git could not tell.
+    pub clean: bool,
     pub kernel: String,
     pub cpu_count: usize,
+    /// `model name` of `/proc/cpuinfo`.
+    pub cpu_model: Option<String>,
+    /// `MemTotal` of `/proc/meminfo`, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// The compiler the binary was built with (`rustc -V` at build time).
+    pub rustc: String,
+    /// `fio --version`, `null` when fio is not installed.
+    pub fio: Option<String>,
+    /// The version of Debian's `zookeeper` package, `null` when it is not installed.
+    pub zookeeper: Option<String>,
     pub command_line: Vec<String>,
     pub start_utc: String,
     pub end_utc: Option<String>,
@@ -146,12 +217,23 @@ impl RunMeta {
             run_id: uuid::Uuid::new_v4().to_string(),
             profile: profile.to_string(),
             git_revision: git_revision(),
+            clean: git_clean(),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into()),
             cpu_count: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            cpu_model: std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| cpu_model(&s)),
+            memory_bytes: std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|s| mem_total_bytes(&s)),
+            rustc: env!("BLOCKLAB_RUSTC_VERSION").to_string(),
+            fio: stdout_of("fio", &["--version"]).filter(|s| !s.is_empty()),
+            zookeeper: stdout_of("dpkg-query", &["-W", "-f=${Version}", "zookeeper"])
+                .filter(|s| !s.is_empty()),
             command_line: std::env::args().collect(),
             start_utc: utc_now(),
             end_utc: None,
@@ -172,17 +254,48 @@ impl RunMeta {
     }
 }
 
+/// The trimmed standard output of `program args`, if it ran and exited with success.
+fn stdout_of(program: &str, args: &[&str]) -> Option<String> {
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// The first `model name` of a `/proc/cpuinfo` text.
+pub fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "model name").then(|| v.trim().to_string())
+    })
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+pub fn mem_total_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut it = line["MemTotal:".len()..].split_whitespace();
+    let n: u64 = it.next()?.parse().ok()?;
+    match it.next() {
+        Some("kB") => n.checked_mul(1024),
+        None => Some(n),
+        Some(_) => None,
+    }
+}
+
+/// Whether git reports no changes to tracked files; false when git cannot tell (not
+/// installed, not a repository).
+pub fn git_clean() -> bool {
+    stdout_of("git", &["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|s| s.is_empty())
+}
+
 /// `git rev-parse HEAD` (with `-dirty` when the tree has changes), or `unknown`.
 pub fn git_revision() -> String {
-    let run = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
+    let run = |args: &[&str]| stdout_of("git", args);
     match run(&["rev-parse", "HEAD"]) {
         Some(rev) if !rev.is_empty() => {
             let dirty = run(&["status", "--porcelain", "--untracked-files=no"])
@@ -278,9 +391,75 @@ mod tests {
             "devices",
             "run_id",
             "cpu_steal_percent",
+            "profile",
+            "cpu_model",
+            "memory_bytes",
+            "rustc",
+            "fio",
+            "zookeeper",
+            "clean",
         ] {
             assert!(v.get(key).is_some(), "meta.json lacks {key}");
         }
+        assert!(v["clean"].is_boolean());
+        assert!(v["rustc"].as_str().unwrap().starts_with("rustc "), "{v}");
+    }
+
+    #[test]
+    fn cpu_model_and_memory_from_proc() {
+        let cpuinfo = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(
+            cpu_model(cpuinfo).as_deref(),
+            Some("Intel(R) Xeon(R) CPU @ 2.20GHz")
+        );
+        assert_eq!(cpu_model("processor\t: 0\n"), None);
+        let meminfo = "MemTotal:        8141252 kB\nMemFree:          123 kB\n";
+        assert_eq!(mem_total_bytes(meminfo), Some(8_141_252 * 1024));
+        assert_eq!(mem_total_bytes("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total_bytes("MemTotal: x kB\n"), None);
+    }
+
+    #[derive(Debug, Clone, Serialize)]
+    struct Key {
+        policy: &'static str,
+        repetition: u32,
+    }
+
+    #[test]
+    fn hist_csv_has_the_key_columns_then_metric_and_hdr() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = HistOut::<Key>::create(dir.path(), "exp-test", false).unwrap();
+        let mut h = LatencyHist::new();
+        h.record(7);
+        let key = Key {
+            policy: "idle",
+            repetition: 2,
+        };
+        out.write(
+            &key,
+            &[("apply_lag_us", &h), ("write_us", &LatencyHist::new())],
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("exp-test-hist.csv")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "policy,repetition,metric,hdr");
+        assert_eq!(lines.len(), 3);
+        let want = format!("idle,2,apply_lag_us,{}", h.to_v2_base64().unwrap());
+        assert_eq!(lines[1], want);
+        assert!(lines[2].starts_with("idle,2,write_us,HISTFAAA"));
+        assert!(HistOut::<Key>::create(dir.path(), "exp-test", false).is_err());
+    }
+
+    #[test]
+    fn raw_files_refuse_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("exp-io-fio");
+        let p = write_raw(&sub, "a.json", b"{\"x\": 1}\n", false).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"x\": 1}\n");
+        let err = write_raw(&sub, "a.json", b"{}", false).unwrap_err();
+        assert!(err.to_string().contains("already exists"));
+        write_raw(&sub, "a.json", b"{}", true).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}");
     }
 
     #[test]

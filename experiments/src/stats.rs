@@ -1,7 +1,9 @@
-//! Latency percentiles from hdrhistogram.
+//! Latency percentiles from hdrhistogram, and the histograms themselves as text.
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use hdrhistogram::serialization::{Serializer as _, V2DeflateSerializeError, V2DeflateSerializer};
 use hdrhistogram::Histogram;
 
 /// Percentiles of one histogram, in the histogram's unit.
@@ -66,6 +68,14 @@ impl LatencyHist {
     pub fn is_empty(&self) -> bool {
         self.h.is_empty()
     }
+    /// The histogram in HdrHistogram's V2 deflate serialisation, base64 encoded (the
+    /// `HISTFAAA…` text that the Java and Python HdrHistogram `decode` read), so
+    /// percentiles can be taken later from histograms merged across repetitions.
+    pub fn to_v2_base64(&self) -> Result<String, V2DeflateSerializeError> {
+        let mut bytes = Vec::new();
+        V2DeflateSerializer::new().serialize(&self.h, &mut bytes)?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
     pub fn percentiles(&self) -> Percentiles {
         if self.h.is_empty() {
             return Percentiles::default();
@@ -103,5 +113,40 @@ mod tests {
             copy.record_n(v, c);
         }
         assert_eq!(copy.percentiles(), p);
+    }
+
+    fn decode(text: &str) -> Histogram<u64> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .unwrap();
+        hdrhistogram::serialization::Deserializer::new()
+            .deserialize(&mut bytes.as_slice())
+            .unwrap()
+    }
+
+    #[test]
+    fn v2_base64_round_trip() {
+        let mut h = LatencyHist::new();
+        for v in 1..=1000 {
+            h.record(v);
+        }
+        h.record(3_600_000_000);
+        let text = h.to_v2_base64().unwrap();
+        assert!(text.starts_with("HISTFAAA"), "{text}");
+        let back = decode(&text);
+        assert_eq!(back, h.h);
+        assert_eq!(LatencyHist { h: back }.percentiles(), h.percentiles());
+        // An empty histogram is written too (a configuration that measured nothing).
+        assert!(decode(&LatencyHist::new().to_v2_base64().unwrap()).is_empty());
+    }
+
+    /// The histogram of 1..=1000 that notebooks/test_claims.py decodes with Python's
+    /// HdrHistogram: both sides read the same bytes to the same percentiles.
+    #[test]
+    fn fixture_shared_with_the_notebooks() {
+        let h = decode(include_str!("../../notebooks/testdata/hist-1-to-1000.txt"));
+        assert_eq!(h.len(), 1000);
+        assert_eq!(h.value_at_quantile(0.50), 500);
+        assert_eq!(h.value_at_quantile(0.99), 990);
     }
 }

@@ -24,6 +24,17 @@ fn num(r: &Record, k: &str) -> i64 {
     r[k].parse().unwrap_or_else(|e| panic!("{k}={}: {e}", r[k]))
 }
 
+/// A histogram of exp-commit-hist.csv's `hdr` column.
+fn decode(text: &str) -> hdrhistogram::Histogram<u64> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap();
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .unwrap()
+}
+
 #[test]
 fn writes_rows_and_samples_that_never_apply_early() {
     let files = scratch();
@@ -70,6 +81,42 @@ fn writes_rows_and_samples_that_never_apply_early() {
         assert_eq!(num(r, "writes"), writes, "{r:?}");
         // No group commit: one flush per write per replica, whatever the policy.
         assert_eq!(num(r, "log_flushes"), 3 * writes, "{r:?}");
+    }
+    // Each row's histograms: apply and commit lag of every write at both secondaries, and
+    // the write latency of every write; the row's percentiles are theirs.
+    let (header, hists) = read_csv(&out.path().join("exp-commit-hist.csv"));
+    assert_eq!(
+        header.join(","),
+        "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,metric,hdr"
+    );
+    assert_eq!(hists.len(), 4 * 3, "3 metrics per row");
+    for r in &rows {
+        let h = |metric: &str| {
+            let keys = [
+                "policy",
+                "param_ms",
+                "workload",
+                "rate_per_s",
+                "replicas",
+                "rtt_ms",
+            ];
+            let h = hists
+                .iter()
+                .find(|h| h["metric"] == metric && keys.iter().all(|k| h[*k] == r[*k]))
+                .unwrap_or_else(|| panic!("no {metric} histogram for {r:?}"));
+            decode(&h["hdr"])
+        };
+        let writes = num(r, "writes") as u64;
+        let apply = h("apply_lag_us");
+        assert_eq!(apply.len(), 2 * writes, "{r:?}");
+        assert_eq!(
+            apply.value_at_quantile(0.99) as i64,
+            num(r, "apply_lag_p99_us")
+        );
+        assert_eq!(h("commit_lag_us").len(), 2 * writes, "{r:?}");
+        let write = h("write_us");
+        assert_eq!(write.len(), writes, "{r:?}");
+        assert_eq!(write.value_at_quantile(0.5) as i64, num(r, "write_p50_us"));
     }
     let (_, samples) = read_csv(&out.path().join("exp-commit-samples.csv"));
     assert_eq!(

@@ -76,6 +76,36 @@ fn writes_the_documented_csv_and_meta() {
             .unwrap();
     assert_eq!(meta["experiment"], "exp-io");
     assert_eq!(meta["devices"]["kind"], "file");
+    assert!(meta["fio"].as_str().unwrap().starts_with("fio-"), "{meta}");
+    for key in ["cpu_model", "memory_bytes", "rustc", "zookeeper", "clean"] {
+        assert!(meta.get(key).is_some(), "meta.json lacks {key}");
+    }
+    // The raw data beside the CSV: blocklab's histograms, fio's JSON.
+    let hist = std::fs::read_to_string(out.path().join("exp-io-hist.csv")).unwrap();
+    let mut hist = hist.lines();
+    assert_eq!(
+        hist.next(),
+        Some("tool,pattern,block_size_bytes,queue_depth,repetition,metric,hdr")
+    );
+    let hist: Vec<&str> = hist.collect();
+    assert_eq!(hist.len(), 6, "one per blocklab row");
+    for (pattern, bs, qd) in [
+        ("randwrite", "4096", "1"),
+        ("randwrite", "4096", "32"),
+        ("randread", "4096", "1"),
+        ("randread", "4096", "32"),
+        ("write", "1048576", "8"),
+        ("read", "1048576", "8"),
+    ] {
+        let prefix = format!("blocklab,{pattern},{bs},{qd},0,lat_ns,HISTF");
+        assert!(hist.iter().any(|l| l.starts_with(&prefix)), "no {prefix}");
+        let f = out
+            .path()
+            .join("exp-io-fio")
+            .join(format!("{pattern}-bs{bs}-qd{qd}-rep0.json"));
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+        assert!(json["jobs"][0].is_object(), "{}", f.display());
+    }
     // A second run into the same directory refuses to overwrite.
     let (ok, err) = run(&mut on_files(files.path(), "100ms", out.path()));
     assert!(!ok && err.contains("already exists"), "{err}");

@@ -17,7 +17,8 @@
 //! nothing leaked and nothing double-allocated.
 //!
 //! CSV columns: strategy,processes,with_io,repetition,ops,ops_per_s,alloc_p50_ns,
-//! alloc_p99_ns,leaked_blocks,double_allocated.
+//! alloc_p99_ns,leaked_blocks,double_allocated. Beside it, exp-alloc-hist.csv: each row's
+//! allocation latency histogram (metric `alloc_ns`, all processes merged).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -34,7 +35,7 @@ use blocklab::dev::UringEngine;
 use clap::Parser;
 use harness::cli::alloc::{NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
 use harness::progress::Progress;
-use harness::{CommonArgs, CsvOut, DeviceSet, RunMeta};
+use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 use serde::Serialize;
 
 /// Measures block-allocation throughput and latency across the real OS processes of one
@@ -80,6 +81,26 @@ struct Row {
     double_allocated: u64,
 }
 
+/// A row's configuration columns: the key of its histogram in exp-alloc-hist.csv.
+#[derive(Debug, Clone, Serialize)]
+struct HistKey {
+    strategy: String,
+    processes: u32,
+    with_io: bool,
+    repetition: u32,
+}
+
+impl Row {
+    fn hist_key(&self) -> HistKey {
+        HistKey {
+            strategy: self.strategy.clone(),
+            processes: self.processes,
+            with_io: self.with_io,
+            repetition: self.repetition,
+        }
+    }
+}
+
 /// Where the blocks go on each device: the data region of a formatted daemon device,
 /// else after the first MiB (which the device probe inspects) to the end.
 fn regions(set: &DeviceSet, block_size: u64) -> anyhow::Result<Vec<(DeviceRegion, RegionSource)>> {
@@ -102,6 +123,8 @@ enum Crash {
 
 struct Outcome {
     row: Row,
+    /// Allocation latency (ns) of every process.
+    hist: LatencyHist,
     /// In-flight blocks recovery returned for the killed process (crash runs).
     recovered_at_restart: Option<u64>,
     /// The block it had in flight, with its state after the run.
@@ -217,7 +240,7 @@ struct Done {
     ops: u64,
     /// Sum of each process's own rate (each ran the same wall time).
     rate: f64,
-    hist: harness::LatencyHist,
+    hist: LatencyHist,
     /// The blocks they hold, for the audit.
     records: Vec<Record>,
 }
@@ -226,7 +249,7 @@ fn collect_done(workers: &mut [WorkerProc], duration: Duration) -> anyhow::Resul
     let mut done = Done {
         ops: 0,
         rate: 0.0,
-        hist: harness::LatencyHist::new(),
+        hist: LatencyHist::new(),
         records: Vec::new(),
     };
     for w in workers {
@@ -345,6 +368,7 @@ fn run_config(env: &Env<'_>, run: RunSpec) -> anyhow::Result<Outcome> {
             leaked_blocks: rep.leaked_blocks,
             double_allocated: rep.double_allocated,
         },
+        hist: done.hist,
         recovered_at_restart: recovered.as_ref().map(|r| r.0),
         returned_block: recovered.map(|r| r.1),
     })
@@ -391,23 +415,23 @@ fn prefilled_regions(
     Ok((devices, sources))
 }
 
-/// One run of the comparison, in repetition `rep`: its row.
-fn compared_run(env: &Env<'_>, run: RunSpec, rep: u32) -> anyhow::Result<Row> {
+/// One run of the comparison, in repetition `rep`: its row and latency histogram.
+fn compared_run(env: &Env<'_>, run: RunSpec, rep: u32) -> anyhow::Result<(Row, LatencyHist)> {
     let (s, procs, with_io) = (run.strategy, run.procs, run.with_io);
     let mut out = run_config(env, run)
         .with_context(|| format!("{s} with {procs} processes, io={with_io}"))?;
     out.row.repetition = rep;
-    Ok(out.row)
+    Ok((out.row, out.hist))
 }
 
-/// The crash run killing `crash`'s process, in repetition `rep`: its row, and what
-/// recovery returned at the restart.
+/// The crash run killing `crash`'s process, in repetition `rep`: its row and latency
+/// histogram, and what recovery returned at the restart.
 fn crash_run(
     env: &Env<'_>,
     crash: Crash,
     duration: Duration,
     rep: u32,
-) -> anyhow::Result<(Row, serde_json::Value)> {
+) -> anyhow::Result<(Row, LatencyHist, serde_json::Value)> {
     let run = RunSpec {
         strategy: Strategy::Shm,
         procs: 4,
@@ -423,7 +447,7 @@ fn crash_run(
         "in_flight_blocks_returned": out.recovered_at_restart,
         "returned_block": out.returned_block,
     });
-    Ok((out.row, restart))
+    Ok((out.row, out.hist, restart))
 }
 
 fn main() -> std::process::ExitCode {
@@ -442,6 +466,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut meta = RunMeta::start("exp-alloc", c.profile);
     meta.devices = set.describe();
     let mut csv = CsvOut::<Row>::create(&c.out, "exp-alloc.csv", c.overwrite)?;
+    let mut hists = HistOut::<HistKey>::create(&c.out, "exp-alloc", c.overwrite)?;
     let dir = args
         .shm_root
         .join(format!("blocklab-exp-alloc-{}", std::process::id()));
@@ -472,23 +497,25 @@ fn run(args: Args) -> anyhow::Result<()> {
                         duration,
                         crash: Crash::None,
                     };
-                    let row = compared_run(&env, run, rep)?;
+                    let (row, hist) = compared_run(&env, run, rep)?;
                     prog.step(&format!(
                         "rep {rep} {s} x{procs} io={with_io}: {:.0} ops/s",
                         row.ops_per_s
                     ));
                     csv.write(&row)?;
+                    hists.write(&row.hist_key(), &[("alloc_ns", &hist)])?;
                 }
             }
         }
         for &crash in &crash_runs {
-            let (row, restart) = crash_run(&env, crash, duration, rep)?;
+            let (row, hist, restart) = crash_run(&env, crash, duration, rep)?;
             prog.step(&format!(
                 "rep {rep} {}: leaked {} double {}",
                 row.strategy, row.leaked_blocks, row.double_allocated
             ));
             recovered.push(restart);
             csv.write(&row)?;
+            hists.write(&row.hist_key(), &[("alloc_ns", &hist)])?;
         }
     }
     prog.finish();
@@ -501,6 +528,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         "note": "ops_per_s is the sum of the processes' own rates; alloc latency is the time of one alloc() call, one call in 8 timed with the TSC (quanta), clock overhead (about 19 ns) included",
     });
     meta.finish(&c.out, c.overwrite)?;
-    eprintln!("wrote {}", csv.path().display());
+    eprintln!(
+        "wrote {} and {}",
+        csv.path().display(),
+        hists.path().display()
+    );
     Ok(())
 }

@@ -13,6 +13,10 @@
 //! flush a notification caused would show; and provisioned devices are backed by tmpfs
 //! (`--backing disk` for this machine's disk), because the virtual disk's flush jitter
 //! (p99 4 ms, stalls of tens of ms) is larger than the delays being compared.
+//!
+//! Beside exp-commit.csv, exp-commit-hist.csv keeps each run's histograms: `apply_lag_us`
+//! and `commit_lag_us` (from the commit to each secondary's apply / learning of it) and
+//! `write_us` (from a write's arrival to its commit).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +33,7 @@ use clap::{Parser, ValueEnum};
 use harness::args::{millis, or_default, parse_bytes, parse_duration, parse_positive_duration};
 use harness::cli::repl::parse_policy;
 use harness::progress::Progress;
-use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, LatencyHist, RunMeta};
+use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const LOG_LEN: u64 = 64 << 20;
@@ -195,6 +199,32 @@ struct Row {
     log_flushes: u64,
     write_p50_us: u64,
     write_p99_us: u64,
+}
+
+/// A row's configuration columns: the key of its histograms in exp-commit-hist.csv.
+#[derive(Debug, Clone, serde::Serialize)]
+struct HistKey {
+    policy: &'static str,
+    param_ms: f64,
+    workload: &'static str,
+    rate_per_s: f64,
+    replicas: usize,
+    rtt_ms: f64,
+    repetition: u32,
+}
+
+impl Row {
+    fn hist_key(&self) -> HistKey {
+        HistKey {
+            policy: self.policy,
+            param_ms: self.param_ms,
+            workload: self.workload,
+            rate_per_s: self.rate_per_s,
+            replicas: self.replicas,
+            rtt_ms: self.rtt_ms,
+            repetition: self.repetition,
+        }
+    }
 }
 
 /// What the replicas' hooks record during one run.
@@ -747,7 +777,7 @@ fn run_one(
     set: &DeviceSet,
     spec: &RunSpec,
     plan: &Plan,
-) -> anyhow::Result<(Row, Vec<Sample>)> {
+) -> anyhow::Result<(Row, Latencies)> {
     let rec = Arc::new(Mutex::new(Rec::new(spec.replicas)));
     let cluster = Cluster::start(args, set, spec, plan, &rec)?;
     cluster.await_end(&rec, plan.expected(spec.workload))?;
@@ -849,14 +879,14 @@ impl Rec {
     }
 }
 
-/// The row (and samples) of one finished run.
+/// The row and the latencies (with samples) of one finished run.
 fn measure(
     r: &Rec,
     spec: &RunSpec,
     gap: Duration,
     report: &ReplicaReport,
     samples: bool,
-) -> anyhow::Result<(Row, Vec<Sample>)> {
+) -> anyhow::Result<(Row, Latencies)> {
     let measured = r.measured.context("workload never finished")?;
     let lat = r.latencies(spec, measured, samples)?;
     let extra = r.empties_at_carrier.unwrap_or(report.stats.empty_appends);
@@ -882,7 +912,7 @@ fn measure(
         write_p50_us: w.p50,
         write_p99_us: w.p99,
     };
-    Ok((row, lat.samples))
+    Ok((row, lat))
 }
 
 fn main() -> std::process::ExitCode {
@@ -959,9 +989,10 @@ fn meta_extra(args: &Args, plan: &Plan, backing: &str) -> serde_json::Value {
     })
 }
 
-/// exp-commit.csv and, with `--samples`, exp-commit-samples.csv.
+/// exp-commit.csv, exp-commit-hist.csv and, with `--samples`, exp-commit-samples.csv.
 struct Outputs {
     rows: CsvOut<Row>,
+    hists: HistOut<HistKey>,
     samples: Option<CsvOut<Sample>>,
 }
 
@@ -969,6 +1000,7 @@ impl Outputs {
     fn create(args: &Args) -> anyhow::Result<Outputs> {
         let c = &args.common;
         let rows = CsvOut::<Row>::create(&c.out, "exp-commit.csv", c.overwrite)?;
+        let hists = HistOut::create(&c.out, "exp-commit", c.overwrite)?;
         let samples = if args.samples {
             Some(CsvOut::<Sample>::create(
                 &c.out,
@@ -978,17 +1010,30 @@ impl Outputs {
         } else {
             None
         };
-        Ok(Outputs { rows, samples })
+        Ok(Outputs {
+            rows,
+            hists,
+            samples,
+        })
     }
-    fn write(&mut self, row: &Row, samples: &[Sample]) -> anyhow::Result<()> {
+    fn write(&mut self, row: &Row, lat: &Latencies) -> anyhow::Result<()> {
         self.rows.write(row)?;
+        self.hists.write(
+            &row.hist_key(),
+            &[
+                ("apply_lag_us", &lat.apply),
+                ("commit_lag_us", &lat.learn),
+                ("write_us", &lat.write),
+            ],
+        )?;
         if let Some(out) = self.samples.as_mut() {
-            out.write_all(samples)?;
+            out.write_all(&lat.samples)?;
         }
         Ok(())
     }
     fn report(&self) {
         eprintln!("wrote {}", self.rows.path().display());
+        eprintln!("wrote {}", self.hists.path().display());
         if let Some(out) = &self.samples {
             eprintln!("wrote {}", out.path().display());
         }
@@ -1009,7 +1054,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut progress = Progress::new("exp-commit", specs.len() as u64);
     for spec in &specs {
         let cpu_before = CpuTimes::now();
-        let (row, samples) = run_one(&args, &set, spec, &plan).with_context(|| spec.to_string())?;
+        let (row, lat) = run_one(&args, &set, spec, &plan).with_context(|| spec.to_string())?;
         // The VM's steal time during the run: multi-ms stalls that decide a p99 come with it.
         let steal = CpuTimes::steal_percent_since(cpu_before)
             .map_or_else(|| "?".into(), |p| format!("{p}%"));
@@ -1021,7 +1066,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             row.apply_lag_p99_us,
             row.extra_messages_per_write
         ));
-        out.write(&row, &samples)?;
+        out.write(&row, &lat)?;
     }
     progress.finish();
     meta.finish(&c.out, c.overwrite)?;

@@ -20,7 +20,8 @@
 //!   of each logical copy operation.
 //!
 //! A sidecar `exp-failover-kills.csv` has one row per kill
-//! (`mode,vip_backend,heartbeat_ms,repetition,kill,operation,delivery_ms,vip_move_ms`).
+//! (`mode,vip_backend,heartbeat_ms,repetition,kill,operation,delivery_ms,vip_move_ms`), and
+//! `exp-failover-hist.csv` each row's histograms (`delivery_after_kill_us`, `vip_move_us`).
 //!
 //! Before the kill runs, a copy-throughput measurement on the same devices
 //! (`exp-failover-copy.csv`, one row per repetition:
@@ -49,7 +50,7 @@ use harness::args::{
 };
 use harness::cli::failover::cluster::{enter_netns, unix_us, Cluster, ClusterSpec, Mode, VipKind};
 use harness::progress::Progress;
-use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
+use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 use rand::Rng;
 
 const MIB: u64 = 1 << 20;
@@ -143,6 +144,28 @@ struct Row {
     lost_results: u64,
     duplicate_executions: u64,
     reexecuted_bytes: u64,
+}
+
+/// A row's configuration columns: the key of its histograms in exp-failover-hist.csv.
+#[derive(Debug, Clone, serde::Serialize)]
+struct HistKey {
+    mode: String,
+    vip_backend: String,
+    heartbeat_ms: u64,
+    operation: String,
+    repetition: u32,
+}
+
+impl Row {
+    fn hist_key(&self) -> HistKey {
+        HistKey {
+            mode: self.mode.clone(),
+            vip_backend: self.vip_backend.clone(),
+            heartbeat_ms: self.heartbeat_ms,
+            operation: self.operation.clone(),
+            repetition: self.repetition,
+        }
+    }
 }
 
 /// One kill (sidecar `exp-failover-kills.csv`, for the distributions).
@@ -297,6 +320,7 @@ struct Settings {
 struct Outputs {
     rows: CsvOut<Row>,
     kills: CsvOut<KillRow>,
+    hists: HistOut<HistKey>,
 }
 
 /// Polls `f` every 2 ms until it returns a value or `timeout` passes.
@@ -512,14 +536,15 @@ impl Accounting {
     }
 }
 
-/// The row of one `operation` (`create`, `copy`, `delete` or `all`).
+/// The row of one `operation` (`create`, `copy`, `delete` or `all`), and its histograms
+/// (µs) of delivery after a kill and of the VIP's move.
 fn operation_row(
     operation: &str,
     run: (Config, u32, u64),
     recs: &[KillRec],
     done: &[Done],
     acct: &Accounting,
-) -> Row {
+) -> (Row, LatencyHist, LatencyHist) {
     let (cfg, rep, size) = run;
     let sel = |k: &str| operation == "all" || k == operation;
     let tag_kind = acct.tag_kind();
@@ -539,7 +564,7 @@ fn operation_row(
     }
     let lost = done.iter().filter(|d| sel(d.kind) && !d.correct).count() as u64;
     let p = delivery.percentiles();
-    Row {
+    let row = Row {
         mode: cfg.mode.name().into(),
         vip_backend: cfg.backend.name().into(),
         heartbeat_ms: cfg.heartbeat_ms(),
@@ -553,7 +578,8 @@ fn operation_row(
         lost_results: lost + undelivered,
         duplicate_executions: acct.duplicates(&tag_kind, sel),
         reexecuted_bytes: acct.reexecuted_bytes(&tag_kind, sel, size),
-    }
+    };
+    (row, delivery, moves)
 }
 
 /// Writes the kill rows, then one row per operation kind and `all`.
@@ -579,8 +605,15 @@ fn write_rows(
         })?;
     }
     for operation in ["create", "copy", "delete", "all"] {
-        out.rows
-            .write(&operation_row(operation, run, recs, done, &acct))?;
+        let (row, delivery, moves) = operation_row(operation, run, recs, done, &acct);
+        out.rows.write(&row)?;
+        out.hists.write(
+            &row.hist_key(),
+            &[
+                ("delivery_after_kill_us", &delivery),
+                ("vip_move_us", &moves),
+            ],
+        )?;
     }
     Ok(())
 }
@@ -847,6 +880,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut out = Outputs {
         rows: CsvOut::<Row>::create(&c.out, "exp-failover.csv", c.overwrite)?,
         kills: CsvOut::<KillRow>::create(&c.out, "exp-failover-kills.csv", c.overwrite)?,
+        hists: HistOut::create(&c.out, "exp-failover", c.overwrite)?,
     };
     // Repetitions outermost so configurations alternate within the run.
     for rep in 0..reps {
@@ -869,6 +903,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     prog.finish();
     meta.finish(&c.out, c.overwrite)?;
-    eprintln!("wrote {}", out.rows.path().display());
+    eprintln!(
+        "wrote {} and {}",
+        out.rows.path().display(),
+        out.hists.path().display()
+    );
     Ok(())
 }

@@ -14,6 +14,9 @@
 //! propose_interval)`, where for `parallel` (one wave of every device) the wave's mkfs
 //! time is also at least every device's mkfs bytes at the aggregate bandwidth. With mkfs
 //! shorter than the interval that is `(min_proposals − 1) × propose_interval`.
+//!
+//! Beside exp-init.csv, exp-init-hist.csv keeps each row's histogram of the daemons'
+//! initialisation times (`daemon_us`, from which `daemon_p50_ms`… are taken).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -28,7 +31,7 @@ use clap::Parser;
 use harness::args::{or_default, parse_size, parse_whole_ms};
 use harness::devices::precondition;
 use harness::progress::Progress;
-use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Profile, RunMeta};
+use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, Profile, RunMeta};
 use serde::Serialize;
 
 /// Measures how long deploying N daemons takes and compares the four initialisation
@@ -84,6 +87,30 @@ struct Row {
     max_in_flight: usize,
     monitor_proposals: u64,
     bytes_written: u64,
+}
+
+/// A row's configuration columns: the key of its histogram in exp-init-hist.csv.
+#[derive(Debug, Clone, Serialize)]
+struct HistKey {
+    strategy: &'static str,
+    nodes: usize,
+    daemons_per_node: usize,
+    device_size_bytes: u64,
+    propose_interval_ms: u64,
+    repetition: u32,
+}
+
+impl Row {
+    fn hist_key(&self) -> HistKey {
+        HistKey {
+            strategy: self.strategy,
+            nodes: self.nodes,
+            daemons_per_node: self.daemons_per_node,
+            device_size_bytes: self.device_size_bytes,
+            propose_interval_ms: self.propose_interval_ms,
+            repetition: self.repetition,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -266,6 +293,7 @@ fn measure_bound(
 struct Out {
     csv: CsvOut<Row>,
     phases: CsvOut<PhaseRow>,
+    hists: HistOut<HistKey>,
     prog: Progress,
     journal_dir: tempfile::TempDir,
     /// The bound measurements, for meta.json.
@@ -277,6 +305,7 @@ impl Out {
         Ok(Out {
             csv: CsvOut::<Row>::create(&a.out, "exp-init.csv", a.overwrite)?,
             phases: CsvOut::<PhaseRow>::create(&a.out, "exp-init-phases.csv", a.overwrite)?,
+            hists: HistOut::create(&a.out, "exp-init", a.overwrite)?,
             prog: Progress::new("exp-init", steps),
             journal_dir: tempfile::Builder::new()
                 .prefix("exp-init-mon-")
@@ -317,7 +346,7 @@ fn run_repetition(
                 all_at_once: bound_in.all_at_once,
                 propose_interval: interval,
             });
-            let row = run_one(
+            let (row, daemons) = run_one(
                 &c,
                 strategy,
                 rep,
@@ -331,6 +360,8 @@ fn run_repetition(
                 row.total_ms, row.bound_ms
             ));
             out.csv.write(&row)?;
+            out.hists
+                .write(&row.hist_key(), &[("daemon_us", &daemons)])?;
         }
     }
     Ok(())
@@ -388,16 +419,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let m = meta.finish(&a.out, a.overwrite)?;
     eprintln!(
-        "wrote {} ({} rows), {} ({} rows), {}",
+        "wrote {} ({} rows), {} ({} rows), {}, {}",
         out.csv.path().display(),
         out.csv.rows(),
         out.phases.path().display(),
         out.phases.rows(),
+        out.hists.path().display(),
         m.display()
     );
     Ok(())
 }
 
+/// One strategy on one configuration: its row and the histogram (µs) of its daemons'
+/// initialisation times.
 fn run_one(
     c: &Config,
     strategy: Strategy,
@@ -406,7 +440,7 @@ fn run_one(
     journal_dir: &std::path::Path,
     bound_ms: f64,
     phases: &mut CsvOut<PhaseRow>,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<(Row, LatencyHist)> {
     let interval = c.interval;
     let journal = journal_dir.join(format!("{}-{}.journal", strategy, uuid::Uuid::new_v4()));
     let mon = Monitor::start(
@@ -455,7 +489,7 @@ fn run_one(
         }
     }
     let p = h.percentiles();
-    Ok(Row {
+    let row = Row {
         strategy: strategy.name(),
         nodes: c.nodes,
         daemons_per_node: c.dpn,
@@ -470,5 +504,6 @@ fn run_one(
         max_in_flight: run.max_in_flight,
         monitor_proposals: proposals,
         bytes_written: bytes,
-    })
+    };
+    Ok((row, h))
 }

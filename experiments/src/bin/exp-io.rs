@@ -1,5 +1,9 @@
 //! exp-io: blocklab's io_uring engine against fio's io_uring engine on the same device,
 //! with the same block size and queue depth, alternating tool by tool per repetition.
+//!
+//! Raw data beside exp-io.csv: exp-io-hist.csv (blocklab's completion latency histogram
+//! per row, `lat_ns`) and exp-io-fio/ (fio's JSON output per row,
+//! `<pattern>-bs<bytes>-qd<depth>-rep<k>.json`).
 
 use std::path::Path;
 use std::process::Command;
@@ -9,7 +13,7 @@ use anyhow::{bail, Context};
 use blocklab::dev::{Device, IoEngine, Pattern, StreamLimit, StreamOp, StreamSpec, UringEngine};
 use clap::Parser;
 use harness::progress::Progress;
-use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, RunMeta};
+use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 
 /// Measures IOPS, bandwidth and latency of blocklab's io_uring engine and compares them
 /// with fio's io_uring engine on the same device: 4 KiB random write/read at QD 1 and 32,
@@ -107,11 +111,37 @@ struct Row {
     device: String,
 }
 
+/// A row's configuration columns: the key of its histogram in exp-io-hist.csv.
+#[derive(Debug, Clone, serde::Serialize)]
+struct HistKey {
+    tool: &'static str,
+    pattern: &'static str,
+    block_size_bytes: usize,
+    queue_depth: u32,
+    repetition: u32,
+}
+
+impl Row {
+    fn hist_key(&self) -> HistKey {
+        HistKey {
+            tool: self.tool,
+            pattern: self.pattern,
+            block_size_bytes: self.block_size_bytes,
+            queue_depth: self.queue_depth,
+            repetition: self.repetition,
+        }
+    }
+}
+
 struct Measured {
     iops: f64,
     mib_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// blocklab: the completion latency histogram (ns).
+    hist: Option<LatencyHist>,
+    /// fio: its JSON output, as it printed it.
+    fio_json: Option<Vec<u8>>,
 }
 
 fn run_blocklab(
@@ -146,6 +176,8 @@ fn run_blocklab(
         mib_s: stats.mib_per_s(),
         p50_us: p.p50 as f64 / 1000.0,
         p99_us: p.p99 as f64 / 1000.0,
+        hist: Some(hist),
+        fio_json: None,
     })
 }
 
@@ -184,7 +216,9 @@ fn run_fio(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    parse_fio(&out.stdout, w.op)
+    let mut m = parse_fio(&out.stdout, w.op)?;
+    m.fio_json = Some(harness::fio::document(&out.stdout)?.to_vec());
+    Ok(m)
 }
 
 /// Extracts IOPS, bandwidth and completion-latency percentiles from fio's JSON output.
@@ -208,6 +242,8 @@ fn parse_fio(json: &[u8], op: StreamOp) -> anyhow::Result<Measured> {
         mib_s: bw_kib / 1024.0,
         p50_us: num(&pct["50.000000"], "clat_ns.percentile.50")? / 1000.0,
         p99_us: num(&pct["99.000000"], "clat_ns.percentile.99")? / 1000.0,
+        hist: None,
+        fio_json: None,
     })
 }
 
@@ -231,13 +267,38 @@ struct Settings<'a> {
     reps: u32,
 }
 
+/// exp-io.csv and the raw data beside it.
+struct Outputs {
+    csv: CsvOut<Row>,
+    hists: HistOut<HistKey>,
+}
+
+impl Outputs {
+    /// The row, and its raw data: blocklab's histogram, or fio's JSON in exp-io-fio/.
+    fn write(&mut self, args: &Args, row: &Row, m: &Measured) -> anyhow::Result<()> {
+        self.csv.write(row)?;
+        if let Some(h) = &m.hist {
+            self.hists.write(&row.hist_key(), &[("lat_ns", h)])?;
+        }
+        if let Some(json) = &m.fio_json {
+            let name = format!(
+                "{}-bs{}-qd{}-rep{}.json",
+                row.pattern, row.block_size_bytes, row.queue_depth, row.repetition
+            );
+            let c = &args.common;
+            harness::output::write_raw(&c.out.join("exp-io-fio"), &name, json, c.overwrite)?;
+        }
+        Ok(())
+    }
+}
+
 /// Every repetition of workload `w`, alternating which tool goes first so drift affects
 /// both alike; the sums of blocklab's and fio's figures (IOPS for 4 KiB, MiB/s for 1 MiB).
 fn run_workload(
     st: &Settings<'_>,
     dev: &Device,
     w: &Workload,
-    csv: &mut CsvOut<Row>,
+    out: &mut Outputs,
     progress: &mut Progress,
 ) -> anyhow::Result<(f64, f64)> {
     let (mut sum_b, mut sum_f) = (0.0, 0.0);
@@ -265,7 +326,7 @@ fn run_workload(
             } else {
                 sum_f += figure;
             }
-            csv.write(&Row {
+            let row = Row {
                 tool,
                 pattern: w.name,
                 block_size_bytes: w.block_size,
@@ -276,7 +337,8 @@ fn run_workload(
                 lat_p50_us: m.p50_us,
                 lat_p99_us: m.p99_us,
                 device: dev.path().display().to_string(),
-            })?;
+            };
+            out.write(args, &row, &m)?;
             progress.step(&format!(
                 "{tool} {} bs={} qd={} rep {rep}: {:.0} IOPS {:.0} MiB/s",
                 w.name, w.block_size, w.queue_depth, m.iops, m.mib_s
@@ -313,7 +375,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     // The set is at least `region` bytes (given devices are checked, the others made so).
     let set = DeviceSet::setup(c, 1, region, region)?;
     let dev = set.open(0)?;
-    let mut csv = CsvOut::<Row>::create(&c.out, "exp-io.csv", c.overwrite)?;
+    let mut out = Outputs {
+        csv: CsvOut::<Row>::create(&c.out, "exp-io.csv", c.overwrite)?,
+        hists: HistOut::create(&c.out, "exp-io", c.overwrite)?,
+    };
     let mut meta = RunMeta::start("exp-io", c.profile);
     meta.devices = set.describe();
     harness::devices::precondition(&dev, 0, region)?;
@@ -327,7 +392,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut progress = Progress::new("exp-io", (reps as usize * WORKLOADS.len() * 2) as u64);
     let mut sums: Vec<(String, f64, f64)> = Vec::new();
     for w in &WORKLOADS {
-        let (sum_b, sum_f) = run_workload(&st, &dev, w, &mut csv, &mut progress)?;
+        let (sum_b, sum_f) = run_workload(&st, &dev, w, &mut out, &mut progress)?;
         sums.push((
             format!("{} bs={} qd={}", w.name, w.block_size, w.queue_depth),
             sum_b,
@@ -345,7 +410,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Closed before teardown: a loop device still open is not detached at once.
     drop(dev);
     set.teardown()?;
-    eprintln!("wrote {}", csv.path().display());
+    eprintln!(
+        "wrote {}, {} and {}",
+        out.csv.path().display(),
+        out.hists.path().display(),
+        c.out.join("exp-io-fio").display()
+    );
     Ok(())
 }
 

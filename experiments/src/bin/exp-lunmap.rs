@@ -11,6 +11,10 @@
 //! acknowledgement to the moment the last gateway applied the change (gateways report each
 //! applied change with its CLOCK_MONOTONIC time on stdout). Then one gateway is killed with
 //! SIGKILL and the time until every other gateway and the observer know it is measured.
+//!
+//! Beside exp-lunmap.csv, exp-lunmap-hist.csv keeps each row's histograms: `propagation_us`
+//! (one value per surviving change) and `detect_dead_us` (from the kill to each other
+//! gateway and the observer noticing; `detect_dead_ms` is the last of them).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -32,7 +36,7 @@ use blocklab::lunmap::{mono_ns, Backing, Layout, Lun, Target};
 use clap::{Parser, ValueEnum};
 use harness::args::{format_duration, millis, parse_duration, parse_positive_duration};
 use harness::cli::lunmap::parse_zk;
-use harness::{CommonArgs, CsvOut, DeviceSet, LatencyHist, Percentiles, RunMeta};
+use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,6 +120,28 @@ struct Row {
     lost_updates: usize,
     stale_reads: u64,
     detect_dead_ms: f64,
+}
+
+/// A row's configuration columns: the key of its histograms in exp-lunmap-hist.csv.
+#[derive(Debug, Clone, Serialize)]
+struct HistKey {
+    backend: String,
+    gateways: usize,
+    editors: usize,
+    changes: usize,
+    repetition: u32,
+}
+
+impl Row {
+    fn hist_key(&self) -> HistKey {
+        HistKey {
+            backend: self.backend.clone(),
+            gateways: self.gateways,
+            editors: self.editors,
+            changes: self.changes,
+            repetition: self.repetition,
+        }
+    }
 }
 
 const LUN: &str = "lun0";
@@ -571,14 +597,14 @@ fn final_initiators(
 }
 
 /// Waits (up to a budget) until every gateway applied every surviving change, then the
-/// propagation of each: from its acknowledgement to the last gateway applying it (changes
-/// that did not arrive are left out, with a warning).
+/// propagation of each (µs): from its acknowledgement to the last gateway applying it
+/// (changes that did not arrive are left out, with a warning).
 fn propagation(
     a: &Args,
     cfg: &RunCfg<'_>,
     log: &Mutex<EventLog>,
     surviving: &[&Acked],
-) -> Percentiles {
+) -> LatencyHist {
     let settle = 3 * (a.sync_interval + a.poll_interval) + Duration::from_secs(30);
     let arrived = wait_until("every gateway to apply every change", settle, || {
         let l = log.lock().unwrap();
@@ -603,17 +629,18 @@ fn propagation(
             hist.record(max.saturating_sub(x.ack_ns) / 1000);
         }
     }
-    hist.percentiles()
+    hist
 }
 
 /// Failure detection: SIGKILLs gateway 0 and waits until every other gateway and the
-/// observer noticed. Returns the ns from the kill to the last of them noticing.
+/// observer noticed. Returns the ns from the kill to the last of them noticing, and the
+/// µs from the kill to each of them noticing.
 fn detect_dead(
     a: &Args,
     cfg: &RunCfg<'_>,
     ctx: &RunCtx,
     gws: &mut Gateways,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, LatencyHist)> {
     let victim = gws.nodes[0].clone();
     let kill_ns;
     {
@@ -639,13 +666,24 @@ fn detect_dead(
     )?;
     let l = ctx.log.lock().unwrap();
     let mut detected = ctx.observer_down.lock().unwrap()[&victim];
+    let mut each = LatencyHist::new();
+    each.record(detected.saturating_sub(kill_ns) / 1000);
     for g in 1..cfg.gateways {
-        detected = detected.max(l.down[&(g, victim.clone())]);
+        let t = l.down[&(g, victim.clone())];
+        each.record(t.saturating_sub(kill_ns) / 1000);
+        detected = detected.max(t);
     }
-    Ok(detected.saturating_sub(kill_ns))
+    Ok((detected.saturating_sub(kill_ns), each))
 }
 
-fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> anyhow::Result<Row> {
+/// One configuration and repetition: its row, and its histograms of propagation and of
+/// detection (µs).
+fn run_one(
+    a: &Args,
+    bin: &Path,
+    zk: Option<&CoordSpec>,
+    cfg: &RunCfg<'_>,
+) -> anyhow::Result<(Row, LatencyHist, LatencyHist)> {
     let ctx = RunCtx::new(a, cfg)?;
     // Backend set-up: the LUN exists before gateways start.
     let be = match cfg.backend {
@@ -668,7 +706,8 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
     let (surviving, lost): (Vec<&Acked>, Vec<&Acked>) = acked
         .iter()
         .partition(|x| final_initiators.contains(&x.initiator));
-    let p = propagation(a, cfg, &ctx.log, &surviving);
+    let propagated = propagation(a, cfg, &ctx.log, &surviving);
+    let p = propagated.percentiles();
     // The gateways go first (a SIGKILL, then the rest at drop); the copier and the
     // observer stop at the end.
     let Backend {
@@ -677,7 +716,7 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
         observer: _observer,
         syncer: _syncer,
     } = be;
-    let detect_ns = detect_dead(a, cfg, &ctx, &mut gws)?;
+    let (detect_ns, detected) = detect_dead(a, cfg, &ctx, &mut gws)?;
     drop(gws);
     if let Editors::Zk { spec, opts } = &editors {
         // Leave the shared server small: remove this run's subtree.
@@ -686,7 +725,7 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
         }
     }
     let ms = |us: u64| us as f64 / 1000.0;
-    Ok(Row {
+    let row = Row {
         backend: cfg.backend.to_string(),
         gateways: cfg.gateways,
         editors: cfg.editors,
@@ -698,7 +737,8 @@ fn run_one(a: &Args, bin: &Path, zk: Option<&CoordSpec>, cfg: &RunCfg<'_>) -> an
         lost_updates: lost.len(),
         stale_reads,
         detect_dead_ms: detect_ns as f64 / 1e6,
-    })
+    };
+    Ok((row, propagated, detected))
 }
 
 fn main() -> std::process::ExitCode {
@@ -754,6 +794,7 @@ fn run(a: Args) -> anyhow::Result<()> {
     let mut meta = RunMeta::start("exp-lunmap", a.common.profile);
     meta.devices = set.describe();
     let mut csv = CsvOut::<Row>::create(&a.common.out, "exp-lunmap.csv", a.common.overwrite)?;
+    let mut hists = HistOut::create(&a.common.out, "exp-lunmap", a.common.overwrite)?;
     let (_server, zk_spec) = zookeeper(&a)?;
     meta.extra = meta_extra(&a, zk_spec.as_ref(), changes);
     let run_tag = format!("x{}", &meta.run_id[..8]);
@@ -773,7 +814,7 @@ fn run(a: Args) -> anyhow::Result<()> {
                         device: &device,
                         seed: a.seed.wrapping_add(rep as u64),
                     };
-                    let row = run_one(&a, &bin, zk_spec.as_ref(), &cfg)
+                    let (row, propagated, detected) = run_one(&a, &bin, zk_spec.as_ref(), &cfg)
                         .with_context(|| format!("{b} gateways={g} editors={e} rep={rep}"))?;
                     progress.step(&format!(
                         "{b} g={g} e={e}: p99 {:.1} ms, lost {}, stale {}, detect {:.0} ms",
@@ -783,12 +824,24 @@ fn run(a: Args) -> anyhow::Result<()> {
                         row.detect_dead_ms
                     ));
                     csv.write(&row)?;
+                    hists.write(
+                        &row.hist_key(),
+                        &[
+                            ("propagation_us", &propagated),
+                            ("detect_dead_us", &detected),
+                        ],
+                    )?;
                 }
             }
         }
     }
     progress.finish();
     let out = meta.finish(&a.common.out, a.common.overwrite)?;
-    eprintln!("wrote {} and {}", csv.path().display(), out.display());
+    eprintln!(
+        "wrote {}, {} and {}",
+        csv.path().display(),
+        hists.path().display(),
+        out.display()
+    );
     Ok(())
 }
