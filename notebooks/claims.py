@@ -38,6 +38,9 @@ from blocklab_nb import load_hists, merge, merged_percentile  # noqa: E402
 # Bootstrap: resamples of the repetitions, and a fixed seed so a run's table is repeatable.
 RESAMPLES = 2000
 SEED = 20261207
+# A claim whose interval is wider than this share of its estimate is marked: the full
+# profile's repetitions were too few for it.
+WIDE = 0.10
 
 
 @dataclass
@@ -384,6 +387,8 @@ def evaluate(results: Path):
             elif c.kind == "estimate":
                 est, lo, hi = bootstrap_median(reps.values)
             row.update(value=est, low=lo, high=hi, status=verdict(c.target, lo, hi))
+            # An interval wider than 10% of the estimate asks for more repetitions.
+            row["wide"] = c.kind != "count" and est != 0 and (hi - lo) > WIDE * abs(est)
         out.append(row)
     return out
 
@@ -420,10 +425,14 @@ def fmt_interval(r) -> str:
 
 
 def label(r) -> str:
-    """The verdict, marked indicative when the run is a quick one."""
+    """The verdict, marked indicative when the run is a quick one, and marked when its
+    interval is wider than 10% of the estimate (more repetitions would narrow it)."""
+    s = r["status"]
+    if r.get("wide"):
+        s += " [interval > 10% of estimate]"
     if r.get("profile") == "quick":
-        return f"{r['status']} (indicative, n = {r['n']})"
-    return r["status"]
+        s += f" (indicative, n = {r['n']})"
+    return s
 
 
 def tex_escape(s: str) -> str:
