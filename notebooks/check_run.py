@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Checks one quick-profile run: python notebooks/check_run.py RESULTS FIGURES
+"""Checks one quick-profile run directory: python notebooks/check_run.py RUN
 
 Every CSV has exactly its documented columns and at least one row per configuration the
-quick profile runs; every figure the paper cites exists; claims.json parses and names
-every claim, each from at least one sample. Exits non-zero with one line per problem.
+quick profile runs; every figure the paper cites exists in RUN/figures (PDF and PNG), each
+notebook's executed copy in RUN/notebooks, the paper's macros and table in RUN/generated;
+claims.json parses, says whether the run is paper-grade and names every claim, each from at
+least one sample; claims.txt exists. Exits non-zero with one line per problem.
 """
 import itertools
 import json
@@ -53,8 +55,9 @@ def norm(v):
     return v
 
 
-def check(results: Path, figures: Path):
+def check(results: Path):
     problems = []
+    figures = results / "figures"
     for name, cols in COLUMNS.items():
         path = results / name
         if not path.exists():
@@ -78,11 +81,21 @@ def check(results: Path, figures: Path):
         else:
             json.loads(meta.read_text())
     for f in sorted(set(FIGURES) | {c.figure for c in claims.CLAIMS}):
-        if not (figures / f).exists():
-            problems.append(f"figure {f}: missing in {figures}")
+        for g in (f, f.removesuffix(".pdf") + ".png"):
+            if not (figures / g).exists():
+                problems.append(f"figure {g}: missing in {figures}")
+    for nb in sorted((Path(__file__).resolve().parent).glob("exp-*.ipynb")):
+        if not (results / "notebooks" / nb.name).exists():
+            problems.append(f"executed notebook {nb.name}: missing in {results / 'notebooks'}")
+    for f in ("generated/claims.tex", "generated/claims-table.tex", "claims.txt"):
+        if not (results / f).exists():
+            problems.append(f"{f}: missing in {results}")
     cj = results / "claims.json"
     try:
-        rows = json.loads(cj.read_text())["claims"]
+        doc = json.loads(cj.read_text())
+        if not isinstance(doc.get("paper_grade"), bool):
+            problems.append("claims.json: no paper_grade")
+        rows = doc["claims"]
         keys = {r["key"] for r in rows}
         missing = {c.key for c in claims.CLAIMS} - keys
         if missing:
@@ -92,15 +105,15 @@ def check(results: Path, figures: Path):
             # from nothing).
             if r["n"] == 0 or r["value"] is None:
                 problems.append(f"claim {r['key']}: no samples ({r['status']})")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         problems.append(f"claims.json: {e}")
     return problems
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) != 2:
         sys.exit(__doc__)
-    problems = check(Path(sys.argv[1]), Path(sys.argv[2]))
+    problems = check(Path(sys.argv[1]))
     for p in problems:
         print(p)
     print(f"check_run: {len(problems)} problems")

@@ -3,6 +3,7 @@
 
 Each claim must be able to fail: missing samples do not hold, a non-zero count does not
 hold, an interval that straddles the target is inconclusive."""
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +59,24 @@ def test_missing_samples_and_counts_fail():
                 detect_dead_ms=2100.0) for lost in (0, 1)]
     r = run({"exp-lunmap.csv": lun})["lunmapLost"]
     assert r["value"] == 1 and r["status"] == "does not hold"
+
+
+def test_paper_grade_needs_full_profile_and_clean_tree():
+    def grade(*metas):
+        d = Path(tempfile.mkdtemp())
+        for i, m in enumerate(metas):
+            (d / f"exp-{i}.meta.json").write_text(json.dumps(m))
+        return claims.paper_grade(d)
+    assert grade() == ["no meta.json in the run"]
+    assert grade({"profile": "full", "clean": True}, {"profile": "full", "git_revision": "abc"}) == []
+    # `clean` decides where the meta has it; the revision's -dirty suffix otherwise.
+    r = grade({"profile": "full", "clean": False, "git_revision": "abc"})
+    assert r == ["built from a tree with uncommitted changes"], r
+    r = grade({"profile": "full", "git_revision": "abc-dirty"}, {"profile": "full", "clean": True})
+    assert r == ["built from a tree with uncommitted changes in exp-0"], r
+    r = grade({"profile": "quick", "clean": True})
+    assert r == ["profile quick, not full"], r
+    assert grade({"profile": "full"}) == ["git revision not recorded"]
 
 
 def main():
