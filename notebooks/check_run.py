@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Checks one quick-profile run: python notebooks/check_run.py RESULTS FIGURES [--skip EXP]...
+"""Checks one quick-profile run directory: python notebooks/check_run.py RUN [--skip EXP]...
 
 Every CSV has exactly its documented columns and at least one row per configuration the
 quick profile runs; beside each, its raw data: `<exp>-hist.csv` with a decodable histogram
-per row and metric, and exp-io's fio JSON per fio row; every figure the paper cites exists;
-claims.json parses and names every claim, each from at least one sample. `--skip EXP`
+per row and metric, and exp-io's fio JSON per fio row; every figure the paper cites exists
+in RUN/figures (PDF and PNG), each notebook's executed copy in RUN/notebooks, the paper's
+macros and table in RUN/generated; claims.json parses, says whether the run is paper-grade
+and names every claim, each from at least one sample; claims.txt exists. `--skip EXP`
 (e.g. exp-io, an experiment that could not run for lack of a package) leaves out EXP's
-CSVs, figures and claims. Exits non-zero with one line per problem.
+CSVs, figures, notebook and claims. Exits non-zero with one line per problem.
 """
 import argparse
 import itertools
@@ -110,11 +112,12 @@ def of_experiment(name: str, exp: str) -> bool:
     return stem == exp or stem.startswith(exp + "-")
 
 
-def check(results: Path, figures: Path, skip=()):
+def check(results: Path, skip=()):
     def skipped(name):
         return any(of_experiment(name, e) for e in skip)
 
     problems = []
+    figures = results / "figures"
     for name, cols in COLUMNS.items():
         if skipped(name):
             continue
@@ -142,11 +145,21 @@ def check(results: Path, figures: Path, skip=()):
         else:
             json.loads(meta.read_text())
     for f in sorted(set(FIGURES) | {c.figure for c in claims.CLAIMS}):
-        if not skipped(f) and not (figures / f).exists():
-            problems.append(f"figure {f}: missing in {figures}")
+        for g in (f, f.removesuffix(".pdf") + ".png"):
+            if not skipped(g) and not (figures / g).exists():
+                problems.append(f"figure {g}: missing in {figures}")
+    for nb in sorted((Path(__file__).resolve().parent).glob("exp-*.ipynb")):
+        if not skipped(nb.name) and not (results / "notebooks" / nb.name).exists():
+            problems.append(f"executed notebook {nb.name}: missing in {results / 'notebooks'}")
+    for f in ("generated/claims.tex", "generated/claims-table.tex", "claims.txt"):
+        if not (results / f).exists():
+            problems.append(f"{f}: missing in {results}")
     cj = results / "claims.json"
     try:
-        rows = json.loads(cj.read_text())["claims"]
+        doc = json.loads(cj.read_text())
+        if not isinstance(doc.get("paper_grade"), bool):
+            problems.append("claims.json: no paper_grade")
+        rows = doc["claims"]
         keys = {r["key"] for r in rows}
         missing = {c.key for c in claims.CLAIMS if not skipped(c.csv)} - keys
         if missing:
@@ -158,22 +171,21 @@ def check(results: Path, figures: Path, skip=()):
             # from nothing).
             if r["n"] == 0 or r["value"] is None:
                 problems.append(f"claim {r['key']}: no samples ({r['status']})")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         problems.append(f"claims.json: {e}")
     return problems
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", type=Path)
-    ap.add_argument("figures", type=Path)
+    ap.add_argument("results", type=Path, metavar="RUN")
     ap.add_argument("--skip", action="append", default=[], metavar="EXP",
                     help="an experiment that did not run (repeatable)")
     a = ap.parse_args()
     unknown = [e for e in a.skip if not any(of_experiment(n, e) for n in COLUMNS)]
     if unknown:
         sys.exit(f"--skip: no such experiment: {', '.join(unknown)}")
-    problems = check(a.results, a.figures, a.skip)
+    problems = check(a.results, a.skip)
     if a.skip:
         print(f"check_run: not checked (skipped): {', '.join(a.skip)}")
     for p in problems:

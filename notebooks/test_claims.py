@@ -92,10 +92,10 @@ def test_check_run_leaves_out_only_the_skipped_experiment():
     (d / "figures").mkdir()
     (d / "claims.json").write_text(json.dumps({"claims": [
         {"key": "ioRandWriteRatio", "csv": "exp-io.csv", "n": 0, "value": None, "status": "does not hold"}]}))
-    every = check_run.check(d, d / "figures")
+    every = check_run.check(d)
     assert "exp-io.csv: missing" in every and "exp-init.csv: missing" in every
     assert any(p.startswith("claim ioRandWriteRatio: no samples") for p in every)
-    left = check_run.check(d, d / "figures", ["exp-io"])
+    left = check_run.check(d, ["exp-io"])
     assert not [p for p in left if "exp-io" in p or "ioRandWriteRatio" in p], left
     assert "exp-init.csv: missing" in left and any("exp-init-speedup.pdf" in p for p in left)
     assert len(left) < len(every)
@@ -195,6 +195,24 @@ def test_merged_ratio_resamples_paired_repetitions():
     one_empty = [dict(x, hdr=hdr([])) if x["policy"] == "eager" and x["repetition"] == 3 else x for x in hist]
     r = run({"exp-commit.csv": main, "exp-commit-hist.csv": one_empty})["commitIdleOverEager"]
     assert r["n"] == 3, r
+
+
+def test_paper_grade_needs_full_profile_and_clean_tree():
+    def grade(*metas):
+        d = Path(tempfile.mkdtemp())
+        for i, m in enumerate(metas):
+            (d / f"exp-{i}.meta.json").write_text(json.dumps(m))
+        return claims.paper_grade(d)
+    assert grade() == ["no meta.json in the run"]
+    assert grade({"profile": "full", "clean": True}, {"profile": "full", "git_revision": "abc"}) == []
+    # `clean` decides where the meta has it; the revision's -dirty suffix otherwise.
+    r = grade({"profile": "full", "clean": False, "git_revision": "abc"})
+    assert r == ["built from a tree with uncommitted changes"], r
+    r = grade({"profile": "full", "git_revision": "abc-dirty"}, {"profile": "full", "clean": True})
+    assert r == ["built from a tree with uncommitted changes in exp-0"], r
+    r = grade({"profile": "quick", "clean": True})
+    assert r == ["profile quick, not full"], r
+    assert grade({"profile": "full"}) == ["git revision not recorded"]
 
 
 def main():

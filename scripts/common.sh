@@ -148,19 +148,30 @@ experiments() {
   done | sort
 }
 
-# Runs notebook NAME.ipynb on the results in $1, writing figures to $2 and the executed
-# notebook to $3. Fails when the notebook fails or writes no figure named NAME*.
+# Runs notebook NAME.ipynb on the run directory RUN: figures go to RUN/figures and the
+# executed notebook to RUN/notebooks (FIGURES and EXECUTED override them, e.g. to try a
+# notebook on results/example without writing into it).
+# Usage: run_notebook NAME RUN [FIGURES EXECUTED]. Fails when the notebook fails or writes
+# no figure named NAME*.
 run_notebook() {
-  local name="$1" results="$2" figures="$3" executed="$4"
+  local name="$1" run figures executed
+  run="$(realpath "${2:?run_notebook needs a run directory}")"
+  figures="$(realpath -m "${3:-$run/figures}")"
+  executed="$(realpath -m "${4:-$run/notebooks}")"
   local nb="$BLOCKLAB_ROOT/notebooks/$name.ipynb"
   [ -f "$nb" ] || { echo "no notebook for $name" >&2; return 0; }
   mkdir -p "$figures" "$executed"
   log "notebook $name"
-  BLOCKLAB_RESULTS="$results" BLOCKLAB_FIGURES="$figures" MPLBACKEND=Agg \
+  BLOCKLAB_RESULTS="$run" BLOCKLAB_FIGURES="$figures" MPLBACKEND=Agg \
     "$VENV/bin/jupyter" nbconvert --to notebook --execute --ExecutePreprocessor.timeout=600 \
     --output-dir "$executed" "$nb" >/dev/null
   if ! compgen -G "$figures/$name*" >/dev/null; then
     echo "notebook $name wrote no figure into $figures" >&2
     return 1
   fi
+}
+
+# The newest run under results/ (notebooks/blocklab_nb.py's latest_run, the one rule).
+latest_run() {
+  "$VENV/bin/python" "$BLOCKLAB_ROOT/notebooks/blocklab_nb.py" latest "$@"
 }
