@@ -6,7 +6,7 @@ VENV="${BLOCKLAB_VENV:-$BLOCKLAB_ROOT/notebooks/.venv}"
 log() { printf '\n==> %s\n' "$*" >&2; }
 
 # The Debian packages the tests and experiments need, each known by one program it installs.
-SYSTEM_PACKAGES="fio zookeeper iproute2 e2fsprogs"
+SYSTEM_PACKAGES="fio zookeeper iproute2 e2fsprogs time"
 
 # The program that shows Debian package $1 is installed (ZooKeeper: the start script the
 # tests and exp-lunmap run, BLOCKLAB_ZKSERVER overriding it as in core/src/coord/zk_server.rs).
@@ -16,6 +16,7 @@ package_program() {
     zookeeper) echo "${BLOCKLAB_ZKSERVER:-/usr/share/zookeeper/bin/zkServer.sh}" ;;
     iproute2) echo ip ;;
     e2fsprogs) echo mkfs.ext4 ;;
+    time) echo /usr/bin/time ;;
     *) echo "package_program: unknown package $1" >&2; return 1 ;;
   esac
 }
