@@ -215,6 +215,21 @@ def test_paper_grade_needs_full_profile_and_clean_tree():
     assert grade({"profile": "full"}) == ["git revision not recorded"]
 
 
+def test_flush_spread_compares_policies_on_the_same_writes():
+    # Two Poisson rates: fewer flushes at the lower rate is not a spread across policies;
+    # closed's achieved rate differs by policy and must not split the comparison.
+    def row(policy, workload, rate, flushes):
+        return dict(policy=policy, workload=workload, rate_per_s=rate, replicas=3, rtt_ms=0.0,
+                    repetition=0, log_flushes=flushes)
+    rows = [row(p, "poisson", rate, 3 * rate) for p in ("idle", "eager") for rate in (50.0, 1000.0)]
+    rows += [row("idle", "closed", 900.0, 6000), row("eager", "closed", 700.0, 6000)]
+    r = run({"exp-commit.csv": rows})["commitFlushSpread"]
+    assert r["value"] == 0 and r["status"] == "holds", r
+    rows.append(row("piggyback", "poisson", 50.0, 3 * 50 + 15))
+    r = run({"exp-commit.csv": rows})["commitFlushSpread"]
+    assert abs(r["value"] - 15 / 165) < 1e-9 and r["status"] == "does not hold", r
+
+
 def main():
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_")]
     failed = 0

@@ -48,7 +48,8 @@ pub struct CommonArgs {
     /// Use regular files (O_DIRECT) in this directory instead of block devices.
     #[arg(long)]
     pub files: Option<PathBuf>,
-    /// Repetitions per configuration (default: the profile's).
+    /// Repetitions per configuration (default: the profile's; each experiment's --help
+    /// says how many).
     #[arg(long)]
     pub repetitions: Option<u32>,
     /// Replace an existing CSV / meta.json in --out.
@@ -64,11 +65,11 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    /// The repetitions to run: `--repetitions`, else `quick` or `full` by profile.
-    pub fn repetitions_or(&self, quick: u32, full: u32) -> u32 {
+    /// The repetitions to run: `--repetitions`, else the experiment's count for the profile.
+    pub fn repetitions_or(&self, default: Repetitions) -> u32 {
         self.repetitions.unwrap_or(match self.profile {
-            Profile::Quick => quick,
-            Profile::Full => full,
+            Profile::Quick => default.quick,
+            Profile::Full => default.full,
         })
     }
     /// `quick` or `full` by profile.
@@ -77,6 +78,24 @@ impl CommonArgs {
             Profile::Quick => quick,
             Profile::Full => full,
         }
+    }
+}
+
+/// An experiment's repetitions per configuration by profile: `quick` and `full`.
+#[derive(Debug, Clone, Copy)]
+pub struct Repetitions {
+    pub quick: u32,
+    pub full: u32,
+}
+
+impl Repetitions {
+    /// `--repetitions`' help with this experiment's counts, for the binary's
+    /// `#[command(mut_arg("repetitions", |a| REPETITIONS.help(a)))]`.
+    pub fn help(self, arg: clap::Arg) -> clap::Arg {
+        arg.help(format!(
+            "Repetitions per configuration (default: quick {}, full {})",
+            self.quick, self.full
+        ))
     }
 }
 

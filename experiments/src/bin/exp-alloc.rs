@@ -33,24 +33,28 @@ use blocklab::alloc::BlockRef;
 use blocklab::alloc::{DeviceRegion, DeviceSpec, Strategy};
 use blocklab::dev::UringEngine;
 use clap::Parser;
+use harness::args::Repetitions;
 use harness::cli::alloc::{NodeArgs, WorkerEvent, WorkerProc, WorkerSpec};
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 use serde::Serialize;
+
+/// Repetitions per configuration: quick, full.
+const REPETITIONS: Repetitions = Repetitions { quick: 2, full: 5 };
 
 /// Measures block-allocation throughput and latency across the real OS processes of one
 /// storage node and compares lock-free shared memory (shm) with a locked free list (mutex)
 /// and a central allocator (central); a crash run checks recovery. Writes
 /// OUT/exp-alloc.csv.
 #[derive(Debug, Parser)]
-#[command(name = "exp-alloc", version)]
+#[command(name = "exp-alloc", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
     /// Strategies to compare, alternating within each configuration.
     #[arg(long, value_delimiter = ',', default_value = "shm,mutex,central")]
     strategies: Vec<Strategy>,
-    /// Process counts (real OS processes of one node).
+    /// Process counts (real OS processes of one node; quick and full alike).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     processes: Vec<u16>,
     /// How long each configuration runs, e.g. 800ms (default: quick 800ms, full 3s).
@@ -456,7 +460,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
-    let reps = c.repetitions_or(2, 5);
+    let reps = c.repetitions_or(REPETITIONS);
     let duration = args
         .duration
         .unwrap_or(c.pick(Duration::from_secs_f64(0.8), Duration::from_secs_f64(3.0)));

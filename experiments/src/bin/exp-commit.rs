@@ -30,7 +30,9 @@ use blocklab::repl::replica::{
 };
 use blocklab::repl::{Entry, NodeId, Stats};
 use clap::{Parser, ValueEnum};
-use harness::args::{millis, or_default, parse_bytes, parse_duration, parse_positive_duration};
+use harness::args::{
+    millis, or_default, parse_bytes, parse_duration, parse_positive_duration, Repetitions,
+};
 use harness::cli::repl::parse_policy;
 use harness::progress::Progress;
 use harness::{CommonArgs, CpuTimes, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
@@ -81,11 +83,20 @@ enum Backing {
 /// Where memory-backed loop devices live.
 const MEMORY_STATE_DIR: &str = "/dev/shm/blocklab";
 
+/// Repetitions per configuration: quick, full.
+const REPETITIONS: Repetitions = Repetitions { quick: 2, full: 5 };
+
 /// Measures how long secondaries take to apply committed writes (apply lag) and what each
 /// commit-notification policy costs in messages and flushes, and compares the policies
 /// (piggyback, periodic, eager, idle, idle_delayed) under four workloads (see docs/repl.md).
+///
+/// Profiles (every run a fresh cluster; policies alternate innermost, repetitions
+/// outermost): quick: 3 replicas, RTT 0 and 1 ms, Poisson at 200/s, 2 repetitions; full:
+/// 3 replicas, RTT 0, 1 and 10 ms, Poisson at 50, 200 and 1000/s, 5 repetitions. Both use a
+/// 250 ms idle gap, longer than the longest heartbeat compared (200 ms) plus the largest
+/// RTT, so every policy is compared on idle periods.
 #[derive(Debug, Parser)]
-#[command(name = "exp-commit", version)]
+#[command(name = "exp-commit", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -97,7 +108,8 @@ struct Args {
     /// Workloads (default: all four).
     #[arg(long, value_delimiter = ',', value_enum)]
     workloads: Vec<Workload>,
-    /// Cluster sizes (default quick: 3; full: 3,5).
+    /// Cluster sizes (default quick and full: 3; e.g. 3,5 adds a row of panels per size to
+    /// the figures).
     #[arg(long, value_delimiter = ',')]
     replicas: Vec<usize>,
     /// Injected round-trip times, applied as RTT/2 one-way on every frame, e.g. 0s,1ms
@@ -107,23 +119,26 @@ struct Args {
     /// Poisson arrival rates per second (default quick: 200; full: 50,200,1000).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
-    /// Idle gap G of single and bursty, e.g. 300ms (default quick: 300ms; full: 1s).
+    /// Idle gap G of single and bursty, e.g. 300ms (default quick and full: 250ms). Keep it
+    /// longer than the longest periodic heartbeat compared plus the RTT: a shorter gap lets
+    /// the next write carry the commit before the heartbeat does.
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     gap: Option<Duration>,
     /// Writes per burst in bursty.
     #[arg(long, default_value_t = 10)]
     burst: usize,
-    /// Measured writes per run of single (default: 100: with 3 replicas the p99 of the
-    /// 200 secondary samples is the third largest, so one stalled write does not set it).
+    /// Measured writes per run of single (default quick: 16; full: 20: latency percentiles
+    /// come from the repetitions' merged histograms, which in full hold 2 secondaries × 20
+    /// writes × 5 repetitions = 200 samples per configuration with 3 replicas).
     #[arg(long)]
     single_writes: Option<u64>,
-    /// Bursts per run of bursty (default quick: 15; full: 20).
+    /// Bursts per run of bursty (default quick: 4; full: 6).
     #[arg(long)]
     bursts: Option<u64>,
-    /// How long Poisson arrivals last per run, e.g. 600ms (default quick: 600ms; full: 10s).
+    /// How long Poisson arrivals last per run, e.g. 600ms (default quick: 500ms; full: 1s).
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     poisson_duration: Option<Duration>,
-    /// Measured writes per run of closed (default quick: 1000; full: 20000).
+    /// Measured writes per run of closed (default quick: 500; full: 2000).
     #[arg(long)]
     closed_writes: Option<u64>,
     /// Writes outstanding in closed.
@@ -571,22 +586,22 @@ impl Plan {
         let plan = Plan {
             policies: or_default(&args.policies, default_policies),
             workloads: or_default(&args.workloads, all_workloads),
-            replicas: or_default(&args.replicas, c.pick(vec![3], vec![3, 5])),
+            replicas: or_default(&args.replicas, vec![3]),
             rtts: or_default(
                 &args.rtt,
                 c.pick(vec![ms(0.0), ms(1.0)], vec![ms(0.0), ms(1.0), ms(10.0)]),
             ),
             rates: or_default(&args.rates, c.pick(vec![200.0], vec![50.0, 200.0, 1000.0])),
-            gap: args.gap.unwrap_or(c.pick(ms(300.0), ms(1000.0))),
+            gap: args.gap.unwrap_or(ms(250.0)),
             sizes: Sizes {
-                single_writes: args.single_writes.unwrap_or(c.pick(100, 100)),
-                bursts: args.bursts.unwrap_or(c.pick(15, 20)),
+                single_writes: args.single_writes.unwrap_or(c.pick(16, 20)),
+                bursts: args.bursts.unwrap_or(c.pick(4, 6)),
                 poisson: args
                     .poisson_duration
-                    .unwrap_or(c.pick(ms(600.0), ms(10_000.0))),
-                closed_writes: args.closed_writes.unwrap_or(c.pick(1000, 20000)),
+                    .unwrap_or(c.pick(ms(500.0), ms(1000.0))),
+                closed_writes: args.closed_writes.unwrap_or(c.pick(500, 2000)),
             },
-            reps: c.repetitions_or(3, 3),
+            reps: c.repetitions_or(REPETITIONS),
         };
         plan.check()?;
         Ok(plan)

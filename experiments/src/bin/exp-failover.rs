@@ -47,6 +47,7 @@ use blocklab::volume::{StoreConfig, VolumeStore};
 use clap::Parser;
 use harness::args::{
     millis, or_default, parse_bytes, parse_positive_duration, parse_size, parse_whole_ms,
+    Repetitions,
 };
 use harness::cli::failover::cluster::{enter_netns, unix_us, Cluster, ClusterSpec, Mode, VipKind};
 use harness::progress::Progress;
@@ -55,12 +56,15 @@ use rand::Rng;
 
 const MIB: u64 = 1 << 20;
 
+/// Repetitions per configuration: quick, full.
+const REPETITIONS: Repetitions = Repetitions { quick: 2, full: 5 };
+
 /// Measures result delivery after a SIGKILL of the serving management node, VIP move time,
 /// lost results, duplicate executions and re-executed bytes, and compares VIP failover of
 /// the management service (vip_handoff) with client retry (client_retry). Writes
 /// OUT/exp-failover.csv, exp-failover-kills.csv and exp-failover-copy.csv.
 #[derive(Debug, Parser)]
-#[command(name = "exp-failover", version)]
+#[command(name = "exp-failover", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -79,7 +83,8 @@ struct Args {
     /// 50ms,100ms,200ms).
     #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms, value_delimiter = ',')]
     heartbeats: Vec<Duration>,
-    /// Kills per configuration and repetition (default: quick 20, full 100).
+    /// Kills per configuration and repetition (default: quick 10, full 10; full's 5
+    /// repetitions make 50 kills per configuration).
     #[arg(long)]
     kills: Option<usize>,
     /// Size of each volume, e.g. 16M (default: quick 16M, full 64M).
@@ -815,7 +820,7 @@ fn configs(args: &Args) -> anyhow::Result<Vec<Config>> {
 /// The settings from the flags and the profile.
 fn settings(args: &Args) -> anyhow::Result<Settings> {
     let c = &args.common;
-    let kills = args.kills.unwrap_or(c.pick(20, 100));
+    let kills = args.kills.unwrap_or(10);
     if kills == 0 {
         bail!("--kills must be at least 1");
     }
@@ -849,7 +854,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let configs = configs(&args)?;
     let mut settings = settings(&args)?;
-    let reps = c.repetitions_or(1, 3);
+    let reps = c.repetitions_or(REPETITIONS);
     settings.bin = harness::blocklab_bin(args.blocklab_bin.as_deref())?;
     let copy_bytes = args
         .copy_bench_size

@@ -28,38 +28,44 @@ use blocklab::dev::Device;
 use blocklab::init::{self, BoundInput, Node, NodeAgent, Strategy};
 use blocklab::monitor::{FileJournal, Monitor, ProposeConfig};
 use clap::Parser;
-use harness::args::{or_default, parse_size, parse_whole_ms};
+use harness::args::{or_default, parse_size, parse_whole_ms, Repetitions};
 use harness::devices::precondition;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, Profile, RunMeta};
 use serde::Serialize;
+
+/// Repetitions per configuration: quick, full.
+const REPETITIONS: Repetitions = Repetitions { quick: 3, full: 5 };
 
 /// Measures how long deploying N daemons takes and compares the four initialisation
 /// strategies (sequential, parallel_nodes, parallel_daemons, parallel) with each other and
 /// with the physical lower bound measured in the same run.
 ///
 /// Quick profile: 3 nodes × {1,4,8} daemons per node, 256 MiB devices, 50 ms propose
-/// interval, 3 repetitions (24 loop devices). Full profile: {1,2,3,4} nodes × {1,4,8,12}
-/// daemons per node, 1 GiB and 16 GiB (sparse) devices, 50 ms and 1 s propose intervals,
-/// 3 repetitions (48 loop devices). Writes OUT/exp-init.csv (one row per configuration,
-/// strategy and repetition) and OUT/exp-init-phases.csv (one row per daemon and step).
+/// interval, 3 repetitions (24 loop devices). Full profile: {1,2,3,4} nodes × {1,4,8}
+/// daemons per node, 256 MiB and 16 GiB (sparse) devices, 50 ms propose interval, 5
+/// repetitions (32 loop devices). Each device size is its own device set, run after the
+/// other; within a size, repetitions are the outer loop and the strategies the inner one.
+/// Writes OUT/exp-init.csv (one row per configuration, strategy and repetition) and
+/// OUT/exp-init-phases.csv (one row per daemon and step).
 #[derive(Debug, Parser)]
-#[command(name = "exp-init", version)]
+#[command(name = "exp-init", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
-    /// Node counts to sweep (default: the profile's).
+    /// Node counts to sweep (default quick: 3; full: 1,2,3,4).
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<usize>,
-    /// Daemons (devices) per node to sweep (default: the profile's).
+    /// Daemons (devices) per node to sweep (default quick and full: 1,4,8).
     #[arg(long, value_delimiter = ',')]
     daemons: Vec<usize>,
-    /// Device sizes to sweep, e.g. 256M,16G (default: --size, else the profile's; with
-    /// --devices only the given devices' size is used).
+    /// Device sizes to sweep, e.g. 256M,16G (default: --size, else quick: 256M; full:
+    /// 256M,16G; with --devices only the given devices' size is used).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     device_sizes: Vec<u64>,
-    /// Monitor propose intervals to sweep, whole milliseconds, e.g. 50ms,1s (default: the
-    /// profile's).
+    /// Monitor propose intervals to sweep, whole milliseconds, e.g. 50ms,1s (default quick
+    /// and full: 50ms; 50ms,1s adds Ceph's default, whose deploys take about 20 times as
+    /// long).
     #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms, value_delimiter = ',')]
     propose_intervals: Vec<Duration>,
     /// Strategies to run (default: all four), alternating within each configuration.
@@ -219,19 +225,13 @@ impl Sweep {
     fn new(cli: &Cli) -> anyhow::Result<Sweep> {
         let a = &cli.common;
         let nodes = or_default(&cli.nodes, a.pick(vec![3], vec![1, 2, 3, 4]));
-        let dpns = or_default(&cli.daemons, a.pick(vec![1, 4, 8], vec![1, 4, 8, 12]));
+        let dpns = or_default(&cli.daemons, vec![1, 4, 8]);
         let sizes = match (cli.device_sizes.is_empty(), a.size) {
             (true, Some(s)) => vec![s],
-            (true, None) => a.pick(vec![256 << 20], vec![1 << 30, 16 << 30]),
+            (true, None) => a.pick(vec![256 << 20], vec![256 << 20, 16 << 30]),
             (false, _) => cli.device_sizes.clone(),
         };
-        let intervals = or_default(
-            &cli.propose_intervals,
-            a.pick(
-                vec![Duration::from_millis(50)],
-                vec![Duration::from_millis(50), Duration::from_millis(1000)],
-            ),
-        );
+        let intervals = or_default(&cli.propose_intervals, vec![Duration::from_millis(50)]);
         let strategies = or_default(&cli.strategies, Strategy::ALL.to_vec());
         if nodes.contains(&0) || dpns.contains(&0) {
             bail!("--nodes and --daemons must be at least 1");
@@ -246,7 +246,7 @@ impl Sweep {
             sizes,
             intervals,
             strategies,
-            reps: a.repetitions_or(3, 3),
+            reps: a.repetitions_or(REPETITIONS),
         })
     }
     fn max_devices(&self) -> usize {
@@ -387,10 +387,11 @@ fn run_size(
         "{max_devices} devices of {size} bytes: {}",
         set.paths()[0].display()
     ));
-    for &n in &sweep.nodes {
-        for &d in &sweep.dpns {
-            let paths = &set.paths()[..n * d];
-            for rep in 0..sweep.reps {
+    // Repetitions outermost, so drift meets every configuration alike.
+    for rep in 0..sweep.reps {
+        for &n in &sweep.nodes {
+            for &d in &sweep.dpns {
+                let paths = &set.paths()[..n * d];
                 run_repetition(cli, sweep, (n, d, size, rep), paths, out)?;
             }
         }

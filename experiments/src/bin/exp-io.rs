@@ -12,18 +12,23 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use blocklab::dev::{Device, IoEngine, Pattern, StreamLimit, StreamOp, StreamSpec, UringEngine};
 use clap::Parser;
+use harness::args::Repetitions;
 use harness::progress::Progress;
 use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 
+/// Repetitions per configuration: quick, full.
+const REPETITIONS: Repetitions = Repetitions { quick: 2, full: 5 };
+
 /// Measures IOPS, bandwidth and latency of blocklab's io_uring engine and compares them
 /// with fio's io_uring engine on the same device: 4 KiB random write/read at QD 1 and 32,
-/// 1 MiB sequential write/read at QD 8. Writes OUT/exp-io.csv.
+/// 1 MiB sequential write/read at QD 8. Each repetition runs every workload, the two tools
+/// back to back. Writes OUT/exp-io.csv.
 #[derive(Debug, Parser)]
-#[command(name = "exp-io", version)]
+#[command(name = "exp-io", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// How long each tool runs each pattern, e.g. 2s or 500ms (default: 2s quick, 10s full).
+    /// How long each tool runs each pattern, e.g. 2s or 500ms (default: quick 2s, full 6s).
     #[arg(long, value_name = "DURATION", value_parser = harness::args::parse_positive_duration)]
     duration: Option<Duration>,
     /// Bytes at the start of the device the patterns cover, at least 8M (default: 256M
@@ -264,7 +269,6 @@ struct Settings<'a> {
     args: &'a Args,
     duration: Duration,
     region: u64,
-    reps: u32,
 }
 
 /// exp-io.csv and the raw data beside it.
@@ -292,22 +296,23 @@ impl Outputs {
     }
 }
 
-/// Every repetition of workload `w`, alternating which tool goes first so drift affects
-/// both alike; the sums of blocklab's and fio's figures (IOPS for 4 KiB, MiB/s for 1 MiB).
-fn run_workload(
+/// Repetition `rep` of every workload, the two tools back to back, alternating which goes
+/// first so drift affects both alike; adds blocklab's and fio's figures (IOPS for 4 KiB,
+/// MiB/s for 1 MiB) to each workload's `sums`.
+fn run_repetition(
     st: &Settings<'_>,
     dev: &Device,
-    w: &Workload,
+    rep: u32,
+    sums: &mut [(f64, f64)],
     out: &mut Outputs,
     progress: &mut Progress,
-) -> anyhow::Result<(f64, f64)> {
-    let (mut sum_b, mut sum_f) = (0.0, 0.0);
-    for rep in 0..st.reps {
-        let order: [&str; 2] = if rep % 2 == 0 {
-            ["blocklab", "fio"]
-        } else {
-            ["fio", "blocklab"]
-        };
+) -> anyhow::Result<()> {
+    let order: [&str; 2] = if rep % 2 == 0 {
+        ["blocklab", "fio"]
+    } else {
+        ["fio", "blocklab"]
+    };
+    for (w, (sum_b, sum_f)) in WORKLOADS.iter().zip(sums.iter_mut()) {
         for tool in order {
             let (args, region, duration) = (st.args, st.region, st.duration);
             let seed = args.seed.wrapping_add(rep as u64);
@@ -322,9 +327,9 @@ fn run_workload(
                 m.iops
             };
             if tool == "blocklab" {
-                sum_b += figure;
+                *sum_b += figure;
             } else {
-                sum_f += figure;
+                *sum_f += figure;
             }
             let row = Row {
                 tool,
@@ -345,7 +350,7 @@ fn run_workload(
             ));
         }
     }
-    Ok((sum_b, sum_f))
+    Ok(())
 }
 
 /// Prints blocklab / fio per workload; the ratios by workload, for meta.json.
@@ -364,12 +369,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let c = &args.common;
     let duration = args
         .duration
-        .unwrap_or(c.pick(Duration::from_secs_f64(2.0), Duration::from_secs_f64(10.0)));
+        .unwrap_or(c.pick(Duration::from_secs_f64(2.0), Duration::from_secs_f64(6.0)));
     let region = args.region.unwrap_or(c.pick(256 << 20, 1 << 30));
     if region < (8 << 20) {
         bail!("--region must be at least 8 MiB (1 MiB blocks at QD 8)");
     }
-    let reps = c.repetitions_or(2, 5);
+    let reps = c.repetitions_or(REPETITIONS);
     let fio_version = fio_version(&args.fio)?;
 
     // The set is at least `region` bytes (given devices are checked, the others made so).
@@ -387,19 +392,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         args: &args,
         duration,
         region,
-        reps,
     };
     let mut progress = Progress::new("exp-io", (reps as usize * WORKLOADS.len() * 2) as u64);
-    let mut sums: Vec<(String, f64, f64)> = Vec::new();
-    for w in &WORKLOADS {
-        let (sum_b, sum_f) = run_workload(&st, &dev, w, &mut out, &mut progress)?;
-        sums.push((
-            format!("{} bs={} qd={}", w.name, w.block_size, w.queue_depth),
-            sum_b,
-            sum_f,
-        ));
+    // Repetitions outermost, so every workload and tool meets the same drift.
+    let mut totals = [(0.0, 0.0); WORKLOADS.len()];
+    for rep in 0..reps {
+        run_repetition(&st, &dev, rep, &mut totals, &mut out, &mut progress)?;
     }
     progress.finish();
+    let sums: Vec<(String, f64, f64)> = WORKLOADS
+        .iter()
+        .zip(totals)
+        .map(|(w, (b, f))| {
+            let name = format!("{} bs={} qd={}", w.name, w.block_size, w.queue_depth);
+            (name, b, f)
+        })
+        .collect();
     let summary = ratios(reps, &sums);
     meta.extra = serde_json::json!({
         "seconds_per_run": duration.as_secs_f64(), "region_bytes": region, "fixed": args.fixed,

@@ -34,7 +34,9 @@ use blocklab::lunmap::gateway::GatewayClient;
 use blocklab::lunmap::view::{Change, MapView};
 use blocklab::lunmap::{mono_ns, Backing, Layout, Lun, Target};
 use clap::{Parser, ValueEnum};
-use harness::args::{format_duration, millis, parse_duration, parse_positive_duration};
+use harness::args::{
+    format_duration, millis, parse_duration, parse_positive_duration, Repetitions,
+};
 use harness::cli::lunmap::parse_zk;
 use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, RunMeta};
 use serde::Serialize;
@@ -59,11 +61,14 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// Repetitions per configuration: quick, full.
+const REPETITIONS: Repetitions = Repetitions { quick: 2, full: 5 };
+
 /// Measures how fast and how safely a LUN-map change reaches every gateway (propagation,
 /// lost updates, stale reads) and how fast a dead gateway is noticed, and compares the map
 /// in ZooKeeper with a JSON file copied to every gateway (filesync).
 #[derive(Debug, Parser)]
-#[command(name = "exp-lunmap", version)]
+#[command(name = "exp-lunmap", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -74,10 +79,10 @@ struct Args {
     /// Backends to compare (alternating within the run).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [BackendKind::Zookeeper, BackendKind::ZookeeperConfirm, BackendKind::Filesync])]
     backends: Vec<BackendKind>,
-    /// Gateway process counts to sweep.
+    /// Gateway process counts to sweep (quick and full alike).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 8])]
     gateways: Vec<usize>,
-    /// Concurrent editor counts to sweep.
+    /// Concurrent editor counts to sweep (quick and full alike).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4])]
     editors: Vec<usize>,
     /// Map changes per configuration and repetition, split across editors (default: quick
@@ -786,9 +791,10 @@ fn run(a: Args) -> anyhow::Result<()> {
     if changes == 0 {
         bail!("--changes must be at least 1");
     }
-    // Quick keeps 3 repetitions too: with 24 changes a p99 is the largest of them, and the
-    // claims take the median run, which one VM stall must not decide.
-    let reps = a.common.repetitions_or(3, 3);
+    // Propagation percentiles come from the repetitions' merged histograms: quick's 2 × 24
+    // changes make a p99 that one VM stall can set (quick verdicts are indicative); full's
+    // 5 × 200 do not.
+    let reps = a.common.repetitions_or(REPETITIONS);
     let set = DeviceSet::setup(&a.common, 1, LUN_SIZE, 64 << 20)?;
     let device = set.paths()[0].display().to_string();
     let mut meta = RunMeta::start("exp-lunmap", a.common.profile);
