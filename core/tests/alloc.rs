@@ -252,6 +252,9 @@ fn recovery_returns_a_dead_process_in_flight_block_and_a_claimed_one() {
     let before = audit(&p.at, &records).unwrap();
     assert_eq!(before.leaked_blocks, 1, "{before:?}"); // the claimed-unmarked block
     assert_eq!(before.double_allocated, 0);
+    // The double-allocation counter counts: the same bytes recorded by two owners.
+    let twice = audit(&p.at, &[records[0], records[0]]).unwrap();
+    assert_eq!(twice.double_allocated, 1, "{twice:?}");
     let got = recovery::recover_dead(&p.at).unwrap();
     assert_eq!(
         got.procs,

@@ -915,3 +915,54 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blocklab::failover::dispatcher::Epoch;
+
+    fn started(op_id: &str, tag: &str) -> Record {
+        Record::Started {
+            op_id: op_id.into(),
+            op: Op::Delete { name: "v".into() },
+            epoch: Epoch {
+                counter: 1,
+                node: 1,
+            },
+            node: 1,
+            tag: Some(tag.into()),
+        }
+    }
+
+    fn done(op_id: &str, ok: bool) -> Record {
+        Record::Done {
+            op_id: op_id.into(),
+            result: if ok {
+                OpResult::Deleted { name: "v".into() }
+            } else {
+                OpResult::error("no such volume")
+            },
+            bytes: 0,
+        }
+    }
+
+    /// The duplicate-execution counter counts: one logical operation (tag) that succeeds
+    /// under two operation ids is one duplicate; a failed retry is none.
+    #[test]
+    fn a_second_successful_execution_of_one_operation_is_a_duplicate() {
+        let once = [started("a", "t"), done("a", true)];
+        let acct = Accounting::of(&once);
+        assert_eq!(acct.duplicates(&acct.tag_kind(), |_| true), 0);
+        let twice = [
+            started("a", "t"),
+            done("a", true),
+            started("b", "t"),
+            done("b", true),
+            started("c", "t"),
+            done("c", false),
+        ];
+        let acct = Accounting::of(&twice);
+        assert_eq!(acct.duplicates(&acct.tag_kind(), |_| true), 1);
+        assert_eq!(acct.duplicates(&acct.tag_kind(), |k| k == "copy"), 0);
+    }
+}

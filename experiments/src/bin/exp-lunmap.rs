@@ -576,6 +576,17 @@ fn run_editors(
     Ok((ed.acked.into_inner().unwrap(), ed.stale.into_inner()))
 }
 
+/// The acknowledged changes the final map still has, and those it lost (a lost update:
+/// an editor was told its change was made, and the map does not have it).
+fn split_lost<'a>(
+    acked: &'a [Acked],
+    final_initiators: &std::collections::HashSet<String>,
+) -> (Vec<&'a Acked>, Vec<&'a Acked>) {
+    acked
+        .iter()
+        .partition(|x| final_initiators.contains(&x.initiator))
+}
+
 /// The initiators of the final map: acknowledged changes missing from it are lost
 /// updates.
 fn final_initiators(
@@ -708,9 +719,7 @@ fn run_one(
     )?;
     let (acked, stale_reads) = run_editors(a, cfg, &be, &ctx)?;
     let final_initiators = final_initiators(&be.editors, &ctx.layout)?;
-    let (surviving, lost): (Vec<&Acked>, Vec<&Acked>) = acked
-        .iter()
-        .partition(|x| final_initiators.contains(&x.initiator));
+    let (surviving, lost) = split_lost(&acked, &final_initiators);
     let propagated = propagation(a, cfg, &ctx.log, &surviving);
     let p = propagated.percentiles();
     // The gateways go first (a SIGKILL, then the rest at drop); the copier and the
@@ -850,4 +859,31 @@ fn run(a: Args) -> anyhow::Result<()> {
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lost-update counter counts: an acknowledged change the final map lacks (as when
+    /// two editors of a copied file overwrite each other) is lost; the others survive.
+    #[test]
+    fn an_acknowledged_change_missing_from_the_final_map_is_lost() {
+        let acked: Vec<Acked> = ["iqn.a", "iqn.b", "iqn.c"]
+            .iter()
+            .map(|i| Acked {
+                initiator: i.to_string(),
+                ack_ns: 0,
+            })
+            .collect();
+        let all: std::collections::HashSet<String> =
+            acked.iter().map(|a| a.initiator.clone()).collect();
+        let (kept, lost) = split_lost(&acked, &all);
+        assert_eq!((kept.len(), lost.len()), (3, 0));
+        let mut overwritten = all.clone();
+        overwritten.remove("iqn.b");
+        let (kept, lost) = split_lost(&acked, &overwritten);
+        assert_eq!((kept.len(), lost.len()), (2, 1));
+        assert_eq!(lost[0].initiator, "iqn.b");
+    }
 }
