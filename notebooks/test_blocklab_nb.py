@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import blocklab_nb as nb  # noqa: E402
+from testrun import run_tests  # noqa: E402
 
 
 def run(root: Path, name: str, *ends):
@@ -69,19 +70,5 @@ def test_latest_command_prints_the_run():
     assert out.returncode == 1 and "no run under" in out.stderr, out
 
 
-def main():
-    tests = [(n, f) for n, f in globals().items() if n.startswith("test_")]
-    failed = 0
-    for name, f in tests:
-        try:
-            f()
-            print(f"test {name} ... ok")
-        except Exception as e:  # report every failure, not only the first
-            failed += 1
-            print(f"test {name} ... FAILED: {e!r}")
-    print(f"{len(tests) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    run_tests(globals())

@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE))
 import blocklab_nb  # noqa: E402
 import check_run  # noqa: E402
 import claims  # noqa: E402
+from testrun import run_tests  # noqa: E402
 
 
 def test_verdicts_follow_the_interval():
@@ -230,19 +231,5 @@ def test_flush_spread_compares_policies_on_the_same_writes():
     assert abs(r["value"] - 15 / 165) < 1e-9 and r["status"] == "does not hold", r
 
 
-def main():
-    tests = [(n, f) for n, f in globals().items() if n.startswith("test_")]
-    failed = 0
-    for name, f in tests:
-        try:
-            f()
-            print(f"test {name} ... ok")
-        except Exception as e:  # report every failure, not only the first
-            failed += 1
-            print(f"test {name} ... FAILED: {e!r}")
-    print(f"{len(tests) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    run_tests(globals())

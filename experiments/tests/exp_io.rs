@@ -13,6 +13,16 @@ use blocklab::testing::{
 
 const COLUMNS: &str = "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device";
 
+/// exp-io's six workloads as its CSV spells them: pattern, block size, queue depth.
+const WORKLOADS: [(&str, &str, &str); 6] = [
+    ("randwrite", "4096", "1"),
+    ("randwrite", "4096", "32"),
+    ("randread", "4096", "1"),
+    ("randread", "4096", "32"),
+    ("write", "1048576", "8"),
+    ("read", "1048576", "8"),
+];
+
 fn exp_io() -> Command {
     Command::new(env!("CARGO_BIN_EXE_exp-io"))
 }
@@ -55,14 +65,7 @@ fn writes_the_documented_csv_and_meta() {
         .collect();
     assert_eq!(rows.len(), 12, "6 workloads x 2 tools x 1 repetition");
     for tool in ["blocklab", "fio"] {
-        for (pattern, bs, qd) in [
-            ("randwrite", "4096", "1"),
-            ("randwrite", "4096", "32"),
-            ("randread", "4096", "1"),
-            ("randread", "4096", "32"),
-            ("write", "1048576", "8"),
-            ("read", "1048576", "8"),
-        ] {
+        for (pattern, bs, qd) in WORKLOADS {
             let row = rows
                 .iter()
                 .find(|r| r[0] == tool && r[1] == pattern && r[2] == bs && r[3] == qd)
@@ -89,14 +92,7 @@ fn writes_the_documented_csv_and_meta() {
     );
     let hist: Vec<&str> = hist.collect();
     assert_eq!(hist.len(), 6, "one per blocklab row");
-    for (pattern, bs, qd) in [
-        ("randwrite", "4096", "1"),
-        ("randwrite", "4096", "32"),
-        ("randread", "4096", "1"),
-        ("randread", "4096", "32"),
-        ("write", "1048576", "8"),
-        ("read", "1048576", "8"),
-    ] {
+    for (pattern, bs, qd) in WORKLOADS {
         let prefix = format!("blocklab,{pattern},{bs},{qd},0,lat_ns,HISTF");
         assert!(hist.iter().any(|l| l.starts_with(&prefix)), "no {prefix}");
         let f = out
