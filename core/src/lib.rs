@@ -15,6 +15,7 @@
 pub mod alloc;
 pub mod coord;
 pub mod daemon;
+pub mod delayproxy;
 pub mod dev;
 pub mod failover;
 pub mod format;

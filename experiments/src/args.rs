@@ -178,6 +178,25 @@ pub fn parse_whole_ms(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A share in `[0, 100%)` written as a percentage (`10%`, `2.5%`, `0%`), as a fraction
+/// (`10%` is 0.1). A bare number is refused: `10` could mean 10% or 0.1.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let Some(num) = t.strip_suffix('%') else {
+        return Err(format!(
+            "{s:?}: a share needs a percent sign, e.g. {t}% (a percentage in [0%, 100%))"
+        ));
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: not a percentage (e.g. 10%, 2.5%)"))?;
+    if !(0.0..100.0).contains(&v) {
+        return Err(format!("{s:?}: outside [0%, 100%)"));
+    }
+    Ok(v / 100.0)
+}
+
 /// A duration as a command-line value again (`300ms`, `1s 500ms`): what [`parse_duration`]
 /// reads, for arguments passed on to a child process.
 pub fn format_duration(d: Duration) -> String {
@@ -196,6 +215,22 @@ pub fn millis(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentages() {
+        assert_eq!(parse_percent("10%"), Ok(0.1));
+        assert_eq!(parse_percent("0%"), Ok(0.0));
+        assert_eq!(parse_percent(" 2.5 % "), Ok(0.025));
+        assert!(parse_percent("10").unwrap_err().contains("percent sign"));
+        assert!(parse_percent("100%")
+            .unwrap_err()
+            .contains("outside [0%, 100%)"));
+        assert!(parse_percent("-1%").unwrap_err().contains("outside"));
+        assert!(parse_percent("NaN%").unwrap_err().contains("outside"));
+        assert!(parse_percent("x%")
+            .unwrap_err()
+            .contains("not a percentage"));
+    }
 
     #[test]
     fn sizes() {

@@ -17,9 +17,9 @@ const EXPERIMENTS: [(&str, &str); 6] = [
 ];
 
 /// `blocklab`'s subcommands.
-const SUBCOMMANDS: [&str; 13] = [
+const SUBCOMMANDS: [&str; 14] = [
     "devices", "alloc", "index", "repl", "mkfs", "inspect", "monitor", "node", "init", "mgmt",
-    "volume", "gateway", "lunmap",
+    "volume", "gateway", "lunmap", "proxy",
 ];
 
 fn run(bin: &str, args: &[&str]) -> Output {
@@ -124,6 +124,10 @@ fn a_bare_number_as_a_duration_is_refused_with_a_clear_error() {
         (BLOCKLAB, vec!["repl", "serve", "--tick", "100"]),
         (BLOCKLAB, vec!["repl", "serve", "--policy", "periodic:50"]),
         (BLOCKLAB, vec!["mgmt", "serve", "--heartbeat", "100"]),
+        (
+            BLOCKLAB,
+            vec!["proxy", "--to", "127.0.0.1:1", "--delay", "500"],
+        ),
     ]);
     for (bin, args) in cases {
         let o = run(bin, &args);

@@ -53,6 +53,9 @@ enum Command {
     /// Edit and inspect the LUN map (LUN -> target -> initiators).
     #[command(subcommand)]
     Lunmap(cli::lunmap::LunmapCmd),
+    /// Forward TCP connections to an address with an injected one-way delay (and jitter),
+    /// until SIGTERM/SIGINT. Prints `listening on ADDR`.
+    Proxy(cli::proxy::ProxyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +74,7 @@ fn main() -> std::process::ExitCode {
         Command::Volume(c) => cli::failover::run_volume(c),
         Command::Gateway(a) => cli::lunmap::run_gateway(*a),
         Command::Lunmap(c) => cli::lunmap::run(c),
+        Command::Proxy(a) => cli::proxy::run(a),
     };
     harness::exit_on_error("blocklab", result)
 }

@@ -5,4 +5,5 @@ pub mod devices;
 pub mod failover;
 pub mod init;
 pub mod lunmap;
+pub mod proxy;
 pub mod repl;
