@@ -58,7 +58,7 @@ fn primary_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("repl_primary_step");
     // One iteration = 64 write rounds.
     g.throughput(Throughput::Elements(64));
-    for policy in [Policy::Piggyback, Policy::Eager, Policy::Idle] {
+    for policy in [Policy::Piggyback, Policy::Eager, Policy::IdleCommit] {
         g.bench_function(format!("write_round_{}", policy.name()), |b| {
             b.iter_batched_ref(
                 || {

@@ -223,14 +223,14 @@ fn all_policies() -> Vec<Policy> {
         Policy::Piggyback,
         Policy::Periodic { every: 10 },
         Policy::Eager,
-        Policy::Idle,
+        Policy::IdleCommit,
         Policy::IdleDelayed { delay: 3 },
     ]
 }
 
 #[test]
 fn commit_only_on_a_majority_that_includes_the_primary() {
-    let mut s = Sim::new(5, Policy::Idle, 1);
+    let mut s = Sim::new(5, Policy::IdleCommit, 1);
     // Only one secondary reachable: 2 of 5 have the entry, no commit.
     s.cut = vec![2, 3, 4];
     s.propose(b"a");
@@ -244,7 +244,7 @@ fn commit_only_on_a_majority_that_includes_the_primary() {
     assert_eq!(s.nodes[&PRIMARY].node.commit(), 1);
 
     // Secondaries alone are not enough: the primary counts only after its own flush.
-    let mut s = Sim::new(3, Policy::Idle, 2);
+    let mut s = Sim::new(3, Policy::IdleCommit, 2);
     s.deliver_all();
     s.primary().propose(b"x".to_vec()).unwrap();
     let rd = s.primary().ready();
@@ -272,7 +272,7 @@ fn commit_only_on_a_majority_that_includes_the_primary() {
 fn a_secondary_caps_the_commit_at_its_verified_durable_index() {
     let members = vec![0, 1, 2];
     let mut sec =
-        Node::new_secondary(Config::new(1, 0, members, Policy::Idle), Vec::new()).unwrap();
+        Node::new_secondary(Config::new(1, 0, members, Policy::IdleCommit), Vec::new()).unwrap();
     let e = |i: u64| Entry {
         term: 1,
         index: i,
@@ -407,7 +407,7 @@ impl Sim {
 
 #[test]
 fn idle_sends_exactly_one_empty_message_per_idle_period() {
-    let mut s = Sim::new(3, Policy::Idle, 7);
+    let mut s = Sim::new(3, Policy::IdleCommit, 7);
     let probes = s.empty_delivered; // start-up probes are not notifications
     s.deliver_all();
     let base = s.empty_sent();
@@ -429,7 +429,7 @@ fn idle_sends_exactly_one_empty_message_per_idle_period() {
 
 #[test]
 fn idle_notifies_every_secondary_at_the_commit_without_waiting_for_the_slow_one() {
-    let mut s = Sim::new(3, Policy::Idle, 11);
+    let mut s = Sim::new(3, Policy::IdleCommit, 11);
     s.deliver_all();
     let base = s.empty_sent();
     s.propose(b"x");
@@ -471,7 +471,7 @@ fn idle_notifies_every_secondary_at_the_commit_without_waiting_for_the_slow_one(
 fn idle_sends_nothing_while_writes_keep_coming() {
     // Closed loop: a new write is proposed as soon as one commits, before the primary
     // decides it is idle (as the replica loop does).
-    let mut s = Sim::new(3, Policy::Idle, 8);
+    let mut s = Sim::new(3, Policy::IdleCommit, 8);
     s.deliver_all();
     let base = s.empty_sent();
     s.propose(b"c0");
@@ -591,7 +591,7 @@ fn log_flushes_are_equal_across_policies_and_empty_messages_cause_none() {
 #[test]
 fn restarted_primary_keeps_every_committed_entry() {
     for seed in 0..10u64 {
-        let mut s = Sim::new(3, Policy::Idle, 100 + seed);
+        let mut s = Sim::new(3, Policy::IdleCommit, 100 + seed);
         s.drop_p = 0.1;
         s.reorder = true;
         for i in 0..30 {
@@ -607,7 +607,7 @@ fn restarted_primary_keeps_every_committed_entry() {
         // Crash: the primary restarts from its durable log with a new term.
         let disk = s.nodes[&PRIMARY].disk.clone();
         let term = s.nodes[&PRIMARY].node.term() + 1;
-        let mut cfg = Config::new(PRIMARY, PRIMARY, vec![0, 1, 2], Policy::Idle);
+        let mut cfg = Config::new(PRIMARY, PRIMARY, vec![0, 1, 2], Policy::IdleCommit);
         cfg.retransmit_ticks = 20;
         let node = Node::new_primary(cfg, term, disk.clone()).unwrap();
         let sn = s.nodes.get_mut(&PRIMARY).unwrap();
@@ -704,8 +704,11 @@ fn sent_to(msgs: &[(NodeId, Message)], id: NodeId) -> Vec<(u64, usize)> {
 
 #[test]
 fn a_secondary_never_truncates_a_committed_entry() {
-    let mut sec =
-        Node::new_secondary(Config::new(1, 0, vec![0, 1, 2], Policy::Idle), Vec::new()).unwrap();
+    let mut sec = Node::new_secondary(
+        Config::new(1, 0, vec![0, 1, 2], Policy::IdleCommit),
+        Vec::new(),
+    )
+    .unwrap();
     sec.step(append(
         1,
         0,
@@ -745,7 +748,7 @@ fn a_secondary_never_truncates_a_committed_entry() {
 #[test]
 fn the_primary_reports_a_secondary_in_a_higher_term() {
     let mut p = Node::new_primary(
-        Config::new(0, 0, vec![0, 1, 2], Policy::Idle),
+        Config::new(0, 0, vec![0, 1, 2], Policy::IdleCommit),
         1,
         Vec::new(),
     )
@@ -773,11 +776,18 @@ fn the_primary_reports_a_secondary_in_a_higher_term() {
     assert_eq!(p.term(), 1, "the primary does not adopt it");
     // A node configured as a secondary cannot start as the primary, nor the reverse.
     assert!(matches!(
-        Node::new_primary(Config::new(1, 0, vec![0, 1], Policy::Idle), 1, Vec::new()),
+        Node::new_primary(
+            Config::new(1, 0, vec![0, 1], Policy::IdleCommit),
+            1,
+            Vec::new()
+        ),
         Err(ProtocolError::WrongRole { .. })
     ));
     assert!(matches!(
-        Node::new_secondary(Config::new(0, 0, vec![0, 1], Policy::Idle), Vec::new()),
+        Node::new_secondary(
+            Config::new(0, 0, vec![0, 1], Policy::IdleCommit),
+            Vec::new()
+        ),
         Err(ProtocolError::WrongRole { .. })
     ));
 }
@@ -787,7 +797,7 @@ fn idle_notifies_the_live_secondaries_while_one_is_unreachable() {
     // Unreachable as the driver sees it (disconnected), or only silent (no answer for
     // retransmit_ticks): either way it must not hold back the live secondary.
     for disconnected in [true, false] {
-        let mut s = Sim::new(3, Policy::Idle, 30);
+        let mut s = Sim::new(3, Policy::IdleCommit, 30);
         s.cut = vec![2];
         if disconnected {
             s.primary().peer_disconnected(2);
@@ -818,7 +828,7 @@ fn idle_notifies_the_live_secondaries_while_one_is_unreachable() {
 
 #[test]
 fn a_secondary_with_a_full_log_keeps_serving_and_the_primary_reports_it() {
-    let mut s = Sim::new(3, Policy::Idle, 31);
+    let mut s = Sim::new(3, Policy::IdleCommit, 31);
     s.deliver_all();
     s.full = vec![2];
     for i in 0..5 {
@@ -861,7 +871,7 @@ fn a_secondary_with_a_full_log_keeps_serving_and_the_primary_reports_it() {
 
 #[test]
 fn a_crashed_primary_whose_appends_reached_the_secondaries_is_overruled_in_its_next_term() {
-    let mut s = Sim::new(3, Policy::Idle, 40);
+    let mut s = Sim::new(3, Policy::IdleCommit, 40);
     s.deliver_all();
     for i in 0..3 {
         s.propose(format!("a{i}").as_bytes());
@@ -883,7 +893,7 @@ fn a_crashed_primary_whose_appends_reached_the_secondaries_is_overruled_in_its_n
     // Restart from the durable log (without x) in term 2; a new write takes index 4.
     let disk = s.nodes[&PRIMARY].disk.clone();
     assert_eq!(disk.len(), 3);
-    let mut cfg = Config::new(PRIMARY, PRIMARY, vec![0, 1, 2], Policy::Idle);
+    let mut cfg = Config::new(PRIMARY, PRIMARY, vec![0, 1, 2], Policy::IdleCommit);
     cfg.retransmit_ticks = 20;
     let sn = s.nodes.get_mut(&PRIMARY).unwrap();
     sn.node = Node::new_primary(cfg, 2, disk).unwrap();
@@ -923,7 +933,7 @@ fn appends_respect_the_byte_limit_and_oversized_proposals_are_refused() {
 
 #[test]
 fn an_unanswering_secondary_gets_a_bounded_window_then_one_probe_per_period() {
-    let mut cfg = Config::new(0, 0, vec![0, 1, 2], Policy::Idle);
+    let mut cfg = Config::new(0, 0, vec![0, 1, 2], Policy::IdleCommit);
     cfg.retransmit_ticks = 20;
     cfg.max_batch_entries = 4;
     cfg.max_inflight_entries = 8;

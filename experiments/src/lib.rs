@@ -11,6 +11,8 @@
 //! * [`stats`]: hdrhistogram percentiles (p50/p90/p99/p999/max) and the histograms as
 //!   text (V2 deflate, base64).
 //! * [`progress`]: progress bars for runs longer than a few seconds.
+//! * [`repl_cluster`]: a replication cluster of `blocklab repl serve` processes behind
+//!   delay proxies, with their timelines.
 
 pub mod args;
 pub mod cli;
@@ -18,6 +20,7 @@ pub mod devices;
 pub mod fio;
 pub mod output;
 pub mod progress;
+pub mod repl_cluster;
 pub mod stats;
 
 pub use args::{CommonArgs, Profile};

@@ -125,4 +125,87 @@ impl Client {
             }),
         }
     }
+
+    /// Splits the connection for pipelined writes: one side sends writes without waiting,
+    /// the other reads their answers as they come (in commit order, by write id).
+    pub fn pipeline(self) -> (WriteSender, AckReceiver) {
+        (
+            WriteSender {
+                addr: self.addr,
+                stream: self.stream,
+                next_id: self.next_id,
+            },
+            AckReceiver {
+                addr: self.addr,
+                timeout: self.timeout,
+                reader: self.reader,
+                body: self.body,
+            },
+        )
+    }
+}
+
+/// The sending side of a pipelined connection ([`Client::pipeline`]).
+#[derive(Debug)]
+pub struct WriteSender {
+    addr: SocketAddr,
+    stream: TcpStream,
+    next_id: u64,
+}
+
+impl WriteSender {
+    /// Sends a write; returns its id (the answer's id).
+    pub fn send(&mut self, payload: impl Into<Arc<[u8]>>) -> Result<u64, ClientError> {
+        let addr = self.addr;
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = encode_to_vec(&Frame::ClientWrite {
+            id,
+            payload: payload.into(),
+        })
+        .map_err(|cause| ClientError::Wire { addr, cause })?;
+        self.stream
+            .write_all(&bytes)
+            .map_err(|cause| ClientError::Io { addr, cause })?;
+        Ok(id)
+    }
+}
+
+/// The answer side of a pipelined connection ([`Client::pipeline`]).
+#[derive(Debug)]
+pub struct AckReceiver {
+    addr: SocketAddr,
+    timeout: Duration,
+    reader: BufReader<TcpStream>,
+    body: Vec<u8>,
+}
+
+impl AckReceiver {
+    /// The next answer: the write's id and its committed index, or why it was refused.
+    /// Waits at most the connection's timeout.
+    pub fn recv(&mut self) -> Result<(u64, Result<u64, String>), ClientError> {
+        let addr = self.addr;
+        match read_frame(&mut self.reader, &mut self.body) {
+            Ok(Some(Frame::ClientAck { id, index })) => Ok((id, Ok(index))),
+            Ok(Some(Frame::ClientErr { id, message })) => Ok((id, Err(message))),
+            Ok(Some(other)) => Err(ClientError::Unexpected {
+                addr,
+                got: format!("{other:?}"),
+            }),
+            Ok(None) => Err(ClientError::Closed { addr }),
+            Err(ReadError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(ClientError::Timeout {
+                    addr,
+                    secs: self.timeout.as_secs_f64(),
+                })
+            }
+            Err(ReadError::Io(cause)) => Err(ClientError::Io { addr, cause }),
+            Err(ReadError::Wire(cause)) => Err(ClientError::Wire { addr, cause }),
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! * [`log`]: the log, persisted in a device region through the io_uring engine.
 //! * [`kv`]: the key → value storage engine committed entries are applied to.
 //! * [`apply`]: the worker thread that applies committed entries to it.
+//! * [`check`]: the safety check of kill runs over timelines and final logs.
 //! * [`transport`]: TCP links with an optional injected one-way delay.
 //! * [`replica`]: a replica process: protocol + log + storage engine + transport; its
 //!   options, [`replica::spawn`]/[`replica::run`] and the event loop. Its parts, private
@@ -17,11 +18,14 @@
 //!   * `hooks.rs`: [`replica::Hooks`], in-process observers of the loop;
 //!   * `peers.rs`: the connection threads: accepting, the primary's connections to its
 //!     secondaries with handshake and reconnect backoff, reading frames into the loop.
-//! * [`client`]: a blocking client for writes and status queries.
+//! * [`client`]: a blocking client for writes and status queries, and a pipelined one.
+//! * [`events`]: a replica's timeline in a file, on the machine-wide monotonic clock.
 
 pub mod apply;
+pub mod check;
 pub mod client;
 mod error;
+pub mod events;
 mod hooks;
 pub mod kv;
 pub mod log;

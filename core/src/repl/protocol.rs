@@ -107,11 +107,16 @@ pub enum Policy {
     Periodic { every: u64 },
     /// An empty append on every commit advance (etcd `bcastAppend`, openraft).
     Eager,
-    /// The mechanism: once writes stop (the commit caught up with the last entry), one
-    /// empty message to each live secondary that was sent every entry.
-    Idle,
-    /// [`Policy::Idle`] after `delay` ticks, cancelled by a new write (Ceph
-    /// `pct_update_delay`); `delay` 0 is [`Policy::Idle`].
+    /// The patent's mechanism as written: per secondary, once it has acknowledged the
+    /// primary's last entry and no write is pending or in flight (the commit index is the
+    /// last entry), one empty message carrying the commit index.
+    IdleAck,
+    /// A variant: once writes stop (the commit caught up with the last entry), one empty
+    /// message at the commit to each live secondary that was sent every entry, without
+    /// waiting for its acknowledgement.
+    IdleCommit,
+    /// [`Policy::IdleCommit`] after `delay` ticks, cancelled by a new write (Ceph
+    /// `pct_update_delay`); `delay` 0 is [`Policy::IdleCommit`].
     IdleDelayed { delay: u64 },
 }
 
@@ -122,7 +127,8 @@ impl Policy {
             Policy::Piggyback => "piggyback",
             Policy::Periodic { .. } => "periodic",
             Policy::Eager => "eager",
-            Policy::Idle => "idle",
+            Policy::IdleAck => "idle_ack",
+            Policy::IdleCommit => "idle_commit",
             Policy::IdleDelayed { .. } => "idle_delayed",
         }
     }
@@ -140,7 +146,7 @@ pub struct Config {
     /// Ticks without an answer after which a secondary that owes one is probed again, and
     /// a commit notification that was not acknowledged is sent again (only matters when
     /// messages are lost or a secondary stalls). A secondary that owes an answer for this
-    /// long does not count as live for [`Policy::Idle`].
+    /// long does not count as live for the idle policies.
     pub retransmit_ticks: u64,
     /// Most entries in one append.
     pub max_batch_entries: usize,
@@ -235,6 +241,9 @@ pub struct Stats {
     /// Empty appends probing where a secondary's log ends (at start, on reconnect, after a
     /// retransmission timeout); not counted in `empty_appends`.
     pub probes: u64,
+    /// Secondary: answers to appends without entries (commit notifications, heartbeats and
+    /// probes alike: the answer does not know why the append was sent).
+    pub empty_responses: u64,
 }
 
 /// How the primary sends to a secondary.
@@ -491,7 +500,7 @@ impl Node {
     }
 
     /// Primary: the connection to `peer` is gone; nothing is sent to it (and it does not
-    /// count for [`Policy::Idle`]) until [`Node::peer_reconnected`].
+    /// count for the idle policies) until [`Node::peer_reconnected`].
     pub fn peer_disconnected(&mut self, peer: NodeId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.connected = false;
@@ -667,6 +676,9 @@ impl Node {
             }
         }
         self.adopt_term(term);
+        if entries.is_empty() {
+            self.stats.empty_responses += 1;
+        }
         let n = entries.len() as u64;
         let mut new = entries.into_iter().skip(skip).peekable();
         if let Some(first) = new.peek() {
@@ -880,8 +892,31 @@ impl Node {
         self.awaiting_commit(|p| self.is_live(p))
     }
 
+    /// [`Policy::IdleAck`]: the live secondaries that acknowledged the last entry, once no
+    /// write is pending or in flight (the commit index is the last entry; the driver has
+    /// admitted whatever writes were waiting), and that neither were sent nor reported
+    /// knowing the current commit. Each gets one notification per idle period: the first
+    /// at the commit (its acknowledgement completed the quorum), the others as their
+    /// acknowledgements arrive.
+    fn idle_ack_targets(&self) -> Vec<NodeId> {
+        let last = self.last_index();
+        if last == 0 || self.commit != last {
+            return Vec::new();
+        }
+        self.peers
+            .iter()
+            .filter(|(_, p)| {
+                self.is_live(p)
+                    && p.match_index == last
+                    && p.sent_commit < self.commit
+                    && p.known_commit < self.commit
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// The secondaries matching `pick` that were sent every entry but not the current
-    /// commit: the ones a commit notification ([`Policy::Eager`], [`Policy::Idle`]) goes
+    /// commit: the ones a commit notification ([`Policy::Eager`], [`Policy::IdleCommit`]) goes
     /// to (a secondary with entries still to send gets the commit with them).
     fn awaiting_commit(&self, pick: impl Fn(&Progress) -> bool) -> Vec<NodeId> {
         let last = self.last_index();
@@ -900,7 +935,11 @@ impl Node {
             return None;
         }
         match self.cfg.policy {
-            Policy::Idle | Policy::IdleDelayed { delay: 0 } => {
+            Policy::IdleAck => {
+                let ids = self.idle_ack_targets();
+                (!ids.is_empty()).then_some(Due::Notify(ids))
+            }
+            Policy::IdleCommit | Policy::IdleDelayed { delay: 0 } => {
                 let ids = self.idle_targets();
                 (!ids.is_empty()).then_some(Due::Notify(ids))
             }

@@ -11,12 +11,14 @@ pub enum PolicySpec {
     Piggyback,
     Periodic(Duration),
     Eager,
-    Idle,
+    IdleAck,
+    IdleCommit,
     IdleDelayed(Duration),
 }
 
 impl PolicySpec {
-    /// Parses `piggyback`, `periodic:50ms`, `eager`, `idle`, `idle_delayed:1ms` (durations
+    /// Parses `piggyback`, `periodic:50ms`, `eager`, `idle_ack`, `idle_commit`,
+    /// `idle_delayed:1ms` (durations
     /// in milliseconds, fractions allowed, the unit required; the command lines read the
     /// durations with any unit and use this for the rest).
     pub fn parse(s: &str) -> Result<PolicySpec, String> {
@@ -44,11 +46,13 @@ impl PolicySpec {
         match name {
             "piggyback" => no_param(param).map(|_| PolicySpec::Piggyback),
             "eager" => no_param(param).map(|_| PolicySpec::Eager),
-            "idle" => no_param(param).map(|_| PolicySpec::Idle),
+            "idle_ack" => no_param(param).map(|_| PolicySpec::IdleAck),
+            "idle_commit" => no_param(param).map(|_| PolicySpec::IdleCommit),
             "periodic" => Ok(PolicySpec::Periodic(ms(param)?)),
             "idle_delayed" => Ok(PolicySpec::IdleDelayed(ms(param)?)),
             _ => Err(format!(
-                "{s:?}: unknown policy (piggyback, periodic:H, eager, idle, idle_delayed:D)"
+                "{s:?}: unknown policy (piggyback, periodic:H, eager, idle_ack, idle_commit, \
+                 idle_delayed:D)"
             )),
         }
     }
@@ -69,7 +73,8 @@ impl PolicySpec {
             PolicySpec::Piggyback => Policy::Piggyback,
             PolicySpec::Periodic(d) => Policy::Periodic { every: ticks(d) },
             PolicySpec::Eager => Policy::Eager,
-            PolicySpec::Idle => Policy::Idle,
+            PolicySpec::IdleAck => Policy::IdleAck,
+            PolicySpec::IdleCommit => Policy::IdleCommit,
             PolicySpec::IdleDelayed(d) if d.is_zero() => Policy::IdleDelayed { delay: 0 },
             PolicySpec::IdleDelayed(d) => Policy::IdleDelayed { delay: ticks(d) },
         }
@@ -93,7 +98,11 @@ mod tests {
 
     #[test]
     fn policy_specs_parse_and_bad_ones_say_why() {
-        assert_eq!(PolicySpec::parse("idle"), Ok(PolicySpec::Idle));
+        assert_eq!(PolicySpec::parse("idle_ack"), Ok(PolicySpec::IdleAck));
+        assert_eq!(PolicySpec::parse("idle_commit"), Ok(PolicySpec::IdleCommit));
+        assert!(PolicySpec::parse("idle")
+            .unwrap_err()
+            .contains("unknown policy"));
         assert_eq!(
             PolicySpec::parse("periodic:50ms"),
             Ok(PolicySpec::Periodic(Duration::from_millis(50)))
@@ -126,7 +135,8 @@ mod tests {
             "piggyback",
             "periodic:50ms",
             "eager",
-            "idle",
+            "idle_ack",
+            "idle_commit",
             "idle_delayed:0ms",
         ] {
             let p = PolicySpec::parse(s).unwrap();

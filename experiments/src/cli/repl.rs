@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use blocklab::repl::client::Client;
+use blocklab::repl::events::EventLog;
 use blocklab::repl::kv::put_payload;
 use blocklab::repl::replica::{self, NoHooks, PolicySpec, Regions, ReplicaOptions, ReplicaReport};
 use blocklab::repl::NodeId;
@@ -62,9 +63,9 @@ pub struct ServeArgs {
     /// Block device (or regular file) holding the log and the storage engine.
     #[arg(long)]
     device: PathBuf,
-    /// Commit notification: piggyback, periodic:H, eager, idle, idle_delayed:D with H and D
-    /// durations, e.g. periodic:50ms.
-    #[arg(long, default_value = "idle", value_parser = parse_policy)]
+    /// Commit notification: piggyback, periodic:H, eager, idle_ack (the patent's), idle_commit,
+    /// idle_delayed:D with H and D durations, e.g. periodic:50ms (see docs/repl.md).
+    #[arg(long, default_value = "idle_ack", value_parser = parse_policy)]
     policy: PolicySpec,
     /// Length of a protocol tick, e.g. 100us.
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "100us")]
@@ -85,6 +86,14 @@ pub struct ServeArgs {
     /// Start a new, empty log even if the device holds one.
     #[arg(long)]
     fresh: bool,
+    /// Give every entry a durable write of its own instead of one per batch (group
+    /// commit, the default): the number of log flushes is then the number of entries.
+    #[arg(long)]
+    no_group_commit: bool,
+    /// Write the replica's timeline (proposals, commits, persists, applies, message
+    /// counters, on CLOCK_MONOTONIC) to this file, which is created or truncated.
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
     /// Use a device that holds anything but a replication log (another daemon's or
     /// cluster's format, a file system, other data): its log and data regions are
     /// overwritten.
@@ -140,13 +149,19 @@ pub fn run(cmd: ReplCmd) -> anyhow::Result<()> {
 /// `repl serve`: runs the replica until SIGTERM/SIGINT, then prints what it did.
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let (id, device) = (a.id, a.device.clone());
+    let hooks: Box<dyn replica::Hooks> = match &a.events {
+        Some(p) => {
+            Box::new(EventLog::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => Box::new(NoHooks),
+    };
     let (opts, addr) = replica_options(a)?;
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
     ctrlc::set_handler(move || s2.store(true, Ordering::SeqCst))
         .context("installing the SIGTERM/SIGINT handler")?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || replica::run(opts, Box::new(NoHooks), stop, Some(tx)));
+    let t = std::thread::spawn(move || replica::run(opts, hooks, stop, Some(tx)));
     if rx.recv().is_ok() {
         use std::io::Write;
         println!("listening on {addr}");
@@ -177,6 +192,8 @@ fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)>
         log_size,
         data_size,
         fresh,
+        no_group_commit,
+        events: _,
         force,
     } = a;
     if !members.contains(&id) {
@@ -208,7 +225,7 @@ fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)>
         delay,
         fresh,
         force,
-        group_commit: true,
+        group_commit: !no_group_commit,
     };
     Ok((opts, addr))
 }
@@ -219,7 +236,7 @@ fn print_report(id: NodeId, report: &ReplicaReport) {
     eprintln!(
         "replica {id} stopped: term {} last_index {} commit {} applied {} \
          apply_rejected {} log_flushes {} appends_with_entries {} empty_appends {} \
-         probes {} retransmits {}",
+         empty_responses {} probes {} retransmits {}",
         report.term,
         report.last_index,
         report.commit,
@@ -228,6 +245,7 @@ fn print_report(id: NodeId, report: &ReplicaReport) {
         report.log_flushes,
         s.appends_with_entries,
         s.empty_appends,
+        s.empty_responses,
         s.probes,
         s.retransmits
     );
