@@ -223,6 +223,7 @@ fn all_policies() -> Vec<Policy> {
         Policy::Piggyback,
         Policy::Periodic { every: 10 },
         Policy::Eager,
+        Policy::IdleAck,
         Policy::IdleCommit,
         Policy::IdleDelayed { delay: 3 },
     ]
@@ -980,4 +981,131 @@ fn advance_to_runs_each_timer_once_however_many_ticks_passed() {
     );
     s.deliver_all();
     assert!(s.errors.is_empty());
+}
+
+#[test]
+fn idle_ack_sends_exactly_one_empty_message_per_secondary_and_idle_period() {
+    let mut s = Sim::new(3, Policy::IdleAck, 17);
+    s.deliver_all();
+    let base = s.empty_sent();
+    for period in 1..=5u64 {
+        s.burst_then_quiet(period, 3);
+        assert_eq!(s.empty_sent() - base, 2 * period, "period {period}");
+        let last = s.nodes[&PRIMARY].node.last_index();
+        for sn in s.nodes.values() {
+            assert_eq!(sn.applied.len() as u64, last, "applied once notified");
+        }
+        s.tick(100);
+        s.deliver_all();
+        assert_eq!(s.empty_sent() - base, 2 * period, "nothing more while idle");
+    }
+}
+
+#[test]
+fn idle_ack_notifies_a_secondary_only_after_its_own_acknowledgement() {
+    let mut s = Sim::new(3, Policy::IdleAck, 12);
+    s.deliver_all();
+    let base = s.empty_sent();
+    s.propose(b"x");
+    // Secondary 2 is slow: it neither receives nor acknowledges yet.
+    while let Some(i) = s.net.iter().position(|(to, _)| *to != 2) {
+        let (to, m) = s.net.remove(i);
+        s.nodes.get_mut(&to).unwrap().node.step(m).unwrap();
+        s.process(to);
+    }
+    assert_eq!(
+        s.nodes[&PRIMARY].node.commit(),
+        1,
+        "committed with secondary 1"
+    );
+    assert_eq!(
+        s.empty_sent() - base,
+        1,
+        "only secondary 1, which acknowledged the last entry, is notified"
+    );
+    assert_eq!(s.applied(1), 1);
+    assert_eq!(s.applied(2), 0);
+    // The slow one gets the entry, persists and acknowledges: now it is notified.
+    s.deliver_all();
+    assert_eq!(s.empty_sent() - base, 2);
+    assert_eq!(s.applied(2), 1);
+    s.tick(100);
+    s.deliver_all();
+    assert_eq!(s.empty_sent() - base, 2, "nothing more while idle");
+}
+
+#[test]
+fn idle_ack_sends_nothing_while_a_write_is_in_flight() {
+    let mut s = Sim::new(3, Policy::IdleAck, 13);
+    s.deliver_all();
+    let base = s.empty_sent();
+    s.propose(b"a");
+    // A second write arrives before anything is delivered: no secondary has acknowledged
+    // the last entry until both are delivered, so nothing is sent for entry 1 alone.
+    s.propose(b"b");
+    s.deliver_all();
+    s.tick(3);
+    s.deliver_all();
+    // Once both are acknowledged, each secondary gets exactly one notification.
+    assert_eq!(s.empty_sent() - base, 2);
+}
+
+/// The kill runs' checker catches a secondary that applies on receipt: timelines from a
+/// simulated run in which secondaries apply an append's entries when it arrives, and the
+/// acknowledgements are lost, so the primary never commits.
+#[test]
+fn the_checker_catches_a_policy_that_applies_on_receipt() {
+    use blocklab::repl::check::{applied_uncommitted, Violation};
+    use blocklab::repl::events::Event;
+
+    for broken in [false, true] {
+        let mut s = Sim::new(3, Policy::IdleAck, 21);
+        s.deliver_all();
+        let mut t = 0i64;
+        let mut primary: Vec<(Event, i64)> = Vec::new();
+        let mut secondaries: Vec<(NodeId, Vec<Vec<(Event, i64)>>)> =
+            vec![(1, vec![Vec::new()]), (2, vec![Vec::new()])];
+        s.propose(b"x");
+        if !broken {
+            // The correct protocol: everything delivered, applies from Ready.apply.
+            s.deliver_all();
+        }
+        while let Some((to, m)) = (!s.net.is_empty()).then(|| s.net.remove(0)) {
+            t += 1;
+            if let Message::Append { entries, .. } = &m {
+                if broken && !entries.is_empty() && to != PRIMARY {
+                    let (f, l) = (entries[0].index, entries[entries.len() - 1].index);
+                    secondaries[to as usize - 1].1[0].push((Event::Apply { first: f, last: l }, t));
+                }
+            }
+            if to == PRIMARY {
+                continue; // the acknowledgements are lost
+            }
+            s.nodes.get_mut(&to).unwrap().node.step(m).unwrap();
+            s.process(to);
+        }
+        let c = s.nodes[&PRIMARY].node.commit();
+        if c > 0 {
+            primary.push((Event::Commit { commit: c }, 0));
+        }
+        for (id, lives) in secondaries.iter_mut() {
+            let n = s.applied(*id) as u64;
+            if n > 0 {
+                lives[0].push((Event::Apply { first: 1, last: n }, t + 1));
+            }
+        }
+        let v = applied_uncommitted(&[primary], &secondaries);
+        if broken {
+            assert_eq!(
+                v.len(),
+                2,
+                "both secondaries applied entry 1 uncommitted: {v:?}"
+            );
+            assert!(v
+                .iter()
+                .all(|x| matches!(x, Violation::AppliedUncommitted { index: 1, .. })));
+        } else {
+            assert!(v.is_empty(), "{v:?}");
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use blocklab::testing::{scratch, KillOnDrop};
 
-const COLUMNS: &str = "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,writes,apply_lag_p50_us,apply_lag_p99_us,apply_lag_max_us,commit_lag_p99_us,extra_messages,extra_messages_per_write,log_flushes,write_p50_us,write_p99_us";
+const COLUMNS: &str = "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,backing,repetition,writes,achieved_per_s,apply_lag_p50_us,apply_lag_p99_us,apply_lag_p999_us,apply_lag_max_us,commit_lag_p99_us,empty_messages,empty_responses,extra_messages_per_write,log_flushes,write_p50_us,write_p99_us,violations";
 
 type Record = std::collections::HashMap<String, String>;
 
@@ -36,7 +36,7 @@ fn decode(text: &str) -> hdrhistogram::Histogram<u64> {
 }
 
 #[test]
-fn writes_rows_and_samples_that_never_apply_early() {
+fn writes_rows_histograms_and_kill_checks_from_replica_processes() {
     let files = scratch();
     let out = scratch();
     let stderr_path = files.path().join("stderr");
@@ -46,13 +46,15 @@ fn writes_rows_and_samples_that_never_apply_early() {
             .arg(files.path())
             .args([
                 "--policies",
-                "eager,idle",
+                "eager,idle_ack",
                 "--workloads",
-                "single,bursty",
+                "poisson,bursty",
+                "--rates",
+                "100",
+                "--poisson-duration",
+                "50ms",
                 "--rtt",
-                "0s",
-                "--single-writes",
-                "5",
+                "1ms",
                 "--bursts",
                 "2",
                 "--burst",
@@ -61,7 +63,10 @@ fn writes_rows_and_samples_that_never_apply_early() {
                 "30ms",
                 "--repetitions",
                 "1",
-                "--samples",
+                "--etcd-rtt",
+                "none",
+                "--kills",
+                "primary_before_notify",
                 "--out",
             ])
             .arg(out.path())
@@ -76,18 +81,23 @@ fn writes_rows_and_samples_that_never_apply_early() {
     let (header, rows) = read_csv(&out.path().join("exp-commit.csv"));
     assert_eq!(header.join(","), COLUMNS);
     assert_eq!(rows.len(), 4, "2 policies x 2 workloads");
+    let mut seen = BTreeSet::new();
     for r in &rows {
-        let writes = if r["workload"] == "single" { 5 } else { 6 };
+        let writes = if r["workload"] == "poisson" { 5 } else { 6 };
         assert_eq!(num(r, "writes"), writes, "{r:?}");
         // No group commit: one flush per write per replica, whatever the policy.
         assert_eq!(num(r, "log_flushes"), 3 * writes, "{r:?}");
+        assert_eq!(num(r, "violations"), 0, "{r:?}");
+        assert_eq!(r["backing"], "disk");
+        seen.insert((r["policy"].clone(), r["workload"].clone()));
     }
+    assert_eq!(seen.len(), 4);
     // Each row's histograms: apply and commit lag of every write at both secondaries, and
     // the write latency of every write; the row's percentiles are theirs.
     let (header, hists) = read_csv(&out.path().join("exp-commit-hist.csv"));
     assert_eq!(
         header.join(","),
-        "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,metric,hdr"
+        "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,backing,repetition,metric,hdr"
     );
     assert_eq!(hists.len(), 4 * 3, "3 metrics per row");
     for r in &rows {
@@ -118,58 +128,13 @@ fn writes_rows_and_samples_that_never_apply_early() {
         assert_eq!(write.len(), writes, "{r:?}");
         assert_eq!(write.value_at_quantile(0.5) as i64, num(r, "write_p50_us"));
     }
-    let (_, samples) = read_csv(&out.path().join("exp-commit-samples.csv"));
+    let (header, kills) = read_csv(&out.path().join("exp-commit-kills.csv"));
     assert_eq!(
-        samples.len(),
-        2 * (5 + 6) * 2,
-        "one per write, secondary, policy"
+        header.join(","),
+        "scenario,policy,replicas,repetition,window_hit,applied_uncommitted,not_converged,diverged,violations"
     );
-    let mut seen = BTreeSet::new();
-    for s in &samples {
-        let (persisted, learned, applied) = (
-            num(s, "persisted_us"),
-            num(s, "learned_us"),
-            num(s, "applied_us"),
-        );
-        assert!(
-            learned >= 0,
-            "learned of a commit before it was made: {s:?}"
-        );
-        assert!(
-            !s["other_persisted_max_us"].is_empty(),
-            "two secondaries: each has another one: {s:?}"
-        );
-        assert!(
-            applied >= learned,
-            "applied before learning the commit: {s:?}"
-        );
-        assert!(applied >= persisted, "applied before durable: {s:?}");
-        assert!(
-            num(s, "arrival_us") <= 0,
-            "committed before it arrived: {s:?}"
-        );
-        assert!(
-            num(s, "primary_persisted_us") <= 0,
-            "committed before the primary had it durable: {s:?}"
-        );
-        seen.insert((
-            s["policy"].clone(),
-            s["workload"].clone(),
-            num(s, "secondary"),
-            num(s, "index"),
-        ));
-    }
-    assert_eq!(seen.len(), samples.len(), "no write counted twice");
-    for policy in ["eager", "idle"] {
-        for (workload, writes) in [("single", 5), ("bursty", 6)] {
-            for secondary in 1..=2 {
-                for index in 1..=writes {
-                    assert!(
-                        seen.contains(&(policy.into(), workload.into(), secondary, index)),
-                        "no sample for {policy} {workload} secondary {secondary} write {index}"
-                    );
-                }
-            }
-        }
-    }
+    assert_eq!(kills.len(), 1);
+    assert_eq!(kills[0]["scenario"], "primary_before_notify");
+    assert_eq!(kills[0]["window_hit"], "true", "{:?}", kills[0]);
+    assert_eq!(num(&kills[0], "violations"), 0, "{:?}", kills[0]);
 }

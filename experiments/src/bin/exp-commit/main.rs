@@ -247,6 +247,8 @@ struct Row {
     log_flushes: Option<u64>,
     write_p50_us: u64,
     write_p99_us: u64,
+    /// Entries a secondary applied before the primary committed them (must be 0).
+    violations: Option<u64>,
 }
 
 /// A row's configuration columns: the key of its histograms in exp-commit-hist.csv.
@@ -567,7 +569,14 @@ fn run_one(ctx: &Ctx, spec: &RunSpec) -> anyhow::Result<Measured> {
     let secondaries: Vec<_> = (1..spec.cell.replicas as u32)
         .map(|id| c_events(&ctx.scratch.path().join("run"), id))
         .collect::<anyhow::Result<_>>()?;
-    measure::measure(&primary, &secondaries, &out)
+    let mut m = measure::measure(&primary, &secondaries, &out)?;
+    let lives: Vec<_> = secondaries
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32 + 1, vec![l]))
+        .collect();
+    m.violations = blocklab::repl::check::applied_uncommitted(&[primary], &lives).len() as u64;
+    Ok(m)
 }
 
 /// The first life's timeline of replica `id` in a run directory.
@@ -614,6 +623,7 @@ fn row_of(spec: &RunSpec, m: &Measured, backing: Backing) -> Row {
         log_flushes: Some(m.log_flushes),
         write_p50_us: w.p50,
         write_p99_us: w.p99,
+        violations: Some(m.violations),
     }
 }
 
@@ -808,6 +818,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             row.empty_responses = None;
             row.extra_messages_per_write = None;
             row.log_flushes = None;
+            row.violations = None;
             progress.step(&format!(
                 "etcd rtt={}ms repetition {repetition}: apply_p99={}us",
                 millis(rtt),

@@ -27,6 +27,8 @@ pub struct Measured {
     pub writes: u64,
     /// Achieved write rate (measured writes per second of the measured window).
     pub rate_per_s: f64,
+    /// Entries a secondary applied before the primary committed them.
+    pub violations: u64,
 }
 
 /// The first time a commit event covering `i` appears (`[i]`, slot 0 unused).
