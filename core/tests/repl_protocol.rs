@@ -1055,7 +1055,7 @@ fn idle_ack_sends_nothing_while_a_write_is_in_flight() {
 /// acknowledgements are lost, so the primary never commits.
 #[test]
 fn the_checker_catches_a_policy_that_applies_on_receipt() {
-    use blocklab::repl::check::{applied_uncommitted, Violation};
+    use blocklab::repl::check::{applied_uncommitted, Life, Violation};
     use blocklab::repl::events::Event;
 
     for broken in [false, true] {
@@ -1063,7 +1063,7 @@ fn the_checker_catches_a_policy_that_applies_on_receipt() {
         s.deliver_all();
         let mut t = 0i64;
         let mut primary: Vec<(Event, i64)> = Vec::new();
-        let mut secondaries: Vec<(NodeId, Vec<Vec<(Event, i64)>>)> =
+        let mut secondaries: Vec<(NodeId, Vec<Life>)> =
             vec![(1, vec![Vec::new()]), (2, vec![Vec::new()])];
         s.propose(b"x");
         if !broken {

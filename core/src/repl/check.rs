@@ -11,6 +11,9 @@
 use super::events::Event;
 use super::protocol::{Entry, NodeId};
 
+/// One life of a replica: its timeline ([`Event`] and CLOCK_MONOTONIC ns).
+pub type Life = Vec<(Event, i64)>;
+
 /// What the check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
@@ -34,7 +37,7 @@ pub enum Violation {
 
 /// When the primary first reported a commit covering each index (`[i]` for index `i`;
 /// slot 0 unused), over all its lives.
-fn commit_times(primary: &[Vec<(Event, i64)>]) -> Vec<Option<i64>> {
+fn commit_times(primary: &[Life]) -> Vec<Option<i64>> {
     let mut at: Vec<Option<i64>> = vec![None];
     for (e, t) in primary.iter().flatten() {
         if let Event::Commit { commit } = *e {
@@ -55,8 +58,8 @@ fn commit_times(primary: &[Vec<(Event, i64)>]) -> Vec<Option<i64>> {
 /// Applies before commit: every entry a secondary applied must have been committed by the
 /// primary no later than the apply.
 pub fn applied_uncommitted(
-    primary: &[Vec<(Event, i64)>],
-    secondaries: &[(NodeId, Vec<Vec<(Event, i64)>>)],
+    primary: &[Life],
+    secondaries: &[(NodeId, Vec<Life>)],
 ) -> Vec<Violation> {
     let committed = commit_times(primary);
     let mut out = Vec::new();

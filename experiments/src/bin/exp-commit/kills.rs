@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use blocklab::dev::{Device, UringEngine};
-use blocklab::repl::check::{self, Violation};
+use blocklab::repl::check::{self, Life, Violation};
 use blocklab::repl::client::Client;
 use blocklab::repl::events::{Event, MonoClock};
 use blocklab::repl::kv::put_payload;
@@ -166,7 +166,7 @@ pub fn run(
     let last = write(&c, 5)?;
     await_applied(&c, last)?;
     let primary = c.events(0)?;
-    let secondaries: Vec<(NodeId, Vec<Vec<(Event, i64)>>)> = (1..n as NodeId)
+    let secondaries: Vec<(NodeId, Vec<Life>)> = (1..n as NodeId)
         .map(|id| Ok((id, c.events(id)?)))
         .collect::<anyhow::Result<_>>()?;
     let last_lives: Vec<(NodeId, u64)> = secondaries

@@ -7,7 +7,7 @@ use harness::LatencyHist;
 
 use crate::workload::Outcome;
 
-type Life = Vec<(Event, i64)>;
+use blocklab::repl::check::Life;
 
 /// What one run measured.
 #[derive(Default)]
@@ -231,7 +231,7 @@ mod tests {
                 acked_ns: 600,
             },
         };
-        let m = measure(&primary, &[sec.clone()], &out).unwrap();
+        let m = measure(&primary, std::slice::from_ref(&sec), &out).unwrap();
         assert_eq!(m.apply.percentiles().max, 3);
         assert_eq!(m.write.percentiles().max, 1);
         // Two notifications sent after the first write, one answered: 3 extra messages.
