@@ -83,7 +83,8 @@ PALETTE = {
     # exp-init (`strategy`)
     "parallel": BLUE, "sequential": VERMILLION, "parallel_nodes": ORANGE, "parallel_daemons": GREEN,
     # exp-commit (`policy`)
-    "idle": BLUE, "piggyback": VERMILLION, "periodic": ORANGE, "eager": GREEN, "idle_delayed": SKY,
+    "idle_ack": BLUE, "piggyback": VERMILLION, "periodic": ORANGE, "eager": GREEN, "idle_commit": SKY,
+    "idle_delayed": "#000000",
     "etcd": PURPLE,
     # exp-alloc (`strategy`)
     "shm": BLUE, "mutex": VERMILLION, "central": ORANGE, "shm_crash_leader": PURPLE, "shm_crash_follower": SKY,

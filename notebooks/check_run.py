@@ -27,9 +27,12 @@ COLUMNS = {
     "exp-init.csv": "strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition,total_ms,bound_ms,"
                     "daemon_p50_ms,daemon_p99_ms,daemon_max_ms,max_in_flight,monitor_proposals,bytes_written",
     "exp-init-phases.csv": "strategy,nodes,daemons_per_node,repetition,daemon_id,phase,ms",
-    "exp-commit.csv": "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition,writes,apply_lag_p50_us,"
-                      "apply_lag_p99_us,apply_lag_max_us,commit_lag_p99_us,extra_messages,extra_messages_per_write,"
-                      "log_flushes,write_p50_us,write_p99_us",
+    "exp-commit.csv": "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,backing,repetition,writes,achieved_per_s,"
+                      "apply_lag_p50_us,apply_lag_p99_us,apply_lag_p999_us,apply_lag_max_us,commit_lag_p99_us,"
+                      "empty_messages,empty_responses,extra_messages_per_write,log_flushes,write_p50_us,write_p99_us,"
+                      "violations",
+    "exp-commit-kills.csv": "scenario,policy,replicas,repetition,window_hit,applied_uncommitted,not_converged,diverged,"
+                            "violations",
     "exp-alloc.csv": "strategy,processes,with_io,repetition,ops,ops_per_s,alloc_p50_ns,alloc_p99_ns,leaked_blocks,double_allocated",
     "exp-lunmap.csv": "backend,gateways,editors,changes,repetition,propagation_p50_ms,propagation_p99_ms,propagation_max_ms,"
                       "lost_updates,stale_reads,detect_dead_ms",
@@ -43,8 +46,11 @@ CONFIGS = {
                    {"tool": ["blocklab", "fio"], "pattern": ["write", "read"], "queue_depth": [8]}],
     "exp-init.csv": [{"strategy": ["sequential", "parallel_nodes", "parallel_daemons", "parallel"], "nodes": [3],
                       "daemons_per_node": [1, 4, 8]}],
-    "exp-commit.csv": [{"policy": ["piggyback", "periodic", "eager", "idle", "idle_delayed"],
-                        "workload": ["single", "bursty", "poisson", "closed"], "rtt_ms": [0.0, 1.0]}],
+    "exp-commit.csv": [{"policy": ["piggyback", "periodic", "eager", "idle_ack", "idle_commit", "idle_delayed"],
+                        "workload": ["poisson", "bursty", "closed"], "rtt_ms": [1.0]},
+                       {"policy": ["etcd"], "workload": ["poisson"], "rtt_ms": [1.0]}],
+    "exp-commit-kills.csv": [{"scenario": ["primary_before_notify", "primary_after_notify", "secondary_in_idle"],
+                              "policy": ["idle_ack"], "violations": [0]}],
     "exp-alloc.csv": [{"strategy": ["shm", "mutex", "central"], "processes": [1, 2, 4, 8], "with_io": [False, True]}],
     "exp-lunmap.csv": [{"backend": ["zookeeper", "filesync"], "gateways": [1, 4, 8], "editors": [1, 4]}],
     "exp-failover.csv": [{"mode": ["vip_handoff", "client_retry"], "operation": ["create", "delete", "copy", "all"]}],
@@ -55,7 +61,7 @@ CONFIGS = {
 HISTS = {
     "exp-io.csv": ("tool,pattern,block_size_bytes,queue_depth,repetition", ["lat_ns"]),
     "exp-init.csv": ("strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition", ["daemon_us"]),
-    "exp-commit.csv": ("policy,param_ms,workload,rate_per_s,replicas,rtt_ms,repetition",
+    "exp-commit.csv": ("policy,param_ms,workload,rate_per_s,replicas,rtt_ms,backing,repetition",
                        ["apply_lag_us", "commit_lag_us", "write_us"]),
     "exp-alloc.csv": ("strategy,processes,with_io,repetition", ["alloc_ns"]),
     "exp-lunmap.csv": ("backend,gateways,editors,changes,repetition", ["propagation_us", "detect_dead_us"]),
@@ -63,7 +69,7 @@ HISTS = {
 }
 
 FIGURES = ["exp-io.pdf", "exp-init.pdf", "exp-init-speedup.pdf", "exp-init-phases.pdf", "exp-commit.pdf",
-           "exp-commit-overhead.pdf", "exp-alloc.pdf", "exp-alloc-p50.pdf", "exp-lunmap.pdf", "exp-failover.pdf"]
+           "exp-commit-tradeoff.pdf", "exp-alloc.pdf", "exp-alloc-p50.pdf", "exp-lunmap.pdf", "exp-failover.pdf"]
 
 
 def norm(v):

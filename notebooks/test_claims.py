@@ -162,40 +162,47 @@ def test_merged_percentile_bootstrap():
     assert r["n"] == 0 and r["status"].startswith("does not hold (no histograms")
 
 
-def commit_hist(policy, rep, values, workload="single", rtt_ms=0.0):
-    return dict(policy=policy, param_ms=0.0, workload=workload, rate_per_s=1.0, replicas=3, rtt_ms=rtt_ms,
-                repetition=rep, metric="apply_lag_us", hdr=hdr(values))
+def commit_hist(policy, rep, values, rate=4.0, rtt_ms=1.0):
+    return dict(policy=policy, param_ms=0.0, workload="poisson", rate_per_s=rate, replicas=3, rtt_ms=rtt_ms,
+                backing="disk", repetition=rep, metric="apply_lag_us", hdr=hdr(values))
 
 
 def test_merged_ratio_resamples_paired_repetitions():
-    main = [dict(policy="idle", workload="single", repetition=r) for r in range(4)]
-    # Each repetition's level differs, but within a repetition idle = eager and idle =
-    # piggyback / 20: resampling the same repetitions for both arms gives exactly those
-    # ratios, with no spread.
+    main = [dict(policy="idle_ack", workload="poisson", repetition=r) for r in range(4)]
+    # Each repetition's level differs, but within a repetition idle_ack = eager and
+    # idle_ack = piggyback / 20: resampling the same repetitions for both arms gives
+    # exactly those ratios, with no spread.
     hist = []
     for r in range(4):
         lat = [(r + 1) * 100 + i for i in range(100)]
-        hist += [commit_hist("idle", r, lat), commit_hist("eager", r, lat),
+        hist += [commit_hist("idle_ack", r, lat), commit_hist("eager", r, lat),
                  commit_hist("piggyback", r, [20 * v for v in lat])]
     got = run({"exp-commit.csv": main, "exp-commit-hist.csv": hist})
-    r = got["commitIdleOverEager"]
+    r = got["commitAckOverEagerSparse"]
     assert r["n"] == 4 and abs(r["value"] - 1.0) < 0.01 and abs(r["high"] - r["low"]) < 0.01, r
     assert r["status"] == "holds"
-    r = got["commitIdleOverPiggyback"]
+    r = got["commitAckOverPiggyback"]
     assert r["n"] == 4 and abs(r["value"] - 0.05) < 0.001 and r["status"] == "holds", r
-    # The worst group decides: idle twice eager's p99 at RTT 1 ms.
-    slow = [commit_hist("idle", r, [2 * ((r + 1) * 100 + i) for i in range(100)], rtt_ms=1.0) for r in range(4)]
-    base = [commit_hist("eager", r, [(r + 1) * 100 + i for i in range(100)], rtt_ms=1.0) for r in range(4)]
-    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": hist + slow + base})["commitIdleOverEager"]
+    # Only the reference setting counts: a slower idle_ack at RTT 10 ms does not enter.
+    other = [commit_hist("idle_ack", r, [9000 + i for i in range(100)], rtt_ms=10.0) for r in range(4)]
+    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": hist + other})["commitAckOverEagerSparse"]
+    assert abs(r["value"] - 1.0) < 0.01, r
+    # idle_ack twice eager's p99 at the moderate rate: does not hold.
+    slow = [commit_hist("idle_ack", r, [2 * ((r + 1) * 100 + i) for i in range(100)], rate=50.0) for r in range(4)]
+    base = [commit_hist("eager", r, [(r + 1) * 100 + i for i in range(100)], rate=50.0) for r in range(4)]
+    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": hist + slow + base})["commitAckOverEagerModerate"]
     assert abs(r["value"] - 2.0) < 0.01 and r["status"] == "does not hold", r
     # An arm without samples in every repetition: no samples, does not hold.
     no_eager = [dict(x, hdr=hdr([])) if x["policy"] == "eager" else x for x in hist]
-    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": no_eager})["commitIdleOverEager"]
+    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": no_eager})["commitAckOverEagerSparse"]
     assert r["n"] == 0 and r["status"].startswith("does not hold"), r
     # ... and in one repetition only: that repetition is left out.
     one_empty = [dict(x, hdr=hdr([])) if x["policy"] == "eager" and x["repetition"] == 3 else x for x in hist]
-    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": one_empty})["commitIdleOverEager"]
+    r = run({"exp-commit.csv": main, "exp-commit-hist.csv": one_empty})["commitAckOverEagerSparse"]
     assert r["n"] == 3, r
+    # No moderate rate in the run: does not hold, never a zero.
+    r = got["commitAckOverEagerModerate"]
+    assert r["n"] == 0 and r["status"].startswith("does not hold"), r
 
 
 def test_paper_grade_needs_full_profile_and_clean_tree():
@@ -220,15 +227,39 @@ def test_flush_spread_compares_policies_on_the_same_writes():
     # Two Poisson rates: fewer flushes at the lower rate is not a spread across policies;
     # closed's achieved rate differs by policy and must not split the comparison.
     def row(policy, workload, rate, flushes):
-        return dict(policy=policy, workload=workload, rate_per_s=rate, replicas=3, rtt_ms=0.0,
+        return dict(policy=policy, workload=workload, rate_per_s=rate, replicas=3, rtt_ms=0.0, backing="disk",
                     repetition=0, log_flushes=flushes)
-    rows = [row(p, "poisson", rate, 3 * rate) for p in ("idle", "eager") for rate in (50.0, 1000.0)]
-    rows += [row("idle", "closed", 900.0, 6000), row("eager", "closed", 700.0, 6000)]
+    rows = [row(p, "poisson", rate, 3 * rate) for p in ("idle_ack", "eager") for rate in (50.0, 1000.0)]
+    rows += [row("idle_ack", "closed", 900.0, 6000), row("eager", "closed", 700.0, 5000)]
     r = run({"exp-commit.csv": rows})["commitFlushSpread"]
     assert r["value"] == 0 and r["status"] == "holds", r
     rows.append(row("piggyback", "poisson", 50.0, 3 * 50 + 15))
     r = run({"exp-commit.csv": rows})["commitFlushSpread"]
     assert abs(r["value"] - 15 / 165) < 1e-9 and r["status"] == "does not hold", r
+
+
+def test_commit_extra_ratio_and_violation_counts():
+    def row(policy, workload, rate, extra, rep, violations=0):
+        return dict(policy=policy, workload=workload, rate_per_s=rate, replicas=3, rtt_ms=1.0, backing="disk",
+                    repetition=rep, extra_messages_per_write=extra, violations=violations, log_flushes=10)
+    rows = [row(p, "poisson", rate, e, rep) for rep in range(3)
+            for (p, e) in (("idle_ack", 0.1), ("eager", 1.0)) for rate in (4.0, 500.0)]
+    rows += [row("idle_ack", "closed", 900.0, 0.02, rep) for rep in range(3)]
+    rows += [row("eager", "closed", 800.0, 0.5, rep) for rep in range(3)]
+    got = run({"exp-commit.csv": rows})
+    r = got["commitAckExtraTop"]
+    assert abs(r["value"] - 0.1) < 1e-9 and r["status"] == "holds", r
+    r = got["commitAckExtraClosed"]
+    assert abs(r["value"] - 0.04) < 1e-9 and r["status"] == "holds", r
+    assert got["commitViolations"]["value"] == 0 and got["commitViolations"]["status"] == "holds"
+    # One violation anywhere fails the count.
+    rows.append(row("idle_ack", "poisson", 50.0, 0.1, 0, violations=1))
+    r = run({"exp-commit.csv": rows})["commitViolations"]
+    assert r["value"] == 1 and r["status"] == "does not hold", r
+    kills = [dict(scenario="primary_before_notify", policy="idle_ack", replicas=3, repetition=0, window_hit=True,
+                  violations=v) for v in (0, 2)]
+    r = run({"exp-commit-kills.csv": kills})["commitKillViolations"]
+    assert r["value"] == 2 and r["status"] == "does not hold", r
 
 
 if __name__ == "__main__":
