@@ -6,10 +6,11 @@ VENV="${BLOCKLAB_VENV:-$BLOCKLAB_ROOT/notebooks/.venv}"
 log() { printf '\n==> %s\n' "$*" >&2; }
 
 # The Debian packages the tests and experiments need, each known by one program it installs.
-SYSTEM_PACKAGES="fio zookeeper iproute2 e2fsprogs time"
+SYSTEM_PACKAGES="fio zookeeper iproute2 e2fsprogs time etcd-server etcd-client"
 
 # The program that shows Debian package $1 is installed (ZooKeeper: the start script the
-# tests and exp-lunmap run, BLOCKLAB_ZKSERVER overriding it as in core/src/coord/zk_server.rs).
+# tests and exp-lunmap run, BLOCKLAB_ZKSERVER overriding it as in core/src/coord/zk_server.rs;
+# etcd: BLOCKLAB_ETCD overriding it as in experiments/src/etcd.rs).
 package_program() {
   case "$1" in
     fio) echo fio ;;
@@ -17,6 +18,8 @@ package_program() {
     iproute2) echo ip ;;
     e2fsprogs) echo mkfs.ext4 ;;
     time) echo /usr/bin/time ;;
+    etcd-server) echo "${BLOCKLAB_ETCD:-etcd}" ;; # as experiments/src/etcd.rs: BLOCKLAB_ETCD overrides
+    etcd-client) echo etcdctl ;;
     *) echo "package_program: unknown package $1" >&2; return 1 ;;
   esac
 }
@@ -45,6 +48,20 @@ missing_packages() {
   echo "${miss[*]}"
 }
 
+# Debian's etcd-server starts a system etcd service (ports 2379/2380, data in /var/lib/etcd)
+# when installed. The etcd harness runs private members on free ports and needs none, so
+# the service this script just installed is stopped and disabled. Called only right after
+# installing the package here: an etcd that was there before is left alone, and no data
+# directory is touched.
+stop_system_etcd() {
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/etcd ]; then
+    /etc/init.d/etcd stop >/dev/null 2>&1 || true
+    update-rc.d etcd disable >/dev/null 2>&1 || true
+  fi
+}
+
 # As root, installs the missing Debian packages (apt-get). Without root, prints one
 # message listing every missing package and the command that installs them all, and goes
 # on: what needs a missing package is skipped (tests: blocklab::testing::require_program;
@@ -66,6 +83,7 @@ ensure_system_packages() {
   apt-get update -qq
   # shellcheck disable=SC2086 # one word per package
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+  [[ " $need " == *" etcd-server "* ]] && stop_system_etcd
   BLOCKLAB_MISSING_PACKAGES="$(missing_packages)"
   if [ -n "$BLOCKLAB_MISSING_PACKAGES" ]; then
     echo "installed $need, but still missing: $BLOCKLAB_MISSING_PACKAGES" >&2

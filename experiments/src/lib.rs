@@ -5,6 +5,8 @@
 //!   `--repetitions`) and the one size and one duration parser every CLI argument uses.
 //! * [`devices`]: device set-up and teardown (provisioned loop devices are torn down on
 //!   every exit path, Ctrl-C included).
+//! * [`etcd`]: an etcd reference cluster (members behind delay proxies) and its
+//!   follower apply-lag measurement, for exp-commit.
 //! * [`fio`]: fio's JSON output.
 //! * [`output`]: one CSV per run (csv + serde), its `meta.json`, and the raw data beside
 //!   it (`<experiment>-hist.csv`: latency histograms; fio JSON files).
@@ -17,6 +19,7 @@
 pub mod args;
 pub mod cli;
 pub mod devices;
+pub mod etcd;
 pub mod fio;
 pub mod output;
 pub mod progress;
