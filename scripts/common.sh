@@ -99,8 +99,9 @@ experiment_needs() {
   case "$1" in
     exp-io) echo fio ;;
     exp-lunmap) echo zookeeper ;;
+    exp-commit) echo etcd-server ;; # the production reference runs beside the policies
     exp-failover) if [ "$(id -u)" -eq 0 ]; then echo iproute2; else echo; fi ;; # the binary asks the real user
-    exp-init|exp-commit|exp-alloc) echo ;;
+    exp-init|exp-alloc) echo ;;
     *) echo "experiment_needs: unknown experiment $1 (say what it needs in scripts/common.sh)" >&2; return 1 ;;
   esac
 }

@@ -751,14 +751,17 @@ impl Outputs {
 fn run(args: Args) -> anyhow::Result<()> {
     let plan = Plan::new(&args)?;
     let bin = harness::blocklab_bin(args.blocklab.as_deref())?;
-    if !plan.etcd_rtts.is_empty() {
-        etcd_arm::check_installed()?;
-    }
+    let etcd_version = if plan.etcd_rtts.is_empty() {
+        None
+    } else {
+        Some(etcd_arm::check_installed()?)
+    };
     let (set, backing) = setup_devices(&args, plan.max_replicas())?;
     format_devices(&set)?;
     let mut meta = RunMeta::start("exp-commit", args.common.profile);
     meta.devices = set.describe();
     meta.extra = meta_extra(&args, &plan, &backing);
+    meta.extra["etcd"] = serde_json::json!(etcd_version);
     let mut out = Outputs::create(&args, !plan.kills.is_empty())?;
     let specs = plan.specs();
     let kill_runs = plan.kills.len() * plan.kill_policies.len();
@@ -787,13 +790,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         for &rtt in &plan.etcd_rtts {
             let seed = ctx.args.seed + u64::from(repetition);
             let r = etcd_arm::run(
-                &ctx.bin,
                 rtt,
                 ctx.args.jitter_percent / 100.0,
                 plan.etcd_writes,
                 SPARSE_RATE,
                 seed,
-                ctx.scratch.path(),
             )
             .with_context(|| format!("etcd / rtt {} ms / repetition {repetition}", millis(rtt)))?;
             let spec = RunSpec {
