@@ -13,6 +13,8 @@ struct SimNode {
     disk: Vec<Entry>,
     applied: Vec<Entry>,
     flushes: u64,
+    /// The term this node's "device" holds (a secondary persists what it adopts).
+    term_on_disk: u64,
 }
 
 struct Sim {
@@ -52,7 +54,7 @@ impl Sim {
             let node = if id == PRIMARY {
                 Node::new_primary(cfg, 1, Vec::new()).unwrap()
             } else {
-                Node::new_secondary(cfg, Vec::new()).unwrap()
+                Node::new_secondary(cfg, 0, Vec::new()).unwrap()
             };
             nodes.insert(
                 id,
@@ -61,6 +63,7 @@ impl Sim {
                     disk: Vec::new(),
                     applied: Vec::new(),
                     flushes: 0,
+                    term_on_disk: if id == PRIMARY { 1 } else { 0 },
                 },
             );
         }
@@ -93,6 +96,10 @@ impl Sim {
         let sn = self.nodes.get_mut(&id).unwrap();
         while sn.node.has_ready() {
             let rd = sn.node.ready();
+            if let Some(t) = rd.persist_term {
+                assert!(t > sn.term_on_disk, "node {id}: term {t} handed out again");
+                sn.term_on_disk = t;
+            }
             self.net.extend(rd.messages);
             if let Some(t) = rd.truncate_from {
                 assert!(
@@ -115,6 +122,15 @@ impl Sim {
                 }
             }
             if durable {
+                for (_, m) in &rd.persisted_messages {
+                    if let Message::AppendResp { term, .. } = m {
+                        assert!(
+                            *term <= sn.term_on_disk,
+                            "node {id} answered in term {term}, its device holds {}",
+                            sn.term_on_disk
+                        );
+                    }
+                }
                 self.net.extend(rd.persisted_messages);
             }
             for e in rd.apply {
@@ -272,8 +288,12 @@ fn commit_only_on_a_majority_that_includes_the_primary() {
 #[test]
 fn a_secondary_caps_the_commit_at_its_verified_durable_index() {
     let members = vec![0, 1, 2];
-    let mut sec =
-        Node::new_secondary(Config::new(1, 0, members, Policy::IdleCommit), Vec::new()).unwrap();
+    let mut sec = Node::new_secondary(
+        Config::new(1, 0, members, Policy::IdleCommit),
+        0,
+        Vec::new(),
+    )
+    .unwrap();
     let e = |i: u64| Entry {
         term: 1,
         index: i,
@@ -707,6 +727,7 @@ fn sent_to(msgs: &[(NodeId, Message)], id: NodeId) -> Vec<(u64, usize)> {
 fn a_secondary_never_truncates_a_committed_entry() {
     let mut sec = Node::new_secondary(
         Config::new(1, 0, vec![0, 1, 2], Policy::IdleCommit),
+        0,
         Vec::new(),
     )
     .unwrap();
@@ -787,6 +808,7 @@ fn the_primary_reports_a_secondary_in_a_higher_term() {
     assert!(matches!(
         Node::new_secondary(
             Config::new(0, 0, vec![0, 1], Policy::IdleCommit),
+            0,
             Vec::new()
         ),
         Err(ProtocolError::WrongRole { .. })
@@ -1107,5 +1129,110 @@ fn the_checker_catches_a_policy_that_applies_on_receipt() {
         } else {
             assert!(v.is_empty(), "{v:?}");
         }
+    }
+}
+
+/// A secondary that adopts a higher term hands it out once, in the Ready whose
+/// acknowledgement carries it (the driver makes it durable before sending that), and a
+/// restarted secondary starts in the term it persisted.
+#[test]
+fn a_secondary_hands_out_each_term_it_adopts_once_to_persist_before_answering() {
+    let cfg = || Config::new(1, 0, vec![0, 1, 2], Policy::IdleCommit);
+    let mut sec = Node::new_secondary(cfg(), 2, Vec::new()).unwrap();
+    assert_eq!(sec.term(), 2, "restarted in the persisted term");
+    assert!(!sec.has_ready());
+    // An append of a higher term: the term comes with the acknowledgement that needs it.
+    sec.step(append(3, 0, 0, 0, vec![entry(3, 1)])).unwrap();
+    assert!(sec.has_ready());
+    let rd = sec.ready();
+    assert_eq!(rd.persist_term, Some(3));
+    assert_eq!(rd.persist, vec![entry(3, 1)]);
+    assert!(
+        rd.messages.is_empty(),
+        "nothing goes out before the persist"
+    );
+    assert!(
+        matches!(
+            rd.persisted_messages[..],
+            [(0, Message::AppendResp { term: 3, .. })]
+        ),
+        "{:?}",
+        rd.persisted_messages
+    );
+    sec.persisted(1);
+    assert_eq!(sec.ready().persist_term, None, "handed out once");
+    // More appends in the same term, and one from an older incarnation: nothing to persist.
+    sec.step(append(3, 1, 3, 1, vec![entry(3, 2)])).unwrap();
+    assert_eq!(sec.ready().persist_term, None);
+    sec.persisted(2);
+    sec.step(append(2, 0, 0, 0, Vec::new())).unwrap();
+    let rd = sec.ready();
+    assert_eq!(rd.persist_term, None);
+    assert!(matches!(
+        rd.persisted_messages[..],
+        [(
+            0,
+            Message::AppendResp {
+                term: 3,
+                outcome: AppendOutcome::Mismatch,
+                ..
+            }
+        )]
+    ));
+    // A newer term on an append that does not match is adopted all the same.
+    sec.step(append(5, 9, 5, 0, Vec::new())).unwrap();
+    let rd = sec.ready();
+    assert_eq!(rd.persist_term, Some(5));
+    assert!(matches!(
+        rd.persisted_messages[..],
+        [(
+            0,
+            Message::AppendResp {
+                term: 5,
+                outcome: AppendOutcome::Mismatch,
+                ..
+            }
+        )]
+    ));
+    // A log whose header lags its entries (written before headers kept a secondary's
+    // term): the entries' term.
+    let sec = Node::new_secondary(cfg(), 1, vec![entry(1, 1), entry(4, 2)]).unwrap();
+    assert_eq!(sec.term(), 4);
+    // The primary never hands one out.
+    let mut s = Sim::new(3, Policy::IdleCommit, 60);
+    s.propose(b"x");
+    let rd = s.primary().ready();
+    assert_eq!(rd.persist_term, None);
+}
+
+/// Every secondary of the simulated cluster answers only in a term its device holds (the
+/// simulation checks it on every answer), across primary restarts in higher terms.
+#[test]
+fn secondaries_answer_only_in_persisted_terms_across_primary_restarts() {
+    let mut s = Sim::new(3, Policy::IdleCommit, 61);
+    s.drop_p = 0.05;
+    s.reorder = true;
+    for term in 2..=4u64 {
+        for i in 0..10 {
+            s.propose(format!("t{term}-{i}").as_bytes());
+        }
+        let last = s.nodes[&PRIMARY].node.last_index();
+        s.settle(last, 5_000);
+        // Restart the primary from its durable log in the next term.
+        let disk = s.nodes[&PRIMARY].disk.clone();
+        let mut cfg = Config::new(PRIMARY, PRIMARY, vec![0, 1, 2], Policy::IdleCommit);
+        cfg.retransmit_ticks = 20;
+        let sn = s.nodes.get_mut(&PRIMARY).unwrap();
+        sn.node = Node::new_primary(cfg, term, disk).unwrap();
+        sn.applied.clear();
+        s.net.retain(|(to, _)| *to != PRIMARY);
+        s.process(PRIMARY);
+    }
+    s.propose(b"last");
+    let last = s.nodes[&PRIMARY].node.last_index();
+    s.settle(last, 5_000);
+    for id in [1, 2] {
+        assert_eq!(s.nodes[&id].term_on_disk, 4, "secondary {id}");
+        assert_eq!(s.nodes[&id].node.term(), 4, "secondary {id}");
     }
 }

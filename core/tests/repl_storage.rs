@@ -414,3 +414,366 @@ fn a_formatted_daemon_device_holds_the_log_in_its_log_region() {
     blocklab::dev::IoEngine::read_at(&mut eng, &dev, 0, &mut back).unwrap();
     assert!(Label::decode(&back).unwrap().is_ready());
 }
+
+/// Reads the block holding device byte `at` of `path`, lets `f` change the byte there,
+/// and writes the block back (through O_DIRECT, as the log reads it).
+fn poke(path: &std::path::Path, at: u64, f: impl FnOnce(&mut u8)) {
+    let mut eng = UringEngine::with_queue_depth(1).unwrap();
+    let dev = Device::open(path).unwrap();
+    let block = at - at % 4096;
+    let mut b = blocklab::dev::AlignedBuf::new(4096);
+    blocklab::dev::IoEngine::read_at(&mut eng, &dev, block, &mut b).unwrap();
+    f(&mut b[(at - block) as usize]);
+    blocklab::dev::IoEngine::write_at(&mut eng, &dev, block, &b).unwrap();
+}
+
+/// Zeroes device bytes `lo..hi` of `path` (whole blocks around them are read back first).
+fn zero(path: &std::path::Path, lo: u64, hi: u64) {
+    for at in lo..hi {
+        poke(path, at, |b| *b = 0);
+    }
+}
+
+/// Device byte offset of record `index` (1-based) of a log at `off` whose records have the
+/// payload sizes `sizes` (index i has `sizes[i - 1]`).
+fn record_at(off: u64, sizes: &[usize], index: u64) -> u64 {
+    off + 4096
+        + sizes[..index as usize - 1]
+            .iter()
+            .map(|&n| record_size(n))
+            .sum::<u64>()
+}
+
+fn open_log(path: &std::path::Path, off: u64, len: u64) -> Result<Vec<Entry>, LogError> {
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    LogStore::open(&mut eng, Device::open(path).unwrap(), off, len).map(|(_, got)| got)
+}
+
+/// A log of `n` entries of term 1 with payloads of `size` bytes, group-committed 10 at a
+/// time; returns the entries.
+fn filled_log(path: &std::path::Path, off: u64, len: u64, n: u64, size: usize) -> Vec<Entry> {
+    let (mut eng, mut log) = new_log(path, off, len);
+    let all: Vec<Entry> = (1..=n).map(|i| e(1, i, size)).collect();
+    for b in all.chunks(10) {
+        log.append(&mut eng, b).unwrap();
+    }
+    all
+}
+
+/// A record damaged in the middle of the log, with megabytes of intact records after it,
+/// is refused with an error naming the record, its offset and the intact one after it —
+/// whether its payload, its length or its header magic was hit; a damaged tail is not.
+#[test]
+fn a_damaged_record_in_the_middle_of_the_log_is_refused() {
+    let (_dir, p) = file_dev(8 << 20);
+    let (off, len) = (1 << 20, 4 << 20);
+    let n = 600; // 600 × 4 KiB: 2.4 MiB of records
+    let size = 4000;
+    let all = filled_log(&p, off, len, n, size);
+    let sizes = vec![size; n as usize];
+    assert_eq!(open_log(&p, off, len).unwrap(), all);
+    let at = record_at(off, &sizes, 5);
+    for (what, byte) in [("payload", at + 100), ("length", at + 8), ("magic", at)] {
+        poke(&p, byte, |b| *b ^= 0x20);
+        let err = open_log(&p, off, len).unwrap_err();
+        match &err {
+            LogError::Corrupt {
+                index,
+                offset,
+                later_index,
+                later_offset,
+                ..
+            } => {
+                assert_eq!((*index, *offset), (5, at), "{what}: {err}");
+                assert!(*later_index > 5 && *later_offset > at, "{what}: {err}");
+                assert_eq!(*later_offset, record_at(off, &sizes, *later_index));
+            }
+            other => panic!("{what}: not refused as corrupt: {other}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("record 5 at byte {at} is damaged"))
+                && msg.contains("corrupt in the middle")
+                && msg.contains(&p.display().to_string()),
+            "{what}: {msg}"
+        );
+        poke(&p, byte, |b| *b ^= 0x20);
+        assert_eq!(open_log(&p, off, len).unwrap(), all, "{what} restored");
+    }
+    // The same damage in the last record, or in one followed by less than a megabyte of
+    // records, is a torn tail: recovery keeps what precedes it.
+    let last = record_at(off, &sizes, n);
+    poke(&p, last + 100, |b| *b ^= 0x20);
+    assert_eq!(open_log(&p, off, len).unwrap(), all[..n as usize - 1]);
+    let near = record_at(off, &sizes, n - 100);
+    poke(&p, near + 100, |b| *b ^= 0x20);
+    assert_eq!(open_log(&p, off, len).unwrap(), all[..n as usize - 101]);
+}
+
+/// The tail cut short or zeroed (the last writes lost or torn): the prefix is recovered,
+/// and the log appends on after it.
+#[test]
+fn a_torn_or_lost_tail_recovers_the_prefix() {
+    let (_dir, p) = file_dev(8 << 20);
+    let (off, len) = (1 << 20, 4 << 20);
+    let (n, size) = (400, 3000);
+    let all = filled_log(&p, off, len, n, size);
+    let sizes = vec![size; n as usize];
+    // The last three records zeroed.
+    let end = record_at(off, &sizes, n) + record_size(size);
+    zero(&p, record_at(off, &sizes, n - 2), end);
+    assert_eq!(open_log(&p, off, len).unwrap(), all[..n as usize - 3]);
+    // Only the first bytes of the next one survive (a write torn at a sector).
+    zero(
+        &p,
+        record_at(off, &sizes, n - 3) + 512,
+        record_at(off, &sizes, n - 2),
+    );
+    assert_eq!(open_log(&p, off, len).unwrap(), all[..n as usize - 4]);
+    // It appends on from there, and recovers that.
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    let (mut log, got) = LogStore::open(&mut eng, Device::open(&p).unwrap(), off, len).unwrap();
+    let more: Vec<Entry> = (got.len() as u64 + 1..)
+        .take(5)
+        .map(|i| e(2, i, 10))
+        .collect();
+    log.append(&mut eng, &more).unwrap();
+    drop(log);
+    let got = open_log(&p, off, len).unwrap();
+    assert_eq!(&got[..all.len() - 4], &all[..all.len() - 4]);
+    assert_eq!(&got[all.len() - 4..], &more[..]);
+}
+
+/// `append_each`'s writes complete in any order: after a crash record k may be missing
+/// while later records of the same batch are durable. That is a torn tail, not
+/// corruption: the prefix before k is recovered. A batch of more than a megabyte goes out
+/// in parts, one after the other, so it is never more than that.
+#[test]
+fn a_record_lost_among_durable_ones_of_its_own_batch_is_a_torn_tail() {
+    let (_dir, p) = file_dev(8 << 20);
+    let (off, len) = (1 << 20, 4 << 20);
+    let (mut eng, mut log) = new_log(&p, off, len);
+    // 1.2 MiB of history, then one batch: small records, one spanning three blocks, more
+    // small records after it.
+    let mut sizes: Vec<usize> = vec![4000; 300];
+    let mut all: Vec<Entry> = (1..=300).map(|i| e(1, i, 4000)).collect();
+    for b in all.chunks(50) {
+        log.append(&mut eng, b).unwrap();
+    }
+    let mut batch_sizes = vec![100; 5];
+    batch_sizes.push(10_000);
+    batch_sizes.extend(vec![700; 200]); // 140 KiB after it
+    let batch: Vec<Entry> = batch_sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| e(1, 301 + k as u64, n))
+        .collect();
+    let writes = log.append_each(&mut eng, &batch).unwrap();
+    assert_eq!(writes.len(), batch.len());
+    sizes.extend(&batch_sizes);
+    all.extend(batch.iter().cloned());
+    drop(log);
+    assert_eq!(open_log(&p, off, len).unwrap(), all);
+    // Record 306 (10 000 bytes) has a block to itself, written only by its own write:
+    // lose that write, keep its neighbours'.
+    let big = record_at(off, &sizes, 306);
+    let own = (big / 4096 + 1) * 4096;
+    assert!(own + 4096 <= big + record_size(10_000));
+    zero(&p, own, own + 4096);
+    assert_eq!(open_log(&p, off, len).unwrap(), all[..305]);
+    // A batch larger than a megabyte is written in parts of at most a megabyte.
+    let (mut eng, mut log) = new_log(&p, off, len);
+    let big_batch: Vec<Entry> = (1..=700).map(|i| e(1, i, 3000)).collect();
+    let parts = log.append(&mut eng, &big_batch).unwrap();
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    assert_eq!(parts.first().map(|r| *r.start()), Some(1));
+    assert_eq!(parts.last().map(|r| *r.end()), Some(700));
+    for w in parts.windows(2) {
+        assert_eq!(*w[0].end() + 1, *w[1].start());
+        let bytes = (*w[0].end() - *w[0].start() + 1) * record_size(3000);
+        assert!(bytes <= blocklab::repl::log::MAX_IN_FLIGHT);
+    }
+    assert_eq!(log.flushes(), 3);
+    drop(log);
+    assert_eq!(open_log(&p, off, len).unwrap(), big_batch);
+}
+
+/// A truncation zeroes the records it drops, and what a crash left past the tail: when
+/// the first write after it is torn, the dropped records (still of this log, with later
+/// indexes) are not taken for intact records after a damaged one.
+#[test]
+fn a_torn_write_after_a_truncation_is_a_torn_tail() {
+    let (_dir, p) = file_dev(8 << 20);
+    let (off, len) = (1 << 20, 4 << 20);
+    let (n, size) = (500, 4000);
+    let all = filled_log(&p, off, len, n, size);
+    let sizes = vec![size; n as usize];
+    // A crash tore record 450: 451..500 are left past the recovered tail.
+    poke(&p, record_at(off, &sizes, 450) + 64, |b| *b ^= 1);
+    let mut eng = UringEngine::with_queue_depth(8).unwrap();
+    let (mut log, got) = LogStore::open(&mut eng, Device::open(&p).unwrap(), off, len).unwrap();
+    assert_eq!(got, all[..449]);
+    // A new primary's entry 3 replaces 3..449; its write is torn.
+    log.truncate(&mut eng, 3).unwrap();
+    log.append(&mut eng, &[e(2, 3, 50)]).unwrap();
+    drop(log);
+    assert_eq!(open_log(&p, off, len).unwrap().len(), 3);
+    poke(&p, record_at(off, &sizes, 3) + 40, |b| *b ^= 1);
+    assert_eq!(open_log(&p, off, len).unwrap(), all[..2]);
+}
+
+/// Options of an in-process replica on `device` with every member's address in `peers`.
+fn replica_opts(
+    id: u32,
+    members: Vec<u32>,
+    primary: u32,
+    peers: Vec<(u32, std::net::SocketAddr)>,
+    device: &std::path::Path,
+) -> blocklab::repl::replica::ReplicaOptions {
+    use blocklab::repl::replica::{PolicySpec, Regions, ReplicaOptions};
+    use std::time::Duration;
+    ReplicaOptions {
+        id,
+        members,
+        primary,
+        peers,
+        listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        device: device.to_path_buf(),
+        regions: Regions::plain(8 << 20, 4 << 20),
+        policy: PolicySpec::parse("idle_ack").unwrap(),
+        tick: Duration::from_micros(100),
+        retransmit: Duration::from_millis(100),
+        delay: Duration::ZERO,
+        fresh: false,
+        force: false,
+        group_commit: true,
+    }
+}
+
+/// Runs primary `primary` with `secondaries` (all of `members`) on `devs[id]`, writes
+/// `writes` keys through it, waits until every secondary applied them, stops everything
+/// and returns the primary's term.
+fn run_cluster(
+    devs: &[std::path::PathBuf],
+    members: &[u32],
+    primary: u32,
+    keys: std::ops::RangeInclusive<u64>,
+) -> u64 {
+    use blocklab::repl::client::Client;
+    use blocklab::repl::replica::{self, NoHooks};
+    use std::time::Duration;
+    let secs: Vec<_> = members
+        .iter()
+        .filter(|&&m| m != primary)
+        .map(|&m| {
+            let o = replica_opts(m, members.to_vec(), primary, vec![], &devs[m as usize]);
+            (m, replica::spawn(o, Box::new(NoHooks)).unwrap())
+        })
+        .collect();
+    let peers = secs.iter().map(|(m, h)| (*m, h.addr())).collect();
+    let o = replica_opts(
+        primary,
+        members.to_vec(),
+        primary,
+        peers,
+        &devs[primary as usize],
+    );
+    let p = replica::spawn(o, Box::new(NoHooks)).unwrap();
+    let mut c = Client::connect(p.addr(), Duration::from_secs(10)).unwrap();
+    let mut last = 0;
+    for k in keys {
+        last = c.write(put_payload(k, b"v")).unwrap();
+    }
+    for (m, h) in &secs {
+        blocklab::testing::wait_for(
+            &format!("secondary {m} applied {last}"),
+            Duration::from_secs(60),
+            || {
+                Client::connect(h.addr(), Duration::from_secs(5))
+                    .and_then(|mut c| c.status())
+                    .is_ok_and(|s| s.applied == last)
+            },
+        );
+    }
+    let term = p.stop().unwrap().term;
+    for (_, h) in secs {
+        h.stop().unwrap();
+    }
+    term
+}
+
+/// The log header's term, and the terms of the log's entries, on `dev`.
+fn terms_on(dev: &std::path::Path) -> (u64, Vec<u64>) {
+    let mut eng = UringEngine::with_queue_depth(4).unwrap();
+    let (log, got) =
+        LogStore::open(&mut eng, Device::open(dev).unwrap(), 1 << 20, 8 << 20).unwrap();
+    (log.term(), got.iter().map(|e| e.term).collect())
+}
+
+/// A secondary keeps the term it adopts in its log header, so a former secondary started
+/// as the primary takes a term above every term it accepted entries in, and never writes
+/// an (index, term) pair another primary used.
+#[test]
+fn a_secondary_persists_its_term_and_a_promoted_one_starts_above_it() {
+    let dir = scratch();
+    let devs = blocklab::testing::sparse_files(dir.path(), 3, 16 << 20);
+    assert_eq!(run_cluster(&devs, &[0, 1, 2], 0, 1..=3), 1);
+    // The primary restarts: term 2.
+    assert_eq!(run_cluster(&devs, &[0, 1, 2], 0, 4..=6), 2);
+    for s in [1, 2] {
+        assert_eq!(
+            terms_on(&devs[s]),
+            (2, vec![1, 1, 1, 2, 2, 2]),
+            "secondary {s}: the adopted term is in its header"
+        );
+    }
+    // Replica 1, a secondary so far, is started as the primary of 1 and 2.
+    assert_eq!(run_cluster(&devs, &[1, 2], 1, 7..=8), 3);
+    for s in [1, 2] {
+        assert_eq!(
+            terms_on(&devs[s]),
+            (3, vec![1, 1, 1, 2, 2, 2, 3, 3]),
+            "replica {s}"
+        );
+    }
+}
+
+/// The device is opened exclusively: a second replica on it is refused with a clear error
+/// (after waiting a few seconds for the device to be released) while the first keeps
+/// serving.
+#[test]
+fn a_second_replica_on_the_same_device_is_refused() {
+    use blocklab::repl::client::Client;
+    use blocklab::repl::replica::{self, NoHooks, ReplicaError};
+    use std::time::Duration;
+    let Some(g) = LoopDevices::provision("repl-excl", 1, 16 << 20) else {
+        return;
+    };
+    let dev = &g.paths()[0];
+    let first =
+        replica::spawn(replica_opts(0, vec![0], 0, vec![], dev), Box::new(NoHooks)).unwrap();
+    let err =
+        replica::spawn(replica_opts(0, vec![0], 0, vec![], dev), Box::new(NoHooks)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ReplicaError::Busy {
+                cause: DevError::InUse { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&dev.display().to_string()) && msg.contains("in use"),
+        "{msg}"
+    );
+    let mut c = Client::connect(first.addr(), Duration::from_secs(10)).unwrap();
+    assert_eq!(c.write(put_payload(1, b"v")).unwrap(), 1);
+    assert_eq!(first.stop().unwrap().last_index, 1);
+    // Released when the first stops.
+    let again =
+        replica::spawn(replica_opts(0, vec![0], 0, vec![], dev), Box::new(NoHooks)).unwrap();
+    assert_eq!(again.stop().unwrap().last_index, 1);
+}

@@ -4,7 +4,7 @@
 //! applied in order on every replica (checked by reading the devices). Also: an
 //! unreachable secondary, a full log region on the primary and on one secondary, bad and
 //! forged frames sent to a replica, another wire version at either end, a foreign device,
-//! a formatted daemon device.
+//! a formatted daemon device, a log damaged in the middle, a second replica on a device.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -125,9 +125,9 @@ fn kill_9_the_primary_mid_stream_and_recover() {
     };
     let devs: Vec<PathBuf> = g.paths();
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs[1], "idle"));
-    let (_, a2) = serve(&mut procs, &common(2, &devs[2], "idle"));
-    let mut pargs = common(0, &devs[0], "idle");
+    let (_, a1) = serve(&mut procs, &common(1, &devs[1], "idle_ack"));
+    let (_, a2) = serve(&mut procs, &common(2, &devs[2], "idle_ack"));
+    let mut pargs = common(0, &devs[0], "idle_ack");
     pargs.extend(peers(a1, a2));
     let (p0, a0) = serve(&mut procs, &pargs);
 
@@ -248,10 +248,10 @@ fn kill_9_the_primary_mid_stream_and_recover() {
 fn the_primary_keeps_committing_and_notifying_with_a_secondary_unreachable() {
     let devs = devices("unreachable", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle"));
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle_ack"));
     // Secondary 2's address: a port nobody listens on.
     let a2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut pargs = common(0, &devs.paths()[0], "idle");
+    let mut pargs = common(0, &devs.paths()[0], "idle_ack");
     pargs.extend(peers(a1, a2));
     let (_, a0) = serve(&mut procs, &pargs);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -334,10 +334,10 @@ fn a_secondary_with_a_full_log_keeps_serving_while_the_others_commit() {
     // Secondary 1 has a 64 KiB log, the others the default.
     let (_, a1) = serve(
         &mut procs,
-        &with_log_size(common(1, &devs.paths()[1], "idle"), "64K"),
+        &with_log_size(common(1, &devs.paths()[1], "idle_ack"), "64K"),
     );
-    let (_, a2) = serve(&mut procs, &common(2, &devs.paths()[2], "idle"));
-    let mut pargs = common(0, &devs.paths()[0], "idle");
+    let (_, a2) = serve(&mut procs, &common(2, &devs.paths()[2], "idle_ack"));
+    let mut pargs = common(0, &devs.paths()[0], "idle_ack");
     pargs.extend(peers(a1, a2));
     let (_, a0) = serve(&mut procs, &pargs);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -375,7 +375,7 @@ fn read_one(s: &mut TcpStream) -> Option<Frame> {
 fn bad_and_forged_frames_are_refused_and_the_replica_keeps_serving() {
     let devs = devices("bad-frames", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle"));
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle_ack"));
     let bad: Vec<Vec<u8>> = vec![
         // Another wire version.
         {
@@ -469,9 +469,9 @@ fn bad_and_forged_frames_are_refused_and_the_replica_keeps_serving() {
 fn bad_writes_are_refused_before_they_reach_the_log() {
     let devs = devices("bad-writes", 3, 32 << 20);
     let mut procs = Procs::new();
-    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle"));
-    let (_, a2) = serve(&mut procs, &common(2, &devs.paths()[2], "idle"));
-    let mut pargs = common(0, &devs.paths()[0], "idle");
+    let (_, a1) = serve(&mut procs, &common(1, &devs.paths()[1], "idle_ack"));
+    let (_, a2) = serve(&mut procs, &common(2, &devs.paths()[2], "idle_ack"));
+    let mut pargs = common(0, &devs.paths()[0], "idle_ack");
     pargs.extend(peers(a1, a2));
     let (_, a0) = serve(&mut procs, &pargs);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -515,7 +515,7 @@ fn a_secondary_speaking_another_wire_version_is_reported_and_a_client_times_out_
         }
     });
     let mut procs = Procs::new();
-    let mut args = common(0, &devs.paths()[0], "idle");
+    let mut args = common(0, &devs.paths()[0], "idle_ack");
     let i = args.iter().position(|x| x == "0,1,2").unwrap();
     args[i] = "0,1".into();
     args.extend(["--peers".to_string(), format!("1={fake_addr}")]);
@@ -581,7 +581,7 @@ fn a_device_with_other_data_is_refused_without_force() {
     }
     let out = Command::new(BIN)
         .args(["repl", "serve"])
-        .args(common(1, p, "idle"))
+        .args(common(1, p, "idle_ack"))
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -752,4 +752,101 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
         reports[0].stats.empty_appends > 0,
         "eager sent notifications"
     );
+}
+
+/// A log damaged in the middle (a byte of an early record flipped, megabytes of intact
+/// records after it): `repl serve` refuses to start, printing the cause once, with the
+/// record and where it is.
+#[test]
+fn a_log_damaged_in_the_middle_is_refused_with_its_cause_once() {
+    let devs = devices("damaged", 1, 32 << 20);
+    let p = &devs.paths()[0];
+    let args: Vec<String> = [
+        "--id",
+        "0",
+        "--members",
+        "0",
+        "--log-size",
+        "8M",
+        "--device",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([p.display().to_string()])
+    .collect();
+    let mut procs = Procs::new();
+    let (_, a0) = serve(&mut procs, &args);
+    let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
+    let value = [5u8; 4000];
+    for k in 1..=400u64 {
+        assert_eq!(c.write(put_payload(k, &value)).unwrap(), k);
+    }
+    drop(c);
+    drop(procs);
+    // Record 3's payload: records are packed from the block after the log header.
+    let record = blocklab::repl::log::record_size(put_payload(1, &value).len());
+    let at = (1 << 20) + 4096 + 2 * record + 100;
+    let mut eng = UringEngine::with_queue_depth(1).unwrap();
+    let dev = Device::open(p).unwrap();
+    let mut b = blocklab::dev::AlignedBuf::new(4096);
+    let block = at - at % 4096;
+    blocklab::dev::IoEngine::read_at(&mut eng, &dev, block, &mut b).unwrap();
+    b[(at - block) as usize] ^= 0x40;
+    blocklab::dev::IoEngine::write_at(&mut eng, &dev, block, &b).unwrap();
+    drop(dev);
+
+    let out = Command::new(BIN)
+        .args(["repl", "serve"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let record_start = at - 100;
+    for part in [
+        format!("record 3 at byte {record_start} is damaged (checksum mismatch)"),
+        "corrupt in the middle".to_string(),
+        "refusing to recover it".to_string(),
+    ] {
+        assert_eq!(err.matches(&part).count(), 1, "{part:?} once in: {err}");
+    }
+    assert!(err.contains(&p.display().to_string()), "{err}");
+}
+
+/// The device is opened exclusively: a second `repl serve` on it is refused, saying so
+/// once, and the first keeps serving.
+#[test]
+fn a_second_serve_on_the_same_device_is_refused() {
+    let Some(g) = LoopDevices::provision(&format!("repl-excl-{}", std::process::id()), 1, 32 << 20)
+    else {
+        return;
+    };
+    let p = &g.paths()[0];
+    let args: Vec<String> = [
+        "--id",
+        "0",
+        "--members",
+        "0",
+        "--log-size",
+        "8M",
+        "--device",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([p.display().to_string()])
+    .collect();
+    let mut procs = Procs::new();
+    let (_, a0) = serve(&mut procs, &args);
+    let out = Command::new(BIN)
+        .args(["repl", "serve"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("in use").count(), 1, "{err}");
+    assert!(err.contains(&p.display().to_string()), "{err}");
+    let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.write(put_payload(1, b"v")).unwrap(), 1);
+    drop(procs);
 }

@@ -142,6 +142,22 @@ impl Device {
         })
     }
 
+    /// Another handle on the same open file (`dup`): it shares the open's claims, so a
+    /// device opened with [`Device::open_exclusive`] stays claimed once, by this process,
+    /// until every handle is dropped.
+    pub fn try_clone(&self) -> Result<Device> {
+        Ok(Device {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| DevError::os(&self.path, "dup", e))?,
+            path: self.path.clone(),
+            kind: self.kind,
+            size: self.size,
+            logical_sector: self.logical_sector,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

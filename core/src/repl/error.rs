@@ -22,6 +22,11 @@ pub enum ReplicaError {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Refused(#[from] AdmitError),
+    #[error("{cause}; still after waiting {} s for it to be released", .waited.as_secs())]
+    Busy {
+        cause: DevError,
+        waited: std::time::Duration,
+    },
     #[error("{path}: holds {found}; refusing to overwrite it without --force")]
     Foreign { path: PathBuf, found: String },
     #[error("{what}: {cause}")]

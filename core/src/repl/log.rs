@@ -20,10 +20,26 @@
 //! three devices: 122 µs against 222 µs for `write` + `fdatasync`), because the flush no
 //! longer needs a second trip through the ring and the io-wq worker. (On a regular file
 //! the kernel runs the equivalent of `fdatasync` for the written range before completing.)
-//! Recovery scans from block 1 and stops at the first record that is not valid: bad
-//! magic, another incarnation's nonce, bad CRC, an index that does not follow, or a term
-//! that goes backwards (stale records of a truncated suffix). Every durable write of an
-//! append (one cache flush each) is counted in [`LogStore::flushes`].
+//! At most [`MAX_IN_FLIGHT`] bytes of records are in flight at once: a larger batch is
+//! written in successive parts, each once the previous one completed.
+//!
+//! Recovery reads records from block 1 while each is valid and continues the log: the
+//! magic, this incarnation's nonce, the CRC, the next index, a term that does not go
+//! backwards. Where that stops (offset `p`, index `k` expected) the log either ends, is
+//! torn, or is damaged. The rule that tells them apart: after a crash only the part in
+//! flight can be incomplete (its writes land in any order, so record `k` may be missing
+//! while later records of the part are durable); everything before the part was durable,
+//! so the part began at or before `p`, and it holds less than [`MAX_IN_FLIGHT`] bytes of
+//! records (or one larger record alone), so each of its records starts less than
+//! [`MAX_IN_FLIGHT`] bytes after `p`. Nothing else of this incarnation lies past the tail:
+//! [`LogStore::truncate`] durably zeroes the records it drops, together with whatever a
+//! crash left past the tail. So a valid record of this incarnation with index ≥ `k` and a
+//! term not below the last recovered one that starts [`MAX_IN_FLIGHT`] bytes or more
+//! after `p` means damage in the middle of the log: [`LogStore::open`] refuses the log
+//! ([`LogError::Corrupt`]). Anything closer is a torn tail, never acknowledged, and
+//! recovery ends at `p`. (The price: a record damaged less than [`MAX_IN_FLIGHT`] bytes
+//! before the end of the log is taken for a torn tail.) Every durable write of an append
+//! (one cache flush each) is counted in [`LogStore::flushes`].
 
 use std::ops::RangeInclusive;
 
@@ -36,6 +52,9 @@ const HEADER_MAGIC: &[u8; 8] = b"BLRPLOG1";
 const RECORD_MAGIC: u32 = 0x5245_434c; // "LCER"
 /// Bytes of a record before its payload.
 pub const RECORD_HEADER: usize = 4 + 4 + 4 + 8 + 8 + 4;
+/// Most bytes of records an append has in flight at once (a single larger record is
+/// written alone); also how far past a crash's tear recovery looks for a torn tail.
+pub const MAX_IN_FLIGHT: u64 = 1 << 20;
 
 /// Errors of the log store.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +77,23 @@ pub enum LogError {
     NotContiguous { got: u64, last: u64 },
     #[error("cannot truncate from index {from}: the log has {last} entries")]
     BadTruncate { from: u64, last: u64 },
+    #[error(
+        "{path}: replication log record {index} at byte {offset} is damaged ({damage}), but \
+         record {later_index} of this log follows intact at byte {later_offset}, further than \
+         a crash can tear ({MAX_IN_FLIGHT} bytes): the log is corrupt in the middle; refusing \
+         to recover it"
+    )]
+    Corrupt {
+        path: String,
+        /// The index expected at `offset`.
+        index: u64,
+        /// Device byte offset of the damaged record.
+        offset: u64,
+        damage: String,
+        later_index: u64,
+        /// Device byte offset of the intact record after it.
+        later_offset: u64,
+    },
 }
 
 /// Size of the record of an entry with `payload_len` bytes of payload.
@@ -81,6 +117,9 @@ pub struct LogStore {
     terms: Vec<u64>,
     /// The bytes of the block holding `tail` (up to `tail`).
     tail_block: Vec<u8>,
+    /// Records of this incarnation may lie past `tail` up to here (left by a crash):
+    /// [`LogStore::truncate`] zeroes them with the entries it drops.
+    dirty_end: u64,
     flushes: u64,
 }
 
@@ -113,6 +152,7 @@ impl LogStore {
             starts: Vec::new(),
             terms: Vec::new(),
             tail_block: Vec::new(),
+            dirty_end: 0,
             flushes: 0,
         };
         // Header and a zeroed first record block, durably.
@@ -122,7 +162,8 @@ impl LogStore {
         Ok(log)
     }
 
-    /// Opens the log in the region and recovers its entries.
+    /// Opens the log in the region and recovers its entries; refuses a log damaged in the
+    /// middle ([`LogError::Corrupt`], see the module docs). Writes nothing.
     pub fn open(
         eng: &mut dyn IoEngine,
         dev: Device,
@@ -132,9 +173,10 @@ impl LogStore {
         Self::check_region(&dev, offset, len)?;
         let mut region = AlignedBuf::new(len as usize);
         eng.read_at(&dev, offset, &mut region)?;
+        let path = || dev.path().display().to_string();
         let (nonce, term) =
             parse_header(&region[..BLOCK as usize]).map_err(|why| LogError::NotALog {
-                path: dev.path().display().to_string(),
+                path: path(),
                 offset,
                 why,
             })?;
@@ -154,6 +196,24 @@ impl LogStore {
             entries.push(e);
             pos += size;
         }
+        // Past the tail: records of this incarnation a crash left (remembered, so a
+        // truncation zeroes them), or evidence of damage.
+        let next = entries.len() as u64 + 1;
+        let mut dirty_end = pos;
+        for (at, e, size) in records_of(area, pos, nonce) {
+            if at >= pos + MAX_IN_FLIGHT as usize && e.index >= next && e.term >= last_term {
+                let device_offset = |p: usize| offset + BLOCK + p as u64;
+                return Err(LogError::Corrupt {
+                    path: path(),
+                    index: next,
+                    offset: device_offset(pos),
+                    damage: damage(&area[pos..], nonce, next, last_term),
+                    later_index: e.index,
+                    later_offset: device_offset(at),
+                });
+            }
+            dirty_end = dirty_end.max(at + size);
+        }
         let block_start = pos - pos % BLOCK as usize;
         let tail_block = area[block_start..pos].to_vec();
         let log = LogStore {
@@ -166,6 +226,7 @@ impl LogStore {
             starts,
             terms,
             tail_block,
+            dirty_end: dirty_end as u64,
             flushes: 0,
         };
         Ok((log, entries))
@@ -226,9 +287,11 @@ impl LogStore {
     }
 
     /// Appends `entries` (which must follow the last index) with one durable write (group
-    /// commit). Returns the index range each durable write covered, in index order (here
-    /// one, all of `entries`; none for no entries). On error nothing is recorded as
-    /// appended; a full region is refused before anything is written.
+    /// commit), or one per [`MAX_IN_FLIGHT`] bytes of records for a larger batch, each
+    /// issued once the previous one completed. Returns the index range each durable write
+    /// covered, in index order (none for no entries). A full region or entries that do
+    /// not follow are refused before anything is written; after an I/O error the parts
+    /// written before it stay appended.
     pub fn append(
         &mut self,
         eng: &mut dyn IoEngine,
@@ -244,7 +307,9 @@ impl LogStore {
     /// the same bytes, so the order the writes land in does not matter, and each entry is
     /// durable once its own write completed. (A neighbour's record may become durable
     /// through a shared block before its own write completes, as with a group commit.)
-    /// Returns and errors as for [`LogStore::append`] (one range per entry).
+    /// A batch of more than [`MAX_IN_FLIGHT`] bytes of records goes out in parts, as with
+    /// [`LogStore::append`]. Returns and errors as for [`LogStore::append`] (one range per
+    /// entry).
     pub fn append_each(
         &mut self,
         eng: &mut dyn IoEngine,
@@ -259,9 +324,6 @@ impl LogStore {
         entries: &[Entry],
         per_entry: bool,
     ) -> Result<Vec<RangeInclusive<u64>>, LogError> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Ok(Vec::new());
-        };
         let mut last_term = self.terms.last().copied().unwrap_or(0);
         for (expect, e) in (self.last_index() + 1..).zip(entries.iter()) {
             if e.index != expect || e.term < last_term {
@@ -280,6 +342,39 @@ impl LogStore {
                 len: self.len,
             });
         }
+        // Parts of at most MAX_IN_FLIGHT bytes (a larger record alone), one after the other.
+        let mut written = Vec::new();
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut bytes = 0;
+            for e in rest {
+                let size = record_size(e.payload.len());
+                if n > 0 && bytes + size > MAX_IN_FLIGHT {
+                    break;
+                }
+                bytes += size;
+                n += 1;
+            }
+            let (part, after) = rest.split_at(n);
+            written.extend(self.write_part(eng, part, bytes, per_entry)?);
+            rest = after;
+        }
+        Ok(written)
+    }
+
+    /// Writes `entries` (`need` bytes of records, checked to fit and follow) at the tail:
+    /// all their durable writes in flight at once.
+    fn write_part(
+        &mut self,
+        eng: &mut dyn IoEngine,
+        entries: &[Entry],
+        need: u64,
+        per_entry: bool,
+    ) -> Result<Vec<RangeInclusive<u64>>, LogError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Vec::new());
+        };
         let head = self.tail_block.len();
         let end = head as u64 + need;
         let blocks = end.div_ceil(BLOCK);
@@ -327,8 +422,12 @@ impl LogStore {
         Ok(spans.into_iter().map(|(_, _, durable)| durable).collect())
     }
 
-    /// Drops the entries with index ≥ `from` (no I/O: the next append overwrites them, and
-    /// recovery rejects what is left of them by their term).
+    /// Drops the entries with index ≥ `from`, zeroing their records durably together with
+    /// whatever records of this log a crash left past the tail (one durable write per
+    /// [`MAX_IN_FLIGHT`] bytes, the last part first, not counted in
+    /// [`LogStore::flushes`]), so recovery never finds a dropped record past the tail,
+    /// where it could be taken for an intact entry after a damaged one. (Truncation is rare: a secondary drops entries its primary never
+    /// committed, after the primary restarted.)
     pub fn truncate(&mut self, eng: &mut dyn IoEngine, from: u64) -> Result<(), LogError> {
         let last = self.last_index();
         if from == 0 || from > last + 1 {
@@ -342,8 +441,23 @@ impl LogStore {
         let keep = (new_tail - block_start) as usize;
         let mut blk = AlignedBuf::new(BLOCK as usize);
         eng.read_at(&self.dev, self.offset + BLOCK + block_start, &mut blk)?;
-        self.tail_block = blk[..keep].to_vec();
+        let kept = blk[..keep].to_vec();
+        // Zero [block_start, end) but the kept bytes, from the end: a crash in between
+        // leaves dropped records only at the front, where they still continue the log.
+        let end = self.tail.max(self.dirty_end).div_ceil(BLOCK) * BLOCK;
+        let mut hi = end;
+        while hi > block_start {
+            let lo = hi.saturating_sub(MAX_IN_FLIGHT).max(block_start);
+            let mut buf = AlignedBuf::new((hi - lo) as usize);
+            if lo == block_start {
+                buf[..keep].copy_from_slice(&kept);
+            }
+            self.write_durable(eng, self.offset + BLOCK + lo, &buf)?;
+            hi = lo;
+        }
+        self.tail_block = kept;
         self.tail = new_tail;
+        self.dirty_end = new_tail;
         self.starts.truncate(from as usize - 1);
         self.terms.truncate(from as usize - 1);
         Ok(())
@@ -377,6 +491,50 @@ fn write_record(b: &mut [u8], e: &Entry, nonce: u64) -> usize {
     crc = crc32c::crc32c_append(crc, &b[RECORD_HEADER..n]);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
     n
+}
+
+/// The records of incarnation `nonce` that start at `from` or later in `area`, at any
+/// byte offset: `(offset, entry, size)`.
+fn records_of(
+    area: &[u8],
+    from: usize,
+    nonce: u64,
+) -> impl Iterator<Item = (usize, Entry, usize)> + '_ {
+    let mut needle = [0u8; 8];
+    needle[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    needle[4..].copy_from_slice(&(nonce as u32).to_le_bytes());
+    let finder = memchr::memmem::Finder::new(&needle).into_owned();
+    let mut at = from;
+    std::iter::from_fn(move || {
+        while at < area.len() {
+            let found = at + finder.find(&area[at..])?;
+            at = found + 1;
+            if let Some((e, size)) = parse_record(&area[found..], nonce) {
+                return Some((found, e, size));
+            }
+        }
+        None
+    })
+}
+
+/// What is wrong with the bytes `b` where the record with `index` was expected (after one
+/// of `last_term`).
+fn damage(b: &[u8], nonce: u64, index: u64, last_term: u64) -> String {
+    if let Some((e, _)) = parse_record(b, nonce) {
+        return if e.index != index {
+            format!("it holds index {}", e.index)
+        } else {
+            format!("its term {} is below the previous {last_term}", e.term)
+        };
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+    if b.len() < RECORD_HEADER || u32_at(0) != RECORD_MAGIC || u32_at(4) != nonce as u32 {
+        "no record header".into()
+    } else if RECORD_HEADER + u32_at(8) as usize > b.len() {
+        format!("payload length {} past the region", u32_at(8))
+    } else {
+        "checksum mismatch".into()
+    }
 }
 
 fn parse_record(b: &[u8], nonce: u64) -> Option<(Entry, usize)> {

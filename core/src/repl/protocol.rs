@@ -19,6 +19,9 @@
 //!   entry it knows is committed, learns the commit index from messages, caps it at the
 //!   index it verified against the primary's log, and applies only up to its own durable
 //!   index, in order;
+//! * a secondary that adopts a higher term hands it out once in [`Ready::persist_term`],
+//!   to be made durable before that Ready's acknowledgements go out, and restarts in the
+//!   term it persisted ([`Node::new_secondary`]);
 //! * empty messages (no entries) carry the commit index and cause no persist;
 //! * per secondary the primary is either *probing* (at most one append in flight, after a
 //!   (re)connection, a rejection or a retransmission timeout) or *replicating* (appends
@@ -214,6 +217,9 @@ pub enum ProtocolError {
 /// What the driver must do; see the module docs.
 #[derive(Debug, Default)]
 pub struct Ready {
+    /// Secondary: it adopted this higher term; make it durable before sending any of
+    /// `persisted_messages` (handed out once per adoption).
+    pub persist_term: Option<u64>,
     /// Before persisting, drop the durable entries with index ≥ this.
     pub truncate_from: Option<u64>,
     /// Append these, then flush, then call [`Node::persisted`].
@@ -301,6 +307,8 @@ pub struct Node {
     cfg: Config,
     primary: bool,
     term: u64,
+    /// A term adopted but not handed out in [`Ready::persist_term`] yet.
+    term_to_persist: Option<u64>,
     entries: Vec<Entry>,
     durable: u64,
     handed: u64,
@@ -343,8 +351,9 @@ impl Node {
         Ok(n)
     }
 
-    /// A secondary over its recovered log.
-    pub fn new_secondary(cfg: Config, log: Vec<Entry>) -> Result<Node, ProtocolError> {
+    /// A secondary over its recovered log, in the term it persisted last (or its last
+    /// entry's, when higher).
+    pub fn new_secondary(cfg: Config, term: u64, log: Vec<Entry>) -> Result<Node, ProtocolError> {
         if cfg.id == cfg.primary {
             return Err(ProtocolError::WrongRole {
                 id: cfg.id,
@@ -352,7 +361,7 @@ impl Node {
                 primary: cfg.primary,
             });
         }
-        let term = log.last().map_or(0, |e| e.term);
+        let term = term.max(log.last().map_or(0, |e| e.term));
         Node::new(cfg, false, term, log)
     }
 
@@ -402,6 +411,7 @@ impl Node {
             cfg,
             primary,
             term,
+            term_to_persist: None,
             entries: log,
             durable: last,
             handed: last,
@@ -700,6 +710,7 @@ impl Node {
     fn adopt_term(&mut self, term: u64) {
         if term > self.term {
             self.term = term;
+            self.term_to_persist = Some(term);
             self.matched = 0;
         }
     }
@@ -1036,6 +1047,7 @@ impl Node {
     pub fn has_ready(&self) -> bool {
         !self.msgs.is_empty()
             || !self.persisted_msgs.is_empty()
+            || self.term_to_persist.is_some()
             || self.truncate_from.is_some()
             || self.handed < self.last_index()
             || self.applied < self.commit.min(self.durable)
@@ -1067,6 +1079,7 @@ impl Node {
             }
         }
         let mut rd = Ready {
+            persist_term: self.term_to_persist.take(),
             truncate_from: self.truncate_from.take(),
             messages: std::mem::take(&mut self.msgs),
             persisted_messages: std::mem::take(&mut self.persisted_msgs),

@@ -321,7 +321,9 @@ fn check_options(opts: &ReplicaOptions) -> Result<(), ReplicaError> {
 }
 
 /// Opens the device and starts the protocol node on what it holds: a primary starts a new
-/// term. No connection exists yet.
+/// term, above every term the log holds (its header's, which a secondary keeps up to date
+/// with the terms it adopts, and its entries'), so a former secondary started as the
+/// primary never reuses a term it accepted entries in. No connection exists yet.
 fn open_node(opts: &ReplicaOptions) -> Result<(Storage, KvStore, Node), ReplicaError> {
     let (mut st, mut kv, recovered) =
         open_storage(&opts.device, opts.regions, opts.fresh, opts.force)?;
@@ -339,11 +341,11 @@ fn open_node(opts: &ReplicaOptions) -> Result<(Storage, KvStore, Node), ReplicaE
                 kv.reserve(key);
             }
         }
-        let term = st.log.term() + 1;
+        let term = st.log.term().max(recovered.last().map_or(0, |e| e.term)) + 1;
         st.log.set_term(&mut st.eng, term)?;
         Node::new_primary(cfg, term, recovered)?
     } else {
-        Node::new_secondary(cfg, recovered)?
+        Node::new_secondary(cfg, st.log.term(), recovered)?
     };
     // No connection exists yet: each secondary is probed once its connection is up.
     for &(peer, _) in &opts.peers {
@@ -439,6 +441,10 @@ impl Driver<'_> {
 
     fn process_ready(&mut self) -> Result<(), ReplicaError> {
         let rd = self.node.ready();
+        if let Some(term) = rd.persist_term {
+            // A secondary's new term is durable before anything of this Ready goes out.
+            self.st.log.set_term(&mut self.st.eng, term)?;
+        }
         self.send(rd.messages);
         if let Some(t) = rd.truncate_from {
             self.st.log.truncate(&mut self.st.eng, t)?;

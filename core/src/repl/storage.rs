@@ -3,9 +3,10 @@
 //! else.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::daemon::{self, DaemonError};
-use crate::dev::{probe_head, Device, Found, UringEngine};
+use crate::dev::{probe_head, DevError, Device, Found, UringEngine};
 use crate::format::{Label, Layout};
 
 use super::error::ReplicaError;
@@ -76,7 +77,11 @@ pub(super) struct Storage {
 
 /// Opens (or, with `fresh` or on a device without a log, creates) the log and the store.
 /// Ownership is decided from the log region's first block alone: a replication log there
-/// is ours; anything else needs `force` unless the device is empty.
+/// is ours; anything else needs `force` unless the device is empty. A block device is
+/// opened once, exclusively (`O_EXCL`): a device that is mounted, held by device-mapper,
+/// md or LVM, or used by another replica is refused ([`crate::dev::DevError::InUse`]);
+/// the log and the store share that open. A device in use is waited for up to
+/// [`RELEASE_WAIT`] first.
 pub(super) fn open_storage(
     device: &Path,
     r: Regions,
@@ -84,21 +89,46 @@ pub(super) fn open_storage(
     force: bool,
 ) -> Result<(Storage, KvStore, Vec<Entry>), ReplicaError> {
     let mut eng = UringEngine::with_queue_depth(64)?;
-    let open = || Device::open(device);
-    let dev = open()?;
+    let dev = open_exclusive(device)?;
     dev.require_size(r.end())?;
+    let kv_dev = dev.try_clone()?;
     let ours = LogStore::holds_log(&mut eng, &dev, r.log_offset)?;
     if ours && !fresh {
         let (log, entries) = LogStore::open(&mut eng, dev, r.log_offset, r.log_len)?;
-        let kv = KvStore::open(&mut eng, open()?, r.data_offset, r.data_len)?;
+        let kv = KvStore::open(&mut eng, kv_dev, r.data_offset, r.data_len)?;
         return Ok((Storage { eng, log }, kv, entries));
     }
     if !ours && !force {
         refuse_foreign(&mut eng, &dev)?;
     }
     let log = LogStore::create(&mut eng, dev, r.log_offset, r.log_len)?;
-    let kv = KvStore::create(&mut eng, open()?, r.data_offset, r.data_len)?;
+    let kv = KvStore::create(&mut eng, kv_dev, r.data_offset, r.data_len)?;
     Ok((Storage { eng, log }, kv, Vec::new()))
+}
+
+/// How long [`open_storage`] waits for a device in use to be released. A replica killed
+/// just before still holds its claim after it exited, until the kernel has finished its
+/// last I/O (io_uring tears down asynchronously): tens of milliseconds.
+pub(super) const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// [`Device::open_exclusive`], retried while the device is in use for up to
+/// [`RELEASE_WAIT`].
+fn open_exclusive(device: &Path) -> Result<Device, ReplicaError> {
+    let start = Instant::now();
+    loop {
+        match Device::open_exclusive(device) {
+            Err(DevError::InUse { .. }) if start.elapsed() < RELEASE_WAIT => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(cause @ DevError::InUse { .. }) => {
+                return Err(ReplicaError::Busy {
+                    cause,
+                    waited: RELEASE_WAIT,
+                })
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 /// Errs unless the device's first MiB is empty, naming what it holds (a daemon device's

@@ -21,9 +21,10 @@ pub enum ReplCmd {
     /// Run one replica (primary or secondary) on a device until SIGTERM/SIGINT.
     ///
     /// Prints `listening on ADDR` once the device is open. A device holding a replication
-    /// log is recovered (restart); an empty device gets a new log; anything else (a
-    /// formatted daemon device without a replication log included) is refused unless
-    /// --force.
+    /// log is recovered (restart), unless the log is damaged in the middle; an empty device
+    /// gets a new log; anything else (a formatted daemon device without a replication log
+    /// included) is refused unless --force. A block device is opened exclusively: one that
+    /// is mounted or used by another replica is refused.
     Serve(ServeArgs),
     /// Write KEY=VALUE through the primary; prints the committed index.
     Write {
