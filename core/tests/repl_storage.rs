@@ -643,7 +643,6 @@ fn replica_opts(
         policy: PolicySpec::parse("idle_ack").unwrap(),
         tick: Duration::from_micros(100),
         retransmit: Duration::from_millis(100),
-        delay: Duration::ZERO,
         fresh: false,
         force: false,
         group_commit: true,

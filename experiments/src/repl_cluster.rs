@@ -308,6 +308,28 @@ impl Cluster {
         }
     }
 
+    /// Waits until every secondary's current life answered an empty append (the primary's
+    /// start-up probe): a workload started after this does not count probe answers as
+    /// notification answers.
+    pub fn await_probed(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for id in 1..self.replicas() as NodeId {
+            loop {
+                let answered = self.current_events(id)?.iter().any(|(e, _)| {
+                    matches!(e, Event::Counters { empty_responses, .. } if *empty_responses > 0)
+                });
+                if answered {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("secondary {id} answered no probe within {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(())
+    }
+
     /// SIGKILLs replica `id`.
     pub fn kill(&mut self, id: NodeId) {
         if let Some(mut a) = self.replicas[id as usize].take() {

@@ -700,7 +700,6 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
         policy: PolicySpec::parse("eager").unwrap(),
         tick: Duration::from_micros(100),
         retransmit: Duration::from_millis(200),
-        delay: Duration::ZERO,
         fresh: true,
         force: true,
         group_commit: false,

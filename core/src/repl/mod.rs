@@ -7,7 +7,7 @@
 //! * [`kv`]: the key → value storage engine committed entries are applied to.
 //! * [`apply`]: the worker thread that applies committed entries to it.
 //! * [`check`]: the safety check of kill runs over timelines and final logs.
-//! * [`transport`]: TCP links with an optional injected one-way delay.
+//! * [`transport`]: TCP links, one writer thread per connection.
 //! * [`replica`]: a replica process: protocol + log + storage engine + transport; its
 //!   options, [`replica::spawn`]/[`replica::run`] and the event loop. Its parts, private
 //!   and re-exported from [`replica`] where public:

@@ -53,8 +53,6 @@ pub struct ReplicaOptions {
     /// Length of one protocol tick.
     pub tick: Duration,
     pub retransmit: Duration,
-    /// One-way delay injected on every frame this replica sends.
-    pub delay: Duration,
     /// Start a new, empty log and store (else recover what the device holds, or start
     /// empty on an empty device).
     pub fresh: bool,
@@ -516,7 +514,7 @@ impl Driver<'_> {
                 continue;
             };
             if let Some((_, b)) = shared.iter().find(|(s, _)| *s == m) {
-                c.link.send_bytes(b.clone(), self.opts.delay);
+                c.link.send_bytes(b.clone());
                 continue;
             }
             let mut v = Vec::new();
@@ -526,7 +524,7 @@ impl Driver<'_> {
                 continue;
             }
             let b: Bytes = Arc::new(v);
-            c.link.send_bytes(b.clone(), self.opts.delay);
+            c.link.send_bytes(b.clone());
             if matches!(&m, Message::Append { entries, .. } if !entries.is_empty()) {
                 shared.push((m, b));
             }
@@ -535,7 +533,7 @@ impl Driver<'_> {
 
     fn reply(&mut self, conn: u64, f: &Frame) {
         if let Some(c) = self.conns.get(&conn) {
-            if let Err(e) = c.link.send(f, Duration::ZERO) {
+            if let Err(e) = c.link.send(f) {
                 self.reporter.report(format_args!("not answering: {e}"));
             }
         }

@@ -1,10 +1,9 @@
-//! TCP transport: one writer thread per connection with an optional injected one-way delay
+//! TCP transport: one writer thread per connection
 //! (this kernel has no netem), and a blocking frame reader.
 
 use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
 
 use super::wire::{self, Frame, ReadError, WireError};
 
@@ -20,12 +19,12 @@ pub enum TransportError {
 /// An encoded frame, shared when the same frame goes to several connections.
 pub(crate) type Bytes = Arc<Vec<u8>>;
 
-/// The sending half of a connection. Frames are written in order by a writer thread, each
-/// no earlier than the `delay` given to [`Link::send`] after the call (the injected
-/// one-way delay; constant per link, so order is kept).
+/// The sending half of a connection. Frames are written in order by a writer thread, so
+/// the replica loop never blocks on a slow peer. Network delay is not injected here: it
+/// comes from the link proxies between replica processes (see docs/repl.md).
 #[derive(Debug, Clone)]
 pub struct Link {
-    tx: mpsc::Sender<(Instant, Bytes)>,
+    tx: mpsc::Sender<Bytes>,
 }
 
 impl Link {
@@ -33,7 +32,7 @@ impl Link {
     pub fn spawn(stream: &TcpStream) -> std::io::Result<Link> {
         let mut s = stream.try_clone()?;
         s.set_nodelay(true)?;
-        let (tx, rx) = mpsc::channel::<(Instant, Bytes)>();
+        let (tx, rx) = mpsc::channel::<Bytes>();
         std::thread::Builder::new()
             .name("repl-link".into())
             .spawn(move || {
@@ -48,37 +47,22 @@ impl Link {
 
     /// Queues an encoded frame (ignored when the connection's writer is gone: the reader
     /// of the connection reports its end).
-    pub(crate) fn send_bytes(&self, bytes: Bytes, delay: Duration) {
-        let _ = self.tx.send((Instant::now() + delay, bytes));
+    pub(crate) fn send_bytes(&self, bytes: Bytes) {
+        let _ = self.tx.send(bytes);
     }
 
     /// Encodes and queues a frame; an oversized frame is refused.
-    pub fn send(&self, f: &Frame, delay: Duration) -> Result<(), WireError> {
-        self.send_bytes(Arc::new(wire::encode_to_vec(f)?), delay);
+    pub fn send(&self, f: &Frame) -> Result<(), WireError> {
+        self.send_bytes(Arc::new(wire::encode_to_vec(f)?));
         Ok(())
     }
 }
 
 /// Writes queued frames until every sender is gone. A frame with nothing queued behind it
-/// is written as it is; frames already due behind it are coalesced into one write.
-fn write_loop(s: &mut TcpStream, rx: &mpsc::Receiver<(Instant, Bytes)>) -> std::io::Result<()> {
-    let sleep_until = |due: Instant| {
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-    };
+/// is written as it is; frames queued behind it are coalesced into one write.
+fn write_loop(s: &mut TcpStream, rx: &mpsc::Receiver<Bytes>) -> std::io::Result<()> {
     let mut batch = Vec::new();
-    let mut held: Option<(Instant, Bytes)> = None;
-    loop {
-        let (due, bytes) = match held.take() {
-            Some(x) => x,
-            None => match rx.recv() {
-                Ok(x) => x,
-                Err(_) => return Ok(()),
-            },
-        };
-        sleep_until(due);
+    while let Ok(bytes) = rx.recv() {
         let Ok(mut next) = rx.try_recv() else {
             s.write_all(&bytes)?;
             continue;
@@ -86,11 +70,7 @@ fn write_loop(s: &mut TcpStream, rx: &mpsc::Receiver<(Instant, Bytes)>) -> std::
         batch.clear();
         batch.extend_from_slice(&bytes);
         loop {
-            if next.0 > Instant::now() {
-                held = Some(next);
-                break;
-            }
-            batch.extend_from_slice(&next.1);
+            batch.extend_from_slice(&next);
             match rx.try_recv() {
                 Ok(n) => next = n,
                 Err(_) => break,
@@ -98,6 +78,7 @@ fn write_loop(s: &mut TcpStream, rx: &mpsc::Receiver<(Instant, Bytes)>) -> std::
         }
         s.write_all(&batch)?;
     }
+    Ok(())
 }
 
 /// Reads frames from `stream` until EOF (Ok) or an error, handing each to `on_frame`

@@ -74,9 +74,6 @@ pub struct ServeArgs {
     /// Resend unacknowledged entries or notifications after this long, e.g. 200ms.
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, default_value = "200ms")]
     retransmit: Duration,
-    /// Injected one-way delay on every frame this replica sends, e.g. 500us.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
-    delay: Duration,
     /// Size of the log region (K/M/G) on a device that is not formatted; on a formatted
     /// daemon device the log lives in its log region.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
@@ -189,7 +186,6 @@ fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)>
         policy,
         tick,
         retransmit,
-        delay,
         log_size,
         data_size,
         fresh,
@@ -223,7 +219,6 @@ fn replica_options(a: ServeArgs) -> anyhow::Result<(ReplicaOptions, SocketAddr)>
         policy,
         tick,
         retransmit,
-        delay,
         fresh,
         force,
         group_commit: !no_group_commit,

@@ -545,6 +545,7 @@ fn run_one(ctx: &Ctx, spec: &RunSpec) -> anyhow::Result<Measured> {
     let cs = ctx.cluster_spec(spec.policy, spec.cell.replicas, spec.cell.rtt, seed, "run")?;
     let mut c = Cluster::start(cs)?;
     c.await_connected(Duration::from_secs(20))?;
+    c.await_probed(Duration::from_secs(20))?;
     let out = workload::run(
         c.addr(0)?,
         &spec.cell.load,
