@@ -308,26 +308,43 @@ impl Cluster {
         }
     }
 
-    /// Waits until every secondary's current life answered an empty append (the primary's
-    /// start-up probe): a workload started after this does not count probe answers as
-    /// notification answers.
+    /// Waits until the secondaries have answered the probe the primary sends on each
+    /// connection (one per `peer` event; probes queued before a connection was up are
+    /// dropped unsent), so that a workload started after this does not count probe
+    /// answers as notification answers.
     pub fn await_probed(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        for id in 1..self.replicas() as NodeId {
-            loop {
-                let answered = self.current_events(id)?.iter().any(|(e, _)| {
-                    matches!(e, Event::Counters { empty_responses, .. } if *empty_responses > 0)
-                });
-                if answered {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("secondary {id} answered no probe within {timeout:?}");
-                }
-                std::thread::sleep(Duration::from_millis(2));
+        let last_counters = |life: &[(Event, i64)]| {
+            life.iter()
+                .rev()
+                .find_map(|(e, _)| match *e {
+                    Event::Counters {
+                        empty_responses,
+                        probes,
+                        ..
+                    } => Some((empty_responses, probes)),
+                    _ => None,
+                })
+                .unwrap_or((0, 0))
+        };
+        loop {
+            let probes = self
+                .current_events(0)?
+                .iter()
+                .filter(|(e, _)| matches!(e, Event::Peer { .. }))
+                .count() as u64;
+            let mut answered = 0;
+            for id in 1..self.replicas() as NodeId {
+                answered += last_counters(&self.current_events(id)?).0;
             }
+            if probes > 0 && answered >= probes {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the secondaries answered {answered} of {probes} probes within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        Ok(())
     }
 
     /// SIGKILLs replica `id`.

@@ -90,12 +90,11 @@ impl Backing {
 /// Where memory-backed loop devices live.
 const MEMORY_STATE_DIR: &str = "/dev/shm/blocklab";
 
-/// Measures how long secondaries take to apply committed writes (apply lag) and what each
-/// commit-notification policy costs in messages (empty appends and the answers they
-/// cause) and flushes, across write rates from sparse to saturation, bursts, RTTs and
-/// cluster sizes; measures a 3-member etcd cluster's follower lag under the same sparse
-/// writes; and kills replicas in the idle window to check that no secondary applies an
-/// uncommitted entry and that all converge (see docs/repl.md).
+/// Measures the apply lag of secondaries and the messages and flushes each commit-notification
+/// policy costs, and compares the policies (idle_ack, the patent's, against piggyback,
+/// periodic, eager, idle_commit, idle_delayed) across write rates, bursts, RTTs and cluster
+/// sizes, with a 3-member etcd cluster beside; kills replicas in the idle window to check
+/// that no secondary applies an uncommitted entry and all converge (see docs/repl.md).
 ///
 /// Replicas, link proxies and etcd members are separate processes. Profiles (policies
 /// innermost, repetitions outermost): quick: RTT 1 ms at 4/s and 200/s, bursts and a
