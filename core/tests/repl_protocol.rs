@@ -1236,3 +1236,31 @@ fn secondaries_answer_only_in_persisted_terms_across_primary_restarts() {
         assert_eq!(s.nodes[&id].node.term(), 4, "secondary {id}");
     }
 }
+
+#[test]
+fn a_write_after_a_long_idle_period_sends_no_probe() {
+    for policy in all_policies() {
+        let mut s = Sim::new(3, policy, 41);
+        s.deliver_all();
+        s.propose(b"a");
+        s.settle_primary_commit(1);
+        s.deliver_all();
+        let probes = s.nodes[&PRIMARY].node.stats().probes;
+        // Quiet for ten retransmission periods, then a write, and time advances before the
+        // driver asks for the Ready (as the replica loop does: inputs, then ticks, then
+        // ready).
+        s.tick(200);
+        s.deliver_all();
+        s.primary().propose(b"b".to_vec()).unwrap();
+        s.tick(1);
+        s.deliver_all();
+        s.tick(1);
+        s.deliver_all();
+        let st = s.nodes[&PRIMARY].node.stats();
+        assert_eq!(
+            st.probes, probes,
+            "{policy:?}: a probe after an idle period"
+        );
+        assert_eq!(st.retransmits, 0, "{policy:?}");
+    }
+}

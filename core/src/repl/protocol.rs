@@ -585,7 +585,18 @@ impl Node {
         }
         let rt = self.cfg.retransmit_ticks.max(1);
         if p.match_index < self.last_index() {
-            return Some((p.last_heard.max(p.last_sent) + rt, PeerTimer::Retransmit));
+            // A secondary out of room is retried one retransmission period after it last
+            // answered; any other is probed again once it has owed an answer that long
+            // since the last append to it (a probe restarts the period). One
+            // that owes nothing is about to be sent the entries: a write after a long idle
+            // period must not look like a lost answer.
+            if p.full {
+                return Some((p.last_heard.max(p.last_sent) + rt, PeerTimer::Retransmit));
+            }
+            if let Some(since) = p.owes_since {
+                return Some((since.max(p.last_sent) + rt, PeerTimer::Retransmit));
+            }
+            return None;
         }
         let want = self.commit.min(p.match_index);
         // Only a notification that was sent can be due for a resend; otherwise this timer

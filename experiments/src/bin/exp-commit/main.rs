@@ -178,6 +178,10 @@ struct Args {
     /// Skip the kill runs.
     #[arg(long)]
     no_kills: bool,
+    /// Keep every run's replica timelines (`replica-ID-LIFE.events`) and stderr files in
+    /// this directory, one subdirectory per run (it must be empty or absent).
+    #[arg(long, value_name = "DIR")]
+    timelines: Option<PathBuf>,
     /// The blocklab binary the replicas and proxies run (default: the one next to this).
     #[arg(long)]
     blocklab: Option<PathBuf>,
@@ -480,11 +484,62 @@ impl Plan {
     }
 }
 
+/// The directory of the runs' timelines.
+enum Scratch {
+    Temporary(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Scratch {
+    fn new(kept: Option<PathBuf>) -> anyhow::Result<Scratch> {
+        match kept {
+            None => Ok(Scratch::Temporary(
+                tempfile::Builder::new().prefix("exp-commit-").tempdir()?,
+            )),
+            Some(d) => {
+                if d.exists() && std::fs::read_dir(&d)?.next().is_some() {
+                    bail!(
+                        "--timelines {}: not empty (nothing is overwritten)",
+                        d.display()
+                    );
+                }
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                Ok(Scratch::Kept(d))
+            }
+        }
+    }
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Scratch::Temporary(t) => t.path(),
+            Scratch::Kept(d) => d,
+        }
+    }
+    /// The directory name of a run: one reused directory when temporary, one per run
+    /// (from its description) when kept.
+    fn run_name(&self, what: &str) -> String {
+        match self {
+            Scratch::Temporary(_) => "run".into(),
+            Scratch::Kept(_) => what
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What every run shares.
 struct Ctx {
     bin: PathBuf,
     devices: Vec<PathBuf>,
-    scratch: tempfile::TempDir,
+    /// Where each run's timelines and stderr files go: a temporary directory, or
+    /// `--timelines` (kept).
+    scratch: Scratch,
     args: Args,
 }
 
@@ -498,6 +553,7 @@ impl Ctx {
         dir: &str,
     ) -> anyhow::Result<ClusterSpec> {
         let dir = self.scratch.path().join(dir);
+        // A kept directory keeps every run; a temporary one only the current run.
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
@@ -541,7 +597,8 @@ fn await_applied(
 /// One measured run on a fresh cluster.
 fn run_one(ctx: &Ctx, spec: &RunSpec) -> anyhow::Result<Measured> {
     let seed = ctx.args.seed + u64::from(spec.repetition);
-    let cs = ctx.cluster_spec(spec.policy, spec.cell.replicas, spec.cell.rtt, seed, "run")?;
+    let name = ctx.scratch.run_name(&spec.to_string());
+    let cs = ctx.cluster_spec(spec.policy, spec.cell.replicas, spec.cell.rtt, seed, &name)?;
     let mut c = Cluster::start(cs)?;
     c.await_connected(Duration::from_secs(20))?;
     c.await_probed(Duration::from_secs(20))?;
@@ -565,9 +622,9 @@ fn run_one(ctx: &Ctx, spec: &RunSpec) -> anyhow::Result<Measured> {
     }
     c.stop()?;
     // Complete timelines, now that every replica stopped.
-    let primary = c_events(&ctx.scratch.path().join("run"), 0)?;
+    let primary = c_events(&ctx.scratch.path().join(&name), 0)?;
     let secondaries: Vec<_> = (1..spec.cell.replicas as u32)
-        .map(|id| c_events(&ctx.scratch.path().join("run"), id))
+        .map(|id| c_events(&ctx.scratch.path().join(&name), id))
         .collect::<anyhow::Result<_>>()?;
     let mut m = measure::measure(&primary, &secondaries, &out)?;
     let lives: Vec<_> = secondaries
@@ -751,6 +808,7 @@ impl Outputs {
 fn run(args: Args) -> anyhow::Result<()> {
     let plan = Plan::new(&args)?;
     let bin = harness::blocklab_bin(args.blocklab.as_deref())?;
+    let scratch = Scratch::new(args.timelines.clone())?;
     let etcd_version = if plan.etcd_rtts.is_empty() {
         None
     } else {
@@ -770,7 +828,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let ctx = Ctx {
         bin,
         devices: set.paths().to_vec(),
-        scratch: tempfile::Builder::new().prefix("exp-commit-").tempdir()?,
+        scratch,
         args,
     };
     for spec in &specs {
@@ -830,7 +888,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     for &policy in &plan.kill_policies {
         for &scenario in &plan.kills {
-            let cs = ctx.cluster_spec(policy, 3, Duration::ZERO, ctx.args.seed, "kill")?;
+            let name = ctx
+                .scratch
+                .run_name(&format!("kill {} {policy}", scenario.name()));
+            let cs = ctx.cluster_spec(policy, 3, Duration::ZERO, ctx.args.seed, &name)?;
             let row = kills::run(cs, scenario, 0, (LOG_LEN, DATA_LEN))
                 .with_context(|| format!("kill run {} / {policy}", scenario.name()))?;
             progress.step(&format!(
