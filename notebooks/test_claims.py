@@ -162,7 +162,7 @@ def test_merged_percentile_bootstrap():
     assert r["n"] == 0 and r["status"].startswith("does not hold (no histograms")
 
 
-def commit_hist(policy, rep, values, rate=4.0, rtt_ms=1.0):
+def commit_hist(policy, rep, values, rate=10.0, rtt_ms=1.0):
     return dict(policy=policy, param_ms=0.0, workload="poisson", rate_per_s=rate, replicas=3, rtt_ms=rtt_ms,
                 backing="disk", repetition=rep, metric="apply_lag_us", hdr=hdr(values))
 
@@ -243,7 +243,7 @@ def test_commit_extra_ratio_and_violation_counts():
         return dict(policy=policy, workload=workload, rate_per_s=rate, replicas=3, rtt_ms=1.0, backing="disk",
                     repetition=rep, extra_messages_per_write=extra, violations=violations, log_flushes=10)
     rows = [row(p, "poisson", rate, e, rep) for rep in range(3)
-            for (p, e) in (("idle_ack", 0.1), ("eager", 1.0)) for rate in (4.0, 500.0)]
+            for (p, e) in (("idle_ack", 0.1), ("eager", 1.0)) for rate in (10.0, 500.0)]
     rows += [row("idle_ack", "closed", 900.0, 0.02, rep) for rep in range(3)]
     rows += [row("eager", "closed", 800.0, 0.5, rep) for rep in range(3)]
     got = run({"exp-commit.csv": rows})

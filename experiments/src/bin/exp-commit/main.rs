@@ -97,10 +97,10 @@ const MEMORY_STATE_DIR: &str = "/dev/shm/blocklab";
 /// that no secondary applies an uncommitted entry and all converge (see docs/repl.md).
 ///
 /// Replicas, link proxies and etcd members are separate processes. Profiles (policies
-/// innermost, repetitions outermost): quick: RTT 1 ms at 4/s and 200/s, bursts and a
-/// closed loop, RTT 0 at 4/s, etcd at RTT 1 ms, the three kills with idle_ack, 2
-/// repetitions; full: RTT 1 ms at 4, 50 and 500/s, bursts and a closed loop, RTT 0 and
-/// 10 ms at 4 and 50/s and bursts, 5 replicas at 4 and 50/s, etcd at every RTT, the kills
+/// innermost, repetitions outermost): quick: RTT 1 ms at 10/s and 200/s, bursts and a
+/// closed loop, RTT 0 at 10/s, etcd at RTT 1 ms, the three kills with idle_ack, 2
+/// repetitions; full: RTT 1 ms at 10, 50 and 500/s, bursts and a closed loop, RTT 0 and
+/// 10 ms at 10 and 50/s and bursts, 5 replicas at 10 and 50/s, etcd at every RTT, the kills
 /// with idle_ack and idle_commit, 5 repetitions.
 #[derive(Debug, Parser)]
 #[command(name = "exp-commit", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
@@ -117,7 +117,7 @@ struct Args {
     /// RTTs, 3 replicas) instead of the profile's grid.
     #[arg(long, value_delimiter = ',', value_enum)]
     workloads: Vec<Workload>,
-    /// Poisson rates per second, e.g. 4,50,500.
+    /// Poisson rates per second, e.g. 10,50,500.
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
     /// Round-trip times between primary and secondaries, injected by the link proxies as
@@ -130,7 +130,8 @@ struct Args {
     /// Jitter of the link delay, ± this fraction of it (percent).
     #[arg(long, default_value_t = 10.0)]
     jitter_percent: f64,
-    /// Measured writes per Poisson run at rates up to 10/s (sparse; default quick 8, full 20).
+    /// Measured writes per Poisson run at rates up to 10/s (sparse; default quick 8, full 60;
+    /// the full grid's cells other than 3 replicas at RTT 1 ms run half as many).
     #[arg(long)]
     sparse_writes: Option<u64>,
     /// Seconds of arrivals per Poisson run above 10/s (default quick 0.5, full 2):
@@ -293,13 +294,15 @@ struct Plan {
     kill_policies: Vec<PolicySpec>,
 }
 
-const SPARSE_RATE: f64 = 4.0;
+/// The sparse rate: Poisson writes 100 ms apart on average, well above the largest RTT
+/// (10 ms) and the 50 ms heartbeat compared.
+const SPARSE_RATE: f64 = 10.0;
 
 impl Plan {
     fn new(args: &Args) -> anyhow::Result<Plan> {
         let c = &args.common;
         let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
-        let sparse_writes = args.sparse_writes.unwrap_or(c.pick(8, 20));
+        let sparse_writes = args.sparse_writes.unwrap_or(c.pick(8, 60));
         let poisson_secs = args
             .poisson_duration
             .unwrap_or(c.pick(ms(500.0), ms(2000.0)));
@@ -313,12 +316,13 @@ impl Plan {
         if !(0.0..100.0).contains(&args.jitter_percent) {
             bail!("--jitter-percent must be in [0, 100)");
         }
-        let cell = |workload: Workload, rate: f64, rtt: Duration, replicas: usize| {
+        let half = (sparse_writes / 2).max(1);
+        let cell_n = |workload: Workload, rate: f64, rtt: Duration, replicas: usize, sparse: u64| {
             let load = match workload {
                 Workload::Poisson => Load::Poisson {
                     rate,
                     writes: if rate <= 10.0 {
-                        sparse_writes
+                        sparse
                     } else {
                         ((rate * poisson_secs.as_secs_f64()).round() as u64).max(1)
                     },
@@ -345,6 +349,9 @@ impl Plan {
                 replicas,
             }
         };
+        let cell = |w, rate, rtt, n| cell_n(w, rate, rtt, n, sparse_writes);
+        // Outside the reference setting (3 replicas, RTT 1 ms), half the sparse writes.
+        let side = |w, rate, rtt, n| cell_n(w, rate, rtt, n, half);
         use Workload::*;
         let custom = !(args.workloads.is_empty()
             && args.rates.is_empty()
@@ -393,14 +400,14 @@ impl Plan {
                     cell(Poisson, 500.0, r1, 3),
                     cell(Bursty, 0.0, r1, 3),
                     cell(Closed, 0.0, r1, 3),
-                    cell(Poisson, SPARSE_RATE, r0, 3),
-                    cell(Poisson, 50.0, r0, 3),
-                    cell(Bursty, 0.0, r0, 3),
-                    cell(Poisson, SPARSE_RATE, r10, 3),
-                    cell(Poisson, 50.0, r10, 3),
-                    cell(Bursty, 0.0, r10, 3),
-                    cell(Poisson, SPARSE_RATE, r1, 5),
-                    cell(Poisson, 50.0, r1, 5),
+                    side(Poisson, SPARSE_RATE, r0, 3),
+                    side(Poisson, 50.0, r0, 3),
+                    side(Bursty, 0.0, r0, 3),
+                    side(Poisson, SPARSE_RATE, r10, 3),
+                    side(Poisson, 50.0, r10, 3),
+                    side(Bursty, 0.0, r10, 3),
+                    side(Poisson, SPARSE_RATE, r1, 5),
+                    side(Poisson, 50.0, r1, 5),
                 ],
             }
         };
