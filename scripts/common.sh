@@ -159,12 +159,15 @@ ensure_venv() {
   echo "$sum" > "$stamp"
 }
 
-# Every experiment binary: experiments/src/bin/exp-*.rs, in a fixed order.
+# Every experiment binary: experiments/src/bin/exp-*.rs and exp-*/main.rs, in a fixed order.
 experiments() {
   local f
-  for f in "$BLOCKLAB_ROOT"/experiments/src/bin/exp-*.rs; do
+  for f in "$BLOCKLAB_ROOT"/experiments/src/bin/exp-*.rs "$BLOCKLAB_ROOT"/experiments/src/bin/exp-*/main.rs; do
     [ -e "$f" ] || continue
-    basename "$f" .rs
+    case "$f" in
+      */main.rs) basename "$(dirname "$f")" ;;  # a binary with modules: bin/exp-NAME/main.rs
+      *) basename "$f" .rs ;;
+    esac
   done | sort
 }
 

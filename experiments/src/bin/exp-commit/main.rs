@@ -317,38 +317,39 @@ impl Plan {
             bail!("--jitter-percent must be in [0, 100)");
         }
         let half = (sparse_writes / 2).max(1);
-        let cell_n = |workload: Workload, rate: f64, rtt: Duration, replicas: usize, sparse: u64| {
-            let load = match workload {
-                Workload::Poisson => Load::Poisson {
-                    rate,
-                    writes: if rate <= 10.0 {
-                        sparse
-                    } else {
-                        ((rate * poisson_secs.as_secs_f64()).round() as u64).max(1)
+        let cell_n =
+            |workload: Workload, rate: f64, rtt: Duration, replicas: usize, sparse: u64| {
+                let load = match workload {
+                    Workload::Poisson => Load::Poisson {
+                        rate,
+                        writes: if rate <= 10.0 {
+                            sparse
+                        } else {
+                            ((rate * poisson_secs.as_secs_f64()).round() as u64).max(1)
+                        },
                     },
-                },
-                Workload::Bursty => Load::Bursty {
-                    bursts,
-                    size: args.burst,
-                    gap: args.gap,
-                },
-                Workload::Closed => Load::Closed {
-                    clients: args.clients,
-                    duration: closed,
-                },
+                    Workload::Bursty => Load::Bursty {
+                        bursts,
+                        size: args.burst,
+                        gap: args.gap,
+                    },
+                    Workload::Closed => Load::Closed {
+                        clients: args.clients,
+                        duration: closed,
+                    },
+                };
+                Cell {
+                    workload,
+                    load,
+                    rate: if workload == Workload::Poisson {
+                        rate
+                    } else {
+                        0.0
+                    },
+                    rtt,
+                    replicas,
+                }
             };
-            Cell {
-                workload,
-                load,
-                rate: if workload == Workload::Poisson {
-                    rate
-                } else {
-                    0.0
-                },
-                rtt,
-                replicas,
-            }
-        };
         let cell = |w, rate, rtt, n| cell_n(w, rate, rtt, n, sparse_writes);
         // Outside the reference setting (3 replicas, RTT 1 ms), half the sparse writes.
         let side = |w, rate, rtt, n| cell_n(w, rate, rtt, n, half);
