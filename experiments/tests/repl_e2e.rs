@@ -753,14 +753,9 @@ fn per_entry_flushes_and_idle_replicas_sleep() {
     );
 }
 
-/// A log damaged in the middle (a byte of an early record flipped, megabytes of intact
-/// records after it): `repl serve` refuses to start, printing the cause once, with the
-/// record and where it is.
-#[test]
-fn a_log_damaged_in_the_middle_is_refused_with_its_cause_once() {
-    let devs = devices("damaged", 1, 32 << 20);
-    let p = &devs.paths()[0];
-    let args: Vec<String> = [
+/// `repl serve` arguments of a one-replica cluster on `p` with an 8 MiB log.
+fn lone_replica(p: &std::path::Path) -> Vec<String> {
+    [
         "--id",
         "0",
         "--members",
@@ -772,7 +767,17 @@ fn a_log_damaged_in_the_middle_is_refused_with_its_cause_once() {
     .iter()
     .map(|s| s.to_string())
     .chain([p.display().to_string()])
-    .collect();
+    .collect()
+}
+
+/// A log damaged in the middle (a byte of an early record flipped, megabytes of intact
+/// records after it): `repl serve` refuses to start, printing the cause once, with the
+/// record and where it is.
+#[test]
+fn a_log_damaged_in_the_middle_is_refused_with_its_cause_once() {
+    let devs = devices("damaged", 1, 32 << 20);
+    let p = &devs.paths()[0];
+    let args = lone_replica(p);
     let mut procs = Procs::new();
     let (_, a0) = serve(&mut procs, &args);
     let mut c = Client::connect(a0, Duration::from_secs(10)).unwrap();
@@ -821,19 +826,7 @@ fn a_second_serve_on_the_same_device_is_refused() {
         return;
     };
     let p = &g.paths()[0];
-    let args: Vec<String> = [
-        "--id",
-        "0",
-        "--members",
-        "0",
-        "--log-size",
-        "8M",
-        "--device",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([p.display().to_string()])
-    .collect();
+    let args = lone_replica(p);
     let mut procs = Procs::new();
     let (_, a0) = serve(&mut procs, &args);
     let out = Command::new(BIN)

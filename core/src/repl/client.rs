@@ -72,30 +72,12 @@ impl Client {
                 addr,
                 cause: source,
             })?;
-        match read_frame(&mut self.reader, &mut self.body) {
-            Ok(Some(fr)) => Ok(fr),
-            Ok(None) => Err(ClientError::Closed { addr }),
-            Err(ReadError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                let _ = self.stream.shutdown(std::net::Shutdown::Both);
-                Err(ClientError::Timeout {
-                    addr,
-                    secs: self.timeout.as_secs_f64(),
-                })
-            }
-            Err(ReadError::Io(source)) => Err(ClientError::Io {
-                addr,
-                cause: source,
-            }),
-            Err(ReadError::Wire(source)) => Err(ClientError::Wire {
-                addr,
-                cause: source,
-            }),
+        let r = next_frame(addr, self.timeout, &mut self.reader, &mut self.body);
+        if let Err(ClientError::Timeout { .. }) = r {
+            // An answer may still come: this connection is done.
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
         }
+        r
     }
 
     /// Replicates `payload`; returns its index once committed.
@@ -184,28 +166,40 @@ impl AckReceiver {
     /// The next answer: the write's id and its committed index, or why it was refused.
     /// Waits at most the connection's timeout.
     pub fn recv(&mut self) -> Result<(u64, Result<u64, String>), ClientError> {
-        let addr = self.addr;
-        match read_frame(&mut self.reader, &mut self.body) {
-            Ok(Some(Frame::ClientAck { id, index })) => Ok((id, Ok(index))),
-            Ok(Some(Frame::ClientErr { id, message })) => Ok((id, Err(message))),
-            Ok(Some(other)) => Err(ClientError::Unexpected {
-                addr,
+        match next_frame(self.addr, self.timeout, &mut self.reader, &mut self.body)? {
+            Frame::ClientAck { id, index } => Ok((id, Ok(index))),
+            Frame::ClientErr { id, message } => Ok((id, Err(message))),
+            other => Err(ClientError::Unexpected {
+                addr: self.addr,
                 got: format!("{other:?}"),
             }),
-            Ok(None) => Err(ClientError::Closed { addr }),
-            Err(ReadError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(ClientError::Timeout {
-                    addr,
-                    secs: self.timeout.as_secs_f64(),
-                })
-            }
-            Err(ReadError::Io(cause)) => Err(ClientError::Io { addr, cause }),
-            Err(ReadError::Wire(cause)) => Err(ClientError::Wire { addr, cause }),
         }
+    }
+}
+
+/// The next frame on a client connection, with its errors as [`ClientError`]s (a read
+/// timeout as [`ClientError::Timeout`]).
+fn next_frame(
+    addr: SocketAddr,
+    timeout: Duration,
+    reader: &mut BufReader<TcpStream>,
+    body: &mut Vec<u8>,
+) -> Result<Frame, ClientError> {
+    match read_frame(reader, body) {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err(ClientError::Closed { addr }),
+        Err(ReadError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(ClientError::Timeout {
+                addr,
+                secs: timeout.as_secs_f64(),
+            })
+        }
+        Err(ReadError::Io(cause)) => Err(ClientError::Io { addr, cause }),
+        Err(ReadError::Wire(cause)) => Err(ClientError::Wire { addr, cause }),
     }
 }
