@@ -6,7 +6,7 @@ VENV="${BLOCKLAB_VENV:-$BLOCKLAB_ROOT/notebooks/.venv}"
 log() { printf '\n==> %s\n' "$*" >&2; }
 
 # The Debian packages the tests and experiments need, each known by one program it installs.
-SYSTEM_PACKAGES="fio zookeeper iproute2 e2fsprogs time etcd-server etcd-client"
+SYSTEM_PACKAGES="fio zookeeper iproute2 e2fsprogs time etcd-server etcd-client ceph-mon ceph-osd ceph-common"
 
 # The program that shows Debian package $1 is installed (ZooKeeper: the start script the
 # tests and exp-lunmap run, BLOCKLAB_ZKSERVER overriding it as in core/src/coord/zk_server.rs;
@@ -20,6 +20,9 @@ package_program() {
     time) echo /usr/bin/time ;;
     etcd-server) echo "${BLOCKLAB_ETCD:-etcd}" ;; # as experiments/src/etcd.rs: BLOCKLAB_ETCD overrides
     etcd-client) echo etcdctl ;;
+    ceph-mon) echo ceph-mon ;;
+    ceph-osd) echo ceph-osd ;;
+    ceph-common) echo ceph-authtool ;; # brings python3-rados, which monitor sessions use
     *) echo "package_program: unknown package $1" >&2; return 1 ;;
   esac
 }

@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod alloc;
+pub mod ceph;
 pub mod coord;
 pub mod daemon;
 pub mod delayproxy;

@@ -16,6 +16,7 @@ pub mod error;
 mod ioctl;
 pub mod probe;
 pub mod provision;
+pub mod stats;
 
 pub use buf::AlignedBuf;
 pub use device::{Device, DeviceKind, MIN_ALIGN};
@@ -24,3 +25,4 @@ pub use engine::{
 };
 pub use error::{DevError, Result};
 pub use probe::{probe, probe_head, Found, Probed};
+pub use stats::{io_counters, IoCounters};

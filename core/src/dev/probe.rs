@@ -15,6 +15,9 @@ pub const PROBE_LEN: u64 = 1 << 20;
 /// The magic at the start of a blocklab label (see `format`).
 pub const BLOCKLAB_MAGIC: &[u8; 8] = b"BLKLAB\x00\x01";
 
+/// The start of a BlueStore label (`bluestore_bdev_label_t`), followed by the OSD's uuid.
+pub const BLUESTORE_MAGIC: &[u8; 23] = b"bluestore block device\n";
+
 /// What the probe found at the start of a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
@@ -40,6 +43,10 @@ pub enum Found {
     Lvm,
     /// Linux swap.
     Swap,
+    /// A Ceph BlueStore OSD's block device, with the OSD's uuid from its label.
+    Bluestore {
+        osd_uuid: String,
+    },
     /// Non-zero bytes of no recognised kind, at this offset.
     Data {
         first_nonzero: u64,
@@ -61,6 +68,9 @@ impl std::fmt::Display for Found {
             Found::Mbr => f.write_str("a DOS/MBR partition table"),
             Found::Lvm => f.write_str("an LVM2 physical volume"),
             Found::Swap => f.write_str("a swap area"),
+            Found::Bluestore { osd_uuid } => {
+                write!(f, "a Ceph BlueStore OSD (osd uuid {osd_uuid})")
+            }
             Found::Data { first_nonzero } => write!(
                 f,
                 "non-zero data (first non-zero byte at offset {first_nonzero})"
@@ -76,6 +86,12 @@ pub fn classify(head: &[u8]) -> Found {
     };
     if at(0, BLOCKLAB_MAGIC) {
         return Found::Blocklab;
+    }
+    if at(0, BLUESTORE_MAGIC) {
+        let rest = &head[BLUESTORE_MAGIC.len()..head.len().min(BLUESTORE_MAGIC.len() + 36)];
+        return Found::Bluestore {
+            osd_uuid: String::from_utf8_lossy(rest).into_owned(),
+        };
     }
     if at(1024 + 56, &[0x53, 0xEF]) {
         return Found::Ext;
@@ -191,6 +207,15 @@ mod tests {
         let mut b = vec![0u8; 4096];
         b[..8].copy_from_slice(BLOCKLAB_MAGIC);
         assert_eq!(classify(&b), Found::Blocklab);
+        let mut b = vec![0u8; 4096];
+        let label = b"bluestore block device\n0b8c4f7e-8e8a-4c4e-9a59-0c1f3c8f2a11\n";
+        b[..label.len()].copy_from_slice(label);
+        assert_eq!(
+            classify(&b),
+            Found::Bluestore {
+                osd_uuid: "0b8c4f7e-8e8a-4c4e-9a59-0c1f3c8f2a11".into()
+            }
+        );
     }
 
     /// FAT, exFAT and NTFS boot sectors carry the MBR's 0x55AA too; they are named as

@@ -29,7 +29,7 @@ pub use fill::{fill_pattern, pattern, pattern_buf};
 pub use process::{
     assert_success, next_line_where, output_text, spawn_announcing, spawn_lines, KillOnDrop,
 };
-pub use program::{find_program, program_path, require_program, require_zookeeper};
+pub use program::{find_program, program_path, require_ceph, require_program, require_zookeeper};
 pub use root::{is_root, require_root, REQUIRE_ROOT_VAR, SKIP_LOG_VAR};
 pub use wait::{next_event, retry, wait_for, wait_for_some};
 

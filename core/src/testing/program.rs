@@ -79,6 +79,24 @@ pub fn require_zookeeper() -> bool {
     require_program(&script.to_string_lossy(), "zookeeper")
 }
 
+/// [`require_program`] for everything a private Ceph cluster needs
+/// ([`crate::ceph::PROGRAMS`], and Debian's Python with its `rados` module for monitor
+/// sessions). Every test that starts a Ceph cluster begins with it.
+pub fn require_ceph() -> bool {
+    if !crate::ceph::PROGRAMS
+        .iter()
+        .all(|(p, pkg)| require_program(p, pkg))
+    {
+        return false;
+    }
+    let rados = std::process::Command::new(crate::ceph::PYTHON)
+        .args(["-c", "import rados"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    // A missing module reads as a missing program, with the same skip-or-fail rule.
+    rados || require_program("python3 with the rados module", "python3-rados")
+}
+
 #[cfg(test)]
 mod tests {
     use super::{check_program, find_program};
