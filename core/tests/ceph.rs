@@ -32,7 +32,7 @@ fn osds_deploy_come_up_report_and_are_torn_down() {
 
     // One id alone, then two in one session.
     let plans: Vec<(Uuid, String)> = (0..3)
-        .map(|_| (Uuid::new_v4(), osd::gen_secret().unwrap()))
+        .map(|_| (Uuid::new_v4(), osd::gen_secret()))
         .collect();
     let lone = osd::parse_new_id(
         &boot

@@ -23,10 +23,20 @@ use super::monc::{MonClient, MonCommand};
 /// Where an OSD's result goes in the monitor's config-key store: `PREFIX` + `osd.ID`.
 pub const REPORT_PREFIX: &str = "blocklab/init/";
 
-/// A fresh cephx secret (`ceph-authtool --gen-print-key`, as ceph-volume makes one).
-pub fn gen_secret() -> Result<String> {
-    let out = run("ceph-authtool", &["--gen-print-key"])?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+/// A fresh cephx secret, as `ceph-authtool --gen-print-key` makes one: Ceph's encoded
+/// `CryptoKey` (type AES = 1, creation time, 16 random bytes), in base64.
+pub fn gen_secret() -> String {
+    use base64::Engine as _;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut key = Vec::with_capacity(28);
+    key.extend_from_slice(&1u16.to_le_bytes());
+    key.extend_from_slice(&(now.as_secs() as u32).to_le_bytes());
+    key.extend_from_slice(&now.subsec_nanos().to_le_bytes());
+    key.extend_from_slice(&16u16.to_le_bytes());
+    key.extend_from_slice(&rand::random::<[u8; 16]>());
+    base64::engine::general_purpose::STANDARD.encode(key)
 }
 
 /// `osd new UUID` with the OSD's secret: the monitor allocates the smallest free id, or
@@ -268,6 +278,14 @@ pub fn reports(client: &MonClient) -> Result<Vec<(u32, Value)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_look_like_ceph_authtools() {
+        let (a, b) = (gen_secret(), gen_secret());
+        assert_eq!(a.len(), 40);
+        assert!(a.starts_with("AQ") && a.ends_with("=="), "{a}");
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn parses_the_monitors_answers() {
