@@ -225,6 +225,7 @@ fn bad_input_is_refused_before_anything_is_formatted() {
     // Unknown daemon id handed to a node.
     let e = a
         .init(&NodeInitRequest {
+            keys: None,
             ids: Some(vec![40, 41]),
             parallel: true,
             force: false,
@@ -246,6 +247,7 @@ fn bad_input_is_refused_before_anything_is_formatted() {
         .with_connect_retry(Duration::from_millis(300));
     let e = a
         .init(&NodeInitRequest {
+            keys: None,
             ids: None,
             parallel: true,
             force: false,

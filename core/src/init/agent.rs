@@ -36,10 +36,31 @@ pub struct NodeInitRequest {
     /// Ids from a batch allocation, one per device in order; `None`: each daemon requests
     /// its own id.
     pub ids: Option<Vec<u32>>,
+    /// Ceph backend: the OSDs' uuids and cephx secrets that the batch registered with
+    /// their ids, in the same order (`None` with the blocklab backend or without a batch).
+    #[serde(default)]
+    pub keys: Option<Vec<DaemonKey>>,
     /// Initialise the node's daemons in parallel (else one by one).
     pub parallel: bool,
     /// Overwrite foreign data on the devices.
     pub force: bool,
+}
+
+/// An OSD's identity as `osd new` registered it: its uuid and cephx secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonKey {
+    pub uuid: Uuid,
+    pub secret: String,
+}
+
+impl DaemonKey {
+    /// A new OSD's identity: a random uuid and a fresh secret.
+    pub fn generate() -> DaemonKey {
+        DaemonKey {
+            uuid: Uuid::new_v4(),
+            secret: crate::ceph::osd::gen_secret(),
+        }
+    }
 }
 
 /// One timed step of a daemon's initialisation: `alloc`, the mkfs phases, `register`,
@@ -72,10 +93,14 @@ pub struct DaemonOutcome {
     pub elapsed_ns: u64,
     pub steps: Vec<StepTime>,
     pub bytes_written: u64,
+    /// Flushes the device completed during mkfs (the kernel's counters; 0 where not
+    /// measured).
+    #[serde(default)]
+    pub flushes: u64,
 }
 
 impl DaemonOutcome {
-    fn new(node: &str, device: &str, id: Option<u32>) -> DaemonOutcome {
+    pub(super) fn new(node: &str, device: &str, id: Option<u32>) -> DaemonOutcome {
         let now = unix_ns();
         DaemonOutcome {
             node: node.into(),
@@ -89,6 +114,7 @@ impl DaemonOutcome {
             elapsed_ns: 0,
             steps: Vec::new(),
             bytes_written: 0,
+            flushes: 0,
         }
     }
 
@@ -107,7 +133,7 @@ impl DaemonOutcome {
         self.error.is_none()
     }
 
-    fn step(&mut self, name: &str, since: Instant) {
+    pub(super) fn step(&mut self, name: &str, since: Instant) {
         self.steps.push(StepTime {
             step: name.into(),
             ns: since.elapsed().as_nanos() as u64,
@@ -122,14 +148,14 @@ pub struct NodeReport {
     pub daemons: Vec<DaemonOutcome>,
 }
 
-fn unix_ns() -> u64 {
+pub(super) fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
 
-fn hostname() -> String {
+pub(super) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
@@ -142,39 +168,89 @@ pub(super) fn up_id(map: &ClusterMap, node: &str, device: &str) -> Option<u32> {
         .map(|e| e.id)
 }
 
+/// A node's devices with symlinks resolved. Refuses a node without a name, a device that
+/// does not exist and one listed twice.
+pub(super) fn canonical_devices(name: &str, devices: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if name.is_empty() {
+        return Err(InitError::Node {
+            node: name.into(),
+            message: "a node needs a name".into(),
+        });
+    }
+    let mut canon = Vec::with_capacity(devices.len());
+    for d in devices {
+        let c = std::fs::canonicalize(d).map_err(|e| InitError::Device {
+            node: name.into(),
+            path: d.clone(),
+            cause: crate::dev::DevError::Os {
+                path: d.clone(),
+                op: "resolve path",
+                cause: e,
+            },
+        })?;
+        if canon.contains(&c) {
+            return Err(InitError::DuplicateDevice {
+                node: name.into(),
+                device: d.display().to_string(),
+            });
+        }
+        canon.push(c);
+    }
+    Ok(canon)
+}
+
+/// Runs `daemon(i)` for each of a node's `devices`, one after another or each on its own
+/// thread at once; one outcome per device, in order (a panicked or unstartable thread is
+/// that daemon's failure).
+pub(super) fn each_daemon(
+    node: &str,
+    devices: &[String],
+    parallel: bool,
+    daemon: impl Fn(usize) -> DaemonOutcome + Sync,
+) -> Vec<DaemonOutcome> {
+    if !parallel {
+        return (0..devices.len()).map(daemon).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..devices.len())
+            .map(|i| {
+                let daemon = &daemon;
+                std::thread::Builder::new()
+                    .name(format!("init-{node}-{i}"))
+                    .spawn_scoped(s, move || daemon(i))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    DaemonOutcome::node_failed(
+                        node,
+                        &devices[i],
+                        None,
+                        "the daemon's thread panicked",
+                    )
+                }),
+                Err(e) => DaemonOutcome::node_failed(
+                    node,
+                    &devices[i],
+                    None,
+                    &format!("no thread for the daemon: {e}"),
+                ),
+            })
+            .collect()
+    })
+}
+
 impl NodeAgent {
     /// A node named `name` owning `devices`, reporting to the monitor at `monitor`.
     /// Refuses a device listed twice (after resolving symlinks) or one that does not exist.
     pub fn new(name: &str, devices: &[PathBuf], monitor: &str) -> Result<NodeAgent> {
-        if name.is_empty() {
-            return Err(InitError::Node {
-                node: name.into(),
-                message: "a node needs a name".into(),
-            });
-        }
-        let mut canon = Vec::with_capacity(devices.len());
-        for d in devices {
-            let c = std::fs::canonicalize(d).map_err(|e| InitError::Device {
-                node: name.into(),
-                path: d.clone(),
-                cause: crate::dev::DevError::Os {
-                    path: d.clone(),
-                    op: "resolve path",
-                    cause: e,
-                },
-            })?;
-            if canon.contains(&c) {
-                return Err(InitError::DuplicateDevice {
-                    node: name.into(),
-                    device: d.display().to_string(),
-                });
-            }
-            canon.push(c);
-        }
         Ok(NodeAgent {
             name: name.into(),
             host: hostname(),
-            devices: canon,
+            devices: canonical_devices(name, devices)?,
             monitor: monitor.into(),
             connect_retry: crate::monitor::DEFAULT_CONNECT_RETRY,
         })
@@ -249,40 +325,7 @@ impl NodeAgent {
                 _ => self.daemon(fsid, given, &self.devices[i], req.force),
             }
         };
-        let daemons = if req.parallel {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..devices.len())
-                    .map(|i| {
-                        let daemon = &daemon;
-                        std::thread::Builder::new()
-                            .name(format!("init-{}-{i}", self.name))
-                            .spawn_scoped(s, move || daemon(i))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, h)| match h {
-                        Ok(h) => h.join().unwrap_or_else(|_| {
-                            DaemonOutcome::node_failed(
-                                &self.name,
-                                &devices[i],
-                                None,
-                                "the daemon's thread panicked",
-                            )
-                        }),
-                        Err(e) => DaemonOutcome::node_failed(
-                            &self.name,
-                            &devices[i],
-                            None,
-                            &format!("no thread for the daemon: {e}"),
-                        ),
-                    })
-                    .collect()
-            })
-        } else {
-            (0..devices.len()).map(daemon).collect()
-        };
+        let daemons = each_daemon(&self.name, &devices, req.parallel, daemon);
         Ok(NodeReport {
             node: self.name.clone(),
             daemons,

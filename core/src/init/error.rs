@@ -9,6 +9,8 @@ use crate::monitor::MonitorError;
 pub enum InitError {
     #[error(transparent)]
     Monitor(#[from] MonitorError),
+    #[error(transparent)]
+    Ceph(#[from] crate::ceph::CephError),
     #[error("node {node}: device {device} is listed twice")]
     DuplicateDevice { node: String, device: String },
     #[error("device {device} on host {host} is listed by node {first} and by node {second}")]

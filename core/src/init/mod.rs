@@ -18,12 +18,16 @@
 
 mod agent;
 mod bound;
+mod ceph;
 mod error;
 mod orchestrate;
 mod remote;
 
-pub use agent::{DaemonOutcome, NodeAgent, NodeInfo, NodeInitRequest, NodeReport, StepTime};
+pub use agent::{
+    DaemonKey, DaemonOutcome, NodeAgent, NodeInfo, NodeInitRequest, NodeReport, StepTime,
+};
 pub use bound::BoundInput;
+pub use ceph::{run_ceph, CephNodeAgent, DEFAULT_UP_TIMEOUT};
 pub use error::{InitError, Result};
 pub use orchestrate::{run, InitRun, Node};
 pub use remote::{serve_node, NodeServer, RemoteNode};
@@ -51,6 +55,11 @@ impl Strategy {
     /// Are a node's daemons initialised in parallel?
     pub fn parallel_daemons(self) -> bool {
         matches!(self, Strategy::ParallelDaemons | Strategy::Parallel)
+    }
+
+    /// Does the orchestrator request every id in one batch before the nodes start?
+    pub fn batch(self) -> bool {
+        matches!(self, Strategy::Parallel)
     }
 
     /// Are nodes initialised in parallel?

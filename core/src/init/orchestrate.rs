@@ -50,8 +50,23 @@ impl InitRun {
     }
 }
 
+/// Counts a batch allocation that took `d` as the first step (`alloc`) of every daemon
+/// that ran.
+pub(super) fn charge_batch(daemons: &mut [DaemonOutcome], d: Duration) {
+    for o in daemons.iter_mut().filter(|o| !o.already_up) {
+        o.elapsed_ns += d.as_nanos() as u64;
+        o.steps.insert(
+            0,
+            StepTime {
+                step: "alloc".into(),
+                ns: d.as_nanos() as u64,
+            },
+        );
+    }
+}
+
 /// Most intervals `[start, end)` overlapping at one moment.
-fn max_in_flight(daemons: &[DaemonOutcome]) -> usize {
+pub(super) fn max_in_flight(daemons: &[DaemonOutcome]) -> usize {
     let mut ev: Vec<(u64, i32)> = daemons
         .iter()
         .filter(|d| !d.already_up)
@@ -67,21 +82,9 @@ fn max_in_flight(daemons: &[DaemonOutcome]) -> usize {
     max as usize
 }
 
-/// Initialises every device of every node with `strategy`, reporting to the monitor at
-/// `monitor`. Refuses, before anything is written, a device listed twice by a node or by
-/// two nodes on the same host, and an unreachable monitor or node. Devices whose daemon
-/// the map has `up` already are left alone; those whose daemon failed or never finished
-/// get their id back (see [`crate::monitor::Request::Alloc`]), so running init again after
-/// a failure resumes. A node that fails as a whole (unreachable, wrong ids) does not stop
-/// the others: its devices are reported failed, to the monitor too for ids allocated for
-/// them in a batch that are still `new`.
-pub fn run(
-    strategy: Strategy,
-    monitor: &str,
-    nodes: &[&dyn Node],
-    force: bool,
-    connect_retry: Duration,
-) -> Result<InitRun> {
+/// What every node owns, checked: no device listed twice by a node, or by two nodes on
+/// the same host.
+pub(super) fn describe(nodes: &[&dyn Node]) -> Result<Vec<NodeInfo>> {
     if nodes.is_empty() {
         return Err(InitError::NoNodes);
     }
@@ -106,6 +109,63 @@ pub fn run(
             }
         }
     }
+    Ok(infos)
+}
+
+/// Sends each node its request (`req(k)` for node `k`), all at once or one after another;
+/// one answer per node, in order.
+pub(super) fn each_node(
+    parallel: bool,
+    nodes: &[&dyn Node],
+    infos: &[NodeInfo],
+    req: impl Fn(usize) -> NodeInitRequest,
+) -> Vec<Result<NodeReport>> {
+    if !parallel {
+        return nodes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| n.init(&req(k)))
+            .collect();
+    }
+    std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                let r = req(k);
+                s.spawn(move || n.init(&r))
+            })
+            .collect();
+        hs.into_iter()
+            .zip(infos)
+            .map(|(h, i)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(InitError::Node {
+                        node: i.name.clone(),
+                        message: "the node's thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
+/// Initialises every device of every node with `strategy`, reporting to the monitor at
+/// `monitor`. Refuses, before anything is written, a device listed twice by a node or by
+/// two nodes on the same host, and an unreachable monitor or node. Devices whose daemon
+/// the map has `up` already are left alone; those whose daemon failed or never finished
+/// get their id back (see [`crate::monitor::Request::Alloc`]), so running init again after
+/// a failure resumes. A node that fails as a whole (unreachable, wrong ids) does not stop
+/// the others: its devices are reported failed, to the monitor too for ids allocated for
+/// them in a batch that are still `new`.
+pub fn run(
+    strategy: Strategy,
+    monitor: &str,
+    nodes: &[&dyn Node],
+    force: bool,
+    connect_retry: Duration,
+) -> Result<InitRun> {
+    let infos = describe(nodes)?;
     let mut mon = MonitorClient::connect(monitor, connect_retry)?;
     let epoch0 = mon.ping()?;
     let map = mon.map()?;
@@ -114,7 +174,7 @@ pub fn run(
     let mut ids: Vec<Option<Vec<u32>>> = vec![None; nodes.len()];
     // The batch allocation counts as every daemon's `alloc` step.
     let mut batch_alloc: Option<Duration> = None;
-    if strategy == Strategy::Parallel {
+    if strategy.batch() {
         let t = Instant::now();
         let slots: Vec<Slot> = infos
             .iter()
@@ -150,38 +210,11 @@ pub fn run(
     }
     let req = |k: usize| NodeInitRequest {
         ids: ids[k].clone(),
+        keys: None,
         parallel: strategy.parallel_daemons(),
         force,
     };
-    let reports: Vec<Result<NodeReport>> = if strategy.parallel_nodes() {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = nodes
-                .iter()
-                .enumerate()
-                .map(|(k, n)| {
-                    let r = req(k);
-                    s.spawn(move || n.init(&r))
-                })
-                .collect();
-            hs.into_iter()
-                .zip(&infos)
-                .map(|(h, i)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(InitError::Node {
-                            node: i.name.clone(),
-                            message: "the node's thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        })
-    } else {
-        nodes
-            .iter()
-            .enumerate()
-            .map(|(k, n)| n.init(&req(k)))
-            .collect()
-    };
+    let reports = each_node(strategy.parallel_nodes(), nodes, &infos, req);
     let mut daemons = Vec::new();
     for (k, r) in reports.into_iter().enumerate() {
         match r {
@@ -229,16 +262,7 @@ pub fn run(
     }
     let total = start.elapsed();
     if let Some(d) = batch_alloc {
-        for o in daemons.iter_mut().filter(|o| !o.already_up) {
-            o.elapsed_ns += d.as_nanos() as u64;
-            o.steps.insert(
-                0,
-                StepTime {
-                    step: "alloc".into(),
-                    ns: d.as_nanos() as u64,
-                },
-            );
-        }
+        charge_batch(&mut daemons, d);
     }
     let monitor_proposals = mon.ping().ok().map(|e| e.saturating_sub(epoch0));
     Ok(InitRun {

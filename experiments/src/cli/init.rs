@@ -388,6 +388,7 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<()> {
             force,
         } => {
             let rep = agent(&node)?.init(&NodeInitRequest {
+                keys: None,
                 ids: None,
                 parallel,
                 force,
