@@ -343,3 +343,28 @@ fn strategies_on_files_without_root() {
     // Nodes in parallel, each node's daemons one by one.
     assert!(run.max_in_flight <= 2);
 }
+
+/// A node agent that accepts the request and never answers fails the call when its
+/// deadline passes, instead of hanging the orchestrator.
+#[test]
+fn a_silent_node_fails_at_its_deadline() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let hold = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        drop(s);
+    });
+    let node = RemoteNode::new(&addr).with_init_timeout(Duration::from_millis(200));
+    let req = NodeInitRequest {
+        ids: None,
+        keys: None,
+        parallel: false,
+        force: false,
+    };
+    match node.init(&req) {
+        Err(InitError::NodeIo { what, .. }) => assert_eq!(what, "receive"),
+        other => panic!("{other:?}"),
+    }
+    hold.join().unwrap();
+}

@@ -30,7 +30,7 @@ pub use bound::BoundInput;
 pub use ceph::{run_ceph, CephNodeAgent, DEFAULT_UP_TIMEOUT};
 pub use error::{InitError, Result};
 pub use orchestrate::{run, InitRun, Node};
-pub use remote::{serve_node, NodeServer, RemoteNode};
+pub use remote::{serve_node, NodeServer, RemoteNode, DEFAULT_INIT_TIMEOUT};
 
 crate::names::named_enum! {
     /// How daemons are initialised.

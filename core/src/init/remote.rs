@@ -12,7 +12,7 @@ use crate::jsonl as wire;
 use crate::jsonl::server::LineServer;
 use crate::jsonl::tcp::connect_with_retry;
 
-use super::agent::{NodeAgent, NodeInfo, NodeInitRequest, NodeReport};
+use super::agent::{NodeInfo, NodeInitRequest, NodeReport};
 use super::error::{InitError, Result};
 use super::orchestrate::Node;
 
@@ -47,11 +47,20 @@ impl NodeServer {
     }
 }
 
-/// Serves `agent` on `listener` (a thread per connection).
-pub fn serve_node(agent: NodeAgent, listener: TcpListener) -> std::io::Result<NodeServer> {
+/// Serves `agent` (a [`NodeAgent`](super::NodeAgent) or a
+/// [`CephNodeAgent`](super::CephNodeAgent)) on `listener` (a thread per connection).
+pub fn serve_node(
+    agent: impl Node + Send + 'static,
+    listener: TcpListener,
+) -> std::io::Result<NodeServer> {
     let agent = Arc::new(agent);
     let server = LineServer::start(listener, "node", move |req| match req {
-        Ok(NodeRequest::Describe) => NodeResponse::Info(agent.info()),
+        Ok(NodeRequest::Describe) => match agent.describe() {
+            Ok(i) => NodeResponse::Info(i),
+            Err(e) => NodeResponse::Error {
+                message: e.to_string(),
+            },
+        },
         Ok(NodeRequest::Init(req)) => match agent.init(&req) {
             Ok(rep) => NodeResponse::Report(rep),
             Err(e) => NodeResponse::Error {
@@ -71,7 +80,15 @@ pub fn serve_node(agent: NodeAgent, listener: TcpListener) -> std::io::Result<No
 pub struct RemoteNode {
     addr: String,
     connect_retry: Duration,
+    init_timeout: Duration,
 }
+
+/// How long the orchestrator waits for a node's answer to `describe`.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long it waits for a node's answer to `init`, by default: a node that deploys its
+/// daemons one by one may take minutes, one that hangs must not hang the orchestrator.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(900);
 
 impl RemoteNode {
     /// The node agent at `addr` (nothing is sent before the first request).
@@ -79,7 +96,14 @@ impl RemoteNode {
         RemoteNode {
             addr: addr.into(),
             connect_retry: crate::monitor::DEFAULT_CONNECT_RETRY,
+            init_timeout: DEFAULT_INIT_TIMEOUT,
         }
+    }
+
+    /// How long to wait for the node's answer to `init`.
+    pub fn with_init_timeout(mut self, d: Duration) -> RemoteNode {
+        self.init_timeout = d;
+        self
     }
 
     /// How long to keep retrying an unreachable node agent.
@@ -88,7 +112,7 @@ impl RemoteNode {
         self
     }
 
-    fn call(&self, req: &NodeRequest) -> Result<NodeResponse> {
+    fn call(&self, req: &NodeRequest, timeout: Duration) -> Result<NodeResponse> {
         let io = |what| {
             let addr = self.addr.clone();
             move |source| InitError::NodeIo {
@@ -98,6 +122,9 @@ impl RemoteNode {
             }
         };
         let s = connect_with_retry(&self.addr, self.connect_retry)?;
+        // Every call has a deadline: a node that never answers is a failed node.
+        s.set_read_timeout(Some(timeout))
+            .map_err(io("set the read timeout"))?;
         let mut w = s.try_clone().map_err(io("clone socket"))?;
         wire::send(&mut w, req).map_err(io("send"))?;
         match wire::recv::<NodeResponse>(&mut BufReader::new(s))
@@ -125,13 +152,13 @@ impl RemoteNode {
 
 impl Node for RemoteNode {
     fn describe(&self) -> Result<NodeInfo> {
-        match self.call(&NodeRequest::Describe)? {
+        match self.call(&NodeRequest::Describe, DESCRIBE_TIMEOUT)? {
             NodeResponse::Info(i) => Ok(i),
             r => Err(self.unexpected(r)),
         }
     }
     fn init(&self, req: &NodeInitRequest) -> Result<NodeReport> {
-        match self.call(&NodeRequest::Init(req.clone()))? {
+        match self.call(&NodeRequest::Init(req.clone()), self.init_timeout)? {
             NodeResponse::Report(r) => Ok(r),
             r => Err(self.unexpected(r)),
         }
