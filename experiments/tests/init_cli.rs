@@ -303,3 +303,76 @@ fn monitor_on_the_embedded_coord_store_and_node_init() {
     assert!(!o.status.success());
     assert!(text(&o).contains("--journal"), "{}", text(&o));
 }
+
+/// The Ceph backend as processes: `ceph create` leaves a monitor running, two node agents
+/// (`node serve --ceph`) deploy BlueStore OSDs for `init --ceph`, `ceph status` shows them
+/// up and reported, `ceph teardown` stops everything; a directory blocklab did not make
+/// is refused by teardown and left alone.
+#[test]
+fn ceph_cluster_nodes_and_orchestrator_as_processes() {
+    if !blocklab::testing::require_ceph() {
+        return;
+    }
+    let Some(g) = LoopDevices::provision("init-cli-ceph", 3, 2 << 30) else {
+        return;
+    };
+    let sd = scratch();
+    let paths: Vec<String> = g.paths().iter().map(|p| p.display().to_string()).collect();
+    let dir = sd.path().join("ceph");
+    let d = dir.to_str().unwrap();
+    let o = run(&["ceph", "create", d]);
+    assert_success(&o);
+    assert!(text(&o).contains("monitor on 127.0.0.1:"), "{}", text(&o));
+    let (_n0, a0) = serve(&[
+        "node",
+        "serve",
+        "--name",
+        "n0",
+        "--ceph",
+        d,
+        "--devices",
+        &format!("{},{}", paths[0], paths[1]),
+    ]);
+    let (_n1, a1) = serve(&[
+        "node",
+        "serve",
+        "--name",
+        "n1",
+        "--ceph",
+        d,
+        "--devices",
+        &paths[2],
+    ]);
+    let o = run(&[
+        "init",
+        "--ceph",
+        d,
+        "--nodes",
+        &format!("{a0},{a1}"),
+        "--strategy",
+        "parallel",
+    ]);
+    assert_success(&o);
+    let o = run(&["ceph", "status", d]);
+    assert_success(&o);
+    let out = text(&o);
+    assert!(out.contains("3 OSDs, 3 up"), "{out}");
+    assert_eq!(out.matches("\"up\":true").count(), 3, "{out}");
+
+    let other = sd.path().join("not-ours");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep"), b"x").unwrap();
+    let o = run(&["ceph", "teardown", other.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("not a Ceph cluster made by blocklab"),
+        "{}",
+        text(&o)
+    );
+    assert!(other.join("keep").exists());
+
+    let o = run(&["ceph", "teardown", d]);
+    assert_success(&o);
+    assert!(!dir.exists());
+    assert!(blocklab::ceph::processes(&dir.join("blocklab.conf")).is_empty());
+}

@@ -85,6 +85,7 @@ impl CephCluster {
             torn_down: false,
         };
         let c = &cluster.conf;
+        c.save()?;
         std::fs::write(c.conf_path(), c.render()).map_err(io("writing", &c.conf_path()))?;
         let path = |p: PathBuf| p.display().to_string();
         let mon_keyring = path(c.mon_keyring());
@@ -146,6 +147,13 @@ impl CephCluster {
 
     pub fn conf(&self) -> &CephConf {
         &self.conf
+    }
+
+    /// Leaves the cluster running after this handle is gone (`blocklab ceph create`);
+    /// [`teardown`] with the returned description stops it.
+    pub fn detach(mut self) -> CephConf {
+        self.torn_down = true;
+        self.conf.clone()
     }
 
     /// Waits until the monitor says it leads its quorum (on its admin socket).

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::error::{CephError, Result};
+
 /// The cluster name blocklab gives its private clusters (Ceph's file names and admin
 /// sockets carry it, so they never collide with a host cluster's `ceph`).
 pub const CLUSTER_NAME: &str = "blocklab";
@@ -38,6 +40,43 @@ impl CephConf {
             fsid: Uuid::new_v4(),
             mon_addr,
         }
+    }
+
+    /// Where the cluster's description ([`CephConf`] as JSON) is kept in its directory;
+    /// its presence is what marks a directory as a cluster blocklab made.
+    pub fn description_path(dir: &Path) -> PathBuf {
+        dir.join("blocklab-cluster.json")
+    }
+
+    /// Writes the description into the cluster directory.
+    pub fn save(&self) -> Result<()> {
+        let path = CephConf::description_path(&self.dir);
+        let text = serde_json::to_string_pretty(self).expect("a CephConf serialises");
+        std::fs::write(&path, text).map_err(|cause| CephError::Io {
+            what: "writing the cluster description",
+            path,
+            cause,
+        })
+    }
+
+    /// The cluster blocklab made in `dir`; a directory without its description is refused
+    /// (it is not one of blocklab's clusters).
+    pub fn load(dir: &Path) -> Result<CephConf> {
+        let path = CephConf::description_path(dir);
+        let text = std::fs::read_to_string(&path).map_err(|cause| match cause.kind() {
+            std::io::ErrorKind::NotFound => CephError::NotACluster {
+                path: dir.to_path_buf(),
+            },
+            _ => CephError::Io {
+                what: "reading the cluster description",
+                path: path.clone(),
+                cause,
+            },
+        })?;
+        serde_json::from_str(&text).map_err(|_| CephError::Parse {
+            what: format!("cluster description {}", path.display()),
+            text,
+        })
     }
 
     /// The config file every Ceph program of this cluster is started with (`-c`); also

@@ -40,6 +40,8 @@ pub enum CephError {
     Foreign { path: PathBuf, found: String },
     #[error("{}: not a block device", path.display())]
     NotBlock { path: PathBuf },
+    #[error("{}: not a Ceph cluster made by blocklab (no blocklab-cluster.json); leaving it alone", path.display())]
+    NotACluster { path: PathBuf },
     #[error("{}: a Ceph cluster directory exists already (another run's, or someone else's)", path.display())]
     Exists { path: PathBuf },
 }

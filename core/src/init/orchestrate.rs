@@ -18,6 +18,15 @@ pub trait Node: Sync {
     fn init(&self, req: &NodeInitRequest) -> Result<NodeReport>;
 }
 
+impl<N: Node + ?Sized + Send> Node for Box<N> {
+    fn describe(&self) -> Result<NodeInfo> {
+        (**self).describe()
+    }
+    fn init(&self, req: &NodeInitRequest) -> Result<NodeReport> {
+        (**self).init(req)
+    }
+}
+
 impl Node for NodeAgent {
     fn describe(&self) -> Result<NodeInfo> {
         Ok(self.info())

@@ -43,6 +43,9 @@ enum Command {
     Node(cli::init::NodeCmd),
     /// Initialise the daemons of a set of node agents with a strategy.
     Init(cli::init::InitArgs),
+    /// A private Ceph cluster to deploy BlueStore OSDs into: create, status, teardown.
+    #[command(subcommand)]
+    Ceph(cli::ceph::CephCmd),
     /// Management nodes (task dispatcher + VIP) and the block service they act on.
     #[command(subcommand)]
     Mgmt(cli::failover::MgmtCmd),
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Monitor(c) => cli::init::monitor(c),
         Command::Node(c) => cli::init::node(c),
         Command::Init(a) => cli::init::orchestrate(a),
+        Command::Ceph(c) => cli::ceph::run(c),
         Command::Mgmt(c) => cli::failover::run_mgmt(c),
         Command::Volume(c) => cli::failover::run_volume(c),
         Command::Gateway(a) => cli::lunmap::run_gateway(*a),

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use blocklab::ceph::CephConf;
 use blocklab::coord::{self, ConnectOptions, CoordSpec};
 use blocklab::daemon::{self, DaemonError, MkfsRequest, Phase};
 use blocklab::dev::{Device, UringEngine};
-use blocklab::init::{self, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
+use blocklab::init::{self, CephNodeAgent, Node, NodeAgent, NodeInitRequest, RemoteNode, Strategy};
 use blocklab::monitor::coord_store::DEFAULT_MAP_PATH;
 use blocklab::monitor::{
     CoordStore, DaemonState, FileJournal, MapStore, Monitor, MonitorClient, ProposeConfig,
@@ -99,15 +100,28 @@ pub enum MonitorCmd {
     },
 }
 
+/// Which cluster daemons are initialised in: blocklab's monitor, or a Ceph cluster
+/// `blocklab ceph create` made.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ClusterArgs {
+    /// blocklab's monitor, by address.
+    #[arg(long)]
+    pub monitor: Option<String>,
+    /// A Ceph cluster `blocklab ceph create` made, by its directory: the daemons are
+    /// BlueStore OSDs.
+    #[arg(long, value_name = "DIR")]
+    pub ceph: Option<PathBuf>,
+}
+
 /// A node agent's identity and devices.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     /// The node's name (unique in the cluster).
     #[arg(long)]
     pub name: String,
-    /// The monitor's address.
-    #[arg(long)]
-    pub monitor: String,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// The devices this node owns, comma-separated.
     #[arg(long, required = true, value_delimiter = ',')]
     pub devices: Vec<PathBuf>,
@@ -143,9 +157,8 @@ pub enum NodeCmd {
 /// `blocklab init`: the orchestrator.
 #[derive(Debug, Args)]
 pub struct InitArgs {
-    /// The monitor's address.
-    #[arg(long)]
-    pub monitor: String,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Node agents' addresses (`blocklab node serve`), comma-separated.
     #[arg(long, required = true, value_delimiter = ',')]
     pub nodes: Vec<String>,
@@ -341,8 +354,18 @@ fn print_map(monitor: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn agent(n: &NodeArgs) -> anyhow::Result<NodeAgent> {
-    Ok(NodeAgent::new(&n.name, &n.devices, &n.monitor)?.with_connect_retry(n.connect_retry))
+/// The node agent `n` describes, of either backend.
+fn agent(n: &NodeArgs) -> anyhow::Result<Box<dyn Node + Send>> {
+    Ok(match (&n.cluster.monitor, &n.cluster.ceph) {
+        (Some(m), _) => {
+            Box::new(NodeAgent::new(&n.name, &n.devices, m)?.with_connect_retry(n.connect_retry))
+        }
+        (None, Some(dir)) => {
+            let conf = CephConf::load(dir)?;
+            Box::new(CephNodeAgent::new(&n.name, &n.devices, conf)?)
+        }
+        (None, None) => unreachable!("clap requires --monitor or --ceph"),
+    })
 }
 
 fn print_outcomes(daemons: &[init::DaemonOutcome]) -> usize {
@@ -405,13 +428,17 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<()> {
 pub fn orchestrate(a: InitArgs) -> anyhow::Result<()> {
     let remotes: Vec<RemoteNode> = a.nodes.iter().map(|n| RemoteNode::new(n)).collect();
     let nodes: Vec<&dyn Node> = remotes.iter().map(|r| r as &dyn Node).collect();
-    let run = init::run(
-        a.strategy,
-        &a.monitor,
-        &nodes,
-        a.force,
-        blocklab::monitor::DEFAULT_CONNECT_RETRY,
-    )?;
+    let run = match (&a.cluster.monitor, &a.cluster.ceph) {
+        (Some(m), _) => init::run(
+            a.strategy,
+            m,
+            &nodes,
+            a.force,
+            blocklab::monitor::DEFAULT_CONNECT_RETRY,
+        )?,
+        (None, Some(dir)) => init::run_ceph(a.strategy, &CephConf::load(dir)?, &nodes, a.force)?,
+        (None, None) => unreachable!("clap requires --monitor or --ceph"),
+    };
     let failed = print_outcomes(&run.daemons);
     println!(
         "{}: {} daemons in {:.1} ms, {} in flight at most, {} monitor proposals",
