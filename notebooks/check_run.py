@@ -145,7 +145,8 @@ def check(results: Path, skip=()):
             for combo in itertools.product(*spec.values()):
                 if tuple(norm(c) for c in combo) not in have:
                     problems.append(f"{name}: no row for {dict(zip(keys, combo))}")
-        meta = results / name.replace(".csv", ".meta.json").replace("-phases", "")
+        # One meta.json per experiment: exp-commit-kills.csv's is exp-commit.meta.json.
+        meta = results / ("-".join(name.removesuffix(".csv").split("-")[:2]) + ".meta.json")
         if not meta.exists():
             problems.append(f"{meta.name}: missing")
         else:
