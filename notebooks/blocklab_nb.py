@@ -82,6 +82,7 @@ PALETTE = {
     "blocklab": BLUE, "fio": GREY,
     # exp-init (`strategy`)
     "parallel": BLUE, "sequential": VERMILLION, "parallel_nodes": ORANGE, "parallel_daemons": GREEN,
+    "parallel_nobatch": SKY,
     # exp-commit (`policy`)
     "idle_ack": BLUE, "piggyback": VERMILLION, "periodic": ORANGE, "eager": GREEN, "idle_commit": SKY,
     "idle_delayed": "#000000",

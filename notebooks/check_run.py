@@ -24,9 +24,10 @@ import claims  # noqa: E402
 
 COLUMNS = {
     "exp-io.csv": "tool,pattern,block_size_bytes,queue_depth,repetition,iops,bandwidth_mib_s,lat_p50_us,lat_p99_us,device",
-    "exp-init.csv": "strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition,total_ms,bound_ms,"
-                    "daemon_p50_ms,daemon_p99_ms,daemon_max_ms,max_in_flight,monitor_proposals,bytes_written",
-    "exp-init-phases.csv": "strategy,nodes,daemons_per_node,repetition,daemon_id,phase,ms",
+    "exp-init.csv": "backend,strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition,total_ms,"
+                    "bound_ms,daemon_p50_ms,daemon_p99_ms,daemon_max_ms,max_in_flight,monitor_proposals,bytes_written,"
+                    "flushes,cpu_ms,peak_rss_kib",
+    "exp-init-phases.csv": "backend,strategy,nodes,daemons_per_node,repetition,daemon_id,phase,ms,cpu_ms",
     "exp-commit.csv": "policy,param_ms,workload,rate_per_s,replicas,rtt_ms,backing,repetition,writes,achieved_per_s,"
                       "apply_lag_p50_us,apply_lag_p99_us,apply_lag_p999_us,apply_lag_max_us,commit_lag_p99_us,"
                       "empty_messages,empty_responses,extra_messages_per_write,log_flushes,write_p50_us,write_p99_us,"
@@ -44,8 +45,10 @@ COLUMNS = {
 CONFIGS = {
     "exp-io.csv": [{"tool": ["blocklab", "fio"], "pattern": ["randwrite", "randread"], "queue_depth": [1, 32]},
                    {"tool": ["blocklab", "fio"], "pattern": ["write", "read"], "queue_depth": [8]}],
-    "exp-init.csv": [{"strategy": ["sequential", "parallel_nodes", "parallel_daemons", "parallel"], "nodes": [3],
-                      "daemons_per_node": [1, 4, 8]}],
+    "exp-init.csv": [{"backend": ["blocklab"], "nodes": [3], "daemons_per_node": [1, 4, 8],
+                      "strategy": ["sequential", "parallel_nodes", "parallel_daemons", "parallel", "parallel_nobatch"]},
+                     {"backend": ["ceph"],
+                      "strategy": ["sequential", "parallel_nodes", "parallel_daemons", "parallel", "parallel_nobatch"]}],
     "exp-commit.csv": [{"policy": ["piggyback", "periodic", "eager", "idle_ack", "idle_commit", "idle_delayed"],
                         "workload": ["poisson", "bursty", "closed"], "rtt_ms": [1.0]},
                        {"policy": ["etcd"], "workload": ["poisson"], "rtt_ms": [1.0]}],
@@ -60,7 +63,8 @@ CONFIGS = {
 # hdr; one row per metric for every row of the CSV (exp-io: its blocklab rows).
 HISTS = {
     "exp-io.csv": ("tool,pattern,block_size_bytes,queue_depth,repetition", ["lat_ns"]),
-    "exp-init.csv": ("strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition", ["daemon_us"]),
+    "exp-init.csv": ("backend,strategy,nodes,daemons_per_node,device_size_bytes,propose_interval_ms,repetition",
+                     ["daemon_us"]),
     "exp-commit.csv": ("policy,param_ms,workload,rate_per_s,replicas,rtt_ms,backing,repetition",
                        ["apply_lag_us", "commit_lag_us", "write_us"]),
     "exp-alloc.csv": ("strategy,processes,with_io,repetition", ["alloc_ns"]),
@@ -68,7 +72,8 @@ HISTS = {
     "exp-failover.csv": ("mode,vip_backend,heartbeat_ms,operation,repetition", ["delivery_after_kill_us", "vip_move_us"]),
 }
 
-FIGURES = ["exp-io.pdf", "exp-init.pdf", "exp-init-speedup.pdf", "exp-init-phases.pdf", "exp-commit.pdf",
+FIGURES = ["exp-io.pdf", "exp-init.pdf", "exp-init-speedup.pdf", "exp-init-phases.pdf", "exp-init-ceph.pdf",
+           "exp-init-ceph-phases.pdf", "exp-commit.pdf",
            "exp-commit-tradeoff.pdf", "exp-alloc.pdf", "exp-alloc-p50.pdf", "exp-lunmap.pdf", "exp-failover.pdf"]
 
 

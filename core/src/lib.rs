@@ -28,6 +28,7 @@ pub mod lunmap;
 pub mod monitor;
 pub mod names;
 pub mod netutil;
+pub mod procstat;
 pub mod repl;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use blocklab::ceph::{osd, CephCluster, MonClient};
-use blocklab::init::{run_ceph, CephNodeAgent, Node, Strategy};
+use blocklab::init::{release_stranded, run_ceph, CephNodeAgent, DaemonKey, Node, Strategy};
 use blocklab::testing::{free_port, require_ceph, scratch, LoopDevices};
 
 const GIB: u64 = 1 << 30;
@@ -83,5 +83,33 @@ fn batch_and_sequential_deploy_every_osd_and_a_foreign_device_fails_alone() {
     }
     let reports = osd::reports(&MonClient::admin(c.conf())).unwrap();
     assert_eq!(reports.iter().filter(|(_, v)| v["up"] == false).count(), 3);
+    c.teardown().unwrap();
+}
+
+/// Ids an attempt allocated and never started (its node agent died) are released before
+/// the next run, so none is stranded in the map.
+#[test]
+fn ids_a_dead_attempt_left_new_are_released() {
+    if !require_ceph() {
+        return;
+    }
+    let dir = scratch();
+    let c = cluster(dir.path());
+    let boot = MonClient::bootstrap_osd(c.conf());
+    let admin = MonClient::admin(c.conf());
+    for _ in 0..2 {
+        let k = DaemonKey::generate();
+        boot.command(osd::new_id_command(k.uuid, &k.secret))
+            .unwrap();
+    }
+    assert_eq!(osd::osd_map(&admin).unwrap().osds.len(), 2);
+    assert_eq!(release_stranded(&admin).unwrap(), [0, 1]);
+    assert!(osd::osd_map(&admin).unwrap().osds.is_empty());
+    let reports = osd::reports(&admin).unwrap();
+    assert!(
+        reports.iter().all(|(_, v)| v["released"] == true),
+        "{reports:?}"
+    );
+    assert!(release_stranded(&admin).unwrap().is_empty());
     c.teardown().unwrap();
 }

@@ -37,7 +37,9 @@ fn restart_keeps_the_map() {
     let devs: Vec<String> = (0..3).map(|i| format!("/dev/fake{i}")).collect();
     let ids = c.alloc("node-a", &devs).unwrap();
     assert_eq!(ids, vec![0, 1, 2]);
-    let u = Uuid::new_v4();
+    let u = c.map().unwrap().daemons[&0]
+        .uuid
+        .expect("allocation gives a uuid");
     c.register(0, u, "key0").unwrap();
     c.report(0, Outcome::Up).unwrap();
     c.report(
@@ -116,7 +118,10 @@ fn bad_requests_get_clear_errors() {
     assert!(e.to_string().contains("must be formatted"), "{e}");
     // While daemon 0 is not up, allocating its device again is a rerun: the same id.
     assert_eq!(c.alloc("a", &["/d".into()]).unwrap(), vec![0]);
-    let u = Uuid::new_v4();
+    // Registration with another uuid than the allocation gave is refused.
+    let e = c.register(0, Uuid::new_v4(), "k").unwrap_err();
+    assert!(e.to_string().contains("allocated with uuid"), "{e}");
+    let u = c.map().unwrap().daemons[&0].uuid.unwrap();
     c.register(0, u, "k").unwrap();
     // A repeated registration of the same daemon is accepted, another uuid is not.
     c.register(0, u, "k2").unwrap();
@@ -250,7 +255,8 @@ fn restart_on_coord(spec: &blocklab::coord::CoordSpec) {
     let ids = c
         .alloc("n", &["/dev/a".to_string(), "/dev/b".to_string()])
         .unwrap();
-    c.register(ids[0], Uuid::new_v4(), "k").unwrap();
+    let u = c.map().unwrap().daemons[&ids[0]].uuid.unwrap();
+    c.register(ids[0], u, "k").unwrap();
     c.report(ids[0], Outcome::Up).unwrap();
     let before = c.map().unwrap();
     drop(c);

@@ -70,7 +70,7 @@ fn check_all_up(mon: &Monitor, run: &init::InitRun, expected: usize) {
 }
 
 #[test]
-fn all_four_strategies_leave_every_daemon_up_and_mountable() {
+fn every_strategy_leaves_every_daemon_up_and_mountable() {
     let Some(g) = LoopDevices::provision("init-strat", 6, 64 << 20) else {
         return;
     };
@@ -103,6 +103,17 @@ fn all_four_strategies_leave_every_daemon_up_and_mountable() {
             Strategy::ParallelNodes => assert!(run.max_in_flight <= 3, "{}", run.max_in_flight),
             Strategy::ParallelDaemons => {
                 assert!(run.max_in_flight <= 2, "{}", run.max_in_flight)
+            }
+            // Each daemon asks for its own id (its own `alloc` step, on its node) and gets
+            // a distinct one.
+            Strategy::ParallelNobatch => {
+                assert!(run.max_in_flight <= 6, "{}", run.max_in_flight);
+                let mut ids: Vec<u32> = run.daemons.iter().map(|d| d.id.unwrap()).collect();
+                ids.sort();
+                assert_eq!(ids, (0..6).collect::<Vec<_>>());
+                for d in &run.daemons {
+                    assert_eq!(d.steps[0].step, "alloc", "{:?}", d.steps);
+                }
             }
             Strategy::Parallel => {
                 // All six overlapped (each waits at least one interval for its
@@ -367,4 +378,40 @@ fn a_silent_node_fails_at_its_deadline() {
         other => panic!("{other:?}"),
     }
     hold.join().unwrap();
+}
+
+/// A daemon removed from the map leaves its formatted device behind; its id, handed out
+/// again for the same device, comes with a new uuid, so init does not take the old
+/// daemon's format (and data) for the new daemon's: it refuses the device unless forced.
+#[test]
+fn a_removed_id_given_to_the_same_device_does_not_resurrect_the_old_daemon() {
+    let Some(g) = LoopDevices::provision("init-removed", 1, 64 << 20) else {
+        return;
+    };
+    let sd = scratch();
+    let paths = g.paths();
+    let mon = monitor(sd.path(), 20);
+    let ag = agents(&paths, 1, &mon);
+    let nodes: Vec<&dyn Node> = ag.iter().map(|a| a as &dyn Node).collect();
+    let first = run_init(Strategy::Sequential, &mon, &nodes, true);
+    check_all_up(&mon, &first, 1);
+    let old_uuid = mon.map().daemons[&0].uuid.unwrap();
+    let mut c = MonitorClient::connect(&mon.addr().to_string(), RETRY).unwrap();
+    c.remove(0).unwrap();
+    assert!(mon.map().daemons.is_empty());
+
+    let again = run_init(Strategy::Sequential, &mon, &nodes, false);
+    let d = &again.daemons[0];
+    assert_eq!(d.id, Some(0));
+    let why = d
+        .error
+        .as_deref()
+        .expect("the old daemon's device is refused");
+    assert!(why.contains(&old_uuid.to_string()), "{why}");
+    assert_eq!(mon.map().daemons[&0].state, DaemonState::Failed);
+
+    // Forced, the device is formatted for the new daemon, with the map's new uuid.
+    let forced = run_init(Strategy::Sequential, &mon, &nodes, true);
+    check_all_up(&mon, &forced, 1);
+    assert_ne!(mon.map().daemons[&0].uuid, Some(old_uuid));
 }

@@ -3,6 +3,7 @@
 //!
 //! * [`args`]: the common clap arguments (`--profile`, `--out`, device selection,
 //!   `--repetitions`) and the one size and one duration parser every CLI argument uses.
+//! * [`child`]: child processes that announce their address (`listening on ADDR`).
 //! * [`devices`]: device set-up and teardown (provisioned loop devices are torn down on
 //!   every exit path, Ctrl-C included).
 //! * [`etcd`]: an etcd reference cluster (members behind delay proxies) and its
@@ -17,6 +18,7 @@
 //!   delay proxies, with their timelines.
 
 pub mod args;
+pub mod child;
 pub mod cli;
 pub mod devices;
 pub mod etcd;

@@ -4,128 +4,17 @@
 //! its timeline ([`blocklab::repl::events`]) to a file per incarnation, so a killed and
 //! restarted replica keeps the events of both lives.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+pub use crate::child::Announced;
 use blocklab::repl::events::{read_events, Event};
 use blocklab::repl::replica::PolicySpec;
 use blocklab::repl::NodeId;
-
-/// A child process that printed `listening on ADDR`; SIGKILLed when dropped.
-#[derive(Debug)]
-pub struct Announced {
-    child: Child,
-    pub addr: SocketAddr,
-    what: String,
-    stderr: PathBuf,
-}
-
-impl Announced {
-    /// Spawns `cmd` (stderr to `stderr`) and waits up to `timeout` for its
-    /// `listening on ADDR` line; a child that exits or stays silent is an error showing
-    /// the end of its stderr.
-    pub fn spawn(
-        cmd: &mut Command,
-        what: &str,
-        stderr: &Path,
-        timeout: Duration,
-    ) -> anyhow::Result<Announced> {
-        let err = std::fs::File::create(stderr)
-            .with_context(|| format!("creating {}", stderr.display()))?;
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {what}"))?;
-        let out = child.stdout.take().context("child stdout")?;
-        let (tx, rx) = mpsc::channel();
-        // Reads the announcement, then drains stdout so the child never blocks on it.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(a.trim().to_string());
-                    }
-                }
-            }
-        });
-        let mut me = Announced {
-            child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            what: what.to_string(),
-            stderr: stderr.to_path_buf(),
-        };
-        match rx.recv_timeout(timeout) {
-            Ok(a) => {
-                me.addr = a
-                    .parse()
-                    .with_context(|| format!("{what} announced {a:?}, not an address"))?;
-                Ok(me)
-            }
-            Err(_) => {
-                me.kill();
-                bail!(
-                    "{what} did not announce its address within {timeout:?}; its stderr ends: {}",
-                    me.stderr_tail()
-                )
-            }
-        }
-    }
-
-    /// The last lines of the child's stderr.
-    pub fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join(" | ")
-    }
-
-    /// SIGKILL, then reap.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, and wait up to `timeout` for a clean exit (then SIGKILL); an unclean exit
-    /// is an error.
-    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                if !st.success() {
-                    bail!("{} exited with {st}: {}", self.what, self.stderr_tail());
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                bail!("{} did not stop within {timeout:?} of SIGTERM", self.what);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Whether the child has exited.
-    pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Announced {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// How to run a cluster.
 #[derive(Debug, Clone)]

@@ -224,6 +224,15 @@ pub fn teardown(conf: &CephConf) -> Result<()> {
     }
 }
 
+/// The sum of the peak resident sets (KiB) of the cluster's processes now running (the
+/// monitor and the OSDs): each process's own peak, so an upper bound of the cluster's peak.
+pub fn peak_rss_kib(conf: &CephConf) -> u64 {
+    processes(&conf.conf_path())
+        .into_iter()
+        .filter_map(|p| crate::procstat::peak_rss_kib(p.as_raw_nonzero().get() as u32))
+        .sum()
+}
+
 /// The processes whose command line has `conf` as an argument.
 pub fn processes(conf: &Path) -> Vec<rustix::process::Pid> {
     let want = conf.as_os_str().as_encoded_bytes();

@@ -176,6 +176,12 @@ pub fn await_up(conf: &CephConf, id: u32, timeout: Duration) -> Result<()> {
     }
 }
 
+/// The pid of the running OSD `id` (from its pid file).
+pub fn pid(conf: &CephConf, id: u32) -> Option<u32> {
+    let path = conf.run_dir().join(format!("{CLUSTER_NAME}-osd.{id}.pid"));
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 /// Stores OSD `id`'s result in the monitor's config-key store.
 pub fn report_command(id: u32, result: &Value) -> MonCommand {
     MonCommand::new(json!({

@@ -69,6 +69,11 @@ impl DaemonKey {
 pub struct StepTime {
     pub step: String,
     pub ns: u64,
+    /// CPU time the step's programs used (Ceph backend: the programs a step runs and, for
+    /// `up`, the OSD daemon until it was up), where measured. Exact only when the daemon
+    /// ran alone on its node: concurrent steps' programs are counted together.
+    #[serde(default)]
+    pub cpu_ns: Option<u64>,
 }
 
 /// How one daemon's initialisation went.
@@ -134,9 +139,15 @@ impl DaemonOutcome {
     }
 
     pub(super) fn step(&mut self, name: &str, since: Instant) {
+        self.step_cpu(name, since, None);
+    }
+
+    /// A step that used `cpu` of CPU time.
+    pub(super) fn step_cpu(&mut self, name: &str, since: Instant, cpu: Option<Duration>) {
         self.steps.push(StepTime {
             step: name.into(),
             ns: since.elapsed().as_nanos() as u64,
+            cpu_ns: cpu.map(|c| c.as_nanos() as u64),
         });
     }
 }
@@ -378,13 +389,23 @@ impl NodeAgent {
                 out.id.ok_or("id request: no id in the answer")?
             }
         };
+        // The uuid the monitor gave this daemon at allocation: mkfs formats with it, and
+        // refuses (without force) a device formatted for an earlier daemon of the same id.
+        let uuid = mon
+            .map()
+            .map_err(|e| format!("reading the map: {e}"))?
+            .daemons
+            .get(&id)
+            .and_then(|e| e.uuid);
         let mut req = MkfsRequest::new(fsid, id);
+        req.daemon_uuid = uuid;
         req.force = force;
         let rep = daemon::mkfs_path(path, &req).map_err(|e| e.to_string())?;
         for (p, d) in &rep.phases {
             out.steps.push(StepTime {
                 step: p.name().into(),
                 ns: d.as_nanos() as u64,
+                cpu_ns: None,
             });
         }
         out.already_formatted = rep.already_formatted;

@@ -90,9 +90,13 @@ impl Strategy {
                     .map(|node| slowest(&mut node.iter()))
                     .collect(),
             ),
-            Strategy::Parallel => chain(vec![
-                slowest(&mut b.lone_mkfs.iter().flatten()).max(b.all_at_once)
-            ]),
+            // Without the batch the ids are still requested all at once, so they can
+            // share the first proposal: the same bound.
+            Strategy::Parallel | Strategy::ParallelNobatch => {
+                chain(vec![
+                    slowest(&mut b.lone_mkfs.iter().flatten()).max(b.all_at_once)
+                ])
+            }
         }
     }
 }
@@ -167,9 +171,16 @@ mod tests {
                 Step::Alloc => Request::Alloc {
                     slots: vec![self.slots[d].clone()],
                 },
+                // With the uuid the allocation gave the daemon, as a node agent does.
                 Step::Register => Request::Register {
                     id,
-                    uuid: Uuid::from_u128(d as u128 + 1),
+                    uuid: self
+                        .state
+                        .committed_map()
+                        .daemons
+                        .get(&id)
+                        .and_then(|e| e.uuid)
+                        .unwrap_or(Uuid::from_u128(d as u128 + 1)),
                     key: "k".into(),
                 },
                 Step::Report => Request::Report {
@@ -236,7 +247,7 @@ mod tests {
                     .map(|k| (k * dpn..(k + 1) * dpn).collect())
                     .collect()]
             }
-            Strategy::Parallel => vec![vec![(0..n).collect()]],
+            Strategy::Parallel | Strategy::ParallelNobatch => vec![vec![(0..n).collect()]],
         };
         let mut chain_of = vec![0; n];
         for (c, ws) in waves.iter().enumerate() {
@@ -270,7 +281,7 @@ mod tests {
         };
         // The step each waiter waits for (answers do not say).
         let mut waiting_for = vec![Step::Alloc; n];
-        if strategy == Strategy::Parallel {
+        if strategy.batch() {
             let r = sim
                 .state
                 .submit(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::ceph::{osd, CephConf, CephError, MonClient, MonCommand};
+use crate::procstat;
 
 use super::agent::{
     canonical_devices, each_daemon, hostname, unix_ns, DaemonKey, DaemonOutcome, NodeInfo,
@@ -123,17 +124,19 @@ impl CephNodeAgent {
         let t = Instant::now();
         osd::check_device(dev, force)?;
         out.step("check", t);
+        // CPU of the programs each step runs (children this process waits for).
+        let children = || procstat::children_cpu().unwrap_or_default();
         let (id, key) = match grant {
             Some(g) => g,
             None => {
                 // As ceph-volume: a secret, then `osd new` in a session of its own.
-                let t = Instant::now();
+                let (t, cpu) = (Instant::now(), children());
                 let key = DaemonKey::generate();
                 let answer = MonClient::bootstrap_osd(c)
                     .command(osd::new_id_command(key.uuid, &key.secret))?;
                 let id = osd::parse_new_id(&answer)?;
                 out.id = Some(id);
-                out.step("alloc", t);
+                out.step_cpu("alloc", t, Some(children().saturating_sub(cpu)));
                 (id, key)
             }
         };
@@ -148,20 +151,24 @@ impl CephNodeAgent {
             })
         };
         let before = counters()?;
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), children());
         osd::mkfs(c, id, key.uuid)?;
-        out.step("mkfs", t);
+        out.step_cpu("mkfs", t, Some(children().saturating_sub(cpu)));
         let done = counters()?.since(&before);
         out.bytes_written = done.bytes_written;
         out.flushes = done.flushes;
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), children());
         osd::start(c, id)?;
         osd::await_up(c, id, self.up_timeout)?;
-        out.step("up", t);
-        let t = Instant::now();
+        // The daemon forked away from the program started: its own CPU comes from /proc.
+        let daemon = osd::pid(c, id)
+            .and_then(procstat::cpu_of)
+            .unwrap_or_default();
+        out.step_cpu("up", t, Some(children().saturating_sub(cpu) + daemon));
+        let (t, cpu) = (Instant::now(), children());
         let result = json!({"node": self.name, "device": out.device, "uuid": key.uuid, "up": true});
         MonClient::admin(c).command(osd::report_command(id, &result))?;
-        out.step("report", t);
+        out.step_cpu("report", t, Some(children().saturating_sub(cpu)));
         Ok(())
     }
 }
@@ -175,7 +182,31 @@ impl Node for CephNodeAgent {
     }
 }
 
+/// Releases the ids an earlier, interrupted attempt left `new` (allocated, never started:
+/// its node agent died, or the orchestrator did) with `osd purge-new`, so that a rerun
+/// strands none; the release is recorded in the OSD's config-key report. Returns them.
+pub fn release_stranded(admin: &MonClient) -> Result<Vec<u32>> {
+    let map = osd::osd_map(admin)?;
+    let stranded: Vec<u32> = map
+        .osds
+        .iter()
+        .filter(|o| !o.up && o.state.iter().any(|s| s == "new"))
+        .map(|o| o.id)
+        .collect();
+    for &id in &stranded {
+        admin.command(MonCommand::new(json!({
+            "prefix": "osd purge-new",
+            "id": id,
+            "yes_i_really_mean_it": true,
+        })))?;
+        let note = json!({"up": false, "released": true, "error": "allocated by an attempt that never started it; released"});
+        admin.command(osd::report_command(id, &note))?;
+    }
+    Ok(stranded)
+}
+
 /// Deploys an OSD on every device of every node with `strategy` into the cluster `conf`.
+/// Ids an interrupted earlier attempt left `new` are released first ([`release_stranded`]).
 /// With a batching strategy every id comes from one session of `osd new`s before any node
 /// starts. Afterwards the monitor is asked: an OSD counts as deployed only if its map has
 /// it up and its config-key store has its report; `monitor_proposals` is how many OSD-map
@@ -188,6 +219,7 @@ pub fn run_ceph(
 ) -> Result<InitRun> {
     let infos = describe(nodes)?;
     let admin = MonClient::admin(conf);
+    release_stranded(&admin)?;
     let epoch0 = osd::osd_map(&admin)?.epoch;
     let start = Instant::now();
     let mut grants: Vec<Option<(Vec<u32>, Vec<DaemonKey>)>> = vec![None; nodes.len()];

@@ -6,7 +6,9 @@
 //! * `parallel_nodes`: nodes in parallel, each node's daemons one by one (Rook, cephadm);
 //! * `parallel_daemons`: nodes one by one, each node's daemons in parallel;
 //! * `parallel`: the mechanism: one batch id request for every daemon of every node, then
-//!   all nodes and all daemons in parallel, each result reported to the monitor.
+//!   all nodes and all daemons in parallel, each result reported to the monitor;
+//! * `parallel_nobatch`: everything in parallel, but each daemon requests its own id (the
+//!   control that isolates the batch's own effect).
 //!
 //! Every daemon in flight has its own thread, its own io_uring engine and its own monitor
 //! connection, so all of them are in flight at once however few cores there are.
@@ -27,7 +29,7 @@ pub use agent::{
     DaemonKey, DaemonOutcome, NodeAgent, NodeInfo, NodeInitRequest, NodeReport, StepTime,
 };
 pub use bound::BoundInput;
-pub use ceph::{run_ceph, CephNodeAgent, DEFAULT_UP_TIMEOUT};
+pub use ceph::{release_stranded, run_ceph, CephNodeAgent, DEFAULT_UP_TIMEOUT};
 pub use error::{InitError, Result};
 pub use orchestrate::{run, InitRun, Node};
 pub use remote::{serve_node, NodeServer, RemoteNode, DEFAULT_INIT_TIMEOUT};
@@ -41,20 +43,25 @@ crate::names::named_enum! {
         ParallelNodes,
         ParallelDaemons,
         Parallel,
+        ParallelNobatch,
     }
 }
 
 impl Strategy {
-    pub const ALL: [Strategy; 4] = [
+    pub const ALL: [Strategy; 5] = [
         Strategy::Sequential,
         Strategy::ParallelNodes,
         Strategy::ParallelDaemons,
         Strategy::Parallel,
+        Strategy::ParallelNobatch,
     ];
 
     /// Are a node's daemons initialised in parallel?
     pub fn parallel_daemons(self) -> bool {
-        matches!(self, Strategy::ParallelDaemons | Strategy::Parallel)
+        matches!(
+            self,
+            Strategy::ParallelDaemons | Strategy::Parallel | Strategy::ParallelNobatch
+        )
     }
 
     /// Does the orchestrator request every id in one batch before the nodes start?
@@ -64,7 +71,10 @@ impl Strategy {
 
     /// Are nodes initialised in parallel?
     pub fn parallel_nodes(self) -> bool {
-        matches!(self, Strategy::ParallelNodes | Strategy::Parallel)
+        matches!(
+            self,
+            Strategy::ParallelNodes | Strategy::Parallel | Strategy::ParallelNobatch
+        )
     }
 
     /// The least number of monitor proposals the strategy needs: every daemon needs three
@@ -76,7 +86,7 @@ impl Strategy {
             Strategy::Sequential => nodes * daemons_per_node,
             Strategy::ParallelNodes => daemons_per_node,
             Strategy::ParallelDaemons => nodes,
-            Strategy::Parallel => 1,
+            Strategy::Parallel | Strategy::ParallelNobatch => 1,
         }
     }
 }

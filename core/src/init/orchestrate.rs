@@ -69,6 +69,7 @@ pub(super) fn charge_batch(daemons: &mut [DaemonOutcome], d: Duration) {
             StepTime {
                 step: "alloc".into(),
                 ns: d.as_nanos() as u64,
+                cpu_ns: None,
             },
         );
     }

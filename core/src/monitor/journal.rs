@@ -163,6 +163,7 @@ mod tests {
             node: "n".into(),
             device: "/d".into(),
             host: String::new(),
+            uuid: None,
         }
     }
 

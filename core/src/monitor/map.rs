@@ -36,7 +36,9 @@ impl std::fmt::Display for DaemonState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonEntry {
     pub id: u32,
-    /// Set by registration (the uuid mkfs wrote into the label).
+    /// The daemon's uuid: given at allocation (mkfs writes it into the label, so a device
+    /// formatted for an earlier daemon of the same id is told apart), confirmed by
+    /// registration. `None` only in maps journaled before allocations carried one.
     pub uuid: Option<Uuid>,
     /// The node agent that owns the device.
     pub node: String,
@@ -95,6 +97,9 @@ pub enum Change {
         device: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]
         host: String,
+        /// The daemon's uuid (absent in journals written before allocations carried one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uuid: Option<Uuid>,
     },
     Register {
         id: u32,
@@ -164,6 +169,7 @@ impl ClusterMap {
                 node,
                 device,
                 host,
+                ..
             } => {
                 if node.is_empty() || device.is_empty() {
                     return Err(MonitorError::BadRequest(
@@ -204,7 +210,12 @@ impl ClusterMap {
             Change::Register { id, uuid, .. } => {
                 let e = self.entry(*id)?;
                 match e.state {
-                    DaemonState::New => Ok(()),
+                    // The uuid the allocation gave (if any) is the one mkfs must have used.
+                    DaemonState::New if e.uuid.is_none_or(|u| u == *uuid) => Ok(()),
+                    DaemonState::New => Err(MonitorError::Conflict(format!(
+                        "daemon {id} was allocated with uuid {}, not {uuid}",
+                        e.uuid.map(|u| u.to_string()).unwrap_or_default()
+                    ))),
                     // A repeated registration (its answer was lost, or a rerun found the
                     // device formatted): the same daemon, so it only replaces the key.
                     DaemonState::Formatted if e.uuid == Some(*uuid) => Ok(()),
@@ -244,12 +255,13 @@ impl ClusterMap {
                 node,
                 device,
                 host,
+                uuid,
             } => {
                 self.daemons.insert(
                     *id,
                     DaemonEntry {
                         id: *id,
-                        uuid: None,
+                        uuid: *uuid,
                         node: node.clone(),
                         host: host.clone(),
                         device: device.clone(),
@@ -293,6 +305,7 @@ mod tests {
             node: node.into(),
             device: dev.into(),
             host: host.into(),
+            uuid: None,
         }
     }
 

@@ -19,6 +19,7 @@ use super::map::{Change, ClusterMap, DaemonState};
 #[cfg(test)]
 use super::proto::Slot;
 use super::proto::{Outcome, Request, Response};
+use uuid::Uuid;
 
 /// Proposal timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +155,9 @@ impl<W> MonitorState<W> {
                         None => return Err(MonitorError::BadRequest("no free daemon id".into())),
                     }
                 }
+                // A daemon allocated again (not up) keeps its uuid, so a device it formatted
+                // is its own; a fresh id gets a fresh uuid, so a device formatted for an
+                // earlier daemon of that id (removed since) is not taken for its.
                 let changes: Vec<Change> = ids
                     .iter()
                     .zip(slots)
@@ -162,6 +166,13 @@ impl<W> MonitorState<W> {
                         node: s.node,
                         device: s.device,
                         host: s.host,
+                        uuid: Some(
+                            self.working
+                                .daemons
+                                .get(&id)
+                                .and_then(|e| e.uuid)
+                                .unwrap_or_else(Uuid::new_v4),
+                        ),
                     })
                     .collect();
                 (changes, Reply::Ids(ids))
@@ -436,7 +447,9 @@ mod tests {
         let mut s = state(0);
         s.submit(alloc("a", &["/d0", "/d1"]), 1, t0).unwrap();
         propose_and_commit(&mut s, t0);
-        let u = Uuid::new_v4();
+        let u = s.committed_map().daemons[&0]
+            .uuid
+            .expect("allocation gives a uuid");
         s.submit(register(0, u, "k0"), 2, t0).unwrap();
         s.submit(up(0), 3, t0).unwrap();
         s.submit(failed(1, "refused"), 4, t0).unwrap();
@@ -505,7 +518,7 @@ mod tests {
         s.submit(alloc("a", &["/d0", "/d1", "/d2"]), 1, t0).unwrap();
         propose_and_commit(&mut s, t0);
         // d0 up, d1 failed, d2 left `new` by an interrupted run.
-        let u = Uuid::new_v4();
+        let u = s.committed_map().daemons[&0].uuid.unwrap();
         s.submit(register(0, u, "k"), 2, t0).unwrap();
         s.submit(failed(1, "refused"), 3, t0).unwrap();
         propose_and_commit(&mut s, t0);

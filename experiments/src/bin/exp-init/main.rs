@@ -1,74 +1,100 @@
 //! exp-init: how long deploying N daemons takes with each initialisation strategy
-//! (sequential, parallel_nodes, parallel_daemons, parallel), against the physical bound
-//! of the same configuration measured in the same run.
+//! (sequential, parallel_nodes, parallel_daemons, parallel, parallel_nobatch), against a
+//! bound measured in the same run, on two backends: blocklab's own monitor and daemons
+//! (`local`), and a real Ceph cluster deploying BlueStore OSDs (`ceph`).
 //!
-//! For every (nodes, daemons per node, device size, repetition) the run first measures
-//! (a) the aggregate write bandwidth of the configuration's devices, all written at once
-//! (`harness::devices::precondition` on every device in parallel), and (b) each device's
-//! mkfs time alone, one device at a time (the shorter of two passes). Then, for every propose interval, the four
-//! strategies run back to back, each against a fresh monitor (TCP, journal fsynced per
-//! proposal) and in-process node agents that talk to it over TCP; their order rotates
-//! with the repetition, so no strategy always runs first or last. `bound_ms` is
-//! [`Strategy::lower_bound`] of those measurements: `(2W − 1) × propose_interval +
-//! Σ over the W waves of the strategy's longest chain of max(slowest mkfs of the wave,
-//! propose_interval)`, where for `parallel` (one wave of every device) the wave's mkfs
-//! time is also at least every device's mkfs bytes at the aggregate bandwidth. With mkfs
-//! shorter than the interval that is `(min_proposals − 1) × propose_interval`.
-//!
-//! Beside exp-init.csv, exp-init-hist.csv keeps each row's histogram of the daemons'
-//! initialisation times (`daemon_us`, from which `daemon_p50_ms`… are taken).
+//! Beside exp-init.csv, exp-init-phases.csv has every daemon's steps and exp-init-hist.csv
+//! each row's histogram of the daemons' deployment times (`daemon_us`, from which
+//! `daemon_p50_ms`… are taken).
 
-use std::net::TcpListener;
+mod ceph;
+mod local;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use blocklab::daemon::{self, MkfsRequest};
-use blocklab::dev::Device;
-use blocklab::init::{self, BoundInput, Node, NodeAgent, Strategy};
-use blocklab::monitor::{FileJournal, Monitor, ProposeConfig};
+use blocklab::init::{InitRun, Strategy};
 use clap::Parser;
 use harness::args::{or_default, parse_size, parse_whole_ms, Repetitions};
 use harness::devices::precondition;
 use harness::progress::Progress;
-use harness::{CommonArgs, CsvOut, DeviceSet, HistOut, LatencyHist, Profile, RunMeta};
+use harness::{CommonArgs, CsvOut, HistOut, LatencyHist, Profile, RunMeta};
 use serde::Serialize;
 
 /// Repetitions per configuration: quick, full.
 const REPETITIONS: Repetitions = Repetitions { quick: 3, full: 5 };
 
-/// Measures how long deploying N daemons takes and compares the four initialisation
-/// strategies (sequential, parallel_nodes, parallel_daemons, parallel) with each other and
-/// with the physical lower bound measured in the same run.
+/// Where daemons are deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum Backend {
+    /// blocklab's monitor and daemons.
+    Blocklab,
+    /// A private Ceph 16 cluster: ceph-mon and BlueStore ceph-osd daemons.
+    Ceph,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Blocklab => "blocklab",
+            Backend::Ceph => "ceph",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Measures how long deploying N daemons takes and compares the initialisation strategies
+/// (sequential, parallel_nodes, parallel_daemons, parallel, parallel_nobatch) with each
+/// other and with bounds measured in the same run, on blocklab's own cluster and on a real
+/// Ceph cluster.
 ///
-/// Quick profile: 3 nodes × {1,4,8} daemons per node, 256 MiB devices, 50 ms propose
-/// interval, 3 repetitions (24 loop devices). Full profile: {1,2,3,4} nodes × {1,4,8}
-/// daemons per node, 256 MiB and 16 GiB (sparse) devices, 50 ms propose interval, 5
-/// repetitions (32 loop devices). Each device size is its own device set, run after the
-/// other; within a size, repetitions are the outer loop and the strategies the inner one.
-/// Writes OUT/exp-init.csv (one row per configuration, strategy and repetition) and
-/// OUT/exp-init-phases.csv (one row per daemon and step).
+/// blocklab backend — quick: 3 nodes × {1,4,8} daemons per node, 256 MiB devices, 50 ms
+/// propose interval; full: {1,2,3,4} nodes × {1,4,8}, 256 MiB and 16 GiB (sparse) devices.
+/// Ceph backend — quick: 2 nodes × 2 OSDs; full: 3 nodes × 8 OSDs; 2 GiB devices, node
+/// agents as `blocklab node serve --ceph` processes, a fresh cluster per run. Repetitions:
+/// quick 3, full 5; the strategies' order rotates with the repetition. Writes
+/// OUT/exp-init.csv (one row per backend, configuration, strategy and repetition),
+/// OUT/exp-init-phases.csv (one row per daemon and step) and OUT/exp-init-hist.csv.
 #[derive(Debug, Parser)]
 #[command(name = "exp-init", version, mut_arg("repetitions", |a| REPETITIONS.help(a)))]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
-    /// Node counts to sweep (default quick: 3; full: 1,2,3,4).
+    /// Backends to run (default: blocklab,ceph; blocklab alone, with a note, where the Ceph
+    /// backend cannot run: without root, with --files, or without Ceph installed).
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<Backend>,
+    /// blocklab backend: node counts to sweep (default quick: 3; full: 1,2,3,4).
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<usize>,
-    /// Daemons (devices) per node to sweep (default quick and full: 1,4,8).
+    /// blocklab backend: daemons (devices) per node to sweep (default quick and full:
+    /// 1,4,8).
     #[arg(long, value_delimiter = ',')]
     daemons: Vec<usize>,
-    /// Device sizes to sweep, e.g. 256M,16G (default: --size, else quick: 256M; full:
-    /// 256M,16G; with --devices only the given devices' size is used).
+    /// blocklab backend: device sizes to sweep, e.g. 256M,16G (default: --size, else
+    /// quick: 256M; full: 256M,16G; with --devices only the given devices' size is used).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     device_sizes: Vec<u64>,
-    /// Monitor propose intervals to sweep, whole milliseconds, e.g. 50ms,1s (default quick
-    /// and full: 50ms; 50ms,1s adds Ceph's default, whose deploys take about 20 times as
-    /// long).
+    /// blocklab backend: monitor propose intervals to sweep, whole milliseconds, e.g.
+    /// 50ms,1s (default quick and full: 50ms; 1s is Ceph's default, whose deploys take
+    /// about 20 times as long).
     #[arg(long, value_name = "DURATION", value_parser = parse_whole_ms, value_delimiter = ',')]
     propose_intervals: Vec<Duration>,
-    /// Strategies to run (default: all four), alternating within each configuration.
+    /// Ceph backend: shapes to deploy, NODESxOSDS, e.g. 2x2,3x8 (default quick: 2x2;
+    /// full: 3x8).
+    #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+    ceph_shapes: Vec<(usize, usize)>,
+    /// Ceph backend: size of each OSD's device (at least 1G; default 2G).
+    #[arg(long, value_parser = parse_size, default_value = "2G")]
+    ceph_device_size: u64,
+    /// Strategies to run (default: all five), alternating within each configuration.
     #[arg(long, value_delimiter = ',')]
     strategies: Vec<Strategy>,
     /// How much each device writes in the aggregate-bandwidth measurement, e.g. 16M (at
@@ -77,8 +103,24 @@ struct Cli {
     bandwidth_size: u64,
 }
 
+/// `NODESxOSDS`, both at least 1.
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let (n, d) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?}: expected NODESxOSDS, e.g. 3x8"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| format!("{s:?}: {v:?} is not a count of at least 1"))
+    };
+    Ok((num(n)?, num(d)?))
+}
+
 #[derive(Debug, Serialize)]
 struct Row {
+    backend: &'static str,
     strategy: &'static str,
     nodes: usize,
     daemons_per_node: usize,
@@ -93,11 +135,19 @@ struct Row {
     max_in_flight: usize,
     monitor_proposals: u64,
     bytes_written: u64,
+    flushes: u64,
+    /// CPU time of the daemons' steps (Ceph: the programs each step ran and the OSDs until
+    /// up); empty where not measured.
+    cpu_ms: Option<f64>,
+    /// Sum of the cluster's processes' peak resident sets at the end of the run (Ceph);
+    /// empty where not measured.
+    peak_rss_kib: Option<u64>,
 }
 
 /// A row's configuration columns: the key of its histogram in exp-init-hist.csv.
 #[derive(Debug, Clone, Serialize)]
 struct HistKey {
+    backend: &'static str,
     strategy: &'static str,
     nodes: usize,
     daemons_per_node: usize,
@@ -109,6 +159,7 @@ struct HistKey {
 impl Row {
     fn hist_key(&self) -> HistKey {
         HistKey {
+            backend: self.backend,
             strategy: self.strategy,
             nodes: self.nodes,
             daemons_per_node: self.daemons_per_node,
@@ -121,6 +172,7 @@ impl Row {
 
 #[derive(Debug, Serialize)]
 struct PhaseRow {
+    backend: &'static str,
     strategy: &'static str,
     nodes: usize,
     daemons_per_node: usize,
@@ -128,38 +180,123 @@ struct PhaseRow {
     daemon_id: u32,
     phase: String,
     ms: f64,
+    cpu_ms: Option<f64>,
+}
+
+/// What one run of one strategy is: its configuration.
+#[derive(Debug, Clone, Copy)]
+struct RunKey {
+    backend: Backend,
+    strategy: Strategy,
+    nodes: usize,
+    dpn: usize,
+    size: u64,
+    interval: Duration,
+    rep: u32,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Each device's mkfs alone, one device at a time: its shortest time over two passes
-/// (the first mkfs on a fresh sparse backing file also pays for allocating its blocks,
-/// which the strategies' mkfs then do not), and the bytes one mkfs writes.
-fn lone_mkfs(paths: &[PathBuf]) -> anyhow::Result<(Vec<Duration>, u64)> {
-    let mut times = vec![Duration::MAX; paths.len()];
-    let mut bytes = 0;
-    for _pass in 0..2 {
-        // A new cluster each pass, so that mkfs formats again instead of finding the
-        // device formatted already.
-        let fsid = uuid::Uuid::new_v4();
-        for (i, p) in paths.iter().enumerate() {
-            let mut req = MkfsRequest::new(fsid, i as u32);
-            req.force = true;
-            let t = Instant::now();
-            let rep = daemon::mkfs_path(p, &req)
-                .with_context(|| format!("lone mkfs of {}", p.display()))?;
-            times[i] = times[i].min(t.elapsed());
-            anyhow::ensure!(
-                !rep.already_formatted,
-                "lone mkfs of {}: nothing written",
-                p.display()
-            );
-            bytes = rep.bytes_written;
-        }
+fn main() -> std::process::ExitCode {
+    harness::exit_on_error("exp-init", run(Cli::parse()))
+}
+
+/// The run's outputs and progress.
+struct Out {
+    csv: CsvOut<Row>,
+    phases: CsvOut<PhaseRow>,
+    hists: HistOut<HistKey>,
+    prog: Progress,
+    /// The bound measurements, for meta.json.
+    measured: Vec<serde_json::Value>,
+}
+
+impl Out {
+    fn create(a: &CommonArgs, steps: u64) -> anyhow::Result<Out> {
+        Ok(Out {
+            csv: CsvOut::<Row>::create(&a.out, "exp-init.csv", a.overwrite)?,
+            phases: CsvOut::<PhaseRow>::create(&a.out, "exp-init-phases.csv", a.overwrite)?,
+            hists: HistOut::create(&a.out, "exp-init", a.overwrite)?,
+            prog: Progress::new("exp-init", steps),
+            measured: Vec::new(),
+        })
     }
-    Ok((times, bytes))
+
+    /// Writes one strategy's run: its row (with `bound`; none: NaN), its daemons' steps
+    /// and their histogram. A failed daemon fails the run.
+    fn record(
+        &mut self,
+        k: &RunKey,
+        run: &InitRun,
+        bound: Option<Duration>,
+        peak_rss_kib: Option<u64>,
+    ) -> anyhow::Result<()> {
+        if let Some(f) = run.failed().next() {
+            bail!(
+                "{} {}: daemon on {} failed: {}",
+                k.backend,
+                k.strategy,
+                f.device,
+                f.error.as_deref().unwrap_or("?")
+            );
+        }
+        let proposals = run
+            .monitor_proposals
+            .context("the monitor did not answer after the run")?;
+        let mut h = LatencyHist::new();
+        let (mut bytes, mut flushes, mut cpu) = (0, 0, None::<u64>);
+        for d in &run.daemons {
+            h.record_us(d.duration());
+            bytes += d.bytes_written;
+            flushes += d.flushes;
+            for s in &d.steps {
+                if let Some(c) = s.cpu_ns {
+                    cpu = Some(cpu.unwrap_or(0) + c);
+                }
+                self.phases.write(&PhaseRow {
+                    backend: k.backend.name(),
+                    strategy: k.strategy.name(),
+                    nodes: k.nodes,
+                    daemons_per_node: k.dpn,
+                    repetition: k.rep,
+                    daemon_id: d.id.unwrap_or(u32::MAX),
+                    phase: s.step.clone(),
+                    ms: s.ns as f64 / 1e6,
+                    cpu_ms: s.cpu_ns.map(|c| c as f64 / 1e6),
+                })?;
+            }
+        }
+        let p = h.percentiles();
+        let row = Row {
+            backend: k.backend.name(),
+            strategy: k.strategy.name(),
+            nodes: k.nodes,
+            daemons_per_node: k.dpn,
+            device_size_bytes: k.size,
+            propose_interval_ms: k.interval.as_millis() as u64,
+            repetition: k.rep,
+            total_ms: ms(run.total),
+            bound_ms: bound.map_or(f64::NAN, ms),
+            daemon_p50_ms: p.p50 as f64 / 1e3,
+            daemon_p99_ms: p.p99 as f64 / 1e3,
+            daemon_max_ms: p.max as f64 / 1e3,
+            max_in_flight: run.max_in_flight,
+            monitor_proposals: proposals,
+            bytes_written: bytes,
+            flushes,
+            cpu_ms: cpu.map(|c| c as f64 / 1e6),
+            peak_rss_kib,
+        };
+        self.prog.step(&format!(
+            "{} {} {}x{}: {:.1} ms (bound {:.1} ms)",
+            k.backend, k.strategy, k.nodes, k.dpn, row.total_ms, row.bound_ms
+        ));
+        self.csv.write(&row)?;
+        self.hists.write(&row.hist_key(), &[("daemon_us", &h)])?;
+        Ok(())
+    }
 }
 
 /// Aggregate write bandwidth (bytes/s) of `paths` written all at once: each device gets
@@ -167,9 +304,9 @@ fn lone_mkfs(paths: &[PathBuf]) -> anyhow::Result<(Vec<Duration>, u64)> {
 /// ([`precondition`], one thread per device).
 fn aggregate_bandwidth(paths: &[PathBuf], per_device: u64) -> anyhow::Result<f64> {
     const MIB: u64 = 1 << 20;
-    let devs: Vec<Device> = paths
+    let devs: Vec<blocklab::dev::Device> = paths
         .iter()
-        .map(|p| Device::open(p).with_context(|| format!("opening {}", p.display())))
+        .map(|p| blocklab::dev::Device::open(p).with_context(|| format!("opening {}", p.display())))
         .collect::<anyhow::Result<_>>()?;
     let lens: Vec<u64> = devs
         .iter()
@@ -199,223 +336,64 @@ fn aggregate_bandwidth(paths: &[PathBuf], per_device: u64) -> anyhow::Result<f64
     Ok(lens.iter().sum::<u64>() as f64 / secs)
 }
 
-struct Config {
-    nodes: usize,
-    dpn: usize,
-    size: u64,
-    interval: Duration,
-}
-
-fn main() -> std::process::ExitCode {
-    harness::exit_on_error("exp-init", run(Cli::parse()))
-}
-
-/// What the run sweeps, from the flags and the profile.
-struct Sweep {
-    nodes: Vec<usize>,
-    dpns: Vec<usize>,
-    /// Device sizes (`[0]` with --devices: the given devices' size).
-    sizes: Vec<u64>,
-    intervals: Vec<Duration>,
-    strategies: Vec<Strategy>,
-    reps: u32,
-}
-
-impl Sweep {
-    fn new(cli: &Cli) -> anyhow::Result<Sweep> {
-        let a = &cli.common;
-        let nodes = or_default(&cli.nodes, a.pick(vec![3], vec![1, 2, 3, 4]));
-        let dpns = or_default(&cli.daemons, vec![1, 4, 8]);
-        let sizes = match (cli.device_sizes.is_empty(), a.size) {
-            (true, Some(s)) => vec![s],
-            (true, None) => a.pick(vec![256 << 20], vec![256 << 20, 16 << 30]),
-            (false, _) => cli.device_sizes.clone(),
-        };
-        let intervals = or_default(&cli.propose_intervals, vec![Duration::from_millis(50)]);
-        let strategies = or_default(&cli.strategies, Strategy::ALL.to_vec());
-        if nodes.contains(&0) || dpns.contains(&0) {
-            bail!("--nodes and --daemons must be at least 1");
-        }
-        let sizes: Vec<u64> = if a.devices.is_empty() { sizes } else { vec![0] };
-        if cli.bandwidth_size < 1 << 20 {
-            bail!("--bandwidth-size must be at least 1M");
-        }
-        Ok(Sweep {
-            nodes,
-            dpns,
-            sizes,
-            intervals,
-            strategies,
-            reps: a.repetitions_or(REPETITIONS),
-        })
-    }
-    fn max_devices(&self) -> usize {
-        self.nodes.iter().max().unwrap() * self.dpns.iter().max().unwrap()
-    }
-    fn steps(&self) -> u64 {
-        let configs_per_size = self.nodes.len() * self.dpns.len() * self.intervals.len();
-        (self.sizes.len() * configs_per_size * self.reps as usize * self.strategies.len()) as u64
-    }
-}
-
-/// What the strategies' lower bounds are computed from, measured once per (nodes,
-/// daemons, size, repetition).
-struct BoundInputs {
-    /// Each device's lone mkfs, by node.
-    lone_by_node: Vec<Vec<Duration>>,
-    /// Every device's mkfs bytes written at the aggregate bandwidth.
-    all_at_once: Duration,
-}
-
-/// Measures the bound's inputs on `paths` (`d` daemons per node); the measurement's
-/// record for meta.json.
-fn measure_bound(
-    paths: &[PathBuf],
-    d: usize,
-    bandwidth_size: u64,
-) -> anyhow::Result<(BoundInputs, serde_json::Value)> {
-    let bw = aggregate_bandwidth(paths, bandwidth_size)?;
-    let (lone, per_mkfs) = lone_mkfs(paths)?;
-    let all_at_once = Duration::from_secs_f64(per_mkfs as f64 * paths.len() as f64 / bw);
-    let record = serde_json::json!({
-        "aggregate_write_mib_s": bw / (1 << 20) as f64,
-        "lone_mkfs_ms": lone.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
-        "mkfs_bytes": per_mkfs, "all_at_once_ms": ms(all_at_once),
-    });
-    let inputs = BoundInputs {
-        lone_by_node: lone.chunks(d).map(|c| c.to_vec()).collect(),
-        all_at_once,
-    };
-    Ok((inputs, record))
-}
-
-/// The run's outputs and progress.
-struct Out {
-    csv: CsvOut<Row>,
-    phases: CsvOut<PhaseRow>,
-    hists: HistOut<HistKey>,
-    prog: Progress,
-    journal_dir: tempfile::TempDir,
-    /// The bound measurements, for meta.json.
-    measured: Vec<serde_json::Value>,
-}
-
-impl Out {
-    fn create(a: &CommonArgs, steps: u64) -> anyhow::Result<Out> {
-        Ok(Out {
-            csv: CsvOut::<Row>::create(&a.out, "exp-init.csv", a.overwrite)?,
-            phases: CsvOut::<PhaseRow>::create(&a.out, "exp-init-phases.csv", a.overwrite)?,
-            hists: HistOut::create(&a.out, "exp-init", a.overwrite)?,
-            prog: Progress::new("exp-init", steps),
-            journal_dir: tempfile::Builder::new()
-                .prefix("exp-init-mon-")
-                .tempdir_in("/var/tmp")
-                .context("creating the monitors' journal directory")?,
-            measured: Vec::new(),
-        })
-    }
-}
-
-/// One repetition of `n` nodes × `d` daemons on `paths`: the bound's measurements, then
-/// every interval and strategy (each repetition starts with the next strategy).
-fn run_repetition(
-    cli: &Cli,
-    sweep: &Sweep,
-    (n, d, size, rep): (usize, usize, u64, u32),
-    paths: &[PathBuf],
-    out: &mut Out,
-) -> anyhow::Result<()> {
-    let (bound_in, mut record) = measure_bound(paths, d, cli.bandwidth_size)?;
-    record["nodes"] = n.into();
-    record["daemons_per_node"] = d.into();
-    record["device_size_bytes"] = size.into();
-    record["repetition"] = rep.into();
-    out.measured.push(record);
-    let mut order = sweep.strategies.clone();
-    order.rotate_left(rep as usize % sweep.strategies.len());
-    for &interval in &sweep.intervals {
-        let c = Config {
-            nodes: n,
-            dpn: d,
-            size,
-            interval,
-        };
-        for &strategy in &order {
-            let bound = strategy.lower_bound(&BoundInput {
-                lone_mkfs: &bound_in.lone_by_node,
-                all_at_once: bound_in.all_at_once,
-                propose_interval: interval,
-            });
-            let (row, daemons) = run_one(
-                &c,
-                strategy,
-                rep,
-                paths,
-                out.journal_dir.path(),
-                ms(bound),
-                &mut out.phases,
-            )?;
-            out.prog.step(&format!(
-                "{strategy} {n}x{d} {size} B {interval:?}: {:.1} ms (bound {:.1} ms)",
-                row.total_ms, row.bound_ms
-            ));
-            out.csv.write(&row)?;
-            out.hists
-                .write(&row.hist_key(), &[("daemon_us", &daemons)])?;
-        }
-    }
-    Ok(())
-}
-
-/// Every configuration on devices of `size` bytes (0: the given devices); the device
-/// set's description.
-fn run_size(
-    cli: &Cli,
-    sweep: &Sweep,
-    size: u64,
-    out: &mut Out,
-) -> anyhow::Result<serde_json::Value> {
-    let mut args = cli.common.clone();
-    if size != 0 {
-        args.size = Some(size);
-    }
-    let max_devices = sweep.max_devices();
-    let set = DeviceSet::setup(&args, max_devices, 64 << 20, size.max(64 << 20))?;
-    let described = set.describe();
-    let size = set.size();
-    out.prog.note(&format!(
-        "{max_devices} devices of {size} bytes: {}",
-        set.paths()[0].display()
-    ));
-    // Repetitions outermost, so drift meets every configuration alike.
-    for rep in 0..sweep.reps {
-        for &n in &sweep.nodes {
-            for &d in &sweep.dpns {
-                let paths = &set.paths()[..n * d];
-                run_repetition(cli, sweep, (n, d, size, rep), paths, out)?;
-            }
-        }
-    }
-    set.teardown()?;
-    Ok(described)
+/// The order strategies run in for repetition `rep`: rotated, so that none always runs
+/// first or last.
+fn rotated(strategies: &[Strategy], rep: u32) -> Vec<Strategy> {
+    let mut order = strategies.to_vec();
+    order.rotate_left(rep as usize % strategies.len());
+    order
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let a = &cli.common;
-    let sweep = Sweep::new(&cli)?;
-    let mut out = Out::create(a, sweep.steps())?;
+    let backends = if cli.backends.is_empty() {
+        match ceph::unavailable(a) {
+            None => vec![Backend::Blocklab, Backend::Ceph],
+            Some(why) => {
+                eprintln!(
+                    "exp-init: the Ceph backend does not run ({why}); its claims will have no data"
+                );
+                vec![Backend::Blocklab]
+            }
+        }
+    } else {
+        cli.backends.clone()
+    };
+    let strategies = or_default(&cli.strategies, Strategy::ALL.to_vec());
+    if cli.bandwidth_size < 1 << 20 {
+        bail!("--bandwidth-size must be at least 1M");
+    }
+    let reps = a.repetitions_or(REPETITIONS);
+    let local = backends
+        .contains(&Backend::Blocklab)
+        .then(|| local::Sweep::new(&cli, &strategies, reps))
+        .transpose()?;
+    let ceph = backends
+        .contains(&Backend::Ceph)
+        .then(|| ceph::Sweep::new(&cli, &strategies, reps))
+        .transpose()?;
+    let steps =
+        local.as_ref().map_or(0, local::Sweep::steps) + ceph.as_ref().map_or(0, ceph::Sweep::steps);
+    let mut out = Out::create(a, steps)?;
     let mut meta = RunMeta::start("exp-init", a.profile);
     let mut described = Vec::new();
-    for &size in &sweep.sizes {
-        described.push(run_size(&cli, &sweep, size, &mut out)?);
+    if let Some(s) = &local {
+        for &size in &s.sizes {
+            described.push(local::run_size(&cli, s, size, &mut out)?);
+        }
+    }
+    if let Some(s) = &ceph {
+        described.push(ceph::run(&cli, s, &mut out)?);
     }
     out.prog.finish();
     meta.devices = serde_json::Value::Array(described);
     meta.extra = serde_json::json!({
-        "nodes": sweep.nodes, "daemons_per_node": sweep.dpns,
-        "propose_intervals_ms": sweep.intervals.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
-        "strategies": sweep.strategies.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "repetitions": sweep.reps, "quick": a.profile == Profile::Quick, "bandwidth_bytes": cli.bandwidth_size,
+        "backends": backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+        "strategies": strategies.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "repetitions": reps, "quick": a.profile == Profile::Quick,
+        "bandwidth_bytes": cli.bandwidth_size,
+        "blocklab": local.as_ref().map(local::Sweep::describe),
+        "ceph": ceph.as_ref().map(ceph::Sweep::describe),
         "bound_measurements": out.measured,
     });
     let m = meta.finish(&a.out, a.overwrite)?;
@@ -431,80 +409,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One strategy on one configuration: its row and the histogram (µs) of its daemons'
-/// initialisation times.
-fn run_one(
-    c: &Config,
-    strategy: Strategy,
-    rep: u32,
-    paths: &[PathBuf],
-    journal_dir: &std::path::Path,
-    bound_ms: f64,
-    phases: &mut CsvOut<PhaseRow>,
-) -> anyhow::Result<(Row, LatencyHist)> {
-    let interval = c.interval;
-    let journal = journal_dir.join(format!("{}-{}.journal", strategy, uuid::Uuid::new_v4()));
-    let mon = Monitor::start(
-        TcpListener::bind("127.0.0.1:0")?,
-        Box::new(FileJournal::new(&journal)),
-        ProposeConfig::with_interval(interval),
-        None,
-    )?;
-    let addr = mon.addr().to_string();
-    let agents: Vec<NodeAgent> = (0..c.nodes)
-        .map(|k| {
-            NodeAgent::new(
-                &format!("node{k}"),
-                &paths[k * c.dpn..(k + 1) * c.dpn],
-                &addr,
-            )
-        })
-        .collect::<Result<_, _>>()?;
-    let nodes: Vec<&dyn Node> = agents.iter().map(|a| a as &dyn Node).collect();
-    // force: the devices hold the previous run's cluster (the harness checked them).
-    let run = init::run(strategy, &addr, &nodes, true, Duration::from_secs(30))
-        .with_context(|| format!("{strategy} on {}x{}", c.nodes, c.dpn))?;
-    if let Some(f) = run.failed().next() {
-        bail!("{strategy}: daemon on {} failed: {:?}", f.device, f.error);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse() {
+        assert_eq!(parse_shape("3x8"), Ok((3, 8)));
+        assert_eq!(parse_shape("2X1"), Ok((2, 1)));
+        assert!(parse_shape("3").is_err());
+        assert!(parse_shape("0x8").unwrap_err().contains("at least 1"));
     }
-    let proposals = run
-        .monitor_proposals
-        .context("the monitor did not answer after the run")?;
-    mon.stop();
-    let _ = std::fs::remove_file(&journal);
-    let mut h = LatencyHist::new();
-    let mut bytes = 0;
-    for d in &run.daemons {
-        h.record_us(d.duration());
-        bytes += d.bytes_written;
-        for s in &d.steps {
-            phases.write(&PhaseRow {
-                strategy: strategy.name(),
-                nodes: c.nodes,
-                daemons_per_node: c.dpn,
-                repetition: rep,
-                daemon_id: d.id.unwrap_or(u32::MAX),
-                phase: s.step.clone(),
-                ms: s.ns as f64 / 1e6,
-            })?;
-        }
-    }
-    let p = h.percentiles();
-    let row = Row {
-        strategy: strategy.name(),
-        nodes: c.nodes,
-        daemons_per_node: c.dpn,
-        device_size_bytes: c.size,
-        propose_interval_ms: c.interval.as_millis() as u64,
-        repetition: rep,
-        total_ms: ms(run.total),
-        bound_ms,
-        daemon_p50_ms: p.p50 as f64 / 1e3,
-        daemon_p99_ms: p.p99 as f64 / 1e3,
-        daemon_max_ms: p.max as f64 / 1e3,
-        max_in_flight: run.max_in_flight,
-        monitor_proposals: proposals,
-        bytes_written: bytes,
-    };
-    Ok((row, h))
 }
