@@ -30,6 +30,17 @@ pub struct NodeInfo {
     pub devices: Vec<String>,
 }
 
+impl NodeInfo {
+    /// A node's description from its name, host and (resolved) devices.
+    pub(super) fn of(name: &str, host: &str, devices: &[PathBuf]) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            host: host.into(),
+            devices: devices.iter().map(|d| d.display().to_string()).collect(),
+        }
+    }
+}
+
 /// What the orchestrator asks a node to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInitRequest {
@@ -274,15 +285,7 @@ impl NodeAgent {
     }
 
     pub fn info(&self) -> NodeInfo {
-        NodeInfo {
-            name: self.name.clone(),
-            host: self.host.clone(),
-            devices: self
-                .devices
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect(),
-        }
+        NodeInfo::of(&self.name, &self.host, &self.devices)
     }
 
     fn connect(&self) -> Result<MonitorClient> {

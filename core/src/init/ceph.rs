@@ -55,15 +55,7 @@ impl CephNodeAgent {
     }
 
     pub fn info(&self) -> NodeInfo {
-        NodeInfo {
-            name: self.name.clone(),
-            host: self.host.clone(),
-            devices: self
-                .devices
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect(),
-        }
+        NodeInfo::of(&self.name, &self.host, &self.devices)
     }
 
     /// Deploys one OSD per device, one by one or all at once. With ids from a batch, the
