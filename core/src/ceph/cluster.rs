@@ -22,6 +22,27 @@ pub const PROGRAMS: [(&str, &str); 5] = [
     ("ceph", "ceph-common"),
 ];
 
+/// What is missing for a private cluster, if anything: the first of [`PROGRAMS`] not on
+/// `PATH` (or in /usr/sbin), or Debian's Python without its `rados` module; as (what,
+/// Debian package).
+pub fn missing() -> Option<(&'static str, &'static str)> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<std::path::PathBuf> = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .collect();
+    if let Some(&(p, pkg)) = PROGRAMS
+        .iter()
+        .find(|(p, _)| !dirs.iter().any(|d| d.join(p).exists()))
+    {
+        return Some((p, pkg));
+    }
+    let rados = Command::new(super::monc::PYTHON)
+        .args(["-c", "import rados"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (!rados).then_some(("python3 with the rados module", "python3-rados"))
+}
+
 /// Runs one of Ceph's programs to completion; its output, or why it failed.
 pub(super) fn run(program: &'static str, args: &[&str]) -> Result<Output> {
     let out = Command::new(program)

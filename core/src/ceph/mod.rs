@@ -14,7 +14,7 @@ mod error;
 mod monc;
 pub mod osd;
 
-pub use cluster::{peak_rss_kib, processes, teardown, CephCluster, PROGRAMS};
+pub use cluster::{missing, peak_rss_kib, processes, teardown, CephCluster, PROGRAMS};
 pub use conf::{CephConf, CLUSTER_NAME};
 pub use error::{CephError, Result};
 pub use monc::{MonAnswer, MonClient, MonCommand, SessionReport, PYTHON};

@@ -83,18 +83,11 @@ pub fn require_zookeeper() -> bool {
 /// ([`crate::ceph::PROGRAMS`], and Debian's Python with its `rados` module for monitor
 /// sessions). Every test that starts a Ceph cluster begins with it.
 pub fn require_ceph() -> bool {
-    if !crate::ceph::PROGRAMS
-        .iter()
-        .all(|(p, pkg)| require_program(p, pkg))
-    {
-        return false;
+    match crate::ceph::missing() {
+        None => true,
+        // The same skip-or-fail rule as any missing program.
+        Some((what, package)) => require_program(what, package),
     }
-    let rados = std::process::Command::new(crate::ceph::PYTHON)
-        .args(["-c", "import rados"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    // A missing module reads as a missing program, with the same skip-or-fail rule.
-    rados || require_program("python3 with the rados module", "python3-rados")
 }
 
 #[cfg(test)]

@@ -83,14 +83,8 @@ pub fn unavailable(a: &harness::CommonArgs) -> Option<String> {
     if a.devices.is_empty() && !rustix::process::geteuid().is_root() {
         return Some("loop devices need root".into());
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for (program, package) in ceph::PROGRAMS {
-        let found = std::env::split_paths(&path)
-            .chain(["/usr/sbin".into(), "/usr/bin".into()])
-            .any(|d: PathBuf| d.join(program).exists());
-        if !found {
-            return Some(format!("{program} is missing: apt-get install {package}"));
-        }
+    if let Some((what, package)) = ceph::missing() {
+        return Some(format!("{what} is missing: apt-get install {package}"));
     }
     None
 }
